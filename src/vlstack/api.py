@@ -1,0 +1,192 @@
+"""The public Python API: `load(path_or_name) -> VLM`; `VLM.chat`, `VLM.processor`, `VLM(input_ids, pixel_values)`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .chat import Processor, question_messages, read_template, read_tokenizer
+from .checkpoint import load_state_dict, save_checkpoint
+from .config import VLMConfig, read_config
+from .errors import ConfigError
+from .generate import SamplingParams, generate
+from .image import ImageInput
+from .model.language import Rotary
+from .model.vlm import InternVL
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, cfg: VLMConfig, device: torch.device) -> torch.dtype:
+    """Explicit dtype, else float32 on CPU and the checkpoint's dtype on an accelerator."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype or ("float32" if device.type == "cpu" else cfg.dtype)
+    if name not in _DTYPES:
+        raise ConfigError(f"dtype {name!r} is not supported; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def build_model(cfg: VLMConfig, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> InternVL:
+    """Allocate the model directly from the state dict (no random init of weights that are overwritten)."""
+    with torch.device("meta"):
+        model = InternVL(cfg)
+    expected = set(model.state_dict())
+    if cfg.text.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+        state.pop("lm_head.weight", None)
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing weights: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected weights: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+        raise ConfigError("the checkpoint does not match its config: " + "; ".join(parts))
+    for name, t in state.items():
+        ref = model.get_parameter(name)
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ConfigError(f"weight {name} has shape {tuple(t.shape)}, the config implies {tuple(ref.shape)}")
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.text.tie_word_embeddings:
+        model.lm_head.weight = model.language_model.embed_tokens.weight
+    model.language_model.rotary = Rotary(cfg.text.head_dim, cfg.text.rope_theta).to(device)
+    return model.eval()
+
+
+def eos_ids(directory: Path | None, cfg: VLMConfig, processor: Processor) -> set[int]:
+    ids: set[int] = set()
+    for source in (cfg.text.eos_token_id, _generation_eos(directory)):
+        if source is not None:
+            ids |= set(source) if isinstance(source, list) else {source}
+    for token in ("<|im_end|>", "<|endoftext|>"):
+        if (i := processor.token_id(token)) is not None:
+            ids.add(i)
+    return ids
+
+
+def _generation_eos(directory: Path | None) -> int | list[int] | None:
+    path = directory / "generation_config.json" if directory else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("eos_token_id")
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+class VLM:
+    """An InternVL model with its processor, ready to chat."""
+
+    def __init__(self, model: InternVL, processor: Processor, eos: set[int], directory: Path | None, name: str):
+        self.model, self.processor, self.eos, self.directory, self.name = model, processor, eos, directory, name
+        self.cfg = model.cfg
+
+    @property
+    def context_len(self) -> int:
+        return self.cfg.text.max_position_embeddings
+
+    def __call__(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T], pixel_values [N, 3, S, S] -> logits [B, T, vocab]."""
+        with torch.inference_mode():
+            pv = pixel_values.to(self.model.device) if pixel_values is not None else None
+            return self.model(input_ids.to(self.model.device), pv)
+
+    def stream_batch(
+        self, conversations: list[list[dict]], images: list[list[ImageInput]] | None = None, **generation: Any
+    ) -> Iterator[list[str]]:
+        """Generate for several conversations at once; yields the new text of each (\"\" if none yet)."""
+        params = SamplingParams(**generation)
+        encoded = [self.processor(m, imgs) for m, imgs in zip(conversations, images or [None] * len(conversations))]
+        tiles = [e["pixel_values"] for e in encoded if "pixel_values" in e]
+        pixel_values = torch.cat(tiles).to(self.model.device) if tiles else None
+        texts = [""] * len(encoded)
+
+        def should_stop(row: int, ids: list[int]) -> bool:
+            return bool(params.stop) and any(s in self.processor.decode(ids) for s in params.stop)
+
+        out: list[list[int]] = [[] for _ in encoded]
+        prompts = [e["input_ids"][0] for e in encoded]
+        for step in generate(self.model, prompts, pixel_values, params, self.eos, self.context_len,
+                             should_stop=should_stop if params.stop else None):
+            pieces = []
+            for i, t in enumerate(step):
+                if t is not None and t not in self.eos:
+                    out[i].append(t)
+                text = self.processor.decode(out[i])
+                for s in params.stop:  # cut at the first stop string; it is not returned
+                    if s in text:
+                        text = text[: text.index(s)]
+                if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                    pieces.append("")
+                    continue
+                pieces.append(text[len(texts[i]) :] if text.startswith(texts[i]) else "")
+                if text.startswith(texts[i]):
+                    texts[i] = text
+            yield pieces
+
+    def generate(
+        self, conversations: list[list[dict]], images: list[list[ImageInput]] | None = None, **generation: Any
+    ) -> list[str]:
+        """Several conversations batched together -> the answer to each."""
+        answers = [""] * len(conversations)
+        for pieces in self.stream_batch(conversations, images, **generation):
+            answers = [a + p for a, p in zip(answers, pieces)]
+        return answers
+
+    def stream(
+        self, question: str, images: list[ImageInput] | ImageInput | None = None, history: list | None = None,
+        system: str | None = None, **generation: Any,
+    ) -> Iterator[str]:
+        """Like chat, as an iterator of text pieces."""
+        images = images if isinstance(images, list) else ([images] if images is not None else [])
+        messages = question_messages(question, len(images), history, system)
+        for pieces in self.stream_batch([messages], [images], **generation):
+            if pieces[0]:
+                yield pieces[0]
+
+    def chat(
+        self, question: str, images: list[ImageInput] | ImageInput | None = None, history: list | None = None,
+        system: str | None = None, **generation: Any,
+    ) -> str:
+        """Answer a question about zero or more images; history is [(question, answer), ...] or messages."""
+        return "".join(self.stream(question, images, history, system, **generation))
+
+    def save(self, directory: str | Path) -> Path:
+        """Write a transformers-native checkpoint (with the tokenizer files) to directory."""
+        state = self.model.state_dict()
+        if self.cfg.text.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        extra = {}
+        if self.directory is not None:
+            for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "generation_config.json"):
+                if (self.directory / name).is_file():
+                    extra[name] = self.directory / name
+        return save_checkpoint(directory, state, self.cfg.to_native(), extra)
+
+
+def load(
+    path_or_name: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> VLM:
+    """Load a local InternVL checkpoint directory (either layout), or "tiny" for the built-in model."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if str(path_or_name) == "tiny":
+        from .tiny import tiny_dir
+
+        path_or_name = tiny_dir()
+    directory = Path(path_or_name)
+    if not directory.is_dir():
+        raise ConfigError(f"{directory} is not a directory; vlstack loads local checkpoints only (or 'tiny')")
+    cfg = read_config(directory)
+    tokenizer = read_tokenizer(directory)
+    processor = Processor(tokenizer, cfg, read_template(directory))
+    if json.loads((directory / "config.json").read_text()).get("model_type") == "internvl_chat":
+        cfg.image_token_id = processor.img_context  # the original layout takes it from the tokenizer
+    state = load_state_dict(directory, cfg.vision.hidden_size)
+    model = build_model(cfg, state, device, resolve_dtype(dtype, cfg, device))
+    return VLM(model, processor, eos_ids(directory, cfg, processor), directory, directory.name)

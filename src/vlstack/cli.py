@@ -1,0 +1,87 @@
+"""The `vlstack` command: `vlstack chat`, `vlstack info`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import VLStackError
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from .api import load
+
+    vlm = load(args.model, device=args.device, dtype=args.dtype)
+    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+               top_k=args.top_k, seed=args.seed)
+    for piece in vlm.stream(args.question, images=args.image or None, system=args.system, **gen):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .api import load
+
+    vlm = load(args.model, device="cpu", dtype="float32")
+    cfg, model = vlm.cfg, vlm.model
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    v, t = cfg.vision, cfg.text
+    rows = [
+        ("checkpoint", str(vlm.directory)),
+        ("architecture", "InternVL: InternViT -> pixel shuffle + MLP -> Qwen2"),
+        ("vision", f"{v.num_hidden_layers} layers, width {v.hidden_size}, {v.num_attention_heads} heads, "
+                   f"MLP {v.intermediate_size}, {v.norm_type}, tile {v.image_size}, patch {v.patch_size}"),
+        ("language", f"{t.num_hidden_layers} layers, width {t.hidden_size}, {t.num_attention_heads} heads / "
+                     f"{t.num_key_value_heads} KV heads, MLP {t.intermediate_size}, vocab {t.vocab_size}, "
+                     f"{'tied' if t.tie_word_embeddings else 'untied'} embeddings, context {t.max_position_embeddings}"),
+        ("image tokens per tile", str(cfg.tokens_per_tile)),
+        ("tiles per image", f"{cfg.min_tiles}..{cfg.max_tiles}" + (" + thumbnail" if cfg.use_thumbnail else "")),
+        ("parameters: vision", f"{count(model.vision_tower):,}"),
+        ("parameters: projector", f"{count(model.multi_modal_projector):,}"),
+        ("parameters: language", f"{count(model.language_model) + (0 if t.tie_word_embeddings else count(model.lm_head)):,}"),
+        ("parameters: total", f"{count(model):,}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, val in rows:
+        print(f"{k:<{width}}  {val}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlstack", description="Self-hosted InternVL: chat, serve, train, evaluate.")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    chat = sub.add_parser("chat", help="answer one question, optionally about images")
+    chat.add_argument("question")
+    chat.add_argument("--model", default="tiny", help="checkpoint directory (default: the built-in tiny model)")
+    chat.add_argument("--image", action="append", help="image file; repeat for several")
+    chat.add_argument("--system", default=None, help="system message")
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--top-k", type=int, default=0)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--device", default=None)
+    chat.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    chat.set_defaults(func=cmd_chat)
+
+    info = sub.add_parser("info", help="describe a checkpoint: architecture, parameters, image tokens")
+    info.add_argument("model", nargs="?", default="tiny")
+    info.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except VLStackError as e:
+        print(f"vlstack: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

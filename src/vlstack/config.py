@@ -1,0 +1,268 @@
+"""Model configs, read from a checkpoint's config.json in either layout.
+
+Two layouts exist in the wild:
+- transformers-native (`model_type: internvl`): `vision_config` + `text_config`, as the `-hf` releases
+  and `save_pretrained` write it;
+- original OpenGVLab (`model_type: internvl_chat`): `vision_config` + `llm_config`, `select_layer`,
+  `force_image_size`, `ps_version`, `template`, ...
+Field names also drift between transformers versions (`rope_theta` vs `rope_parameters`,
+`torch_dtype` vs `dtype`): every reader here accepts both.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+SUPPORTED_LLMS = ("qwen2",)  # model_type of the language model
+
+
+@dataclass
+class VisionConfig:
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    intermediate_size: int = 4096
+    image_size: int = 448
+    patch_size: int = 14
+    num_channels: int = 3
+    norm_type: str = "layer_norm"  # or "rms_norm"
+    layer_norm_eps: float = 1e-6
+    attention_bias: bool = True
+    use_qk_norm: bool = False
+    use_mean_pooling: bool = True  # True: no final norm after the encoder
+    hidden_act: str = "gelu"
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 151674
+    hidden_size: int = 896
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    intermediate_size: int = 4864
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = True
+    attention_bias: bool = True  # Qwen2 has q/k/v bias
+    hidden_act: str = "silu"
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class VLMConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    image_token_id: int = 151667
+    downsample_ratio: float = 0.5
+    vision_feature_layer: int = -1
+    projector_hidden_act: str = "gelu"
+    pixel_shuffle_version: str = "v2"
+    dtype: str = "bfloat16"
+    min_tiles: int = 1
+    max_tiles: int = 12
+    use_thumbnail: bool = True
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Visual tokens each tile becomes: (image_size / patch)² × downsample_ratio²."""
+        side = self.vision.image_size // self.vision.patch_size
+        return int(side * side * self.downsample_ratio**2)
+
+    def to_native(self) -> dict[str, Any]:
+        """The transformers-native config.json (`model_type: internvl`)."""
+        v, t = self.vision, self.text
+        text = {
+            "model_type": "qwen2",
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads,
+            "intermediate_size": t.intermediate_size,
+            "head_dim": t.head_dim,
+            "rms_norm_eps": t.rms_norm_eps,
+            "rope_parameters": {"rope_theta": t.rope_theta, "rope_type": "default"},
+            "rope_theta": t.rope_theta,
+            "max_position_embeddings": t.max_position_embeddings,
+            "tie_word_embeddings": t.tie_word_embeddings,
+            "hidden_act": t.hidden_act,
+            "eos_token_id": t.eos_token_id,
+            "use_sliding_window": False,
+        }
+        vision = {
+            "model_type": "internvl_vision",
+            "hidden_size": v.hidden_size,
+            "num_hidden_layers": v.num_hidden_layers,
+            "num_attention_heads": v.num_attention_heads,
+            "intermediate_size": v.intermediate_size,
+            "image_size": [v.image_size, v.image_size],
+            "patch_size": [v.patch_size, v.patch_size],
+            "num_channels": v.num_channels,
+            "norm_type": v.norm_type,
+            "layer_norm_eps": v.layer_norm_eps,
+            "attention_bias": v.attention_bias,
+            "use_qk_norm": v.use_qk_norm,
+            "use_mean_pooling": v.use_mean_pooling,
+            "hidden_act": v.hidden_act,
+        }
+        return {
+            "architectures": ["InternVLForConditionalGeneration"],
+            "model_type": "internvl",
+            "vision_config": vision,
+            "text_config": text,
+            "image_token_id": self.image_token_id,
+            "image_seq_length": self.tokens_per_tile,
+            "downsample_ratio": self.downsample_ratio,
+            "vision_feature_layer": self.vision_feature_layer,
+            "vision_feature_select_strategy": "default",
+            "projector_hidden_act": self.projector_hidden_act,
+            "tie_word_embeddings": t.tie_word_embeddings,
+            "dtype": self.dtype,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _first(d: dict, *names: str, default: Any = None) -> Any:
+    for n in names:
+        if n in d and d[n] is not None:
+            return d[n]
+    return default
+
+
+def _side(x: Any) -> int:
+    """image_size / patch_size come as an int or as [h, w]; tiles are square."""
+    if isinstance(x, (list, tuple)):
+        if len(set(x)) != 1:
+            raise ConfigError(f"non-square size {list(x)} is not supported (tiles are square)")
+        return int(x[0])
+    return int(x)
+
+
+def _rope_theta(t: dict) -> float:
+    rp = t.get("rope_parameters") or t.get("rope_scaling") or {}
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    if kind not in ("default", None):
+        raise ConfigError(f"rope type {kind!r} is not supported; only plain RoPE ('default') is")
+    return float(_first(rp, "rope_theta", default=None) or t.get("rope_theta", 10000.0))
+
+
+def _text_config(t: dict) -> TextConfig:
+    kind = t.get("model_type") or ""
+    archs = t.get("architectures") or []
+    if kind not in SUPPORTED_LLMS:
+        what = kind or (archs[0] if archs else "unknown")
+        raise ConfigError(
+            f"language model {what!r} is not supported; vlstack supports InternVL checkpoints whose LLM "
+            f"is one of: {', '.join(SUPPORTED_LLMS)} (InternVL2.5/3 1B-78B with Qwen2/Qwen2.5)"
+        )
+    if t.get("use_sliding_window"):
+        raise ConfigError("sliding-window attention (use_sliding_window: true) is not supported")
+    hidden = int(t["hidden_size"])
+    heads = int(t["num_attention_heads"])
+    return TextConfig(
+        vocab_size=int(t["vocab_size"]),
+        hidden_size=hidden,
+        num_hidden_layers=int(t["num_hidden_layers"]),
+        num_attention_heads=heads,
+        num_key_value_heads=int(_first(t, "num_key_value_heads", default=heads)),
+        intermediate_size=int(t["intermediate_size"]),
+        head_dim=int(_first(t, "head_dim", default=hidden // heads)),
+        rms_norm_eps=float(_first(t, "rms_norm_eps", default=1e-6)),
+        rope_theta=_rope_theta(t),
+        max_position_embeddings=int(_first(t, "max_position_embeddings", default=32768)),
+        tie_word_embeddings=bool(t.get("tie_word_embeddings", False)),
+        hidden_act=str(_first(t, "hidden_act", default="silu")),
+        eos_token_id=t.get("eos_token_id"),
+    )
+
+
+def _vision_config(v: dict, image_size: Any = None) -> VisionConfig:
+    return VisionConfig(
+        hidden_size=int(v["hidden_size"]),
+        num_hidden_layers=int(v["num_hidden_layers"]),
+        num_attention_heads=int(v["num_attention_heads"]),
+        intermediate_size=int(v["intermediate_size"]),
+        image_size=_side(image_size or v.get("image_size", 448)),
+        patch_size=_side(v.get("patch_size", 14)),
+        num_channels=int(v.get("num_channels", 3)),
+        norm_type=str(v.get("norm_type", "layer_norm")),
+        layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)),
+        attention_bias=bool(_first(v, "attention_bias", "qkv_bias", default=False)),
+        use_qk_norm=bool(_first(v, "use_qk_norm", "qk_normalization", default=False)),
+        use_mean_pooling=bool(v.get("use_mean_pooling", True)),
+        hidden_act=str(v.get("hidden_act", "gelu")),
+    )
+
+
+def parse_config(raw: dict) -> VLMConfig:
+    """Build a VLMConfig from a config.json dict of either layout; ConfigError names what is wrong."""
+    try:
+        kind = raw.get("model_type")
+        dtype = str(_first(raw, "dtype", "torch_dtype", default="bfloat16"))
+        if kind == "internvl":
+            cfg = VLMConfig(
+                vision=_vision_config(raw["vision_config"]),
+                text=_text_config(raw["text_config"]),
+                image_token_id=int(raw.get("image_token_id", 151667)),
+                downsample_ratio=float(raw.get("downsample_ratio", 0.5)),
+                vision_feature_layer=int(raw.get("vision_feature_layer", -1)),
+                projector_hidden_act=str(raw.get("projector_hidden_act", "gelu")),
+                dtype=dtype,
+            )
+            if raw.get("vision_feature_select_strategy", "default") != "default":
+                raise ConfigError("only vision_feature_select_strategy 'default' (drop the class token) is supported")
+        elif kind == "internvl_chat":
+            vision = _vision_config(raw["vision_config"], raw.get("force_image_size"))
+            cfg = VLMConfig(
+                vision=vision,
+                text=_text_config(raw["llm_config"]),
+                image_token_id=int(raw.get("img_context_token_id") or 151667),
+                downsample_ratio=float(raw.get("downsample_ratio", 0.5)),
+                vision_feature_layer=int(raw.get("select_layer", -1)),
+                pixel_shuffle_version=str(raw.get("ps_version", "v2")),
+                dtype=dtype,
+                min_tiles=int(raw.get("min_dynamic_patch", 1)),
+                max_tiles=int(raw.get("max_dynamic_patch", 12)) if raw.get("dynamic_image_size", True) else 1,
+                use_thumbnail=bool(raw.get("use_thumbnail", True)),
+            )
+        else:
+            raise ConfigError(
+                f"model_type {kind!r} is not an InternVL checkpoint; expected 'internvl' (transformers layout) "
+                "or 'internvl_chat' (original OpenGVLab layout)"
+            )
+    except KeyError as e:
+        raise ConfigError(f"config.json is missing the field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.json has a malformed field: {e}") from None
+    if cfg.pixel_shuffle_version not in ("v1", "v2"):
+        raise ConfigError(f"ps_version {cfg.pixel_shuffle_version!r} is not supported (v1 or v2)")
+    if cfg.vision.norm_type not in ("layer_norm", "rms_norm"):
+        raise ConfigError(f"vision norm_type {cfg.vision.norm_type!r} is not supported (layer_norm or rms_norm)")
+    return cfg
+
+
+def read_config(directory: str | Path) -> VLMConfig:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{directory} has no config.json; is it an InternVL checkpoint directory?")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} does not hold a JSON object")
+    return parse_config(raw)

@@ -1,0 +1,17 @@
+"""The errors vlstack raises for bad input: each names the problem, so callers can show it as is."""
+
+
+class VLStackError(Exception):
+    """Base class: a problem with what the user gave us (not a bug in vlstack)."""
+
+
+class ConfigError(VLStackError):
+    """A checkpoint directory or config.json that vlstack cannot use."""
+
+
+class ImageError(VLStackError):
+    """An image that cannot be decoded or is over the configured limits."""
+
+
+class PromptError(VLStackError):
+    """A prompt that cannot be run: too long for the context, images and placeholders that disagree, ..."""

@@ -1,0 +1,114 @@
+"""Sampling and the generation loop: greedy or temperature / top-k / top-p with a seed, a batch of
+prompts left-padded into one KV cache, EOS and caller-decided stops (stop strings)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .errors import PromptError
+from .model.language import KVCache, attention_mask
+from .model.vlm import InternVL
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop or ())
+        if self.max_new_tokens < 1:
+            raise PromptError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
+        if self.temperature < 0:
+            raise PromptError(f"temperature must be >= 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise PromptError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if self.top_k < 0:
+            raise PromptError(f"top_k must be >= 0 (got {self.top_k})")
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]."""
+    if p.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / p.temperature
+    if p.top_k:
+        kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def generate(
+    model: InternVL,
+    prompts: list[torch.Tensor],
+    pixel_values: torch.Tensor | None,
+    params: SamplingParams,
+    eos_ids: set[int],
+    context_len: int,
+    pad_id: int = 0,
+    should_stop: Callable[[int, list[int]], bool] | None = None,
+) -> Iterator[list[int | None]]:
+    """Generate for a batch of prompts (1-D id tensors); pixel_values holds every prompt's tiles in order.
+
+    Yields, at each step, the new token of every row (None once the row has finished). A row finishes
+    at an EOS id, at max_new_tokens, at the end of the context, or when should_stop(row, ids) says so.
+    """
+    device = model.device
+    lengths = [len(p) for p in prompts]
+    longest = max(lengths)
+    if longest >= context_len:
+        raise PromptError(f"the prompt is {longest} tokens, over the model's context of {context_len} tokens")
+    budget = min(params.max_new_tokens, context_len - longest)
+    b = len(prompts)
+    ids = torch.full((b, longest), pad_id, dtype=torch.long)
+    valid = torch.zeros(b, longest + budget, dtype=torch.bool)
+    for i, p in enumerate(prompts):  # left padding: every row's next token lands in the same column
+        ids[i, longest - len(p) :] = p
+        valid[i, longest - len(p) : longest] = True
+    ids, valid = ids.to(device), valid.to(device)
+    positions = (valid[:, :longest].long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
+    padded = min(lengths) != longest
+    cache = KVCache(model.cfg.text, b, longest + budget, model.dtype, device)
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+
+    with torch.inference_mode():
+        mask = attention_mask(valid[:, :longest], longest) if padded else None
+        logits = model(ids, pixel_values, positions, cache, mask, last_only=True)[:, -1]  # [B, V]
+        out: list[list[int]] = [[] for _ in range(b)]
+        done = [False] * b
+        for step in range(budget):
+            tokens = sample(logits, params, generator)  # [B]
+            new: list[int | None] = []
+            for i, t in enumerate(tokens.tolist()):
+                if done[i]:
+                    new.append(None)
+                    continue
+                out[i].append(t)
+                new.append(t)
+                if t in eos_ids or (should_stop is not None and should_stop(i, out[i])):
+                    done[i] = True
+            yield new
+            if all(done) or step == budget - 1:
+                return
+            col = longest + step
+            valid[:, col] = True
+            positions = positions[:, -1:] + 1
+            mask = attention_mask(valid[:, : col + 1], 1) if padded else None
+            logits = model(tokens[:, None], None, positions, cache, mask)[:, -1]

@@ -1,0 +1,102 @@
+"""InternVL: vision tower -> pixel shuffle -> MLP projector -> visual embeddings placed at the
+<IMG_CONTEXT> positions of the language model's input. The one forward path every caller uses.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import VLMConfig
+from ..errors import PromptError
+from .language import KVCache, LanguageModel
+from .vision import VisionTower
+
+
+def pixel_shuffle(x: torch.Tensor, ratio: float, version: str = "v2") -> torch.Tensor:
+    """Fold each (1/ratio)² neighbourhood of patches into one token: [N, S, S, C] -> [N, S*r, S*r, C/r²].
+
+    Same element order as InternVL's reference (v2 transposes back at the end; v1 did not).
+    """
+    n, w, h, c = x.shape
+    x = x.reshape(n, w, int(h * ratio), int(c / ratio))  # merge neighbours along one axis
+    x = x.permute(0, 2, 1, 3)
+    x = x.reshape(n, int(h * ratio), int(w * ratio), int(c / ratio**2))  # ... then along the other
+    return x.permute(0, 2, 1, 3) if version == "v2" else x
+
+
+class Projector(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        dim = cfg.vision.hidden_size * int(1 / cfg.downsample_ratio) ** 2
+        self.layer_norm = nn.LayerNorm(dim)
+        self.linear_1 = nn.Linear(dim, cfg.text.hidden_size)
+        self.linear_2 = nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(self.layer_norm(x))))
+
+
+class InternVL(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = VisionTower(cfg.vision)
+        self.multi_modal_projector = Projector(cfg)
+        self.language_model = LanguageModel(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        if cfg.text.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N tiles, 3, S, S] -> visual embeddings [N, tokens per tile, LLM width]."""
+        x = self.vision_tower(pixel_values.to(self.dtype), self.cfg.vision_feature_layer)  # [N, P, C]
+        n, p, c = x.shape
+        side = int(p**0.5)
+        x = pixel_shuffle(x.reshape(n, side, side, c), self.cfg.downsample_ratio, self.cfg.pixel_shuffle_version)
+        return self.multi_modal_projector(x.reshape(n, -1, x.shape[-1]))  # [N, p*r², LLM width]
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings [B, T, C] with the visual embeddings at <IMG_CONTEXT> positions, in order."""
+        embeds = self.language_model.embed_tokens(input_ids)
+        is_image = input_ids == self.cfg.image_token_id  # [B, T]
+        n_slots = int(is_image.sum())
+        if pixel_values is None or pixel_values.numel() == 0:
+            if n_slots:
+                raise PromptError(f"the prompt has {n_slots} image tokens but no images were given")
+            return embeds
+        feats = self.image_features(pixel_values)  # [N, P, C]
+        if n_slots != feats.shape[0] * feats.shape[1]:
+            raise PromptError(
+                f"the prompt has {n_slots} image tokens but the images give {feats.shape[0] * feats.shape[1]} "
+                f"({feats.shape[0]} tiles x {feats.shape[1]} tokens)"
+            )
+        return embeds.masked_scatter(is_image[..., None], feats.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """input_ids [B, T] (+ pixel_values [N, 3, S, S]) -> logits [B, T, vocab] ([B, 1, vocab] if last_only)."""
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
+            positions = positions.expand(input_ids.shape[0], -1)
+        hidden = self.language_model(self.embed(input_ids, pixel_values), positions, cache, mask)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.lm_head(hidden)

@@ -1,0 +1,178 @@
+"""Tiny InternVL checkpoints written by transformers itself, the oracle of the parity tests."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from vlstack.tiny import ASSETS
+
+IMAGE_TOKEN_ID = 5  # <IMG_CONTEXT> in the tiny tokenizer
+VOCAB = 1029
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Tests build the tiny model in their own cache, never the user's."""
+    import os
+
+    os.environ["VLSTACK_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+
+
+def hf_config(
+    tile: int = 56,
+    vision_width: int = 32,
+    vision_layers: int = 2,
+    norm_type: str = "layer_norm",
+    qk_norm: bool = False,
+    vision_bias: bool = True,
+    width: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    tied: bool = True,
+    feature_layer: int = -1,
+    rope_theta: float = 10000.0,
+):
+    from transformers import InternVLConfig
+
+    tokens = (tile // 14) ** 2 // 4
+    return InternVLConfig(
+        vision_config=dict(
+            hidden_size=vision_width, num_hidden_layers=vision_layers, num_attention_heads=4,
+            intermediate_size=vision_width * 2, image_size=tile, patch_size=14, norm_type=norm_type,
+            use_qk_norm=qk_norm, attention_bias=vision_bias,
+        ),
+        text_config=dict(
+            model_type="qwen2", hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=kv_heads, intermediate_size=width * 2, vocab_size=VOCAB,
+            tie_word_embeddings=tied, rope_theta=rope_theta, eos_token_id=2, max_position_embeddings=4096,
+        ),
+        image_token_id=IMAGE_TOKEN_ID, image_seq_length=tokens, tie_word_embeddings=tied,
+        vision_feature_layer=feature_layer,
+    )
+
+
+def randomise(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random values everywhere (transformers' init zeroes the class token, positions and biases)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if re.search(r"norm|layernorm", name) and name.endswith("weight"):
+                p.copy_(1 + 0.1 * noise)
+            else:
+                p.copy_(0.1 * noise)
+
+
+def copy_tokenizer(directory: Path) -> None:
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(ASSETS / f, directory / f)
+
+
+def write_hf_checkpoint(directory: Path, seed: int = 0, **shape) -> torch.nn.Module:
+    """A random InternVL written by transformers' save_pretrained; returns the transformers model."""
+    from transformers import InternVLForConditionalGeneration
+
+    model = InternVLForConditionalGeneration(hf_config(**shape)).eval()
+    randomise(model, seed)
+    model.save_pretrained(directory)
+    copy_tokenizer(directory)
+    return model
+
+
+def to_original_layout(src: Path, dst: Path) -> None:
+    """Rewrite a transformers checkpoint in the original OpenGVLab layout (config and key names),
+    following transformers' conversion script in reverse."""
+    dst.mkdir(parents=True)
+    cfg = json.loads((src / "config.json").read_text())
+    v, t = cfg["vision_config"], cfg["text_config"]
+    original = {
+        "architectures": ["InternVLChatModel"],
+        "model_type": "internvl_chat",
+        "downsample_ratio": cfg["downsample_ratio"],
+        "select_layer": cfg["vision_feature_layer"],
+        "force_image_size": v["image_size"][0],
+        "ps_version": "v2",
+        "template": "internvl2_5",
+        "dynamic_image_size": True,
+        "use_thumbnail": True,
+        "min_dynamic_patch": 1,
+        "max_dynamic_patch": 12,
+        "torch_dtype": "float32",
+        "vision_config": {
+            "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
+            "hidden_size": v["hidden_size"], "num_hidden_layers": v["num_hidden_layers"],
+            "num_attention_heads": v["num_attention_heads"], "intermediate_size": v["intermediate_size"],
+            "image_size": v["image_size"][0], "patch_size": v["patch_size"][0], "norm_type": v["norm_type"],
+            "qk_normalization": v["use_qk_norm"], "qkv_bias": v["attention_bias"],
+            "layer_norm_eps": v["layer_norm_eps"],
+        },
+        "llm_config": {
+            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+            **{k: t[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                 "intermediate_size", "vocab_size", "rms_norm_eps", "max_position_embeddings",
+                                 "tie_word_embeddings", "eos_token_id")},
+            "rope_theta": t["rope_parameters"]["rope_theta"],
+        },
+    }
+    (dst / "config.json").write_text(json.dumps(original, indent=2))
+    state = load_file(src / "model.safetensors")
+    out, qkv = {}, {}
+    for key, tensor in state.items():
+        if key.startswith("vision_tower."):
+            new = "vision_model." + key[len("vision_tower."):]
+            new = new.replace(".encoder.layer.", ".encoder.layers.")
+            new = new.replace("embeddings.cls_token", "embeddings.class_embedding")
+            new = new.replace("embeddings.position_embeddings", "embeddings.position_embedding")
+            new = new.replace("embeddings.patch_embeddings.projection", "embeddings.patch_embedding")
+            new = re.sub(r"\.lambda_(\d)$", r".ls\1", new)
+            new = new.replace(".attention.projection_layer.", ".attn.proj.")
+            new = new.replace(".attention.", ".attn.")
+            new = new.replace(".layernorm_before.", ".norm1.").replace(".layernorm_after.", ".norm2.")
+            m = re.match(r"(.*\.attn\.)([qkv])_proj\.(weight|bias)$", new)
+            if m:
+                qkv.setdefault(m.group(1) + "qkv." + m.group(3), {})[m.group(2)] = tensor
+                continue
+            out[new] = tensor
+        elif key.startswith("multi_modal_projector."):
+            rest = key[len("multi_modal_projector."):]
+            for ours, idx in (("layer_norm", "0"), ("linear_1", "1"), ("linear_2", "3")):
+                rest = rest.replace(ours + ".", idx + ".")
+            out["mlp1." + rest] = tensor
+        else:
+            out[key] = tensor
+    for key, parts in qkv.items():
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    if t["tie_word_embeddings"] is False and "language_model.lm_head.weight" not in out:
+        raise AssertionError("untied checkpoint without lm_head")
+    save_file(out, str(dst / "model.safetensors"))
+    copy_tokenizer(dst)
+
+
+def image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A noisy RGB image (noise makes every resize and tile distinguishable)."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def hf_image_processor(tile: int, max_tiles: int = 12, min_tiles: int = 1):
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    return GotOcr2ImageProcessorPil(
+        size={"height": tile, "width": tile}, crop_to_patches=True, min_patches=min_tiles, max_patches=max_tiles,
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+    )
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()

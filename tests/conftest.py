@@ -48,16 +48,32 @@ def hf_config(
     tokens = (tile // 14) ** 2 // 4
     return InternVLConfig(
         vision_config=dict(
-            hidden_size=vision_width, num_hidden_layers=vision_layers, num_attention_heads=4,
-            intermediate_size=vision_width * 2, image_size=tile, patch_size=14, norm_type=norm_type,
-            use_qk_norm=qk_norm, attention_bias=vision_bias,
+            hidden_size=vision_width,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=4,
+            intermediate_size=vision_width * 2,
+            image_size=tile,
+            patch_size=14,
+            norm_type=norm_type,
+            use_qk_norm=qk_norm,
+            attention_bias=vision_bias,
         ),
         text_config=dict(
-            model_type="qwen2", hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
-            num_key_value_heads=kv_heads, intermediate_size=width * 2, vocab_size=VOCAB,
-            tie_word_embeddings=tied, rope_theta=rope_theta, eos_token_id=2, max_position_embeddings=4096,
+            model_type="qwen2",
+            hidden_size=width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            intermediate_size=width * 2,
+            vocab_size=VOCAB,
+            tie_word_embeddings=tied,
+            rope_theta=rope_theta,
+            eos_token_id=2,
+            max_position_embeddings=4096,
         ),
-        image_token_id=IMAGE_TOKEN_ID, image_seq_length=tokens, tie_word_embeddings=tied,
+        image_token_id=IMAGE_TOKEN_ID,
+        image_seq_length=tokens,
+        tie_word_embeddings=tied,
         vision_feature_layer=feature_layer,
     )
 
@@ -110,18 +126,37 @@ def to_original_layout(src: Path, dst: Path) -> None:
         "max_dynamic_patch": 12,
         "torch_dtype": "float32",
         "vision_config": {
-            "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
-            "hidden_size": v["hidden_size"], "num_hidden_layers": v["num_hidden_layers"],
-            "num_attention_heads": v["num_attention_heads"], "intermediate_size": v["intermediate_size"],
-            "image_size": v["image_size"][0], "patch_size": v["patch_size"][0], "norm_type": v["norm_type"],
-            "qk_normalization": v["use_qk_norm"], "qkv_bias": v["attention_bias"],
+            "architectures": ["InternVisionModel"],
+            "model_type": "intern_vit_6b",
+            "hidden_size": v["hidden_size"],
+            "num_hidden_layers": v["num_hidden_layers"],
+            "num_attention_heads": v["num_attention_heads"],
+            "intermediate_size": v["intermediate_size"],
+            "image_size": v["image_size"][0],
+            "patch_size": v["patch_size"][0],
+            "norm_type": v["norm_type"],
+            "qk_normalization": v["use_qk_norm"],
+            "qkv_bias": v["attention_bias"],
             "layer_norm_eps": v["layer_norm_eps"],
         },
         "llm_config": {
-            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-            **{k: t[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                                 "intermediate_size", "vocab_size", "rms_norm_eps", "max_position_embeddings",
-                                 "tie_word_embeddings", "eos_token_id")},
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            **{
+                k: t[k]
+                for k in (
+                    "hidden_size",
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "num_key_value_heads",
+                    "intermediate_size",
+                    "vocab_size",
+                    "rms_norm_eps",
+                    "max_position_embeddings",
+                    "tie_word_embeddings",
+                    "eos_token_id",
+                )
+            },
             "rope_theta": t["rope_parameters"]["rope_theta"],
         },
     }
@@ -130,7 +165,7 @@ def to_original_layout(src: Path, dst: Path) -> None:
     out, qkv = {}, {}
     for key, tensor in state.items():
         if key.startswith("vision_tower."):
-            new = "vision_model." + key[len("vision_tower."):]
+            new = "vision_model." + key[len("vision_tower.") :]
             new = new.replace(".encoder.layer.", ".encoder.layers.")
             new = new.replace("embeddings.cls_token", "embeddings.class_embedding")
             new = new.replace("embeddings.position_embeddings", "embeddings.position_embedding")
@@ -145,7 +180,7 @@ def to_original_layout(src: Path, dst: Path) -> None:
                 continue
             out[new] = tensor
         elif key.startswith("multi_modal_projector."):
-            rest = key[len("multi_modal_projector."):]
+            rest = key[len("multi_modal_projector.") :]
             for ours, idx in (("layer_norm", "0"), ("linear_1", "1"), ("linear_2", "3")):
                 rest = rest.replace(ours + ".", idx + ".")
             out["mlp1." + rest] = tensor
@@ -169,8 +204,12 @@ def hf_image_processor(tile: int, max_tiles: int = 12, min_tiles: int = 1):
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     return GotOcr2ImageProcessorPil(
-        size={"height": tile, "width": tile}, crop_to_patches=True, min_patches=min_tiles, max_patches=max_tiles,
-        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+        size={"height": tile, "width": tile},
+        crop_to_patches=True,
+        min_patches=min_tiles,
+        max_patches=max_tiles,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
     )
 
 

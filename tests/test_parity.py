@@ -60,11 +60,17 @@ def test_greedy_tokens_match_transformers(pair):
             extra = {"pixel_values": inputs["pixel_values"]} if "pixel_values" in inputs else {}
             ref = hf.generate(
                 input_ids=inputs["input_ids"], max_new_tokens=12, do_sample=False, min_new_tokens=12, **extra
-            )[0, inputs["input_ids"].shape[1]:].tolist()
+            )[0, inputs["input_ids"].shape[1] :].tolist()
         from vlstack.generate import SamplingParams, generate
 
-        steps = generate(vlm.model, [inputs["input_ids"][0]], inputs.get("pixel_values"),
-                         SamplingParams(max_new_tokens=12), eos_ids=set(), context_len=4096)
+        steps = generate(
+            vlm.model,
+            [inputs["input_ids"][0]],
+            inputs.get("pixel_values"),
+            SamplingParams(max_new_tokens=12),
+            eos_ids=set(),
+            context_len=4096,
+        )
         ours = [s[0] for s in steps]
         assert ours == ref
 
@@ -80,8 +86,14 @@ def test_batched_generation_matches_one_at_a_time(pair):
 
     def run(batch):
         tiles = [e["pixel_values"] for e in batch if "pixel_values" in e]
-        steps = generate(vlm.model, [e["input_ids"][0] for e in batch], torch.cat(tiles) if tiles else None,
-                         SamplingParams(max_new_tokens=10), eos_ids=set(), context_len=4096)
+        steps = generate(
+            vlm.model,
+            [e["input_ids"][0] for e in batch],
+            torch.cat(tiles) if tiles else None,
+            SamplingParams(max_new_tokens=10),
+            eos_ids=set(),
+            context_len=4096,
+        )
         return [list(row) for row in zip(*steps)]
 
     assert run(encoded) == [run([e])[0] for e in encoded]
@@ -93,8 +105,10 @@ def test_original_layout_gives_same_logits(pair, tmp_path):
     orig = vlstack.load(tmp_path / "orig", device="cpu", dtype="float32")
     for images, question in PROMPTS[1:]:
         inputs, _ = encode(vlm, images, question)
-        assert torch.equal(orig(inputs["input_ids"], inputs.get("pixel_values")),
-                           vlm(inputs["input_ids"], inputs.get("pixel_values")))
+        assert torch.equal(
+            orig(inputs["input_ids"], inputs.get("pixel_values")),
+            vlm(inputs["input_ids"], inputs.get("pixel_values")),
+        )
 
 
 def test_saved_checkpoint_loads_in_transformers(pair, tmp_path):
@@ -110,7 +124,9 @@ def test_saved_checkpoint_loads_in_transformers(pair, tmp_path):
         b = hf(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
     assert torch.equal(a, b)
     again = vlstack.load(tmp_path / "saved", device="cpu", dtype="float32")
-    assert torch.equal(again(inputs["input_ids"], inputs["pixel_values"]), vlm(inputs["input_ids"], inputs["pixel_values"]))
+    assert torch.equal(
+        again(inputs["input_ids"], inputs["pixel_values"]), vlm(inputs["input_ids"], inputs["pixel_values"])
+    )
 
 
 def test_bfloat16_close_to_float32(pair):

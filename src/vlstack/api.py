@@ -84,7 +84,13 @@ class VLM:
     """An InternVL model with its processor, ready to chat."""
 
     def __init__(self, model: InternVL, processor: Processor, eos: set[int], directory: Path | None, name: str):
-        self.model, self.processor, self.eos, self.directory, self.name = model, processor, eos, directory, name
+        self.model, self.processor, self.eos, self.directory, self.name = (
+            model,
+            processor,
+            eos,
+            directory,
+            name,
+        )
         self.cfg = model.cfg
 
     @property
@@ -112,8 +118,15 @@ class VLM:
 
         out: list[list[int]] = [[] for _ in encoded]
         prompts = [e["input_ids"][0] for e in encoded]
-        for step in generate(self.model, prompts, pixel_values, params, self.eos, self.context_len,
-                             should_stop=should_stop if params.stop else None):
+        for step in generate(
+            self.model,
+            prompts,
+            pixel_values,
+            params,
+            self.eos,
+            self.context_len,
+            should_stop=should_stop if params.stop else None,
+        ):
             pieces = []
             for i, t in enumerate(step):
                 if t is not None and t not in self.eos:
@@ -140,8 +153,12 @@ class VLM:
         return answers
 
     def stream(
-        self, question: str, images: list[ImageInput] | ImageInput | None = None, history: list | None = None,
-        system: str | None = None, **generation: Any,
+        self,
+        question: str,
+        images: list[ImageInput] | ImageInput | None = None,
+        history: list | None = None,
+        system: str | None = None,
+        **generation: Any,
     ) -> Iterator[str]:
         """Like chat, as an iterator of text pieces."""
         images = images if isinstance(images, list) else ([images] if images is not None else [])
@@ -151,8 +168,12 @@ class VLM:
                 yield pieces[0]
 
     def chat(
-        self, question: str, images: list[ImageInput] | ImageInput | None = None, history: list | None = None,
-        system: str | None = None, **generation: Any,
+        self,
+        question: str,
+        images: list[ImageInput] | ImageInput | None = None,
+        history: list | None = None,
+        system: str | None = None,
+        **generation: Any,
     ) -> str:
         """Answer a question about zero or more images; history is [(question, answer), ...] or messages."""
         return "".join(self.stream(question, images, history, system, **generation))
@@ -164,7 +185,12 @@ class VLM:
             state.pop("lm_head.weight", None)
         extra = {}
         if self.directory is not None:
-            for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "generation_config.json"):
+            for name in (
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "chat_template.json",
+                "generation_config.json",
+            ):
                 if (self.directory / name).is_file():
                     extra[name] = self.directory / name
         return save_checkpoint(directory, state, self.cfg.to_native(), extra)

@@ -12,8 +12,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from .api import load
 
     vlm = load(args.model, device=args.device, dtype=args.dtype)
-    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-               top_k=args.top_k, seed=args.seed)
+    gen = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
     for piece in vlm.stream(args.question, images=args.image or None, system=args.system, **gen):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -30,16 +35,28 @@ def cmd_info(args: argparse.Namespace) -> None:
     rows = [
         ("checkpoint", str(vlm.directory)),
         ("architecture", "InternVL: InternViT -> pixel shuffle + MLP -> Qwen2"),
-        ("vision", f"{v.num_hidden_layers} layers, width {v.hidden_size}, {v.num_attention_heads} heads, "
-                   f"MLP {v.intermediate_size}, {v.norm_type}, tile {v.image_size}, patch {v.patch_size}"),
-        ("language", f"{t.num_hidden_layers} layers, width {t.hidden_size}, {t.num_attention_heads} heads / "
-                     f"{t.num_key_value_heads} KV heads, MLP {t.intermediate_size}, vocab {t.vocab_size}, "
-                     f"{'tied' if t.tie_word_embeddings else 'untied'} embeddings, context {t.max_position_embeddings}"),
+        (
+            "vision",
+            f"{v.num_hidden_layers} layers, width {v.hidden_size}, {v.num_attention_heads} heads, "
+            f"MLP {v.intermediate_size}, {v.norm_type}, tile {v.image_size}, patch {v.patch_size}",
+        ),
+        (
+            "language",
+            f"{t.num_hidden_layers} layers, width {t.hidden_size}, {t.num_attention_heads} heads / "
+            f"{t.num_key_value_heads} KV heads, MLP {t.intermediate_size}, vocab {t.vocab_size}, "
+            f"{'tied' if t.tie_word_embeddings else 'untied'} embeddings, context {t.max_position_embeddings}",
+        ),
         ("image tokens per tile", str(cfg.tokens_per_tile)),
-        ("tiles per image", f"{cfg.min_tiles}..{cfg.max_tiles}" + (" + thumbnail" if cfg.use_thumbnail else "")),
+        (
+            "tiles per image",
+            f"{cfg.min_tiles}..{cfg.max_tiles}" + (" + thumbnail" if cfg.use_thumbnail else ""),
+        ),
         ("parameters: vision", f"{count(model.vision_tower):,}"),
         ("parameters: projector", f"{count(model.multi_modal_projector):,}"),
-        ("parameters: language", f"{count(model.language_model) + (0 if t.tie_word_embeddings else count(model.lm_head)):,}"),
+        (
+            "parameters: language",
+            f"{count(model.language_model) + (0 if t.tie_word_embeddings else count(model.lm_head)):,}",
+        ),
         ("parameters: total", f"{count(model):,}"),
     ]
     width = max(len(k) for k, _ in rows)

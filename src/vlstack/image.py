@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ from .errors import ImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-ImageInput = Union[Image.Image, str, Path, bytes]
+ImageInput = Image.Image | str | Path | bytes
 
 _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vlstack-image")  # PIL resizes release the GIL
 
@@ -107,10 +106,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
     """(columns, rows) with min ≤ columns·rows ≤ max, sorted by tile count (stable: columns, then rows)."""
     grids = [
-        (w, h)
-        for w in range(1, max_tiles + 1)
-        for h in range(1, max_tiles + 1)
-        if min_tiles <= w * h <= max_tiles
+        (w, h) for w in range(1, max_tiles + 1) for h in range(1, max_tiles + 1) if min_tiles <= w * h <= max_tiles
     ]
     return sorted(grids, key=lambda g: g[0] * g[1])
 

@@ -20,8 +20,18 @@ from .model.vlm import InternVL
 ASSETS = Path(__file__).parent / "assets" / "tiny"
 VERSION = "1"  # bump when the assets or the weight recipe change
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
-    "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
 ]
 
 

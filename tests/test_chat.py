@@ -1,0 +1,187 @@
+"""Chat template, placeholder expansion, generation options, and the public API on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import image
+
+import vlstack
+from vlstack.chat import IMAGE, question_messages
+from vlstack.errors import PromptError
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return vlstack.load("tiny", device="cpu")
+
+
+def test_tiny_model_is_small_and_has_internvl_tokens(tiny):
+    n = sum(p.numel() for p in tiny.model.parameters())
+    assert 1_000_000 < n < 10_000_000
+    for token in ("<img>", "</img>", "<IMG_CONTEXT>", "<|im_start|>", "<|im_end|>"):
+        assert tiny.processor.token_id(token) is not None
+    assert tiny.processor.img_context == tiny.cfg.image_token_id
+    assert tiny.processor.tokenizer.get_vocab_size() == tiny.cfg.text.vocab_size
+
+
+def test_tiny_model_is_deterministic(tmp_path, monkeypatch):
+    """Built twice in two caches from the seed: the same weights."""
+    from safetensors.torch import load_file
+
+    from vlstack.tiny import tiny_dir
+
+    first = load_file(tiny_dir() / "model.safetensors")
+    monkeypatch.setenv("VLSTACK_CACHE", str(tmp_path))
+    second = load_file(tiny_dir() / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_template_and_placeholder_expansion(tiny):
+    messages = question_messages("What is it?", 2, history=[("Hi", "Hello")], system="Be brief.")
+    text, _ = tiny.processor.render(messages)
+    assert text == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello"
+        "<|im_end|>\n<|im_start|>user\nImage-1: <image>\nImage-2: <image>\nWhat is it?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    imgs = [image(500, 200), image(50, 50)]
+    ids = tiny.processor.encode(text, imgs)["input_ids"][0].tolist()
+    p = tiny.processor
+    starts = [i for i, t in enumerate(ids) if t == p.img_start]
+    ends = [i for i, t in enumerate(ids) if t == p.img_end]
+    tiles = [11, 1]  # 500x200 at tile 224 -> a 5x2 grid (aspect 2.5) + thumbnail; 50x50 -> one tile
+    assert len(starts) == len(ends) == 2
+    for s, e, n in zip(starts, ends, tiles):
+        assert ids[s + 1 : e] == [p.img_context] * (n * tiny.cfg.tokens_per_tile)
+    decoded = p.tokenizer.decode(ids, skip_special_tokens=False)
+    assert decoded.replace("<IMG_CONTEXT>", "").replace("<img></img>", IMAGE) == text
+
+
+def test_content_parts_equal_placeholders(tiny):
+    img = image(80, 60)
+    parts = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What?"}]}]
+    plain = [{"role": "user", "content": "<image>\nWhat?"}]
+    a, b = tiny.processor(parts), tiny.processor(plain, [img])
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+
+
+def test_placeholder_count_must_match_images(tiny):
+    with pytest.raises(PromptError, match="1 <image> placeholders but 2 images"):
+        tiny.processor([{"role": "user", "content": "<image> what"}], [image(9, 9), image(9, 9)])
+    with pytest.raises(PromptError, match="unknown message part type"):
+        tiny.processor([{"role": "user", "content": [{"type": "audio"}]}])
+    with pytest.raises(PromptError, match="'role' and 'content'"):
+        tiny.processor([{"text": "hi"}])
+
+
+def test_public_call_returns_logits(tiny):
+    inputs = tiny.processor(question_messages("Describe.", 1), [image(300, 300)])
+    logits = tiny(inputs["input_ids"], inputs["pixel_values"])
+    assert logits.shape == (1, inputs["input_ids"].shape[1], tiny.cfg.text.vocab_size)
+    with pytest.raises(PromptError, match="image tokens but no images"):
+        tiny(inputs["input_ids"])
+
+
+def test_greedy_is_deterministic_and_respects_max_new_tokens(tiny):
+    a = tiny.chat("What does the chart show?", images=image(200, 100), max_new_tokens=5)
+    b = tiny.chat("What does the chart show?", images=image(200, 100), max_new_tokens=5)
+    assert a == b
+    n = len(tiny.processor.tokenizer.encode(a, add_special_tokens=False).ids)
+    assert 1 <= n <= 5 + 1  # decoding and re-encoding may split one token
+
+
+def test_sampling_with_seed_is_reproducible_and_differs_from_greedy(tiny):
+    kw = dict(max_new_tokens=12, temperature=1.5, top_p=0.95, top_k=50)
+    a = tiny.chat("Describe this picture.", seed=1, **kw)
+    b = tiny.chat("Describe this picture.", seed=1, **kw)
+    c = tiny.chat("Describe this picture.", seed=2, **kw)
+    assert a == b and a != c
+    assert a != tiny.chat("Describe this picture.", max_new_tokens=12)
+
+
+def test_top_k_one_is_greedy(tiny):
+    greedy = tiny.chat("What is the total?", max_new_tokens=8)
+    assert tiny.chat("What is the total?", max_new_tokens=8, temperature=1.0, top_k=1, seed=0) == greedy
+
+
+def test_sample_filters_exactly():
+    from vlstack.generate import SamplingParams, sample
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).log_softmax(-1)
+    gen = torch.Generator().manual_seed(0)
+    seen = {sample(logits, SamplingParams(temperature=1.0, top_k=2), gen).item() for _ in range(200)}
+    assert seen == {2, 3}
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    seen = {sample(probs.log(), SamplingParams(temperature=1.0, top_p=0.7), gen).item() for _ in range(200)}
+    assert seen == {0, 1}
+
+
+def test_stop_strings_and_streaming(tiny):
+    full = tiny.chat("Describe this picture.", max_new_tokens=16)
+    pieces = list(tiny.stream("Describe this picture.", max_new_tokens=16))
+    assert "".join(pieces) == full and len(pieces) > 1
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert stop.strip()
+    cut = tiny.chat("Describe this picture.", max_new_tokens=16, stop=[stop])
+    assert cut == full[: full.index(stop)]
+
+
+def test_eos_ends_generation(tiny):
+    """A model whose every step prefers <|im_end|> answers with nothing and stops at once."""
+    eos = tiny.processor.token_id("<|im_end|>")
+    with torch.no_grad():
+        bias_before = tiny.model.lm_head.weight[eos].clone()
+        tiny.model.lm_head.weight[eos] = tiny.model.lm_head.weight.abs().max() * 1e3
+    try:
+        steps = list(tiny.stream_batch([question_messages("Hi", 0)], max_new_tokens=20))
+    finally:
+        with torch.no_grad():
+            tiny.model.lm_head.weight[eos] = bias_before
+    assert len(steps) == 1 and steps[0] == [""]
+
+
+def test_batched_generate_matches_single(tiny):
+    convs = [question_messages("What colour is the shape?", 1), question_messages("Hi", 0)]
+    imgs = [[image(120, 90)], []]
+    batched = tiny.generate(convs, imgs, max_new_tokens=8)
+    assert batched == [tiny.generate([c], [i], max_new_tokens=8)[0] for c, i in zip(convs, imgs)]
+
+
+def test_over_long_prompt_is_refused(tiny):
+    with pytest.raises(PromptError, match=r"the prompt is \d+ tokens, over the model's context of 8192 tokens"):
+        tiny.chat("word " * 9000)
+
+
+def test_bad_generation_options_are_named(tiny):
+    with pytest.raises(PromptError, match="max_new_tokens must be at least 1"):
+        tiny.chat("Hi", max_new_tokens=0)
+    with pytest.raises(PromptError, match="top_p must be in"):
+        tiny.chat("Hi", top_p=0)
+    with pytest.raises(PromptError, match="temperature must be >= 0"):
+        tiny.chat("Hi", temperature=-1)
+
+
+def test_history_as_messages_equals_pairs(tiny):
+    a = question_messages("And now?", 0, history=[("Q1", "A1")])
+    b = question_messages(
+        "And now?", 0, history=[{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]
+    )
+    assert a == b
+
+
+def test_chat_template_json_overrides_tokenizer_config(tmp_path):
+    import shutil
+
+    from vlstack.tiny import tiny_dir
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dir(), d)
+    (d / "chat_template.json").write_text(
+        json.dumps({"chat_template": "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"})
+    )
+    vlm = vlstack.load(d, device="cpu")
+    text, _ = vlm.processor.render([{"role": "user", "content": "hey"}])
+    assert text == "<<hey>>"

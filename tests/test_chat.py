@@ -185,3 +185,30 @@ def test_chat_template_json_overrides_tokenizer_config(tmp_path):
     vlm = vlstack.load(d, device="cpu")
     text, _ = vlm.processor.render([{"role": "user", "content": "hey"}])
     assert text == "<<hey>>"
+
+
+def _bytes_decode(ids: list[int]) -> str:
+    return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_detokenizer_holds_back_half_characters():
+    from vlstack.generate import Detokenizer
+
+    d = Detokenizer(_bytes_decode)
+    sent = [d.push(b) for b in "né😀!".encode()]
+    assert "".join(sent) == "né😀!"
+    assert all("\ufffd" not in s for s in sent)
+    assert sent[1] == "" and sent[2] == "é"  # é is two bytes: nothing until the second arrives
+
+
+def test_detokenizer_stop_string_across_tokens():
+    from vlstack.generate import Detokenizer
+
+    d = Detokenizer(_bytes_decode, ("END",))
+    sent = [d.push(b) for b in b"abcEN"]
+    assert "".join(sent) == "abc" and not d.stopped  # "EN" may begin the stop string: held back
+    assert d.push(ord("D")) == "" and d.stopped
+    assert d.flush() == ""
+    e = Detokenizer(_bytes_decode, ("END",))
+    sent = [e.push(b) for b in b"abcEN"]
+    assert "".join(sent) + e.flush() == "abcEN"  # the stop string never came: the held text is sent

@@ -13,7 +13,7 @@ from .chat import Processor, question_messages, read_template, read_tokenizer
 from .checkpoint import load_state_dict, save_checkpoint
 from .config import VLMConfig, read_config
 from .errors import ConfigError
-from .generate import SamplingParams, generate
+from .generate import Detokenizer, SamplingParams, generate
 from .image import ImageInput
 from .model.language import Rotary
 from .model.vlm import InternVL
@@ -111,37 +111,20 @@ class VLM:
         encoded = [self.processor(m, imgs) for m, imgs in zip(conversations, images or [None] * len(conversations))]
         tiles = [e["pixel_values"] for e in encoded if "pixel_values" in e]
         pixel_values = torch.cat(tiles).to(self.model.device) if tiles else None
-        texts = [""] * len(encoded)
+        detoks = [Detokenizer(self.processor.decode, params.stop) for _ in encoded]
+        pending = [""] * len(encoded)
 
-        def should_stop(row: int, ids: list[int]) -> bool:
-            return bool(params.stop) and any(s in self.processor.decode(ids) for s in params.stop)
+        def on_token(row: int, token: int) -> bool:
+            pending[row] += detoks[row].push(token)
+            return detoks[row].stopped
 
-        out: list[list[int]] = [[] for _ in encoded]
         prompts = [e["input_ids"][0] for e in encoded]
-        for step in generate(
-            self.model,
-            prompts,
-            pixel_values,
-            params,
-            self.eos,
-            self.context_len,
-            should_stop=should_stop if params.stop else None,
-        ):
-            pieces = []
-            for i, t in enumerate(step):
-                if t is not None and t not in self.eos:
-                    out[i].append(t)
-                text = self.processor.decode(out[i])
-                for s in params.stop:  # cut at the first stop string; it is not returned
-                    if s in text:
-                        text = text[: text.index(s)]
-                if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                    pieces.append("")
-                    continue
-                pieces.append(text[len(texts[i]) :] if text.startswith(texts[i]) else "")
-                if text.startswith(texts[i]):
-                    texts[i] = text
-            yield pieces
+        for _ in generate(self.model, prompts, pixel_values, params, self.eos, self.context_len, on_token=on_token):
+            yield pending
+            pending = [""] * len(encoded)
+        tail = [d.flush() for d in detoks]
+        if any(tail):
+            yield tail
 
     def generate(
         self, conversations: list[list[dict]], images: list[list[ImageInput]] | None = None, **generation: Any

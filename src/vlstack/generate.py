@@ -61,12 +61,13 @@ def generate(
     eos_ids: set[int],
     context_len: int,
     pad_id: int = 0,
-    should_stop: Callable[[int, list[int]], bool] | None = None,
+    on_token: Callable[[int, int], bool] | None = None,
 ) -> Iterator[list[int | None]]:
     """Generate for a batch of prompts (1-D id tensors); pixel_values holds every prompt's tiles in order.
 
     Yields, at each step, the new token of every row (None once the row has finished). A row finishes
-    at an EOS id, at max_new_tokens, at the end of the context, or when should_stop(row, ids) says so.
+    at an EOS id, at max_new_tokens, at the end of the context, or when on_token(row, token) -- called
+    for every other new token -- returns True (a stop string appeared).
     """
     device = model.device
     lengths = [len(p) for p in prompts]
@@ -91,7 +92,6 @@ def generate(
     with torch.inference_mode():
         mask = attention_mask(valid[:, :longest], longest) if padded else None
         logits = model(ids, pixel_values, positions, cache, mask, last_only=True)[:, -1]  # [B, V]
-        out: list[list[int]] = [[] for _ in range(b)]
         done = [False] * b
         for step in range(budget):
             tokens = sample(logits, params, generator)  # [B]
@@ -100,9 +100,8 @@ def generate(
                 if done[i]:
                     new.append(None)
                     continue
-                out[i].append(t)
                 new.append(t)
-                if t in eos_ids or (should_stop is not None and should_stop(i, out[i])):
+                if t in eos_ids or (on_token is not None and on_token(i, t)):
                     done[i] = True
             yield new
             if all(done) or step == budget - 1:
@@ -112,3 +111,43 @@ def generate(
             positions = positions[:, -1:] + 1
             mask = attention_mask(valid[:, : col + 1], 1) if padded else None
             logits = model(tokens[:, None], None, positions, cache, mask)[:, -1]
+
+
+class Detokenizer:
+    """One row's tokens -> text that is safe to send: cut at the first stop string (which is not sent),
+    holding back half-decoded characters and any tail that could still become a stop string."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...] = ()):
+        self.decode, self.stop = decode, stop
+        self.ids: list[int] = []
+        self.text = ""  # what has been sent
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add a token; return the new text that can be sent now."""
+        self.ids.append(token)
+        full = self.decode(self.ids)
+        cuts = [full.find(s) for s in self.stop if s in full]
+        if cuts:
+            self.stopped = True
+            return self._send(full[: min(cuts)])
+        return self._send(full[: len(full) - self._held(full)])
+
+    def flush(self) -> str:
+        """At the end: whatever was held back (a stop string never completed)."""
+        return "" if self.stopped else self._send(self.decode(self.ids))
+
+    def _held(self, full: str) -> int:
+        held = len(full) - len(full.rstrip("\ufffd"))  # bytes of a character still to come
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(full)), 0, -1):
+                if full.endswith(s[:k]):
+                    held = max(held, k)
+                    break
+        return held
+
+    def _send(self, visible: str) -> str:
+        if not visible.startswith(self.text):  # decoding revised earlier text: send nothing new
+            return ""
+        new, self.text = visible[len(self.text) :], visible
+        return new

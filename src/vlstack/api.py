@@ -194,7 +194,7 @@ def load(
     cfg = read_config(directory)
     tokenizer = read_tokenizer(directory)
     processor = Processor(tokenizer, cfg, read_template(directory))
-    if json.loads((directory / "config.json").read_text()).get("model_type") == "internvl_chat":
+    if cfg.layout == "internvl_chat":
         cfg.image_token_id = processor.img_context  # the original layout takes it from the tokenizer
     state = load_state_dict(directory, cfg.vision.hidden_size)
     model = build_model(cfg, state, device, resolve_dtype(dtype, cfg, device))

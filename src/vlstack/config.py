@@ -73,6 +73,7 @@ class VLMConfig:
     min_tiles: int = 1
     max_tiles: int = 12
     use_thumbnail: bool = True
+    layout: str = "internvl"  # the config.json it came from: "internvl" or "internvl_chat" (original)
 
     @property
     def tokens_per_tile(self) -> int:
@@ -238,6 +239,7 @@ def parse_config(raw: dict) -> VLMConfig:
                 min_tiles=int(raw.get("min_dynamic_patch", 1)),
                 max_tiles=int(raw.get("max_dynamic_patch", 12)) if raw.get("dynamic_image_size", True) else 1,
                 use_thumbnail=bool(raw.get("use_thumbnail", True)),
+                layout="internvl_chat",
             )
         else:
             raise ConfigError(

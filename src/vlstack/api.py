@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .adapters import load_adapter
 from .chat import Processor, question_messages, read_template, read_tokenizer
 from .checkpoint import load_state_dict, save_checkpoint
 from .config import VLMConfig, read_config
@@ -16,6 +17,7 @@ from .errors import ConfigError
 from .generate import Detokenizer, SamplingParams, generate
 from .image import ImageInput
 from .model.language import Rotary
+from .model.lora import LoRASpec, remove_adapter, route
 from .model.vlm import InternVL
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,29 +86,43 @@ class VLM:
     """An InternVL model with its processor, ready to chat."""
 
     def __init__(self, model: InternVL, processor: Processor, eos: set[int], directory: Path | None, name: str):
-        self.model, self.processor, self.eos, self.directory, self.name = (
-            model,
-            processor,
-            eos,
-            directory,
-            name,
-        )
-        self.cfg = model.cfg
+        self.model, self.processor, self.eos = model, processor, eos
+        self.directory, self.name, self.cfg = directory, name, model.cfg
+        self.adapters: dict[str, LoRASpec] = {}
+
+    def load_adapter(self, name: str, directory: str | Path) -> LoRASpec:
+        """Attach a PEFT LoRA adapter under `name`; requests choose it with adapter=name."""
+        if name in self.adapters:
+            raise ConfigError(f"an adapter named {name!r} is already loaded")
+        self.adapters[name] = load_adapter(self.model, name, directory)
+        return self.adapters[name]
+
+    def unload_adapter(self, name: str) -> None:
+        if self.adapters.pop(name, None) is None:
+            raise ConfigError(f"no adapter named {name!r} is loaded")
+        remove_adapter(self.model, name)
 
     @property
     def context_len(self) -> int:
         return self.cfg.text.max_position_embeddings
 
-    def __call__(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, T], pixel_values [N, 3, S, S] -> logits [B, T, vocab]."""
-        with torch.inference_mode():
+    def __call__(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, adapter: str | None = None
+    ) -> torch.Tensor:
+        """input_ids [B, T], pixel_values [N, 3, S, S] -> logits [B, T, vocab] (every row with adapter)."""
+        with torch.inference_mode(), route(self.model, [adapter] * input_ids.shape[0]):
             pv = pixel_values.to(self.model.device) if pixel_values is not None else None
             return self.model(input_ids.to(self.model.device), pv)
 
     def stream_batch(
-        self, conversations: list[list[dict]], images: list[list[ImageInput]] | None = None, **generation: Any
+        self,
+        conversations: list[list[dict]],
+        images: list[list[ImageInput]] | None = None,
+        adapters: list[str | None] | None = None,
+        **generation: Any,
     ) -> Iterator[list[str]]:
-        """Generate for several conversations at once; yields the new text of each (\"\" if none yet)."""
+        """Generate for several conversations at once, each with its adapter (None: the base model);
+        yields the new text of each (\"\" if none yet)."""
         params = SamplingParams(**generation)
         encoded = [self.processor(m, imgs) for m, imgs in zip(conversations, images or [None] * len(conversations))]
         tiles = [e["pixel_values"] for e in encoded if "pixel_values" in e]
@@ -119,7 +135,10 @@ class VLM:
             return detoks[row].stopped
 
         prompts = [e["input_ids"][0] for e in encoded]
-        for _ in generate(self.model, prompts, pixel_values, params, self.eos, self.context_len, on_token=on_token):
+        steps = generate(
+            self.model, prompts, pixel_values, params, self.eos, self.context_len, on_token=on_token, adapters=adapters
+        )
+        for _ in steps:
             yield pending
             pending = [""] * len(encoded)
         tail = [d.flush() for d in detoks]
@@ -127,11 +146,15 @@ class VLM:
             yield tail
 
     def generate(
-        self, conversations: list[list[dict]], images: list[list[ImageInput]] | None = None, **generation: Any
+        self,
+        conversations: list[list[dict]],
+        images: list[list[ImageInput]] | None = None,
+        adapters: list[str | None] | None = None,
+        **generation: Any,
     ) -> list[str]:
         """Several conversations batched together -> the answer to each."""
         answers = [""] * len(conversations)
-        for pieces in self.stream_batch(conversations, images, **generation):
+        for pieces in self.stream_batch(conversations, images, adapters, **generation):
             answers = [a + p for a, p in zip(answers, pieces)]
         return answers
 
@@ -141,12 +164,13 @@ class VLM:
         images: list[ImageInput] | ImageInput | None = None,
         history: list | None = None,
         system: str | None = None,
+        adapter: str | None = None,
         **generation: Any,
     ) -> Iterator[str]:
         """Like chat, as an iterator of text pieces."""
         images = images if isinstance(images, list) else ([images] if images is not None else [])
         messages = question_messages(question, len(images), history, system)
-        for pieces in self.stream_batch([messages], [images], **generation):
+        for pieces in self.stream_batch([messages], [images], [adapter], **generation):
             if pieces[0]:
                 yield pieces[0]
 
@@ -156,14 +180,16 @@ class VLM:
         images: list[ImageInput] | ImageInput | None = None,
         history: list | None = None,
         system: str | None = None,
+        adapter: str | None = None,
         **generation: Any,
     ) -> str:
-        """Answer a question about zero or more images; history is [(question, answer), ...] or messages."""
-        return "".join(self.stream(question, images, history, system, **generation))
+        """Answer a question about zero or more images; history is [(question, answer), ...] or messages;
+        adapter names a loaded LoRA adapter (None: the base model)."""
+        return "".join(self.stream(question, images, history, system, adapter, **generation))
 
     def save(self, directory: str | Path) -> Path:
         """Write a transformers-native checkpoint (with the tokenizer files) to directory."""
-        state = self.model.state_dict()
+        state = {k: v for k, v in self.model.state_dict().items() if ".lora_" not in k}
         if self.cfg.text.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         extra = {}

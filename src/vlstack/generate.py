@@ -10,6 +10,7 @@ import torch
 
 from .errors import PromptError
 from .model.language import KVCache, attention_mask
+from .model.lora import route
 from .model.vlm import InternVL
 
 
@@ -62,12 +63,14 @@ def generate(
     context_len: int,
     pad_id: int = 0,
     on_token: Callable[[int, int], bool] | None = None,
+    adapters: list[str | None] | None = None,
 ) -> Iterator[list[int | None]]:
     """Generate for a batch of prompts (1-D id tensors); pixel_values holds every prompt's tiles in order.
 
     Yields, at each step, the new token of every row (None once the row has finished). A row finishes
     at an EOS id, at max_new_tokens, at the end of the context, or when on_token(row, token) -- called
-    for every other new token -- returns True (a stop string appeared).
+    for every other new token -- returns True (a stop string appeared). adapters names each row's LoRA
+    adapter (None: the base model).
     """
     device = model.device
     lengths = [len(p) for p in prompts]
@@ -89,28 +92,33 @@ def generate(
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
 
-    with torch.inference_mode():
-        mask = attention_mask(valid[:, :longest], longest) if padded else None
-        logits = model(ids, pixel_values, positions, cache, mask, last_only=True)[:, -1]  # [B, V]
-        done = [False] * b
-        for step in range(budget):
-            tokens = sample(logits, params, generator)  # [B]
-            new: list[int | None] = []
-            for i, t in enumerate(tokens.tolist()):
-                if done[i]:
-                    new.append(None)
-                    continue
-                new.append(t)
-                if t in eos_ids or (on_token is not None and on_token(i, t)):
-                    done[i] = True
-            yield new
-            if all(done) or step == budget - 1:
-                return
-            col = longest + step
-            valid[:, col] = True
-            positions = positions[:, -1:] + 1
-            mask = attention_mask(valid[:, : col + 1], 1) if padded else None
-            logits = model(tokens[:, None], None, positions, cache, mask)[:, -1]
+    routed = route(model, adapters)  # set around each forward only: the caller may interleave others
+
+    def forward(*args, **kw) -> torch.Tensor:
+        with torch.inference_mode(), routed:
+            return model(*args, **kw)[:, -1]  # [B, V]
+
+    mask = attention_mask(valid[:, :longest], longest) if padded else None
+    logits = forward(ids, pixel_values, positions, cache, mask, last_only=True)
+    done = [False] * b
+    for step in range(budget):
+        tokens = sample(logits, params, generator)  # [B]
+        new: list[int | None] = []
+        for i, t in enumerate(tokens.tolist()):
+            if done[i]:
+                new.append(None)
+                continue
+            new.append(t)
+            if t in eos_ids or (on_token is not None and on_token(i, t)):
+                done[i] = True
+        yield new
+        if all(done) or step == budget - 1:
+            return
+        col = longest + step
+        valid[:, col] = True
+        positions = positions[:, -1:] + 1
+        mask = attention_mask(valid[:, : col + 1], 1) if padded else None
+        logits = forward(tokens[:, None], None, positions, cache, mask)
 
 
 class Detokenizer:

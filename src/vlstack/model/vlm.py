@@ -11,6 +11,7 @@ from torch import nn
 from ..config import VLMConfig
 from ..errors import PromptError
 from .language import KVCache, LanguageModel
+from .lora import regroup
 from .vision import VisionTower
 
 
@@ -74,7 +75,16 @@ class InternVL(nn.Module):
             if n_slots:
                 raise PromptError(f"the prompt has {n_slots} image tokens but no images were given")
             return embeds
-        feats = self.image_features(pixel_values)  # [N, P, C]
+        routing = getattr(self, "lora_routing", None)  # adapters of the vision tower act on each row's tiles
+        if routing is not None and routing.segments:
+            rows = routing.segments
+            routing.segments = regroup(rows, (is_image.sum(1) // self.cfg.tokens_per_tile).tolist())
+            try:
+                feats = self.image_features(pixel_values)
+            finally:
+                routing.segments = rows
+        else:
+            feats = self.image_features(pixel_values)  # [N, P, C]
         if n_slots != feats.shape[0] * feats.shape[1]:
             raise PromptError(
                 f"the prompt has {n_slots} image tokens but the images give {feats.shape[0] * feats.shape[1]} "

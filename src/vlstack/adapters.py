@@ -1,0 +1,162 @@
+"""LoRA adapters in PEFT's on-disk format: adapter_config.json + adapter_model.safetensors.
+
+Keys are PEFT's for transformers' InternVLForConditionalGeneration
+(`base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight`), so an adapter
+written here loads with `peft.PeftModel.from_pretrained`, and one written by peft loads here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import ConfigError
+from .model.lora import LoRASpec, ensure_lora, lora_layers
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PREFIX = "base_model.model."
+UNSUPPORTED = {  # PEFT options vlstack does not implement: refuse rather than compute something else
+    "use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "bias": "none", "modules_to_save": None,
+    "layer_replication": None, "use_qalora": False, "trainable_token_indices": None,
+}  # fmt: skip
+
+
+def hf_module_name(ours: str) -> str:
+    """Our module name -> transformers' in-memory name (what PEFT keys are built from)."""
+    return ours if ours.startswith("lm_head") else "model." + ours
+
+
+def our_module_name(hf: str) -> str:
+    """transformers' module name (current or older layouts) -> ours."""
+    name = hf[len("model.") :] if hf.startswith("model.") else hf
+    if name.startswith("language_model.model."):
+        name = "language_model." + name[len("language_model.model.") :]
+    elif name.startswith("language_model.lm_head"):
+        name = name[len("language_model.") :]
+    return name
+
+
+def save_adapter(model: nn.Module, name: str, directory: str | Path, spec: LoRASpec, base: str | None = None) -> Path:
+    """Write adapter `name` of model as a PEFT adapter directory (atomically: temp dir, then rename)."""
+    layers = {n: m for n, m in lora_layers(model).items() if name in m.lora_A}
+    if not layers:
+        raise ValueError(f"the model has no adapter named {name!r}")
+    tensors, modules = {}, []
+    for module, layer in layers.items():
+        key = PREFIX + hf_module_name(module)
+        tensors[key + ".lora_A.weight"] = layer.lora_A[name].weight.detach().contiguous().cpu()
+        tensors[key + ".lora_B.weight"] = layer.lora_B[name].weight.detach().contiguous().cpu()
+        modules.append(hf_module_name(module))
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "use_rslora": spec.rslora,
+        "target_modules": sorted(modules),  # exact names: peft matches `key == target`
+        "rank_pattern": {},
+        "alpha_pattern": {hf_module_name(m): a for m, a in spec.alphas.items()},
+        "init_lora_weights": True,
+        "inference_mode": True,
+        **UNSUPPORTED,
+    }
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _alpha_for(module: str, config: dict) -> float:
+    """PEFT's alpha_pattern: a key matches a module name as a suffix regex."""
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return float(alpha)
+    return float(config["lora_alpha"])
+
+
+def read_adapter(directory: str | Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """A PEFT adapter directory -> (its config, {our module name: (A [r, in], B [out, r])})."""
+    d = Path(directory)
+    if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
+        raise ConfigError(f"{d} is not a PEFT adapter directory (needs {CONFIG} and {WEIGHTS})")
+    try:
+        config = json.loads((d / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{d / CONFIG} is not valid JSON: {e}") from None
+    if config.get("peft_type") != "LORA":
+        raise ConfigError(f"{d} holds a {config.get('peft_type')!r} adapter; vlstack loads LORA adapters")
+    for key, default in UNSUPPORTED.items():
+        if config.get(key, default) not in (default, None, False, [], {}):
+            raise ConfigError(f"{d}: the PEFT option {key}={config[key]!r} is not supported by vlstack")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(d / WEIGHTS), framework="pt") as f:
+        for key in f.keys():
+            m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.\w+)?\.weight", key)
+            if not m:
+                raise ConfigError(f"{d / WEIGHTS}: unexpected tensor {key!r} (only lora_A / lora_B weights)")
+            pairs.setdefault(our_module_name(m.group(1)), {})[m.group(2)] = f.get_tensor(key)
+    incomplete = [k for k, v in pairs.items() if set(v) != {"A", "B"}]
+    if incomplete or not pairs:
+        raise ConfigError(f"{d / WEIGHTS}: lora_A/lora_B pairs are incomplete for {incomplete or 'every module'}")
+    return config, {k: (v["A"], v["B"]) for k, v in pairs.items()}
+
+
+def load_adapter(model: nn.Module, name: str, directory: str | Path) -> LoRASpec:
+    """Attach the PEFT adapter in directory to model under `name`; returns its spec."""
+    config, weights = read_adapter(directory)
+    available = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = sorted(set(weights) - available)
+    if missing:
+        raise ConfigError(f"adapter {name!r} targets modules this model does not have: {', '.join(missing[:5])}")
+    layers = ensure_lora(model, sorted(weights))
+    rslora = bool(config.get("use_rslora", False))
+    spec = LoRASpec(
+        rank=int(config["r"]),
+        alpha=float(config["lora_alpha"]),
+        rslora=rslora,
+        targets=tuple(sorted({m.rsplit(".", 1)[-1] for m in weights})),
+    )
+    for module, (a, b) in weights.items():
+        layer = layers[module]
+        rank = a.shape[0]
+        if a.shape[1] != layer.in_features or b.shape != (layer.out_features, rank):
+            raise ConfigError(f"adapter {name!r}: shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit {module}")
+        alpha = _alpha_for(hf_module_name(module), config)
+        if alpha != spec.alpha:
+            spec.alphas[module] = alpha
+        layer.add(name, rank, spec.scaling(rank, module))
+        with torch.no_grad():
+            layer.lora_A[name].weight.copy_(a)
+            layer.lora_B[name].weight.copy_(b)
+    return spec
+
+
+def merge_adapter(model: nn.Module, name: str) -> None:
+    """Fold adapter `name` into the base weights (W += B @ A * scaling) and drop it."""
+    layers = [m for m in lora_layers(model).values() if name in m.lora_A]
+    if not layers:
+        raise ValueError(f"the model has no adapter named {name!r}")
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight += layer.delta(name).to(layer.weight.dtype)
+            layer.remove(name)

@@ -128,9 +128,18 @@ class Processor:
 
     def encode(self, text: str, images: list[ImageInput] = ()) -> dict[str, torch.Tensor]:
         """Prompt text with one <image> per image -> input_ids [1, T] and pixel_values [N, 3, S, S]."""
-        pieces = text.split(IMAGE)
-        if len(pieces) - 1 != len(images):
-            raise PromptError(f"the prompt has {len(pieces) - 1} <image> placeholders but {len(images)} images")
+        out = self.encode_segments([(text, False)], images)
+        del out["labels"]
+        return out
+
+    def encode_segments(
+        self, segments: list[tuple[str, bool]], images: list[ImageInput] = ()
+    ) -> dict[str, torch.Tensor]:
+        """Text segments (each marked: learn from it or not) -> input_ids [1, T], labels [1, T] (-100 where
+        not learned) and pixel_values; the <image> placeholders across all segments take the images in order."""
+        n_placeholders = sum(text.count(IMAGE) for text, _ in segments)
+        if n_placeholders != len(images):
+            raise PromptError(f"the prompt has {n_placeholders} <image> placeholders but {len(images)} images")
         tile = self.cfg.vision.image_size
         max_tiles = self.max_tiles or self.cfg.max_tiles
         tiles = [
@@ -138,13 +147,20 @@ class Processor:
             for src in images
         ]
         ids: list[int] = []
-        for i, piece in enumerate(pieces):
-            if i:
-                ids += [self.img_start] + [self.img_context] * (len(tiles[i - 1]) * self.cfg.tokens_per_tile)
-                ids.append(self.img_end)
-            if piece:
-                ids += self.tokenizer.encode(piece, add_special_tokens=False).ids
-        out = {"input_ids": torch.tensor([ids], dtype=torch.long)}
+        labels: list[int] = []
+        n_image = 0
+        for text, learn in segments:
+            for i, piece in enumerate(text.split(IMAGE)):
+                new = []
+                if i:
+                    new = [self.img_start] + [self.img_context] * (len(tiles[n_image]) * self.cfg.tokens_per_tile)
+                    new.append(self.img_end)
+                    n_image += 1
+                if piece:
+                    new += self.tokenizer.encode(piece, add_special_tokens=False).ids
+                ids += new
+                labels += new if learn else [-100] * len(new)
+        out = {"input_ids": torch.tensor([ids], dtype=torch.long), "labels": torch.tensor([labels], dtype=torch.long)}
         if tiles:
             out["pixel_values"] = torch.cat(tiles)
         return out

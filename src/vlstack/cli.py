@@ -1,4 +1,4 @@
-"""The `vlstack` command: `vlstack chat`, `vlstack info`."""
+"""The `vlstack` command: chat, train, merge, info."""
 
 from __future__ import annotations
 
@@ -64,6 +64,33 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"{k:<{width}}  {val}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from .api import load
+    from .train.jobs import read_plan
+    from .train.multi import train
+
+    plan = read_plan(args.jobs)
+    vlm = load(args.model or plan.model, device=args.device, dtype="float32")
+    if args.sequential:  # the baseline: the same jobs one after another
+        for job in plan.jobs:
+            train(vlm, [job], plan.max_rows)
+    else:
+        train(vlm, plan.jobs, plan.max_rows)
+    for job in plan.jobs:
+        print(f"{job.name}: adapter written to {job.output}")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from .adapters import merge_adapter
+    from .api import load
+
+    vlm = load(args.model, device="cpu", dtype=args.dtype)
+    vlm.load_adapter("merge", args.adapter)
+    merge_adapter(vlm.model, "merge")
+    vlm.adapters.clear()
+    print(f"merged checkpoint written to {vlm.save(args.output)}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlstack", description="Self-hosted InternVL: chat, serve, train, evaluate.")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -81,6 +108,20 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument("--device", default=None)
     chat.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     chat.set_defaults(func=cmd_chat)
+
+    train = sub.add_parser("train", help="train the LoRA adapters of a jobs file, fused over one base")
+    train.add_argument("jobs", help="YAML jobs file")
+    train.add_argument("--model", default=None, help="checkpoint directory (default: the jobs file's model)")
+    train.add_argument("--sequential", action="store_true", help="train the jobs one by one (the baseline)")
+    train.add_argument("--device", default=None)
+    train.set_defaults(func=cmd_train)
+
+    merge = sub.add_parser("merge", help="fold a PEFT adapter into the base and write a checkpoint")
+    merge.add_argument("--model", default="tiny")
+    merge.add_argument("--adapter", required=True, help="PEFT adapter directory")
+    merge.add_argument("--output", required=True, help="directory for the merged checkpoint")
+    merge.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    merge.set_defaults(func=cmd_merge)
 
     info = sub.add_parser("info", help="describe a checkpoint: architecture, parameters, image tokens")
     info.add_argument("model", nargs="?", default="tiny")

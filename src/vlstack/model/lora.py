@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PARTS = {  # where each part's Linear layers live (our module names)
     "language": re.compile(r"language_model\.layers\.\d+\.(self_attn|mlp)\.\w+"),
@@ -44,7 +46,7 @@ class LoRASpec:
         """Names of the Linear layers of model this spec adapts."""
         unknown = set(self.parts) - set(PARTS)
         if unknown:
-            raise ValueError(f"unknown LoRA parts {sorted(unknown)}; choose from {sorted(PARTS)}")
+            raise ConfigError(f"unknown LoRA parts {sorted(unknown)}; choose from {sorted(PARTS)}")
         names = [
             name
             for name, mod in model.named_modules()
@@ -53,7 +55,7 @@ class LoRASpec:
             and any(PARTS[p].fullmatch(name) for p in self.parts)
         ]
         if not names:
-            raise ValueError(f"LoRA targets {list(self.targets)} match no Linear layer in parts {list(self.parts)}")
+            raise ConfigError(f"LoRA targets {list(self.targets)} match no Linear layer in parts {list(self.parts)}")
         return names
 
 
@@ -62,6 +64,9 @@ class Routing:
 
     def __init__(self) -> None:
         self.segments: list[tuple[str, int, int]] = []
+        # in a right-padded batch, each adapter's own sequence length: dropout draws its masks at this
+        # length, so they do not depend on how far other rows pad the batch
+        self.lengths: dict[str, int] = {}
 
 
 class LoRALinear(nn.Linear):
@@ -112,10 +117,18 @@ class LoRALinear(nn.Linear):
             xs = x[start:end]
             p, gen = self.dropout[name]
             if p and self.training:  # the adapter's own generator: the same masks fused or alone
-                keep = torch.rand(xs.shape, generator=gen, device=xs.device) >= p
-                xs = xs * keep / (1 - p)
+                xs = xs * dropout_mask(xs.shape, self.routing.lengths.get(name), p, gen, xs.device)
             y[start:end] = y[start:end] + self.lora_B[name](self.lora_A[name](xs)) * self.scaling[name]
         return y
+
+
+def dropout_mask(shape, length: int | None, p: float, gen, device) -> torch.Tensor:
+    """Inverted-dropout scale [rows, T, C], drawn for the first `length` positions only (1 beyond them)."""
+    if length is None or len(shape) != 3 or length >= shape[1]:
+        return (torch.rand(shape, generator=gen, device=device) >= p) / (1 - p)
+    mask = torch.ones(shape, device=device)
+    mask[:, :length] = (torch.rand((shape[0], length, shape[2]), generator=gen, device=device) >= p) / (1 - p)
+    return mask
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -146,7 +159,7 @@ def ensure_lora(model: nn.Module, names: list[str]) -> dict[str, LoRALinear]:
 def add_adapter(model: nn.Module, name: str, spec: LoRASpec, seed: int = 0) -> list[nn.Parameter]:
     """Add a fresh adapter to every module the spec names; returns its trainable parameters."""
     if any(name in m.lora_A for m in lora_layers(model).values()):
-        raise ValueError(f"adapter {name!r} already exists")
+        raise ConfigError(f"adapter {name!r} already exists")
     init = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     drop = torch.Generator(device=device).manual_seed(seed + 1) if spec.dropout else None
@@ -183,20 +196,24 @@ def segments(adapters: list[str | None]) -> list[tuple[str, int, int]]:
 class route:
     """`with route(model, ["finance", "finance", None, "legal"]):` -- rows use these adapters."""
 
-    def __init__(self, model: nn.Module, adapters: list[str | None] | None):
+    def __init__(
+        self, model: nn.Module, adapters: list[str | None] | None, lengths: dict[str, int] | None = None
+    ):
         self.routing = routing_of(model)
         self.new = segments(adapters or [])
+        self.lengths = lengths or {}
         known = adapter_names(model)
         unknown = sorted({a for a in adapters or [] if a is not None} - known)
         if unknown:
             raise KeyError(f"unknown adapter(s) {unknown}; loaded: {sorted(known)}")
 
     def __enter__(self) -> Routing:
-        self.old, self.routing.segments = self.routing.segments, self.new
+        self.old = self.routing.segments, self.routing.lengths
+        self.routing.segments, self.routing.lengths = self.new, self.lengths
         return self.routing
 
     def __exit__(self, *exc) -> None:
-        self.routing.segments = self.old
+        self.routing.segments, self.routing.lengths = self.old
 
 
 def regroup(segs: list[tuple[str, int, int]], counts: list[int]) -> list[tuple[str, int, int]]:

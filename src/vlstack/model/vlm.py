@@ -77,12 +77,13 @@ class InternVL(nn.Module):
             return embeds
         routing = getattr(self, "lora_routing", None)  # adapters of the vision tower act on each row's tiles
         if routing is not None and routing.segments:
-            rows = routing.segments
+            rows, lengths = routing.segments, routing.lengths
             routing.segments = regroup(rows, (is_image.sum(1) // self.cfg.tokens_per_tile).tolist())
+            routing.lengths = {}  # tiles are never padded
             try:
                 feats = self.image_features(pixel_values)
             finally:
-                routing.segments = rows
+                routing.segments, routing.lengths = rows, lengths
         else:
             feats = self.image_features(pixel_values)  # [N, P, C]
         if n_slots != feats.shape[0] * feats.shape[1]:

@@ -1,0 +1,144 @@
+"""Conversation datasets: the JSONL that InternVL / LLaVA users already have, checked line by line
+before training starts, and encoded with loss only on the assistant's tokens.
+
+One example per line, either InternVL/LLaVA style
+    {"image": "img/1.png" | ["a.png", "b.png"], "conversations": [{"from": "human", "value": "<image>\\n..."},
+                                                                  {"from": "gpt", "value": "..."}]}
+or OpenAI style
+    {"images": [...], "messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
+Image paths are relative to the JSONL file. Without any <image> placeholder, images go before the
+first user message (InternVL's convention).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..chat import IMAGE, Processor
+from ..errors import VLStackError
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+IGNORE = -100  # label of tokens without loss
+
+
+class DatasetError(VLStackError):
+    """A dataset line that cannot be used, named by file and line number."""
+
+
+@dataclass
+class Example:
+    messages: list[dict]  # {"role", "content"} with <image> placeholders
+    images: list[Path]
+    where: str  # "file.jsonl:12"
+
+
+def _parse(line: str, where: str, root: Path) -> Example:
+    try:
+        raw = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{where}: each line must be a JSON object")
+    turns = raw.get("conversations", raw.get("messages"))
+    if not isinstance(turns, list) or not turns:
+        raise DatasetError(f"{where}: needs a non-empty 'conversations' (or 'messages') list")
+    messages = []
+    for i, t in enumerate(turns):
+        role = t.get("from", t.get("role")) if isinstance(t, dict) else None
+        text = t.get("value", t.get("content")) if isinstance(t, dict) else None
+        if role not in ROLES:
+            raise DatasetError(f"{where}: turn {i} has role {role!r}; expected one of {sorted(ROLES)}")
+        if not isinstance(text, str):
+            raise DatasetError(f"{where}: turn {i} has no text ('value' or 'content' must be a string)")
+        messages.append({"role": ROLES[role], "content": text})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DatasetError(f"{where}: has no assistant turn to learn from")
+    images = raw.get("image", raw.get("images")) or []
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise DatasetError(f"{where}: 'image' must be a path or a list of paths")
+    paths = [root / p for p in images]
+    for p in paths:
+        if not p.is_file():
+            raise DatasetError(f"{where}: image not found: {p}")
+    n_placeholders = sum(m["content"].count(IMAGE) for m in messages)
+    if n_placeholders == 0 and paths:
+        first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        prefix = IMAGE + "\n" if len(paths) == 1 else "".join(f"Image-{k + 1}: {IMAGE}\n" for k in range(len(paths)))
+        messages[first] = {"role": "user", "content": prefix + messages[first]["content"]}
+    elif n_placeholders != len(paths):
+        raise DatasetError(f"{where}: {n_placeholders} <image> placeholders but {len(paths)} images")
+    return Example(messages, paths, where)
+
+
+def read_dataset(path: str | Path) -> list[Example]:
+    """Every line of a JSONL file, checked now: the first bad line raises DatasetError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"dataset not found: {path}")
+    examples = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                examples.append(_parse(line, f"{path}:{n}", path.parent))
+    if not examples:
+        raise DatasetError(f"{path}: holds no examples")
+    return examples
+
+
+def encode_example(processor: Processor, ex: Example, max_len: int) -> dict[str, torch.Tensor]:
+    """-> input_ids [T], labels [T] (IGNORE except on assistant replies), pixel_values [N, 3, S, S]."""
+    segments = []  # (text, learn?)
+    done = ""
+    for i, m in enumerate(ex.messages):
+        full, _ = processor.render(ex.messages[: i + 1], add_generation_prompt=False)
+        if not full.startswith(done):
+            raise DatasetError(f"{ex.where}: the chat template renders earlier turns differently as the chat grows")
+        if m["role"] == "assistant":
+            header, _ = processor.render(ex.messages[:i], add_generation_prompt=True)
+            if not header.startswith(done) or not full.startswith(header):
+                raise DatasetError(f"{ex.where}: the chat template's assistant header is not a prefix of the turn")
+            segments += [(header[len(done) :], False), (full[len(header) :], True)]
+        else:
+            segments.append((full[len(done) :], False))
+        done = full
+    enc = processor.encode_segments(segments, [str(p) for p in ex.images])
+    ids, labels = enc["input_ids"][0], enc["labels"][0]
+    if len(ids) > max_len:
+        img_positions = (ids == processor.img_context).nonzero()
+        if len(img_positions) and int(img_positions[-1]) >= max_len:
+            raise DatasetError(f"{ex.where}: {len(ids)} tokens; max_len {max_len} would cut into an image")
+        ids, labels = ids[:max_len], labels[:max_len]
+    out = {"input_ids": ids, "labels": labels}
+    if "pixel_values" in enc:
+        out["pixel_values"] = enc["pixel_values"]
+    return out
+
+
+class Stream:
+    """A job's endless sequence of micro-batches: the examples in a seeded shuffle, epoch after epoch.
+
+    The order depends only on the seed and the position, so a job sees the same batches whether it is
+    trained alone or fused with others, and a resumed job continues where it stopped.
+    """
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int):
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.position = 0  # micro-batches served so far
+
+    def order(self, epoch: int) -> list[int]:
+        idx = list(range(len(self.examples)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(idx)
+        return idx
+
+    def next(self) -> list[Example]:
+        n = len(self.examples)
+        start = self.position * self.batch_size
+        batch = [self.examples[self.order(k // n)[k % n]] for k in range(start, start + self.batch_size)]
+        self.position += 1
+        return batch

@@ -1,0 +1,156 @@
+"""Training jobs from a YAML file: each job is one LoRA adapter with its own data, shape and schedule.
+
+    model: tiny                 # checkpoint directory, or "tiny"
+    max_rows: 16                # rows (examples) per fused step, all running jobs together
+    jobs:
+      - name: finance
+        data: finance.jsonl     # relative to the YAML file
+        output: out/finance     # the PEFT adapter directory written at the end
+        rank: 8
+        alpha: 16
+        dropout: 0.05
+        rslora: false
+        targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
+        parts: [language]       # and/or vision, projector
+        lr: 2.0e-4
+        weight_decay: 0.0
+        schedule: cosine        # cosine | linear | constant, after warmup_steps of linear warm-up
+        warmup_steps: 0
+        batch_size: 4
+        grad_accum: 1
+        steps: 100              # optimizer steps; or epochs: 2
+        max_len: 2048
+        max_grad_norm: 1.0
+        seed: 0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import VLStackError
+from ..model.lora import LLM_TARGETS, PARTS, LoRASpec
+
+
+class JobError(VLStackError):
+    """A jobs file that cannot be run, with the job and the field named."""
+
+
+@dataclass
+class Job:
+    name: str
+    data: Path
+    output: Path
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    targets: list[str] = field(default_factory=lambda: list(LLM_TARGETS))
+    parts: list[str] = field(default_factory=lambda: ["language"])
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    batch_size: int = 4
+    grad_accum: int = 1
+    steps: int | None = None
+    epochs: float | None = None
+    max_len: int = 2048
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    @property
+    def spec(self) -> LoRASpec:
+        return LoRASpec(self.rank, self.alpha, self.dropout, self.rslora, tuple(self.targets), tuple(self.parts))
+
+
+@dataclass
+class Plan:
+    model: str
+    max_rows: int
+    jobs: list[Job]
+
+
+_TYPES = {f.name: f.type for f in fields(Job)}
+
+
+def _check(job: dict, where: str, root: Path) -> Job:
+    unknown = sorted(set(job) - set(_TYPES))
+    if unknown:
+        raise JobError(f"{where}: unknown field(s) {unknown}; known: {sorted(_TYPES)}")
+    for required in ("name", "data", "output"):
+        if required not in job:
+            raise JobError(f"{where}: missing the field {required!r}")
+    kw: dict[str, Any] = {}
+    for key, value in job.items():
+        kind = _TYPES[key]
+        try:
+            if key in ("data", "output"):
+                kw[key] = root / str(value)
+            elif key in ("targets", "parts"):
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or not value:
+                    raise ValueError("must be a non-empty list of names")
+                kw[key] = value
+            elif "int" in kind and "float" not in kind:
+                if isinstance(value, bool) or int(value) != value:
+                    raise ValueError("must be an integer")
+                kw[key] = int(value)
+            elif "float" in kind:
+                kw[key] = float(value)
+            elif kind == "bool":
+                if not isinstance(value, bool):
+                    raise ValueError("must be true or false")
+                kw[key] = value
+            else:
+                kw[key] = str(value)
+        except (TypeError, ValueError) as e:
+            raise JobError(f"{where}: field {key!r} = {value!r} {e}") from None
+    j = Job(**kw)
+    problems = [
+        (j.rank < 1, "rank must be >= 1"),
+        (not 0 <= j.dropout < 1, "dropout must be in [0, 1)"),
+        (j.lr <= 0, "lr must be > 0"),
+        (j.batch_size < 1, "batch_size must be >= 1"),
+        (j.grad_accum < 1, "grad_accum must be >= 1"),
+        (j.max_len < 8, "max_len must be >= 8"),
+        (j.schedule not in ("cosine", "linear", "constant"), "schedule must be cosine, linear or constant"),
+        ((j.steps is None) == (j.epochs is None), "give exactly one of steps and epochs"),
+        (j.steps is not None and j.steps < 1, "steps must be >= 1"),
+        (j.epochs is not None and j.epochs <= 0, "epochs must be > 0"),
+        (bool(set(j.parts) - set(PARTS)), f"parts must be among {sorted(PARTS)}"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise JobError(f"{where} ({j.name}): {message}")
+    return j
+
+
+def read_plan(path: str | Path) -> Plan:
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"jobs file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise JobError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("jobs"), list) or not raw["jobs"]:
+        raise JobError(f"{path}: needs a non-empty 'jobs' list")
+    unknown = sorted(set(raw) - {"model", "max_rows", "jobs"})
+    if unknown:
+        raise JobError(f"{path}: unknown top-level field(s) {unknown}; known: jobs, max_rows, model")
+    jobs = []
+    for i, job in enumerate(raw["jobs"]):
+        if not isinstance(job, dict):
+            raise JobError(f"{path}: job {i + 1} must be a mapping of fields")
+        jobs.append(_check(job, f"{path}: job {i + 1}", path.parent))
+    names = [j.name for j in jobs]
+    if len(set(names)) != len(names):
+        raise JobError(f"{path}: job names must be unique (got {names})")
+    max_rows = raw.get("max_rows", sum(j.batch_size for j in jobs))
+    if not isinstance(max_rows, int) or max_rows < max(j.batch_size for j in jobs):
+        raise JobError(f"{path}: max_rows must be an integer >= the largest batch_size")
+    return Plan(str(raw.get("model", "tiny")), max_rows, jobs)

@@ -1,0 +1,217 @@
+"""Fused multi-adapter training: each job ends with the adapter it gets alone; datasets and job files
+are checked before training; the command line trains and merges."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import image
+from safetensors.torch import load_file
+
+import vlstack
+from vlstack.train.data import DatasetError, encode_example, read_dataset
+from vlstack.train.jobs import Job, JobError, read_plan
+from vlstack.train.multi import train
+
+ANSWERS = ["red", "a bar chart", "revenue grew", "the total is 42", "blue circle", "three items"]
+
+
+def write_dataset(directory, name: str, n: int, with_images: bool, seed: int = 0):
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        row = {"conversations": [{"from": "human", "value": f"Question {i} about {name}?"},
+                                 {"from": "gpt", "value": ANSWERS[(i + seed) % len(ANSWERS)] + f" ({name})"}]}
+        if with_images and i % 2 == 0:
+            image(40 + 10 * i, 30 + 5 * i, seed=i).save(directory / f"{name}-{i}.png")
+            row["image"] = f"{name}-{i}.png"
+        lines.append(json.dumps(row))
+    path = directory / f"{name}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def jobs(tmp_path, out: str) -> list[Job]:
+    data = tmp_path / "data"
+    return [
+        Job("finance", write_dataset(data, "finance", 5, True), tmp_path / out / "finance", rank=4, alpha=8,
+            batch_size=2, steps=3, lr=1e-2, seed=1),
+        Job("legal", write_dataset(data, "legal", 4, False, 1), tmp_path / out / "legal", rank=2, alpha=4,
+            targets=["q_proj", "v_proj"], batch_size=1, grad_accum=2, steps=2, lr=5e-3, schedule="linear",
+            warmup_steps=1, dropout=0.1, seed=2),
+        Job("support", write_dataset(data, "support", 6, True, 2), tmp_path / out / "support", rank=8, alpha=8,
+            rslora=True, targets=["q_proj", "fc1", "linear_1"], parts=["language", "vision", "projector"],
+            batch_size=2, epochs=1.0, lr=1e-2, seed=3),
+    ]
+
+
+def adapter(directory):
+    return load_file(directory / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a: dict, b: dict) -> None:
+    """Equal up to float rounding: batches of other shapes round differently in the last bits, and Adam
+    (dividing by sqrt(v)) turns that into up to ~lr x 1e-3 for near-zero gradients."""
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=5e-5)
+
+
+def test_fused_training_equals_each_job_alone(tmp_path):
+    fused_jobs = jobs(tmp_path, "fused")
+    done = train(vlstack.load("tiny", device="cpu"), fused_jobs, max_rows=5, verbose=False)
+    assert sorted(done) == ["finance", "legal", "support"]
+    assert done["support"].total_steps == 3  # epochs: 1 over 6 examples, batch 2, no accumulation
+    for job in jobs(tmp_path, "alone"):
+        train(vlstack.load("tiny", device="cpu"), [job], max_rows=5, verbose=False)
+        fused, alone = adapter(tmp_path / "fused" / job.name), adapter(job.output)
+        assert_same_adapter(fused, alone)
+        assert any(k.endswith("lora_B.weight") and fused[k].abs().max() > 0 for k in fused)  # it trained
+
+
+def test_queue_with_few_rows_gives_the_same_adapters(tmp_path):
+    train(vlstack.load("tiny", device="cpu"), jobs(tmp_path, "wide"), max_rows=5, verbose=False)
+    train(vlstack.load("tiny", device="cpu"), jobs(tmp_path, "narrow"), max_rows=2, verbose=False)
+    for name in ("finance", "legal", "support"):
+        assert_same_adapter(adapter(tmp_path / "wide" / name), adapter(tmp_path / "narrow" / name))
+
+
+def test_fused_gradients_equal_gradients_alone(tmp_path):
+    """Before any optimizer step, each job's gradient in the fused batch is its gradient alone."""
+    from vlstack.train.multi import start, train_step
+
+    def grads(selected):
+        vlm = vlstack.load("tiny", device="cpu")
+        for p in vlm.model.parameters():
+            p.requires_grad_(False)
+        vlm.model.train()
+        running = [start(vlm, j, read_dataset(j.data)) for j in selected]
+        train_step(vlm, running)
+        return {r.job.name: [p.grad.clone() for p in r.params] for r in running}
+
+    all_jobs = jobs(tmp_path, "g")
+    for j in all_jobs:
+        j.grad_accum = 2  # no optimizer step after the first micro-batch: the gradients stay
+    fused = grads(all_jobs)
+    for j in all_jobs:
+        for a, b in zip(fused[j.name], grads([j])[j.name]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        assert any(g.abs().max() > 0 for g in fused[j.name])
+
+
+def test_training_lowers_the_loss_and_the_adapter_works_in_peft(tmp_path):
+    from peft import PeftModel
+    from transformers import InternVLForConditionalGeneration
+
+    from vlstack.tiny import tiny_dir
+
+    job = Job("one", write_dataset(tmp_path, "one", 3, True), tmp_path / "out", rank=8, alpha=16,
+              batch_size=3, steps=25, lr=3e-2, schedule="constant")
+    vlm = vlstack.load("tiny", device="cpu")
+    done = train(vlm, [job], max_rows=3, verbose=False)
+    losses = done["one"].losses
+    assert losses[-1] < losses[0] - 1.0  # the tiny model bounds logits (std-0.02 tied embeddings): ~5.5 is near its floor
+    hf = InternVLForConditionalGeneration.from_pretrained(tiny_dir()).eval()
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "out").eval()
+    vlm.load_adapter("one", tmp_path / "out")
+    ex = read_dataset(job.data)[0]
+    enc = encode_example(vlm.processor, ex, 4096)
+    ids, pv = enc["input_ids"][None], enc["pixel_values"]
+    with torch.no_grad():
+        ref = peft_model(input_ids=ids, pixel_values=pv).logits
+    ours = vlm(ids, pv, adapter="one")
+    assert ((ours - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
+def test_labels_cover_only_assistant_replies(tmp_path):
+    vlm = vlstack.load("tiny", device="cpu")
+    ex = read_dataset(write_dataset(tmp_path, "x", 1, True))[0]
+    enc = encode_example(vlm.processor, ex, 4096)
+    learned = enc["labels"][enc["labels"] != -100].tolist()
+    assert vlm.processor.tokenizer.decode(learned, skip_special_tokens=False) == ANSWERS[0] + " (x)<|im_end|>\n"
+    full = vlm.processor(ex.messages, [str(p) for p in ex.images])
+    assert torch.equal(enc["input_ids"], full["input_ids"][0, : len(enc["input_ids"])])
+
+
+def test_bad_dataset_lines_are_named_before_training(tmp_path):
+    good = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    cases = [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"conversations": []}), "non-empty 'conversations'"),
+        (json.dumps({"conversations": [{"from": "robot", "value": "x"}]}), "role 'robot'"),
+        (json.dumps({"conversations": [{"from": "human", "value": "hi"}]}), "no assistant turn"),
+        (json.dumps({**good, "image": "missing.png"}), "image not found"),
+        (json.dumps({**good, "image": ["a.png"], "conversations": [
+            {"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}]}), "image not found"),
+    ]
+    for bad, message in cases:
+        path = tmp_path / "d.jsonl"
+        path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n" + bad + "\n")
+        with pytest.raises(DatasetError, match=rf"d\.jsonl:3: .*{message}"):
+            read_dataset(path)
+    image(20, 20).save(tmp_path / "a.png")
+    path.write_text(json.dumps({**good, "image": ["a.png"], "conversations": [
+        {"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}]}) + "\n")
+    with pytest.raises(DatasetError, match=r"d\.jsonl:1: 2 <image> placeholders but 1 images"):
+        read_dataset(path)
+    job = Job("late", tmp_path / "ok.jsonl", tmp_path / "o", steps=1)
+    (tmp_path / "ok.jsonl").write_text(json.dumps(good) + "\n")
+    broken = Job("broken", path, tmp_path / "o2", steps=1)
+    vlm = vlstack.load("tiny", device="cpu")
+    with pytest.raises(DatasetError, match="placeholders"):
+        train(vlm, [job, broken], max_rows=8, verbose=False)
+    assert not (tmp_path / "o").exists()  # nothing trained before the bad file was found
+
+
+def test_bad_job_files_are_named(tmp_path):
+    def plan(text):
+        path = tmp_path / "jobs.yaml"
+        path.write_text(text)
+        return read_plan(path)
+
+    with pytest.raises(JobError, match="not valid YAML"):
+        plan("jobs: [\n")
+    with pytest.raises(JobError, match="non-empty 'jobs' list"):
+        plan("model: tiny\n")
+    with pytest.raises(JobError, match=r"job 1: missing the field 'output'"):
+        plan("jobs:\n  - {name: a, data: a.jsonl, steps: 1}\n")
+    with pytest.raises(JobError, match=r"job 1: unknown field\(s\) \['rnak'\]"):
+        plan("jobs:\n  - {name: a, data: a.jsonl, output: o, steps: 1, rnak: 4}\n")
+    with pytest.raises(JobError, match=r"job 1: field 'rank' = 'big' "):
+        plan("jobs:\n  - {name: a, data: a.jsonl, output: o, steps: 1, rank: big}\n")
+    with pytest.raises(JobError, match=r"\(a\): give exactly one of steps and epochs"):
+        plan("jobs:\n  - {name: a, data: a.jsonl, output: o}\n")
+    with pytest.raises(JobError, match="job names must be unique"):
+        plan("jobs:\n  - {name: a, data: a.jsonl, output: o, steps: 1}\n  - {name: a, data: b, output: p, steps: 1}\n")
+    p = plan("model: tiny\nmax_rows: 4\njobs:\n  - {name: a, data: d/a.jsonl, output: o/a, epochs: 2, lr: 1e-3}\n")
+    assert p.max_rows == 4 and p.jobs[0].data == tmp_path / "d" / "a.jsonl" and p.jobs[0].epochs == 2.0
+
+
+def test_cli_train_and_merge(tmp_path):
+    write_dataset(tmp_path, "fin", 4, True)
+    write_dataset(tmp_path, "law", 4, False)
+    (tmp_path / "jobs.yaml").write_text(
+        "model: tiny\njobs:\n"
+        "  - {name: fin, data: fin.jsonl, output: out/fin, rank: 4, batch_size: 2, steps: 2}\n"
+        "  - {name: law, data: law.jsonl, output: out/law, rank: 2, batch_size: 2, steps: 3}\n"
+    )
+    run = subprocess.run([sys.executable, "-m", "vlstack.cli", "train", str(tmp_path / "jobs.yaml")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "[fin] step 2/2" in run.stderr and "[law] step 3/3" in run.stderr
+    assert (tmp_path / "out" / "fin" / "adapter_config.json").is_file()
+    run = subprocess.run([sys.executable, "-m", "vlstack.cli", "merge", "--adapter", str(tmp_path / "out" / "law"),
+                          "--output", str(tmp_path / "merged")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    merged = vlstack.load(tmp_path / "merged", device="cpu")
+    base = vlstack.load("tiny", device="cpu")
+    base.load_adapter("law", tmp_path / "out" / "law")
+    ids = torch.tensor([[1, 300, 400, 500, 2, 7]])
+    assert ((merged(ids) - base(ids, adapter="law")).abs().max() / base(ids).abs().max()) <= 1e-5
+    bad = subprocess.run([sys.executable, "-m", "vlstack.cli", "train", str(tmp_path / "nope.yaml")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "jobs file not found" in bad.stderr and "Traceback" not in bad.stderr

@@ -36,7 +36,10 @@ def inputs(vlm):
 SPECS = {
     "llm-all": LoRASpec(rank=4, alpha=8),
     "vision-projector-rslora": LoRASpec(
-        rank=8, alpha=4, rslora=True, targets=("q_proj", "v_proj", "fc1", "linear_1", "linear_2", "down_proj"),
+        rank=8,
+        alpha=4,
+        rslora=True,
+        targets=("q_proj", "v_proj", "fc1", "linear_1", "linear_2", "down_proj"),
         parts=("language", "vision", "projector"),
     ),
 }
@@ -68,7 +71,10 @@ def test_peft_adapter_loads_in_vlstack_with_same_logits(ckpt, tmp_path):
 
     hf = InternVLForConditionalGeneration.from_pretrained(ckpt).eval()
     config = LoraConfig(
-        r=4, lora_alpha=16, lora_dropout=0.0, alpha_pattern={"o_proj": 2.0},
+        r=4,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        alpha_pattern={"o_proj": 2.0},
         target_modules=r".*language_model.*\.(q_proj|o_proj|gate_proj)|.*vision_tower.*\.fc2",
     )
     peft_model = get_peft_model(hf, config)

@@ -24,8 +24,12 @@ def write_dataset(directory, name: str, n: int, with_images: bool, seed: int = 0
     directory.mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(n):
-        row = {"conversations": [{"from": "human", "value": f"Question {i} about {name}?"},
-                                 {"from": "gpt", "value": ANSWERS[(i + seed) % len(ANSWERS)] + f" ({name})"}]}
+        row = {
+            "conversations": [
+                {"from": "human", "value": f"Question {i} about {name}?"},
+                {"from": "gpt", "value": ANSWERS[(i + seed) % len(ANSWERS)] + f" ({name})"},
+            ]
+        }
         if with_images and i % 2 == 0:
             image(40 + 10 * i, 30 + 5 * i, seed=i).save(directory / f"{name}-{i}.png")
             row["image"] = f"{name}-{i}.png"
@@ -38,14 +42,47 @@ def write_dataset(directory, name: str, n: int, with_images: bool, seed: int = 0
 def jobs(tmp_path, out: str) -> list[Job]:
     data = tmp_path / "data"
     return [
-        Job("finance", write_dataset(data, "finance", 5, True), tmp_path / out / "finance", rank=4, alpha=8,
-            batch_size=2, steps=3, lr=1e-2, seed=1),
-        Job("legal", write_dataset(data, "legal", 4, False, 1), tmp_path / out / "legal", rank=2, alpha=4,
-            targets=["q_proj", "v_proj"], batch_size=1, grad_accum=2, steps=2, lr=5e-3, schedule="linear",
-            warmup_steps=1, dropout=0.1, seed=2),
-        Job("support", write_dataset(data, "support", 6, True, 2), tmp_path / out / "support", rank=8, alpha=8,
-            rslora=True, targets=["q_proj", "fc1", "linear_1"], parts=["language", "vision", "projector"],
-            batch_size=2, epochs=1.0, lr=1e-2, seed=3),
+        Job(
+            "finance",
+            write_dataset(data, "finance", 5, True),
+            tmp_path / out / "finance",
+            rank=4,
+            alpha=8,
+            batch_size=2,
+            steps=3,
+            lr=1e-2,
+            seed=1,
+        ),
+        Job(
+            "legal",
+            write_dataset(data, "legal", 4, False, 1),
+            tmp_path / out / "legal",
+            rank=2,
+            alpha=4,
+            targets=["q_proj", "v_proj"],
+            batch_size=1,
+            grad_accum=2,
+            steps=2,
+            lr=5e-3,
+            schedule="linear",
+            warmup_steps=1,
+            dropout=0.1,
+            seed=2,
+        ),
+        Job(
+            "support",
+            write_dataset(data, "support", 6, True, 2),
+            tmp_path / out / "support",
+            rank=8,
+            alpha=8,
+            rslora=True,
+            targets=["q_proj", "fc1", "linear_1"],
+            parts=["language", "vision", "projector"],
+            batch_size=2,
+            epochs=1.0,
+            lr=1e-2,
+            seed=3,
+        ),
     ]
 
 
@@ -54,11 +91,13 @@ def adapter(directory):
 
 
 def assert_same_adapter(a: dict, b: dict) -> None:
-    """Equal up to float rounding: batches of other shapes round differently in the last bits, and Adam
-    (dividing by sqrt(v)) turns that into up to ~lr x 1e-3 for near-zero gradients."""
+    """Equal up to float rounding: batches of other shapes (or gradients summed over processes) round
+    differently in the last bits, and Adam's m / sqrt(v) turns that into a few percent of one step
+    (lr = 1e-2 here) for the rare near-zero gradient. The gradients themselves are compared tightly in
+    test_fused_gradients_equal_gradients_alone."""
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=5e-5)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=3e-4)
 
 
 def test_fused_training_equals_each_job_alone(tmp_path):
@@ -109,8 +148,17 @@ def test_training_lowers_the_loss_and_the_adapter_works_in_peft(tmp_path):
 
     from vlstack.tiny import tiny_dir
 
-    job = Job("one", write_dataset(tmp_path, "one", 3, True), tmp_path / "out", rank=8, alpha=16,
-              batch_size=3, steps=25, lr=3e-2, schedule="constant")
+    job = Job(
+        "one",
+        write_dataset(tmp_path, "one", 3, True),
+        tmp_path / "out",
+        rank=8,
+        alpha=16,
+        batch_size=3,
+        steps=25,
+        lr=3e-2,
+        schedule="constant",
+    )
     vlm = vlstack.load("tiny", device="cpu")
     done = train(vlm, [job], max_rows=3, verbose=False)
     losses = done["one"].losses
@@ -146,8 +194,16 @@ def test_bad_dataset_lines_are_named_before_training(tmp_path):
         (json.dumps({"conversations": [{"from": "robot", "value": "x"}]}), "role 'robot'"),
         (json.dumps({"conversations": [{"from": "human", "value": "hi"}]}), "no assistant turn"),
         (json.dumps({**good, "image": "missing.png"}), "image not found"),
-        (json.dumps({**good, "image": ["a.png"], "conversations": [
-            {"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}]}), "image not found"),
+        (
+            json.dumps(
+                {
+                    **good,
+                    "image": ["a.png"],
+                    "conversations": [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}],
+                }
+            ),
+            "image not found",
+        ),
     ]
     for bad, message in cases:
         path = tmp_path / "d.jsonl"
@@ -155,8 +211,16 @@ def test_bad_dataset_lines_are_named_before_training(tmp_path):
         with pytest.raises(DatasetError, match=rf"d\.jsonl:3: .*{message}"):
             read_dataset(path)
     image(20, 20).save(tmp_path / "a.png")
-    path.write_text(json.dumps({**good, "image": ["a.png"], "conversations": [
-        {"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}]}) + "\n")
+    path.write_text(
+        json.dumps(
+            {
+                **good,
+                "image": ["a.png"],
+                "conversations": [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}],
+            }
+        )
+        + "\n"
+    )
     with pytest.raises(DatasetError, match=r"d\.jsonl:1: 2 <image> placeholders but 1 images"):
         read_dataset(path)
     job = Job("late", tmp_path / "ok.jsonl", tmp_path / "o", steps=1)
@@ -200,19 +264,144 @@ def test_cli_train_and_merge(tmp_path):
         "  - {name: fin, data: fin.jsonl, output: out/fin, rank: 4, batch_size: 2, steps: 2}\n"
         "  - {name: law, data: law.jsonl, output: out/law, rank: 2, batch_size: 2, steps: 3}\n"
     )
-    run = subprocess.run([sys.executable, "-m", "vlstack.cli", "train", str(tmp_path / "jobs.yaml")],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "vlstack.cli", "train", str(tmp_path / "jobs.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert "[fin] step 2/2" in run.stderr and "[law] step 3/3" in run.stderr
     assert (tmp_path / "out" / "fin" / "adapter_config.json").is_file()
-    run = subprocess.run([sys.executable, "-m", "vlstack.cli", "merge", "--adapter", str(tmp_path / "out" / "law"),
-                          "--output", str(tmp_path / "merged")], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vlstack.cli",
+            "merge",
+            "--adapter",
+            str(tmp_path / "out" / "law"),
+            "--output",
+            str(tmp_path / "merged"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     merged = vlstack.load(tmp_path / "merged", device="cpu")
     base = vlstack.load("tiny", device="cpu")
     base.load_adapter("law", tmp_path / "out" / "law")
     ids = torch.tensor([[1, 300, 400, 500, 2, 7]])
     assert ((merged(ids) - base(ids, adapter="law")).abs().max() / base(ids).abs().max()) <= 1e-5
-    bad = subprocess.run([sys.executable, "-m", "vlstack.cli", "train", str(tmp_path / "nope.yaml")],
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "vlstack.cli", "train", str(tmp_path / "nope.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "jobs file not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_resume_after_kill_gives_the_same_adapters(tmp_path):
+    """SIGKILL a fused run mid-way, resume it, and end with the adapters of an uninterrupted run."""
+    import signal
+    import time
+
+    write_dataset(tmp_path, "fin", 6, False)
+    write_dataset(tmp_path, "law", 5, False, 1)
+
+    def jobs_file(out: str) -> str:
+        path = tmp_path / f"{out}.yaml"
+        path.write_text(
+            "model: tiny\njobs:\n"
+            f"  - {{name: fin, data: fin.jsonl, output: {out}/fin, rank: 4, batch_size: 2, steps: 24, save_every: 1,"
+            " lr: 1e-2}\n"
+            f"  - {{name: law, data: law.jsonl, output: {out}/law, rank: 2, batch_size: 1, grad_accum: 2, steps: 18,"
+            " save_every: 3, dropout: 0.1, lr: 1e-2}\n"
+        )
+        return str(path)
+
+    cmd = [sys.executable, "-m", "vlstack.cli", "train"]
+    full = subprocess.run([*cmd, jobs_file("full")], capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr
+    proc = subprocess.Popen([*cmd, jobs_file("cut")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "cut" / "law.train" / "checkpoint" / "state.pt"
+    deadline = time.time() + 120
+    while not state.is_file() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (tmp_path / "cut" / "law").exists()  # killed before the end
+    resumed = subprocess.run([*cmd, jobs_file("cut"), "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    first = [line for line in resumed.stderr.splitlines() if line.startswith("[law] step ")][0]
+    assert not first.startswith("[law] step 1/")  # it continued rather than starting over
+    for name in ("fin", "law"):
+        assert_same_adapter(adapter(tmp_path / "full" / name), adapter(tmp_path / "cut" / name))
+    metrics = [json.loads(x) for x in (tmp_path / "cut" / "law.train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 19))  # steps after the checkpoint recorded once
+    from PIL import Image
+
+    assert Image.open(tmp_path / "cut" / "fin.train" / "loss.png").size == (640, 360)
+
+
+def test_two_processes_give_the_adapters_of_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo), each taking half of every job's rows = 1 process."""
+    write_dataset(tmp_path, "fin", 6, True)
+    write_dataset(tmp_path, "law", 4, False, 1)
+    for out in ("one", "two"):
+        (tmp_path / f"{out}.yaml").write_text(
+            "model: tiny\njobs:\n"
+            f"  - {{name: fin, data: fin.jsonl, output: {out}/fin, rank: 4, batch_size: 2, steps: 3, lr: 1e-2}}\n"
+            f"  - {{name: law, data: law.jsonl, output: {out}/law, rank: 2, batch_size: 4, grad_accum: 2, steps: 2,"
+            " lr: 1e-2, targets: [q_proj, fc1], parts: [language, vision]}\n"
+        )
+    one = subprocess.run(
+        [sys.executable, "-m", "vlstack.cli", "train", str(tmp_path / "one.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "vlstack.cli",
+            "train",
+            str(tmp_path / "two.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("fin: adapter written") == 2  # both processes ran the jobs
+    for name in ("fin", "law"):
+        assert_same_adapter(adapter(tmp_path / "one" / name), adapter(tmp_path / "two" / name))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: tiny\njobs:\n  - {name: x, data: law.jsonl, output: o/x, batch_size: 3, steps: 1}\n")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "vlstack.cli",
+            "train",
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode != 0 and "batch_size 3 is not a multiple of 2 processes" in run.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import VLStackError
@@ -70,12 +71,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train.multi import train
 
     plan = read_plan(args.jobs)
-    vlm = load(args.model or plan.model, device=args.device, dtype="float32")
+    device = args.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one process per device
+        import torch
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    vlm = load(args.model or plan.model, device=device, dtype="float32")
     if args.sequential:  # the baseline: the same jobs one after another
         for job in plan.jobs:
-            train(vlm, [job], plan.max_rows)
+            train(vlm, [job], plan.max_rows, resume=args.resume)
     else:
-        train(vlm, plan.jobs, plan.max_rows)
+        train(vlm, plan.jobs, plan.max_rows, resume=args.resume)
     for job in plan.jobs:
         print(f"{job.name}: adapter written to {job.output}")
 
@@ -113,6 +122,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("jobs", help="YAML jobs file")
     train.add_argument("--model", default=None, help="checkpoint directory (default: the jobs file's model)")
     train.add_argument("--sequential", action="store_true", help="train the jobs one by one (the baseline)")
+    train.add_argument("--resume", action="store_true", help="continue each job from its last checkpoint")
     train.add_argument("--device", default=None)
     train.set_defaults(func=cmd_train)
 

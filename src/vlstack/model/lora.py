@@ -196,9 +196,7 @@ def segments(adapters: list[str | None]) -> list[tuple[str, int, int]]:
 class route:
     """`with route(model, ["finance", "finance", None, "legal"]):` -- rows use these adapters."""
 
-    def __init__(
-        self, model: nn.Module, adapters: list[str | None] | None, lengths: dict[str, int] | None = None
-    ):
+    def __init__(self, model: nn.Module, adapters: list[str | None] | None, lengths: dict[str, int] | None = None):
         self.routing = routing_of(model)
         self.new = segments(adapters or [])
         self.lengths = lengths or {}

@@ -101,8 +101,10 @@ class InternVL(nn.Module):
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
         last_only: bool = False,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids [B, T] (+ pixel_values [N, 3, S, S]) -> logits [B, T, vocab] ([B, 1, vocab] if last_only)."""
+        """input_ids [B, T] (+ pixel_values [N, 3, S, S]) -> logits [B, T, vocab]; [B, 1, vocab] with last_only;
+        [N, vocab] at the N True positions of select [B, T] (training needs logits only where labels are)."""
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
@@ -110,4 +112,6 @@ class InternVL(nn.Module):
         hidden = self.language_model(self.embed(input_ids, pixel_values), positions, cache, mask)
         if last_only:
             hidden = hidden[:, -1:]
+        elif select is not None:
+            hidden = hidden[select]  # [N, C]
         return self.lm_head(hidden)

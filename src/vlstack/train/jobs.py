@@ -1,27 +1,28 @@
 """Training jobs from a YAML file: each job is one LoRA adapter with its own data, shape and schedule.
 
-    model: tiny                 # checkpoint directory, or "tiny"
-    max_rows: 16                # rows (examples) per fused step, all running jobs together
-    jobs:
-      - name: finance
-        data: finance.jsonl     # relative to the YAML file
-        output: out/finance     # the PEFT adapter directory written at the end
-        rank: 8
-        alpha: 16
-        dropout: 0.05
-        rslora: false
-        targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
-        parts: [language]       # and/or vision, projector
-        lr: 2.0e-4
-        weight_decay: 0.0
-        schedule: cosine        # cosine | linear | constant, after warmup_steps of linear warm-up
-        warmup_steps: 0
-        batch_size: 4
-        grad_accum: 1
-        steps: 100              # optimizer steps; or epochs: 2
-        max_len: 2048
-        max_grad_norm: 1.0
-        seed: 0
+model: tiny                 # checkpoint directory, or "tiny"
+max_rows: 16                # rows (examples) per fused step, all running jobs together
+jobs:
+  - name: finance
+    data: finance.jsonl     # relative to the YAML file
+    output: out/finance     # the PEFT adapter directory written at the end
+    rank: 8
+    alpha: 16
+    dropout: 0.05
+    rslora: false
+    targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
+    parts: [language]       # and/or vision, projector
+    lr: 2.0e-4
+    weight_decay: 0.0
+    schedule: cosine        # cosine | linear | constant, after warmup_steps of linear warm-up
+    warmup_steps: 0
+    batch_size: 4
+    grad_accum: 1
+    steps: 100              # optimizer steps; or epochs: 2
+    max_len: 2048
+    max_grad_norm: 1.0
+    seed: 0
+    save_every: 50          # checkpoint every K optimizer steps, for --resume (0: only at the end)
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class Job:
     max_len: int = 2048
     max_grad_norm: float = 1.0
     seed: int = 0
+    save_every: int = 0  # checkpoint every K optimizer steps (0: only at the end)
 
     @property
     def spec(self) -> LoRASpec:
@@ -121,6 +123,7 @@ def _check(job: dict, where: str, root: Path) -> Job:
         ((j.steps is None) == (j.epochs is None), "give exactly one of steps and epochs"),
         (j.steps is not None and j.steps < 1, "steps must be >= 1"),
         (j.epochs is not None and j.epochs <= 0, "epochs must be > 0"),
+        (j.save_every < 0, "save_every must be >= 0"),
         (bool(set(j.parts) - set(PARTS)), f"parts must be among {sorted(PARTS)}"),
     ]
     for bad, message in problems:

@@ -11,20 +11,23 @@ queue until their rows fit under `max_rows`, and leave (their adapter written) w
 from __future__ import annotations
 
 import math
-import sys
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..adapters import save_adapter
 from ..api import VLM
 from ..model.language import attention_mask
 from ..model.lora import add_adapter, remove_adapter, route
+from .checkpoint import load_state, restore_state, run_dir, save_state
 from .data import IGNORE, Example, Stream, encode_example, read_dataset
-from .jobs import Job
+from .jobs import Job, JobError
+from .progress import plot_loss, record, truncate_metrics
 
 
 def lr_lambda(job: Job, total: int) -> Callable[[int], float]:
@@ -55,7 +58,13 @@ class Running:
     micro: int = 0
     tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # every micro-step's loss
+    first_step: int = 0  # where this process started (after a resume)
+    first_tokens: int = 0
+
+    @property
+    def tokens_since_start(self) -> int:
+        return self.tokens - self.first_tokens
 
 
 def total_steps(job: Job, n_examples: int) -> int:
@@ -65,20 +74,38 @@ def total_steps(job: Job, n_examples: int) -> int:
     return max(1, math.ceil(job.epochs * per_epoch))
 
 
-def start(vlm: VLM, job: Job, examples: list[Example]) -> Running:
+def start(vlm: VLM, job: Job, examples: list[Example], state: dict | None = None) -> Running:
+    """Add the job's adapter and optimizer; from a checkpoint's state when resuming."""
     params = add_adapter(vlm.model, job.name, job.spec, seed=job.seed)
     optimizer = torch.optim.AdamW(params, lr=job.lr, weight_decay=job.weight_decay)
     steps = total_steps(job, len(examples))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job, steps))
-    return Running(job, Stream(examples, job.batch_size, job.seed), params, optimizer, scheduler, steps)
+    r = Running(job, Stream(examples, job.batch_size, job.seed), params, optimizer, scheduler, steps)
+    if state is not None:
+        restore_state(r, vlm.model, state)
+        truncate_metrics(r)
+    elif world()[0] == 0:  # a fresh start: no metrics or checkpoint of an earlier run may linger
+        shutil.rmtree(run_dir(job.output), ignore_errors=True)
+    r.first_step, r.first_tokens = r.step, r.tokens
+    return r
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed (torchrun), else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def fused_batch(vlm: VLM, running: list[Running]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
-    """The next micro-batch of every running job as one right-padded batch; returns it and each job's rows."""
+    """The next micro-batch of every running job as one right-padded batch; returns it and each job's rows.
+
+    Under data parallelism each process takes every world-th row of each job's micro-batch."""
+    rank, size = world()
     rows, spans = [], []
     for r in running:
         first = len(rows)
-        rows += [encode_example(vlm.processor, ex, r.job.max_len) for ex in r.stream.next()]
+        rows += [encode_example(vlm.processor, ex, r.job.max_len) for ex in r.stream.next()[rank::size]]
         spans.append((first, len(rows)))
     longest = max(len(x["input_ids"]) for x in rows)
     ids = torch.zeros(len(rows), longest, dtype=torch.long)
@@ -104,22 +131,38 @@ def train_step(vlm: VLM, running: list[Running]) -> list[float]:
     mask = attention_mask(valid, valid.shape[1])
     adapters = [r.job.name for r, (a, b) in zip(running, spans) for _ in range(a, b)]
     lengths = {r.job.name: int(valid[a:b].sum(1).max()) for r, (a, b) in zip(running, spans)}
+    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
+    learn = torch.zeros_like(valid)
+    learn[:, :-1] = targets != IGNORE  # [R, T]: positions with a label; logits are computed only there
     with route(model, adapters, lengths):
-        logits = model(batch["input_ids"], batch.get("pixel_values"), positions, mask=mask)  # [R, T, V]
-    targets = batch["labels"][:, 1:]
-    per_token = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none",
-        ignore_index=IGNORE,
-    ).view_as(targets)  # [R, T-1]
-    losses, total = [], 0.0
-    for r, (a, b) in zip(running, spans):
-        n = (targets[a:b] != IGNORE).sum().clamp(min=1)
-        loss = per_token[a:b].sum() / n  # mean over this job's learned tokens
-        total = total + loss / r.job.grad_accum
-        losses.append(loss.item())
-        r.tokens += int(valid[a:b].sum())
-    total.backward()
-    for r, loss in zip(running, losses):
+        logits = model(batch["input_ids"], batch.get("pixel_values"), positions, mask=mask, select=learn)  # [N, V]
+    per_token = F.cross_entropy(logits.float(), targets[learn[:, :-1]], reduction="none")  # [N]
+    row = learn.nonzero()[:, 0]  # the row of each learned position
+    # each job's loss is the mean over its learned tokens in the whole (global) micro-batch
+    in_job = torch.stack([(row >= a) & (row < b) for a, b in spans]).float()  # [jobs, N]
+    counts = in_job.sum(1)
+    tokens = torch.stack([valid[a:b].sum() for a, b in spans]).float()
+    sums = in_job @ per_token  # [jobs], with grad
+    if world()[1] > 1:
+        stats = torch.stack([counts, tokens, sums.detach()])
+        dist.all_reduce(stats)
+        counts, tokens, global_sums = stats
+    else:
+        global_sums = sums.detach()
+    denominators = counts.clamp(min=1) * torch.tensor([r.job.grad_accum for r in running], device=device)
+    (sums / denominators).sum().backward()
+    if world()[1] > 1:  # every process applies the same summed gradient
+        for r in running:
+            for p in r.params:  # rows without labels on this process leave no gradient
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = torch.cat([p.grad.reshape(-1) for p in r.params])
+            dist.all_reduce(grads)
+            for p, g in zip(r.params, grads.split([p.numel() for p in r.params])):
+                p.grad.copy_(g.view_as(p))
+    losses = (global_sums / counts.clamp(min=1)).tolist()
+    for r, loss, n in zip(running, losses, tokens.tolist()):
+        r.tokens += int(n)
         r.micro += 1
         r.losses.append(loss)
         if r.micro % r.job.grad_accum == 0:
@@ -131,37 +174,49 @@ def train_step(vlm: VLM, running: list[Running]) -> list[float]:
     return losses
 
 
-def report(r: Running, out=sys.stderr) -> None:
-    elapsed = time.perf_counter() - r.started
-    eta = elapsed / max(r.step, 1) * (r.total_steps - r.step)
-    loss = sum(r.losses[-r.job.grad_accum :]) / len(r.losses[-r.job.grad_accum :])
-    print(
-        f"[{r.job.name}] step {r.step}/{r.total_steps} loss {loss:.4f} {r.tokens / elapsed:.0f} tok/s "
-        f"eta {eta:.0f}s",
-        file=out,
-        flush=True,
-    )
+def finished_before(job: Job, state: dict | None, n_examples: int) -> bool:
+    """A resumed job whose checkpoint says it ended, with its adapter written."""
+    done = state is not None and state["step"] >= total_steps(job, n_examples)
+    return done and (job.output / "adapter_model.safetensors").is_file()
 
 
-def train(vlm: VLM, jobs: list[Job], max_rows: int, verbose: bool = True) -> dict[str, Running]:
-    """Run jobs fused: a queue admitted while their rows fit in max_rows; returns each finished job."""
+def train(vlm: VLM, jobs: list[Job], max_rows: int, verbose: bool = True, resume: bool = False) -> dict[str, Running]:
+    """Run jobs fused: a queue admitted while their rows fit in max_rows; returns each job finished here.
+
+    With resume, each job continues from its last checkpoint, and jobs that had finished are skipped.
+    """
     model = vlm.model
     model.train()
     for p in model.parameters():
         p.requires_grad_(False)
+    lead, size = world()[0] == 0, world()[1]
+    for job in jobs:
+        if job.batch_size % size:
+            raise JobError(f"job {job.name!r}: batch_size {job.batch_size} is not a multiple of {size} processes")
     datasets = {job.name: read_dataset(job.data) for job in jobs}  # all checked before any training
-    queue, running, finished = list(jobs), [], {}
+    states = {job.name: load_state(job.output) if resume else None for job in jobs}
+    queue = [j for j in jobs if not finished_before(j, states[j.name], len(datasets[j.name]))]
+    running: list[Running] = []
+    finished: dict[str, Running] = {}
     try:
         while queue or running:
             while queue and sum(r.job.batch_size for r in running) + queue[0].batch_size <= max_rows:
                 job = queue.pop(0)
-                running.append(start(vlm, job, datasets[job.name]))
+                running.append(start(vlm, job, datasets[job.name], states[job.name]))
             train_step(vlm, running)
             for r in list(running):
-                if verbose and r.micro % r.job.grad_accum == 0:
-                    report(r)
-                if r.step >= r.total_steps:
-                    save_adapter(model, r.job.name, r.job.output, r.job.spec, base=str(vlm.directory))
+                if r.micro % r.job.grad_accum:
+                    continue  # mid-accumulation: nothing to record or save yet
+                done = r.step >= r.total_steps
+                if lead:  # one process writes: metrics, adapter, checkpoint, curve
+                    record(r, verbose)
+                    if done:  # the adapter first: a checkpoint saying "done" implies the adapter is complete
+                        save_adapter(model, r.job.name, r.job.output, r.job.spec, base=str(vlm.directory))
+                    if done or (r.job.save_every and r.step % r.job.save_every == 0):
+                        save_state(r, model)
+                    if done:
+                        plot_loss(r)
+                if done:
                     remove_adapter(model, r.job.name)
                     running.remove(r)
                     finished[r.job.name] = r

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -215,3 +217,11 @@ def hf_image_processor(tile: int, max_tiles: int = 12, min_tiles: int = 1):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def run_cli(*args: str, processes: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`vlstack ARGS` as a user runs it, in a subprocess; with processes > 1, under torchrun."""
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    return subprocess.run([*launcher, "-m", "vlstack.cli", *args], capture_output=True, text=True, timeout=timeout)

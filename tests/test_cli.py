@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from conftest import image
-
-
-def run(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "vlstack.cli", *args], capture_output=True, text=True, timeout=120, **kw
-    )
+from conftest import run_cli as run
 
 
 def test_chat_answers_about_an_image_with_the_tiny_model(tmp_path):

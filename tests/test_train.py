@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import image
+from conftest import image, run_cli
 from safetensors.torch import load_file
 
 import vlstack
@@ -264,42 +264,18 @@ def test_cli_train_and_merge(tmp_path):
         "  - {name: fin, data: fin.jsonl, output: out/fin, rank: 4, batch_size: 2, steps: 2}\n"
         "  - {name: law, data: law.jsonl, output: out/law, rank: 2, batch_size: 2, steps: 3}\n"
     )
-    run = subprocess.run(
-        [sys.executable, "-m", "vlstack.cli", "train", str(tmp_path / "jobs.yaml")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = run_cli("train", str(tmp_path / "jobs.yaml"))
     assert run.returncode == 0, run.stderr
     assert "[fin] step 2/2" in run.stderr and "[law] step 3/3" in run.stderr
     assert (tmp_path / "out" / "fin" / "adapter_config.json").is_file()
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vlstack.cli",
-            "merge",
-            "--adapter",
-            str(tmp_path / "out" / "law"),
-            "--output",
-            str(tmp_path / "merged"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = run_cli("merge", "--adapter", str(tmp_path / "out" / "law"), "--output", str(tmp_path / "merged"))
     assert run.returncode == 0, run.stderr
     merged = vlstack.load(tmp_path / "merged", device="cpu")
     base = vlstack.load("tiny", device="cpu")
     base.load_adapter("law", tmp_path / "out" / "law")
     ids = torch.tensor([[1, 300, 400, 500, 2, 7]])
     assert ((merged(ids) - base(ids, adapter="law")).abs().max() / base(ids).abs().max()) <= 1e-5
-    bad = subprocess.run(
-        [sys.executable, "-m", "vlstack.cli", "train", str(tmp_path / "nope.yaml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    bad = run_cli("train", str(tmp_path / "nope.yaml"))
     assert bad.returncode == 2 and "jobs file not found" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -322,10 +298,13 @@ def test_resume_after_kill_gives_the_same_adapters(tmp_path):
         )
         return str(path)
 
-    cmd = [sys.executable, "-m", "vlstack.cli", "train"]
-    full = subprocess.run([*cmd, jobs_file("full")], capture_output=True, text=True, timeout=300)
+    full = run_cli("train", jobs_file("full"))
     assert full.returncode == 0, full.stderr
-    proc = subprocess.Popen([*cmd, jobs_file("cut")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlstack.cli", "train", jobs_file("cut")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     state = tmp_path / "cut" / "law.train" / "checkpoint" / "state.pt"
     deadline = time.time() + 120
     while not state.is_file() and time.time() < deadline:
@@ -333,7 +312,7 @@ def test_resume_after_kill_gives_the_same_adapters(tmp_path):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not (tmp_path / "cut" / "law").exists()  # killed before the end
-    resumed = subprocess.run([*cmd, jobs_file("cut"), "--resume"], capture_output=True, text=True, timeout=300)
+    resumed = run_cli("train", jobs_file("cut"), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     first = [line for line in resumed.stderr.splitlines() if line.startswith("[law] step ")][0]
     assert not first.startswith("[law] step 1/")  # it continued rather than starting over
@@ -357,51 +336,14 @@ def test_two_processes_give_the_adapters_of_one(tmp_path):
             f"  - {{name: law, data: law.jsonl, output: {out}/law, rank: 2, batch_size: 4, grad_accum: 2, steps: 2,"
             " lr: 1e-2, targets: [q_proj, fc1], parts: [language, vision]}\n"
         )
-    one = subprocess.run(
-        [sys.executable, "-m", "vlstack.cli", "train", str(tmp_path / "one.yaml")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    one = run_cli("train", str(tmp_path / "one.yaml"))
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "vlstack.cli",
-            "train",
-            str(tmp_path / "two.yaml"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    two = run_cli("train", str(tmp_path / "two.yaml"), processes=2)
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("fin: adapter written") == 2  # both processes ran the jobs
     for name in ("fin", "law"):
         assert_same_adapter(adapter(tmp_path / "one" / name), adapter(tmp_path / "two" / name))
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: tiny\njobs:\n  - {name: x, data: law.jsonl, output: o/x, batch_size: 3, steps: 1}\n")
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "vlstack.cli",
-            "train",
-            str(bad),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = run_cli("train", str(bad), processes=2)
     assert run.returncode != 0 and "batch_size 3 is not a multiple of 2 processes" in run.stderr

@@ -111,6 +111,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)  # [B, ..., out]: the base matmul, once for all rows
+        pieces, row = [], 0  # the adapters' updates, row by row, zeros where no adapter applies
         for name, start, end in self.routing.segments:
             if name not in self.lora_A:
                 continue
@@ -118,8 +119,15 @@ class LoRALinear(nn.Linear):
             p, gen = self.dropout[name]
             if p and self.training:  # the adapter's own generator: the same masks fused or alone
                 xs = xs * dropout_mask(xs.shape, self.routing.lengths.get(name), p, gen, xs.device)
-            y[start:end] = y[start:end] + self.lora_B[name](self.lora_A[name](xs)) * self.scaling[name]
-        return y
+            if start > row:
+                pieces.append(y.new_zeros((start - row, *y.shape[1:])))
+            pieces.append(self.lora_B[name](self.lora_A[name](xs)) * self.scaling[name])
+            row = end
+        if not pieces:
+            return y
+        if row < y.shape[0]:
+            pieces.append(y.new_zeros((y.shape[0] - row, *y.shape[1:])))
+        return y + torch.cat(pieces)  # one add: its backward is cheap slicing, not a copy per adapter
 
 
 def dropout_mask(shape, length: int | None, p: float, gen, device) -> torch.Tensor:

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from ..adapters import save_adapter
 from ..api import VLM
-from ..model.language import attention_mask
 from ..model.lora import add_adapter, remove_adapter, route
 from .checkpoint import load_state, restore_state, run_dir, save_state
 from .data import IGNORE, Example, Stream, encode_example, read_dataset
@@ -128,14 +127,14 @@ def train_step(vlm: VLM, running: list[Running]) -> list[float]:
     batch = {k: v.to(device) for k, v in batch.items()}
     valid = batch["valid"]
     positions = torch.arange(valid.shape[1], device=device)[None].expand(valid.shape[0], -1)
-    mask = attention_mask(valid, valid.shape[1])
     adapters = [r.job.name for r, (a, b) in zip(running, spans) for _ in range(a, b)]
     lengths = {r.job.name: int(valid[a:b].sum(1).max()) for r, (a, b) in zip(running, spans)}
     targets = batch["labels"][:, 1:]  # position t predicts token t + 1
     learn = torch.zeros_like(valid)
     learn[:, :-1] = targets != IGNORE  # [R, T]: positions with a label; logits are computed only there
     with route(model, adapters, lengths):
-        logits = model(batch["input_ids"], batch.get("pixel_values"), positions, mask=mask, select=learn)  # [N, V]
+        # no padding mask: rows are padded on the right, so under causal attention no real token sees a pad
+        logits = model(batch["input_ids"], batch.get("pixel_values"), positions, select=learn)  # [N, V]
     per_token = F.cross_entropy(logits.float(), targets[learn[:, :-1]], reduction="none")  # [N]
     row = learn.nonzero()[:, 0]  # the row of each learned position
     # each job's loss is the mean over its learned tokens in the whole (global) micro-batch

@@ -123,8 +123,9 @@ def run_peft(model: str, data: list[Path], out: Path, steps: int, batch: int, de
     import vlstack
     from vlstack.train.data import IGNORE, Stream, encode_example, read_dataset
 
-    processor = vlstack.load(model, device="cpu").processor
-    path = vlstack.load(model, device="cpu").directory
+    ours = vlstack.load(model, device="cpu")  # for its processor and directory only
+    processor, path = ours.processor, ours.directory
+    del ours
     base = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to(device)
     tokens, t = 0, time.perf_counter()
     for job in jobs(data, out, steps, batch):

@@ -109,7 +109,7 @@ def test_rows_use_their_own_adapter(ckpt):
         alone = vlm(ids[r : r + 1], pixels[r * tiles : (r + 1) * tiles], adapter=name)
         assert rel_err(fused[r : r + 1], alone) <= 1e-5
     assert rel_err(fused[3:4], fused[4:5]) > 1e-2
-    with pytest.raises(KeyError, match="unknown adapter"):
+    with pytest.raises(ConfigError, match=r"unknown adapter\(s\) \['nope'\]; loaded: \['a', 'b', 'c'\]"):
         vlm(ids, adapter="nope")
 
 

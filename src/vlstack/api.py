@@ -19,6 +19,7 @@ from .image import ImageInput
 from .model.language import Rotary
 from .model.lora import LoRASpec, remove_adapter, route
 from .model.vlm import InternVL
+from .tiny import tiny_dir
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -211,8 +212,6 @@ def load(
     """Load a local InternVL checkpoint directory (either layout), or "tiny" for the built-in model."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if str(path_or_name) == "tiny":
-        from .tiny import tiny_dir
-
         path_or_name = tiny_dir()
     directory = Path(path_or_name)
     if not directory.is_dir():

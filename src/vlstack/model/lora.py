@@ -211,7 +211,7 @@ class route:
         known = adapter_names(model)
         unknown = sorted({a for a in adapters or [] if a is not None} - known)
         if unknown:
-            raise KeyError(f"unknown adapter(s) {unknown}; loaded: {sorted(known)}")
+            raise ConfigError(f"unknown adapter(s) {unknown}; loaded: {sorted(known)}")
 
     def __enter__(self) -> Routing:
         self.old = self.routing.segments, self.routing.lengths

@@ -120,16 +120,19 @@ class VLM:
         conversations: list[list[dict]],
         images: list[list[ImageInput]] | None = None,
         adapters: list[str | None] | None = None,
+        usage: list[dict] | None = None,
         **generation: Any,
     ) -> Iterator[list[str]]:
         """Generate for several conversations at once, each with its adapter (None: the base model);
-        yields the new text of each (\"\" if none yet)."""
+        yields the new text of each (\"\" if none yet). A list given as usage receives, at the end, each
+        row's prompt_tokens, completion_tokens and finish_reason ("stop" or "length")."""
         params = SamplingParams(**generation)
         encoded = [self.processor(m, imgs) for m, imgs in zip(conversations, images or [None] * len(conversations))]
         tiles = [e["pixel_values"] for e in encoded if "pixel_values" in e]
         pixel_values = torch.cat(tiles).to(self.model.device) if tiles else None
         detoks = [Detokenizer(self.processor.decode, params.stop) for _ in encoded]
         pending = [""] * len(encoded)
+        counts, ended = [0] * len(encoded), [False] * len(encoded)
 
         def on_token(row: int, token: int) -> bool:
             pending[row] += detoks[row].push(token)
@@ -139,12 +142,21 @@ class VLM:
         steps = generate(
             self.model, prompts, pixel_values, params, self.eos, self.context_len, on_token=on_token, adapters=adapters
         )
-        for _ in steps:
+        for tokens in steps:
+            for row, t in enumerate(tokens):
+                if t is not None:
+                    counts[row] += 1
+                    ended[row] = ended[row] or t in self.eos or detoks[row].stopped
             yield pending
             pending = [""] * len(encoded)
         tail = [d.flush() for d in detoks]
         if any(tail):
             yield tail
+        if usage is not None:
+            usage[:] = [
+                {"prompt_tokens": len(p), "completion_tokens": n, "finish_reason": "stop" if e else "length"}
+                for p, n, e in zip(prompts, counts, ended)
+            ]
 
     def generate(
         self,

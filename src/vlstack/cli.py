@@ -1,4 +1,4 @@
-"""The `vlstack` command: chat, train, merge, info."""
+"""The `vlstack` command: chat, serve, train, merge, info."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .errors import VLStackError
+from .errors import ConfigError, VLStackError
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -100,6 +100,24 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"merged checkpoint written to {vlm.save(args.output)}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from .api import load
+    from .serve.api import create_app
+
+    vlm = load(args.model, device=args.device, dtype=args.dtype)
+    for spec in args.adapter or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter takes NAME=DIR (got {spec!r})")
+        vlm.load_adapter(name, path)
+    name = args.served_name or ("tiny" if args.model == "tiny" else vlm.name)
+    app = create_app(vlm, name, allow_http_images=args.allow_http_images, image_dir=args.image_dir)
+    print(f"serving {name!r} and adapters {sorted(vlm.adapters)} on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlstack", description="Self-hosted InternVL: chat, serve, train, evaluate.")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -117,6 +135,18 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument("--device", default=None)
     chat.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="serve the model and its LoRA adapters behind OpenAI's chat API")
+    serve.add_argument("--model", default="tiny", help="checkpoint directory (default: the built-in tiny model)")
+    serve.add_argument("--adapter", action="append", help="NAME=DIR of a PEFT adapter; repeat for several")
+    serve.add_argument("--served-name", default=None, help="the base model's name in the API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--allow-http-images", action="store_true", help="accept http(s) image URLs")
+    serve.add_argument("--image-dir", default=None, help="serve local image files from under this directory")
+    serve.add_argument("--device", default=None)
+    serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    serve.set_defaults(func=cmd_serve)
 
     train = sub.add_parser("train", help="train the LoRA adapters of a jobs file, fused over one base")
     train.add_argument("jobs", help="YAML jobs file")

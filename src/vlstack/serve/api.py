@@ -1,0 +1,260 @@
+"""OpenAI's chat-completions API over one base model and its LoRA adapters (FastAPI).
+
+The request's `model` picks the adapter (the base model's own name: no adapter). Errors use OpenAI's
+shape `{"error": {"message", "type", "param", "code"}}` with 4xx for the client's mistakes, so SDKs
+do not retry them. This first version generates one request at a time behind a lock; the continuous
+batching engine (serve/engine.py) is the next step of the serving issue.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..api import VLM
+from ..errors import ConfigError, PromptError, VLStackError
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def response(self) -> JSONResponse:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+def _image_source(url: Any, allow_http: bool, image_dir: Path | None) -> str:
+    """An image_url's url, checked: data URLs always; http(s) only if allowed; files only under image_dir."""
+    if not isinstance(url, str) or not url:
+        raise APIError(400, "image_url.url must be a non-empty string", "messages")
+    if url.startswith("data:"):
+        return url
+    if url.startswith(("http://", "https://")):
+        if not allow_http:
+            raise APIError(400, "image URLs over http(s) are refused by this server; send a data: URL", "messages")
+        raise APIError(400, "fetching http(s) images is not implemented yet; send a data: URL", "messages")
+    path = Path(url[len("file://") :] if url.startswith("file://") else url)
+    if image_dir is None:
+        raise APIError(400, "local image files are refused by this server; send a data: URL", "messages")
+    resolved = path.resolve() if path.is_absolute() else (image_dir / path).resolve()
+    if not resolved.is_relative_to(image_dir.resolve()):
+        raise APIError(400, "local image files must lie under the server's image directory", "messages")
+    return str(resolved)
+
+
+def _messages(body: dict, allow_http: bool, image_dir: Path | None) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list", "messages")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise APIError(400, "each message needs a role of system, user or assistant", "messages")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if not isinstance(part, dict):
+                    raise APIError(400, "message content parts must be objects", "messages")
+                if part.get("type") == "image_url":
+                    url = part.get("image_url")
+                    url = url.get("url") if isinstance(url, dict) else url
+                    parts.append({"type": "image_url", "image_url": {"url": _image_source(url, allow_http, image_dir)}})
+                elif part.get("type") == "text":
+                    parts.append({"type": "text", "text": str(part.get("text", ""))})
+                else:
+                    raise APIError(400, f"unsupported content part type {part.get('type')!r}", "messages")
+            content = parts
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise APIError(400, "message content must be a string or a list of parts", "messages")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _sampling(body: dict) -> tuple[dict, int]:
+    """OpenAI's sampling fields -> vlstack's generation options, and n."""
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    stop = body.get("stop")
+    gen: dict[str, Any] = {
+        "max_new_tokens": 256 if max_tokens is None else max_tokens,
+        "temperature": 1.0 if body.get("temperature") is None else body["temperature"],
+        "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
+        "seed": body.get("seed"),
+        "stop": [stop] if isinstance(stop, str) else list(stop or []),
+    }
+    n = body.get("n") or 1
+    checks = [
+        (isinstance(gen["max_new_tokens"], int) and gen["max_new_tokens"] >= 1, "max_tokens", "an integer >= 1"),
+        (isinstance(gen["temperature"], (int, float)) and 0 <= gen["temperature"] <= 2, "temperature", "in [0, 2]"),
+        (isinstance(gen["top_p"], (int, float)) and 0 < gen["top_p"] <= 1, "top_p", "in (0, 1]"),
+        (gen["seed"] is None or isinstance(gen["seed"], int), "seed", "an integer"),
+        (all(isinstance(s, str) and s for s in gen["stop"]) and len(gen["stop"]) <= 4, "stop", "up to 4 strings"),
+        (isinstance(n, int) and 1 <= n <= 16, "n", "an integer in [1, 16]"),
+    ]
+    for ok, name, what in checks:
+        if not ok:
+            raise APIError(400, f"'{name}' must be {what}", name)
+    return gen, n
+
+
+def create_app(vlm: VLM, name: str, allow_http_images: bool = False, image_dir: str | Path | None = None) -> FastAPI:
+    """The HTTP app serving vlm as `name` and each of its loaded adapters under its own name."""
+    app = FastAPI(title="vlstack")
+    lock = threading.Lock()  # one generation at a time until the batching engine lands
+    roots: dict[str, str] = {}  # adapter name -> the directory it came from
+    image_root = Path(image_dir) if image_dir else None
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        created = int(time.time())
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "vlstack"}]
+        data += [
+            {"id": a, "object": "model", "created": created, "owned_by": "vlstack", "parent": name,
+             "root": roots.get(a, a)}
+            for a in sorted(vlm.adapters)
+        ]  # fmt: skip
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/adapters")
+    async def load_adapter(request: Request) -> dict:
+        body = await _json(request)
+        adapter, path = body.get("name"), body.get("path")
+        if not isinstance(adapter, str) or not adapter or not isinstance(path, str):
+            raise APIError(400, "give the adapter's 'name' and the 'path' of its PEFT directory")
+        if adapter == name or adapter in vlm.adapters:
+            raise APIError(409, f"a model named {adapter!r} is already served", "name")
+        try:
+            with lock:
+                vlm.load_adapter(adapter, path)
+        except VLStackError as e:
+            raise APIError(400, str(e), "path") from None
+        roots[adapter] = path
+        return {"id": adapter, "object": "model", "parent": name, "root": path}
+
+    @app.delete("/v1/adapters/{adapter}")
+    def unload_adapter(adapter: str) -> dict:
+        if adapter not in vlm.adapters:
+            raise APIError(404, f"no adapter named {adapter!r} is loaded", "name", "model_not_found")
+        with lock:
+            vlm.unload_adapter(adapter)
+        roots.pop(adapter, None)
+        return {"id": adapter, "object": "model", "deleted": True}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _json(request)
+        model = body.get("model")
+        if model != name and model not in vlm.adapters:
+            raise APIError(404, f"The model {model!r} does not exist", "model", "model_not_found")
+        messages = _messages(body, allow_http_images, image_root)
+        gen, n = _sampling(body)
+        adapter = None if model == name else model
+        stream = bool(body.get("stream"))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        usage: list[dict] = []
+        pieces = _generate(vlm, lock, messages, adapter, n, gen, usage)
+        # the model runs in worker threads, never on the event loop; a bad request (image, prompt length)
+        # raises here, before any reply is sent
+        first = await run_in_threadpool(next, pieces)
+        if not stream:
+
+            def collect() -> list[str]:
+                texts = [""] * n
+                for step in (first, *pieces):
+                    texts = [t + p for t, p in zip(texts, step)]
+                return texts
+
+            texts = await run_in_threadpool(collect)
+            choices = [
+                {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": u["finish_reason"]}
+                for i, (t, u) in enumerate(zip(texts, usage))
+            ]
+            return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+                    "choices": choices, "usage": _usage(usage)}  # fmt: skip
+
+        def chunk(choices: list[dict], **extra) -> str:
+            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": choices, **extra}  # fmt: skip
+            return f"data: {json.dumps(body)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                             for i in range(n)])  # fmt: skip
+                step = first
+                while step is not None:
+                    deltas = [{"index": i, "delta": {"content": p}, "finish_reason": None}
+                              for i, p in enumerate(step) if p]  # fmt: skip
+                    if deltas:
+                        yield chunk(deltas)
+                    if await request.is_disconnected():  # the client went away: stop generating
+                        return
+                    step = await run_in_threadpool(next, pieces, None)
+                yield chunk([{"index": i, "delta": {}, "finish_reason": u["finish_reason"]}
+                             for i, u in enumerate(usage)])  # fmt: skip
+                if include_usage:
+                    yield chunk([], usage=_usage(usage))
+                yield "data: [DONE]\n\n"
+            finally:
+                pieces.close()  # ends the generation and frees the model for the next request
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+async def _json(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+def _generate(vlm: VLM, lock: threading.Lock, messages, adapter, n: int, gen: dict, usage: list) -> Iterator[list]:
+    """Text pieces of n completions; the first item is [""] * n, yielded once the request is known good."""
+    with lock:
+        try:
+            steps = vlm.stream_batch([messages] * n, None, [adapter] * n, usage=usage, **gen)
+            first = next(steps, [""] * n)
+        except PromptError as e:
+            code = "context_length_exceeded" if "context" in str(e) else None
+            raise APIError(400, str(e), "messages", code) from None
+        except ConfigError as e:
+            raise APIError(400, str(e)) from None
+        except VLStackError as e:
+            raise APIError(400, str(e), "messages") from None
+        yield [""] * n
+        yield first
+        yield from steps
+
+
+def _usage(usage: list[dict]) -> dict:
+    prompt = usage[0]["prompt_tokens"] if usage else 0
+    completion = sum(u["completion_tokens"] for u in usage)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -1,0 +1,218 @@
+"""The OpenAI-compatible server, driven by the official openai client over loopback HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+from conftest import image
+
+import vlstack
+from vlstack.adapters import save_adapter
+from vlstack.model.lora import LoRASpec, add_adapter
+from vlstack.serve.api import create_app
+
+
+def data_url(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    """A PEFT adapter with random (trained-looking) weights."""
+    vlm = vlstack.load("tiny", device="cpu")
+    spec = LoRASpec(rank=4, alpha=16)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in add_adapter(vlm.model, "finance", spec, seed=0):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return save_adapter(vlm.model, "finance", tmp_path_factory.mktemp("ad") / "finance", spec)
+
+
+@pytest.fixture(scope="module")
+def server(adapter_dir, tmp_path_factory):
+    import uvicorn
+
+    vlm = vlstack.load("tiny", device="cpu")
+    vlm.load_adapter("finance", adapter_dir)
+    images = tmp_path_factory.mktemp("images")
+    image(64, 48, seed=9).save(images / "page.png")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(vlm, "tiny", image_dir=images)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started
+    yield f"http://127.0.0.1:{port}", images
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def reference(adapter_dir):
+    vlm = vlstack.load("tiny", device="cpu")
+    vlm.load_adapter("finance", adapter_dir)
+    return vlm
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
+
+
+def test_text_and_image_chat_match_vlm_chat(client, reference):
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "What is the total?"}], temperature=0, max_tokens=8
+    )
+    assert r.choices[0].message.content == reference.chat("What is the total?", max_new_tokens=8)
+    assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
+    img = image(120, 80, seed=3)
+    content = [{"type": "image_url", "image_url": {"url": data_url(img)}}, {"type": "text", "text": "Describe."}]
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": content}], temperature=0, max_tokens=6
+    )
+    assert r.choices[0].message.content == reference.chat("Describe.", images=img, max_new_tokens=6)
+    assert r.usage.prompt_tokens > 2 * reference.cfg.tokens_per_tile  # the image's tokens are counted
+
+
+def test_adapter_is_chosen_by_the_model_field(client, reference):
+    messages = [{"role": "user", "content": "Summarise the report."}]
+    a = client.chat.completions.create(model="finance", messages=messages, temperature=0, max_tokens=8)
+    b = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=8)
+    assert a.choices[0].message.content == reference.chat("Summarise the report.", adapter="finance", max_new_tokens=8)
+    assert a.choices[0].message.content != b.choices[0].message.content
+
+
+def test_streaming_matches_and_reports_usage(client):
+    messages = [{"role": "user", "content": "Read the text in the document."}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=10)
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=messages, temperature=0, max_tokens=10, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+
+def test_sampling_options_n_seed_and_stop(client):
+    messages = [{"role": "user", "content": "Describe this picture."}]
+    kw = dict(model="tiny", messages=messages, max_tokens=12, temperature=1.2, top_p=0.9, seed=7, n=2)
+    a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert len(a.choices) == 2
+    greedy = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=12)
+    full = greedy.choices[0].message.content
+    stop = full[4:6]
+    cut = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=12, stop=stop)
+    assert cut.choices[0].message.content == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_models_list_and_hot_load_unload(server, client, adapter_dir):
+    ids = {m.id: m for m in client.models.list().data}
+    assert set(ids) == {"tiny", "finance"}
+    base = server[0]
+    r = httpx.post(base + "/v1/adapters", json={"name": "legal", "path": str(adapter_dir)})
+    assert r.status_code == 200
+    assert "legal" in {m.id for m in client.models.list().data}
+    r = client.chat.completions.create(model="legal", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert r.choices[0].message.content is not None
+    assert httpx.delete(base + "/v1/adapters/legal").status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="legal", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    r = httpx.post(base + "/v1/adapters", json={"name": "finance", "path": str(adapter_dir)})
+    assert r.status_code == 409
+    r = httpx.post(base + "/v1/adapters", json={"name": "x", "path": "/nonexistent"})
+    assert r.status_code == 400 and "not a PEFT adapter directory" in r.json()["error"]["message"]
+    assert httpx.get(base + "/health").json() == {"status": "ok"}
+
+
+def test_errors_have_openai_shape_and_status(server, client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["code"] == "model_not_found" and "'gpt-5' does not exist" in e.value.body["message"]
+    bad = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]
+    with pytest.raises(openai.BadRequestError, match="could not decode image"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": bad}])
+    remote = [{"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest"}}]
+    with pytest.raises(openai.BadRequestError, match="refused"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": remote}])
+    outside = [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]
+    with pytest.raises(openai.BadRequestError, match="under the server's image directory"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": outside}])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 9000}])
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="'temperature' must be"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], temperature=5)
+    r = httpx.post(server[0] + "/v1/chat/completions", content=b"{not json")
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    local = [{"type": "image_url", "image_url": {"url": "page.png"}}, {"type": "text", "text": "What?"}]
+    ok = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": local}], max_tokens=2)
+    assert ok.usage.prompt_tokens > 0
+
+
+def test_vlstack_serve_command_answers(adapter_dir):
+    """The README's main job: `vlstack serve` on the tiny model, with an adapter, answering over HTTP."""
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "vlstack.cli", "serve", "--port", str(port), "--adapter", f"finance={adapter_dir}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, up = time.time() + 60, False
+        while time.time() < deadline and not up and proc.poll() is None:
+            try:
+                up = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert up, proc.stderr.read() if proc.poll() is not None else "server did not start"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        assert {m.id for m in client.models.list().data} == {"tiny", "finance"}
+        r = client.chat.completions.create(
+            model="finance", messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0
+        )
+        assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens >= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    bad = subprocess.run([sys.executable, "-m", "vlstack.cli", "serve", "--adapter", "oops"], capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "--adapter takes NAME=DIR" in bad.stderr
+
+
+def test_client_going_away_mid_stream_frees_the_server(server, client):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell a long story."}], "stream": True,
+            "max_tokens": 4000, "temperature": 0}  # fmt: skip
+    with httpx.stream("POST", server[0] + "/v1/chat/completions", json=body, timeout=30) as r:
+        first = next(r.iter_lines())
+        assert first.startswith("data: ")
+    # the abandoned generation must not hold the model: the next request is answered promptly
+    start = time.time()
+    r = client.with_options(timeout=30).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    # (finishing the abandoned 4000 tokens would take the tiny model well over 5 s)
+    assert r.choices[0].message.content is not None and time.time() - start < 5

@@ -113,7 +113,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise ConfigError(f"--adapter takes NAME=DIR (got {spec!r})")
         vlm.load_adapter(name, path)
     name = args.served_name or ("tiny" if args.model == "tiny" else vlm.name)
-    app = create_app(vlm, name, allow_http_images=args.allow_http_images, image_dir=args.image_dir)
+    app = create_app(
+        vlm, name, allow_http_images=args.allow_http_images, image_dir=args.image_dir, max_batch=args.max_batch,
+        kv_budget=args.kv_budget,
+    )  # fmt: skip
     print(f"serving {name!r} and adapters {sorted(vlm.adapters)} on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
@@ -144,6 +147,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--allow-http-images", action="store_true", help="accept http(s) image URLs")
     serve.add_argument("--image-dir", default=None, help="serve local image files from under this directory")
+    serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
+    serve.add_argument("--kv-budget", type=int, default=None, help="KV-cache tokens in use at most (queue beyond)")
     serve.add_argument("--device", default=None)
     serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     serve.set_defaults(func=cmd_serve)

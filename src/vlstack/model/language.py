@@ -37,9 +37,9 @@ class KVCache:
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only these batch rows (finished sequences leave the batch)."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
+    def advance(self, n: int) -> None:
+        """The last update's positions are now part of every sequence."""
+        self.length += n
 
 
 def attention_mask(valid: torch.Tensor, q_len: int) -> torch.Tensor:
@@ -145,5 +145,5 @@ class LanguageModel(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, cache, mask)
         if cache is not None:
-            cache.length += t
+            cache.advance(t)
         return self.norm(x)

@@ -2,17 +2,16 @@
 
 The request's `model` picks the adapter (the base model's own name: no adapter). Errors use OpenAI's
 shape `{"error": {"message", "type", "param", "code"}}` with 4xx for the client's mistakes, so SDKs
-do not retry them. This first version generates one request at a time behind a lock; the continuous
-batching engine (serve/engine.py) is the next step of the serving issue.
+do not retry them. Requests are encoded (images decoded and tiled) in worker threads, then batched
+continuously by serve/engine.py.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..api import VLM
-from ..errors import ConfigError, PromptError, VLStackError
+from ..errors import PromptError, VLStackError
+from ..generate import SamplingParams
+from .engine import Engine
 
 
 class APIError(Exception):
@@ -111,10 +112,18 @@ def _sampling(body: dict) -> tuple[dict, int]:
     return gen, n
 
 
-def create_app(vlm: VLM, name: str, allow_http_images: bool = False, image_dir: str | Path | None = None) -> FastAPI:
+def create_app(
+    vlm: VLM,
+    name: str,
+    allow_http_images: bool = False,
+    image_dir: str | Path | None = None,
+    max_batch: int = 16,
+    kv_budget: int | None = None,
+) -> FastAPI:
     """The HTTP app serving vlm as `name` and each of its loaded adapters under its own name."""
     app = FastAPI(title="vlstack")
-    lock = threading.Lock()  # one generation at a time until the batching engine lands
+    engine = Engine(vlm, max_batch=max_batch, kv_budget=kv_budget)
+    lock = engine.lock  # adapters change only between engine steps
     roots: dict[str, str] = {}  # adapter name -> the directory it came from
     image_root = Path(image_dir) if image_dir else None
 
@@ -174,26 +183,20 @@ def create_app(vlm: VLM, name: str, allow_http_images: bool = False, image_dir: 
         stream = bool(body.get("stream"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        usage: list[dict] = []
-        pieces = _generate(vlm, lock, messages, adapter, n, gen, usage)
-        # the model runs in worker threads, never on the event loop; a bad request (image, prompt length)
-        # raises here, before any reply is sent
-        first = await run_in_threadpool(next, pieces)
+        reqs = await run_in_threadpool(_submit, engine, vlm, messages, adapter, n, gen)
+
+        def usage() -> dict:
+            prompt, completion = len(reqs[0].prompt), sum(r.generated for r in reqs)
+            return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
         if not stream:
-
-            def collect() -> list[str]:
-                texts = [""] * n
-                for step in (first, *pieces):
-                    texts = [t + p for t, p in zip(texts, step)]
-                return texts
-
-            texts = await run_in_threadpool(collect)
+            texts = await run_in_threadpool(lambda: ["".join(iter(r.out.get, None)) for r in reqs])
             choices = [
-                {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": u["finish_reason"]}
-                for i, (t, u) in enumerate(zip(texts, usage))
+                {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r.finish_reason}
+                for i, (t, r) in enumerate(zip(texts, reqs))
             ]
             return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-                    "choices": choices, "usage": _usage(usage)}  # fmt: skip
+                    "choices": choices, "usage": usage()}  # fmt: skip
 
         def chunk(choices: list[dict], **extra) -> str:
             body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -204,22 +207,18 @@ def create_app(vlm: VLM, name: str, allow_http_images: bool = False, image_dir: 
             try:
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                              for i in range(n)])  # fmt: skip
-                step = first
-                while step is not None:
-                    deltas = [{"index": i, "delta": {"content": p}, "finish_reason": None}
-                              for i, p in enumerate(step) if p]  # fmt: skip
-                    if deltas:
-                        yield chunk(deltas)
-                    if await request.is_disconnected():  # the client went away: stop generating
-                        return
-                    step = await run_in_threadpool(next, pieces, None)
-                yield chunk([{"index": i, "delta": {}, "finish_reason": u["finish_reason"]}
-                             for i, u in enumerate(usage)])  # fmt: skip
+                for i, r in enumerate(reqs):
+                    while (piece := await run_in_threadpool(r.out.get)) is not None:
+                        yield chunk([{"index": i, "delta": {"content": piece}, "finish_reason": None}])
+                        if await request.is_disconnected():  # the client went away: stop generating
+                            return
+                    yield chunk([{"index": i, "delta": {}, "finish_reason": r.finish_reason}])
                 if include_usage:
-                    yield chunk([], usage=_usage(usage))
+                    yield chunk([], usage=usage())
                 yield "data: [DONE]\n\n"
             finally:
-                pieces.close()  # ends the generation and frees the model for the next request
+                for r in reqs:  # a no-op for finished requests; frees the slots of abandoned ones
+                    engine.cancel(r)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -236,25 +235,14 @@ async def _json(request: Request) -> dict:
     return body
 
 
-def _generate(vlm: VLM, lock: threading.Lock, messages, adapter, n: int, gen: dict, usage: list) -> Iterator[list]:
-    """Text pieces of n completions; the first item is [""] * n, yielded once the request is known good."""
-    with lock:
-        try:
-            steps = vlm.stream_batch([messages] * n, None, [adapter] * n, usage=usage, **gen)
-            first = next(steps, [""] * n)
-        except PromptError as e:
-            code = "context_length_exceeded" if "context" in str(e) else None
-            raise APIError(400, str(e), "messages", code) from None
-        except ConfigError as e:
-            raise APIError(400, str(e)) from None
-        except VLStackError as e:
-            raise APIError(400, str(e), "messages") from None
-        yield [""] * n
-        yield first
-        yield from steps
-
-
-def _usage(usage: list[dict]) -> dict:
-    prompt = usage[0]["prompt_tokens"] if usage else 0
-    completion = sum(u["completion_tokens"] for u in usage)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _submit(engine: Engine, vlm: VLM, messages: list[dict], adapter: str | None, n: int, gen: dict) -> list:
+    """Encode the request (images decoded and tiled here, in a worker thread) and queue n completions."""
+    try:
+        inputs = vlm.processor(messages)
+        seeds = [None if gen["seed"] is None else gen["seed"] + i for i in range(n)]  # n different samples
+        return [engine.submit(inputs, adapter, SamplingParams(**{**gen, "seed": seed})) for seed in seeds]
+    except PromptError as e:
+        code = "context_length_exceeded" if "context" in str(e) else None
+        raise APIError(400, str(e), "messages", code) from None
+    except VLStackError as e:
+        raise APIError(400, str(e), "messages") from None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import json
 import socket
 import threading
 import time
@@ -38,18 +40,14 @@ def adapter_dir(tmp_path_factory):
     return save_adapter(vlm.model, "finance", tmp_path_factory.mktemp("ad") / "finance", spec)
 
 
-@pytest.fixture(scope="module")
-def server(adapter_dir, tmp_path_factory):
+@contextlib.contextmanager
+def running(app):
+    """Serve app with uvicorn on a free loopback port; yields its base URL."""
     import uvicorn
 
-    vlm = vlstack.load("tiny", device="cpu")
-    vlm.load_adapter("finance", adapter_dir)
-    images = tmp_path_factory.mktemp("images")
-    image(64, 48, seed=9).save(images / "page.png")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(vlm, "tiny", image_dir=images)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -57,9 +55,19 @@ def server(adapter_dir, tmp_path_factory):
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     assert srv.started
-    yield f"http://127.0.0.1:{port}", images
+    yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(adapter_dir, tmp_path_factory):
+    vlm = vlstack.load("tiny", device="cpu")
+    vlm.load_adapter("finance", adapter_dir)
+    images = tmp_path_factory.mktemp("images")
+    image(64, 48, seed=9).save(images / "page.png")
+    with running(create_app(vlm, "tiny", image_dir=images)) as base:
+        yield base, images
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +224,67 @@ def test_client_going_away_mid_stream_frees_the_server(server, client):
     )
     # (finishing the abandoned 4000 tokens would take the tiny model well over 5 s)
     assert r.choices[0].message.content is not None and time.time() - start < 5
+
+
+@pytest.fixture(scope="module")
+def tenant_server(adapter_dir, tmp_path_factory):
+    from vlstack.serve.auth import AuditLog, read_keys
+
+    d = tmp_path_factory.mktemp("tenants")
+    (d / "keys.yaml").write_text(
+        "keys:\n"
+        "  - {id: finance-team, key: sk-fin, models: [finance]}\n"
+        "  - {id: legal-team, key: sk-law, models: [tiny, legal]}\n"
+        "  - {id: ops, key: sk-ops, models: ['*'], admin: true}\n"
+    )
+    vlm = vlstack.load("tiny", device="cpu")
+    vlm.load_adapter("finance", adapter_dir)
+    vlm.load_adapter("legal", adapter_dir)
+    app = create_app(vlm, "tiny", tenants=read_keys(d / "keys.yaml"), audit=AuditLog(d / "audit.jsonl"))
+    with running(app) as base:
+        yield base, d
+
+
+def test_tenants_see_and_use_only_their_models(tenant_server):
+    base, d = tenant_server
+
+    def client(key):
+        return openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+
+    hi = [{"role": "user", "content": "secret figures: 42"}]
+    with pytest.raises(openai.AuthenticationError):
+        client("sk-wrong").models.list()
+    assert httpx.get(base + "/metrics").status_code == 401  # every endpoint but /health is guarded
+    assert httpx.get(base + "/health").status_code == 200
+    assert {m.id for m in client("sk-fin").models.list().data} == {"finance"}
+    assert {m.id for m in client("sk-ops").models.list().data} == {"tiny", "finance", "legal"}
+    assert client("sk-fin").chat.completions.create(model="finance", messages=hi, max_tokens=3).choices
+    with pytest.raises(openai.NotFoundError) as other:  # another tenant's adapter: as if it did not exist
+        client("sk-fin").chat.completions.create(model="legal", messages=hi, max_tokens=3)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client("sk-fin").chat.completions.create(model="nothing", messages=hi, max_tokens=3)
+    assert other.value.body["message"].replace("legal", "X") == missing.value.body["message"].replace("nothing", "X")
+    body = {"name": "x", "path": "/tmp"}
+    assert httpx.post(base + "/v1/adapters", json=body, headers={"Authorization": "Bearer sk-law"}).status_code == 403
+    lines = [json.loads(x) for x in (d / "audit.jsonl").read_text().splitlines()]
+    ok = [x for x in lines if x["path"] == "/v1/chat/completions" and x["status"] == 200]
+    assert ok and ok[0]["key_id"] == "finance-team" and ok[0]["model"] == "finance"
+    assert ok[0]["completion_tokens"] >= 1 and ok[0]["prompt_tokens"] > 0
+    assert any(x["status"] == 404 and x["key_id"] == "finance-team" for x in lines)
+    assert "secret figures" not in (d / "audit.jsonl").read_text()  # no content unless asked
+    assert "sk-fin" not in (d / "audit.jsonl").read_text()
+
+
+def test_metrics_in_prometheus_format(tenant_server):
+    base, _ = tenant_server
+    ops = openai.OpenAI(base_url=base + "/v1", api_key="sk-ops", max_retries=0)
+    for model in ("tiny", "legal"):
+        ops.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    list(ops.chat.completions.create(model="legal", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                     stream=True))  # fmt: skip
+    text = httpx.get(base + "/metrics", headers={"Authorization": "Bearer sk-ops"}).text
+    assert 'vlstack_requests_total{model="legal",status="200"} 2' in text
+    assert 'vlstack_completion_tokens_total{model="tiny"} 3' in text
+    assert 'vlstack_time_to_first_token_seconds_bucket{model="legal",le="+Inf"} 2' in text
+    assert "# TYPE vlstack_request_seconds histogram" in text and "vlstack_queue_depth 0" in text
+    assert 'vlstack_http_requests_total{path="/v1/chat/completions",status="200"}' in text

@@ -105,6 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from .api import load
     from .serve.api import create_app
+    from .serve.auth import AuditLog, read_keys
 
     vlm = load(args.model, device=args.device, dtype=args.dtype)
     for spec in args.adapter or []:
@@ -113,9 +114,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise ConfigError(f"--adapter takes NAME=DIR (got {spec!r})")
         vlm.load_adapter(name, path)
     name = args.served_name or ("tiny" if args.model == "tiny" else vlm.name)
+    tenants = read_keys(args.keys) if args.keys else None
+    audit = AuditLog(args.audit, content=args.audit_content) if args.audit else None
     app = create_app(
         vlm, name, allow_http_images=args.allow_http_images, image_dir=args.image_dir, max_batch=args.max_batch,
-        kv_budget=args.kv_budget,
+        kv_budget=args.kv_budget, tenants=tenants, audit=audit,
     )  # fmt: skip
     print(f"serving {name!r} and adapters {sorted(vlm.adapters)} on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -147,6 +150,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--allow-http-images", action="store_true", help="accept http(s) image URLs")
     serve.add_argument("--image-dir", default=None, help="serve local image files from under this directory")
+    serve.add_argument("--keys", default=None, help="YAML/JSON file of API keys and the models each may use")
+    serve.add_argument("--audit", default=None, help="append a JSON line per request to this file")
+    serve.add_argument("--audit-content", action="store_true", help="include the messages in the audit log")
     serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     serve.add_argument("--kv-budget", type=int, default=None, help="KV-cache tokens in use at most (queue beyond)")
     serve.add_argument("--device", default=None)

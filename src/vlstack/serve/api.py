@@ -17,12 +17,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..api import VLM
 from ..errors import PromptError, VLStackError
 from ..generate import SamplingParams
+from .auth import AuditLog, Tenant, find_tenant
 from .engine import Engine
+from .metrics import Metrics
 
 
 class APIError(Exception):
@@ -119,11 +121,60 @@ def create_app(
     image_dir: str | Path | None = None,
     max_batch: int = 16,
     kv_budget: int | None = None,
+    tenants: list[Tenant] | None = None,
+    audit: AuditLog | None = None,
 ) -> FastAPI:
-    """The HTTP app serving vlm as `name` and each of its loaded adapters under its own name."""
+    """The HTTP app serving vlm as `name` and each of its loaded adapters under its own name.
+
+    With tenants, every endpoint but /health needs `Authorization: Bearer <key>`, and a key sees and
+    uses only its own models."""
     app = FastAPI(title="vlstack")
     engine = Engine(vlm, max_batch=max_batch, kv_budget=kv_budget)
     lock = engine.lock  # adapters change only between engine steps
+    metrics = Metrics()
+
+    def visible(request: Request, model: str) -> bool:
+        tenant = request.state.tenant
+        return tenant is None or tenant.may_use(model)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        request.state.tenant, request.state.audit = None, None
+        if tenants is not None and request.url.path != "/health":
+            request.state.tenant = find_tenant(tenants, request.headers.get("authorization"))
+            if request.state.tenant is None:
+                metrics.count("vlstack_http_requests_total", path=request.url.path, status="401")
+                return APIError(401, "invalid or missing API key", code="invalid_api_key").response()
+        response = await call_next(request)
+        metrics.count("vlstack_http_requests_total", path=request.url.path, status=str(response.status_code))
+        record = request.state.audit
+        if audit is not None and request.url.path.startswith("/v1/") and record is not False:
+            tenant = request.state.tenant
+            audit.write(key_id=tenant.id if tenant else None, path=request.url.path, status=response.status_code,
+                        **(record or {}))  # fmt: skip
+        return response
+
+    @app.get("/metrics")
+    def prometheus() -> PlainTextResponse:
+        gauges = {"vlstack_queue_depth": engine.waiting.qsize(), "vlstack_running_requests": len(engine.running)}
+        return PlainTextResponse(metrics.render(gauges), media_type="text/plain; version=0.0.4")
+
+    def finished(request: Request, model: str, reqs: list, status: int, messages: list | None = None) -> dict:
+        """Metrics and the audit record of a completed chat request; returns its usage."""
+        prompt, completion = len(reqs[0].prompt), sum(r.generated for r in reqs)
+        metrics.count("vlstack_requests_total", model=model, status=str(status))
+        metrics.count("vlstack_prompt_tokens_total", prompt, model=model)
+        metrics.count("vlstack_completion_tokens_total", completion, model=model)
+        for r in reqs:
+            if r.first_token_at is not None:
+                metrics.observe("vlstack_time_to_first_token_seconds", r.first_token_at - r.submitted, model=model)
+            if r.finished_at is not None:
+                metrics.observe("vlstack_request_seconds", r.finished_at - r.submitted, model=model)
+                if r.generated > 1:
+                    per_token = (r.finished_at - r.first_token_at) / (r.generated - 1)
+                    metrics.observe("vlstack_time_per_output_token_seconds", per_token, model=model)
+        return {"model": model, "prompt_tokens": prompt, "completion_tokens": completion, "content": messages}
+
     roots: dict[str, str] = {}  # adapter name -> the directory it came from
     image_root = Path(image_dir) if image_dir else None
 
@@ -136,7 +187,7 @@ def create_app(
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    def models() -> dict:
+    def models(request: Request) -> dict:
         created = int(time.time())
         data = [{"id": name, "object": "model", "created": created, "owned_by": "vlstack"}]
         data += [
@@ -144,10 +195,15 @@ def create_app(
              "root": roots.get(a, a)}
             for a in sorted(vlm.adapters)
         ]  # fmt: skip
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [m for m in data if visible(request, m["id"])]}
+
+    def require_admin(request: Request) -> None:
+        if request.state.tenant is not None and not request.state.tenant.admin:
+            raise APIError(403, "this API key may not load or unload adapters", code="permission_denied")
 
     @app.post("/v1/adapters")
     async def load_adapter(request: Request) -> dict:
+        require_admin(request)
         body = await _json(request)
         adapter, path = body.get("name"), body.get("path")
         if not isinstance(adapter, str) or not adapter or not isinstance(path, str):
@@ -163,7 +219,8 @@ def create_app(
         return {"id": adapter, "object": "model", "parent": name, "root": path}
 
     @app.delete("/v1/adapters/{adapter}")
-    def unload_adapter(adapter: str) -> dict:
+    def unload_adapter(adapter: str, request: Request) -> dict:
+        require_admin(request)
         if adapter not in vlm.adapters:
             raise APIError(404, f"no adapter named {adapter!r} is loaded", "name", "model_not_found")
         with lock:
@@ -175,7 +232,7 @@ def create_app(
     async def chat_completions(request: Request):
         body = await _json(request)
         model = body.get("model")
-        if model != name and model not in vlm.adapters:
+        if (model != name and model not in vlm.adapters) or not visible(request, model):  # the same answer
             raise APIError(404, f"The model {model!r} does not exist", "model", "model_not_found")
         messages = _messages(body, allow_http_images, image_root)
         gen, n = _sampling(body)
@@ -195,6 +252,7 @@ def create_app(
                 {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r.finish_reason}
                 for i, (t, r) in enumerate(zip(texts, reqs))
             ]
+            request.state.audit = finished(request, model, reqs, 200, messages)
             return {"id": rid, "object": "chat.completion", "created": created, "model": model,
                     "choices": choices, "usage": usage()}  # fmt: skip
 
@@ -219,7 +277,13 @@ def create_app(
             finally:
                 for r in reqs:  # a no-op for finished requests; frees the slots of abandoned ones
                     engine.cancel(r)
+                record = finished(request, model, reqs, 200 if all(r.finish_reason for r in reqs) else 499, messages)
+                if audit is not None:  # the stream outlives the middleware: log here
+                    tenant = request.state.tenant
+                    audit.write(key_id=tenant.id if tenant else None, path=request.url.path,
+                                status=200 if all(r.finish_reason for r in reqs) else 499, **record)  # fmt: skip
 
+        request.state.audit = False  # logged when the stream ends
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +68,9 @@ class Request:
     cancelled: bool = False
     generator: torch.Generator | None = None
     next_token: int | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
 
     @property
     def budget(self) -> int:
@@ -162,6 +166,8 @@ class Engine:
         for i, req in enumerate(rows):
             token = int(sample(logits[i : i + 1], req.params, req.generator)[0])
             req.generated += 1
+            if req.first_token_at is None:
+                req.first_token_at = time.perf_counter()
             if token in self.vlm.eos:
                 req.finish_reason = "stop"
             else:
@@ -177,6 +183,7 @@ class Engine:
                 tail = req.detok.flush() if req.finish_reason else ""
                 if tail:
                     req.out.put(tail)
+                req.finished_at = time.perf_counter()
                 req.out.put(None)
                 self.running.remove(req)
                 self.free.append(req.slot)

@@ -1,0 +1,54 @@
+"""Prometheus metrics in the text exposition format: requests, tokens and latencies per model
+(base or adapter), queue depth and running requests."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counters: dict[tuple[str, tuple], float] = defaultdict(float)
+        self.histograms: dict[tuple[str, tuple], list[float]] = {}  # bucket counts, then sum, then count
+
+    def count(self, name: str, value: float = 1.0, **labels: str) -> None:
+        with self.lock:
+            self.counters[(name, tuple(sorted(labels.items())))] += value
+
+    def observe(self, name: str, seconds: float, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        with self.lock:
+            h = self.histograms.setdefault(key, [0.0] * (len(BUCKETS) + 2))
+            for i, edge in enumerate(BUCKETS):
+                if seconds <= edge:
+                    h[i] += 1
+            h[-2] += seconds
+            h[-1] += 1
+
+    def render(self, gauges: dict[str, float]) -> str:
+        def fmt(labels: tuple, extra: str = "") -> str:
+            parts = [f'{k}="{v}"' for k, v in labels] + ([extra] if extra else [])
+            return "{" + ",".join(parts) + "}" if parts else ""
+
+        lines = []
+        with self.lock:
+            for name in sorted({n for n, _ in self.counters}):
+                lines.append(f"# TYPE {name} counter")
+                lines += [f"{name}{fmt(lb)} {v:g}" for (n, lb), v in sorted(self.counters.items()) if n == name]
+            for name in sorted({n for n, _ in self.histograms}):
+                lines.append(f"# TYPE {name} histogram")
+                for (n, lb), h in sorted(self.histograms.items()):
+                    if n != name:
+                        continue
+                    for edge, c in zip(BUCKETS, h):
+                        le = "+Inf" if edge == float("inf") else f"{edge:g}"
+                        bucket = 'le="' + le + '"'
+                        lines.append(f"{name}_bucket{fmt(lb, bucket)} {c:g}")
+                    lines += [f"{name}_sum{fmt(lb)} {h[-2]:g}", f"{name}_count{fmt(lb)} {h[-1]:g}"]
+        for name, value in gauges.items():
+            lines += [f"# TYPE {name} gauge", f"{name} {value:g}"]
+        return "\n".join(lines) + "\n"

@@ -81,3 +81,37 @@ def test_cancel_frees_the_slot():
     assert collect(short) == vlm.chat("Tell a long story.", max_new_tokens=3)
     engine.close()
     assert long.generated < 5000
+
+
+def test_images_encoded_once_per_step_and_cached_by_content():
+    vlm = tiny_with_adapters()
+    spec = LoRASpec(rank=4, alpha=16, parts=("language", "vision"))
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # an adapter that changes the visual embeddings too
+        for p in add_adapter(vlm.model, "vision", spec, seed=7):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    vlm.adapters["vision"] = spec
+    engine = Engine(vlm, max_batch=8)
+    engine.adapter_changed("vision")
+    passes = []
+    vlm.model.vision_tower.register_forward_hook(lambda m, args, out: passes.append(args[0].shape[0]))
+    page, chart = image(120, 50, seed=1), image(50, 90, seed=2)
+    cases = [(page, None), (chart, "finance"), (page, "legal"), (page, "vision"), (chart, None)]
+
+    def submit(img, adapter):
+        inputs = vlm.processor(question_messages("What is the total?", 1), [img])
+        return engine.submit(inputs, adapter, SamplingParams(max_new_tokens=6))
+
+    with engine.lock:  # all five arrive before the engine's next step: one prefill batch
+        reqs = [submit(img, a) for img, a in cases]
+    answers = [collect(r) for r in reqs]
+    tiles = {id(img): len(vlm.processor(question_messages("x", 1), [img])["pixel_values"]) for img in (page, chart)}
+    # one vision pass over the new tiles: page and chart once for the base model, page again for "vision"
+    assert passes == [2 * tiles[id(page)] + tiles[id(chart)]]
+    again = collect(submit(image(120, 50, seed=1), "legal"))  # the same page, a new PIL object: cached
+    engine.close()
+    assert passes == [2 * tiles[id(page)] + tiles[id(chart)]]
+    assert (engine.images.hits, engine.images.misses) == (1, 3)  # in-batch repeats never reach the cache
+    expected = [vlm.chat("What is the total?", images=[img], adapter=a, max_new_tokens=6) for img, a in cases]
+    assert answers == expected and again == expected[2]
+    assert answers[0] != answers[3]  # the vision adapter's own embeddings were used

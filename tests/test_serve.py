@@ -19,7 +19,7 @@ from conftest import image
 import vlstack
 from vlstack.adapters import save_adapter
 from vlstack.model.lora import LoRASpec, add_adapter
-from vlstack.serve.api import create_app
+from vlstack.serve.api import ServeConfig, create_app
 
 
 def data_url(img) -> str:
@@ -66,8 +66,9 @@ def server(adapter_dir, tmp_path_factory):
     vlm.load_adapter("finance", adapter_dir)
     images = tmp_path_factory.mktemp("images")
     image(64, 48, seed=9).save(images / "page.png")
-    with running(create_app(vlm, "tiny", image_dir=images)) as base:
-        yield base, images
+    app = create_app(vlm, "tiny", ServeConfig(image_dir=images))
+    with running(app) as base:
+        yield base, images, app.state.engine
 
 
 @pytest.fixture(scope="module")
@@ -211,19 +212,102 @@ def test_vlstack_serve_command_answers(adapter_dir):
     assert bad.returncode == 2 and "--adapter takes NAME=DIR" in bad.stderr
 
 
-def test_client_going_away_mid_stream_frees_the_server(server, client):
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell a long story."}], "stream": True,
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_going_away_frees_its_slot(server, stream):
+    base, _, engine = server
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell a long story."}], "stream": stream,
             "max_tokens": 4000, "temperature": 0}  # fmt: skip
-    with httpx.stream("POST", server[0] + "/v1/chat/completions", json=body, timeout=30) as r:
-        first = next(r.iter_lines())
-        assert first.startswith("data: ")
-    # the abandoned generation must not hold the model: the next request is answered promptly
-    start = time.time()
-    r = client.with_options(timeout=30).chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2
-    )
-    # (finishing the abandoned 4000 tokens would take the tiny model well over 5 s)
-    assert r.choices[0].message.content is not None and time.time() - start < 5
+    with httpx.Client(timeout=httpx.Timeout(30, read=1.0)) as http:
+        if stream:
+            with http.stream("POST", base + "/v1/chat/completions", json=body) as r:
+                lines = r.iter_lines()
+                while '"content": ""' in (line := next(lines)) or not line:  # until the first text arrives
+                    pass
+                req = engine.running[0]
+        else:
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up on a long answer and hangs up
+                http.post(base + "/v1/chat/completions", json=body)
+            req = engine.running[0]
+    deadline = time.time() + 5
+    while req in engine.running and time.time() < deadline:
+        time.sleep(0.05)
+    # (the tiny model needs well over 5 s for 4000 tokens, so it was stopped, not finished)
+    assert req not in engine.running and req.cancelled and req.finish_reason is None and req.generated < 4000
+
+
+@pytest.fixture(scope="module")
+def limits_server(tmp_path_factory):
+    """A server that fetches http(s) images, queues one request at most and takes bodies up to 50 kB; and a
+    plain HTTP server of image files on loopback."""
+    import functools
+    import http.server
+
+    files = tmp_path_factory.mktemp("web")
+    image(90, 60, seed=4).save(files / "page.png")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(files))
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    vlm = vlstack.load("tiny", device="cpu")
+    app = create_app(vlm, "tiny", ServeConfig(allow_http_images=True, max_queue=1, max_batch=2, max_body_mb=0.05))
+    with running(app) as base:
+        yield base, f"http://127.0.0.1:{web.server_address[1]}", files, app.state.engine
+    web.shutdown()
+
+
+def test_http_images_fetched_and_encoded_once(limits_server, reference):
+    base, web, files, engine = limits_server
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+
+    def ask(url):
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                           max_tokens=6, temperature=0)  # fmt: skip
+        return r.choices[0].message.content
+
+    passes = []
+    hook = engine.vlm.model.vision_tower.register_forward_hook(lambda *a: passes.append(1))
+    try:
+        first, second = ask(web + "/page.png"), ask(web + "/page.png")
+    finally:
+        hook.remove()
+    expected = reference.chat("What is it?", images=[files / "page.png"], max_new_tokens=6)
+    assert first == second == expected and len(passes) == 1  # the second ask reused the page's embeddings
+    text = httpx.get(base + "/metrics").text
+    assert "vlstack_image_cache_hits_total 1" in text and "vlstack_image_cache_misses_total 1" in text
+    with pytest.raises(openai.BadRequestError, match="HTTP 404"):
+        ask(web + "/missing.png")
+
+
+def test_overload_gets_503_and_big_bodies_413(limits_server):
+    base, _, _, engine = limits_server
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    results = []
+    with engine.lock:  # the engine is busy: a request waits in the queue
+        waiting = threading.Thread(target=lambda: results.append(httpx.post(base + "/v1/chat/completions",
+                                                                           json=body, timeout=60)))  # fmt: skip
+        waiting.start()
+        deadline = time.time() + 10
+        while engine.waiting.qsize() < 1 and time.time() < deadline:
+            time.sleep(0.02)
+        over = httpx.post(base + "/v1/chat/completions", json=body, timeout=10)
+    waiting.join(timeout=60)
+    assert over.status_code == 503 and over.headers["retry-after"] == "1"
+    assert over.json()["error"]["code"] == "server_overloaded" and over.json()["error"]["type"] == "server_error"
+    assert results[0].status_code == 200  # the queued one is answered once the engine is free
+    big = {**body, "messages": [{"role": "user", "content": "x" * 60_000}]}
+    r = httpx.post(base + "/v1/chat/completions", json=big, timeout=10)
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
+
+    def chunked():  # no content-length: the limit is checked on what arrives
+        yield json.dumps(big).encode()
+
+    r = httpx.post(base + "/v1/chat/completions", content=chunked(), timeout=10)
+    assert r.status_code == 413
 
 
 @pytest.fixture(scope="module")

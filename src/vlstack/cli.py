@@ -104,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from .api import load
-    from .serve.api import create_app
+    from .serve.api import ServeConfig, create_app
     from .serve.auth import AuditLog, read_keys
 
     vlm = load(args.model, device=args.device, dtype=args.dtype)
@@ -116,10 +116,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     name = args.served_name or ("tiny" if args.model == "tiny" else vlm.name)
     tenants = read_keys(args.keys) if args.keys else None
     audit = AuditLog(args.audit, content=args.audit_content) if args.audit else None
-    app = create_app(
-        vlm, name, allow_http_images=args.allow_http_images, image_dir=args.image_dir, max_batch=args.max_batch,
-        kv_budget=args.kv_budget, tenants=tenants, audit=audit,
+    config = ServeConfig(
+        allow_http_images=args.allow_http_images, image_dir=args.image_dir, max_batch=args.max_batch,
+        kv_budget=args.kv_budget, max_queue=args.max_queue, max_body_mb=args.max_body_mb,
+        image_cache_mb=args.image_cache_mb,
     )  # fmt: skip
+    app = create_app(vlm, name, config, tenants=tenants, audit=audit)
     print(f"serving {name!r} and adapters {sorted(vlm.adapters)} on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
@@ -155,6 +157,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--audit-content", action="store_true", help="include the messages in the audit log")
     serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     serve.add_argument("--kv-budget", type=int, default=None, help="KV-cache tokens in use at most (queue beyond)")
+    serve.add_argument("--max-queue", type=int, default=256, help="waiting requests at most (503 beyond)")
+    serve.add_argument("--max-body-mb", type=float, default=64, help="request body size limit (413 beyond)")
+    serve.add_argument("--image-cache-mb", type=float, default=512, help="memory for cached visual embeddings")
     serve.add_argument("--device", default=None)
     serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     serve.set_defaults(func=cmd_serve)

@@ -66,32 +66,36 @@ class InternVL(nn.Module):
         x = pixel_shuffle(x.reshape(n, side, side, c), self.cfg.downsample_ratio, self.cfg.pixel_shuffle_version)
         return self.multi_modal_projector(x.reshape(n, -1, x.shape[-1]))  # [N, p*r², LLM width]
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings [B, T, C] with the visual embeddings at <IMG_CONTEXT> positions, in order."""
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token embeddings [B, T, C] with the visual embeddings at <IMG_CONTEXT> positions, in order: those
+        of pixel_values, or `features` [N, P, C] already computed (the server's cache of visual embeddings)."""
         embeds = self.language_model.embed_tokens(input_ids)
         is_image = input_ids == self.cfg.image_token_id  # [B, T]
         n_slots = int(is_image.sum())
-        if pixel_values is None or pixel_values.numel() == 0:
+        if features is None and pixel_values is not None and pixel_values.numel():
+            routing = getattr(self, "lora_routing", None)  # adapters of the vision tower act on each row's tiles
+            if routing is not None and routing.segments:
+                rows, lengths = routing.segments, routing.lengths
+                routing.segments = regroup(rows, (is_image.sum(1) // self.cfg.tokens_per_tile).tolist())
+                routing.lengths = {}  # tiles are never padded
+                try:
+                    features = self.image_features(pixel_values)
+                finally:
+                    routing.segments, routing.lengths = rows, lengths
+            else:
+                features = self.image_features(pixel_values)  # [N, P, C]
+        if features is None:
             if n_slots:
                 raise PromptError(f"the prompt has {n_slots} image tokens but no images were given")
             return embeds
-        routing = getattr(self, "lora_routing", None)  # adapters of the vision tower act on each row's tiles
-        if routing is not None and routing.segments:
-            rows, lengths = routing.segments, routing.lengths
-            routing.segments = regroup(rows, (is_image.sum(1) // self.cfg.tokens_per_tile).tolist())
-            routing.lengths = {}  # tiles are never padded
-            try:
-                feats = self.image_features(pixel_values)
-            finally:
-                routing.segments, routing.lengths = rows, lengths
-        else:
-            feats = self.image_features(pixel_values)  # [N, P, C]
-        if n_slots != feats.shape[0] * feats.shape[1]:
+        if n_slots != features.shape[0] * features.shape[1]:
             raise PromptError(
-                f"the prompt has {n_slots} image tokens but the images give {feats.shape[0] * feats.shape[1]} "
-                f"({feats.shape[0]} tiles x {feats.shape[1]} tokens)"
+                f"the prompt has {n_slots} image tokens but the images give {features.shape[0] * features.shape[1]} "
+                f"({features.shape[0]} tiles x {features.shape[1]} tokens)"
             )
-        return embeds.masked_scatter(is_image[..., None], feats.to(embeds.dtype))
+        return embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
 
     def forward(
         self,
@@ -102,14 +106,16 @@ class InternVL(nn.Module):
         mask: torch.Tensor | None = None,
         last_only: bool = False,
         select: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] (+ pixel_values [N, 3, S, S]) -> logits [B, T, vocab]; [B, 1, vocab] with last_only;
-        [N, vocab] at the N True positions of select [B, T] (training needs logits only where labels are)."""
+        [N, vocab] at the N True positions of select [B, T] (training needs logits only where labels are).
+        features [N, P, C]: visual embeddings computed before, used instead of pixel_values."""
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
             positions = positions.expand(input_ids.shape[0], -1)
-        hidden = self.language_model(self.embed(input_ids, pixel_values), positions, cache, mask)
+        hidden = self.language_model(self.embed(input_ids, pixel_values, features), positions, cache, mask)
         if last_only:
             hidden = hidden[:, -1:]
         elif select is not None:

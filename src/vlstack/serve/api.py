@@ -8,23 +8,42 @@ continuously by serve/engine.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.datastructures import Headers
 
 from ..api import VLM
-from ..errors import PromptError, VLStackError
+from ..errors import ImageError, PromptError, VLStackError
 from ..generate import SamplingParams
 from .auth import AuditLog, Tenant, find_tenant
 from .engine import Engine
 from .metrics import Metrics
+
+
+@dataclass
+class ServeConfig:
+    """What the operator decides: image sources, batch and memory limits, request limits."""
+
+    allow_http_images: bool = False  # fetch http(s) image URLs (otherwise refused)
+    image_dir: str | Path | None = None  # local image files are served from under this directory only
+    max_batch: int = 16  # requests decoded together
+    kv_budget: int | None = None  # KV-cache tokens in use at most (default: max_batch x context)
+    max_queue: int = 256  # requests waiting beyond this are refused with 503
+    max_body_mb: float = 64  # request bodies beyond this are refused with 413
+    image_cache_mb: float = 512  # visual embeddings kept for images seen again
+    fetch_timeout: float = 10.0  # seconds for an http(s) image
 
 
 class APIError(Exception):
@@ -35,7 +54,8 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
         body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+        headers = {"Retry-After": "1"} if self.status == 503 else None
+        return JSONResponse(body, status_code=self.status, headers=headers)
 
 
 def _image_source(url: Any, allow_http: bool, image_dir: Path | None) -> str:
@@ -47,7 +67,7 @@ def _image_source(url: Any, allow_http: bool, image_dir: Path | None) -> str:
     if url.startswith(("http://", "https://")):
         if not allow_http:
             raise APIError(400, "image URLs over http(s) are refused by this server; send a data: URL", "messages")
-        raise APIError(400, "fetching http(s) images is not implemented yet; send a data: URL", "messages")
+        return url  # fetched in _submit, off the event loop
     path = Path(url[len("file://") :] if url.startswith("file://") else url)
     if image_dir is None:
         raise APIError(400, "local image files are refused by this server; send a data: URL", "messages")
@@ -117,10 +137,7 @@ def _sampling(body: dict) -> tuple[dict, int]:
 def create_app(
     vlm: VLM,
     name: str,
-    allow_http_images: bool = False,
-    image_dir: str | Path | None = None,
-    max_batch: int = 16,
-    kv_budget: int | None = None,
+    config: ServeConfig | None = None,
     tenants: list[Tenant] | None = None,
     audit: AuditLog | None = None,
 ) -> FastAPI:
@@ -128,8 +145,11 @@ def create_app(
 
     With tenants, every endpoint but /health needs `Authorization: Bearer <key>`, and a key sees and
     uses only its own models."""
+    cfg = config or ServeConfig()
     app = FastAPI(title="vlstack")
-    engine = Engine(vlm, max_batch=max_batch, kv_budget=kv_budget)
+    engine = Engine(vlm, max_batch=cfg.max_batch, kv_budget=cfg.kv_budget, image_cache_mb=cfg.image_cache_mb)
+    app.state.engine = engine
+    max_body = int(cfg.max_body_mb * 2**20)
     lock = engine.lock  # adapters change only between engine steps
     metrics = Metrics()
 
@@ -137,30 +157,58 @@ def create_app(
         tenant = request.state.tenant
         return tenant is None or tenant.may_use(model)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        request.state.tenant, request.state.audit = None, None
-        if tenants is not None and request.url.path != "/health":
-            request.state.tenant = find_tenant(tenants, request.headers.get("authorization"))
-            if request.state.tenant is None:
-                metrics.count("vlstack_http_requests_total", path=request.url.path, status="401")
-                return APIError(401, "invalid or missing API key", code="invalid_api_key").response()
-        response = await call_next(request)
-        metrics.count("vlstack_http_requests_total", path=request.url.path, status=str(response.status_code))
-        record = request.state.audit
-        if audit is not None and request.url.path.startswith("/v1/") and record is not False:
-            tenant = request.state.tenant
-            audit.write(key_id=tenant.id if tenant else None, path=request.url.path, status=response.status_code,
-                        **(record or {}))  # fmt: skip
-        return response
+    class Guard:
+        """API keys and the body-size limit before a request; its metrics and audit record after it (a pure
+        ASGI middleware: FastAPI's @app.middleware would hide client disconnects from the endpoints)."""
+
+        def __init__(self, app) -> None:
+            self.app = app
+
+        async def __call__(self, scope, receive, send) -> None:
+            if scope["type"] != "http":
+                return await self.app(scope, receive, send)
+            state, path, headers = scope.setdefault("state", {}), scope["path"], Headers(scope=scope)
+            state["tenant"], error, status = None, None, 500
+            if tenants is not None and path != "/health":
+                state["tenant"] = find_tenant(tenants, headers.get("authorization"))
+                if state["tenant"] is None:
+                    error = APIError(401, "invalid or missing API key", code="invalid_api_key")
+            size = headers.get("content-length")
+            if error is None and size and size.isdigit() and int(size) > max_body:  # refused before reading it
+                error = APIError(413, f"the request body is over the limit of {max_body} bytes", code="too_large")
+
+            async def send_status(message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+
+            try:
+                await (error.response() if error else self.app)(scope, receive, send_status)
+            finally:
+                record = state.get("audit") or {}  # a chat request's model and token counts (and final status)
+                status = record.pop("status", status)
+                metrics.count("vlstack_http_requests_total", path=path, status=str(status))
+                if audit is not None and path.startswith("/v1/"):
+                    tenant = state["tenant"]
+                    audit.write(key_id=tenant.id if tenant else None, path=path, status=status, **record)
+
+    app.add_middleware(Guard)
 
     @app.get("/metrics")
     def prometheus() -> PlainTextResponse:
-        gauges = {"vlstack_queue_depth": engine.waiting.qsize(), "vlstack_running_requests": len(engine.running)}
-        return PlainTextResponse(metrics.render(gauges), media_type="text/plain; version=0.0.4")
+        gauges = {
+            "vlstack_queue_depth": engine.waiting.qsize(),
+            "vlstack_running_requests": len(engine.running),
+            "vlstack_image_cache_bytes": engine.images.bytes,
+        }
+        totals = {"vlstack_image_cache_hits_total": engine.images.hits,
+                  "vlstack_image_cache_misses_total": engine.images.misses}  # fmt: skip
+        return PlainTextResponse(metrics.render(gauges, totals), media_type="text/plain; version=0.0.4")
 
-    def finished(request: Request, model: str, reqs: list, status: int, messages: list | None = None) -> dict:
-        """Metrics and the audit record of a completed chat request; returns its usage."""
+    def finished(model: str, reqs: list, messages: list) -> dict:
+        """Metrics of a chat request that ended (answered, or abandoned by its client: 499); its audit record."""
+        status = 200 if all(r.finish_reason for r in reqs) else 499
         prompt, completion = len(reqs[0].prompt), sum(r.generated for r in reqs)
         metrics.count("vlstack_requests_total", model=model, status=str(status))
         metrics.count("vlstack_prompt_tokens_total", prompt, model=model)
@@ -173,10 +221,11 @@ def create_app(
                 if r.generated > 1:
                     per_token = (r.finished_at - r.first_token_at) / (r.generated - 1)
                     metrics.observe("vlstack_time_per_output_token_seconds", per_token, model=model)
-        return {"model": model, "prompt_tokens": prompt, "completion_tokens": completion, "content": messages}
+        return {"model": model, "prompt_tokens": prompt, "completion_tokens": completion, "content": messages,
+                "status": status}  # fmt: skip
 
     roots: dict[str, str] = {}  # adapter name -> the directory it came from
-    image_root = Path(image_dir) if image_dir else None
+    image_root = Path(cfg.image_dir) if cfg.image_dir else None
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
@@ -204,7 +253,7 @@ def create_app(
     @app.post("/v1/adapters")
     async def load_adapter(request: Request) -> dict:
         require_admin(request)
-        body = await _json(request)
+        body = await _json(request, max_body)
         adapter, path = body.get("name"), body.get("path")
         if not isinstance(adapter, str) or not adapter or not isinstance(path, str):
             raise APIError(400, "give the adapter's 'name' and the 'path' of its PEFT directory")
@@ -213,6 +262,7 @@ def create_app(
         try:
             with lock:
                 vlm.load_adapter(adapter, path)
+                engine.adapter_changed(adapter)
         except VLStackError as e:
             raise APIError(400, str(e), "path") from None
         roots[adapter] = path
@@ -225,34 +275,63 @@ def create_app(
             raise APIError(404, f"no adapter named {adapter!r} is loaded", "name", "model_not_found")
         with lock:
             vlm.unload_adapter(adapter)
+            engine.adapter_changed(adapter)
         roots.pop(adapter, None)
         return {"id": adapter, "object": "model", "deleted": True}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await _json(request)
+        body = await _json(request, max_body)
         model = body.get("model")
         if (model != name and model not in vlm.adapters) or not visible(request, model):  # the same answer
             raise APIError(404, f"The model {model!r} does not exist", "model", "model_not_found")
-        messages = _messages(body, allow_http_images, image_root)
+        messages = _messages(body, cfg.allow_http_images, image_root)
         gen, n = _sampling(body)
+        if engine.waiting.qsize() >= cfg.max_queue:
+            raise APIError(503, f"the server is overloaded ({engine.waiting.qsize()} requests waiting); retry later",
+                           code="server_overloaded")  # fmt: skip
         adapter = None if model == name else model
         stream = bool(body.get("stream"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        reqs = await run_in_threadpool(_submit, engine, vlm, messages, adapter, n, gen)
+        loop = asyncio.get_running_loop()
+        reqs = await run_in_threadpool(_submit, engine, vlm, messages, adapter, n, gen, loop, cfg.fetch_timeout)
+
+        async def pieces(r) -> AsyncIterator[str]:
+            """r's text as it comes; stops (and frees r's slot) when the client goes away."""
+            checked = time.monotonic()
+            while True:
+                try:
+                    piece = await asyncio.wait_for(r.out.get(), 0.5)
+                except asyncio.TimeoutError:
+                    piece = ""
+                if piece is None:
+                    return
+                if time.monotonic() - checked > 0.5:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        engine.cancel(r)
+                        return
+                if piece:
+                    yield piece
 
         def usage() -> dict:
             prompt, completion = len(reqs[0].prompt), sum(r.generated for r in reqs)
             return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
         if not stream:
-            texts = await run_in_threadpool(lambda: ["".join(iter(r.out.get, None)) for r in reqs])
+            texts = []
+            for r in reqs:
+                texts.append("".join([p async for p in pieces(r)]))
+            request.state.audit = finished(model, reqs, messages)
+            if not all(r.finish_reason for r in reqs):  # the client went away: nobody reads the answer
+                for r in reqs:
+                    engine.cancel(r)
+                return JSONResponse({}, status_code=499)
             choices = [
                 {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r.finish_reason}
                 for i, (t, r) in enumerate(zip(texts, reqs))
             ]
-            request.state.audit = finished(request, model, reqs, 200, messages)
             return {"id": rid, "object": "chat.completion", "created": created, "model": model,
                     "choices": choices, "usage": usage()}  # fmt: skip
 
@@ -266,10 +345,10 @@ def create_app(
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                              for i in range(n)])  # fmt: skip
                 for i, r in enumerate(reqs):
-                    while (piece := await run_in_threadpool(r.out.get)) is not None:
+                    async for piece in pieces(r):
                         yield chunk([{"index": i, "delta": {"content": piece}, "finish_reason": None}])
-                        if await request.is_disconnected():  # the client went away: stop generating
-                            return
+                    if not r.finish_reason:
+                        return  # the client went away
                     yield chunk([{"index": i, "delta": {}, "finish_reason": r.finish_reason}])
                 if include_usage:
                     yield chunk([], usage=usage())
@@ -277,21 +356,19 @@ def create_app(
             finally:
                 for r in reqs:  # a no-op for finished requests; frees the slots of abandoned ones
                     engine.cancel(r)
-                record = finished(request, model, reqs, 200 if all(r.finish_reason for r in reqs) else 499, messages)
-                if audit is not None:  # the stream outlives the middleware: log here
-                    tenant = request.state.tenant
-                    audit.write(key_id=tenant.id if tenant else None, path=request.url.path,
-                                status=200 if all(r.finish_reason for r in reqs) else 499, **record)  # fmt: skip
+                request.state.audit = finished(model, reqs, messages)
 
-        request.state.audit = False  # logged when the stream ends
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
 
 
-async def _json(request: Request) -> dict:
+async def _json(request: Request, max_body: int) -> dict:
+    raw = await request.body()
+    if len(raw) > max_body:  # a body sent without a content-length
+        raise APIError(413, f"the request body is over the limit of {max_body} bytes", code="too_large")
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError(400, "the request body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -299,12 +376,66 @@ async def _json(request: Request) -> dict:
     return body
 
 
-def _submit(engine: Engine, vlm: VLM, messages: list[dict], adapter: str | None, n: int, gen: dict) -> list:
-    """Encode the request (images decoded and tiled here, in a worker thread) and queue n completions."""
+class AsyncOut:
+    """An engine request's output channel read by the event loop: the engine thread puts, a coroutine gets."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def put(self, item: str | None) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    async def get(self) -> str | None:
+        return await self.queue.get()
+
+
+def fetch_image(url: str, timeout: float, max_bytes: int = 64 * 2**20) -> bytes:
+    """The bytes of an http(s) image, with a timeout and a size limit."""
     try:
-        inputs = vlm.processor(messages)
+        request = urllib.request.Request(url, headers={"User-Agent": "vlstack"})
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            data = r.read(max_bytes + 1)
+    except urllib.error.HTTPError as e:
+        raise ImageError(f"fetching {url} failed: HTTP {e.code}") from None
+    except (urllib.error.URLError, TimeoutError, OSError) as e:
+        raise ImageError(f"fetching {url} failed: {getattr(e, 'reason', e)}") from None
+    if len(data) > max_bytes:
+        raise ImageError(f"the image at {url} is over the limit of {max_bytes} bytes")
+    return data
+
+
+def _fetched(messages: list[dict], timeout: float) -> list[dict]:
+    """messages with their http(s) image URLs replaced by the images' bytes."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [
+                {"type": "image_url", "image_url": {"url": fetch_image(p["image_url"]["url"], timeout)}}
+                if p["type"] == "image_url" and p["image_url"]["url"].startswith(("http://", "https://"))
+                else p
+                for p in content
+            ]
+        out.append({**m, "content": content})
+    return out
+
+
+def _submit(
+    engine: Engine,
+    vlm: VLM,
+    messages: list[dict],
+    adapter: str | None,
+    n: int,
+    gen: dict,
+    loop: asyncio.AbstractEventLoop,
+    fetch_timeout: float,
+) -> list:
+    """Encode the request (images fetched, decoded and tiled here, in a worker thread) and queue n completions."""
+    try:
+        inputs = vlm.processor(_fetched(messages, fetch_timeout))
         seeds = [None if gen["seed"] is None else gen["seed"] + i for i in range(n)]  # n different samples
-        return [engine.submit(inputs, adapter, SamplingParams(**{**gen, "seed": seed})) for seed in seeds]
+        params = [SamplingParams(**{**gen, "seed": seed}) for seed in seeds]
+        return [engine.submit(inputs, adapter, p, AsyncOut(loop)) for p in params]
     except PromptError as e:
         code = "context_length_exceeded" if "context" in str(e) else None
         raise APIError(400, str(e), "messages", code) from None

@@ -3,10 +3,12 @@
 Requests join and leave the running batch at every decode step. Each running request owns a slot of a
 KV cache preallocated for `max_batch` sequences of up to `max_len` tokens; a request waits in the queue
 (it is never refused for lack of room) until a slot is free and the tokens it may still need fit in
-`kv_budget`. A new request is prefilled alone into its slot; then every step decodes one token for all
-running requests at once, each row with its own adapter (the base matmul once, each adapter on its
-rows), its own sampling parameters and seed. Prompts, images included, are encoded by the caller's
-thread before submission, so image decoding and tiling run in parallel with the engine.
+`kv_budget`. The requests admitted at one step are prefilled together: their new images through the
+vision encoder in one pass (images seen before come from the cache of visual embeddings), their prompts
+right-padded into one forward. Then every step decodes one token for all running requests at once, each
+row with its own adapter (the base matmul once, each adapter on its rows), its own sampling parameters
+and seed. Prompts, images included, are decoded, tiled and hashed by the caller's thread before
+submission, so that work runs in parallel with the engine.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..api import VLM
 from ..errors import PromptError
 from ..generate import Detokenizer, SamplingParams, sample
-from ..model.lora import route
+from ..model.lora import lora_layers, route
+from .cache import FeatureCache, image_hash, tiles_per_image
 
 
 class SlotCache:
@@ -57,11 +61,12 @@ class SlotCache:
 @dataclass(eq=False)
 class Request:
     prompt: torch.Tensor  # [T] token ids
-    pixel_values: torch.Tensor | None
+    pixel_values: torch.Tensor | None  # [N, 3, S, S]: the tiles of all its images
+    images: list[tuple[str, int]]  # each image's hash and number of tiles
     adapter: str | None
     params: SamplingParams
     detok: Detokenizer
-    out: queue.Queue = field(default_factory=queue.Queue)  # text pieces, then None at the end
+    out: Any = field(default_factory=queue.Queue)  # text pieces, then None at the end
     slot: int = -1
     generated: int = 0
     finish_reason: str | None = None
@@ -79,11 +84,21 @@ class Request:
 
 
 class Engine:
-    def __init__(self, vlm: VLM, max_batch: int = 16, kv_budget: int | None = None, max_len: int | None = None):
-        self.vlm, self.max_batch = vlm, max_batch
+    def __init__(
+        self,
+        vlm: VLM,
+        max_batch: int = 16,
+        kv_budget: int | None = None,
+        max_len: int | None = None,
+        prefill_tokens: int = 8192,
+        image_cache_mb: float = 512,
+    ):
+        self.vlm, self.max_batch, self.prefill_tokens = vlm, max_batch, prefill_tokens
         self.max_len = min(max_len or vlm.context_len, vlm.context_len)
         self.kv_budget = kv_budget or max_batch * self.max_len
         self.cache = SlotCache(vlm, max_batch, self.max_len)
+        self.images = FeatureCache(int(image_cache_mb * 2**20))
+        self.vision_adapters = self._vision_adapters()
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.running: list[Request] = []
         self.free = list(range(max_batch))
@@ -93,14 +108,21 @@ class Engine:
         self.thread = threading.Thread(target=self._loop, name="vlstack-engine", daemon=True)
         self.thread.start()
 
-    def submit(self, inputs: dict[str, torch.Tensor], adapter: str | None, params: SamplingParams) -> Request:
-        """Queue an encoded prompt; its text arrives in request.out as pieces, then None."""
+    def submit(
+        self, inputs: dict[str, torch.Tensor], adapter: str | None, params: SamplingParams, out: Any = None
+    ) -> Request:
+        """Queue an encoded prompt; its text arrives in request.out (a queue.Queue unless another object with
+        put() is given) as pieces, then None."""
         prompt = inputs["input_ids"][0]
         if len(prompt) >= self.max_len:
             raise PromptError(f"the prompt is {len(prompt)} tokens, over the model's context of {self.max_len} tokens")
         params.max_new_tokens = min(params.max_new_tokens, self.max_len - len(prompt))
-        req = Request(prompt, inputs.get("pixel_values"), adapter, params,
-                      Detokenizer(self.vlm.processor.decode, params.stop))  # fmt: skip
+        pixels, cfg = inputs.get("pixel_values"), self.vlm.cfg
+        counts = tiles_per_image(prompt, cfg.image_token_id, cfg.tokens_per_tile) if pixels is not None else []
+        images = [(image_hash(t), len(t)) for t in pixels.split(counts)] if counts else []
+        req = Request(prompt, pixels, images, adapter, params, Detokenizer(self.vlm.processor.decode, params.stop))
+        if out is not None:
+            req.out = out
         if params.seed is not None:
             req.generator = torch.Generator(device=self.vlm.model.device).manual_seed(params.seed)
         self.waiting.put(req)
@@ -108,6 +130,16 @@ class Engine:
 
     def cancel(self, req: Request) -> None:
         req.cancelled = True
+
+    def adapter_changed(self, name: str) -> None:
+        """Call (holding self.lock) after loading or unloading an adapter: drops what it encoded."""
+        self.images.drop_adapter(name)
+        self.vision_adapters = self._vision_adapters()
+
+    def _vision_adapters(self) -> set[str]:
+        """Adapters that change the visual embeddings (LoRA on the vision tower or the projector)."""
+        layers = lora_layers(self.vlm.model).items()
+        return {a for name, layer in layers if not name.startswith("language_model.") for a in layer.lora_A}
 
     def close(self) -> None:
         self._stop.set()
@@ -126,26 +158,76 @@ class Engine:
                     self._decode()
 
     def _admit(self) -> None:
+        """Move queued requests into free slots while their KV budget fits, and prefill them together."""
         in_use = sum(r.budget for r in self.running)
+        batch: list[Request] = []
         while self.free and not self.waiting.empty():
             req = self.waiting.queue[0]
             if req.cancelled:
                 self.waiting.get()
                 req.out.put(None)
                 continue
-            if self.running and in_use + req.budget > self.kv_budget:
-                return  # wait for room: a request is queued, never refused
+            if (self.running or batch) and in_use + req.budget > self.kv_budget:
+                break  # wait for room: a request is queued, never refused
+            if batch and max(len(r.prompt) for r in batch + [req]) * (len(batch) + 1) > self.prefill_tokens:
+                break  # the padded prefill batch would be too large: next step
             self.waiting.get()
             req.slot = self.free.pop()
-            self.cache.lengths[req.slot] = 0
-            self.cache.rows = torch.tensor([req.slot], device=self.cache.lengths.device)
-            model = self.vlm.model
-            pv = req.pixel_values.to(model.device) if req.pixel_values is not None else None
-            with route(model, [req.adapter]):
-                logits = model(req.prompt[None].to(model.device), pv, cache=self.cache, last_only=True)[:, -1]
-            self.running.append(req)
+            batch.append(req)
             in_use += req.budget
-            self._emit([req], logits)
+        if batch:
+            self._prefill(batch)
+
+    def _prefill(self, batch: list[Request]) -> None:
+        """Prompts of the new requests, right-padded into one forward; each row's logits at its last token."""
+        batch.sort(key=lambda r: r.adapter or "")  # each adapter's rows in one run
+        model, device = self.vlm.model, self.vlm.model.device
+        lengths = torch.tensor([len(r.prompt) for r in batch], device=device)  # [B]
+        pad = (self.vlm.cfg.image_token_id + 1) % self.vlm.cfg.text.vocab_size  # any token but the image token
+        ids = torch.full((len(batch), int(lengths.max())), pad, dtype=torch.long, device=device)  # [B, T]
+        for i, r in enumerate(batch):
+            ids[i, : len(r.prompt)] = r.prompt.to(device)
+        last = torch.arange(ids.shape[1], device=device)[None] == lengths[:, None] - 1  # [B, T]
+        self.cache.rows = torch.tensor([r.slot for r in batch], device=device)
+        self.cache.lengths[self.cache.rows] = 0
+        features = self._features(batch)
+        with route(model, [r.adapter for r in batch]):
+            logits = model(ids, None, cache=self.cache, select=last, features=features)  # [B, V]
+        self.cache.lengths[self.cache.rows] = lengths  # padding past a row's length is masked, then overwritten
+        self.running += batch
+        self._emit(batch, logits)
+
+    def _features(self, batch: list[Request]) -> torch.Tensor | None:
+        """The visual embeddings of the batch's images in prompt order [N tiles, P, C]: cached ones reused,
+        the others through the vision encoder in one pass (each tile with its request's vision adapter)."""
+        model, device = self.vlm.model, self.vlm.model.device
+        found: dict = {}  # key -> features, for this batch (the cache may evict before we are done)
+        new_keys, new_tiles, new_adapters = [], [], []
+        for r in batch:
+            if not r.images:
+                continue
+            adapter = r.adapter if r.adapter in self.vision_adapters else None
+            for (digest, n), tiles in zip(r.images, r.pixel_values.split([n for _, n in r.images])):
+                key = (digest, adapter)
+                if key in found:
+                    continue
+                found[key] = self.images.get(key)
+                if found[key] is None:
+                    new_keys.append(key)
+                    new_tiles.append(tiles)
+                    new_adapters += [adapter] * n
+        if new_tiles:
+            with route(model, new_adapters):
+                feats = model.image_features(torch.cat(new_tiles).to(device))  # [new tiles, P, C]
+            for key, f in zip(new_keys, feats.split([len(t) for t in new_tiles])):
+                found[key] = f
+                self.images.put(key, f)
+        out = [
+            found[(digest, r.adapter if r.adapter in self.vision_adapters else None)]
+            for r in batch
+            for digest, _ in r.images
+        ]
+        return torch.cat(out) if out else None
 
     def _decode(self) -> None:
         self.running.sort(key=lambda r: r.adapter or "")  # stable: each adapter's rows in one run

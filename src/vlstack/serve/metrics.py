@@ -29,7 +29,9 @@ class Metrics:
             h[-2] += seconds
             h[-1] += 1
 
-    def render(self, gauges: dict[str, float]) -> str:
+    def render(self, gauges: dict[str, float], totals: dict[str, float] | None = None) -> str:
+        """The exposition text; gauges and totals (counters kept elsewhere) are rendered unlabelled."""
+
         def fmt(labels: tuple, extra: str = "") -> str:
             parts = [f'{k}="{v}"' for k, v in labels] + ([extra] if extra else [])
             return "{" + ",".join(parts) + "}" if parts else ""
@@ -49,6 +51,7 @@ class Metrics:
                         bucket = 'le="' + le + '"'
                         lines.append(f"{name}_bucket{fmt(lb, bucket)} {c:g}")
                     lines += [f"{name}_sum{fmt(lb)} {h[-2]:g}", f"{name}_count{fmt(lb)} {h[-1]:g}"]
-        for name, value in gauges.items():
-            lines += [f"# TYPE {name} gauge", f"{name} {value:g}"]
+        for kind, values in (("gauge", gauges), ("counter", totals or {})):
+            for name, value in values.items():
+                lines += [f"# TYPE {name} {kind}", f"{name} {value:g}"]
         return "\n".join(lines) + "\n"

@@ -115,3 +115,33 @@ def test_images_encoded_once_per_step_and_cached_by_content():
     expected = [vlm.chat("What is the total?", images=[img], adapter=a, max_new_tokens=6) for img, a in cases]
     assert answers == expected and again == expected[2]
     assert answers[0] != answers[3]  # the vision adapter's own embeddings were used
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on():
+    vlm = tiny_with_adapters()
+    engine = Engine(vlm, max_batch=4)
+    inputs = vlm.processor(question_messages("Hi", 0))
+    forward, calls = vlm.model.forward, []
+
+    def broken(*args, **kwargs):  # the first step raises (say, out of memory)
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated failure")
+        return forward(*args, **kwargs)
+
+    vlm.model.forward = broken
+    first = engine.submit(inputs, "finance", SamplingParams(max_new_tokens=4))
+    assert collect(first) == "" and first.finish_reason == "error" and "simulated failure" in first.error
+    second = engine.submit(inputs, "finance", SamplingParams(max_new_tokens=4))
+    assert collect(second) == vlm.chat("Hi", adapter="finance", max_new_tokens=4)
+    engine.close()
+    assert sorted(engine.free) == [0, 1, 2, 3]
+
+
+def test_a_generated_image_token_is_an_ordinary_token():
+    """Like transformers: without images, <IMG_CONTEXT> is embedded as any other token (a random model
+    generates it now and then; the step must not fail)."""
+    vlm = vlstack.load("tiny", device="cpu")
+    ids = torch.tensor([[1, vlm.cfg.image_token_id, 7]])
+    with torch.no_grad():
+        assert torch.equal(vlm.model.embed(ids), vlm.model.language_model.embed_tokens(ids))

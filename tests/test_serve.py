@@ -372,3 +372,23 @@ def test_metrics_in_prometheus_format(tenant_server):
     assert 'vlstack_time_to_first_token_seconds_bucket{model="legal",le="+Inf"} 2' in text
     assert "# TYPE vlstack_request_seconds histogram" in text and "vlstack_queue_depth 0" in text
     assert 'vlstack_http_requests_total{path="/v1/chat/completions",status="200"}' in text
+
+
+def test_a_model_failure_is_a_500_in_openai_shape(server, client):
+    model = server[2].vlm.model
+    forward = model.forward
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    model.forward = broken
+    try:
+        with pytest.raises(openai.InternalServerError, match="the model failed on this request"):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        with pytest.raises(openai.APIError, match="simulated failure"):
+            list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=3, stream=True))  # fmt: skip
+    finally:
+        model.forward = forward
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert r.choices[0].finish_reason in ("stop", "length")

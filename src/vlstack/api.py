@@ -13,7 +13,7 @@ from .adapters import load_adapter
 from .chat import Processor, question_messages, read_template, read_tokenizer
 from .checkpoint import load_state_dict, save_checkpoint
 from .config import VLMConfig, read_config
-from .errors import ConfigError
+from .errors import ConfigError, PromptError
 from .generate import Detokenizer, SamplingParams, generate
 from .image import ImageInput
 from .model.language import Rotary
@@ -111,6 +111,9 @@ class VLM:
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, adapter: str | None = None
     ) -> torch.Tensor:
         """input_ids [B, T], pixel_values [N, 3, S, S] -> logits [B, T, vocab] (every row with adapter)."""
+        n_slots = int((input_ids == self.cfg.image_token_id).sum())
+        if n_slots and pixel_values is None:
+            raise PromptError(f"the prompt has {n_slots} image tokens but no images were given")
         with torch.inference_mode(), route(self.model, [adapter] * input_ids.shape[0]):
             pv = pixel_values.to(self.model.device) if pixel_values is not None else None
             return self.model(input_ids.to(self.model.device), pv)

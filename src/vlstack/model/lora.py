@@ -111,6 +111,13 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)  # [B, ..., out]: the base matmul, once for all rows
+        if not torch.is_grad_enabled():  # no autograd: each update is added into its rows in place
+            for name, start, end in self.routing.segments:
+                if name in self.lora_A:
+                    h = self.lora_A[name](x[start:end]).reshape(-1, self.lora_A[name].out_features)  # [rows*T, r]
+                    ys = y[start:end].view(-1, self.out_features)  # [rows*T, out], a view of y
+                    ys.addmm_(h, self.lora_B[name].weight.t(), alpha=self.scaling[name])
+            return y
         pieces, row = [], 0  # the adapters' updates, row by row, zeros where no adapter applies
         for name, start, end in self.routing.segments:
             if name not in self.lora_A:

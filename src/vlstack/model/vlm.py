@@ -86,10 +86,8 @@ class InternVL(nn.Module):
                     routing.segments, routing.lengths = rows, lengths
             else:
                 features = self.image_features(pixel_values)  # [N, P, C]
-        if features is None:
-            if n_slots:
-                raise PromptError(f"the prompt has {n_slots} image tokens but no images were given")
-            return embeds
+        if features is None:  # no images: an <IMG_CONTEXT> the model generated is an ordinary token (as in
+            return embeds  # transformers); a prompt's are checked by its callers
         if n_slots != features.shape[0] * features.shape[1]:
             raise PromptError(
                 f"the prompt has {n_slots} image tokens but the images give {features.shape[0] * features.shape[1]} "

@@ -208,7 +208,8 @@ def create_app(
 
     def finished(model: str, reqs: list, messages: list) -> dict:
         """Metrics of a chat request that ended (answered, or abandoned by its client: 499); its audit record."""
-        status = 200 if all(r.finish_reason for r in reqs) else 499
+        failed = any(r.finish_reason == "error" for r in reqs)
+        status = 500 if failed else 200 if all(r.finish_reason for r in reqs) else 499
         prompt, completion = len(reqs[0].prompt), sum(r.generated for r in reqs)
         metrics.count("vlstack_requests_total", model=model, status=str(status))
         metrics.count("vlstack_prompt_tokens_total", prompt, model=model)
@@ -298,35 +299,35 @@ def create_app(
         reqs = await run_in_threadpool(_submit, engine, vlm, messages, adapter, n, gen, loop, cfg.fetch_timeout)
 
         async def pieces(r) -> AsyncIterator[str]:
-            """r's text as it comes; stops (and frees r's slot) when the client goes away."""
-            checked = time.monotonic()
-            while True:
-                try:
-                    piece = await asyncio.wait_for(r.out.get(), 0.5)
-                except asyncio.TimeoutError:
-                    piece = ""
-                if piece is None:
-                    return
-                if time.monotonic() - checked > 0.5:
-                    checked = time.monotonic()
-                    if await request.is_disconnected():
+            """r's text as it comes, until it ends (finished or cancelled)."""
+            while (piece := await r.out.get()) is not None:
+                yield piece
+
+        async def watch() -> None:
+            """Cancel the requests if the client hangs up (a stream notices by itself; a plain response not)."""
+            while not all(r.finished_at for r in reqs):
+                if await request.is_disconnected():
+                    for r in reqs:
                         engine.cancel(r)
-                        return
-                if piece:
-                    yield piece
+                    return
+                await asyncio.sleep(0.5)
 
         def usage() -> dict:
             prompt, completion = len(reqs[0].prompt), sum(r.generated for r in reqs)
             return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
         if not stream:
-            texts = []
-            for r in reqs:
-                texts.append("".join([p async for p in pieces(r)]))
-            request.state.audit = finished(model, reqs, messages)
-            if not all(r.finish_reason for r in reqs):  # the client went away: nobody reads the answer
+            watcher, texts = asyncio.create_task(watch()), []
+            try:
                 for r in reqs:
-                    engine.cancel(r)
+                    texts.append("".join([p async for p in pieces(r)]))
+            finally:
+                watcher.cancel()
+            request.state.audit = finished(model, reqs, messages)
+            failed = next((r.error for r in reqs if r.finish_reason == "error"), None)
+            if failed:
+                raise APIError(500, f"the model failed on this request ({failed})")
+            if not all(r.finish_reason for r in reqs):  # the client went away: nobody reads the answer
                 return JSONResponse({}, status_code=499)
             choices = [
                 {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r.finish_reason}
@@ -347,6 +348,9 @@ def create_app(
                 for i, r in enumerate(reqs):
                     async for piece in pieces(r):
                         yield chunk([{"index": i, "delta": {"content": piece}, "finish_reason": None}])
+                    if r.finish_reason == "error":  # OpenAI's SDKs raise on an event with an error
+                        yield f"data: {json.dumps({'error': {'message': r.error, 'type': 'server_error'}})}\n\n"
+                        return
                     if not r.finish_reason:
                         return  # the client went away
                     yield chunk([{"index": i, "delta": {}, "finish_reason": r.finish_reason}])

@@ -17,6 +17,7 @@ import itertools
 import queue
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ class SlotCache:
         self.v = torch.zeros(shape, dtype=model.dtype, device=model.device)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=model.device)  # [S]
         self.rows = torch.zeros(0, dtype=torch.long, device=model.device)  # the slots of the batch rows
+        self.prefix = False  # rows are slots 0..B-1: keys and values are read as a view, not gathered
 
     @property
     def length(self) -> int:
@@ -52,7 +54,16 @@ class SlotCache:
         self.k[layer].permute(0, 2, 1, 3)[rows, pos] = k.transpose(1, 2)  # [B, T, Hkv, D] into [S, Tmax, Hkv, D]
         self.v[layer].permute(0, 2, 1, 3)[rows, pos] = v.transpose(1, 2)
         end = int(pos.max()) + 1
-        return self.k[layer, self.rows, :, :end], self.v[layer, self.rows, :, :end]  # [B, Hkv, K, D]
+        rows = slice(0, len(self.rows)) if self.prefix else self.rows
+        return self.k[layer, rows, :, :end], self.v[layer, rows, :, :end]  # [B, Hkv, K, D]
+
+    def move(self, old: list[int], new: list[int]) -> None:
+        """Copy the sequences in slots `old` to slots `new` (any overlap: the sources are read first)."""
+        src, dst = torch.tensor(old, device=self.k.device), torch.tensor(new, device=self.k.device)
+        end = int(self.lengths[src].max())
+        self.k[:, dst, :, :end] = self.k[:, src, :, :end]
+        self.v[:, dst, :, :end] = self.v[:, src, :, :end]
+        self.lengths[dst] = self.lengths[src]
 
     def advance(self, n: int) -> None:
         self.lengths[self.rows] += n
@@ -76,6 +87,7 @@ class Request:
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
+    error: str | None = None  # why the engine failed it (finish_reason "error")
 
     @property
     def budget(self) -> int:
@@ -101,6 +113,7 @@ class Engine:
         self.vision_adapters = self._vision_adapters()
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.running: list[Request] = []
+        self.admitting: list[Request] = []  # being prefilled
         self.free = list(range(max_batch))
         self.lock = threading.Lock()  # held while the model runs: adapters load and unload between steps
         self.ids = itertools.count()
@@ -153,9 +166,23 @@ class Engine:
                 self._stop.wait(0.002)
                 continue
             with self.lock, torch.inference_mode():
-                self._admit()
-                if self.running:
-                    self._decode()
+                try:
+                    self._admit()
+                    if self.running:
+                        self._decode()
+                except Exception as e:  # never die: fail the requests in the step and go on serving
+                    traceback.print_exc()
+                    self._fail(self.running + self.admitting, e)
+
+    def _fail(self, reqs: list[Request], error: Exception) -> None:
+        """End these requests with finish_reason "error" and free their slots."""
+        for req in reqs:
+            if req.finished_at is None:
+                req.finish_reason, req.error = "error", f"{type(error).__name__}: {error}"
+                req.finished_at = time.perf_counter()
+                req.out.put(None)
+                self.free.append(req.slot)
+        self.running, self.admitting = [], []
 
     def _admit(self) -> None:
         """Move queued requests into free slots while their KV budget fits, and prefill them together."""
@@ -165,21 +192,37 @@ class Engine:
             req = self.waiting.queue[0]
             if req.cancelled:
                 self.waiting.get()
+                req.finished_at = time.perf_counter()
                 req.out.put(None)
                 continue
             if (self.running or batch) and in_use + req.budget > self.kv_budget:
                 break  # wait for room: a request is queued, never refused
-            if batch and max(len(r.prompt) for r in batch + [req]) * (len(batch) + 1) > self.prefill_tokens:
-                break  # the padded prefill batch would be too large: next step
+            if batch and sum(len(r.prompt) for r in batch + [req]) > self.prefill_tokens:
+                break  # enough prompt tokens for one step: the running requests decode in between
             self.waiting.get()
             req.slot = self.free.pop()
             batch.append(req)
             in_use += req.budget
+        self.admitting = batch  # (for _fail)
         if batch:
             self._prefill(batch)
+        self.admitting = []
 
     def _prefill(self, batch: list[Request]) -> None:
-        """Prompts of the new requests, right-padded into one forward; each row's logits at its last token."""
+        """The new requests' prompts, shortest first, in right-padded chunks of similar lengths (little padding)."""
+        self.cache.prefix = False
+        features = self._features(batch)  # every new image in one pass through the vision encoder
+        batch = sorted(batch, key=lambda r: len(r.prompt))
+        chunk: list[Request] = []
+        for req in batch:
+            if chunk and len(req.prompt) * (len(chunk) + 1) > 1.25 * sum(len(r.prompt) for r in chunk + [req]):
+                self._prefill_chunk(chunk, features)
+                chunk = []
+            chunk.append(req)
+        self._prefill_chunk(chunk, features)
+
+    def _prefill_chunk(self, batch: list[Request], features: dict) -> None:
+        """Prompts right-padded into one forward; each row's logits at its last token."""
         batch.sort(key=lambda r: r.adapter or "")  # each adapter's rows in one run
         model, device = self.vlm.model, self.vlm.model.device
         lengths = torch.tensor([len(r.prompt) for r in batch], device=device)  # [B]
@@ -190,50 +233,47 @@ class Engine:
         last = torch.arange(ids.shape[1], device=device)[None] == lengths[:, None] - 1  # [B, T]
         self.cache.rows = torch.tensor([r.slot for r in batch], device=device)
         self.cache.lengths[self.cache.rows] = 0
-        features = self._features(batch)
+        feats = [features[self._image_key(r, digest)] for r in batch for digest, _ in r.images]  # prompt order
         with route(model, [r.adapter for r in batch]):
-            logits = model(ids, None, cache=self.cache, select=last, features=features)  # [B, V]
+            logits = model(ids, None, cache=self.cache, select=last, features=torch.cat(feats) if feats else None)
         self.cache.lengths[self.cache.rows] = lengths  # padding past a row's length is masked, then overwritten
         self.running += batch
         self._emit(batch, logits)
 
-    def _features(self, batch: list[Request]) -> torch.Tensor | None:
-        """The visual embeddings of the batch's images in prompt order [N tiles, P, C]: cached ones reused,
-        the others through the vision encoder in one pass (each tile with its request's vision adapter)."""
+    def _image_key(self, req: Request, digest: str) -> tuple[str, str | None]:
+        return digest, req.adapter if req.adapter in self.vision_adapters else None
+
+    def _features(self, batch: list[Request]) -> dict:
+        """The visual embeddings [tiles, P, C] of the batch's images by key: cached ones reused, the others
+        through the vision encoder in one pass (each tile with its request's vision adapter)."""
         model, device = self.vlm.model, self.vlm.model.device
-        found: dict = {}  # key -> features, for this batch (the cache may evict before we are done)
+        found: dict = {}  # for this batch (the cache may evict before the batch is done)
         new_keys, new_tiles, new_adapters = [], [], []
         for r in batch:
             if not r.images:
                 continue
-            adapter = r.adapter if r.adapter in self.vision_adapters else None
             for (digest, n), tiles in zip(r.images, r.pixel_values.split([n for _, n in r.images])):
-                key = (digest, adapter)
+                key = self._image_key(r, digest)
                 if key in found:
                     continue
                 found[key] = self.images.get(key)
                 if found[key] is None:
                     new_keys.append(key)
                     new_tiles.append(tiles)
-                    new_adapters += [adapter] * n
+                    new_adapters += [key[1]] * n
         if new_tiles:
             with route(model, new_adapters):
                 feats = model.image_features(torch.cat(new_tiles).to(device))  # [new tiles, P, C]
             for key, f in zip(new_keys, feats.split([len(t) for t in new_tiles])):
                 found[key] = f
                 self.images.put(key, f)
-        out = [
-            found[(digest, r.adapter if r.adapter in self.vision_adapters else None)]
-            for r in batch
-            for digest, _ in r.images
-        ]
-        return torch.cat(out) if out else None
+        return found
 
     def _decode(self) -> None:
-        self.running.sort(key=lambda r: r.adapter or "")  # stable: each adapter's rows in one run
+        self._arrange()
         rows = list(self.running)  # _emit removes finished rows from self.running
         model, device = self.vlm.model, self.vlm.model.device
-        self.cache.rows = torch.tensor([r.slot for r in rows], device=device)
+        self.cache.rows, self.cache.prefix = torch.arange(len(rows), device=device), True
         lengths = self.cache.lengths[self.cache.rows]  # [B]
         positions = lengths[:, None]  # [B, 1]: the new token's position
         keys = int(lengths.max()) + 1
@@ -242,6 +282,34 @@ class Engine:
         with route(model, [r.adapter for r in rows]):
             logits = model(tokens, None, positions, self.cache, mask)[:, -1]  # [B, V]
         self._emit(rows, logits)
+
+    def _arrange(self) -> None:
+        """Put the running requests in slots 0..B-1 with each adapter's rows together: the decode step then
+        reads the cache as a view, and each adapter's LoRA runs once over its rows. Only rows out of place
+        move (a new request, or one whose neighbours finished)."""
+        sizes: dict[str, int] = {}
+        for r in self.running:
+            sizes[r.adapter or ""] = sizes.get(r.adapter or "", 0) + 1
+        ranges, start = {}, 0
+        for adapter in sorted(sizes):
+            ranges[adapter] = range(start, start + sizes[adapter])
+            start += sizes[adapter]
+        taken, movers = set(), []
+        for r in self.running:
+            if r.slot in ranges[r.adapter or ""]:
+                taken.add(r.slot)
+            else:
+                movers.append(r)
+        if movers:
+            new = []
+            for r in movers:
+                new.append(next(s for s in ranges[r.adapter or ""] if s not in taken))
+                taken.add(new[-1])
+            self.cache.move([r.slot for r in movers], new)
+            for r, slot in zip(movers, new):
+                r.slot = slot
+            self.free = [s for s in range(self.max_batch) if s not in taken]
+        self.running.sort(key=lambda r: r.slot)
 
     def _emit(self, rows: list[Request], logits: torch.Tensor) -> None:
         """Sample each row's next token, send its text, and retire finished or cancelled rows."""

@@ -1,0 +1,317 @@
+"""Serving benchmark: `vlstack serve` vs a baseline server built on transformers + peft generate (one
+request at a time, what a user would otherwise run), on the same model, adapters and workload, in one run.
+
+The workload: N chat requests with an image each (random sizes, so 1 to 13 tiles), spread round-robin
+over 4 LoRA adapters, arriving as a Poisson process; greedy decoding, streamed. Each server runs in its
+own process; the client records, per request, the time to the first token and the time per output
+token after it. Both servers encode prompts with vlstack's processor (the baseline's own would be
+slower), and both answer greedily, so their answers are compared too.
+
+    python bench/serve.py                       # tiny model, 48 requests, CPU
+    python bench/serve.py --model DIR --requests 64 --rate 8 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from PIL import Image
+
+ADAPTERS = ("finance", "legal", "support", "science")
+QUESTIONS = ("What is the total amount?", "Summarise this page.", "Which value is the largest?", "Who signed it?")
+
+
+# the workload ----------------------------------------------------------------------------------------
+
+
+def make_adapters(model: str, root: Path) -> dict[str, str]:
+    """Four PEFT adapters with random (trained-looking) weights on q, k, v, o, gate, up, down."""
+    import vlstack
+    from vlstack.adapters import save_adapter
+    from vlstack.model.lora import LoRASpec, add_adapter
+
+    vlm = vlstack.load(model, device="cpu")
+    spec, out = LoRASpec(rank=16, alpha=32), {}
+    for i, name in enumerate(ADAPTERS):
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in add_adapter(vlm.model, name, spec, seed=i):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        out[name] = str(save_adapter(vlm.model, name, root / name, spec))
+    return out
+
+
+def make_workload(n: int, rate: float, max_tokens: int, pages: int | None = None, seed: int = 0) -> list[dict]:
+    """n requests: arrival offset (s), adapter, a data-URL image, a question, max_tokens. With pages < n,
+    the requests ask about `pages` distinct images, four consecutive requests (four questions, four
+    adapters) about each page."""
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1 / rate, n)) if rate > 0 else np.zeros(n)
+    urls = []
+    for _ in range(min(pages or n, n)):
+        w, h = (int(x) for x in rng.integers(160, 900, 2))
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    work = []
+    for i in range(n):
+        url = urls[(i // 4) % len(urls)] if len(urls) < n else urls[i]  # a page's 4 questions arrive together
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTIONS[i % 4]}]
+        work.append({"at": float(arrivals[i]), "model": ADAPTERS[i % len(ADAPTERS)], "content": content,
+                     "max_tokens": max_tokens})  # fmt: skip
+    return work
+
+
+# the baseline server ---------------------------------------------------------------------------------
+
+
+def baseline_app(model: str, adapters: dict[str, str], device: str):
+    """OpenAI-style streaming chat over transformers' InternVL + peft, one generate at a time."""
+    from peft import PeftModel
+    from transformers import InternVLForConditionalGeneration
+
+    import vlstack
+
+    ours = vlstack.load(model, device="cpu")  # its processor (tokenizer, template, tiling) and eos ids only
+    processor, eos = ours.processor, sorted(ours.eos)
+    hf = InternVLForConditionalGeneration.from_pretrained(ours.directory, dtype=torch.float32).to(device).eval()
+    names = list(adapters)
+    peft_model = PeftModel.from_pretrained(hf, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.load_adapter(adapters[name], adapter_name=name)
+    peft_model.eval()
+    lock = threading.Lock()
+    app = FastAPI()
+
+    class Tokens:  # a transformers streamer handing each new token id to the event loop
+        def __init__(self, loop, queue):
+            self.loop, self.queue, self.first = loop, queue, True
+
+        def put(self, value):
+            if self.first:  # the first call carries the prompt
+                self.first = False
+                return
+            for t in value.flatten().tolist():
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, t)
+
+        def end(self):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def run():
+            inputs = processor(body["messages"])
+            with lock, torch.inference_mode():
+                peft_model.set_adapter(body["model"])
+                peft_model.generate(
+                    input_ids=inputs["input_ids"].to(device),
+                    attention_mask=torch.ones_like(inputs["input_ids"]).to(device),
+                    pixel_values=inputs["pixel_values"].to(device),
+                    max_new_tokens=body["max_tokens"],
+                    do_sample=False,
+                    eos_token_id=eos,
+                    pad_token_id=eos[0],
+                    streamer=Tokens(loop, queue),
+                )
+            return len(inputs["input_ids"][0])
+
+        async def events():
+            task = asyncio.ensure_future(asyncio.to_thread(run))
+            ids, text = [], ""
+            while (t := await queue.get()) is not None:
+                if t in eos:
+                    continue
+                ids.append(t)
+                new = processor.decode(ids)
+                yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': new[len(text) :]}}]})}\n\n"
+                text = new
+            prompt = await task
+            usage = {"prompt_tokens": prompt, "completion_tokens": len(ids) + 1}  # + the eos, as vlstack counts
+            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+# driving a server ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], port: int) -> subprocess.Popen:
+    import httpx
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{cmd} failed:\n{proc.stderr.read()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit(f"{cmd} did not start")
+
+
+async def one(client, url: str, item: dict, t0: float) -> dict:
+    await asyncio.sleep(max(0.0, t0 + item["at"] - time.perf_counter()))
+    body = {"model": item["model"], "messages": [{"role": "user", "content": item["content"]}],
+            "max_tokens": item["max_tokens"], "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    sent, first, text, usage = time.perf_counter(), None, "", None
+    async with client.stream("POST", url, json=body) as r:
+        if r.status_code != 200:
+            return {"ok": False, "status": r.status_code}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            for c in chunk["choices"]:
+                piece = c.get("delta", {}).get("content")
+                if piece:
+                    first = first or time.perf_counter()
+                    text += piece
+    end = time.perf_counter()
+    tokens = usage["completion_tokens"] if usage else 0
+    return {"ok": True, "sent": sent, "first": first or end, "end": end, "tokens": tokens, "text": text}
+
+
+async def drive(base: str, work: list[dict]) -> list[dict]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(work))
+    async with httpx.AsyncClient(timeout=httpx.Timeout(1800), limits=limits) as client:
+        t0 = time.perf_counter()
+        return await asyncio.gather(*(one(client, base + "/v1/chat/completions", w, t0) for w in work))
+
+
+def summarise(records: list[dict]) -> dict:
+    ok = [r for r in records if r["ok"]]
+    ttft = sorted(r["first"] - r["sent"] for r in ok)
+    tpot = sorted((r["end"] - r["first"]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1)
+    span = max(r["end"] for r in ok) - min(r["sent"] for r in ok)
+    tokens = sum(r["tokens"] for r in ok)
+
+    def pct(xs, q):
+        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+    return {
+        "requests": len(records),
+        "failed": len(records) - len(ok),
+        "seconds": span,
+        "completion_tokens": tokens,
+        "tokens_per_s": tokens / span,
+        "requests_per_s": len(ok) / span,
+        "ttft_p50": statistics.median(ttft),
+        "ttft_p99": pct(ttft, 0.99),
+        "tpot_p50": statistics.median(tpot) if tpot else float("nan"),
+        "tpot_p99": pct(tpot, 0.99),
+    }
+
+
+def serve_ours(model: str, adapters: dict[str, str], port: int, device: str, max_batch: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "vlstack.cli", "serve", "--model", model, "--port", str(port), "--device", device,
+           "--max-batch", str(max_batch)]  # fmt: skip
+    for name, path in adapters.items():
+        cmd += ["--adapter", f"{name}={path}"]
+    return start(cmd, port)
+
+
+def serve_baseline(model: str, adapters: dict[str, str], port: int, device: str) -> subprocess.Popen:
+    cmd = [sys.executable, __file__, "--baseline-server", json.dumps(adapters), "--model", model, "--port", str(port),
+           "--device", device]  # fmt: skip
+    return start(cmd, port)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--rate", type=float, default=16.0, help="mean arrivals per second (Poisson)")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--pages", type=int, default=None, help="distinct images (default: one per request)")
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--baseline-server", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.baseline_server:  # the child process of the baseline server
+        import uvicorn
+
+        app = baseline_app(args.model, json.loads(args.baseline_server), args.device)
+        uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+        return
+
+    work_dir = Path(tempfile.mkdtemp(prefix="vlstack-serve-bench-"))
+    adapters = make_adapters(args.model, work_dir)
+    work = make_workload(args.requests, args.rate, args.max_tokens, args.pages)
+    results, texts = {}, {}
+    for name in ("vlstack", "baseline"):
+        port = free_port()
+        if name == "vlstack":
+            proc = serve_ours(args.model, adapters, port, args.device, args.max_batch)
+        else:
+            proc = serve_baseline(args.model, adapters, port, args.device)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            asyncio.run(drive(base, work[:2]))  # warm-up
+            records = asyncio.run(drive(base, work))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+        results[name] = summarise(records)
+        texts[name] = [r.get("text") for r in records]
+    same = sum(a == b for a, b in zip(texts["vlstack"], texts["baseline"]))
+    ours, base = results["vlstack"], results["baseline"]
+    print(f"model {args.model} on {args.device}: {args.requests} streamed requests with an image each "
+          f"({args.pages or args.requests} distinct) over "
+          f"{len(ADAPTERS)} adapters, Poisson arrivals at {args.rate}/s, greedy, max {args.max_tokens} tokens, "
+          f"{os.cpu_count()} CPUs")  # fmt: skip
+    heads = ("tok/s", "req/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "failed")
+    print(f"{'':24}" + "".join(f"{h:>10}" for h in heads))
+    for name, r in results.items():
+        print(f"{name:24}{r['tokens_per_s']:10.1f}{r['requests_per_s']:10.2f}{r['ttft_p50']:10.3f}{r['ttft_p99']:10.3f}"
+              f"{r['tpot_p50']:10.4f}{r['tpot_p99']:10.4f}{r['failed']:10d}")  # fmt: skip
+    print(f"throughput vlstack / baseline: {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x; "
+          f"identical greedy answers: {same}/{args.requests}")  # fmt: skip
+    out = Path(args.out or f"bench/results/serve_{Path(args.model).name}_{args.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "results": results, "identical_answers": same}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

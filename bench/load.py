@@ -3,8 +3,9 @@ server's memory must stay flat.
 
 Each client loops: pick an adapter (or the base model), a question, with or without one of 16 images,
 streamed or not, and checks that the answer came back whole (200, a finish reason, usage counts). The
-server's resident memory is sampled every second; growth is measured from the end of the first quarter
-(caches and allocator pools warm by then) to the end.
+server's resident memory is sampled every second; after the first quarter (caches and allocator pools
+warm by then) its trend is fitted by least squares (MB per minute) and the mean of the second quarter
+is compared with the mean of the last.
 
     python bench/load.py                       # tiny model, 64 clients, 60 s
     python bench/load.py --clients 64 --seconds 60 --out bench/results/load_tiny.json
@@ -20,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serve import ADAPTERS, QUESTIONS, free_port, make_adapters, make_workload, serve_ours  # noqa: E402
@@ -80,14 +83,16 @@ async def run(base: str, clients: int, seconds: float, images: list[str], pid: i
     async with httpx.AsyncClient(timeout=httpx.Timeout(300), limits=limits) as http:
         url = base + "/v1/chat/completions"
         await asyncio.gather(sample(), *(client(http, url, images, stop_at, i, stats) for i in range(clients)))
-    quarter = [m for t, m in memory if t >= seconds / 4]
+    warm = np.array([(t, m / 2**20) for t, m in memory if t >= seconds / 4])  # [n, 2]: seconds, MB
+    q2, q4 = warm[warm[:, 0] < seconds / 2, 1], warm[warm[:, 0] >= 3 * seconds / 4, 1]
     return {
         **stats,
         "seconds": time.perf_counter() - t0,
         "rss_start_mb": memory[0][1] / 2**20,
-        "rss_after_warmup_mb": quarter[0] / 2**20,
-        "rss_end_mb": memory[-1][1] / 2**20,
+        "rss_q2_mean_mb": float(q2.mean()),
+        "rss_q4_mean_mb": float(q4.mean()),
         "rss_max_mb": max(m for _, m in memory) / 2**20,
+        "rss_trend_mb_per_min": float(np.polyfit(warm[:, 0], warm[:, 1], 1)[0] * 60),
         "memory": memory,
     }
 
@@ -110,13 +115,12 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    growth = result["rss_end_mb"] - result["rss_after_warmup_mb"]
     print(f"{args.clients} clients for {args.seconds:.0f} s against `vlstack serve --model {args.model}`: "
           f"{result['ok']} requests answered, {result['failed']} failed "
           f"({result['ok'] / result['seconds']:.1f} req/s)")  # fmt: skip
-    print(f"server RSS: {result['rss_start_mb']:.0f} MB at start, {result['rss_after_warmup_mb']:.0f} MB after "
-          f"{args.seconds / 4:.0f} s, {result['rss_end_mb']:.0f} MB at the end (growth {growth:+.0f} MB), "
-          f"max {result['rss_max_mb']:.0f} MB")  # fmt: skip
+    print(f"server RSS: {result['rss_start_mb']:.0f} MB idle; mean {result['rss_q2_mean_mb']:.0f} MB in the second "
+          f"quarter, {result['rss_q4_mean_mb']:.0f} MB in the last; trend after warm-up "
+          f"{result['rss_trend_mb_per_min']:+.0f} MB/min; max {result['rss_max_mb']:.0f} MB")  # fmt: skip
     for e in sorted(set(result["errors"]))[:5]:
         print("error:", e)
     out = Path(args.out or f"bench/results/load_{Path(args.model).name}.json")

@@ -141,16 +141,17 @@ def baseline_app(model: str, adapters: dict[str, str], device: str):
 
         async def events():
             task = asyncio.ensure_future(asyncio.to_thread(run))
-            ids, text = [], ""
+            ids, text, stopped = [], "", 0
             while (t := await queue.get()) is not None:
                 if t in eos:
+                    stopped = 1
                     continue
                 ids.append(t)
                 new = processor.decode(ids)
                 yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': new[len(text) :]}}]})}\n\n"
                 text = new
             prompt = await task
-            usage = {"prompt_tokens": prompt, "completion_tokens": len(ids) + 1}  # + the eos, as vlstack counts
+            usage = {"prompt_tokens": prompt, "completion_tokens": len(ids) + stopped}  # eos counts, as in vlstack
             yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
 

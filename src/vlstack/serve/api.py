@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.datastructures import Headers
 
@@ -149,6 +150,9 @@ def create_app(
     app = FastAPI(title="vlstack")
     engine = Engine(vlm, max_batch=cfg.max_batch, kv_budget=cfg.kv_budget, image_cache_mb=cfg.image_cache_mb)
     app.state.engine = engine
+    # prompts are encoded (images fetched, decoded, tiled, hashed) by a few threads, about one per core:
+    # more would only contend with the engine, and each would grow its own malloc arena
+    encoder = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="vlstack-encode")
     max_body = int(cfg.max_body_mb * 2**20)
     lock = engine.lock  # adapters change only between engine steps
     metrics = Metrics()
@@ -296,7 +300,8 @@ def create_app(
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         loop = asyncio.get_running_loop()
-        reqs = await run_in_threadpool(_submit, engine, vlm, messages, adapter, n, gen, loop, cfg.fetch_timeout)
+        args = (engine, vlm, messages, adapter, n, gen, loop, cfg.fetch_timeout)
+        reqs = await loop.run_in_executor(encoder, _submit, *args)
 
         async def pieces(r) -> AsyncIterator[str]:
             """r's text as it comes, until it ends (finished or cancelled)."""

@@ -111,10 +111,10 @@ class VLM:
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, adapter: str | None = None
     ) -> torch.Tensor:
         """input_ids [B, T], pixel_values [N, 3, S, S] -> logits [B, T, vocab] (every row with adapter)."""
-        n_slots = int((input_ids == self.cfg.image_token_id).sum())
-        if n_slots and pixel_values is None:
-            raise PromptError(f"the prompt has {n_slots} image tokens but no images were given")
         with torch.inference_mode(), route(self.model, [adapter] * input_ids.shape[0]):
+            n_slots = int((input_ids == self.cfg.image_token_id).sum())
+            if n_slots and pixel_values is None:
+                raise PromptError(f"the prompt has {n_slots} image tokens but no images were given")
             pv = pixel_values.to(self.model.device) if pixel_values is not None else None
             return self.model(input_ids.to(self.model.device), pv)
 

@@ -106,6 +106,34 @@ def test_adapter_is_chosen_by_the_model_field(client, reference):
     assert a.choices[0].message.content != b.choices[0].message.content
 
 
+def test_32_concurrent_mixed_requests_answered_as_vlm_chat(client, reference):
+    """32 clients at once, base model and adapter, with and without images, streamed and not."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    questions = ["What is the total?", "Describe.", "Which bar is highest?", "Who signed?"]
+    cases = [(questions[i % 4], image(50 + 9 * i, 40 + 5 * i, seed=i) if i % 3 == 0 else None,
+              ["tiny", "finance"][i % 2], 3 + i % 6, i % 4 == 1) for i in range(32)]  # fmt: skip
+
+    def ask(case):
+        q, img, model, n, stream = case
+        content = [{"type": "text", "text": q}]
+        if img is not None:
+            content.insert(0, {"type": "image_url", "image_url": {"url": data_url(img)}})
+        r = client.with_options(timeout=120).chat.completions.create(
+            model=model, messages=[{"role": "user", "content": content}], temperature=0, max_tokens=n, stream=stream
+        )
+        if stream:
+            return "".join(c.choices[0].delta.content or "" for c in r if c.choices)
+        return r.choices[0].message.content
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(ask, cases))
+    expected = [
+        reference.chat(q, images=img, adapter=None if m == "tiny" else m, max_new_tokens=n) for q, img, m, n, _ in cases
+    ]
+    assert answers == expected and len(set(expected)) > 8
+
+
 def test_streaming_matches_and_reports_usage(client):
     messages = [{"role": "user", "content": "Read the text in the document."}]
     whole = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=10)

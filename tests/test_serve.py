@@ -394,7 +394,9 @@ def test_metrics_in_prometheus_format(tenant_server):
         ops.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     list(ops.chat.completions.create(model="legal", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                                      stream=True))  # fmt: skip
+    assert httpx.get(base + "/wp-admin/x", headers={"Authorization": "Bearer sk-ops"}).status_code == 404
     text = httpx.get(base + "/metrics", headers={"Authorization": "Bearer sk-ops"}).text
+    assert 'vlstack_http_requests_total{path="other",status="404"} 1' in text and "wp-admin" not in text
     assert 'vlstack_requests_total{model="legal",status="200"} 2' in text
     assert 'vlstack_completion_tokens_total{model="tiny"} 3' in text
     assert 'vlstack_time_to_first_token_seconds_bucket{model="legal",le="+Inf"} 2' in text

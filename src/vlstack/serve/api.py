@@ -9,6 +9,7 @@ continuously by serve/engine.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -147,12 +148,19 @@ def create_app(
     With tenants, every endpoint but /health needs `Authorization: Bearer <key>`, and a key sees and
     uses only its own models."""
     cfg = config or ServeConfig()
-    app = FastAPI(title="vlstack")
     engine = Engine(vlm, max_batch=cfg.max_batch, kv_budget=cfg.kv_budget, image_cache_mb=cfg.image_cache_mb)
-    app.state.engine = engine
     # prompts are encoded (images fetched, decoded, tiled, hashed) by a few threads, about one per core:
     # more would only contend with the engine, and each would grow its own malloc arena
     encoder = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="vlstack-encode")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        encoder.shutdown(cancel_futures=True)
+        engine.close()
+
+    app = FastAPI(title="vlstack", lifespan=lifespan)
+    app.state.engine = engine
     max_body = int(cfg.max_body_mb * 2**20)
     lock = engine.lock  # adapters change only between engine steps
     metrics = Metrics()
@@ -192,7 +200,7 @@ def create_app(
             finally:
                 record = state.get("audit") or {}  # a chat request's model and token counts (and final status)
                 status = record.pop("status", status)
-                metrics.count("vlstack_http_requests_total", path=path, status=str(status))
+                metrics.count("vlstack_http_requests_total", path=_route(path), status=str(status))
                 if audit is not None and path.startswith("/v1/"):
                     tenant = state["tenant"]
                     audit.write(key_id=tenant.id if tenant else None, path=path, status=status, **record)
@@ -370,6 +378,14 @@ def create_app(
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
+
+
+def _route(path: str) -> str:
+    """A metrics label for a request path: the API's routes, and "other" (labels must stay few)."""
+    if path.startswith("/v1/adapters/"):
+        return "/v1/adapters/{name}"
+    known = ("/v1/chat/completions", "/v1/models", "/v1/adapters", "/health", "/metrics")
+    return path if path in known else "other"
 
 
 async def _json(request: Request, max_body: int) -> dict:

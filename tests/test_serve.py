@@ -18,6 +18,7 @@ from conftest import image
 
 import vlstack
 from vlstack.adapters import save_adapter
+from vlstack.errors import ConfigError
 from vlstack.model.lora import LoRASpec, add_adapter
 from vlstack.serve.api import ServeConfig, create_app
 
@@ -281,7 +282,8 @@ def limits_server(tmp_path_factory):
     web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=web.serve_forever, daemon=True).start()
     vlm = vlstack.load("tiny", device="cpu")
-    app = create_app(vlm, "tiny", ServeConfig(allow_http_images=True, max_queue=1, max_batch=2, max_body_mb=0.05))
+    config = ServeConfig(allow_http_images=True, max_queue=1, max_batch=2, max_body_mb=0.05, max_model_len=1000)
+    app = create_app(vlm, "tiny", config)
     with running(app) as base:
         yield base, f"http://127.0.0.1:{web.server_address[1]}", files, app.state.engine
     web.shutdown()
@@ -336,6 +338,11 @@ def test_overload_gets_503_and_big_bodies_413(limits_server):
 
     r = httpx.post(base + "/v1/chat/completions", content=chunked(), timeout=10)
     assert r.status_code == 413
+    long = {**body, "messages": [{"role": "user", "content": "word " * 1200}]}  # within the body limit
+    r = httpx.post(base + "/v1/chat/completions", json=long, timeout=10)  # over --max-model-len 1000
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    with pytest.raises(ConfigError, match="max_batch must be positive"):
+        ServeConfig(max_batch=0)
 
 
 @pytest.fixture(scope="module")

@@ -119,7 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     config = ServeConfig(
         allow_http_images=args.allow_http_images, image_dir=args.image_dir, max_batch=args.max_batch,
         kv_budget=args.kv_budget, max_queue=args.max_queue, max_body_mb=args.max_body_mb,
-        image_cache_mb=args.image_cache_mb,
+        image_cache_mb=args.image_cache_mb, max_model_len=args.max_model_len, prefill_tokens=args.prefill_tokens,
     )  # fmt: skip
     app = create_app(vlm, name, config, tenants=tenants, audit=audit)
     print(f"serving {name!r} and adapters {sorted(vlm.adapters)} on http://{args.host}:{args.port}/v1", flush=True)
@@ -157,6 +157,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--audit-content", action="store_true", help="include the messages in the audit log")
     serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     serve.add_argument("--kv-budget", type=int, default=None, help="KV-cache tokens in use at most (queue beyond)")
+    serve.add_argument("--max-model-len", type=int, default=None,
+                       help="tokens per request, prompt + answer (bounds the KV cache's memory)")  # fmt: skip
+    serve.add_argument("--prefill-tokens", type=int, default=8192, help="prompt tokens prefilled per step")
     serve.add_argument("--max-queue", type=int, default=256, help="waiting requests at most (503 beyond)")
     serve.add_argument("--max-body-mb", type=float, default=64, help="request body size limit (413 beyond)")
     serve.add_argument("--image-cache-mb", type=float, default=512, help="memory for cached visual embeddings")

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.datastructures import Headers
 
 from ..api import VLM
-from ..errors import ImageError, PromptError, VLStackError
+from ..errors import ConfigError, ImageError, PromptError, VLStackError
 from ..generate import SamplingParams
 from .auth import AuditLog, Tenant, find_tenant
 from .engine import Engine
@@ -42,10 +42,23 @@ class ServeConfig:
     image_dir: str | Path | None = None  # local image files are served from under this directory only
     max_batch: int = 16  # requests decoded together
     kv_budget: int | None = None  # KV-cache tokens in use at most (default: max_batch x context)
+    max_model_len: int | None = None  # tokens per request, prompt + answer (default: the model's context);
+    # the KV cache holds max_batch x max_model_len positions, so this bounds its memory
+    prefill_tokens: int = 8192  # prompt tokens prefilled per engine step (the running requests wait meanwhile)
     max_queue: int = 256  # requests waiting beyond this are refused with 503
     max_body_mb: float = 64  # request bodies beyond this are refused with 413
     image_cache_mb: float = 512  # visual embeddings kept for images seen again
     fetch_timeout: float = 10.0  # seconds for an http(s) image
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "prefill_tokens", "max_body_mb", "fetch_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive (got {getattr(self, name)})")
+        for name in ("kv_budget", "max_model_len"):
+            if getattr(self, name) is not None and getattr(self, name) < 2:
+                raise ConfigError(f"{name} must be at least 2 tokens (got {getattr(self, name)})")
+        if self.image_cache_mb < 0:
+            raise ConfigError(f"image_cache_mb must be >= 0 (got {self.image_cache_mb})")
 
 
 class APIError(Exception):
@@ -148,7 +161,7 @@ def create_app(
     With tenants, every endpoint but /health needs `Authorization: Bearer <key>`, and a key sees and
     uses only its own models."""
     cfg = config or ServeConfig()
-    engine = Engine(vlm, max_batch=cfg.max_batch, kv_budget=cfg.kv_budget, image_cache_mb=cfg.image_cache_mb)
+    engine = Engine(vlm, cfg.max_batch, cfg.kv_budget, cfg.max_model_len, cfg.prefill_tokens, cfg.image_cache_mb)
     # prompts are encoded (images fetched, decoded, tiled, hashed) by a few threads, about one per core:
     # more would only contend with the engine, and each would grow its own malloc arena
     encoder = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="vlstack-encode")

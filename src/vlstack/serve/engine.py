@@ -13,7 +13,6 @@ submission, so that work runs in parallel with the engine.
 
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 import time
@@ -116,7 +115,6 @@ class Engine:
         self.admitting: list[Request] = []  # being prefilled
         self.free = list(range(max_batch))
         self.lock = threading.Lock()  # held while the model runs: adapters load and unload between steps
-        self.ids = itertools.count()
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="vlstack-engine", daemon=True)
         self.thread.start()

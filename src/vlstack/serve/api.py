@@ -285,10 +285,14 @@ def create_app(
             raise APIError(400, "give the adapter's 'name' and the 'path' of its PEFT directory")
         if adapter == name or adapter in vlm.adapters:
             raise APIError(409, f"a model named {adapter!r} is already served", "name")
-        try:
+
+        def load() -> None:  # in a worker thread: waiting for the engine's step must not block the event loop
             with lock:
                 vlm.load_adapter(adapter, path)
                 engine.adapter_changed(adapter)
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(encoder, load)
         except VLStackError as e:
             raise APIError(400, str(e), "path") from None
         roots[adapter] = path

@@ -30,7 +30,10 @@ from .cache import FeatureCache, image_hash, tiles_per_image
 
 
 class SlotCache:
-    """Keys and values for `slots` sequences, each with its own length; the model works on `rows`."""
+    """Keys and values for `slots` sequences, each with its own length; the model works on the rows `use` names.
+
+    Lengths live on the model's device (positions, masks) and on the host (slicing), so that no step
+    waits for the device to report one."""
 
     def __init__(self, vlm: VLM, slots: int, max_len: int):
         t, model = vlm.cfg.text, vlm.model
@@ -38,13 +41,24 @@ class SlotCache:
         self.k = torch.zeros(shape, dtype=model.dtype, device=model.device)  # [L, S, Hkv, Tmax, D]
         self.v = torch.zeros(shape, dtype=model.dtype, device=model.device)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=model.device)  # [S]
-        self.rows = torch.zeros(0, dtype=torch.long, device=model.device)  # the slots of the batch rows
+        self.host = [0] * slots  # the same lengths
+        self.slots: list[int] = []  # the slot of each batch row
+        self.rows = torch.zeros(0, dtype=torch.long, device=model.device)  # [B]: the same, on the device
         self.prefix = False  # rows are slots 0..B-1: keys and values are read as a view, not gathered
+
+    def use(self, slots: list[int], lengths: list[int] | None = None) -> None:
+        """Make these slots the batch's rows, and set their lengths when given."""
+        self.slots, self.prefix = slots, slots == list(range(len(slots)))
+        self.rows = torch.tensor(slots, dtype=torch.long, device=self.k.device)
+        if lengths is not None:
+            for slot, n in zip(slots, lengths):
+                self.host[slot] = n
+            self.lengths[self.rows] = torch.tensor(lengths, dtype=torch.long, device=self.k.device)
 
     @property
     def length(self) -> int:
         """The longest sequence among the rows (the model builds a causal mask past a cached prefix)."""
-        return int(self.lengths[self.rows].max()) if len(self.rows) else 0
+        return max((self.host[s] for s in self.slots), default=0)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [B, Hkv, T, D] written after each row's own length -> each row's keys, values so far."""
@@ -52,20 +66,25 @@ class SlotCache:
         rows = self.rows[:, None].expand_as(pos)
         self.k[layer].permute(0, 2, 1, 3)[rows, pos] = k.transpose(1, 2)  # [B, T, Hkv, D] into [S, Tmax, Hkv, D]
         self.v[layer].permute(0, 2, 1, 3)[rows, pos] = v.transpose(1, 2)
-        end = int(pos.max()) + 1
-        rows = slice(0, len(self.rows)) if self.prefix else self.rows
+        end = self.length + k.shape[2]
+        rows = slice(0, len(self.slots)) if self.prefix else self.rows
         return self.k[layer, rows, :, :end], self.v[layer, rows, :, :end]  # [B, Hkv, K, D]
 
     def move(self, old: list[int], new: list[int]) -> None:
         """Copy the sequences in slots `old` to slots `new` (any overlap: the sources are read first)."""
         src, dst = torch.tensor(old, device=self.k.device), torch.tensor(new, device=self.k.device)
-        end = int(self.lengths[src].max())
+        end = max(self.host[s] for s in old)
         self.k[:, dst, :, :end] = self.k[:, src, :, :end]
         self.v[:, dst, :, :end] = self.v[:, src, :, :end]
         self.lengths[dst] = self.lengths[src]
+        lengths = [self.host[s] for s in old]
+        for slot, n in zip(new, lengths):
+            self.host[slot] = n
 
     def advance(self, n: int) -> None:
         self.lengths[self.rows] += n
+        for slot in self.slots:
+            self.host[slot] += n
 
 
 @dataclass(eq=False)
@@ -208,7 +227,6 @@ class Engine:
 
     def _prefill(self, batch: list[Request]) -> None:
         """The new requests' prompts, shortest first, in right-padded chunks of similar lengths (little padding)."""
-        self.cache.prefix = False
         features = self._features(batch)  # every new image in one pass through the vision encoder
         batch = sorted(batch, key=lambda r: len(r.prompt))
         chunk: list[Request] = []
@@ -223,18 +241,19 @@ class Engine:
         """Prompts right-padded into one forward; each row's logits at its last token."""
         batch.sort(key=lambda r: r.adapter or "")  # each adapter's rows in one run
         model, device = self.vlm.model, self.vlm.model.device
-        lengths = torch.tensor([len(r.prompt) for r in batch], device=device)  # [B]
+        lengths = [len(r.prompt) for r in batch]
         pad = (self.vlm.cfg.image_token_id + 1) % self.vlm.cfg.text.vocab_size  # any token but the image token
-        ids = torch.full((len(batch), int(lengths.max())), pad, dtype=torch.long, device=device)  # [B, T]
+        ids = torch.full((len(batch), max(lengths)), pad, dtype=torch.long)  # [B, T]
+        last = torch.zeros(ids.shape, dtype=torch.bool)  # [B, T]: each row's last prompt token
         for i, r in enumerate(batch):
-            ids[i, : len(r.prompt)] = r.prompt.to(device)
-        last = torch.arange(ids.shape[1], device=device)[None] == lengths[:, None] - 1  # [B, T]
-        self.cache.rows = torch.tensor([r.slot for r in batch], device=device)
-        self.cache.lengths[self.cache.rows] = 0
+            ids[i, : lengths[i]], last[i, lengths[i] - 1] = r.prompt, True
+        slots = [r.slot for r in batch]
+        self.cache.use(slots, [0] * len(batch))
         feats = [features[self._image_key(r, digest)] for r in batch for digest, _ in r.images]  # prompt order
         with route(model, [r.adapter for r in batch]):
-            logits = model(ids, None, cache=self.cache, select=last, features=torch.cat(feats) if feats else None)
-        self.cache.lengths[self.cache.rows] = lengths  # padding past a row's length is masked, then overwritten
+            feats = torch.cat(feats) if feats else None
+            logits = model(ids.to(device), None, cache=self.cache, select=last.to(device), features=feats)  # [B, V]
+        self.cache.use(slots, lengths)  # padding past a row's length is masked, then overwritten
         self.running += batch
         self._emit(batch, logits)
 
@@ -271,10 +290,10 @@ class Engine:
         self._arrange()
         rows = list(self.running)  # _emit removes finished rows from self.running
         model, device = self.vlm.model, self.vlm.model.device
-        self.cache.rows, self.cache.prefix = torch.arange(len(rows), device=device), True
+        self.cache.use([r.slot for r in rows])  # 0..B-1
         lengths = self.cache.lengths[self.cache.rows]  # [B]
         positions = lengths[:, None]  # [B, 1]: the new token's position
-        keys = int(lengths.max()) + 1
+        keys = self.cache.length + 1
         mask = (torch.arange(keys, device=device)[None] <= lengths[:, None])[:, None, None, :]  # [B, 1, 1, K]
         tokens = torch.tensor([[r.next_token] for r in rows], device=device)
         with route(model, [r.adapter for r in rows]):
@@ -311,8 +330,11 @@ class Engine:
 
     def _emit(self, rows: list[Request], logits: torch.Tensor) -> None:
         """Sample each row's next token, send its text, and retire finished or cancelled rows."""
+        tokens = logits.argmax(-1)  # [B]: greedy rows all at once
         for i, req in enumerate(rows):
-            token = int(sample(logits[i : i + 1], req.params, req.generator)[0])
+            if req.params.temperature > 0:  # each sampled row with its own generator
+                tokens[i] = sample(logits[i : i + 1], req.params, req.generator)[0]
+        for req, token in zip(rows, tokens.tolist()):  # one copy to the host
             req.generated += 1
             if req.first_token_at is None:
                 req.first_token_at = time.perf_counter()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 from conftest import image
 
 import vlstack
 from vlstack.chat import question_messages
+from vlstack.errors import ConfigError
 from vlstack.generate import SamplingParams
 from vlstack.model.lora import LoRASpec, add_adapter
 from vlstack.serve.engine import Engine
@@ -145,3 +147,12 @@ def test_a_generated_image_token_is_an_ordinary_token():
     ids = torch.tensor([[1, vlm.cfg.image_token_id, 7]])
     with torch.no_grad():
         assert torch.equal(vlm.model.embed(ids), vlm.model.language_model.embed_tokens(ids))
+
+
+def test_a_kv_cache_that_does_not_fit_is_a_clear_error():
+    vlm = vlstack.load("tiny", device="cpu")
+    with pytest.raises(ConfigError, match="lower --max-batch or --max-model-len"):
+        Engine(vlm, max_batch=10**8)  # petabytes: beyond any machine's address space
+    engine = Engine(vlm, max_batch=2, max_len=512)
+    assert engine.cache_bytes == engine.cache.k.numel() * 4 * 2  # float32 keys and values
+    engine.close()

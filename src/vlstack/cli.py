@@ -122,7 +122,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         image_cache_mb=args.image_cache_mb, max_model_len=args.max_model_len, prefill_tokens=args.prefill_tokens,
     )  # fmt: skip
     app = create_app(vlm, name, config, tenants=tenants, audit=audit)
-    print(f"serving {name!r} and adapters {sorted(vlm.adapters)} on http://{args.host}:{args.port}/v1", flush=True)
+    engine = app.state.engine
+    cache = f"{engine.max_batch} x {engine.max_len} tokens, {engine.cache_bytes / 2**30:.2f} GiB"
+    print(f"serving {name!r} and adapters {sorted(vlm.adapters)} on http://{args.host}:{args.port}/v1 "
+          f"(KV cache: {cache})", flush=True)  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..api import VLM
-from ..errors import PromptError
+from ..errors import ConfigError, PromptError
 from ..generate import Detokenizer, SamplingParams, sample
 from ..model.lora import lora_layers, route
 from .cache import FeatureCache, image_hash, tiles_per_image
@@ -126,7 +126,16 @@ class Engine:
         self.vlm, self.max_batch, self.prefill_tokens = vlm, max_batch, prefill_tokens
         self.max_len = min(max_len or vlm.context_len, vlm.context_len)
         self.kv_budget = kv_budget or max_batch * self.max_len
-        self.cache = SlotCache(vlm, max_batch, self.max_len)
+        t = vlm.cfg.text
+        self.cache_bytes = 2 * t.num_hidden_layers * max_batch * t.num_key_value_heads * self.max_len * t.head_dim
+        self.cache_bytes *= vlm.model.lm_head.weight.element_size()
+        try:
+            self.cache = SlotCache(vlm, max_batch, self.max_len)
+        except (RuntimeError, MemoryError):  # torch.OutOfMemoryError is a RuntimeError
+            raise ConfigError(
+                f"the KV cache for {max_batch} requests of {self.max_len} tokens needs "
+                f"{self.cache_bytes / 2**30:.1f} GiB, more than is free; lower --max-batch or --max-model-len"
+            ) from None
         self.images = FeatureCache(int(image_cache_mb * 2**20))
         self.vision_adapters = self._vision_adapters()
         self.waiting: queue.Queue[Request] = queue.Queue()

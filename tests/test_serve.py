@@ -429,3 +429,19 @@ def test_a_model_failure_is_a_500_in_openai_shape(server, client):
         model.forward = forward
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_audit_log_keeps_content_only_when_asked(tmp_path):
+    from vlstack.serve.auth import AuditLog, read_keys
+
+    messages = [{"role": "user", "content": "the merger closes on Friday"}]
+    AuditLog(tmp_path / "a.jsonl").write(key_id="k", model="m", content=messages)
+    AuditLog(tmp_path / "b.jsonl", content=True).write(key_id="k", model="m", content=messages)
+    plain, full = (json.loads((tmp_path / f).read_text()) for f in ("a.jsonl", "b.jsonl"))
+    assert "content" not in plain and plain["key_id"] == "k" and full["content"] == messages
+    (tmp_path / "keys.yaml").write_text("keys:\n  - {id: a, key: k1}\n")
+    with pytest.raises(ConfigError, match="key 1 needs 'id', 'key' and a 'models' list"):
+        read_keys(tmp_path / "keys.yaml")
+    (tmp_path / "keys.yaml").write_text("keys:\n  - {id: a, key: k1, models: [x]}\n  - {id: b, key: k1, models: [y]}\n")
+    with pytest.raises(ConfigError, match="the same key appears twice"):
+        read_keys(tmp_path / "keys.yaml")

@@ -144,6 +144,7 @@ class Engine:
         self.free = list(range(max_batch))
         self.lock = threading.Lock()  # held while the model runs: adapters load and unload between steps
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set when a request arrives
         self.thread = threading.Thread(target=self._loop, name="vlstack-engine", daemon=True)
         self.thread.start()
 
@@ -165,6 +166,7 @@ class Engine:
         if params.seed is not None:
             req.generator = torch.Generator(device=self.vlm.model.device).manual_seed(params.seed)
         self.waiting.put(req)
+        self._wake.set()
         return req
 
     def cancel(self, req: Request) -> None:
@@ -182,14 +184,16 @@ class Engine:
 
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         self.thread.join(timeout=10)
 
     # the engine thread -------------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()
             if not self.running and self.waiting.empty():
-                self._stop.wait(0.002)
+                self._wake.wait(1.0)  # idle until a request arrives
                 continue
             with self.lock, torch.inference_mode():
                 try:

@@ -3,12 +3,14 @@
 Requests join and leave the running batch at every decode step. Each running request owns a slot of a
 KV cache preallocated for `max_batch` sequences of up to `max_len` tokens; a request waits in the queue
 (it is never refused for lack of room) until a slot is free and the tokens it may still need fit in
-`kv_budget`. The requests admitted at one step are prefilled together: their new images through the
-vision encoder in one pass (images seen before come from the cache of visual embeddings), their prompts
-right-padded into one forward. Then every step decodes one token for all running requests at once, each
-row with its own adapter (the base matmul once, each adapter on its rows), its own sampling parameters
-and seed. Prompts, images included, are decoded, tiled and hashed by the caller's thread before
-submission, so that work runs in parallel with the engine.
+`kv_budget`. The requests admitted at one step (up to `prefill_tokens` prompt tokens) are prefilled
+together: their new images through the vision encoder in one pass (images seen before come from the
+cache of visual embeddings), their prompts right-padded in chunks of similar lengths. Then every step
+decodes one token for all running requests at once, each row with its own adapter (the base matmul
+once, each adapter on its rows), its own sampling parameters and seed; the running requests sit in
+slots 0..B-1, each adapter's rows together, so the step reads the cache as a view. A step that raises
+fails its requests and the engine goes on. Prompts, images included, are decoded, tiled and hashed by
+the caller's thread before submission, so that work runs in parallel with the engine.
 """
 
 from __future__ import annotations

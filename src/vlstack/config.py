@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+import yaml
+
+from .errors import ConfigError, VLStackError
 
 SUPPORTED_LLMS = ("qwen2",)  # model_type of the language model
 
@@ -255,6 +257,17 @@ def parse_config(raw: dict) -> VLMConfig:
     if cfg.vision.norm_type not in ("layer_norm", "rms_norm"):
         raise ConfigError(f"vision norm_type {cfg.vision.norm_type!r} is not supported (layer_norm or rms_norm)")
     return cfg
+
+
+def read_yaml(path: str | Path, what: str, error: type[VLStackError] = ConfigError) -> Any:
+    """The contents of an operator's YAML (or JSON) file, or `error` naming what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML or JSON: {e}") from None
 
 
 def read_config(directory: str | Path) -> VLMConfig:

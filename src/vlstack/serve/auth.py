@@ -21,8 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from ..config import read_yaml
 from ..errors import ConfigError
 
 
@@ -39,12 +38,7 @@ class Tenant:
 
 def read_keys(path: str | Path) -> list[Tenant]:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"keys file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML or JSON: {e}") from None
+    raw = read_yaml(path, "keys file")
     entries = raw.get("keys") if isinstance(raw, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{path}: needs a non-empty 'keys' list")

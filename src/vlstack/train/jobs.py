@@ -31,8 +31,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ..config import read_yaml
 from ..errors import VLStackError
 from ..model.lora import LLM_TARGETS, PARTS, LoRASpec
 
@@ -134,12 +133,7 @@ def _check(job: dict, where: str, root: Path) -> Job:
 
 def read_plan(path: str | Path) -> Plan:
     path = Path(path)
-    if not path.is_file():
-        raise JobError(f"jobs file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise JobError(f"{path}: not valid YAML: {e}") from None
+    raw = read_yaml(path, "jobs file", JobError)
     if not isinstance(raw, dict) or not isinstance(raw.get("jobs"), list) or not raw["jobs"]:
         raise JobError(f"{path}: needs a non-empty 'jobs' list")
     unknown = sorted(set(raw) - {"model", "max_rows", "jobs"})

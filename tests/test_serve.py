@@ -41,14 +41,18 @@ def adapter_dir(tmp_path_factory):
     return save_adapter(vlm.model, "finance", tmp_path_factory.mktemp("ad") / "finance", spec)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def running(app):
     """Serve app with uvicorn on a free loopback port; yields its base URL."""
     import uvicorn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -214,9 +218,7 @@ def test_vlstack_serve_command_answers(adapter_dir):
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "vlstack.cli", "serve", "--port", str(port), "--adapter", f"finance={adapter_dir}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -235,10 +235,10 @@ def create_app(
         """Metrics of a chat request that ended (answered, or abandoned by its client: 499); its audit record."""
         failed = any(r.finish_reason == "error" for r in reqs)
         status = 500 if failed else 200 if all(r.finish_reason for r in reqs) else 499
-        prompt, completion = len(reqs[0].prompt), sum(r.generated for r in reqs)
+        usage = _usage(reqs)
         metrics.count("vlstack_requests_total", model=model, status=str(status))
-        metrics.count("vlstack_prompt_tokens_total", prompt, model=model)
-        metrics.count("vlstack_completion_tokens_total", completion, model=model)
+        metrics.count("vlstack_prompt_tokens_total", usage["prompt_tokens"], model=model)
+        metrics.count("vlstack_completion_tokens_total", usage["completion_tokens"], model=model)
         for r in reqs:
             if r.first_token_at is not None:
                 metrics.observe("vlstack_time_to_first_token_seconds", r.first_token_at - r.submitted, model=model)
@@ -247,8 +247,8 @@ def create_app(
                 if r.generated > 1:
                     per_token = (r.finished_at - r.first_token_at) / (r.generated - 1)
                     metrics.observe("vlstack_time_per_output_token_seconds", per_token, model=model)
-        return {"model": model, "prompt_tokens": prompt, "completion_tokens": completion, "content": messages,
-                "status": status}  # fmt: skip
+        return {"model": model, "prompt_tokens": usage["prompt_tokens"],
+                "completion_tokens": usage["completion_tokens"], "content": messages, "status": status}  # fmt: skip
 
     roots: dict[str, str] = {}  # adapter name -> the directory it came from
     image_root = Path(cfg.image_dir) if cfg.image_dir else None
@@ -342,10 +342,6 @@ def create_app(
                     return
                 await asyncio.sleep(0.5)
 
-        def usage() -> dict:
-            prompt, completion = len(reqs[0].prompt), sum(r.generated for r in reqs)
-            return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
         if not stream:
             watcher, texts = asyncio.create_task(watch()), []
             try:
@@ -364,7 +360,7 @@ def create_app(
                 for i, (t, r) in enumerate(zip(texts, reqs))
             ]
             return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-                    "choices": choices, "usage": usage()}  # fmt: skip
+                    "choices": choices, "usage": _usage(reqs)}  # fmt: skip
 
         def chunk(choices: list[dict], **extra) -> str:
             body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -385,7 +381,7 @@ def create_app(
                         return  # the client went away
                     yield chunk([{"index": i, "delta": {}, "finish_reason": r.finish_reason}])
                 if include_usage:
-                    yield chunk([], usage=usage())
+                    yield chunk([], usage=_usage(reqs))
                 yield "data: [DONE]\n\n"
             finally:
                 for r in reqs:  # a no-op for finished requests; frees the slots of abandoned ones
@@ -395,6 +391,12 @@ def create_app(
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
+
+
+def _usage(reqs: list) -> dict:
+    """OpenAI's usage of a request's n completions (one prompt, counted once)."""
+    prompt, completion = len(reqs[0].prompt), sum(r.generated for r in reqs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _route(path: str) -> str:

@@ -45,17 +45,15 @@ class FeatureCache:
 
     def put(self, key: Key, feats: torch.Tensor) -> None:
         """Keep feats [n tiles, P, C], evicting the least recently used entries beyond the budget."""
-        size = feats.numel() * feats.element_size()
-        if size > self.max_bytes or key in self.entries:
+        if feats.nbytes > self.max_bytes or key in self.entries:
             return
         self.entries[key] = feats
-        self.bytes += size
+        self.bytes += feats.nbytes
         while self.bytes > self.max_bytes:
             _, old = self.entries.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+            self.bytes -= old.nbytes
 
     def drop_adapter(self, adapter: str) -> None:
         """Forget what an adapter encoded (it was unloaded, or replaced by new weights)."""
         for key in [k for k in self.entries if k[1] == adapter]:
-            old = self.entries.pop(key)
-            self.bytes -= old.numel() * old.element_size()
+            self.bytes -= self.entries.pop(key).nbytes

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve import ADAPTERS, QUESTIONS, free_port, make_adapters, make_workload, serve_ours  # noqa: E402
+from serve import ADAPTERS, QUESTIONS, chunks, free_port, make_adapters, make_workload, serve_ours  # noqa: E402
 
 
 def rss_bytes(pid: int) -> int:
@@ -52,11 +52,9 @@ async def client(http, url: str, images: list[str], stop_at: float, seed: int, s
             if stream:
                 finish, usage = None, None
                 async with http.stream("POST", url, json=body) as r:
-                    async for line in r.aiter_lines():
-                        if line.startswith("data: {"):
-                            chunk = json.loads(line[6:])
-                            usage = chunk.get("usage") or usage
-                            finish = next((c["finish_reason"] for c in chunk["choices"] if c["finish_reason"]), finish)
+                    async for chunk in chunks(r):
+                        usage = chunk.get("usage") or usage
+                        finish = next((c["finish_reason"] for c in chunk["choices"] if c["finish_reason"]), finish)
                     ok = r.status_code == 200 and finish is not None and usage is not None
             else:
                 r = await http.post(url, json=body)

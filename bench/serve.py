@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +187,13 @@ def start(cmd: list[str], port: int) -> subprocess.Popen:
     raise SystemExit(f"{cmd} did not start")
 
 
+async def chunks(response) -> AsyncIterator[dict]:
+    """The JSON chunks of a server-sent-events chat stream (without the final [DONE])."""
+    async for line in response.aiter_lines():
+        if line.startswith("data: {"):
+            yield json.loads(line[6:])
+
+
 async def one(client, url: str, item: dict, t0: float) -> dict:
     await asyncio.sleep(max(0.0, t0 + item["at"] - time.perf_counter()))
     body = {"model": item["model"], "messages": [{"role": "user", "content": item["content"]}],
@@ -195,10 +203,7 @@ async def one(client, url: str, item: dict, t0: float) -> dict:
     async with client.stream("POST", url, json=body) as r:
         if r.status_code != 200:
             return {"ok": False, "status": r.status_code}
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in chunks(r):
             usage = chunk.get("usage") or usage
             for c in chunk["choices"]:
                 piece = c.get("delta", {}).get("content")

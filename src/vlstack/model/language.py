@@ -81,7 +81,9 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None, seqlens: list[int] | None = None
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
@@ -89,8 +91,12 @@ class SelfAttention(nn.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.index, k, v)  # [B, Hkv, K, D]
-        causal = mask is None and t > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        if seqlens is not None:  # packed sequences: each attends causally to itself only
+            parts = zip(q.split(seqlens, 2), k.split(seqlens, 2), v.split(seqlens, 2))
+            y = torch.cat([F.scaled_dot_product_attention(*p, is_causal=True, enable_gqa=True) for p in parts], 2)
+        else:
+            causal = mask is None and t > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -113,8 +119,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, mask) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+    def forward(self, x, cos, sin, cache, mask, seqlens) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask, seqlens)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -132,10 +138,12 @@ class LanguageModel(nn.Module):
         positions: torch.Tensor,
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
+        seqlens: list[int] | None = None,
     ) -> torch.Tensor:
         """embeds [B, T, C], positions [B, T] -> final hidden states [B, T, C].
 
         mask [B, 1, T, K] (True = attend) is needed only with padding; without it attention is causal.
+        seqlens: embeds [1, T] holds sequences of these lengths back to back (no cache); each is causal alone.
         """
         b, t, _ = embeds.shape
         if mask is None and t > 1 and cache is not None and cache.length > 0:  # causal past a cached prefix
@@ -143,7 +151,7 @@ class LanguageModel(nn.Module):
         cos, sin = self.rotary(positions, embeds.dtype)
         x = embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, mask)
+            x = layer(x, cos, sin, cache, mask, seqlens)
         if cache is not None:
             cache.advance(t)
         return self.norm(x)

@@ -60,13 +60,13 @@ class LoRASpec:
 
 
 class Routing:
-    """Which rows of the current batch each adapter owns: [(adapter, first row, end row), ...]."""
+    """Which part of the current batch each adapter owns: [(adapter, first, end), ...] along `axis` of the
+    activations -- 0: rows of a batch (or tiles); 1: tokens of a packed batch, sequences back to back in
+    one row."""
 
     def __init__(self) -> None:
         self.segments: list[tuple[str, int, int]] = []
-        # in a right-padded batch, each adapter's own sequence length: dropout draws its masks at this
-        # length, so they do not depend on how far other rows pad the batch
-        self.lengths: dict[str, int] = {}
+        self.axis = 0
 
 
 class LoRALinear(nn.Linear):
@@ -111,39 +111,39 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)  # [B, ..., out]: the base matmul, once for all rows
+        axis = self.routing.axis
         if not torch.is_grad_enabled():  # no autograd: each update is added into its rows in place
             for name, start, end in self.routing.segments:
                 if name in self.lora_A:
-                    h = self.lora_A[name](x[start:end]).reshape(-1, self.lora_A[name].out_features)  # [rows*T, r]
-                    ys = y[start:end].view(-1, self.out_features)  # [rows*T, out], a view of y
-                    ys.addmm_(h, self.lora_B[name].weight.t(), alpha=self.scaling[name])
+                    a, b = self.lora_A[name], self.lora_B[name]
+                    h = a(x.narrow(axis, start, end - start)).reshape(-1, a.out_features)  # [n, r]
+                    ys = y.narrow(axis, start, end - start).view(-1, self.out_features)  # [n, out], a view of y
+                    ys.addmm_(h, b.weight.t(), alpha=self.scaling[name])
             return y
-        pieces, row = [], 0  # the adapters' updates, row by row, zeros where no adapter applies
+        pieces, done = [], 0  # the adapters' updates along the axis, zeros where no adapter applies
         for name, start, end in self.routing.segments:
             if name not in self.lora_A:
                 continue
-            xs = x[start:end]
+            xs = x.narrow(axis, start, end - start)
             p, gen = self.dropout[name]
             if p and self.training:  # the adapter's own generator: the same masks fused or alone
-                xs = xs * dropout_mask(xs.shape, self.routing.lengths.get(name), p, gen, xs.device)
-            if start > row:
-                pieces.append(y.new_zeros((start - row, *y.shape[1:])))
+                xs = xs * ((torch.rand(xs.shape, generator=gen, device=xs.device) >= p) / (1 - p))
+            if start > done:
+                pieces.append(_zeros(y, axis, start - done))
             pieces.append(self.lora_B[name](self.lora_A[name](xs)) * self.scaling[name])
-            row = end
+            done = end
         if not pieces:
             return y
-        if row < y.shape[0]:
-            pieces.append(y.new_zeros((y.shape[0] - row, *y.shape[1:])))
-        return y + torch.cat(pieces)  # one add: its backward is cheap slicing, not a copy per adapter
+        if done < y.shape[axis]:
+            pieces.append(_zeros(y, axis, y.shape[axis] - done))
+        return y + torch.cat(pieces, axis)  # one add: its backward is cheap slicing, not a copy per adapter
 
 
-def dropout_mask(shape, length: int | None, p: float, gen, device) -> torch.Tensor:
-    """Inverted-dropout scale [rows, T, C], drawn for the first `length` positions only (1 beyond them)."""
-    if length is None or len(shape) != 3 or length >= shape[1]:
-        return (torch.rand(shape, generator=gen, device=device) >= p) / (1 - p)
-    mask = torch.ones(shape, device=device)
-    mask[:, :length] = (torch.rand((shape[0], length, shape[2]), generator=gen, device=device) >= p) / (1 - p)
-    return mask
+def _zeros(y: torch.Tensor, axis: int, n: int) -> torch.Tensor:
+    """Zeros shaped like y with n entries along axis."""
+    shape = list(y.shape)
+    shape[axis] = n
+    return y.new_zeros(shape)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -209,29 +209,29 @@ def segments(adapters: list[str | None]) -> list[tuple[str, int, int]]:
 
 
 class route:
-    """`with route(model, ["finance", "finance", None, "legal"]):` -- rows use these adapters."""
+    """`with route(model, ["finance", "finance", None, "legal"]):` -- rows use these adapters.
 
-    def __init__(self, model: nn.Module, adapters: list[str | None] | None, lengths: dict[str, int] | None = None):
+    With axis=1 the names are per token of a packed batch (one row holding sequences back to back)."""
+
+    def __init__(self, model: nn.Module, adapters: list[str | None] | None, axis: int = 0):
         self.routing = routing_of(model)
-        self.new = segments(adapters or [])
-        self.lengths = lengths or {}
+        self.new = segments(adapters or []), axis
         known = adapter_names(model)
         unknown = sorted({a for a in adapters or [] if a is not None} - known)
         if unknown:
             raise ConfigError(f"unknown adapter(s) {unknown}; loaded: {sorted(known)}")
 
     def __enter__(self) -> Routing:
-        self.old = self.routing.segments, self.routing.lengths
-        self.routing.segments, self.routing.lengths = self.new, self.lengths
+        self.old = self.routing.segments, self.routing.axis
+        self.routing.segments, self.routing.axis = self.new
         return self.routing
 
     def __exit__(self, *exc) -> None:
-        self.routing.segments, self.routing.lengths = self.old
+        self.routing.segments, self.routing.axis = self.old
 
 
-def regroup(segs: list[tuple[str, int, int]], counts: list[int]) -> list[tuple[str, int, int]]:
-    """Row segments -> segments over items when row r owns counts[r] consecutive items (tiles of its images)."""
-    starts = [0]
-    for c in counts:
-        starts.append(starts[-1] + c)
-    return [(name, starts[a], starts[b]) for name, a, b in segs if starts[b] > starts[a]]
+def regroup(segs: list[tuple[str, int, int]], image_tokens: torch.Tensor, per_tile: int) -> list[tuple[str, int, int]]:
+    """Segments along the routing axis -> segments over image tiles, given the image tokens [units] each
+    unit (row or token) holds: an adapter acts on the tiles of its own rows' images."""
+    ends = [0, *torch.cumsum(image_tokens, 0).div(per_tile, rounding_mode="floor").tolist()]  # tiles before each unit
+    return [(name, ends[a], ends[b]) for name, a, b in segs if ends[b] > ends[a]]

@@ -77,13 +77,13 @@ class InternVL(nn.Module):
         if features is None and pixel_values is not None and pixel_values.numel():
             routing = getattr(self, "lora_routing", None)  # adapters of the vision tower act on each row's tiles
             if routing is not None and routing.segments:
-                rows, lengths = routing.segments, routing.lengths
-                routing.segments = regroup(rows, (is_image.sum(1) // self.cfg.tokens_per_tile).tolist())
-                routing.lengths = {}  # tiles are never padded
+                old = routing.segments, routing.axis
+                units = is_image.sum(1) if routing.axis == 0 else is_image[0]  # image tokens per row, or per token
+                routing.segments, routing.axis = regroup(routing.segments, units, self.cfg.tokens_per_tile), 0
                 try:
                     features = self.image_features(pixel_values)
                 finally:
-                    routing.segments, routing.lengths = rows, lengths
+                    routing.segments, routing.axis = old
             else:
                 features = self.image_features(pixel_values)  # [N, P, C]
         if features is None:  # no images: an <IMG_CONTEXT> the model generated is an ordinary token (as in
@@ -105,15 +105,18 @@ class InternVL(nn.Module):
         last_only: bool = False,
         select: torch.Tensor | None = None,
         features: torch.Tensor | None = None,
+        seqlens: list[int] | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] (+ pixel_values [N, 3, S, S]) -> logits [B, T, vocab]; [B, 1, vocab] with last_only;
         [N, vocab] at the N True positions of select [B, T] (training needs logits only where labels are).
-        features [N, P, C]: visual embeddings computed before, used instead of pixel_values."""
+        features [N, P, C]: visual embeddings computed before, used instead of pixel_values.
+        seqlens: input_ids [1, T] packs sequences of these lengths back to back (training), positions restart
+        at each; attention stays within each sequence."""
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
             positions = positions.expand(input_ids.shape[0], -1)
-        hidden = self.language_model(self.embed(input_ids, pixel_values, features), positions, cache, mask)
+        hidden = self.language_model(self.embed(input_ids, pixel_values, features), positions, cache, mask, seqlens)
         if last_only:
             hidden = hidden[:, -1:]
         elif select is not None:

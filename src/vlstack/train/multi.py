@@ -1,9 +1,9 @@
 """Train many LoRA adapters at once over one frozen base (mLoRA's BatchLoRA).
 
-Each fused step takes the next micro-batch of every running job, concatenates their rows into one
-batch, runs one base forward/backward over it with each job's adapter routed to its own rows, and
-sums the jobs' losses (the adapters are disjoint, so each gets exactly its own gradient). Every job
-keeps its own AdamW, clipping, learning-rate schedule, gradient accumulation and data order, so a
+Each fused step takes the next micro-batch of every running job, packs their rows back to back into
+one row (no padding: attention stays within each sequence), runs one base forward/backward over it
+with each job's adapter routed to its own tokens, and sums the jobs' losses (the adapters are
+disjoint, so each gets exactly its own gradient). Every job keeps its own AdamW, clipping, learning-rate schedule, gradient accumulation and data order, so a
 job ends with the same adapter whether it was trained alone or fused with others. Jobs wait in a
 queue until their rows fit under `max_rows`, and leave (their adapter written) when they finish.
 """
@@ -96,25 +96,25 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def fused_batch(vlm: VLM, running: list[Running]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
-    """The next micro-batch of every running job as one right-padded batch; returns it and each job's rows.
+def fused_batch(vlm: VLM, running: list[Running]) -> tuple[dict, list[tuple[int, int]]]:
+    """The next micro-batch of every running job, packed: all rows back to back in one row, no padding.
 
-    Under data parallelism each process takes every world-th row of each job's micro-batch."""
+    Returns the batch (input_ids, labels, positions [1, T], seqlens, pixel_values) and each job's span of
+    tokens. Under data parallelism each process takes every world-th row of each job's micro-batch."""
     rank, size = world()
     rows, spans = [], []
     for r in running:
-        first = len(rows)
+        first = sum(len(x["input_ids"]) for x in rows)
         rows += [encode_example(vlm.processor, ex, r.job.max_len) for ex in r.stream.next()[rank::size]]
-        spans.append((first, len(rows)))
-    longest = max(len(x["input_ids"]) for x in rows)
-    ids = torch.zeros(len(rows), longest, dtype=torch.long)
-    labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
-    valid = torch.zeros(len(rows), longest, dtype=torch.bool)
-    for i, x in enumerate(rows):
-        n = len(x["input_ids"])
-        ids[i, :n], labels[i, :n], valid[i, :n] = x["input_ids"], x["labels"], True
+        spans.append((first, sum(len(x["input_ids"]) for x in rows)))
+    seqlens = [len(x["input_ids"]) for x in rows]
+    batch = {
+        "input_ids": torch.cat([x["input_ids"] for x in rows])[None],  # [1, T]
+        "labels": torch.cat([x["labels"] for x in rows])[None],
+        "positions": torch.cat([torch.arange(n) for n in seqlens])[None],  # restart at each sequence
+        "seqlens": seqlens,
+    }
     tiles = [x["pixel_values"] for x in rows if "pixel_values" in x]
-    batch = {"input_ids": ids, "labels": labels, "valid": valid}
     if tiles:
         batch["pixel_values"] = torch.cat(tiles)
     return batch, spans
@@ -124,23 +124,25 @@ def train_step(vlm: VLM, running: list[Running]) -> list[float]:
     """One fused micro-step over every running job; returns each job's loss."""
     model, device = vlm.model, vlm.model.device
     batch, spans = fused_batch(vlm, running)
+    seqlens = batch.pop("seqlens")
     batch = {k: v.to(device) for k, v in batch.items()}
-    valid = batch["valid"]
-    positions = torch.arange(valid.shape[1], device=device)[None].expand(valid.shape[0], -1)
-    adapters = [r.job.name for r, (a, b) in zip(running, spans) for _ in range(a, b)]
-    lengths = {r.job.name: int(valid[a:b].sum(1).max()) for r, (a, b) in zip(running, spans)}
-    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
-    learn = torch.zeros_like(valid)
-    learn[:, :-1] = targets != IGNORE  # [R, T]: positions with a label; logits are computed only there
-    with route(model, adapters, lengths):
-        # no padding mask: rows are padded on the right, so under causal attention no real token sees a pad
-        logits = model(batch["input_ids"], batch.get("pixel_values"), positions, select=learn)  # [N, V]
-    per_token = F.cross_entropy(logits.float(), targets[learn[:, :-1]], reduction="none")  # [N]
-    row = learn.nonzero()[:, 0]  # the row of each learned position
+    adapters = [r.job.name for r, (a, b) in zip(running, spans) for _ in range(a, b)]  # per token
+    labels = batch["labels"][0]
+    targets = torch.full_like(labels, IGNORE)  # [T]: the token each position predicts, within its sequence
+    ends = torch.tensor(seqlens, device=device).cumsum(0)
+    targets[:-1] = labels[1:]
+    targets[ends - 1] = IGNORE  # a sequence's last token predicts nothing
+    learn = targets != IGNORE  # [T]: positions with a label; logits are computed only there
+    with route(model, adapters, axis=1):
+        logits = model(
+            batch["input_ids"], batch.get("pixel_values"), batch["positions"], select=learn[None], seqlens=seqlens
+        )  # [N, V]
+    per_token = F.cross_entropy(logits.float(), targets[learn], reduction="none")  # [N]
+    token = learn.nonzero()[:, 0]  # the packed position of each learned token
     # each job's loss is the mean over its learned tokens in the whole (global) micro-batch
-    in_job = torch.stack([(row >= a) & (row < b) for a, b in spans]).float()  # [jobs, N]
+    in_job = torch.stack([(token >= a) & (token < b) for a, b in spans]).float()  # [jobs, N]
     counts = in_job.sum(1)
-    tokens = torch.stack([valid[a:b].sum() for a, b in spans]).float()
+    tokens = torch.tensor([float(b - a) for a, b in spans], device=device)
     sums = in_job @ per_token  # [jobs], with grad
     if world()[1] > 1:
         stats = torch.stack([counts, tokens, sums.detach()])

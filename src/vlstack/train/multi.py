@@ -3,9 +3,10 @@
 Each fused step takes the next micro-batch of every running job, packs their rows back to back into
 one row (no padding: attention stays within each sequence), runs one base forward/backward over it
 with each job's adapter routed to its own tokens, and sums the jobs' losses (the adapters are
-disjoint, so each gets exactly its own gradient). Every job keeps its own AdamW, clipping, learning-rate schedule, gradient accumulation and data order, so a
-job ends with the same adapter whether it was trained alone or fused with others. Jobs wait in a
-queue until their rows fit under `max_rows`, and leave (their adapter written) when they finish.
+disjoint, so each gets exactly its own gradient). Every job keeps its own AdamW, clipping,
+learning-rate schedule, gradient accumulation and data order, so a job ends with the same adapter
+whether it was trained alone or fused with others. Jobs wait in a queue until their rows fit under
+`max_rows`, and leave (their adapter written) when they finish.
 """
 
 from __future__ import annotations

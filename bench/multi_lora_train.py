@@ -3,7 +3,7 @@
 - sequentially in vlstack (the same code, one job at a time),
 - sequentially with peft on transformers (what a user would otherwise run),
 plus one single-adapter vlstack run as the memory reference. Each mode runs in its own process, so
-its peak memory (max RSS, or CUDA max allocated) is its own. Prints a table and writes JSON.
+its peak memory (its own RSS high-water mark, VmHWM, or CUDA max allocated) is its own. Prints a table and writes JSON.
 
     python bench/multi_lora_train.py --model tiny --steps 6
     python bench/multi_lora_train.py --model internvl3-1b --steps 2      # random weights, InternVL3-1B shapes
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -97,7 +96,9 @@ def jobs(data: list[Path], out: Path, steps: int, batch: int):
     ]
 
 
-def run_vlstack(model: str, mode: str, data: list[Path], out: Path, steps: int, batch: int, device: str) -> dict:
+def run_vlstack(
+    model: str, mode: str, data: list[Path], out: Path, steps: int, batch: int, device: str, recompute: bool
+) -> dict:
     import vlstack
     from vlstack.train.multi import train
 
@@ -105,17 +106,17 @@ def run_vlstack(model: str, mode: str, data: list[Path], out: Path, steps: int, 
     todo = jobs(data, out, steps, batch)
     t = time.perf_counter()
     if mode == "fused":
-        done = train(vlm, todo, max_rows=batch * JOBS, verbose=False)
+        done = train(vlm, todo, max_rows=batch * JOBS, verbose=False, gradient_checkpointing=recompute)
     elif mode == "single":
-        done = train(vlm, todo[:1], max_rows=batch, verbose=False)
+        done = train(vlm, todo[:1], max_rows=batch, verbose=False, gradient_checkpointing=recompute)
     else:
         done = {}
         for job in todo:
-            done.update(train(vlm, [job], max_rows=batch, verbose=False))
+            done.update(train(vlm, [job], max_rows=batch, verbose=False, gradient_checkpointing=recompute))
     return {"seconds": time.perf_counter() - t, "tokens": sum(r.tokens for r in done.values())}
 
 
-def run_peft(model: str, data: list[Path], out: Path, steps: int, batch: int, device: str) -> dict:
+def run_peft(model: str, data: list[Path], out: Path, steps: int, batch: int, device: str, recompute: bool) -> dict:
     """transformers + peft, one adapter after another, on the same batches (vlstack's encoder)."""
     from peft import LoraConfig, get_peft_model
     from transformers import InternVLForConditionalGeneration
@@ -127,6 +128,8 @@ def run_peft(model: str, data: list[Path], out: Path, steps: int, batch: int, de
     processor, path = ours.processor, ours.directory
     del ours
     base = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to(device)
+    if recompute:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tokens, t = 0, time.perf_counter()
     for job in jobs(data, out, steps, batch):
         config = LoraConfig(
@@ -163,13 +166,16 @@ def child(args) -> None:
     data = [Path(p) for p in args.data]
     out = Path(args.work) / args.mode
     if args.mode == "peft":
-        result = run_peft(args.model_dir, data, out, args.steps, args.batch, args.device)
+        result = run_peft(args.model_dir, data, out, args.steps, args.batch, args.device, args.gradient_checkpointing)
     else:
-        result = run_vlstack(args.model_dir, args.mode, data, out, args.steps, args.batch, args.device)
+        result = run_vlstack(
+            args.model_dir, args.mode, data, out, args.steps, args.batch, args.device, args.gradient_checkpointing
+        )
     if args.device == "cuda":
         result["peak_bytes"] = torch.cuda.max_memory_allocated()
-    else:
-        result["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    else:  # the high-water mark of this process's own memory (ru_maxrss would carry the parent's across exec)
+        status = Path("/proc/self/status").read_text()
+        result["peak_bytes"] = int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1]) * 1024
     print("RESULT " + json.dumps(result))
 
 
@@ -180,6 +186,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--examples", type=int, default=8)
     ap.add_argument("--images", action="store_true", help="a small image in every other example")
+    ap.add_argument(
+        "--gradient-checkpointing", action="store_true", help="every mode recomputes layers in backward (less memory)"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
@@ -212,6 +221,7 @@ def main() -> None:
             args.device,
             "--data",
             *map(str, data),
+            *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -223,6 +233,7 @@ def main() -> None:
     print(
         f"model {args.model}, {args.device}, {JOBS} adapters x {args.steps} steps x batch {args.batch}, "
         f"rank 16 on q,k,v,o,gate,up,down{', with images' if args.images else ''}"
+        f"{', gradient checkpointing' if args.gradient_checkpointing else ''}"
     )
     print(f"{'':26}{'tokens/s':>10}{'peak GB':>10}{'fused speed-up':>16}")
     for mode, label in (
@@ -234,7 +245,8 @@ def main() -> None:
         r = results[mode]
         print(f"{label:26}{r['tok_s']:10.1f}{r['peak_bytes'] / 1e9:10.2f}{fused['tok_s'] / r['tok_s']:15.2f}x")
     print(f"fused peak memory / one-adapter run: {fused['peak_bytes'] / results['single']['peak_bytes']:.2f}x")
-    out = Path(args.out or f"bench/results/multi_lora_train_{args.model}.json")
+    suffix = ("_images" if args.images else "") + ("_gc" if args.gradient_checkpointing else "")
+    out = Path(args.out or f"bench/results/multi_lora_train_{args.model}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 

@@ -142,6 +142,42 @@ def test_fused_gradients_equal_gradients_alone(tmp_path):
         assert any(g.abs().max() > 0 for g in fused[j.name])
 
 
+def test_gradient_checkpointing_recomputes_and_gives_the_same_adapters(tmp_path):
+    """Recomputed layers see the routing and dropout masks of their forward: the same adapters (dropout,
+    images and vision adapters included), while each decoder layer runs twice per step."""
+    calls = []
+    for out, checkpointing in (("kept", False), ("recomputed", True)):
+        vlm = vlstack.load("tiny", device="cpu")
+        hook = vlm.model.language_model.layers[0].register_forward_pre_hook(lambda *_, out=out: calls.append(out))
+        train(vlm, jobs(tmp_path, out), max_rows=5, verbose=False, gradient_checkpointing=checkpointing)
+        hook.remove()
+        assert vlm.model.language_model.recompute is None  # off again after training
+    assert calls.count("recomputed") == 2 * calls.count("kept") > 0
+    for name in ("finance", "legal", "support"):
+        kept, recomputed = adapter(tmp_path / "kept" / name), adapter(tmp_path / "recomputed" / name)
+        for key in kept:
+            torch.testing.assert_close(kept[key], recomputed[key], rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_loss_equals_the_whole_batch_loss():
+    """With recompute, the loss is taken a chunk of tokens at a time (logits of a 70k vocabulary: 239 tokens a
+    chunk, 3 chunks here): the same losses and gradients as from the whole batch's logits at once."""
+    from vlstack.train.multi import token_losses
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 70_000, bias=False)
+    targets = torch.randint(0, 70_000, (600,))
+    results = []
+    for recompute in (False, True):
+        hidden = torch.randn(600, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        losses = token_losses(head, hidden, targets, recompute)
+        (losses * torch.linspace(0.5, 1, 600)).sum().backward()
+        results.append((losses.detach(), hidden.grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+    assert results[0][1].abs().min() > 0  # every token got its gradient
+
+
 def test_packed_step_equals_each_example_on_its_own(tmp_path):
     """A fused step packs every row back to back without padding; each job's loss and gradient equal
     those of its examples run one at a time through the ordinary forward (images, vision adapters)."""
@@ -292,8 +328,13 @@ def test_bad_job_files_are_named(tmp_path):
         plan("jobs:\n  - {name: a, data: a.jsonl, output: o}\n")
     with pytest.raises(JobError, match="job names must be unique"):
         plan("jobs:\n  - {name: a, data: a.jsonl, output: o, steps: 1}\n  - {name: a, data: b, output: p, steps: 1}\n")
+    with pytest.raises(JobError, match="gradient_checkpointing must be true or false"):
+        plan("gradient_checkpointing: sometimes\njobs:\n  - {name: a, data: a.jsonl, output: o, steps: 1}\n")
     p = plan("model: tiny\nmax_rows: 4\njobs:\n  - {name: a, data: d/a.jsonl, output: o/a, epochs: 2, lr: 1e-3}\n")
     assert p.max_rows == 4 and p.jobs[0].data == tmp_path / "d" / "a.jsonl" and p.jobs[0].epochs == 2.0
+    assert not p.gradient_checkpointing
+    p = plan("gradient_checkpointing: true\njobs:\n  - {name: a, data: a.jsonl, output: o, steps: 1}\n")
+    assert p.gradient_checkpointing
 
 
 def test_cli_train_and_merge(tmp_path):

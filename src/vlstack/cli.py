@@ -82,9 +82,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     vlm = load(args.model or plan.model, device=device, dtype="float32")
     if args.sequential:  # the baseline: the same jobs one after another
         for job in plan.jobs:
-            train(vlm, [job], plan.max_rows, resume=args.resume)
+            train(vlm, [job], plan.max_rows, resume=args.resume, gradient_checkpointing=plan.gradient_checkpointing)
     else:
-        train(vlm, plan.jobs, plan.max_rows, resume=args.resume)
+        train(vlm, plan.jobs, plan.max_rows, resume=args.resume, gradient_checkpointing=plan.gradient_checkpointing)
     for job in plan.jobs:
         print(f"{job.name}: adapter written to {job.output}")
 

@@ -5,9 +5,12 @@ PEFT adapter keys).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import TextConfig
 from .vision import RMSNorm
@@ -131,6 +134,9 @@ class LanguageModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        # gradient checkpointing: a context_fn (lora.replay) makes training keep only each layer's input and
+        # recompute the layer in backward; None keeps every activation
+        self.recompute: Callable | None = None
 
     def forward(
         self,
@@ -151,7 +157,10 @@ class LanguageModel(nn.Module):
         cos, sin = self.rotary(positions, embeds.dtype)
         x = embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, mask, seqlens)
+            if self.recompute is not None and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, cache, mask, seqlens, use_reentrant=False, context_fn=self.recompute)
+            else:
+                x = layer(x, cos, sin, cache, mask, seqlens)
         if cache is not None:
             cache.advance(t)
         return self.norm(x)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -235,3 +237,36 @@ def regroup(segs: list[tuple[str, int, int]], image_tokens: torch.Tensor, per_ti
     unit (row or token) holds: an adapter acts on the tiles of its own rows' images."""
     ends = [0, *torch.cumsum(image_tokens, 0).div(per_tile, rounding_mode="floor").tolist()]  # tiles before each unit
     return [(name, ends[a], ends[b]) for name, a, b in segs if ends[b] > ends[a]]
+
+
+def replay(model: nn.Module) -> Callable[[], tuple[AbstractContextManager, AbstractContextManager]]:
+    """`context_fn` for torch.utils.checkpoint: a layer recomputed in backward sees the LoRA routing of its
+    forward (the `with route(...)` block has ended by then) and draws the same dropout masks."""
+    routing = routing_of(model)
+
+    def context_fn() -> tuple[AbstractContextManager, AbstractContextManager]:
+        gens = [g for m in lora_layers(model).values() for p, g in m.dropout.values() if p and g is not None]
+        gens = list({id(g): g for g in gens}.values())  # one generator per adapter, shared by its layers
+
+        def snapshot() -> tuple:
+            return routing.segments, routing.axis, [g.get_state() for g in gens]
+
+        def restore(state: tuple) -> None:
+            routing.segments, routing.axis, rng = state
+            for g, r in zip(gens, rng):
+                g.set_state(r)
+
+        forward = snapshot()
+
+        @contextmanager
+        def again() -> Iterator[None]:
+            now = snapshot()
+            restore(forward)
+            try:
+                yield
+            finally:
+                restore(now)
+
+        return nullcontext(), again()
+
+    return context_fn

@@ -106,12 +106,14 @@ class InternVL(nn.Module):
         select: torch.Tensor | None = None,
         features: torch.Tensor | None = None,
         seqlens: list[int] | None = None,
+        head: bool = True,
     ) -> torch.Tensor:
         """input_ids [B, T] (+ pixel_values [N, 3, S, S]) -> logits [B, T, vocab]; [B, 1, vocab] with last_only;
         [N, vocab] at the N True positions of select [B, T] (training needs logits only where labels are).
         features [N, P, C]: visual embeddings computed before, used instead of pixel_values.
         seqlens: input_ids [1, T] packs sequences of these lengths back to back (training), positions restart
-        at each; attention stays within each sequence."""
+        at each; attention stays within each sequence.
+        head=False: the final hidden states [..., C] instead of logits (training applies the head in chunks)."""
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
@@ -121,4 +123,4 @@ class InternVL(nn.Module):
             hidden = hidden[:, -1:]
         elif select is not None:
             hidden = hidden[select]  # [N, C]
-        return self.lm_head(hidden)
+        return self.lm_head(hidden) if head else hidden

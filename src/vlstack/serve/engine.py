@@ -5,7 +5,7 @@ KV cache preallocated for `max_batch` sequences of up to `max_len` tokens; a req
 (it is never refused for lack of room) until a slot is free and the tokens it may still need fit in
 `kv_budget`. The requests admitted at one step (up to `prefill_tokens` prompt tokens) are prefilled
 together: their new images through the vision encoder in one pass (images seen before come from the
-cache of visual embeddings), their prompts right-padded in chunks of similar lengths. Then every step
+cache of visual embeddings), their prompts packed back to back in one forward. Then every step
 decodes one token for all running requests at once, each row with its own adapter (the base matmul
 once, each adapter on its rows), its own sampling parameters and seed; the running requests sit in
 slots 0..B-1, each adapter's rows together, so the step reads the cache as a view. A step that raises
@@ -47,6 +47,7 @@ class SlotCache:
         self.slots: list[int] = []  # the slot of each batch row
         self.rows = torch.zeros(0, dtype=torch.long, device=model.device)  # [B]: the same, on the device
         self.prefix = False  # rows are slots 0..B-1: keys and values are read as a view, not gathered
+        self.packed: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None  # see pack()
 
     def use(self, slots: list[int], lengths: list[int] | None = None) -> None:
         """Make these slots the batch's rows, and set their lengths when given."""
@@ -57,13 +58,30 @@ class SlotCache:
                 self.host[slot] = n
             self.lengths[self.rows] = torch.tensor(lengths, dtype=torch.long, device=self.k.device)
 
+    def pack(self, slots: list[int], seqlens: list[int]) -> None:
+        """The next forward is a packed prefill: these slots' prompts back to back in one row, each from
+        position 0. Its keys and values go to (slot, position) token by token."""
+        self.use(slots, [0] * len(slots))
+        device = self.k.device
+        lengths = torch.tensor(seqlens, device=device)
+        rows = torch.repeat_interleave(self.rows, lengths)  # [T]: each token's slot
+        starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+        self.packed = rows, torch.arange(len(rows), device=device) - starts, seqlens  # ..., each token's position
+
     @property
     def length(self) -> int:
         """The longest sequence among the rows (the model builds a causal mask past a cached prefix)."""
         return max((self.host[s] for s in self.slots), default=0)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v [B, Hkv, T, D] written after each row's own length -> each row's keys, values so far."""
+        """k, v [B, Hkv, T, D] written after each row's own length -> each row's keys, values so far.
+
+        In a packed prefill, k, v [1, Hkv, T, D] go token by token to their slots and come back as they are."""
+        if self.packed is not None:
+            rows, pos, _ = self.packed
+            self.k[layer].permute(0, 2, 1, 3)[rows, pos] = k[0].transpose(0, 1)  # [T, Hkv, D] into [S, Tmax, Hkv, D]
+            self.v[layer].permute(0, 2, 1, 3)[rows, pos] = v[0].transpose(0, 1)
+            return k, v
         pos = self.lengths[self.rows][:, None] + torch.arange(k.shape[2], device=k.device)  # [B, T]
         rows = self.rows[:, None].expand_as(pos)
         self.k[layer].permute(0, 2, 1, 3)[rows, pos] = k.transpose(1, 2)  # [B, T, Hkv, D] into [S, Tmax, Hkv, D]
@@ -84,6 +102,10 @@ class SlotCache:
             self.host[slot] = n
 
     def advance(self, n: int) -> None:
+        if self.packed is not None:  # each sequence is as long as its prompt
+            self.use(self.slots, self.packed[2])
+            self.packed = None
+            return
         self.lengths[self.rows] += n
         for slot in self.slots:
             self.host[slot] += n
@@ -241,36 +263,28 @@ class Engine:
         self.admitting = []
 
     def _prefill(self, batch: list[Request]) -> None:
-        """The new requests' prompts, shortest first, in right-padded chunks of similar lengths (little padding)."""
+        """The new requests' prompts packed back to back in one forward (no padding), each adapter's
+        together; each request's logits at its last prompt token."""
         features = self._features(batch)  # every new image in one pass through the vision encoder
-        batch = sorted(batch, key=lambda r: len(r.prompt))
-        chunk: list[Request] = []
-        for req in batch:
-            if chunk and len(req.prompt) * (len(chunk) + 1) > 1.25 * sum(len(r.prompt) for r in chunk + [req]):
-                self._prefill_chunk(chunk, features)
-                chunk = []
-            chunk.append(req)
-        self._prefill_chunk(chunk, features)
-
-    def _prefill_chunk(self, batch: list[Request], features: dict) -> None:
-        """Prompts right-padded into one forward; each row's logits at its last token."""
-        batch.sort(key=lambda r: r.adapter or "")  # each adapter's rows in one run
+        batch.sort(key=lambda r: r.adapter or "")
         model, device = self.vlm.model, self.vlm.model.device
-        lengths = [len(r.prompt) for r in batch]
-        pad = (self.vlm.cfg.image_token_id + 1) % self.vlm.cfg.text.vocab_size  # any token but the image token
-        ids = torch.full((len(batch), max(lengths)), pad, dtype=torch.long)  # [B, T]
-        last = torch.zeros(ids.shape, dtype=torch.bool)  # [B, T]: each row's last prompt token
-        for i, r in enumerate(batch):
-            ids[i, : lengths[i]], last[i, lengths[i] - 1] = r.prompt, True
-        slots = [r.slot for r in batch]
-        self.cache.use(slots, [0] * len(batch))
+        seqlens = [len(r.prompt) for r in batch]
+        ids = torch.cat([r.prompt for r in batch])[None].to(device)  # [1, T]
+        positions = torch.cat([torch.arange(n) for n in seqlens])[None].to(device)  # restart at each prompt
+        last = torch.zeros(ids.shape, dtype=torch.bool)  # [1, T]: each prompt's last token
+        last[0, torch.tensor(seqlens).cumsum(0) - 1] = True
         feats = [features[self._image_key(r, digest)] for r in batch for digest, _ in r.images]  # prompt order
-        with route(model, [r.adapter for r in batch]):
-            feats = torch.cat(feats) if feats else None
-            logits = model(ids.to(device), None, cache=self.cache, select=last.to(device), features=feats)  # [B, V]
-        self.cache.use(slots, lengths)  # padding past a row's length is masked, then overwritten
+        self.cache.pack([r.slot for r in batch], seqlens)
+        try:
+            with route(model, [a for r in batch for a in [r.adapter] * len(r.prompt)], axis=1):
+                feats = torch.cat(feats) if feats else None
+                logits = model(
+                    ids, None, positions, self.cache, select=last.to(device), features=feats, seqlens=seqlens
+                )
+        finally:
+            self.cache.packed = None
         self.running += batch
-        self._emit(batch, logits)
+        self._emit(batch, logits)  # [B, V]
 
     def _image_key(self, req: Request, digest: str) -> tuple[str, str | None]:
         return digest, req.adapter if req.adapter in self.vision_adapters else None

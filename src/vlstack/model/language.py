@@ -149,7 +149,8 @@ class LanguageModel(nn.Module):
         """embeds [B, T, C], positions [B, T] -> final hidden states [B, T, C].
 
         mask [B, 1, T, K] (True = attend) is needed only with padding; without it attention is causal.
-        seqlens: embeds [1, T] holds sequences of these lengths back to back (no cache); each is causal alone.
+        seqlens: embeds [1, T] holds sequences of these lengths back to back, each causal on its own, from
+        position 0 (training; the server's prefill, whose cache stores each token at its sequence's slot).
         """
         b, t, _ = embeds.shape
         if mask is None and t > 1 and cache is not None and cache.length > 0:  # causal past a cached prefix

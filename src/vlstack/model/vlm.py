@@ -111,8 +111,8 @@ class InternVL(nn.Module):
         """input_ids [B, T] (+ pixel_values [N, 3, S, S]) -> logits [B, T, vocab]; [B, 1, vocab] with last_only;
         [N, vocab] at the N True positions of select [B, T] (training needs logits only where labels are).
         features [N, P, C]: visual embeddings computed before, used instead of pixel_values.
-        seqlens: input_ids [1, T] packs sequences of these lengths back to back (training), positions restart
-        at each; attention stays within each sequence.
+        seqlens: input_ids [1, T] packs sequences of these lengths back to back (training, the server's prefill),
+        positions restart at each; attention stays within each sequence.
         head=False: the final hidden states [..., C] instead of logits (training applies the head in chunks)."""
         if positions is None:
             start = cache.length if cache is not None else 0

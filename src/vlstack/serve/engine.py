@@ -63,10 +63,10 @@ class SlotCache:
         position 0. Its keys and values go to (slot, position) token by token."""
         self.use(slots, [0] * len(slots))
         device = self.k.device
-        lengths = torch.tensor(seqlens, device=device)
-        rows = torch.repeat_interleave(self.rows, lengths)  # [T]: each token's slot
-        starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
-        self.packed = rows, torch.arange(len(rows), device=device) - starts, seqlens  # ..., each token's position
+        lengths, total = torch.tensor(seqlens, device=device), sum(seqlens)  # (output_size: no device sync)
+        rows = torch.repeat_interleave(self.rows, lengths, output_size=total)  # [T]: each token's slot
+        starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths, output_size=total)
+        self.packed = rows, torch.arange(total, device=device) - starts, seqlens  # ..., each token's position
 
     @property
     def length(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -20,12 +21,15 @@ from vlstack.tiny import ASSETS
 IMAGE_TOKEN_ID = 5  # <IMG_CONTEXT> in the tiny tokenizer
 VOCAB = 1029
 
+# where the parity tests run both models: `VLSTACK_TEST_DEVICE=cuda pytest tests/test_parity.py` repeats
+# them on a GPU (CI has none: cpu). float32 on a GPU means true float32, not TF32.
+DEVICE = os.environ.get("VLSTACK_TEST_DEVICE", "cpu")
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     """Tests build the tiny model in their own cache, never the user's."""
-    import os
-
     os.environ["VLSTACK_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     yield
 

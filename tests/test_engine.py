@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from conftest import image
+from conftest import DEVICE, image
 
 import vlstack
 from vlstack.chat import question_messages
@@ -19,7 +19,7 @@ QUESTIONS = ["What is the total?", "Describe this picture.", "Which bar is the h
 
 
 def tiny_with_adapters():
-    vlm = vlstack.load("tiny", device="cpu")
+    vlm = vlstack.load("tiny", device=DEVICE)
     for i, name in enumerate(("finance", "legal")):
         gen = torch.Generator().manual_seed(i)
         with torch.no_grad():
@@ -143,14 +143,14 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on():
 def test_a_generated_image_token_is_an_ordinary_token():
     """Like transformers: without images, <IMG_CONTEXT> is embedded as any other token (a random model
     generates it now and then; the step must not fail)."""
-    vlm = vlstack.load("tiny", device="cpu")
-    ids = torch.tensor([[1, vlm.cfg.image_token_id, 7]])
+    vlm = vlstack.load("tiny", device=DEVICE)
+    ids = torch.tensor([[1, vlm.cfg.image_token_id, 7]], device=vlm.model.device)
     with torch.no_grad():
         assert torch.equal(vlm.model.embed(ids), vlm.model.language_model.embed_tokens(ids))
 
 
 def test_a_kv_cache_that_does_not_fit_is_a_clear_error():
-    vlm = vlstack.load("tiny", device="cpu")
+    vlm = vlstack.load("tiny", device=DEVICE)
     with pytest.raises(ConfigError, match="lower --max-batch or --max-model-len"):
         Engine(vlm, max_batch=10**8)  # petabytes: beyond any machine's address space
     engine = Engine(vlm, max_batch=2, max_len=512)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import image, rel_err, write_hf_checkpoint
+from conftest import DEVICE, image, rel_err, write_hf_checkpoint
 from torch import nn
 
 import vlstack
@@ -30,7 +30,8 @@ def randomise_adapter(params: list[nn.Parameter], seed: int) -> None:
 
 
 def inputs(vlm):
-    return vlm.processor(question_messages("What does the chart show?", 1), [image(120, 60)])
+    x = vlm.processor(question_messages("What does the chart show?", 1), [image(120, 60)])
+    return {k: v.to(vlm.model.device) for k, v in x.items()}
 
 
 SPECS = {
@@ -50,11 +51,11 @@ def test_vlstack_adapter_loads_in_peft_with_same_logits(ckpt, tmp_path, spec_nam
     from peft import PeftModel
     from transformers import InternVLForConditionalGeneration
 
-    vlm = vlstack.load(ckpt, device="cpu")
+    vlm = vlstack.load(ckpt, device=DEVICE)
     spec = SPECS[spec_name]
     randomise_adapter(add_adapter(vlm.model, "a", spec, seed=1), seed=2)
     save_adapter(vlm.model, "a", tmp_path / "adapter", spec)
-    hf = InternVLForConditionalGeneration.from_pretrained(ckpt).eval()
+    hf = InternVLForConditionalGeneration.from_pretrained(ckpt).to(DEVICE).eval()
     peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     x = inputs(vlm)
     with torch.no_grad():
@@ -69,7 +70,7 @@ def test_peft_adapter_loads_in_vlstack_with_same_logits(ckpt, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import InternVLForConditionalGeneration
 
-    hf = InternVLForConditionalGeneration.from_pretrained(ckpt).eval()
+    hf = InternVLForConditionalGeneration.from_pretrained(ckpt).to(DEVICE).eval()
     config = LoraConfig(
         r=4,
         lora_alpha=16,
@@ -80,7 +81,7 @@ def test_peft_adapter_loads_in_vlstack_with_same_logits(ckpt, tmp_path):
     peft_model = get_peft_model(hf, config)
     randomise_adapter([p for n, p in peft_model.named_parameters() if "lora_" in n], seed=3)
     peft_model.save_pretrained(tmp_path / "peft")
-    vlm = vlstack.load(ckpt, device="cpu")
+    vlm = vlstack.load(ckpt, device=DEVICE)
     spec = vlm.load_adapter("p", tmp_path / "peft")
     assert spec.rank == 4 and any(m.endswith("o_proj") for m in spec.alphas)
     x = inputs(vlm)

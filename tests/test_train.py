@@ -112,6 +112,47 @@ def test_fused_training_equals_each_job_alone(tmp_path):
         assert any(k.endswith("lora_B.weight") and fused[k].abs().max() > 0 for k in fused)  # it trained
 
 
+def test_a_job_added_while_others_run_ends_as_if_alone(tmp_path, capsys):
+    """Jobs that more() hands over mid-run join the queue and end with the adapter they get alone; a bad
+    one (missing dataset, a name in use) is reported and left out while the others go on."""
+    finance, legal, support = jobs(tmp_path, "late")
+    missing = Job("broken", tmp_path / "nope.jsonl", tmp_path / "late" / "broken", steps=1)
+    calls = []
+
+    def more():
+        calls.append(1)
+        return [support, missing, Job("legal", legal.data, tmp_path / "x", steps=1)] if len(calls) == 2 else []
+
+    done = train(vlstack.load("tiny", device="cpu"), [finance, legal], max_rows=5, verbose=False, more=more)
+    assert sorted(done) == ["finance", "legal", "support"] and len(calls) > 2
+    assert done["support"].first_step == 0 and not (tmp_path / "late" / "broken").exists()
+    err = capsys.readouterr().err
+    assert "job 'broken' not added: dataset not found" in err
+    assert "job 'legal' not added: a job of that name is already in this run" in err
+    alone = jobs(tmp_path, "alone")[2]
+    train(vlstack.load("tiny", device="cpu"), [alone], max_rows=5, verbose=False)
+    assert_same_adapter(adapter(support.output), adapter(alone.output))
+
+
+def test_watched_jobs_file_hands_over_new_jobs(tmp_path, capsys):
+    from vlstack.train.jobs import PlanWatcher
+
+    path = tmp_path / "jobs.yaml"
+    path.write_text("jobs:\n  - {name: a, data: a.jsonl, output: o/a, steps: 1}\n")
+    watch = PlanWatcher(path, read_plan(path))
+    assert watch() == []  # unchanged
+    path.write_text("jobs:\n  - {name: a, data: a.jsonl, output: o/a, steps: 9}\n  - {name: b, data: b.jsonl,\n")
+    assert watch() == [] and "the changed jobs file is not used: " in capsys.readouterr().err
+    path.write_text(
+        "jobs:\n  - {name: a, data: a.jsonl, output: o/a, steps: 9}\n"
+        "  - {name: b, data: b.jsonl, output: o/b, steps: 2, rank: 4}\n"
+    )
+    new = watch()
+    assert [(j.name, j.rank, j.output) for j in new] == [("b", 4, tmp_path / "o" / "b")]  # a keeps its settings
+    path.write_text(path.read_text() + "  - {name: c, data: c.jsonl, output: o/c, steps: 1}\n")
+    assert [j.name for j in watch()] == ["c"] and watch() == []
+
+
 def test_queue_with_few_rows_gives_the_same_adapters(tmp_path):
     train(vlstack.load("tiny", device="cpu"), jobs(tmp_path, "wide"), max_rows=5, verbose=False)
     train(vlstack.load("tiny", device="cpu"), jobs(tmp_path, "narrow"), max_rows=2, verbose=False)
@@ -345,9 +386,10 @@ def test_cli_train_and_merge(tmp_path):
         "  - {name: fin, data: fin.jsonl, output: out/fin, rank: 4, batch_size: 2, steps: 2}\n"
         "  - {name: law, data: law.jsonl, output: out/law, rank: 2, batch_size: 2, steps: 3}\n"
     )
-    run = run_cli("train", str(tmp_path / "jobs.yaml"))
+    run = run_cli("train", str(tmp_path / "jobs.yaml"), "--watch")
     assert run.returncode == 0, run.stderr
     assert "[fin] step 2/2" in run.stderr and "[law] step 3/3" in run.stderr
+    assert f"law: adapter written to {tmp_path / 'out' / 'law'}" in run.stdout
     assert (tmp_path / "out" / "fin" / "adapter_config.json").is_file()
     run = run_cli("merge", "--adapter", str(tmp_path / "out" / "law"), "--output", str(tmp_path / "merged"))
     assert run.returncode == 0, run.stderr
@@ -358,6 +400,8 @@ def test_cli_train_and_merge(tmp_path):
     assert ((merged(ids) - base(ids, adapter="law")).abs().max() / base(ids).abs().max()) <= 1e-5
     bad = run_cli("train", str(tmp_path / "nope.yaml"))
     assert bad.returncode == 2 and "jobs file not found" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_cli("train", str(tmp_path / "jobs.yaml"), "--watch", "--sequential")
+    assert bad.returncode == 2 and "does not go with --sequential" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_resume_after_kill_gives_the_same_adapters(tmp_path):
@@ -419,7 +463,7 @@ def test_two_processes_give_the_adapters_of_one(tmp_path):
         )
     one = run_cli("train", str(tmp_path / "one.yaml"))
     assert one.returncode == 0, one.stderr
-    two = run_cli("train", str(tmp_path / "two.yaml"), processes=2)
+    two = run_cli("train", str(tmp_path / "two.yaml"), "--watch", processes=2)  # every step asks rank 0
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("fin: adapter written") == 2  # both processes ran the jobs
     for name in ("fin", "law"):

@@ -67,10 +67,12 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .api import load
-    from .train.jobs import read_plan
+    from .train.jobs import PlanWatcher, read_plan
     from .train.multi import train
 
     plan = read_plan(args.jobs)
+    if args.watch and args.sequential:
+        raise ConfigError("--watch adds jobs to a fused run; it does not go with --sequential")
     device = args.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one process per device
         import torch
@@ -80,13 +82,16 @@ def cmd_train(args: argparse.Namespace) -> None:
         if torch.cuda.is_available():
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     vlm = load(args.model or plan.model, device=device, dtype="float32")
+    options = {"resume": args.resume, "gradient_checkpointing": plan.gradient_checkpointing}
+    done = {}
     if args.sequential:  # the baseline: the same jobs one after another
         for job in plan.jobs:
-            train(vlm, [job], plan.max_rows, resume=args.resume, gradient_checkpointing=plan.gradient_checkpointing)
+            done.update(train(vlm, [job], plan.max_rows, **options))
     else:
-        train(vlm, plan.jobs, plan.max_rows, resume=args.resume, gradient_checkpointing=plan.gradient_checkpointing)
-    for job in plan.jobs:
-        print(f"{job.name}: adapter written to {job.output}")
+        more = PlanWatcher(args.jobs, plan) if args.watch else None
+        done = train(vlm, plan.jobs, plan.max_rows, more=more, **options)
+    for r in done.values():
+        print(f"{r.job.name}: adapter written to {r.job.output}")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -175,6 +180,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--model", default=None, help="checkpoint directory (default: the jobs file's model)")
     train.add_argument("--sequential", action="store_true", help="train the jobs one by one (the baseline)")
     train.add_argument("--resume", action="store_true", help="continue each job from its last checkpoint")
+    train.add_argument("--watch", action="store_true", help="jobs added to the file while training runs join the run")
     train.add_argument("--device", default=None)
     train.set_defaults(func=cmd_train)
 

@@ -1,4 +1,5 @@
 """Training jobs from a YAML file: each job is one LoRA adapter with its own data, shape and schedule.
+With `vlstack train --watch`, jobs added to the file while training runs join the run (PlanWatcher).
 
 model: tiny                 # checkpoint directory, or "tiny"
 max_rows: 16                # rows (examples) per fused step, all running jobs together
@@ -28,6 +29,7 @@ jobs:
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -157,3 +159,34 @@ def read_plan(path: str | Path) -> Plan:
     if not isinstance(checkpointing, bool):
         raise JobError(f"{path}: gradient_checkpointing must be true or false")
     return Plan(str(raw.get("model", "tiny")), max_rows, jobs, checkpointing)
+
+
+class PlanWatcher:
+    """`vlstack train --watch`: the jobs file, read again whenever it changes while training runs. A call
+    returns the jobs with names not seen before (they join the run); jobs already known keep the settings
+    they started with, and a file that no longer reads is reported and changes nothing."""
+
+    def __init__(self, path: str | Path, plan: Plan):
+        self.path, self.names = Path(path), {j.name for j in plan.jobs}
+        self.stamp = self._stamp()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def __call__(self) -> list[Job]:
+        stamp = self._stamp()
+        if stamp == self.stamp:
+            return []
+        self.stamp = stamp
+        try:
+            plan = read_plan(self.path)
+        except JobError as e:
+            print(f"the changed jobs file is not used: {e}", file=sys.stderr, flush=True)
+            return []
+        new = [j for j in plan.jobs if j.name not in self.names]
+        self.names |= {j.name for j in new}
+        return new

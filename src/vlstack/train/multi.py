@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from ..adapters import save_adapter
 from ..api import VLM
 from ..model.lora import add_adapter, remove_adapter, replay, route
 from .checkpoint import load_state, restore_state, run_dir, save_state
-from .data import IGNORE, Example, Stream, encode_example, read_dataset
+from .data import IGNORE, DatasetError, Example, Stream, encode_example, read_dataset
 from .jobs import Job, JobError
 from .progress import plot_loss, record, truncate_metrics
 
@@ -192,6 +193,21 @@ def train_step(vlm: VLM, running: list[Running]) -> list[float]:
     return losses
 
 
+def check_batch(job: Job, processes: int) -> None:
+    if job.batch_size % processes:
+        raise JobError(f"job {job.name!r}: batch_size {job.batch_size} is not a multiple of {processes} processes")
+
+
+def added(more: Callable[[], list[Job]], lead: bool) -> list[Job]:
+    """The jobs more() adds now; under data parallelism the first process asks and tells the others, so
+    every process admits the same jobs at the same step."""
+    if world()[1] == 1:
+        return more()
+    box = [more() if lead else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def finished_before(job: Job, state: dict | None, n_examples: int) -> bool:
     """A resumed job whose checkpoint says it ended, with its adapter written."""
     done = state is not None and state["step"] >= total_steps(job, n_examples)
@@ -205,12 +221,15 @@ def train(
     verbose: bool = True,
     resume: bool = False,
     gradient_checkpointing: bool = False,
+    more: Callable[[], list[Job]] | None = None,
 ) -> dict[str, Running]:
     """Run jobs fused: a queue admitted while their rows fit in max_rows; returns each job finished here.
 
     With resume, each job continues from its last checkpoint, and jobs that had finished are skipped.
     With gradient_checkpointing, the language model's layers are recomputed in backward instead of keeping
     their activations: less memory for a third more compute, the same adapters.
+    more() is asked before every step for jobs added while the others run (`vlstack train --watch`): they
+    join the queue; one whose dataset or batch size is bad is reported and left out, the others go on.
     """
     model = vlm.model
     model.train()
@@ -219,8 +238,7 @@ def train(
         p.requires_grad_(False)
     lead, size = world()[0] == 0, world()[1]
     for job in jobs:
-        if job.batch_size % size:
-            raise JobError(f"job {job.name!r}: batch_size {job.batch_size} is not a multiple of {size} processes")
+        check_batch(job, size)
     datasets = {job.name: read_dataset(job.data) for job in jobs}  # all checked before any training
     states = {job.name: load_state(job.output) if resume else None for job in jobs}
     queue = [j for j in jobs if not finished_before(j, states[j.name], len(datasets[j.name]))]
@@ -228,6 +246,16 @@ def train(
     finished: dict[str, Running] = {}
     try:
         while queue or running:
+            for job in added(more, lead) if more is not None else []:
+                try:
+                    if job.name in datasets:
+                        raise JobError("a job of that name is already in this run")
+                    check_batch(job, size)
+                    datasets[job.name], states[job.name] = read_dataset(job.data), None
+                except (JobError, DatasetError) as e:
+                    print(f"job {job.name!r} not added: {e}", file=sys.stderr, flush=True)
+                    continue
+                queue.append(job)
             while queue and sum(r.job.batch_size for r in running) + queue[0].batch_size <= max_rows:
                 job = queue.pop(0)
                 running.append(start(vlm, job, datasets[job.name], states[job.name]))

@@ -79,7 +79,7 @@ def test_greedy_tokens_match_transformers(pair):
 
 
 def test_batched_generation_matches_one_at_a_time(pair):
-    """Left-padded batches (prompts of different lengths, images in some rows) give each row the
+    """Batches (prompts of different lengths, images in some rows) give each row the
     tokens it gets alone."""
     from vlstack.generate import SamplingParams, generate
 

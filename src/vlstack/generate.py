@@ -1,5 +1,8 @@
-"""Sampling and the generation loop: greedy or temperature / top-k / top-p with a seed, a batch of
-prompts left-padded into one KV cache, EOS and caller-decided stops (stop strings)."""
+"""Sampling and generation: greedy or temperature / top-k / top-p with a seed; the two steps every
+generator runs (`prefill`: prompts packed back to back into one forward that fills their KV-cache
+slots; `decode`: one new token for every row, each row at its own length); and the loop for a batch of
+prompts (`generate`), with EOS and caller-decided stops (stop strings). The server's engine runs the
+same two steps with requests joining and leaving between them."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import PromptError
-from .model.language import KVCache, attention_mask
+from .model.language import KVCache
 from .model.lora import route
 from .model.vlm import InternVL
 
@@ -54,6 +57,40 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def prefill(
+    model: InternVL,
+    cache: KVCache,
+    prompts: list[torch.Tensor],
+    slots: list[int],
+    adapters: list[str | None],
+    pixel_values: torch.Tensor | None = None,
+    features: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Prompts (1-D ids, in slot order) packed back to back into one forward, each from position 0 into its
+    cache slot, each with its adapter -> the logits at each prompt's last token [B, V]. The images come as
+    pixel_values (every prompt's tiles in order) or their visual embeddings `features` [N, P, C]."""
+    device = model.device
+    seqlens = [len(p) for p in prompts]
+    ids = torch.cat(prompts)[None].to(device)  # [1, T]
+    positions = torch.cat([torch.arange(n) for n in seqlens])[None].to(device)  # restart at each prompt
+    last = torch.zeros(ids.shape, dtype=torch.bool)  # [1, T]: each prompt's last token
+    last[0, torch.tensor(seqlens).cumsum(0) - 1] = True
+    cache.pack(slots, seqlens)
+    try:
+        with route(model, [a for a, n in zip(adapters, seqlens) for a in [a] * n], axis=1):
+            pv = pixel_values.to(device) if pixel_values is not None else None
+            return model(ids, pv, positions, cache, select=last.to(device), features=features, seqlens=seqlens)
+    finally:
+        cache.packed = None
+
+
+def decode(model: InternVL, cache: KVCache, tokens: torch.Tensor, adapters: list[str | None]) -> torch.Tensor:
+    """tokens [B], the next token of the cache's rows (each row with its adapter) -> the logits after it [B, V]."""
+    positions, mask = cache.next_inputs()
+    with route(model, adapters):
+        return model(tokens[:, None], None, positions, cache, mask)[:, -1]
+
+
 def generate(
     model: InternVL,
     prompts: list[torch.Tensor],
@@ -61,7 +98,6 @@ def generate(
     params: SamplingParams,
     eos_ids: set[int],
     context_len: int,
-    pad_id: int = 0,
     on_token: Callable[[int, int], bool] | None = None,
     adapters: list[str | None] | None = None,
 ) -> Iterator[list[int | None]]:
@@ -73,33 +109,18 @@ def generate(
     adapter (None: the base model).
     """
     device = model.device
-    lengths = [len(p) for p in prompts]
-    longest = max(lengths)
+    longest = max(len(p) for p in prompts)
     if longest >= context_len:
         raise PromptError(f"the prompt is {longest} tokens, over the model's context of {context_len} tokens")
     budget = min(params.max_new_tokens, context_len - longest)
     b = len(prompts)
-    ids = torch.full((b, longest), pad_id, dtype=torch.long)
-    valid = torch.zeros(b, longest + budget, dtype=torch.bool)
-    for i, p in enumerate(prompts):  # left padding: every row's next token lands in the same column
-        ids[i, longest - len(p) :] = p
-        valid[i, longest - len(p) : longest] = True
-    ids, valid = ids.to(device), valid.to(device)
-    positions = (valid[:, :longest].long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
-    padded = min(lengths) != longest
+    adapters = adapters or [None] * b
     cache = KVCache(model.cfg.text, b, longest + budget, model.dtype, device)
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
-
-    routed = route(model, adapters)  # set around each forward only: the caller may interleave others
-
-    def forward(*args, **kw) -> torch.Tensor:
-        with torch.inference_mode(), routed:
-            return model(*args, **kw)[:, -1]  # [B, V]
-
-    mask = attention_mask(valid[:, :longest], longest) if padded else None
-    logits = forward(ids, pixel_values, positions, cache, mask, last_only=True)
+    with torch.inference_mode():  # set around each step only: the caller may run others in between
+        logits = prefill(model, cache, prompts, list(range(b)), adapters, pixel_values)
     done = [False] * b
     for step in range(budget):
         tokens = sample(logits, params, generator)  # [B]
@@ -114,11 +135,8 @@ def generate(
         yield new
         if all(done) or step == budget - 1:
             return
-        col = longest + step
-        valid[:, col] = True
-        positions = positions[:, -1:] + 1
-        mask = attention_mask(valid[:, : col + 1], 1) if padded else None
-        logits = forward(tokens[:, None], None, positions, cache, mask)
+        with torch.inference_mode():
+            logits = decode(model, cache, tokens, adapters)
 
 
 class Detokenizer:

@@ -17,32 +17,109 @@ from .vision import RMSNorm
 
 
 class KVCache:
-    """Keys and values of every layer for a batch of sequences, preallocated to max_len positions.
+    """Keys and values of every layer for `slots` sequences, each with its own length, preallocated to
+    max_len positions. The model works on the slots `use` names (all of them at first): it writes each
+    row's new positions after that row's length with `update`, and `advance` moves the lengths on once
+    all layers have run. Lengths live on the model's device (positions, masks) and on the host (slicing),
+    so that no step waits for the device to report one."""
 
-    The language model writes the new positions of each layer with `update` and moves `length` on
-    once all layers have run.
-    """
-
-    def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, Hkv, Tmax, D]
+    def __init__(self, cfg: TextConfig, slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, S, Hkv, Tmax, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # [S]
+        self.host = [0] * slots  # the same lengths
+        self.packed: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None  # see pack()
+        self.use(list(range(slots)))
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def use(self, slots: list[int], lengths: list[int] | None = None) -> None:
+        """Make these slots the batch's rows, and set their lengths when given."""
+        self.slots = slots  # the slot of each batch row
+        self.prefix = slots == list(range(len(slots)))  # rows are slots 0..B-1: read as a view, not gathered
+        self.rows = torch.tensor(slots, dtype=torch.long, device=self.k.device)  # [B]: the same, on the device
+        if lengths is not None:
+            for slot, n in zip(slots, lengths):
+                self.host[slot] = n
+            self.lengths[self.rows] = torch.tensor(lengths, dtype=torch.long, device=self.k.device)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Note whether the rows are slots 0..B-1 all of one length: then writes are slices, no mask is needed."""
+        lengths = {self.host[s] for s in self.slots}
+        self.even = lengths.pop() if self.prefix and len(lengths) == 1 else None
+
+    def pack(self, slots: list[int], seqlens: list[int]) -> None:
+        """The next forward is a packed prefill: these slots' prompts back to back in one row, each from
+        position 0. Its keys and values go to (slot, position) token by token."""
+        self.use(slots, [0] * len(slots))
+        device = self.k.device
+        lengths, total = torch.tensor(seqlens, device=device), sum(seqlens)  # (output_size: no device sync)
+        rows = torch.repeat_interleave(self.rows, lengths, output_size=total)  # [T]: each token's slot
+        starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths, output_size=total)
+        self.packed = rows, torch.arange(total, device=device) - starts, seqlens  # ..., each token's position
+
+    @property
+    def length(self) -> int:
+        """The longest sequence among the rows (the model builds a causal mask past a cached prefix)."""
+        return max((self.host[s] for s in self.slots), default=0)
+
+    def next_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """For one new token per row: its position [B, 1] and the attention mask [B, 1, 1, K] over each row's
+        own keys (rows of other lengths hold stale or unused positions past theirs)."""
+        lengths = self.lengths[self.rows]  # [B]
+        if self.even is not None:  # every row attends to all its keys
+            return lengths[:, None], None
+        keys = torch.arange(self.length + 1, device=self.k.device)
+        return lengths[:, None], (keys[None] <= lengths[:, None])[:, None, None, :]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v [B, Hkv, T, D] for the next T positions -> all keys and values so far [B, Hkv, length+T, D]."""
+        """k, v [B, Hkv, T, D] written after each row's own length -> each row's keys, values so far.
+
+        In a packed prefill, k, v [1, Hkv, T, D] go token by token to their slots and come back as they are."""
+        if self.packed is not None:
+            rows, pos, _ = self.packed
+            self.k[layer].permute(0, 2, 1, 3)[rows, pos] = k[0].transpose(0, 1)  # [T, Hkv, D] into [S, Tmax, Hkv, D]
+            self.v[layer].permute(0, 2, 1, 3)[rows, pos] = v[0].transpose(0, 1)
+            return k, v
+        if self.even is not None:  # one slice for all rows
+            end = self.even + k.shape[2]
+            self.k[layer, : len(self.slots), :, self.even : end] = k
+            self.v[layer, : len(self.slots), :, self.even : end] = v
+            return self.k[layer, : len(self.slots), :, :end], self.v[layer, : len(self.slots), :, :end]
+        pos = self.lengths[self.rows][:, None] + torch.arange(k.shape[2], device=k.device)  # [B, T]
+        rows = self.rows[:, None].expand_as(pos)
+        self.k[layer].permute(0, 2, 1, 3)[rows, pos] = k.transpose(1, 2)  # [B, T, Hkv, D] into [S, Tmax, Hkv, D]
+        self.v[layer].permute(0, 2, 1, 3)[rows, pos] = v.transpose(1, 2)
         end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        rows = slice(0, len(self.slots)) if self.prefix else self.rows
+        return self.k[layer, rows, :, :end], self.v[layer, rows, :, :end]  # [B, Hkv, K, D]
+
+    def move(self, old: list[int], new: list[int]) -> None:
+        """Copy the sequences in slots `old` to slots `new` (any overlap: the sources are read first)."""
+        src, dst = torch.tensor(old, device=self.k.device), torch.tensor(new, device=self.k.device)
+        end = max(self.host[s] for s in old)
+        self.k[:, dst, :, :end] = self.k[:, src, :, :end]
+        self.v[:, dst, :, :end] = self.v[:, src, :, :end]
+        self.lengths[dst] = self.lengths[src]
+        lengths = [self.host[s] for s in old]
+        for slot, n in zip(new, lengths):
+            self.host[slot] = n
+        self._settle()
 
     def advance(self, n: int) -> None:
-        """The last update's positions are now part of every sequence."""
-        self.length += n
+        """The last update's positions are now part of every row's sequence (of each packed prompt: all of it)."""
+        if self.packed is not None:
+            self.use(self.slots, self.packed[2])
+            self.packed = None
+            return
+        self.lengths[self.rows] += n
+        for slot in self.slots:
+            self.host[slot] += n
+        self._settle()
 
 
 def attention_mask(valid: torch.Tensor, q_len: int) -> torch.Tensor:

@@ -26,89 +26,10 @@ import torch
 
 from ..api import VLM
 from ..errors import ConfigError, PromptError
-from ..generate import Detokenizer, SamplingParams, sample
+from ..generate import Detokenizer, SamplingParams, decode, prefill, sample
+from ..model.language import KVCache
 from ..model.lora import lora_layers, route
 from .cache import FeatureCache, image_hash, tiles_per_image
-
-
-class SlotCache:
-    """Keys and values for `slots` sequences, each with its own length; the model works on the rows `use` names.
-
-    Lengths live on the model's device (positions, masks) and on the host (slicing), so that no step
-    waits for the device to report one."""
-
-    def __init__(self, vlm: VLM, slots: int, max_len: int):
-        t, model = vlm.cfg.text, vlm.model
-        shape = (t.num_hidden_layers, slots, t.num_key_value_heads, max_len, t.head_dim)
-        self.k = torch.zeros(shape, dtype=model.dtype, device=model.device)  # [L, S, Hkv, Tmax, D]
-        self.v = torch.zeros(shape, dtype=model.dtype, device=model.device)
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=model.device)  # [S]
-        self.host = [0] * slots  # the same lengths
-        self.slots: list[int] = []  # the slot of each batch row
-        self.rows = torch.zeros(0, dtype=torch.long, device=model.device)  # [B]: the same, on the device
-        self.prefix = False  # rows are slots 0..B-1: keys and values are read as a view, not gathered
-        self.packed: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None  # see pack()
-
-    def use(self, slots: list[int], lengths: list[int] | None = None) -> None:
-        """Make these slots the batch's rows, and set their lengths when given."""
-        self.slots, self.prefix = slots, slots == list(range(len(slots)))
-        self.rows = torch.tensor(slots, dtype=torch.long, device=self.k.device)
-        if lengths is not None:
-            for slot, n in zip(slots, lengths):
-                self.host[slot] = n
-            self.lengths[self.rows] = torch.tensor(lengths, dtype=torch.long, device=self.k.device)
-
-    def pack(self, slots: list[int], seqlens: list[int]) -> None:
-        """The next forward is a packed prefill: these slots' prompts back to back in one row, each from
-        position 0. Its keys and values go to (slot, position) token by token."""
-        self.use(slots, [0] * len(slots))
-        device = self.k.device
-        lengths, total = torch.tensor(seqlens, device=device), sum(seqlens)  # (output_size: no device sync)
-        rows = torch.repeat_interleave(self.rows, lengths, output_size=total)  # [T]: each token's slot
-        starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths, output_size=total)
-        self.packed = rows, torch.arange(total, device=device) - starts, seqlens  # ..., each token's position
-
-    @property
-    def length(self) -> int:
-        """The longest sequence among the rows (the model builds a causal mask past a cached prefix)."""
-        return max((self.host[s] for s in self.slots), default=0)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v [B, Hkv, T, D] written after each row's own length -> each row's keys, values so far.
-
-        In a packed prefill, k, v [1, Hkv, T, D] go token by token to their slots and come back as they are."""
-        if self.packed is not None:
-            rows, pos, _ = self.packed
-            self.k[layer].permute(0, 2, 1, 3)[rows, pos] = k[0].transpose(0, 1)  # [T, Hkv, D] into [S, Tmax, Hkv, D]
-            self.v[layer].permute(0, 2, 1, 3)[rows, pos] = v[0].transpose(0, 1)
-            return k, v
-        pos = self.lengths[self.rows][:, None] + torch.arange(k.shape[2], device=k.device)  # [B, T]
-        rows = self.rows[:, None].expand_as(pos)
-        self.k[layer].permute(0, 2, 1, 3)[rows, pos] = k.transpose(1, 2)  # [B, T, Hkv, D] into [S, Tmax, Hkv, D]
-        self.v[layer].permute(0, 2, 1, 3)[rows, pos] = v.transpose(1, 2)
-        end = self.length + k.shape[2]
-        rows = slice(0, len(self.slots)) if self.prefix else self.rows
-        return self.k[layer, rows, :, :end], self.v[layer, rows, :, :end]  # [B, Hkv, K, D]
-
-    def move(self, old: list[int], new: list[int]) -> None:
-        """Copy the sequences in slots `old` to slots `new` (any overlap: the sources are read first)."""
-        src, dst = torch.tensor(old, device=self.k.device), torch.tensor(new, device=self.k.device)
-        end = max(self.host[s] for s in old)
-        self.k[:, dst, :, :end] = self.k[:, src, :, :end]
-        self.v[:, dst, :, :end] = self.v[:, src, :, :end]
-        self.lengths[dst] = self.lengths[src]
-        lengths = [self.host[s] for s in old]
-        for slot, n in zip(new, lengths):
-            self.host[slot] = n
-
-    def advance(self, n: int) -> None:
-        if self.packed is not None:  # each sequence is as long as its prompt
-            self.use(self.slots, self.packed[2])
-            self.packed = None
-            return
-        self.lengths[self.rows] += n
-        for slot in self.slots:
-            self.host[slot] += n
 
 
 @dataclass(eq=False)
@@ -154,7 +75,7 @@ class Engine:
         self.cache_bytes = 2 * t.num_hidden_layers * max_batch * t.num_key_value_heads * self.max_len * t.head_dim
         self.cache_bytes *= vlm.model.lm_head.weight.element_size()
         try:
-            self.cache = SlotCache(vlm, max_batch, self.max_len)
+            self.cache = KVCache(t, max_batch, self.max_len, vlm.model.dtype, vlm.model.device)
         except (RuntimeError, MemoryError):  # torch.OutOfMemoryError is a RuntimeError
             raise ConfigError(
                 f"the KV cache for {max_batch} requests of {self.max_len} tokens needs "
@@ -264,25 +185,14 @@ class Engine:
 
     def _prefill(self, batch: list[Request]) -> None:
         """The new requests' prompts packed back to back in one forward (no padding), each adapter's
-        together; each request's logits at its last prompt token."""
+        together; each request's first token from the logits at its last prompt token."""
         features = self._features(batch)  # every new image in one pass through the vision encoder
         batch.sort(key=lambda r: r.adapter or "")
-        model, device = self.vlm.model, self.vlm.model.device
-        seqlens = [len(r.prompt) for r in batch]
-        ids = torch.cat([r.prompt for r in batch])[None].to(device)  # [1, T]
-        positions = torch.cat([torch.arange(n) for n in seqlens])[None].to(device)  # restart at each prompt
-        last = torch.zeros(ids.shape, dtype=torch.bool)  # [1, T]: each prompt's last token
-        last[0, torch.tensor(seqlens).cumsum(0) - 1] = True
         feats = [features[self._image_key(r, digest)] for r in batch for digest, _ in r.images]  # prompt order
-        self.cache.pack([r.slot for r in batch], seqlens)
-        try:
-            with route(model, [a for r in batch for a in [r.adapter] * len(r.prompt)], axis=1):
-                feats = torch.cat(feats) if feats else None
-                logits = model(
-                    ids, None, positions, self.cache, select=last.to(device), features=feats, seqlens=seqlens
-                )
-        finally:
-            self.cache.packed = None
+        prompts, slots, adapters = [r.prompt for r in batch], [r.slot for r in batch], [r.adapter for r in batch]
+        logits = prefill(
+            self.vlm.model, self.cache, prompts, slots, adapters, features=torch.cat(feats) if feats else None
+        )
         self.running += batch
         self._emit(batch, logits)  # [B, V]
 
@@ -318,16 +228,9 @@ class Engine:
     def _decode(self) -> None:
         self._arrange()
         rows = list(self.running)  # _emit removes finished rows from self.running
-        model, device = self.vlm.model, self.vlm.model.device
         self.cache.use([r.slot for r in rows])  # 0..B-1
-        lengths = self.cache.lengths[self.cache.rows]  # [B]
-        positions = lengths[:, None]  # [B, 1]: the new token's position
-        keys = self.cache.length + 1
-        mask = (torch.arange(keys, device=device)[None] <= lengths[:, None])[:, None, None, :]  # [B, 1, 1, K]
-        tokens = torch.tensor([[r.next_token] for r in rows], device=device)
-        with route(model, [r.adapter for r in rows]):
-            logits = model(tokens, None, positions, self.cache, mask)[:, -1]  # [B, V]
-        self._emit(rows, logits)
+        tokens = torch.tensor([r.next_token for r in rows], device=self.vlm.model.device)  # [B]
+        self._emit(rows, decode(self.vlm.model, self.cache, tokens, [r.adapter for r in rows]))
 
     def _arrange(self) -> None:
         """Put the running requests in slots 0..B-1 with each adapter's rows together: the decode step then

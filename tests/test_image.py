@@ -13,7 +13,7 @@ from conftest import hf_image_processor, image
 from PIL import Image
 
 from vlstack.errors import ImageError
-from vlstack.image import ImageLimits, load_image, num_tiles, tile_image
+from vlstack.image import ImageLimits, load_image, num_tiles, resize, tile_image
 
 # widths × heights: squares, extreme aspect ratios, tiny, exact ties, bigger than the grid and smaller
 SIZES = [
@@ -52,6 +52,23 @@ def test_tiles_identical_to_transformers(size, max_tiles):
     assert ours.shape[0] == int(ref["num_patches"][0]) == num_tiles(*size, tile, 1, max_tiles)
     assert ours.dtype == torch.float32
     assert torch.equal(ours, ref["pixel_values"])
+
+
+@pytest.mark.parametrize(
+    "size, target",
+    [
+        ((3840, 2160), (1792, 896)),  # the width pass first
+        ((300, 1900), (280, 400)),  # the height shrinks more than twice the width: Pillow 13 starts with it
+        ((700, 500), (1344, 448)),  # one side up, one down
+        ((640, 480), (640, 1344)),  # the height only
+        ((33, 900), (448, 900)),  # the width only
+        ((5, 3), (448, 448)),
+    ],
+)
+def test_parallel_resize_is_pillows_resize(size, target):
+    """The grid resize runs each of Pillow's passes in parallel strips: the pixels are Pillow's own."""
+    img = Image.fromarray(np.random.default_rng(sum(size)).integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
+    assert np.array_equal(resize(img, target), np.asarray(img.resize(target, Image.Resampling.BICUBIC)))
 
 
 @pytest.mark.parametrize("min_tiles,max_tiles", [(1, 1), (2, 6), (4, 12), (1, 40)])

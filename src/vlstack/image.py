@@ -3,8 +3,9 @@
 Tiling is the reference rule (InternVL's `dynamic_preprocess`, transformers' GotOcr2 image
 processor): pick the tile grid whose aspect ratio is closest to the image's, resize (bicubic) to the
 grid, cut into square tiles row by row, append a thumbnail when there is more than one tile. The pixel
-values are bit-identical to transformers' PIL processor; speed comes from resizing the grid and the
-thumbnail in parallel and normalising with a lookup table instead of float64 arithmetic.
+values are bit-identical to transformers' PIL processor; speed comes from cutting each pass of Pillow's
+resize into strips resized in parallel, resizing the thumbnail beside them, and normalising with a
+lookup table instead of float64 arithmetic.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,6 +30,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ImageInput = Image.Image | str | Path | bytes
 
 _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vlstack-image")  # PIL resizes release the GIL
+_STRIPS = max(2, min(4, os.cpu_count() or 1))  # strips per resize pass
 
 
 @dataclass
@@ -134,20 +137,76 @@ def num_tiles(width: int, height: int, tile: int, min_tiles: int = 1, max_tiles:
 
 
 @lru_cache(maxsize=8)
-def _normalise_table(mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """[3 * 256] float32: the normalised value of every channel byte, computed exactly as transformers
+def _normalise_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """[3, 256] float32: the normalised value of every channel byte, computed exactly as transformers
     does per pixel (x·(1/255) in float64, cast to float32, then (x - mean) / std in float32)."""
     values = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
     m, s = np.array(mean, dtype=np.float32), np.array(std, dtype=np.float32)
-    return torch.from_numpy(((values[None, :] - m[:, None]) / s[:, None]).reshape(-1).copy())
+    return (values[None, :] - m[:, None]) / s[:, None]
 
 
 def normalise(tiles: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """uint8 [N, S, S, 3] -> float32 [N, 3, S, S]."""
+    """uint8 [N, S, S, 3] -> float32 [N, 3, S, S], by table lookup, one (tile, channel) plane per job."""
     table = _normalise_table(tuple(mean), tuple(std))
-    idx = torch.from_numpy(tiles).permute(0, 3, 1, 2).to(torch.int64)  # [N, 3, S, S]
-    idx += torch.arange(0, 768, 256).view(1, 3, 1, 1)
-    return table[idx]
+    out = np.empty((tiles.shape[0], 3, *tiles.shape[1:3]), dtype=np.float32)
+
+    def plane(nc: tuple[int, int]) -> None:
+        n, c = nc
+        np.take(table[c], tiles[n, :, :, c], out=out[n, c])
+
+    list(_pool.map(plane, [(n, c) for n in range(tiles.shape[0]) for c in range(3)]))
+    return torch.from_numpy(out)
+
+
+@lru_cache(maxsize=1)
+def _pass_order() -> str | None:
+    """How this Pillow orders the two passes of a bicubic resize: "rule" (vertical first when the height
+    shrinks by more than twice what the width does, as Pillow 13 does), "horizontal" (always horizontal
+    first, as older Pillows do), or None (neither: resize whole images only). Found on a 12x60 probe."""
+    probe = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 12, 3), dtype=np.uint8))
+    size = (10, 13)  # the height shrinks by 47, the width by 2: vertical first under the rule
+    whole = np.asarray(probe.resize(size, Image.Resampling.BICUBIC))
+    for order, mid in (("rule", (12, 13)), ("horizontal", (10, 60))):
+        two = probe.resize(mid, Image.Resampling.BICUBIC).resize(size, Image.Resampling.BICUBIC)
+        if np.array_equal(whole, np.asarray(two)):
+            return order
+    return None
+
+
+def _one_pass(img: Image.Image, size: tuple[int, int], first: bool) -> Image.Image:
+    """A resize that changes one side only, in strips across the other side resized in parallel: Pillow's
+    pass works row by row (width) or column by column (height), so the strips give its exact pixels. The
+    first pass reads its strips in place (`box`: the other side's pass is then an exact identity); the
+    second copies them out (`crop`), cheaper on the smaller intermediate image."""
+    w, h = size
+    if (w, h) == img.size:
+        return img
+    rows = w != img.width  # the width changes: cut row bands
+    cuts = np.linspace(0, img.height if rows else img.width, _STRIPS + 1).astype(int).tolist()
+    boxes = [(0, a, img.width, b) if rows else (a, 0, b, img.height) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+    def strip(box: tuple[int, int, int, int]) -> Image.Image:
+        out = (w, box[3] - box[1]) if rows else (box[2] - box[0], h)
+        if first:
+            return img.resize(out, Image.Resampling.BICUBIC, box=box)
+        return img.crop(box).resize(out, Image.Resampling.BICUBIC)
+
+    joined = Image.new(img.mode, size)
+    for box, part in zip(boxes, _pool.map(strip, boxes)):
+        joined.paste(part, (0, box[1]) if rows else (box[0], 0))
+    return joined
+
+
+def resize(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """img.resize(size, BICUBIC) as uint8 [h, w, 3], bit for bit: Pillow's two passes in Pillow's order,
+    each in parallel strips."""
+    order, (w, h) = _pass_order(), size
+    if order is None:
+        return np.asarray(img.resize(size, Image.Resampling.BICUBIC))
+    shrink_h, shrink_w = img.height - h, img.width - w
+    vertical_first = order == "rule" and shrink_h > 0 and shrink_h > 2 * shrink_w
+    mid = (img.width, h) if vertical_first else (w, img.height)
+    return np.asarray(_one_pass(_one_pass(img, mid, first=True), size, first=mid == img.size))
 
 
 def tile_image(
@@ -166,12 +225,9 @@ def tile_image(
         cols = rows = 1
     else:
         cols, rows = best_grid(img.width, img.height, tile, min_tiles, max_tiles)
-    resize = lambda size: np.asarray(img.resize(size, Image.Resampling.BICUBIC))  # noqa: E731
-    grid_job = _pool.submit(resize, (tile * cols, tile * rows))
-    thumb = resize((tile, tile)) if use_thumbnail and cols * rows > 1 else None
-    grid = grid_job.result()  # [rows*S, cols*S, 3]
+    grid = resize(img, (tile * cols, tile * rows))  # [rows*S, cols*S, 3]
+    thumb = resize(img, (tile, tile)) if use_thumbnail and cols * rows > 1 else None
     tiles = grid.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 1, 3, 4).reshape(-1, tile, tile, 3)
     if thumb is not None:
         tiles = np.concatenate([tiles, thumb[None]], axis=0)
-    tiles = np.ascontiguousarray(tiles)
-    return normalise(tiles if tiles.flags.writeable else tiles.copy(), mean, std)
+    return normalise(tiles, mean, std)

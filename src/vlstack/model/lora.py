@@ -2,8 +2,10 @@
 
 The base matmul runs once over all rows of the batch; then each adapter adds `B(A(dropout(x))) * scaling`
 to its own rows only (the mLoRA "BatchLoRA" idea). Which rows belong to which adapter is a `Routing`
-shared by every LoRA layer of a model: training sets one segment per job, serving one per group of
-requests. Parameter names follow PEFT's in-memory names (`q_proj.lora_A.<adapter>.weight`), and the
+shared by every LoRA layer of a model: a segment per run of rows (decode, a batch of tiles) or, in a
+packed batch of sequences back to back, per run of tokens (training: one per job; the server's
+prefill: one per adapter). `replay` lets gradient checkpointing recompute a layer with its forward's
+routing and dropout masks. Parameter names follow PEFT's in-memory names (`q_proj.lora_A.<adapter>.weight`), and the
 base weight keeps its own name (`q_proj.weight`), so checkpoints are unaffected.
 """
 

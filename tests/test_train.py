@@ -382,7 +382,7 @@ def test_cli_train_and_merge(tmp_path):
     write_dataset(tmp_path, "fin", 4, True)
     write_dataset(tmp_path, "law", 4, False)
     (tmp_path / "jobs.yaml").write_text(
-        "model: tiny\njobs:\n"
+        "model: tiny\ngradient_checkpointing: true\njobs:\n"
         "  - {name: fin, data: fin.jsonl, output: out/fin, rank: 4, batch_size: 2, steps: 2}\n"
         "  - {name: law, data: law.jsonl, output: out/law, rank: 2, batch_size: 2, steps: 3}\n"
     )

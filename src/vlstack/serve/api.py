@@ -2,8 +2,8 @@
 
 The request's `model` picks the adapter (the base model's own name: no adapter). Errors use OpenAI's
 shape `{"error": {"message", "type", "param", "code"}}` with 4xx for the client's mistakes, so SDKs
-do not retry them. Requests are encoded (images decoded and tiled) in worker threads, then batched
-continuously by serve/engine.py.
+do not retry them. Request bodies are read and checked by serve/openai.py, encoded (images fetched,
+decoded and tiled) in worker threads, then batched continuously by serve/engine.py.
 """
 
 from __future__ import annotations
@@ -13,25 +13,23 @@ import contextlib
 import json
 import os
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.datastructures import Headers
 
 from ..api import VLM
-from ..errors import ConfigError, ImageError, PromptError, VLStackError
+from ..errors import ConfigError, PromptError, VLStackError
 from ..generate import SamplingParams
 from .auth import AuditLog, Tenant, find_tenant
 from .engine import Engine
 from .metrics import Metrics
+from .openai import APIError, fetch_images, read_messages, read_sampling
 
 
 @dataclass
@@ -59,94 +57,6 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be at least 2 tokens (got {getattr(self, name)})")
         if self.image_cache_mb < 0:
             raise ConfigError(f"image_cache_mb must be >= 0 (got {self.image_cache_mb})")
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def response(self) -> JSONResponse:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-        headers = {"Retry-After": "1"} if self.status == 503 else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
-
-
-def _image_source(url: Any, allow_http: bool, image_dir: Path | None) -> str:
-    """An image_url's url, checked: data URLs always; http(s) only if allowed; files only under image_dir."""
-    if not isinstance(url, str) or not url:
-        raise APIError(400, "image_url.url must be a non-empty string", "messages")
-    if url.startswith("data:"):
-        return url
-    if url.startswith(("http://", "https://")):
-        if not allow_http:
-            raise APIError(400, "image URLs over http(s) are refused by this server; send a data: URL", "messages")
-        return url  # fetched in _submit, off the event loop
-    path = Path(url[len("file://") :] if url.startswith("file://") else url)
-    if image_dir is None:
-        raise APIError(400, "local image files are refused by this server; send a data: URL", "messages")
-    resolved = path.resolve() if path.is_absolute() else (image_dir / path).resolve()
-    if not resolved.is_relative_to(image_dir.resolve()):
-        raise APIError(400, "local image files must lie under the server's image directory", "messages")
-    return str(resolved)
-
-
-def _messages(body: dict, allow_http: bool, image_dir: Path | None) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty list", "messages")
-    out = []
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise APIError(400, "each message needs a role of system, user or assistant", "messages")
-        content = m.get("content")
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                if not isinstance(part, dict):
-                    raise APIError(400, "message content parts must be objects", "messages")
-                if part.get("type") == "image_url":
-                    url = part.get("image_url")
-                    url = url.get("url") if isinstance(url, dict) else url
-                    parts.append({"type": "image_url", "image_url": {"url": _image_source(url, allow_http, image_dir)}})
-                elif part.get("type") == "text":
-                    parts.append({"type": "text", "text": str(part.get("text", ""))})
-                else:
-                    raise APIError(400, f"unsupported content part type {part.get('type')!r}", "messages")
-            content = parts
-        elif content is None:
-            content = ""
-        elif not isinstance(content, str):
-            raise APIError(400, "message content must be a string or a list of parts", "messages")
-        out.append({"role": m["role"], "content": content})
-    return out
-
-
-def _sampling(body: dict) -> tuple[dict, int]:
-    """OpenAI's sampling fields -> vlstack's generation options, and n."""
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    stop = body.get("stop")
-    gen: dict[str, Any] = {
-        "max_new_tokens": 256 if max_tokens is None else max_tokens,
-        "temperature": 1.0 if body.get("temperature") is None else body["temperature"],
-        "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
-        "seed": body.get("seed"),
-        "stop": [stop] if isinstance(stop, str) else list(stop or []),
-    }
-    n = body.get("n") or 1
-    checks = [
-        (isinstance(gen["max_new_tokens"], int) and gen["max_new_tokens"] >= 1, "max_tokens", "an integer >= 1"),
-        (isinstance(gen["temperature"], (int, float)) and 0 <= gen["temperature"] <= 2, "temperature", "in [0, 2]"),
-        (isinstance(gen["top_p"], (int, float)) and 0 < gen["top_p"] <= 1, "top_p", "in (0, 1]"),
-        (gen["seed"] is None or isinstance(gen["seed"], int), "seed", "an integer"),
-        (all(isinstance(s, str) and s for s in gen["stop"]) and len(gen["stop"]) <= 4, "stop", "up to 4 strings"),
-        (isinstance(n, int) and 1 <= n <= 16, "n", "an integer in [1, 16]"),
-    ]
-    for ok, name, what in checks:
-        if not ok:
-            raise APIError(400, f"'{name}' must be {what}", name)
-    return gen, n
 
 
 def create_app(
@@ -315,8 +225,8 @@ def create_app(
         model = body.get("model")
         if (model != name and model not in vlm.adapters) or not visible(request, model):  # the same answer
             raise APIError(404, f"The model {model!r} does not exist", "model", "model_not_found")
-        messages = _messages(body, cfg.allow_http_images, image_root)
-        gen, n = _sampling(body)
+        messages = read_messages(body, cfg.allow_http_images, image_root)
+        gen, n = read_sampling(body)
         if engine.waiting.qsize() >= cfg.max_queue:
             raise APIError(503, f"the server is overloaded ({engine.waiting.qsize()} requests waiting); retry later",
                            code="server_overloaded")  # fmt: skip
@@ -433,37 +343,6 @@ class AsyncOut:
         return await self.queue.get()
 
 
-def fetch_image(url: str, timeout: float, max_bytes: int = 64 * 2**20) -> bytes:
-    """The bytes of an http(s) image, with a timeout and a size limit."""
-    try:
-        request = urllib.request.Request(url, headers={"User-Agent": "vlstack"})
-        with urllib.request.urlopen(request, timeout=timeout) as r:
-            data = r.read(max_bytes + 1)
-    except urllib.error.HTTPError as e:
-        raise ImageError(f"fetching {url} failed: HTTP {e.code}") from None
-    except (urllib.error.URLError, TimeoutError, OSError) as e:
-        raise ImageError(f"fetching {url} failed: {getattr(e, 'reason', e)}") from None
-    if len(data) > max_bytes:
-        raise ImageError(f"the image at {url} is over the limit of {max_bytes} bytes")
-    return data
-
-
-def _fetched(messages: list[dict], timeout: float) -> list[dict]:
-    """messages with their http(s) image URLs replaced by the images' bytes."""
-    out = []
-    for m in messages:
-        content = m["content"]
-        if isinstance(content, list):
-            content = [
-                {"type": "image_url", "image_url": {"url": fetch_image(p["image_url"]["url"], timeout)}}
-                if p["type"] == "image_url" and p["image_url"]["url"].startswith(("http://", "https://"))
-                else p
-                for p in content
-            ]
-        out.append({**m, "content": content})
-    return out
-
-
 def _submit(
     engine: Engine,
     vlm: VLM,
@@ -476,7 +355,7 @@ def _submit(
 ) -> list:
     """Encode the request (images fetched, decoded and tiled here, in a worker thread) and queue n completions."""
     try:
-        inputs = vlm.processor(_fetched(messages, fetch_timeout))
+        inputs = vlm.processor(fetch_images(messages, fetch_timeout))
         seeds = [None if gen["seed"] is None else gen["seed"] + i for i in range(n)]  # n different samples
         params = [SamplingParams(**{**gen, "seed": seed}) for seed in seeds]
         return [engine.submit(inputs, adapter, p, AsyncOut(loop)) for p in params]

@@ -1,0 +1,137 @@
+"""OpenAI chat-completions request bodies -> vlstack's inputs, checked: messages with text and image_url
+parts (data URLs; http(s) only when the operator allows it, fetched with a timeout and a size limit;
+local files only under the operator's image directory) and the sampling fields. A bad field is an
+APIError carrying OpenAI's error shape and a 4xx status.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from ..errors import ImageError
+
+
+class APIError(Exception):
+    """An error for the client: an HTTP status and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def response(self) -> JSONResponse:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        headers = {"Retry-After": "1"} if self.status == 503 else None
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+def image_source(url: Any, allow_http: bool, image_dir: Path | None) -> str:
+    """An image_url's url, checked: data URLs always; http(s) only if allowed; files only under image_dir."""
+    if not isinstance(url, str) or not url:
+        raise APIError(400, "image_url.url must be a non-empty string", "messages")
+    if url.startswith("data:"):
+        return url
+    if url.startswith(("http://", "https://")):
+        if not allow_http:
+            raise APIError(400, "image URLs over http(s) are refused by this server; send a data: URL", "messages")
+        return url  # fetched later by fetch_images, in a worker thread (off the event loop)
+    path = Path(url[len("file://") :] if url.startswith("file://") else url)
+    if image_dir is None:
+        raise APIError(400, "local image files are refused by this server; send a data: URL", "messages")
+    resolved = path.resolve() if path.is_absolute() else (image_dir / path).resolve()
+    if not resolved.is_relative_to(image_dir.resolve()):
+        raise APIError(400, "local image files must lie under the server's image directory", "messages")
+    return str(resolved)
+
+
+def read_messages(body: dict, allow_http: bool, image_dir: Path | None) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list", "messages")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise APIError(400, "each message needs a role of system, user or assistant", "messages")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if not isinstance(part, dict):
+                    raise APIError(400, "message content parts must be objects", "messages")
+                if part.get("type") == "image_url":
+                    url = part.get("image_url")
+                    url = url.get("url") if isinstance(url, dict) else url
+                    parts.append({"type": "image_url", "image_url": {"url": image_source(url, allow_http, image_dir)}})
+                elif part.get("type") == "text":
+                    parts.append({"type": "text", "text": str(part.get("text", ""))})
+                else:
+                    raise APIError(400, f"unsupported content part type {part.get('type')!r}", "messages")
+            content = parts
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise APIError(400, "message content must be a string or a list of parts", "messages")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def read_sampling(body: dict) -> tuple[dict, int]:
+    """OpenAI's sampling fields -> vlstack's generation options, and n."""
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    stop = body.get("stop")
+    gen: dict[str, Any] = {
+        "max_new_tokens": 256 if max_tokens is None else max_tokens,
+        "temperature": 1.0 if body.get("temperature") is None else body["temperature"],
+        "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
+        "seed": body.get("seed"),
+        "stop": [stop] if isinstance(stop, str) else list(stop or []),
+    }
+    n = body.get("n") or 1
+    checks = [
+        (isinstance(gen["max_new_tokens"], int) and gen["max_new_tokens"] >= 1, "max_tokens", "an integer >= 1"),
+        (isinstance(gen["temperature"], (int, float)) and 0 <= gen["temperature"] <= 2, "temperature", "in [0, 2]"),
+        (isinstance(gen["top_p"], (int, float)) and 0 < gen["top_p"] <= 1, "top_p", "in (0, 1]"),
+        (gen["seed"] is None or isinstance(gen["seed"], int), "seed", "an integer"),
+        (all(isinstance(s, str) and s for s in gen["stop"]) and len(gen["stop"]) <= 4, "stop", "up to 4 strings"),
+        (isinstance(n, int) and 1 <= n <= 16, "n", "an integer in [1, 16]"),
+    ]
+    for ok, name, what in checks:
+        if not ok:
+            raise APIError(400, f"'{name}' must be {what}", name)
+    return gen, n
+
+
+def fetch_image(url: str, timeout: float, max_bytes: int = 64 * 2**20) -> bytes:
+    """The bytes of an http(s) image, with a timeout and a size limit."""
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "vlstack"})
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            data = r.read(max_bytes + 1)
+    except urllib.error.HTTPError as e:
+        raise ImageError(f"fetching {url} failed: HTTP {e.code}") from None
+    except (urllib.error.URLError, TimeoutError, OSError) as e:
+        raise ImageError(f"fetching {url} failed: {getattr(e, 'reason', e)}") from None
+    if len(data) > max_bytes:
+        raise ImageError(f"the image at {url} is over the limit of {max_bytes} bytes")
+    return data
+
+
+def fetch_images(messages: list[dict], timeout: float) -> list[dict]:
+    """messages with their http(s) image URLs replaced by the images' bytes."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [
+                {"type": "image_url", "image_url": {"url": fetch_image(p["image_url"]["url"], timeout)}}
+                if p["type"] == "image_url" and p["image_url"]["url"].startswith(("http://", "https://"))
+                else p
+                for p in content
+            ]
+        out.append({**m, "content": content})
+    return out

@@ -77,7 +77,7 @@ def prefill(
     last[0, torch.tensor(seqlens).cumsum(0) - 1] = True
     cache.pack(slots, seqlens)
     try:
-        with route(model, [a for a, n in zip(adapters, seqlens) for a in [a] * n], axis=1):
+        with route(model, adapters, axis=1, counts=seqlens):
             pv = pixel_values.to(device) if pixel_values is not None else None
             return model(ids, pv, positions, cache, select=last.to(device), features=features, seqlens=seqlens)
     finally:

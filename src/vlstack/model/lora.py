@@ -199,27 +199,31 @@ def adapter_names(model: nn.Module) -> set[str]:
     return {n for layer in lora_layers(model).values() for n in layer.lora_A}
 
 
-def segments(adapters: list[str | None]) -> list[tuple[str, int, int]]:
-    """Per-row adapter names -> [(adapter, first row, end row)] over runs of equal names (None: base only)."""
+def segments(adapters: list[str | None], counts: list[int] | None = None) -> list[tuple[str, int, int]]:
+    """Adapter names, one per row (or per counts[i] consecutive units: the tokens of a packed sequence) ->
+    [(adapter, first, end)] over runs of equal names (None: base only)."""
     out: list[tuple[str, int, int]] = []
-    for row, name in enumerate(adapters):
-        if name is None:
-            continue
-        if out and out[-1][0] == name and out[-1][2] == row:
-            out[-1] = (name, out[-1][1], row + 1)
-        else:
-            out.append((name, row, row + 1))
+    start = 0
+    for name, n in zip(adapters, counts or [1] * len(adapters)):
+        if name is not None and out and out[-1][0] == name and out[-1][2] == start:
+            out[-1] = (name, out[-1][1], start + n)
+        elif name is not None:
+            out.append((name, start, start + n))
+        start += n
     return out
 
 
 class route:
     """`with route(model, ["finance", "finance", None, "legal"]):` -- rows use these adapters.
 
-    With axis=1 the names are per token of a packed batch (one row holding sequences back to back)."""
+    With axis=1 the batch is one row of sequences packed back to back, and adapters[i] covers the next
+    counts[i] tokens."""
 
-    def __init__(self, model: nn.Module, adapters: list[str | None] | None, axis: int = 0):
+    def __init__(
+        self, model: nn.Module, adapters: list[str | None] | None, axis: int = 0, counts: list[int] | None = None
+    ):
         self.routing = routing_of(model)
-        self.new = segments(adapters or []), axis
+        self.new = segments(adapters or [], counts), axis
         known = adapter_names(model)
         unknown = sorted({a for a in adapters or [] if a is not None} - known)
         if unknown:

@@ -11,6 +11,7 @@ whether it was trained alone or fused with others. Jobs wait in a queue until th
 
 from __future__ import annotations
 
+import itertools
 import math
 import shutil
 import sys
@@ -108,10 +109,12 @@ def fused_batch(vlm: VLM, running: list[Running]) -> tuple[dict, list[tuple[int,
     rank, size = world()
     rows, spans = [], []
     for r in running:
-        first = sum(len(x["input_ids"]) for x in rows)
+        first = len(rows)
         rows += [encode_example(vlm.processor, ex, r.job.max_len) for ex in r.stream.next()[rank::size]]
-        spans.append((first, sum(len(x["input_ids"]) for x in rows)))
+        spans.append((first, len(rows)))
     seqlens = [len(x["input_ids"]) for x in rows]
+    offsets = [0, *itertools.accumulate(seqlens)]  # where each row starts in the packed row
+    spans = [(offsets[a], offsets[b]) for a, b in spans]
     batch = {
         "input_ids": torch.cat([x["input_ids"] for x in rows])[None],  # [1, T]
         "labels": torch.cat([x["labels"] for x in rows])[None],
@@ -146,14 +149,13 @@ def train_step(vlm: VLM, running: list[Running]) -> list[float]:
     batch, spans = fused_batch(vlm, running)
     seqlens = batch.pop("seqlens")
     batch = {k: v.to(device) for k, v in batch.items()}
-    adapters = [r.job.name for r, (a, b) in zip(running, spans) for _ in range(a, b)]  # per token
     labels = batch["labels"][0]
     targets = torch.full_like(labels, IGNORE)  # [T]: the token each position predicts, within its sequence
     ends = torch.tensor(seqlens, device=device).cumsum(0)
     targets[:-1] = labels[1:]
     targets[ends - 1] = IGNORE  # a sequence's last token predicts nothing
     learn = targets != IGNORE  # [T]: positions with a label; logits are computed only there
-    with route(model, adapters, axis=1):
+    with route(model, [r.job.name for r in running], axis=1, counts=[b - a for a, b in spans]):
         ids, pixels, positions = batch["input_ids"], batch.get("pixel_values"), batch["positions"]
         hidden = model(ids, pixels, positions, select=learn[None], seqlens=seqlens, head=False)  # [N, C]
         per_token = token_losses(model.lm_head, hidden, targets[learn], model.language_model.recompute is not None)

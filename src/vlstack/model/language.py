@@ -24,13 +24,18 @@ class KVCache:
     so that no step waits for the device to report one."""
 
     def __init__(self, cfg: TextConfig, slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        shape = self.shape(cfg, slots, max_len)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, S, Hkv, Tmax, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # [S]
         self.host = [0] * slots  # the same lengths
         self.packed: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None  # see pack()
         self.use(list(range(slots)))
+
+    @staticmethod
+    def shape(cfg: TextConfig, slots: int, max_len: int) -> tuple[int, ...]:
+        """The shape of the keys (and of the values): [L, S, Hkv, Tmax, D]."""
+        return cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_len, cfg.head_dim
 
     @property
     def max_len(self) -> int:
@@ -48,9 +53,11 @@ class KVCache:
         self._settle()
 
     def _settle(self) -> None:
-        """Note whether the rows are slots 0..B-1 all of one length: then writes are slices, no mask is needed."""
+        """After the rows or their lengths change: the longest row, and whether the rows are slots 0..B-1 all of
+        one length (then writes are slices, and no mask is needed)."""
         lengths = {self.host[s] for s in self.slots}
-        self.even = lengths.pop() if self.prefix and len(lengths) == 1 else None
+        self.length = max(lengths, default=0)  # the model builds a causal mask past a cached prefix
+        self.even = self.length if self.prefix and len(lengths) == 1 else None
 
     def pack(self, slots: list[int], seqlens: list[int]) -> None:
         """The next forward is a packed prefill: these slots' prompts back to back in one row, each from
@@ -61,11 +68,6 @@ class KVCache:
         rows = torch.repeat_interleave(self.rows, lengths, output_size=total)  # [T]: each token's slot
         starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths, output_size=total)
         self.packed = rows, torch.arange(total, device=device) - starts, seqlens  # ..., each token's position
-
-    @property
-    def length(self) -> int:
-        """The longest sequence among the rows (the model builds a causal mask past a cached prefix)."""
-        return max((self.host[s] for s in self.slots), default=0)
 
     def next_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """For one new token per row: its position [B, 1] and the attention mask [B, 1, 1, K] over each row's

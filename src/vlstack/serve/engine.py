@@ -15,6 +15,7 @@ the caller's thread before submission, so that work runs in parallel with the en
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -72,8 +73,7 @@ class Engine:
         self.max_len = min(max_len or vlm.context_len, vlm.context_len)
         self.kv_budget = kv_budget or max_batch * self.max_len
         t = vlm.cfg.text
-        self.cache_bytes = 2 * t.num_hidden_layers * max_batch * t.num_key_value_heads * self.max_len * t.head_dim
-        self.cache_bytes *= vlm.model.lm_head.weight.element_size()
+        self.cache_bytes = 2 * math.prod(KVCache.shape(t, max_batch, self.max_len)) * vlm.model.dtype.itemsize
         try:
             self.cache = KVCache(t, max_batch, self.max_len, vlm.model.dtype, vlm.model.device)
         except (RuntimeError, MemoryError):  # torch.OutOfMemoryError is a RuntimeError

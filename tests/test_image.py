@@ -12,6 +12,7 @@ import torch
 from conftest import hf_image_processor, image
 from PIL import Image
 
+import vlstack.image
 from vlstack.errors import ImageError
 from vlstack.image import ImageLimits, load_image, num_tiles, resize, tile_image
 
@@ -65,8 +66,9 @@ def test_tiles_identical_to_transformers(size, max_tiles):
         ((5, 3), (448, 448)),
     ],
 )
-def test_parallel_resize_is_pillows_resize(size, target):
+def test_parallel_resize_is_pillows_resize(size, target, monkeypatch):
     """The grid resize runs each of Pillow's passes in parallel strips: the pixels are Pillow's own."""
+    monkeypatch.setattr(vlstack.image, "PARALLEL_PIXELS", 0)  # strips at every size
     img = Image.fromarray(np.random.default_rng(sum(size)).integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
     assert np.array_equal(resize(img, target), np.asarray(img.resize(target, Image.Resampling.BICUBIC)))
 

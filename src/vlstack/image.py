@@ -4,8 +4,8 @@ Tiling is the reference rule (InternVL's `dynamic_preprocess`, transformers' Got
 processor): pick the tile grid whose aspect ratio is closest to the image's, resize (bicubic) to the
 grid, cut into square tiles row by row, append a thumbnail when there is more than one tile. The pixel
 values are bit-identical to transformers' PIL processor; speed comes from cutting each pass of Pillow's
-resize into strips resized in parallel, resizing the thumbnail beside them, and normalising with a
-lookup table instead of float64 arithmetic.
+resize into strips resized in parallel (images of 2 Mpx and more), and normalising with a lookup table
+instead of float64 arithmetic.
 """
 
 from __future__ import annotations
@@ -31,6 +31,14 @@ ImageInput = Image.Image | str | Path | bytes
 
 _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vlstack-image")  # PIL resizes release the GIL
 _STRIPS = max(2, min(4, os.cpu_count() or 1))  # strips per resize pass
+# Below this many pixels (a 1080p frame) an image is resized and normalised on the caller's thread: the
+# hand-offs cost more than the strips save, and a server encodes several requests at once anyway.
+PARALLEL_PIXELS = 2_000_000
+
+
+def _map(fn, items: list, pixels: int) -> list:
+    """[fn(x) for x in items], across the pool when the work is big enough to gain from it."""
+    return list(_pool.map(fn, items)) if pixels >= PARALLEL_PIXELS else [fn(x) for x in items]
 
 
 @dataclass
@@ -154,7 +162,7 @@ def normalise(tiles: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.
         n, c = nc
         np.take(table[c], tiles[n, :, :, c], out=out[n, c])
 
-    list(_pool.map(plane, [(n, c) for n in range(tiles.shape[0]) for c in range(3)]))
+    _map(plane, [(n, c) for n in range(tiles.shape[0]) for c in range(3)], tiles.shape[0] * tiles.shape[1] ** 2)
     return torch.from_numpy(out)
 
 
@@ -201,7 +209,7 @@ def resize(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """img.resize(size, BICUBIC) as uint8 [h, w, 3], bit for bit: Pillow's two passes in Pillow's order,
     each in parallel strips."""
     order, (w, h) = _pass_order(), size
-    if order is None:
+    if order is None or img.width * img.height < PARALLEL_PIXELS and w * h < PARALLEL_PIXELS:
         return np.asarray(img.resize(size, Image.Resampling.BICUBIC))
     shrink_h, shrink_w = img.height - h, img.width - w
     vertical_first = order == "rule" and shrink_h > 0 and shrink_h > 2 * shrink_w

@@ -85,7 +85,8 @@ def test_cancel_frees_the_slot():
     assert long.generated < 5000
 
 
-def test_images_encoded_once_per_step_and_cached_by_content():
+@pytest.mark.parametrize("vision_tokens", [8192, 3 * 256])  # one pass; passes of 3 tiles (256 tokens each)
+def test_images_encoded_once_per_step_and_cached_by_content(vision_tokens):
     vlm = tiny_with_adapters()
     spec = LoRASpec(rank=4, alpha=16, parts=("language", "vision"))
     gen = torch.Generator().manual_seed(7)
@@ -93,7 +94,7 @@ def test_images_encoded_once_per_step_and_cached_by_content():
         for p in add_adapter(vlm.model, "vision", spec, seed=7):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     vlm.adapters["vision"] = spec
-    engine = Engine(vlm, max_batch=8)
+    engine = Engine(vlm, max_batch=8, vision_tokens=vision_tokens)
     engine.adapter_changed("vision")
     passes = []
     vlm.model.vision_tower.register_forward_hook(lambda m, args, out: passes.append(args[0].shape[0]))
@@ -108,11 +109,14 @@ def test_images_encoded_once_per_step_and_cached_by_content():
         reqs = [submit(img, a) for img, a in cases]
     answers = [collect(r) for r in reqs]
     tiles = {id(img): len(vlm.processor(question_messages("x", 1), [img])["pixel_values"]) for img in (page, chart)}
-    # one vision pass over the new tiles: page and chart once for the base model, page again for "vision"
-    assert passes == [2 * tiles[id(page)] + tiles[id(chart)]]
+    # the new tiles once (page and chart for the base model, page again for "vision"), in passes of at most
+    # vision_tokens encoder tokens; a pass may cut an image, each tile keeping its own adapter
+    new = 2 * tiles[id(page)] + tiles[id(chart)]
+    step = vision_tokens // 256
+    assert passes == [min(step, new - a) for a in range(0, new, step)] and (step > new or len(passes) > 1)
     again = collect(submit(image(120, 50, seed=1), "legal"))  # the same page, a new PIL object: cached
     engine.close()
-    assert passes == [2 * tiles[id(page)] + tiles[id(chart)]]
+    assert sum(passes) == new
     assert (engine.images.hits, engine.images.misses) == (1, 3)  # in-batch repeats never reach the cache
     expected = [vlm.chat("What is the total?", images=[img], adapter=a, max_new_tokens=6) for img, a in cases]
     assert answers == expected and again == expected[2]

@@ -70,7 +70,9 @@ def test_parallel_resize_is_pillows_resize(size, target, monkeypatch):
     """The grid resize runs each of Pillow's passes in parallel strips: the pixels are Pillow's own."""
     monkeypatch.setattr(vlstack.image, "PARALLEL_PIXELS", 0)  # strips at every size
     img = Image.fromarray(np.random.default_rng(sum(size)).integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
-    assert np.array_equal(resize(img, target), np.asarray(img.resize(target, Image.Resampling.BICUBIC)))
+    sizes = [target, (448, 448), (200, 100)]  # resized together, as the grid and the thumbnail are
+    for ours, size in zip(resize(img, sizes), sizes, strict=True):
+        assert np.array_equal(ours, np.asarray(img.resize(size, Image.Resampling.BICUBIC)))
 
 
 @pytest.mark.parametrize("min_tiles,max_tiles", [(1, 1), (2, 6), (4, 12), (1, 40)])

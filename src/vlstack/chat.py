@@ -162,7 +162,7 @@ class Processor:
                 labels += new if learn else [-100] * len(new)
         out = {"input_ids": torch.tensor([ids], dtype=torch.long), "labels": torch.tensor([labels], dtype=torch.long)}
         if tiles:
-            out["pixel_values"] = torch.cat(tiles)
+            out["pixel_values"] = tiles[0] if len(tiles) == 1 else torch.cat(tiles)  # (a cat always copies)
         return out
 
     def __call__(self, messages: list[dict], images: list[ImageInput] | None = None) -> dict[str, torch.Tensor]:

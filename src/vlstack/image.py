@@ -3,9 +3,9 @@
 Tiling is the reference rule (InternVL's `dynamic_preprocess`, transformers' GotOcr2 image
 processor): pick the tile grid whose aspect ratio is closest to the image's, resize (bicubic) to the
 grid, cut into square tiles row by row, append a thumbnail when there is more than one tile. The pixel
-values are bit-identical to transformers' PIL processor; speed comes from cutting each pass of Pillow's
-resize into strips resized in parallel (images of 2 Mpx and more), and normalising with a lookup table
-instead of float64 arithmetic.
+values are bit-identical to transformers' PIL processor; for images of a megapixel and more, speed comes
+from cutting each pass of Pillow's resize into strips resized in parallel (the grid's and the
+thumbnail's together), and normalising with a lookup table instead of float64 arithmetic.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ ImageInput = Image.Image | str | Path | bytes
 
 _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vlstack-image")  # PIL resizes release the GIL
 _STRIPS = max(2, min(4, os.cpu_count() or 1))  # strips per resize pass
-# Below this many pixels (a 1080p frame) an image is resized and normalised on the caller's thread: the
-# hand-offs cost more than the strips save, and a server encodes several requests at once anyway.
-PARALLEL_PIXELS = 2_000_000
+# Below this many pixels an image is resized and normalised on the caller's thread: the hand-offs cost
+# more than the strips save, and a server encodes several requests at once anyway.
+PARALLEL_PIXELS = 1_000_000
 
 
 def _map(fn, items: list, pixels: int) -> list:
@@ -153,16 +153,18 @@ def _normalise_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndar
     return (values[None, :] - m[:, None]) / s[:, None]
 
 
-def normalise(tiles: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """uint8 [N, S, S, 3] -> float32 [N, 3, S, S], by table lookup, one (tile, channel) plane per job."""
+def normalise(tiles: list[np.ndarray] | np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 tiles [S, S, 3] (a list, or an array [N, S, S, 3]; views are fine) -> float32 [N, 3, S, S], by
+    table lookup, one (tile, channel) plane per job."""
     table = _normalise_table(tuple(mean), tuple(std))
-    out = np.empty((tiles.shape[0], 3, *tiles.shape[1:3]), dtype=np.float32)
+    n, s = len(tiles), tiles[0].shape[0]
+    out = np.empty((n, 3, s, s), dtype=np.float32)
 
     def plane(nc: tuple[int, int]) -> None:
-        n, c = nc
-        np.take(table[c], tiles[n, :, :, c], out=out[n, c])
+        i, c = nc
+        np.take(table[c], tiles[i][:, :, c], out=out[i, c])
 
-    _map(plane, [(n, c) for n in range(tiles.shape[0]) for c in range(3)], tiles.shape[0] * tiles.shape[1] ** 2)
+    _map(plane, [(i, c) for i in range(n) for c in range(3)], n * s * s)
     return torch.from_numpy(out)
 
 
@@ -181,40 +183,44 @@ def _pass_order() -> str | None:
     return None
 
 
-def _one_pass(img: Image.Image, size: tuple[int, int], first: bool) -> Image.Image:
-    """A resize that changes one side only, in strips across the other side resized in parallel: Pillow's
-    pass works row by row (width) or column by column (height), so the strips give its exact pixels. The
-    first pass reads its strips in place (`box`: the other side's pass is then an exact identity); the
-    second copies them out (`crop`), cheaper on the smaller intermediate image."""
-    w, h = size
-    if (w, h) == img.size:
-        return img
-    rows = w != img.width  # the width changes: cut row bands
-    cuts = np.linspace(0, img.height if rows else img.width, _STRIPS + 1).astype(int).tolist()
-    boxes = [(0, a, img.width, b) if rows else (a, 0, b, img.height) for a, b in zip(cuts, cuts[1:]) if b > a]
+def _one_pass(jobs: list[tuple[Image.Image, tuple[int, int]]]) -> list[Image.Image]:
+    """Resizes that change one side only, each cut into strips across the other side, every strip of every
+    job resized in parallel: Pillow's pass works row by row (width) or column by column (height), so the
+    strips give its exact pixels. Each strip is cropped out first: resizing in place (`box=`) would make
+    Pillow run the other side's pass too, an identity that costs half as much again."""
+    tasks = []  # (job, box, strip's output size)
+    for j, (img, (w, h)) in enumerate(jobs):
+        if (w, h) == img.size:
+            continue
+        rows = w != img.width  # the width changes: cut row bands
+        cuts = np.linspace(0, img.height if rows else img.width, _STRIPS + 1).astype(int).tolist()
+        for a, b in zip(cuts, cuts[1:]):
+            if b > a:
+                tasks.append((j, (0, a, img.width, b), (w, b - a)) if rows else (j, (a, 0, b, img.height), (b - a, h)))
 
-    def strip(box: tuple[int, int, int, int]) -> Image.Image:
-        out = (w, box[3] - box[1]) if rows else (box[2] - box[0], h)
-        if first:
-            return img.resize(out, Image.Resampling.BICUBIC, box=box)
-        return img.crop(box).resize(out, Image.Resampling.BICUBIC)
+    def strip(task: tuple) -> Image.Image:
+        j, box, size = task
+        return jobs[j][0].crop(box).resize(size, Image.Resampling.BICUBIC)
 
-    joined = Image.new(img.mode, size)
-    for box, part in zip(boxes, _pool.map(strip, boxes)):
-        joined.paste(part, (0, box[1]) if rows else (box[0], 0))
-    return joined
+    out = [img if size == img.size else Image.new(img.mode, size) for img, size in jobs]
+    for (j, box, _), part in zip(tasks, _pool.map(strip, tasks)):
+        out[j].paste(part, box[:2])
+    return out
 
 
-def resize(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """img.resize(size, BICUBIC) as uint8 [h, w, 3], bit for bit: Pillow's two passes in Pillow's order,
-    each in parallel strips."""
-    order, (w, h) = _pass_order(), size
-    if order is None or img.width * img.height < PARALLEL_PIXELS and w * h < PARALLEL_PIXELS:
-        return np.asarray(img.resize(size, Image.Resampling.BICUBIC))
-    shrink_h, shrink_w = img.height - h, img.width - w
-    vertical_first = order == "rule" and shrink_h > 0 and shrink_h > 2 * shrink_w
-    mid = (img.width, h) if vertical_first else (w, img.height)
-    return np.asarray(_one_pass(_one_pass(img, mid, first=True), size, first=mid == img.size))
+def resize(img: Image.Image, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """[img.resize(size, BICUBIC) as uint8 [h, w, 3] for each size], bit for bit. For a big image, Pillow's
+    two passes in Pillow's order, the first passes of all sizes in parallel strips, then the second."""
+    order = _pass_order()
+    if order is None or max(img.width * img.height, *(w * h for w, h in sizes)) < PARALLEL_PIXELS:
+        return [np.asarray(img.resize(size, Image.Resampling.BICUBIC)) for size in sizes]
+    mids = []
+    for w, h in sizes:
+        shrink_h, shrink_w = img.height - h, img.width - w
+        vertical_first = order == "rule" and shrink_h > 0 and shrink_h > 2 * shrink_w
+        mids.append((img.width, h) if vertical_first else (w, img.height))
+    firsts = _one_pass([(img, mid) for mid in mids])
+    return [np.asarray(x) for x in _one_pass(list(zip(firsts, sizes)))]
 
 
 def tile_image(
@@ -233,9 +239,7 @@ def tile_image(
         cols = rows = 1
     else:
         cols, rows = best_grid(img.width, img.height, tile, min_tiles, max_tiles)
-    grid = resize(img, (tile * cols, tile * rows))  # [rows*S, cols*S, 3]
-    thumb = resize(img, (tile, tile)) if use_thumbnail and cols * rows > 1 else None
-    tiles = grid.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 1, 3, 4).reshape(-1, tile, tile, 3)
-    if thumb is not None:
-        tiles = np.concatenate([tiles, thumb[None]], axis=0)
-    return normalise(tiles, mean, std)
+    thumb = use_thumbnail and cols * rows > 1
+    grid, *rest = resize(img, [(tile * cols, tile * rows)] + [(tile, tile)] * thumb)  # [rows*S, cols*S, 3], ...
+    tiles = [grid[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] for r in range(rows) for c in range(cols)]
+    return normalise(tiles + rest, mean, std)  # the grid row by row, then the thumbnail

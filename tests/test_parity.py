@@ -78,6 +78,29 @@ def test_greedy_tokens_match_transformers(pair):
         assert ours == ref
 
 
+@pytest.mark.parametrize("rows", ["one", "all"])  # one row: no mask; rows of different lengths: masked
+def test_decode_step_logits_match_transformers(pair, rows):
+    """Each decode step (one new token a row, each row at its own length) gives the logits transformers gives
+    at that position of the whole sequence."""
+    from vlstack.generate import decode, prefill
+    from vlstack.model.language import KVCache
+
+    hf, vlm, _ = pair
+    encoded = [encode(vlm, images, question)[0] for images, question in PROMPTS[: 1 if rows == "one" else None]]
+    steps, b = 3, len(encoded)
+    tiles = [e["pixel_values"] for e in encoded if "pixel_values" in e]
+    cache = KVCache(vlm.cfg.text, b, 1024, torch.float32, DEVICE)
+    with torch.inference_mode():
+        refs = [hf(**{k: v for k, v in e.items() if k != "labels"}).logits[0, -steps - 1 : -1] for e in encoded]
+        logits = prefill(vlm.model, cache, [e["input_ids"][0, :-steps] for e in encoded], list(range(b)), [None] * b,
+                         torch.cat(tiles) if tiles else None)  # fmt: skip
+        for s in range(steps):
+            for i in range(b):
+                assert rel_err(logits[i], refs[i][s]) <= 1e-4
+            tokens = torch.stack([e["input_ids"][0, s - steps] for e in encoded])  # each row's next prompt token
+            logits = decode(vlm.model, cache, tokens, [None] * b)  # [B, V]
+
+
 def test_batched_generation_matches_one_at_a_time(pair):
     """Batches (prompts of different lengths, images in some rows) give each row the
     tokens it gets alone."""

@@ -176,8 +176,11 @@ class SelfAttention(nn.Module):
         if seqlens is not None:  # packed sequences: each attends causally to itself only
             parts = zip(q.split(seqlens, 2), k.split(seqlens, 2), v.split(seqlens, 2))
             y = torch.cat([F.scaled_dot_product_attention(*p, is_causal=True, enable_gqa=True) for p in parts], 2)
+        elif t == 1:  # one new token a row: the query heads of each KV head attend as the rows of one group
+            g = q.reshape(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)  # [B, Hkv, H/Hkv, D]
+            y = F.scaled_dot_product_attention(g, k, v, attn_mask=mask).reshape(b, self.n_heads, 1, self.head_dim)
         else:
-            causal = mask is None and t > 1
+            causal = mask is None
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 

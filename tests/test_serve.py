@@ -219,7 +219,8 @@ def test_vlstack_serve_command_answers(adapter_dir):
     import sys
 
     port = free_port()
-    cmd = [sys.executable, "-m", "vlstack.cli", "serve", "--port", str(port), "--adapter", f"finance={adapter_dir}"]
+    cmd = [sys.executable, "-m", "vlstack.cli", "serve", "--port", str(port), "--adapter", f"finance={adapter_dir}",
+           "--vision-tokens", "512"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline, up = time.time() + 60, False
@@ -241,6 +242,9 @@ def test_vlstack_serve_command_answers(adapter_dir):
     bad = subprocess.run([sys.executable, "-m", "vlstack.cli", "serve", "--adapter", "oops"], capture_output=True,
                          text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and "--adapter takes NAME=DIR" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "vlstack.cli", "serve", "--vision-tokens", "0"], capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "vision_tokens must be positive" in bad.stderr
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -345,6 +349,8 @@ def test_overload_gets_503_and_big_bodies_413(limits_server):
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     with pytest.raises(ConfigError, match="max_batch must be positive"):
         ServeConfig(max_batch=0)
+    with pytest.raises(ConfigError, match="vision_tokens must be positive"):
+        ServeConfig(vision_tokens=0)
 
 
 @pytest.fixture(scope="module")

@@ -125,6 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         allow_http_images=args.allow_http_images, image_dir=args.image_dir, max_batch=args.max_batch,
         kv_budget=args.kv_budget, max_queue=args.max_queue, max_body_mb=args.max_body_mb,
         image_cache_mb=args.image_cache_mb, max_model_len=args.max_model_len, prefill_tokens=args.prefill_tokens,
+        vision_tokens=args.vision_tokens,
     )  # fmt: skip
     app = create_app(vlm, name, config, tenants=tenants, audit=audit)
     engine = app.state.engine
@@ -168,6 +169,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=None,
                        help="tokens per request, prompt + answer (bounds the KV cache's memory)")  # fmt: skip
     serve.add_argument("--prefill-tokens", type=int, default=8192, help="prompt tokens prefilled per step")
+    serve.add_argument("--vision-tokens", type=int, default=8192, help="vision-encoder tokens per pass over images")
     serve.add_argument("--max-queue", type=int, default=256, help="waiting requests at most (503 beyond)")
     serve.add_argument("--max-body-mb", type=float, default=64, help="request body size limit (413 beyond)")
     serve.add_argument("--image-cache-mb", type=float, default=512, help="memory for cached visual embeddings")

@@ -43,13 +43,14 @@ class ServeConfig:
     max_model_len: int | None = None  # tokens per request, prompt + answer (default: the model's context);
     # the KV cache holds max_batch x max_model_len positions, so this bounds its memory
     prefill_tokens: int = 8192  # prompt tokens prefilled per engine step (the running requests wait meanwhile)
+    vision_tokens: int = 8192  # vision-encoder tokens per pass over new images (bounds its activations)
     max_queue: int = 256  # requests waiting beyond this are refused with 503
     max_body_mb: float = 64  # request bodies beyond this are refused with 413
     image_cache_mb: float = 512  # visual embeddings kept for images seen again
     fetch_timeout: float = 10.0  # seconds for an http(s) image
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "prefill_tokens", "max_body_mb", "fetch_timeout"):
+        for name in ("max_batch", "max_queue", "prefill_tokens", "vision_tokens", "max_body_mb", "fetch_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive (got {getattr(self, name)})")
         for name in ("kv_budget", "max_model_len"):
@@ -71,7 +72,9 @@ def create_app(
     With tenants, every endpoint but /health needs `Authorization: Bearer <key>`, and a key sees and
     uses only its own models."""
     cfg = config or ServeConfig()
-    engine = Engine(vlm, cfg.max_batch, cfg.kv_budget, cfg.max_model_len, cfg.prefill_tokens, cfg.image_cache_mb)
+    engine = Engine(
+        vlm, cfg.max_batch, cfg.kv_budget, cfg.max_model_len, cfg.prefill_tokens, cfg.image_cache_mb, cfg.vision_tokens
+    )
     # prompts are encoded (images fetched, decoded, tiled, hashed) by a few threads, about one per core:
     # more would only contend with the engine, and each would grow its own malloc arena
     encoder = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="vlstack-encode")

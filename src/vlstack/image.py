@@ -14,10 +14,12 @@ import base64
 import binascii
 import io
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +38,7 @@ _STRIPS = max(2, min(4, os.cpu_count() or 1))  # strips per resize pass
 PARALLEL_PIXELS = 1_000_000
 
 
-def _map(fn, items: list, pixels: int) -> list:
+def _map(fn: Callable[[Any], Any], items: list, pixels: int) -> list:
     """[fn(x) for x in items], across the pool when the work is big enough to gain from it."""
     return list(_pool.map(fn, items)) if pixels >= PARALLEL_PIXELS else [fn(x) for x in items]
 

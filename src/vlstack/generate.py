@@ -72,14 +72,13 @@ def prefill(
     device = model.device
     seqlens = [len(p) for p in prompts]
     ids = torch.cat(prompts)[None].to(device)  # [1, T]
-    positions = torch.cat([torch.arange(n) for n in seqlens])[None].to(device)  # restart at each prompt
     last = torch.zeros(ids.shape, dtype=torch.bool)  # [1, T]: each prompt's last token
     last[0, torch.tensor(seqlens).cumsum(0) - 1] = True
     cache.pack(slots, seqlens)
     try:
         with route(model, adapters, axis=1, counts=seqlens):
             pv = pixel_values.to(device) if pixel_values is not None else None
-            return model(ids, pv, positions, cache, select=last.to(device), features=features, seqlens=seqlens)
+            return model(ids, pv, cache=cache, select=last.to(device), features=features, seqlens=seqlens)
     finally:
         cache.packed = None
 

@@ -103,11 +103,11 @@ class KVCache:
     def move(self, old: list[int], new: list[int]) -> None:
         """Copy the sequences in slots `old` to slots `new` (any overlap: the sources are read first)."""
         src, dst = torch.tensor(old, device=self.k.device), torch.tensor(new, device=self.k.device)
-        end = max(self.host[s] for s in old)
+        lengths = [self.host[s] for s in old]
+        end = max(lengths)
         self.k[:, dst, :, :end] = self.k[:, src, :, :end]
         self.v[:, dst, :, :end] = self.v[:, src, :, :end]
         self.lengths[dst] = self.lengths[src]
-        lengths = [self.host[s] for s in old]
         for slot, n in zip(new, lengths):
             self.host[slot] = n
         self._settle()

@@ -112,9 +112,11 @@ class InternVL(nn.Module):
         [N, vocab] at the N True positions of select [B, T] (training needs logits only where labels are).
         features [N, P, C]: visual embeddings computed before, used instead of pixel_values.
         seqlens: input_ids [1, T] packs sequences of these lengths back to back (training, the server's prefill),
-        positions restart at each; attention stays within each sequence.
+        positions (unless given) restart at each; attention stays within each sequence.
         head=False: the final hidden states [..., C] instead of logits (training applies the head in chunks)."""
-        if positions is None:
+        if positions is None and seqlens is not None:  # each packed sequence from position 0
+            positions = torch.cat([torch.arange(n) for n in seqlens])[None].to(input_ids.device)
+        elif positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
             positions = positions.expand(input_ids.shape[0], -1)

@@ -104,7 +104,7 @@ def world() -> tuple[int, int]:
 def fused_batch(vlm: VLM, running: list[Running]) -> tuple[dict, list[tuple[int, int]]]:
     """The next micro-batch of every running job, packed: all rows back to back in one row, no padding.
 
-    Returns the batch (input_ids, labels, positions [1, T], seqlens, pixel_values) and each job's span of
+    Returns the batch (input_ids [1, T], labels [1, T], seqlens, pixel_values) and each job's span of
     tokens. Under data parallelism each process takes every world-th row of each job's micro-batch."""
     rank, size = world()
     rows, spans = [], []
@@ -118,7 +118,6 @@ def fused_batch(vlm: VLM, running: list[Running]) -> tuple[dict, list[tuple[int,
     batch = {
         "input_ids": torch.cat([x["input_ids"] for x in rows])[None],  # [1, T]
         "labels": torch.cat([x["labels"] for x in rows])[None],
-        "positions": torch.cat([torch.arange(n) for n in seqlens])[None],  # restart at each sequence
         "seqlens": seqlens,
     }
     tiles = [x["pixel_values"] for x in rows if "pixel_values" in x]
@@ -156,8 +155,8 @@ def train_step(vlm: VLM, running: list[Running]) -> list[float]:
     targets[ends - 1] = IGNORE  # a sequence's last token predicts nothing
     learn = targets != IGNORE  # [T]: positions with a label; logits are computed only there
     with route(model, [r.job.name for r in running], axis=1, counts=[b - a for a, b in spans]):
-        ids, pixels, positions = batch["input_ids"], batch.get("pixel_values"), batch["positions"]
-        hidden = model(ids, pixels, positions, select=learn[None], seqlens=seqlens, head=False)  # [N, C]
+        ids, pixels = batch["input_ids"], batch.get("pixel_values")
+        hidden = model(ids, pixels, select=learn[None], seqlens=seqlens, head=False)  # [N, C]
         per_token = token_losses(model.lm_head, hidden, targets[learn], model.language_model.recompute is not None)
     token = learn.nonzero()[:, 0]  # the packed position of each learned token
     # each job's loss is the mean over its learned tokens in the whole (global) micro-batch

@@ -99,10 +99,10 @@ def jobs(data: list[Path], out: Path, steps: int, batch: int):
 def run_vlstack(
     model: str, mode: str, data: list[Path], out: Path, steps: int, batch: int, device: str, recompute: bool
 ) -> dict:
-    import vlstack
+    from vlstack.cli import load_for_process
     from vlstack.train.multi import train
 
-    vlm = vlstack.load(model, device=device, dtype="float32")
+    vlm = load_for_process(model, device, "float32")  # as `vlstack train` loads it (on a CPU: the heap kept)
     todo = jobs(data, out, steps, batch)
     t = time.perf_counter()
     if mode == "fused":

@@ -99,10 +99,10 @@ def jobs(data: list[Path], out: Path, steps: int, batch: int):
 def run_vlstack(
     model: str, mode: str, data: list[Path], out: Path, steps: int, batch: int, device: str, recompute: bool
 ) -> dict:
-    from vlstack.cli import load_for_process
+    import vlstack
     from vlstack.train.multi import train
 
-    vlm = load_for_process(model, device, "float32")  # as `vlstack train` loads it (on a CPU: the heap kept)
+    vlm = vlstack.load(model, device=device, dtype="float32")
     todo = jobs(data, out, steps, batch)
     t = time.perf_counter()
     if mode == "fused":

@@ -5,9 +5,12 @@ The workload: N chat requests with an image each (random sizes, so 1 to 13 tiles
 over 4 LoRA adapters, arriving as a Poisson process; greedy decoding, streamed. Each server runs in its
 own process; the client records, per request, the time to the first token and the time per output
 token after it. Both servers encode prompts with vlstack's processor (the baseline's own would be
-slower), and both answer greedily, so their answers are compared too.
+slower), and both answer greedily, so their answers are compared too. With --rounds, both servers stay
+up and are driven in turn, each round with new images and the order alternating, so that a shared
+machine's drift falls on both; the headline is the median of the rounds' ratios.
 
     python bench/serve.py                       # tiny model, 48 requests, CPU
+    python bench/serve.py --rounds 3            # three workloads in turn: the median ratio and its range
     python bench/serve.py --model DIR --requests 64 --rate 8 --device cuda
 """
 
@@ -271,6 +274,7 @@ def main() -> None:
     ap.add_argument("--pages", type=int, default=None, help="distinct images (default: one per request)")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rounds", type=int, default=1, help="workloads driven in turn (new images each)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--baseline-server", default=None, help=argparse.SUPPRESS)
@@ -284,39 +288,50 @@ def main() -> None:
 
     work_dir = Path(tempfile.mkdtemp(prefix="vlstack-serve-bench-"))
     adapters = make_adapters(args.model, work_dir)
-    work = make_workload(args.requests, args.rate, args.max_tokens, args.pages)
-    results, texts = {}, {}
-    for name in ("vlstack", "baseline"):
-        port = free_port()
-        if name == "vlstack":
-            proc = serve_ours(args.model, adapters, port, args.device, args.max_batch)
-        else:
-            proc = serve_baseline(args.model, adapters, port, args.device)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            asyncio.run(drive(base, work[:2]))  # warm-up
-            records = asyncio.run(drive(base, work))
-        finally:
+    procs, bases = {}, {}
+    try:
+        for name in ("vlstack", "baseline"):  # both up for the whole run; one is driven at a time
+            port = free_port()
+            if name == "vlstack":
+                procs[name] = serve_ours(args.model, adapters, port, args.device, args.max_batch)
+            else:
+                procs[name] = serve_baseline(args.model, adapters, port, args.device)
+            bases[name] = f"http://127.0.0.1:{port}"
+            asyncio.run(drive(bases[name], make_workload(2, 0, args.max_tokens, seed=10**6)))  # warm-up
+        rounds = []
+        for i in range(args.rounds):  # new images each round (no cache hits across rounds); the order alternates
+            work = make_workload(args.requests, args.rate, args.max_tokens, args.pages, seed=i)
+            records = {}
+            for name in ("vlstack", "baseline") if i % 2 == 0 else ("baseline", "vlstack"):
+                records[name] = asyncio.run(drive(bases[name], work))
+            same = sum(a.get("text") == b.get("text") for a, b in zip(records["vlstack"], records["baseline"]))
+            rounds.append({name: summarise(records[name]) for name in ("vlstack", "baseline")})
+            rounds[-1]["ratio"] = rounds[-1]["vlstack"]["tokens_per_s"] / rounds[-1]["baseline"]["tokens_per_s"]
+            rounds[-1]["identical_answers"] = same
+    finally:
+        for proc in procs.values():
             proc.terminate()
             proc.wait(timeout=60)
-        results[name] = summarise(records)
-        texts[name] = [r.get("text") for r in records]
-    same = sum(a == b for a, b in zip(texts["vlstack"], texts["baseline"]))
-    ours, base = results["vlstack"], results["baseline"]
     print(f"model {args.model} on {args.device}: {args.requests} streamed requests with an image each "
           f"({args.pages or args.requests} distinct) over "
           f"{len(ADAPTERS)} adapters, Poisson arrivals at {args.rate}/s, greedy, max {args.max_tokens} tokens, "
-          f"{os.cpu_count()} CPUs")  # fmt: skip
+          f"{os.cpu_count()} CPUs, {args.rounds} round(s)")  # fmt: skip
     heads = ("tok/s", "req/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "failed")
     print(f"{'':24}" + "".join(f"{h:>10}" for h in heads))
-    for name, r in results.items():
-        print(f"{name:24}{r['tokens_per_s']:10.1f}{r['requests_per_s']:10.2f}{r['ttft_p50']:10.3f}{r['ttft_p99']:10.3f}"
-              f"{r['tpot_p50']:10.4f}{r['tpot_p99']:10.4f}{r['failed']:10d}")  # fmt: skip
-    print(f"throughput vlstack / baseline: {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x; "
-          f"identical greedy answers: {same}/{args.requests}")  # fmt: skip
+    for i, rnd in enumerate(rounds):
+        for name in ("vlstack", "baseline"):
+            r = rnd[name]
+            print(f"{f'{name}, round {i + 1}':24}{r['tokens_per_s']:10.1f}{r['requests_per_s']:10.2f}"
+                  f"{r['ttft_p50']:10.3f}{r['ttft_p99']:10.3f}{r['tpot_p50']:10.4f}{r['tpot_p99']:10.4f}"
+                  f"{r['failed']:10d}")  # fmt: skip
+        print(f"{'':24}vlstack / baseline: {rnd['ratio']:.2f}x; "
+              f"identical greedy answers: {rnd['identical_answers']}/{args.requests}")  # fmt: skip
+    ratios = sorted(r["ratio"] for r in rounds)
+    print(f"throughput vlstack / baseline, median of {len(rounds)} round(s): {statistics.median(ratios):.2f}x "
+          f"(range {ratios[0]:.2f}-{ratios[-1]:.2f}x)")  # fmt: skip
     out = Path(args.out or f"bench/results/serve_{Path(args.model).name}_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "results": results, "identical_answers": same}, indent=2))
+    out.write_text(json.dumps({"args": vars(args), "rounds": rounds}, indent=2))
 
 
 if __name__ == "__main__":

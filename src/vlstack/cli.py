@@ -9,18 +9,6 @@ import sys
 from .errors import ConfigError, VLStackError
 
 
-def load_for_process(model: str | None, device: str | None, dtype: str | None):
-    """load() for a long-running command that owns its process: on a CPU, the C heap keeps freed memory
-    for the next step's temporaries (see heap.py)."""
-    from .api import load
-    from .heap import keep_freed_memory
-
-    vlm = load(model, device=device, dtype=dtype)
-    if vlm.model.device.type == "cpu":
-        keep_freed_memory()
-    return vlm
-
-
 def cmd_chat(args: argparse.Namespace) -> None:
     from .api import load
 
@@ -78,6 +66,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .api import load
     from .train.jobs import PlanWatcher, read_plan
     from .train.multi import train
 
@@ -92,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    vlm = load_for_process(args.model or plan.model, device, "float32")
+    vlm = load(args.model or plan.model, device=device, dtype="float32")
     options = {"resume": args.resume, "gradient_checkpointing": plan.gradient_checkpointing}
     done = {}
     if args.sequential:  # the baseline: the same jobs one after another
@@ -119,10 +108,14 @@ def cmd_merge(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from .api import load
+    from .heap import keep_freed_memory
     from .serve.api import ServeConfig, create_app
     from .serve.auth import AuditLog, read_keys
 
-    vlm = load_for_process(args.model, args.device, args.dtype)
+    vlm = load(args.model, device=args.device, dtype=args.dtype)
+    if vlm.model.device.type == "cpu":
+        keep_freed_memory()  # each step's temporaries reuse the heap (see heap.py)
     for spec in args.adapter or []:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:

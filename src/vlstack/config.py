@@ -39,6 +39,11 @@ class VisionConfig:
     use_mean_pooling: bool = True  # True: no final norm after the encoder
     hidden_act: str = "gelu"
 
+    @property
+    def patches(self) -> int:
+        """Patches of one tile (the encoder adds a class token): (image_size / patch_size)²."""
+        return (self.image_size // self.patch_size) ** 2
+
 
 @dataclass
 class TextConfig:
@@ -80,8 +85,7 @@ class VLMConfig:
     @property
     def tokens_per_tile(self) -> int:
         """Visual tokens each tile becomes: (image_size / patch)² × downsample_ratio²."""
-        side = self.vision.image_size // self.vision.patch_size
-        return int(side * side * self.downsample_ratio**2)
+        return int(self.vision.patches * self.downsample_ratio**2)
 
     def to_native(self) -> dict[str, Any]:
         """The transformers-native config.json (`model_type: internvl`)."""

@@ -63,11 +63,9 @@ class KVCache:
         """The next forward is a packed prefill: these slots' prompts back to back in one row, each from
         position 0. Its keys and values go to (slot, position) token by token."""
         self.use(slots, [0] * len(slots))
-        device = self.k.device
-        lengths, total = torch.tensor(seqlens, device=device), sum(seqlens)  # (output_size: no device sync)
-        rows = torch.repeat_interleave(self.rows, lengths, output_size=total)  # [T]: each token's slot
-        starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths, output_size=total)
-        self.packed = rows, torch.arange(total, device=device) - starts, seqlens  # ..., each token's position
+        lengths = torch.tensor(seqlens, device=self.k.device)
+        rows = torch.repeat_interleave(self.rows, lengths, output_size=sum(seqlens))  # [T]: each token's slot
+        self.packed = rows, packed_positions(seqlens, self.k.device), seqlens  # ..., each token's position
 
     def next_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """For one new token per row: its position [B, 1] and the attention mask [B, 1, 1, K] over each row's
@@ -122,6 +120,13 @@ class KVCache:
         for slot in self.slots:
             self.host[slot] += n
         self._settle()
+
+
+def packed_positions(seqlens: list[int], device: torch.device) -> torch.Tensor:
+    """[T]: each token's position within its own sequence, for sequences of these lengths back to back."""
+    lengths, total = torch.tensor(seqlens, device=device), sum(seqlens)  # (output_size: no device sync)
+    starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths, output_size=total)
+    return torch.arange(total, device=device) - starts
 
 
 def attention_mask(valid: torch.Tensor, q_len: int) -> torch.Tensor:

@@ -43,7 +43,7 @@ class Embeddings(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.patch_size = cfg.patch_size
-        n = (cfg.image_size // cfg.patch_size) ** 2
+        n = cfg.patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
         self.position_embeddings = nn.Parameter(torch.zeros(1, n + 1, cfg.hidden_size))
         self.patch_embeddings = PatchEmbeddings(cfg)

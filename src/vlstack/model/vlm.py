@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import VLMConfig
 from ..errors import PromptError
-from .language import KVCache, LanguageModel
+from .language import KVCache, LanguageModel, packed_positions
 from .lora import regroup
 from .vision import VisionTower
 
@@ -115,7 +115,7 @@ class InternVL(nn.Module):
         positions (unless given) restart at each; attention stays within each sequence.
         head=False: the final hidden states [..., C] instead of logits (training applies the head in chunks)."""
         if positions is None and seqlens is not None:  # each packed sequence from position 0
-            positions = torch.cat([torch.arange(n) for n in seqlens])[None].to(input_ids.device)
+            positions = packed_positions(seqlens, input_ids.device)[None]
         elif positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]

@@ -223,7 +223,7 @@ class Engine:
                     new_adapters += [key[1]] * n
         if new_tiles:
             tiles = torch.cat(new_tiles)  # [new tiles, 3, S, S]
-            step = max(1, self.vision_tokens // (self.vlm.cfg.vision.image_size // self.vlm.cfg.vision.patch_size) ** 2)
+            step = max(1, self.vision_tokens // self.vlm.cfg.vision.patches)  # tiles per pass
             parts = []
             for a in range(0, len(tiles), step):  # passes of at most vision_tokens encoder tokens
                 with route(model, new_adapters[a : a + step]):

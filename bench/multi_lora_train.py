@@ -97,22 +97,31 @@ def jobs(data: list[Path], out: Path, steps: int, batch: int):
 
 
 def run_vlstack(
-    model: str, mode: str, data: list[Path], out: Path, steps: int, batch: int, device: str, recompute: bool
+    model: str,
+    mode: str,
+    data: list[Path],
+    out: Path,
+    steps: int,
+    batch: int,
+    device: str,
+    recompute: bool,
+    max_tokens: int | None,
 ) -> dict:
     import vlstack
     from vlstack.train.multi import train
 
     vlm = vlstack.load(model, device=device, dtype="float32")
     todo = jobs(data, out, steps, batch)
+    options = {"verbose": False, "gradient_checkpointing": recompute, "max_tokens": max_tokens}
     t = time.perf_counter()
     if mode == "fused":
-        done = train(vlm, todo, max_rows=batch * JOBS, verbose=False, gradient_checkpointing=recompute)
+        done = train(vlm, todo, max_rows=batch * JOBS, **options)
     elif mode == "single":
-        done = train(vlm, todo[:1], max_rows=batch, verbose=False, gradient_checkpointing=recompute)
+        done = train(vlm, todo[:1], max_rows=batch, **options)
     else:
         done = {}
         for job in todo:
-            done.update(train(vlm, [job], max_rows=batch, verbose=False, gradient_checkpointing=recompute))
+            done.update(train(vlm, [job], max_rows=batch, **options))
     return {"seconds": time.perf_counter() - t, "tokens": sum(r.tokens for r in done.values())}
 
 
@@ -169,7 +178,15 @@ def child(args) -> None:
         result = run_peft(args.model_dir, data, out, args.steps, args.batch, args.device, args.gradient_checkpointing)
     else:
         result = run_vlstack(
-            args.model_dir, args.mode, data, out, args.steps, args.batch, args.device, args.gradient_checkpointing
+            args.model_dir,
+            args.mode,
+            data,
+            out,
+            args.steps,
+            args.batch,
+            args.device,
+            args.gradient_checkpointing,
+            args.max_tokens,
         )
     if args.device == "cuda":
         result["peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -188,6 +205,9 @@ def main() -> None:
     ap.add_argument("--images", action="store_true", help="a small image in every other example")
     ap.add_argument(
         "--gradient-checkpointing", action="store_true", help="every mode recomputes layers in backward (less memory)"
+    )
+    ap.add_argument(
+        "--max-tokens", type=int, default=None, help="vlstack's steps go through the base in passes of this many tokens"
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
@@ -222,6 +242,7 @@ def main() -> None:
             "--data",
             *map(str, data),
             *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
+            *(["--max-tokens", str(args.max_tokens)] if args.max_tokens else []),
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -234,6 +255,7 @@ def main() -> None:
         f"model {args.model}, {args.device}, {JOBS} adapters x {args.steps} steps x batch {args.batch}, "
         f"rank 16 on q,k,v,o,gate,up,down{', with images' if args.images else ''}"
         f"{', gradient checkpointing' if args.gradient_checkpointing else ''}"
+        f"{f', passes of at most {args.max_tokens} tokens' if args.max_tokens else ''}"
     )
     print(f"{'':26}{'tokens/s':>10}{'peak GB':>10}{'fused speed-up':>16}")
     for mode, label in (
@@ -246,6 +268,7 @@ def main() -> None:
         print(f"{label:26}{r['tok_s']:10.1f}{r['peak_bytes'] / 1e9:10.2f}{fused['tok_s'] / r['tok_s']:15.2f}x")
     print(f"fused peak memory / one-adapter run: {fused['peak_bytes'] / results['single']['peak_bytes']:.2f}x")
     suffix = ("_images" if args.images else "") + ("_gc" if args.gradient_checkpointing else "")
+    suffix += f"_pass{args.max_tokens}" if args.max_tokens else ""
     out = Path(args.out or f"bench/results/multi_lora_train_{args.model}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))

@@ -183,6 +183,39 @@ def test_fused_gradients_equal_gradients_alone(tmp_path):
         assert any(g.abs().max() > 0 for g in fused[j.name])
 
 
+def test_a_step_in_passes_gives_the_gradients_and_adapters_of_one_pass(tmp_path):
+    """With max_tokens a step's rows go through the base in several passes, gradients adding up: the same
+    gradients and losses as one pass (a job's rows split across passes included), and the same adapters."""
+    from vlstack.train.multi import start, train_step
+
+    def step(max_tokens):
+        vlm = vlstack.load("tiny", device="cpu")
+        for p in vlm.model.parameters():
+            p.requires_grad_(False)
+        vlm.model.train()
+        calls = []
+        vlm.model.language_model.register_forward_pre_hook(lambda *_: calls.append(1))
+        running = [start(vlm, j, read_dataset(j.data)) for j in selected]
+        losses = train_step(vlm, running, max_tokens)
+        return losses, {r.job.name: [p.grad.clone() for p in r.params] for r in running}, len(calls)
+
+    selected = [j for j in jobs(tmp_path, "s") if j.name in ("finance", "support")]  # no dropout
+    for j in selected:
+        j.grad_accum = 2  # no optimizer step: the gradients stay
+    one_loss, one_grads, one_calls = step(None)
+    for max_tokens in (1, 1450):  # each row alone; rows [43, 877 | 494] [45]: two jobs, one split
+        losses, grads, calls = step(max_tokens)
+        assert one_calls == 1 and calls == (4 if max_tokens == 1 else 2)
+        assert losses == pytest.approx(one_loss, rel=1e-5)
+        for name in one_grads:
+            for a, b in zip(one_grads[name], grads[name]):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    train(vlstack.load("tiny", device="cpu"), jobs(tmp_path, "whole"), max_rows=5, verbose=False)
+    train(vlstack.load("tiny", device="cpu"), jobs(tmp_path, "parts"), max_rows=5, verbose=False, max_tokens=150)
+    for name in ("finance", "legal", "support"):
+        assert_same_adapter(adapter(tmp_path / "whole" / name), adapter(tmp_path / "parts" / name))
+
+
 def test_gradient_checkpointing_recomputes_and_gives_the_same_adapters(tmp_path):
     """Recomputed layers see the routing and dropout masks of their forward: the same adapters (dropout,
     images and vision adapters included), while each decoder layer runs twice per step."""
@@ -375,7 +408,11 @@ def test_bad_job_files_are_named(tmp_path):
     assert p.max_rows == 4 and p.jobs[0].data == tmp_path / "d" / "a.jsonl" and p.jobs[0].epochs == 2.0
     assert not p.gradient_checkpointing
     p = plan("gradient_checkpointing: true\njobs:\n  - {name: a, data: a.jsonl, output: o, steps: 1}\n")
-    assert p.gradient_checkpointing
+    assert p.gradient_checkpointing and p.max_tokens is None
+    assert plan("max_tokens: 512\njobs:\n  - {name: a, data: a.jsonl, output: o, steps: 1}\n").max_tokens == 512
+    for bad in ("0", "many", "true", "1.5"):
+        with pytest.raises(JobError, match="max_tokens must be a positive integer"):
+            plan(f"max_tokens: {bad}\njobs:\n  - {{name: a, data: a.jsonl, output: o, steps: 1}}\n")
 
 
 def test_cli_train_and_merge(tmp_path):

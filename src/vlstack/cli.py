@@ -82,7 +82,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         if torch.cuda.is_available():
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     vlm = load(args.model or plan.model, device=device, dtype="float32")
-    options = {"resume": args.resume, "gradient_checkpointing": plan.gradient_checkpointing}
+    options = {
+        "resume": args.resume,
+        "gradient_checkpointing": plan.gradient_checkpointing,
+        "max_tokens": plan.max_tokens,
+    }
     done = {}
     if args.sequential:  # the baseline: the same jobs one after another
         for job in plan.jobs:

@@ -3,6 +3,8 @@ With `vlstack train --watch`, jobs added to the file while training runs join th
 
 model: tiny                 # checkpoint directory, or "tiny"
 max_rows: 16                # rows (examples) per fused step, all running jobs together
+max_tokens: 4096            # optional: a step's rows go through the base in passes of at most this many
+                            #   tokens, gradients adding up (the same adapters; one pass's activations at a time)
 gradient_checkpointing: false  # recompute each LLM layer in backward: less memory, ~1/3 more compute
 jobs:
   - name: finance
@@ -78,6 +80,7 @@ class Plan:
     max_rows: int
     jobs: list[Job]
     gradient_checkpointing: bool = False
+    max_tokens: int | None = None  # tokens per pass of a step through the base (None: one pass)
 
 
 _TYPES = {f.name: f.type for f in fields(Job)}
@@ -140,7 +143,7 @@ def read_plan(path: str | Path) -> Plan:
     raw = read_yaml(path, "jobs file", JobError)
     if not isinstance(raw, dict) or not isinstance(raw.get("jobs"), list) or not raw["jobs"]:
         raise JobError(f"{path}: needs a non-empty 'jobs' list")
-    top = {"model", "max_rows", "gradient_checkpointing", "jobs"}
+    top = {"model", "max_rows", "max_tokens", "gradient_checkpointing", "jobs"}
     unknown = sorted(set(raw) - top)
     if unknown:
         raise JobError(f"{path}: unknown top-level field(s) {unknown}; known: {sorted(top)}")
@@ -158,7 +161,10 @@ def read_plan(path: str | Path) -> Plan:
     checkpointing = raw.get("gradient_checkpointing", False)
     if not isinstance(checkpointing, bool):
         raise JobError(f"{path}: gradient_checkpointing must be true or false")
-    return Plan(str(raw.get("model", "tiny")), max_rows, jobs, checkpointing)
+    max_tokens = raw.get("max_tokens")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
+        raise JobError(f"{path}: max_tokens must be a positive integer (tokens per pass through the base)")
+    return Plan(str(raw.get("model", "tiny")), max_rows, jobs, checkpointing, max_tokens)
 
 
 class PlanWatcher:

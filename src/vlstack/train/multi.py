@@ -11,7 +11,6 @@ whether it was trained alone or fused with others. Jobs wait in a queue until th
 
 from __future__ import annotations
 
-import itertools
 import math
 import shutil
 import sys
@@ -101,29 +100,46 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def fused_batch(vlm: VLM, running: list[Running]) -> tuple[dict, list[tuple[int, int]]]:
-    """The next micro-batch of every running job, packed: all rows back to back in one row, no padding.
-
-    Returns the batch (input_ids [1, T], labels [1, T], seqlens, pixel_values) and each job's span of
-    tokens. Under data parallelism each process takes every world-th row of each job's micro-batch."""
+def job_rows(vlm: VLM, running: list[Running]) -> list[tuple[int, dict]]:
+    """The next micro-batch of every running job, encoded: [(job index, row)], in job order. Under data
+    parallelism each process takes every world-th row of each job's micro-batch."""
     rank, size = world()
-    rows, spans = [], []
-    for r in running:
-        first = len(rows)
-        rows += [encode_example(vlm.processor, ex, r.job.max_len) for ex in r.stream.next()[rank::size]]
-        spans.append((first, len(rows)))
-    seqlens = [len(x["input_ids"]) for x in rows]
-    offsets = [0, *itertools.accumulate(seqlens)]  # where each row starts in the packed row
-    spans = [(offsets[a], offsets[b]) for a, b in spans]
+    return [
+        (i, encode_example(vlm.processor, ex, r.job.max_len))
+        for i, r in enumerate(running)
+        for ex in r.stream.next()[rank::size]
+    ]
+
+
+def passes(rows: list[tuple[int, dict]], max_tokens: int | None) -> list[list[tuple[int, dict]]]:
+    """Consecutive groups of rows of at most max_tokens tokens each (a longer row alone); one group without a
+    limit."""
+    groups: list[list[tuple[int, dict]]] = []
+    tokens = 0
+    for row in rows:
+        n = len(row[1]["input_ids"])
+        if not groups or (max_tokens is not None and tokens + n > max_tokens):
+            groups.append([])
+            tokens = 0
+        groups[-1].append(row)
+        tokens += n
+    return groups
+
+
+def pack(rows: list[tuple[int, dict]]) -> dict:
+    """Rows back to back in one row, no padding: input_ids [1, T], labels [1, T], seqlens, each token's
+    job [T], and the rows' pixel_values."""
+    seqlens = [len(x["input_ids"]) for _, x in rows]
     batch = {
-        "input_ids": torch.cat([x["input_ids"] for x in rows])[None],  # [1, T]
-        "labels": torch.cat([x["labels"] for x in rows])[None],
+        "input_ids": torch.cat([x["input_ids"] for _, x in rows])[None],  # [1, T]
+        "labels": torch.cat([x["labels"] for _, x in rows])[None],
         "seqlens": seqlens,
+        "job": torch.repeat_interleave(torch.tensor([i for i, _ in rows]), torch.tensor(seqlens)),  # [T]
     }
-    tiles = [x["pixel_values"] for x in rows if "pixel_values" in x]
+    tiles = [x["pixel_values"] for _, x in rows if "pixel_values" in x]
     if tiles:
         batch["pixel_values"] = torch.cat(tiles)
-    return batch, spans
+    return batch
 
 
 def token_losses(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, recompute: bool) -> torch.Tensor:
@@ -142,38 +158,48 @@ def token_losses(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Ten
     return torch.cat([checkpoint(chunk_loss, h, t, use_reentrant=False) for h, t in pieces])
 
 
-def train_step(vlm: VLM, running: list[Running]) -> list[float]:
-    """One fused micro-step over every running job; returns each job's loss."""
+def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) -> list[float]:
+    """One fused micro-step over every running job; returns each job's loss.
+
+    The rows go through the base in one forward/backward, or with max_tokens in passes of at most that many
+    tokens whose gradients add up: the same gradients, with the activations of one pass at a time."""
     model, device = vlm.model, vlm.model.device
-    batch, spans = fused_batch(vlm, running)
-    seqlens = batch.pop("seqlens")
-    batch = {k: v.to(device) for k, v in batch.items()}
-    labels = batch["labels"][0]
-    targets = torch.full_like(labels, IGNORE)  # [T]: the token each position predicts, within its sequence
-    ends = torch.tensor(seqlens, device=device).cumsum(0)
-    targets[:-1] = labels[1:]
-    targets[ends - 1] = IGNORE  # a sequence's last token predicts nothing
-    learn = targets != IGNORE  # [T]: positions with a label; logits are computed only there
-    with route(model, [r.job.name for r in running], axis=1, counts=[b - a for a, b in spans]):
-        ids, pixels = batch["input_ids"], batch.get("pixel_values")
-        hidden = model(ids, pixels, select=learn[None], seqlens=seqlens, head=False)  # [N, C]
-        per_token = token_losses(model.lm_head, hidden, targets[learn], model.language_model.recompute is not None)
-    token = learn.nonzero()[:, 0]  # the packed position of each learned token
-    # each job's loss is the mean over its learned tokens in the whole (global) micro-batch
-    in_job = torch.stack([(token >= a) & (token < b) for a, b in spans]).float()  # [jobs, N]
-    counts = in_job.sum(1)
-    tokens = torch.tensor([float(b - a) for a, b in spans], device=device)
-    sums = in_job @ per_token  # [jobs], with grad
+    rows = job_rows(vlm, running)
+    jobs = len(running)
+    # each job's loss is the mean over its learned tokens in the whole (global) micro-batch: count them first
+    learned, seen = [0] * jobs, [0] * jobs
+    for i, x in rows:
+        learned[i] += int((x["labels"][1:] != IGNORE).sum())  # a token learns the label of the next one
+        seen[i] += len(x["input_ids"])
+    stats = torch.tensor([learned, seen], dtype=torch.float32, device=device)  # [2, jobs]
     if world()[1] > 1:
-        stats = torch.stack([counts, tokens, sums.detach()])
         dist.all_reduce(stats)
-        counts, tokens, global_sums = stats
-    else:
-        global_sums = sums.detach()
+    counts, tokens = stats
     denominators = counts.clamp(min=1) * torch.tensor([r.job.grad_accum for r in running], device=device)
-    (sums / denominators).sum().backward()
-    if world()[1] > 1:  # every process applies the same summed gradient
-        for r in running:
+    sums = torch.zeros(jobs, device=device)  # [jobs]: each job's summed token losses
+    for group in passes(rows, max_tokens):
+        batch = pack(group)
+        seqlens = batch.pop("seqlens")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch["labels"][0]
+        targets = torch.full_like(labels, IGNORE)  # [T]: the token each position predicts, within its sequence
+        ends = torch.tensor(seqlens, device=device).cumsum(0)
+        targets[:-1] = labels[1:]
+        targets[ends - 1] = IGNORE  # a sequence's last token predicts nothing
+        learn = targets != IGNORE  # [T]: positions with a label; logits are computed only there
+        present = sorted({i for i, _ in group})
+        per_job = [sum(len(x["input_ids"]) for i, x in group if i == j) for j in present]
+        with route(model, [running[j].job.name for j in present], axis=1, counts=per_job):
+            ids, pixels = batch["input_ids"], batch.get("pixel_values")
+            hidden = model(ids, pixels, select=learn[None], seqlens=seqlens, head=False)  # [N, C]
+            per_token = token_losses(model.lm_head, hidden, targets[learn], model.language_model.recompute is not None)
+        in_job = F.one_hot(batch["job"][learn], jobs).T.to(per_token.dtype)  # [jobs, N]
+        pass_sums = in_job @ per_token  # [jobs], with grad
+        (pass_sums / denominators).sum().backward()
+        sums += pass_sums.detach()
+    if world()[1] > 1:
+        dist.all_reduce(sums)
+        for r in running:  # every process applies the same summed gradient
             for p in r.params:  # rows without labels on this process leave no gradient
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -181,7 +207,7 @@ def train_step(vlm: VLM, running: list[Running]) -> list[float]:
             dist.all_reduce(grads)
             for p, g in zip(r.params, grads.split([p.numel() for p in r.params])):
                 p.grad.copy_(g.view_as(p))
-    losses = (global_sums / counts.clamp(min=1)).tolist()
+    losses = (sums / counts.clamp(min=1)).tolist()
     for r, loss, n in zip(running, losses, tokens.tolist()):
         r.tokens += int(n)
         r.micro += 1
@@ -224,12 +250,14 @@ def train(
     resume: bool = False,
     gradient_checkpointing: bool = False,
     more: Callable[[], list[Job]] | None = None,
+    max_tokens: int | None = None,
 ) -> dict[str, Running]:
     """Run jobs fused: a queue admitted while their rows fit in max_rows; returns each job finished here.
 
     With resume, each job continues from its last checkpoint, and jobs that had finished are skipped.
     With gradient_checkpointing, the language model's layers are recomputed in backward instead of keeping
     their activations: less memory for a third more compute, the same adapters.
+    With max_tokens, each step's rows go through the base in passes of at most that many tokens (see train_step).
     more() is asked before every step for jobs added while the others run (`vlstack train --watch`): they
     join the queue; one whose dataset or batch size is bad is reported and left out, the others go on.
     """
@@ -261,7 +289,7 @@ def train(
             while queue and sum(r.job.batch_size for r in running) + queue[0].batch_size <= max_rows:
                 job = queue.pop(0)
                 running.append(start(vlm, job, datasets[job.name], states[job.name]))
-            train_step(vlm, running)
+            train_step(vlm, running, max_tokens)
             for r in list(running):
                 if r.micro % r.job.grad_accum:
                     continue  # mid-accumulation: nothing to record or save yet

@@ -5,8 +5,9 @@
 plus one single-adapter vlstack run as the memory reference. Each mode runs in its own process, so
 its peak memory (its own RSS high-water mark, VmHWM, or CUDA max allocated) is its own. Prints a table and writes JSON.
 
-    python bench/multi_lora_train.py --model tiny --steps 6
-    python bench/multi_lora_train.py --model internvl3-1b --steps 2      # random weights, InternVL3-1B shapes
+    python bench/multi_lora_train.py                         # tiny, 40 steps: long enough to pass peft's start-up
+    python bench/multi_lora_train.py --images --max-tokens 1024   # steps in passes of at most 1024 tokens
+    python bench/multi_lora_train.py --model internvl3-1b --steps 3      # random weights, InternVL3-1B shapes
 """
 
 from __future__ import annotations
@@ -199,9 +200,9 @@ def child(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny", choices=["tiny", "internvl3-1b"])
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--examples", type=int, default=8)
+    ap.add_argument("--examples", type=int, default=64)
     ap.add_argument("--images", action="store_true", help="a small image in every other example")
     ap.add_argument(
         "--gradient-checkpointing", action="store_true", help="every mode recomputes layers in backward (less memory)"

@@ -488,12 +488,13 @@ def test_resume_after_kill_gives_the_same_adapters(tmp_path):
 
 
 def test_two_processes_give_the_adapters_of_one(tmp_path):
-    """torchrun with 2 CPU processes (gloo), each taking half of every job's rows = 1 process."""
+    """torchrun with 2 CPU processes (gloo), each taking half of every job's rows (in passes of at most 64
+    tokens: about a row each) = 1 process in one pass."""
     write_dataset(tmp_path, "fin", 6, True)
     write_dataset(tmp_path, "law", 4, False, 1)
-    for out in ("one", "two"):
+    for out, top in (("one", ""), ("two", "max_tokens: 64\n")):
         (tmp_path / f"{out}.yaml").write_text(
-            "model: tiny\njobs:\n"
+            f"model: tiny\n{top}jobs:\n"
             f"  - {{name: fin, data: fin.jsonl, output: {out}/fin, rank: 4, batch_size: 2, steps: 3, lr: 1e-2}}\n"
             f"  - {{name: law, data: law.jsonl, output: {out}/law, rank: 2, batch_size: 4, grad_accum: 2, steps: 2,"
             " lr: 1e-2, targets: [q_proj, fc1], parts: [language, vision]}\n"

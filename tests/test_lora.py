@@ -11,7 +11,7 @@ import vlstack
 from vlstack.adapters import load_adapter, merge_adapter, save_adapter
 from vlstack.chat import question_messages
 from vlstack.errors import ConfigError
-from vlstack.model.lora import LoRASpec, add_adapter, route
+from vlstack.model.lora import LoRASpec, add_adapter, lora_layers, remove_adapter, route
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,12 @@ def test_rows_use_their_own_adapter(ckpt):
     assert rel_err(fused[3:4], fused[4:5]) > 1e-2
     with pytest.raises(ConfigError, match=r"unknown adapter\(s\) \['nope'\]; loaded: \['a', 'b', 'c'\]"):
         vlm(ids, adapter="nope")
+    with pytest.raises(ConfigError, match="adapter 'b' already exists"):
+        add_adapter(vlm.model, "b", LoRASpec(rank=2, targets=("o_proj",)))
+    remove_adapter(vlm.model, "b")  # gone from every layer, and from the names routing checks
+    assert not any("b" in m.lora_A for m in lora_layers(vlm.model).values())
+    with pytest.raises(ConfigError, match=r"unknown adapter\(s\) \['b'\]; loaded: \['a', 'c'\]"):
+        vlm(ids, adapter="b")
 
 
 def test_lora_gradients_match_peft():

@@ -71,6 +71,7 @@ class Routing:
     def __init__(self) -> None:
         self.segments: list[tuple[str, int, int]] = []
         self.axis = 0
+        self.layers: dict[str, int] = {}  # adapter -> how many of the model's layers hold it
 
 
 class LoRALinear(nn.Linear):
@@ -105,9 +106,13 @@ class LoRALinear(nn.Linear):
         self.lora_A[name], self.lora_B[name] = a, b
         self.scaling[name] = scaling
         self.dropout[name] = (dropout, drop)
+        self.routing.layers[name] = self.routing.layers.get(name, 0) + 1
 
     def remove(self, name: str) -> None:
         del self.lora_A[name], self.lora_B[name], self.scaling[name], self.dropout[name]
+        self.routing.layers[name] -= 1
+        if not self.routing.layers[name]:
+            del self.routing.layers[name]
 
     def delta(self, name: str) -> torch.Tensor:
         """The adapter's weight update B @ A * scaling: [out, in]."""
@@ -177,7 +182,7 @@ def ensure_lora(model: nn.Module, names: list[str]) -> dict[str, LoRALinear]:
 
 def add_adapter(model: nn.Module, name: str, spec: LoRASpec, seed: int = 0) -> list[nn.Parameter]:
     """Add a fresh adapter to every module the spec names; returns its trainable parameters."""
-    if any(name in m.lora_A for m in lora_layers(model).values()):
+    if name in adapter_names(model):
         raise ConfigError(f"adapter {name!r} already exists")
     init = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
@@ -196,7 +201,9 @@ def remove_adapter(model: nn.Module, name: str) -> None:
 
 
 def adapter_names(model: nn.Module) -> set[str]:
-    return {n for layer in lora_layers(model).values() for n in layer.lora_A}
+    """The adapters loaded on model (kept by its layers as they add and remove them: no walk over the modules,
+    which route() would otherwise pay at every decode step)."""
+    return set(routing_of(model).layers)
 
 
 def segments(adapters: list[str | None], counts: list[int] | None = None) -> list[tuple[str, int, int]]:

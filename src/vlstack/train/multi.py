@@ -187,9 +187,7 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
         targets[:-1] = labels[1:]
         targets[ends - 1] = IGNORE  # a sequence's last token predicts nothing
         learn = targets != IGNORE  # [T]: positions with a label; logits are computed only there
-        present = sorted({i for i, _ in group})
-        per_job = [sum(len(x["input_ids"]) for i, x in group if i == j) for j in present]
-        with route(model, [running[j].job.name for j in present], axis=1, counts=per_job):
+        with route(model, [running[i].job.name for i, _ in group], axis=1, counts=seqlens):  # a job's rows: one run
             ids, pixels = batch["input_ids"], batch.get("pixel_values")
             hidden = model(ids, pixels, select=learn[None], seqlens=seqlens, head=False)  # [N, C]
             per_token = token_losses(model.lm_head, hidden, targets[learn], model.language_model.recompute is not None)

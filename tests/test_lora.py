@@ -120,6 +120,38 @@ def test_rows_use_their_own_adapter(ckpt):
         vlm(ids, adapter="b")
 
 
+def test_decode_step_stacks_its_adapters(ckpt):
+    """Rows of one token each (a decode step) over several adapters take every adapter's A and B as one matmul
+    each: the same as each row alone, with ranks, scalings and targets that differ; the stack follows the
+    adapters' weights as they change in place, and an adapter removed and added again under its name."""
+    vlm = vlstack.load(ckpt, device="cpu")
+    for i, name in enumerate(("a", "b", "c")):
+        targets = ("q_proj", "v_proj", "down_proj") if name == "c" else LoRASpec().targets
+        spec = LoRASpec(rank=2 + 3 * i, alpha=4 + 5 * i, targets=targets)
+        randomise_adapter(add_adapter(vlm.model, name, spec, seed=i), seed=20 + i)
+    rows = ["a", "a", "b", None, "c", "c", "b"]
+    ids = torch.randint(10, vlm.cfg.text.vocab_size, (len(rows), 1))  # [B, 1]
+
+    def check() -> None:
+        with torch.inference_mode(), route(vlm.model, rows):
+            fused = vlm.model(ids)
+        for r, name in enumerate(rows):
+            assert rel_err(fused[r : r + 1], vlm(ids[r : r + 1], adapter=name)) <= 1e-5
+
+    check()
+    layers = lora_layers(vlm.model)
+    assert all(m._stack is not None for m in layers.values())  # every layer took the stacked path
+    assert [n for n, m in layers.items() if "c" in m._stack[0][0]] == [n for n, m in layers.items() if "c" in m.lora_A]
+    with torch.no_grad():  # an optimiser's step: the same weights, changed in place
+        for m in layers.values():
+            m.lora_B["b"].weight.mul_(-2)
+    check()
+    remove_adapter(vlm.model, "a")
+    spec = LoRASpec(rank=3, alpha=7)
+    randomise_adapter(add_adapter(vlm.model, "a", spec, seed=5), seed=30)
+    check()
+
+
 def test_lora_gradients_match_peft():
     from peft import LoraConfig, get_peft_model
 

@@ -72,6 +72,25 @@ class Routing:
         self.segments: list[tuple[str, int, int]] = []
         self.axis = 0
         self.layers: dict[str, int] = {}  # adapter -> how many of the model's layers hold it
+        self._masks: tuple[list, dict] = ([], {})  # (the segments they are for, {blocks: mask})
+
+    def mask(self, blocks: tuple[tuple[str, int, float], ...], rows: int, like: torch.Tensor) -> torch.Tensor:
+        """[rows, sum of ranks]: each row's own adapter's block of ranks (blocks: (adapter, rank, scaling) in
+        stacking order) holds its scaling, the rest zeros. Made once per routing for every layer alike."""
+        if self._masks[0] is not self.segments:
+            self._masks = (self.segments, {})
+        masks = self._masks[1]
+        key = blocks, rows, like.dtype
+        if key not in masks:
+            m = torch.zeros(rows, sum(r for _, r, _ in blocks))
+            first = 0
+            for name, r, s in blocks:
+                for seg, start, end in self.segments:
+                    if seg == name:
+                        m[start:end, first : first + r] = s
+                first += r
+            masks[key] = m.to(like)
+        return masks[key]
 
 
 class LoRALinear(nn.Linear):
@@ -86,6 +105,7 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, tuple[float, torch.Generator | None]] = {}
+        self._stack: tuple | None = None  # (key, A [R, in], B [R, out]) of the adapters last stacked
 
     def add(
         self,
@@ -110,6 +130,7 @@ class LoRALinear(nn.Linear):
 
     def remove(self, name: str) -> None:
         del self.lora_A[name], self.lora_B[name], self.scaling[name], self.dropout[name]
+        self._stack = None
         self.routing.layers[name] -= 1
         if not self.routing.layers[name]:
             del self.routing.layers[name]
@@ -122,6 +143,9 @@ class LoRALinear(nn.Linear):
         y = super().forward(x)  # [B, ..., out]: the base matmul, once for all rows
         axis = self.routing.axis
         if not torch.is_grad_enabled():  # no autograd: each update is added into its rows in place
+            names = tuple(dict.fromkeys(n for n, _, _ in self.routing.segments if n in self.lora_A))
+            if len(names) > 1 and axis == 0 and x.shape[1:-1].numel() == 1:  # one token a row: a decode step
+                return self._stacked(x, y, names)
             for name, start, end in self.routing.segments:
                 if name in self.lora_A:
                     a, b = self.lora_A[name], self.lora_B[name]
@@ -146,6 +170,30 @@ class LoRALinear(nn.Linear):
         if done < y.shape[axis]:
             pieces.append(_zeros(y, axis, y.shape[axis] - done))
         return y + torch.cat(pieces, axis)  # one add: its backward is cheap slicing, not a copy per adapter
+
+    def _stacked(self, x: torch.Tensor, y: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+        """Several adapters over rows of one token each: all their A as one matmul, a mask keeping each row's
+        own adapter's ranks (times its scaling), all their B as another -- two matmuls for the step instead of
+        two per adapter, whose calls cost more than their arithmetic at a few rows each."""
+        weights = [w for n in names for w in (self.lora_A[n].weight, self.lora_B[n].weight)]
+        key = names, [(w, None if w.is_inference() else w._version) for w in weights]  # new or updated: restack
+        if self._stack is None or not _same(self._stack[0], key):
+            a = torch.cat(weights[0::2])  # [R, in]: every adapter's ranks, R = the sum of ranks
+            b = torch.cat(weights[1::2], 1).t().contiguous()  # [R, out]
+            self._stack = key, a, b
+        _, a, b = self._stack
+        blocks = tuple((n, self.lora_A[n].out_features, self.scaling[n]) for n in names)
+        rows = x.shape[0]
+        h = x.reshape(rows, -1) @ a.t()  # [B, R]
+        h.mul_(self.routing.mask(blocks, rows, h))  # each row keeps its adapter's ranks, scaled
+        y.view(rows, -1).addmm_(h, b)  # [B, out]
+        return y
+
+
+def _same(old: tuple, new: tuple) -> bool:
+    """Two stack keys (names, [(weight, version)]) hold the same names and the very same weights unchanged (an
+    inference tensor keeps no version: it is never taken as unchanged)."""
+    return old[0] == new[0] and all(w is v and i is not None and i == j for (w, i), (v, j) in zip(old[1], new[1]))
 
 
 def _zeros(y: torch.Tensor, axis: int, n: int) -> torch.Tensor:

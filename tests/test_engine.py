@@ -10,7 +10,7 @@ from conftest import DEVICE, image
 
 import vlstack
 from vlstack.chat import question_messages
-from vlstack.errors import ConfigError
+from vlstack.errors import ConfigError, PromptError
 from vlstack.generate import SamplingParams
 from vlstack.model.lora import LoRASpec, add_adapter
 from vlstack.serve.engine import Engine
@@ -70,6 +70,30 @@ def test_full_engine_queues_instead_of_refusing():
     answers = [collect(r) for r in reqs]
     engine.close()
     assert len(set(answers)) == 1 and all(r.finish_reason == "length" for r in reqs)
+
+
+def test_sampled_tokens_get_their_logprobs():
+    """A sampled token's log-probability is its own (not the likeliest's), the alternatives come likeliest
+    first, only rows that ask get them, and the EOS that ends a row has none."""
+    vlm = tiny_with_adapters()
+    engine = Engine(vlm, max_batch=4)
+    inputs = vlm.processor(question_messages("Describe this picture.", 0))
+    params = [SamplingParams(max_new_tokens=20, temperature=1.5, seed=s) for s in range(3)]
+    reqs = [engine.submit(inputs, "legal", p, top_logprobs=k) for p, k in zip(params, (5, 0, None))]
+    texts = [collect(r) for r in reqs]
+    engine.close()
+    for req, k in zip(reqs[:2], (5, 0)):
+        assert [t for t, _, _ in req.logprobs] == req.detok.ids  # every generated token but an EOS
+        assert len(req.logprobs) == req.generated - (req.finish_reason == "stop")
+        assert all(len(top) == k for _, _, top in req.logprobs)
+    assert reqs[2].logprobs == [] and texts[0] != texts[1]
+    sampled = [(lp, top) for t, lp, top in reqs[0].logprobs if t != top[0][0]]
+    assert sampled and all(lp < top[0][1] for lp, top in sampled)  # temperature 1.5 picked less likely tokens
+    assert all([v for _, v in top] == sorted((v for _, v in top), reverse=True) for _, _, top in reqs[0].logprobs)
+    engine = Engine(vlm, max_batch=1)
+    with pytest.raises(PromptError, match=r"top_logprobs must be in \[0, 20\]"):
+        engine.submit(inputs, None, params[0], top_logprobs=21)
+    engine.close()
 
 
 def test_cancel_frees_the_slot():

@@ -169,6 +169,31 @@ def test_sampling_options_n_seed_and_stop(client):
     assert cut.choices[0].finish_reason == "stop"
 
 
+def test_logprobs_are_the_models_own(client, reference):
+    """logprobs / top_logprobs: each generated token's log-probability and its likeliest alternatives, as the
+    model computes them with the request's adapter over the whole sequence; streamed, the same tokens."""
+    messages = [{"role": "user", "content": "Summarise the report."}]
+    kw = dict(model="finance", messages=messages, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    ids = reference.processor(messages)["input_ids"]  # [1, T]: the reference greedy, recomputed from scratch
+    for item in content:
+        lp = reference(ids, adapter="finance")[0, -1].float().log_softmax(-1)  # [V]
+        top = lp.topk(3)
+        assert item.token == reference.processor.decode([top.indices[0].item()])
+        assert item.bytes == list(item.token.encode())
+        assert abs(item.logprob - top.values[0].item()) <= 1e-4
+        assert [t.token for t in item.top_logprobs] == [reference.processor.decode([i]) for i in top.indices.tolist()]
+        assert [t.logprob for t in item.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+        ids = torch.cat([ids, top.indices[:1][None]], 1)
+    assert len(content) == 6 and "".join(item.token for item in content) == r.choices[0].message.content
+    streamed = [c.choices[0].logprobs for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+    items = [item for lp in streamed if lp is not None for item in lp.content]
+    assert [(i.token, i.logprob) for i in items] == [(i.token, pytest.approx(i.logprob, abs=1e-5)) for i in content]
+    plain = client.chat.completions.create(model="finance", messages=messages, temperature=0, max_tokens=6)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+
+
 def test_models_list_and_hot_load_unload(server, client, adapter_dir):
     ids = {m.id: m for m in client.models.list().data}
     assert set(ids) == {"tiny", "finance"}
@@ -208,6 +233,28 @@ def test_errors_have_openai_shape_and_status(server, client):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], temperature=5)
     r = httpx.post(server[0] + "/v1/chat/completions", content=b"{not json")
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    hi = [{"role": "user", "content": "hi"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    refused = [  # what the server does not implement is refused, not ignored
+        ({"tools": [tool]}, "tools", "'tools' is not supported"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "'response_format' is not supported"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty", "'frequency_penalty' is not supported"),
+        ({"top_logprobs": 2}, "top_logprobs", "'top_logprobs' must be given with 'logprobs': true"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", r"'top_logprobs' must be an integer in \[0, 20\]"),
+    ]
+    for extra, param, message in refused:
+        with pytest.raises(openai.BadRequestError, match=message) as e:
+            client.chat.completions.create(model="tiny", messages=hi, max_tokens=2, **extra)
+        assert e.value.body["param"] == param
+    asks_nothing = dict(frequency_penalty=0, presence_penalty=0.0, response_format={"type": "text"}, tool_choice="none")
+    assert client.chat.completions.create(model="tiny", messages=hi, max_tokens=2, **asks_nothing).choices
+    system = [{"role": "system", "content": "Be brief."}, *hi]
+    developer = [{"role": "developer", "content": "Be brief."}, *hi]  # OpenAI's newer name for the system role
+    a, b = (
+        client.chat.completions.create(model="tiny", messages=m, max_tokens=4, temperature=0)
+        for m in (system, developer)
+    )
+    assert a.choices[0].message.content == b.choices[0].message.content and a.usage == b.usage
     local = [{"type": "image_url", "image_url": {"url": "page.png"}}, {"type": "text", "text": "What?"}]
     ok = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": local}], max_tokens=2)
     assert ok.usage.prompt_tokens > 0

@@ -29,7 +29,7 @@ from ..generate import SamplingParams
 from .auth import AuditLog, Tenant, find_tenant
 from .engine import Engine
 from .metrics import Metrics
-from .openai import APIError, fetch_images, read_messages, read_sampling
+from .openai import APIError, fetch_images, logprobs_content, read_messages, read_sampling
 
 
 @dataclass
@@ -229,7 +229,7 @@ def create_app(
         if (model != name and model not in vlm.adapters) or not visible(request, model):  # the same answer
             raise APIError(404, f"The model {model!r} does not exist", "model", "model_not_found")
         messages = read_messages(body, cfg.allow_http_images, image_root)
-        gen, n = read_sampling(body)
+        gen, n, top_logprobs = read_sampling(body)
         if engine.waiting.qsize() >= cfg.max_queue:
             raise APIError(503, f"the server is overloaded ({engine.waiting.qsize()} requests waiting); retry later",
                            code="server_overloaded")  # fmt: skip
@@ -238,13 +238,19 @@ def create_app(
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         loop = asyncio.get_running_loop()
-        args = (engine, vlm, messages, adapter, n, gen, loop, cfg.fetch_timeout)
+        args = (engine, vlm, messages, adapter, n, gen, top_logprobs, loop, cfg.fetch_timeout)
         reqs = await loop.run_in_executor(encoder, _submit, *args)
 
         async def pieces(r) -> AsyncIterator[str]:
             """r's text as it comes, until it ends (finished or cancelled)."""
             while (piece := await r.out.get()) is not None:
                 yield piece
+
+        def logprobs(r, start: int = 0, end: int | None = None) -> dict | None:
+            """OpenAI's `logprobs` of r's tokens start..end (None when not asked for)."""
+            if top_logprobs is None:
+                return None
+            return {"content": logprobs_content(r.logprobs[start:end], vlm.processor.decode), "refusal": None}
 
         async def watch() -> None:
             """Cancel the requests if the client hangs up (a stream notices by itself; a plain response not)."""
@@ -269,9 +275,10 @@ def create_app(
             if not all(r.finish_reason for r in reqs):  # the client went away: nobody reads the answer
                 return JSONResponse({}, status_code=499)
             choices = [
-                {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r.finish_reason}
+                {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": logprobs(r),
+                 "finish_reason": r.finish_reason}
                 for i, (t, r) in enumerate(zip(texts, reqs))
-            ]
+            ]  # fmt: skip
             return {"id": rid, "object": "chat.completion", "created": created, "model": model,
                     "choices": choices, "usage": _usage(reqs)}  # fmt: skip
 
@@ -285,14 +292,22 @@ def create_app(
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                              for i in range(n)])  # fmt: skip
                 for i, r in enumerate(reqs):
+                    sent = 0  # r's logprobs sent: a piece carries those of the tokens that made it (and any after)
                     async for piece in pieces(r):
-                        yield chunk([{"index": i, "delta": {"content": piece}, "finish_reason": None}])
+                        choice = {"index": i, "delta": {"content": piece}, "finish_reason": None}
+                        if top_logprobs is not None:
+                            end = len(r.logprobs)  # (the engine may be adding more meanwhile)
+                            choice["logprobs"], sent = logprobs(r, sent, end), end
+                        yield chunk([choice])
                     if r.finish_reason == "error":  # OpenAI's SDKs raise on an event with an error
                         yield f"data: {json.dumps({'error': {'message': r.error, 'type': 'server_error'}})}\n\n"
                         return
                     if not r.finish_reason:
                         return  # the client went away
-                    yield chunk([{"index": i, "delta": {}, "finish_reason": r.finish_reason}])
+                    last = {"index": i, "delta": {}, "finish_reason": r.finish_reason}
+                    if top_logprobs is not None:  # tokens that made no text (e.g. one completing a stop string)
+                        last["logprobs"] = logprobs(r, sent)
+                    yield chunk([last])
                 if include_usage:
                     yield chunk([], usage=_usage(reqs))
                 yield "data: [DONE]\n\n"
@@ -353,6 +368,7 @@ def _submit(
     adapter: str | None,
     n: int,
     gen: dict,
+    top_logprobs: int | None,
     loop: asyncio.AbstractEventLoop,
     fetch_timeout: float,
 ) -> list:
@@ -361,7 +377,7 @@ def _submit(
         inputs = vlm.processor(fetch_images(messages, fetch_timeout))
         seeds = [None if gen["seed"] is None else gen["seed"] + i for i in range(n)]  # n different samples
         params = [SamplingParams(**{**gen, "seed": seed}) for seed in seeds]
-        return [engine.submit(inputs, adapter, p, AsyncOut(loop)) for p in params]
+        return [engine.submit(inputs, adapter, p, AsyncOut(loop), top_logprobs) for p in params]
     except PromptError as e:
         code = "context_length_exceeded" if "context" in str(e) else None
         raise APIError(400, str(e), "messages", code) from None

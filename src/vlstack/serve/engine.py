@@ -54,6 +54,8 @@ class Request:
     first_token_at: float | None = None
     finished_at: float | None = None
     error: str | None = None  # why the engine failed it (finish_reason "error")
+    top_logprobs: int | None = None  # None: no log-probabilities; else how many alternatives a token
+    logprobs: list = field(default_factory=list)  # a generated token's (id, logprob, [(id, logprob) top]), in order
 
     @property
     def budget(self) -> int:
@@ -98,10 +100,17 @@ class Engine:
         self.thread.start()
 
     def submit(
-        self, inputs: dict[str, torch.Tensor], adapter: str | None, params: SamplingParams, out: Any = None
+        self,
+        inputs: dict[str, torch.Tensor],
+        adapter: str | None,
+        params: SamplingParams,
+        out: Any = None,
+        top_logprobs: int | None = None,
     ) -> Request:
         """Queue an encoded prompt; its text arrives in request.out (a queue.Queue unless another object with
-        put() is given) as pieces, then None."""
+        put() is given) as pieces, then None. With top_logprobs (0-20), each token's log-probability under the
+        model (its raw distribution, before temperature or top_p) and those of the top_logprobs likeliest tokens
+        are added to request.logprobs before the text they make is put."""
         prompt = inputs["input_ids"][0]
         if len(prompt) >= self.max_len:
             raise PromptError(f"the prompt is {len(prompt)} tokens, over the model's context of {self.max_len} tokens")
@@ -112,6 +121,9 @@ class Engine:
         req = Request(prompt, pixels, images, adapter, params, Detokenizer(self.vlm.processor.decode, params.stop))
         if out is not None:
             req.out = out
+        if top_logprobs is not None and not 0 <= top_logprobs <= 20:
+            raise PromptError(f"top_logprobs must be in [0, 20] (got {top_logprobs})")
+        req.top_logprobs = top_logprobs
         if params.seed is not None:
             req.generator = torch.Generator(device=self.vlm.model.device).manual_seed(params.seed)
         self.waiting.put(req)
@@ -275,8 +287,12 @@ class Engine:
         for i, req in enumerate(rows):
             if req.params.temperature > 0:  # each sampled row with its own generator
                 tokens[i] = sample(logits[i : i + 1], req.params, req.generator)[0]
-        for req, token in zip(rows, tokens.tolist()):  # one copy to the host
+        want = {i: r.top_logprobs for i, r in enumerate(rows) if r.top_logprobs is not None}
+        logprobs = _logprobs(logits, tokens, want) if want else {}
+        for i, (req, token) in enumerate(zip(rows, tokens.tolist())):  # one copy to the host
             req.generated += 1
+            if i in logprobs and token not in self.vlm.eos:
+                req.logprobs.append((token, *logprobs[i]))
             if req.first_token_at is None:
                 req.first_token_at = time.perf_counter()
             if token in self.vlm.eos:
@@ -298,3 +314,14 @@ class Engine:
                 req.out.put(None)
                 self.running.remove(req)
                 self.free.append(req.slot)
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, want: dict[int, int]) -> dict[int, tuple]:
+    """logits [B, V] and the chosen tokens [B] -> {row: (the token's logprob, [(id, logprob)] of the row's
+    likeliest tokens)} for the rows in want (row -> how many likeliest tokens)."""
+    rows = torch.tensor(list(want), device=logits.device)  # [W]
+    lp = logits[rows].float().log_softmax(-1)  # [W, V]
+    chosen = lp.gather(1, tokens[rows, None])[:, 0].tolist()  # [W]
+    top = lp.topk(max(want.values()), -1)  # [W, k]
+    ids, values = top.indices.tolist(), top.values.tolist()
+    return {i: (chosen[j], list(zip(ids[j][:k], values[j][:k]))) for j, (i, k) in enumerate(want.items())}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,8 @@ def read_messages(body: dict, allow_http: bool, image_dir: Path | None) -> list[
         raise APIError(400, "'messages' must be a non-empty list", "messages")
     out = []
     for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise APIError(400, "each message needs a role of system, user or assistant", "messages")
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise APIError(400, "each message needs a role of system (or developer), user or assistant", "messages")
         content = m.get("content")
         if isinstance(content, list):
             parts = []
@@ -76,12 +77,30 @@ def read_messages(body: dict, allow_http: bool, image_dir: Path | None) -> list[
             content = ""
         elif not isinstance(content, str):
             raise APIError(400, "message content must be a string or a list of parts", "messages")
-        out.append({"role": m["role"], "content": content})
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
     return out
 
 
-def read_sampling(body: dict) -> tuple[dict, int]:
-    """OpenAI's sampling fields -> vlstack's generation options, and n."""
+UNSUPPORTED = {  # fields this server does not implement, and the values that ask for nothing from them
+    "tools": lambda v: not v,
+    "functions": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none"),
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "presence_penalty": lambda v: not v,
+    "frequency_penalty": lambda v: not v,
+    "logit_bias": lambda v: not v,
+    "audio": lambda v: v is None,
+    "modalities": lambda v: v in (None, ["text"]),
+}
+
+
+def read_sampling(body: dict) -> tuple[dict, int, int | None]:
+    """OpenAI's sampling fields -> vlstack's generation options, n, and the top_logprobs to report (None: no
+    logprobs). A field the server does not implement is refused rather than ignored, unless it asks for
+    nothing (e.g. a zero penalty)."""
+    for name, harmless in UNSUPPORTED.items():
+        if not harmless(body.get(name)):
+            raise APIError(400, f"'{name}' is not supported by this server", name)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     stop = body.get("stop")
     gen: dict[str, Any] = {
@@ -92,6 +111,7 @@ def read_sampling(body: dict) -> tuple[dict, int]:
         "stop": [stop] if isinstance(stop, str) else list(stop or []),
     }
     n = body.get("n") or 1
+    top = body.get("top_logprobs")
     checks = [
         (isinstance(gen["max_new_tokens"], int) and gen["max_new_tokens"] >= 1, "max_tokens", "an integer >= 1"),
         (isinstance(gen["temperature"], (int, float)) and 0 <= gen["temperature"] <= 2, "temperature", "in [0, 2]"),
@@ -99,11 +119,25 @@ def read_sampling(body: dict) -> tuple[dict, int]:
         (gen["seed"] is None or isinstance(gen["seed"], int), "seed", "an integer"),
         (all(isinstance(s, str) and s for s in gen["stop"]) and len(gen["stop"]) <= 4, "stop", "up to 4 strings"),
         (isinstance(n, int) and 1 <= n <= 16, "n", "an integer in [1, 16]"),
+        (body.get("logprobs") in (None, True, False), "logprobs", "true or false"),
+        (top is None or (isinstance(top, int) and 0 <= top <= 20), "top_logprobs", "an integer in [0, 20]"),
+        (top is None or body.get("logprobs") is True, "top_logprobs", "given with 'logprobs': true"),
     ]
     for ok, name, what in checks:
         if not ok:
             raise APIError(400, f"'{name}' must be {what}", name)
-    return gen, n
+    return gen, n, (top or 0) if body.get("logprobs") else None
+
+
+def logprobs_content(entries: list[tuple], decode: Callable[[list[int]], str]) -> list[dict]:
+    """The engine's (token, logprob, [(id, logprob)]) entries -> OpenAI's `logprobs.content` items (each
+    token's text alone; a token holding part of a character shows U+FFFD, as in vLLM)."""
+
+    def item(token: int, logprob: float) -> dict:
+        text = decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", errors="replace"))}
+
+    return [{**item(t, lp), "top_logprobs": [item(i, v) for i, v in top]} for t, lp, top in entries]
 
 
 def fetch_image(url: str, timeout: float, max_bytes: int = 64 * 2**20) -> bytes:

@@ -119,6 +119,26 @@ def test_sample_filters_exactly():
     assert seen == {0, 1}
 
 
+def test_presence_and_frequency_penalties_as_openai_defines_them(tiny):
+    """Greedy with penalties = a loop over the whole sequence lowering each generated token's logit by
+    presence_penalty + count * frequency_penalty; they change the answer of a model that repeats itself."""
+    kw = dict(presence_penalty=0.7, frequency_penalty=1.3)
+    messages = question_messages("Describe this picture.", 0)
+    ids = tiny.processor(messages)["input_ids"]  # [1, T]
+    counts = torch.zeros(tiny.cfg.text.vocab_size)
+    for _ in range(12):
+        logits = tiny(ids)[0, -1] - kw["presence_penalty"] * (counts > 0) - kw["frequency_penalty"] * counts
+        token = logits.argmax().item()
+        counts[token] += 1
+        ids = torch.cat([ids, torch.tensor([[token]])], 1)
+    expected = tiny.processor.decode(ids[0, -12:].tolist())
+    assert tiny.chat("Describe this picture.", max_new_tokens=12, **kw) == expected
+    plain = tiny.chat("Describe this picture.", max_new_tokens=12)
+    assert plain != expected and counts.max() < 3
+    with pytest.raises(PromptError, match=r"frequency_penalty must be in \[-2, 2\]"):
+        tiny.chat("Hi", frequency_penalty=2.5)
+
+
 def test_stop_strings_and_streaming(tiny):
     full = tiny.chat("Describe this picture.", max_new_tokens=16)
     pieces = list(tiny.stream("Describe this picture.", max_new_tokens=16))

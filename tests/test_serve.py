@@ -155,7 +155,7 @@ def test_streaming_matches_and_reports_usage(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
 
 
-def test_sampling_options_n_seed_and_stop(client):
+def test_sampling_options_n_seed_stop_and_penalties(client, reference):
     messages = [{"role": "user", "content": "Describe this picture."}]
     kw = dict(model="tiny", messages=messages, max_tokens=12, temperature=1.2, top_p=0.9, seed=7, n=2)
     a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
@@ -167,6 +167,11 @@ def test_sampling_options_n_seed_and_stop(client):
     cut = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=12, stop=stop)
     assert cut.choices[0].message.content == full[: full.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
+    penalties = dict(presence_penalty=0.7, frequency_penalty=1.3)
+    kw = dict(model="finance", messages=messages, temperature=0, max_tokens=12)
+    penalised = client.chat.completions.create(**kw, **penalties).choices[0].message.content
+    assert penalised == reference.chat("Describe this picture.", adapter="finance", max_new_tokens=12, **penalties)
+    assert penalised != client.chat.completions.create(**kw).choices[0].message.content
 
 
 def test_logprobs_are_the_models_own(client, reference):
@@ -238,7 +243,8 @@ def test_errors_have_openai_shape_and_status(server, client):
     refused = [  # what the server does not implement is refused, not ignored
         ({"tools": [tool]}, "tools", "'tools' is not supported"),
         ({"response_format": {"type": "json_object"}}, "response_format", "'response_format' is not supported"),
-        ({"frequency_penalty": 0.5}, "frequency_penalty", "'frequency_penalty' is not supported"),
+        ({"logit_bias": {"5": 10}}, "logit_bias", "'logit_bias' is not supported"),
+        ({"presence_penalty": 3}, "presence_penalty", r"'presence_penalty' must be in \[-2, 2\]"),
         ({"top_logprobs": 2}, "top_logprobs", "'top_logprobs' must be given with 'logprobs': true"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", r"'top_logprobs' must be an integer in \[0, 20\]"),
     ]
@@ -246,7 +252,7 @@ def test_errors_have_openai_shape_and_status(server, client):
         with pytest.raises(openai.BadRequestError, match=message) as e:
             client.chat.completions.create(model="tiny", messages=hi, max_tokens=2, **extra)
         assert e.value.body["param"] == param
-    asks_nothing = dict(frequency_penalty=0, presence_penalty=0.0, response_format={"type": "text"}, tool_choice="none")
+    asks_nothing = dict(logit_bias={}, tools=[], response_format={"type": "text"}, tool_choice="none")
     assert client.chat.completions.create(model="tiny", messages=hi, max_tokens=2, **asks_nothing).choices
     system = [{"role": "system", "content": "Be brief."}, *hi]
     developer = [{"role": "developer", "content": "Be brief."}, *hi]  # OpenAI's newer name for the system role

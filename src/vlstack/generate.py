@@ -25,6 +25,8 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once for each time a token was generated
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -38,6 +40,9 @@ class SamplingParams:
             raise PromptError(f"top_p must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0:
             raise PromptError(f"top_k must be >= 0 (got {self.top_k})")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise PromptError(f"{name} must be in [-2, 2] (got {getattr(self, name)})")
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -55,6 +60,21 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def penalise(logits: torch.Tensor, generated: list[list[int]], params: list[SamplingParams]) -> torch.Tensor:
+    """logits [B, V] with OpenAI's presence and frequency penalties: each row's logit of a token it has
+    generated c times lowered by presence_penalty + c * frequency_penalty. The same tensor when no row has a
+    penalty to apply, else a new one (the caller's logits stay the model's)."""
+    rows = [i for i, p in enumerate(params) if (p.presence_penalty or p.frequency_penalty) and generated[i]]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        counts = torch.bincount(torch.tensor(generated[i], device=logits.device), minlength=logits.shape[-1])  # [V]
+        p = params[i]
+        logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    return logits
 
 
 def prefill(
@@ -121,14 +141,16 @@ def generate(
     with torch.inference_mode():  # set around each step only: the caller may run others in between
         logits = prefill(model, cache, prompts, list(range(b)), adapters, pixel_values)
     done = [False] * b
+    generated: list[list[int]] = [[] for _ in range(b)]
     for step in range(budget):
-        tokens = sample(logits, params, generator)  # [B]
+        tokens = sample(penalise(logits, generated, [params] * b), params, generator)  # [B]
         new: list[int | None] = []
         for i, t in enumerate(tokens.tolist()):
             if done[i]:
                 new.append(None)
                 continue
             new.append(t)
+            generated[i].append(t)
             if t in eos_ids or (on_token is not None and on_token(i, t)):
                 done[i] = True
         yield new

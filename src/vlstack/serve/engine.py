@@ -29,7 +29,7 @@ import torch
 
 from ..api import VLM
 from ..errors import ConfigError, PromptError
-from ..generate import Detokenizer, SamplingParams, decode, prefill, sample
+from ..generate import Detokenizer, SamplingParams, decode, penalise, prefill, sample
 from ..model.language import KVCache
 from ..model.lora import lora_layers, route
 from .cache import FeatureCache, image_hash, tiles_per_image
@@ -109,8 +109,8 @@ class Engine:
     ) -> Request:
         """Queue an encoded prompt; its text arrives in request.out (a queue.Queue unless another object with
         put() is given) as pieces, then None. With top_logprobs (0-20), each token's log-probability under the
-        model (its raw distribution, before temperature or top_p) and those of the top_logprobs likeliest tokens
-        are added to request.logprobs before the text they make is put."""
+        model (its raw distribution, before penalties, temperature or top_p) and those of the top_logprobs
+        likeliest tokens are added to request.logprobs before the text they make is put."""
         prompt = inputs["input_ids"][0]
         if len(prompt) >= self.max_len:
             raise PromptError(f"the prompt is {len(prompt)} tokens, over the model's context of {self.max_len} tokens")
@@ -283,10 +283,11 @@ class Engine:
 
     def _emit(self, rows: list[Request], logits: torch.Tensor) -> None:
         """Sample each row's next token, send its text, and retire finished or cancelled rows."""
-        tokens = logits.argmax(-1)  # [B]: greedy rows all at once
+        scores = penalise(logits, [r.detok.ids for r in rows], [r.params for r in rows])  # [B, V]
+        tokens = scores.argmax(-1)  # [B]: greedy rows all at once
         for i, req in enumerate(rows):
             if req.params.temperature > 0:  # each sampled row with its own generator
-                tokens[i] = sample(logits[i : i + 1], req.params, req.generator)[0]
+                tokens[i] = sample(scores[i : i + 1], req.params, req.generator)[0]
         want = {i: r.top_logprobs for i, r in enumerate(rows) if r.top_logprobs is not None}
         logprobs = _logprobs(logits, tokens, want) if want else {}
         for i, (req, token) in enumerate(zip(rows, tokens.tolist())):  # one copy to the host

@@ -81,13 +81,12 @@ def read_messages(body: dict, allow_http: bool, image_dir: Path | None) -> list[
     return out
 
 
+PENALTIES = ("presence_penalty", "frequency_penalty")
 UNSUPPORTED = {  # fields this server does not implement, and the values that ask for nothing from them
     "tools": lambda v: not v,
     "functions": lambda v: not v,
     "tool_choice": lambda v: v in (None, "none"),
     "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-    "presence_penalty": lambda v: not v,
-    "frequency_penalty": lambda v: not v,
     "logit_bias": lambda v: not v,
     "audio": lambda v: v is None,
     "modalities": lambda v: v in (None, ["text"]),
@@ -97,7 +96,7 @@ UNSUPPORTED = {  # fields this server does not implement, and the values that as
 def read_sampling(body: dict) -> tuple[dict, int, int | None]:
     """OpenAI's sampling fields -> vlstack's generation options, n, and the top_logprobs to report (None: no
     logprobs). A field the server does not implement is refused rather than ignored, unless it asks for
-    nothing (e.g. a zero penalty)."""
+    nothing (e.g. a `response_format` of text)."""
     for name, harmless in UNSUPPORTED.items():
         if not harmless(body.get(name)):
             raise APIError(400, f"'{name}' is not supported by this server", name)
@@ -109,6 +108,8 @@ def read_sampling(body: dict) -> tuple[dict, int, int | None]:
         "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
         "seed": body.get("seed"),
         "stop": [stop] if isinstance(stop, str) else list(stop or []),
+        "presence_penalty": body.get("presence_penalty") or 0.0,
+        "frequency_penalty": body.get("frequency_penalty") or 0.0,
     }
     n = body.get("n") or 1
     top = body.get("top_logprobs")
@@ -119,6 +120,7 @@ def read_sampling(body: dict) -> tuple[dict, int, int | None]:
         (gen["seed"] is None or isinstance(gen["seed"], int), "seed", "an integer"),
         (all(isinstance(s, str) and s for s in gen["stop"]) and len(gen["stop"]) <= 4, "stop", "up to 4 strings"),
         (isinstance(n, int) and 1 <= n <= 16, "n", "an integer in [1, 16]"),
+        *((isinstance(gen[p], (int, float)) and -2 <= gen[p] <= 2, p, "in [-2, 2]") for p in PENALTIES),
         (body.get("logprobs") in (None, True, False), "logprobs", "true or false"),
         (top is None or (isinstance(top, int) and 0 <= top <= 20), "top_logprobs", "an integer in [0, 20]"),
         (top is None or body.get("logprobs") is True, "top_logprobs", "given with 'logprobs': true"),

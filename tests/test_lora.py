@@ -141,7 +141,7 @@ def test_decode_step_stacks_its_adapters(ckpt):
     check()
     layers = lora_layers(vlm.model)
     assert all(m._stack is not None for m in layers.values())  # every layer took the stacked path
-    assert [n for n, m in layers.items() if "c" in m._stack[0][0]] == [n for n, m in layers.items() if "c" in m.lora_A]
+    assert [n for n, m in layers.items() if "c" in m._stack.names] == [n for n, m in layers.items() if "c" in m.lora_A]
     with torch.no_grad():  # an optimiser's step: the same weights, changed in place
         for m in layers.values():
             m.lora_B["b"].weight.mul_(-2)

@@ -105,7 +105,7 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, tuple[float, torch.Generator | None]] = {}
-        self._stack: tuple | None = None  # (key, A [R, in], B [R, out]) of the adapters last stacked
+        self._stack: Stack | None = None  # the adapters last stacked (decode steps)
 
     def add(
         self,
@@ -175,25 +175,38 @@ class LoRALinear(nn.Linear):
         """Several adapters over rows of one token each: all their A as one matmul, a mask keeping each row's
         own adapter's ranks (times its scaling), all their B as another -- two matmuls for the step instead of
         two per adapter, whose calls cost more than their arithmetic at a few rows each."""
-        weights = [w for n in names for w in (self.lora_A[n].weight, self.lora_B[n].weight)]
-        key = names, [(w, None if w.is_inference() else w._version) for w in weights]  # new or updated: restack
-        if self._stack is None or not _same(self._stack[0], key):
+        a_mods, b_mods = self.lora_A._modules, self.lora_B._modules  # (plain dicts: this runs at every step)
+        weights = [m[n]._parameters["weight"] for n in names for m in (a_mods, b_mods)]  # [A1, B1, A2, B2, ...]
+        stack = self._stack
+        if stack is None or stack.names != names or not stack.holds(weights):  # new, replaced or updated weights
             a = torch.cat(weights[0::2])  # [R, in]: every adapter's ranks, R = the sum of ranks
             b = torch.cat(weights[1::2], 1).t().contiguous()  # [R, out]
-            self._stack = key, a, b
-        _, a, b = self._stack
-        blocks = tuple((n, self.lora_A[n].out_features, self.scaling[n]) for n in names)
+            blocks = tuple((n, a_mods[n].out_features, self.scaling[n]) for n in names)
+            versions = None if any(w.is_inference() for w in weights) else [w._version for w in weights]
+            stack = self._stack = Stack(names, weights, versions, blocks, a, b)
         rows = x.shape[0]
-        h = x.reshape(rows, -1) @ a.t()  # [B, R]
-        h.mul_(self.routing.mask(blocks, rows, h))  # each row keeps its adapter's ranks, scaled
-        y.view(rows, -1).addmm_(h, b)  # [B, out]
+        h = x.reshape(rows, -1) @ stack.a.t()  # [B, R]
+        h.mul_(self.routing.mask(stack.blocks, rows, h))  # each row keeps its adapter's ranks, scaled
+        y.view(rows, -1).addmm_(h, stack.b)  # [B, out]
         return y
 
 
-def _same(old: tuple, new: tuple) -> bool:
-    """Two stack keys (names, [(weight, version)]) hold the same names and the very same weights unchanged (an
-    inference tensor keeps no version: it is never taken as unchanged)."""
-    return old[0] == new[0] and all(w is v and i is not None and i == j for (w, i), (v, j) in zip(old[1], new[1]))
+@dataclass
+class Stack:
+    """Some adapters' LoRA weights of one layer side by side, and what they were made from."""
+
+    names: tuple[str, ...]
+    weights: list[torch.Tensor]  # [A1, B1, A2, B2, ...]
+    versions: list[int] | None  # their version counters then (None: inference tensors keep none)
+    blocks: tuple[tuple[str, int, float], ...]  # (adapter, rank, scaling) in stacking order
+    a: torch.Tensor  # [R, in]
+    b: torch.Tensor  # [R, out]
+
+    def holds(self, weights: list[torch.Tensor]) -> bool:
+        """Whether these are the very weights stacked, none changed in place since."""
+        if self.versions is None:
+            return False
+        return all(w is v and w._version == n for w, v, n in zip(weights, self.weights, self.versions))
 
 
 def _zeros(y: torch.Tensor, axis: int, n: int) -> torch.Tensor:

@@ -202,6 +202,9 @@ def test_logprobs_are_the_models_own(client, reference):
 def test_models_list_and_hot_load_unload(server, client, adapter_dir):
     ids = {m.id: m for m in client.models.list().data}
     assert set(ids) == {"tiny", "finance"}
+    assert client.models.retrieve("finance") == ids["finance"]
+    with pytest.raises(openai.NotFoundError, match="'legal' does not exist"):
+        client.models.retrieve("legal")
     base = server[0]
     r = httpx.post(base + "/v1/adapters", json={"name": "legal", "path": str(adapter_dir)})
     assert r.status_code == 200
@@ -444,6 +447,10 @@ def test_tenants_see_and_use_only_their_models(tenant_server):
     with pytest.raises(openai.NotFoundError) as missing:
         client("sk-fin").chat.completions.create(model="nothing", messages=hi, max_tokens=3)
     assert other.value.body["message"].replace("legal", "X") == missing.value.body["message"].replace("nothing", "X")
+    with pytest.raises(openai.NotFoundError) as hidden:  # nor can its card be fetched
+        client("sk-fin").models.retrieve("legal")
+    assert hidden.value.body["message"] == other.value.body["message"]
+    assert client("sk-ops").models.retrieve("legal").parent == "tiny"
     body = {"name": "x", "path": "/tmp"}
     assert httpx.post(base + "/v1/adapters", json=body, headers={"Authorization": "Bearer sk-law"}).status_code == 403
     lines = [json.loads(x) for x in (d / "audit.jsonl").read_text().splitlines()]

@@ -174,8 +174,8 @@ def create_app(
     def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/v1/models")
-    def models(request: Request) -> dict:
+    def cards(request: Request) -> list[dict]:
+        """OpenAI's model objects of the base and each adapter, those this request's key may see."""
         created = int(time.time())
         data = [{"id": name, "object": "model", "created": created, "owned_by": "vlstack"}]
         data += [
@@ -183,7 +183,18 @@ def create_app(
              "root": roots.get(a, a)}
             for a in sorted(vlm.adapters)
         ]  # fmt: skip
-        return {"object": "list", "data": [m for m in data if visible(request, m["id"])]}
+        return [m for m in data if visible(request, m["id"])]
+
+    @app.get("/v1/models")
+    def models(request: Request) -> dict:
+        return {"object": "list", "data": cards(request)}
+
+    @app.get("/v1/models/{model:path}")
+    def model(model: str, request: Request) -> dict:
+        card = next((m for m in cards(request) if m["id"] == model), None)
+        if card is None:  # (another tenant's adapter: the same answer)
+            raise APIError(404, f"The model {model!r} does not exist", "model", "model_not_found")
+        return card
 
     def require_admin(request: Request) -> None:
         if request.state.tenant is not None and not request.state.tenant.admin:
@@ -331,6 +342,8 @@ def _route(path: str) -> str:
     """A metrics label for a request path: the API's routes, and "other" (labels must stay few)."""
     if path.startswith("/v1/adapters/"):
         return "/v1/adapters/{name}"
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
     known = ("/v1/chat/completions", "/v1/models", "/v1/adapters", "/health", "/metrics")
     return path if path in known else "other"
 

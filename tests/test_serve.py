@@ -167,6 +167,12 @@ def test_sampling_options_n_seed_stop_and_penalties(client, reference):
     cut = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=12, stop=stop)
     assert cut.choices[0].message.content == full[: full.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
+    top_k = dict(temperature=1.0, seed=3, extra_body={"top_k": 1})  # vLLM's extension: the likeliest token only
+    assert client.chat.completions.create(**{**kw, **top_k}).choices[0].message.content == full
+    sampled = client.chat.completions.create(**{**kw, "temperature": 1.0, "seed": 3}).choices[0].message.content
+    assert sampled != full
+    with pytest.raises(openai.BadRequestError, match="'top_k' must be an integer >= -1"):
+        client.chat.completions.create(**kw, extra_body={"top_k": "many"})
     penalties = dict(presence_penalty=0.7, frequency_penalty=1.3)
     kw = dict(model="finance", messages=messages, temperature=0, max_tokens=12)
     penalised = client.chat.completions.create(**kw, **penalties).choices[0].message.content

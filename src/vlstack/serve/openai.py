@@ -106,6 +106,7 @@ def read_sampling(body: dict) -> tuple[dict, int, int | None]:
         "max_new_tokens": 256 if max_tokens is None else max_tokens,
         "temperature": 1.0 if body.get("temperature") is None else body["temperature"],
         "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
+        "top_k": body.get("top_k") or 0,  # vLLM's extension (-1 or 0: off)
         "seed": body.get("seed"),
         "stop": [stop] if isinstance(stop, str) else list(stop or []),
         "presence_penalty": body.get("presence_penalty") or 0.0,
@@ -117,6 +118,7 @@ def read_sampling(body: dict) -> tuple[dict, int, int | None]:
         (isinstance(gen["max_new_tokens"], int) and gen["max_new_tokens"] >= 1, "max_tokens", "an integer >= 1"),
         (isinstance(gen["temperature"], (int, float)) and 0 <= gen["temperature"] <= 2, "temperature", "in [0, 2]"),
         (isinstance(gen["top_p"], (int, float)) and 0 < gen["top_p"] <= 1, "top_p", "in (0, 1]"),
+        (isinstance(gen["top_k"], int) and gen["top_k"] >= -1, "top_k", "an integer >= -1"),
         (gen["seed"] is None or isinstance(gen["seed"], int), "seed", "an integer"),
         (all(isinstance(s, str) and s for s in gen["stop"]) and len(gen["stop"]) <= 4, "stop", "up to 4 strings"),
         (isinstance(n, int) and 1 <= n <= 16, "n", "an integer in [1, 16]"),
@@ -128,6 +130,7 @@ def read_sampling(body: dict) -> tuple[dict, int, int | None]:
     for ok, name, what in checks:
         if not ok:
             raise APIError(400, f"'{name}' must be {what}", name)
+    gen["top_k"] = max(0, gen["top_k"])
     return gen, n, (top or 0) if body.get("logprobs") else None
 
 

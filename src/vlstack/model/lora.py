@@ -74,13 +74,14 @@ class Routing:
         self.layers: dict[str, int] = {}  # adapter -> how many of the model's layers hold it
         self._masks: tuple[list, dict] = ([], {})  # (the segments they are for, {blocks: mask})
 
-    def mask(self, blocks: tuple[tuple[str, int, float], ...], rows: int, like: torch.Tensor) -> torch.Tensor:
+    def mask(self, blocks: tuple[tuple[str, int, float], ...], rows: int, device: torch.device) -> torch.Tensor:
         """[rows, sum of ranks]: each row's own adapter's block of ranks (blocks: (adapter, rank, scaling) in
-        stacking order) holds its scaling, the rest zeros. Made once per routing for every layer alike."""
+        stacking order) holds its scaling, the rest zeros; float32, so that a scaling is not rounded to a
+        half-precision model's dtype. Made once per routing for every layer alike."""
         if self._masks[0] is not self.segments:
             self._masks = (self.segments, {})
         masks = self._masks[1]
-        key = blocks, rows, like.dtype
+        key = blocks, rows
         if key not in masks:
             m = torch.zeros(rows, sum(r for _, r, _ in blocks))
             first = 0
@@ -89,7 +90,7 @@ class Routing:
                     if seg == name:
                         m[start:end, first : first + r] = s
                 first += r
-            masks[key] = m.to(like)
+            masks[key] = m.to(device)
         return masks[key]
 
 
@@ -186,7 +187,7 @@ class LoRALinear(nn.Linear):
             stack = self._stack = Stack(names, weights, versions, blocks, a, b)
         rows = x.shape[0]
         h = x.reshape(rows, -1) @ stack.a.t()  # [B, R]
-        h.mul_(self.routing.mask(stack.blocks, rows, h))  # each row keeps its adapter's ranks, scaled
+        h.mul_(self.routing.mask(stack.blocks, rows, h.device))  # each row keeps its adapter's ranks, scaled
         y.view(rows, -1).addmm_(h, stack.b)  # [B, out]
         return y
 

@@ -139,6 +139,20 @@ def test_presence_and_frequency_penalties_as_openai_defines_them(tiny):
         tiny.chat("Hi", frequency_penalty=2.5)
 
 
+def test_logit_bias_pushes_and_bans_tokens(tiny):
+    plain = tiny.chat("Describe this picture.", max_new_tokens=6)
+    word = tiny.processor.tokenizer.encode(" chart", add_special_tokens=False).ids[0]
+    forced = tiny.chat("Describe this picture.", max_new_tokens=6, logit_bias={word: 100})
+    assert forced == tiny.processor.decode([word] * 6) != plain
+    first = tiny.processor.tokenizer.encode(plain, add_special_tokens=False).ids[0]
+    banned = tiny.chat("Describe this picture.", max_new_tokens=6, logit_bias={first: -100})
+    assert tiny.processor.tokenizer.encode(banned, add_special_tokens=False).ids[0] != first
+    with pytest.raises(PromptError, match=r"logit_bias names token ids \[99999\], beyond the model's vocabulary"):
+        tiny.chat("Hi", logit_bias={99999: 1})
+    with pytest.raises(PromptError, match="logit_bias maps token ids >= 0 to biases in"):
+        tiny.chat("Hi", logit_bias={5: 101})
+
+
 def test_stop_strings_and_streaming(tiny):
     full = tiny.chat("Describe this picture.", max_new_tokens=16)
     pieces = list(tiny.stream("Describe this picture.", max_new_tokens=16))

@@ -178,6 +178,9 @@ def test_sampling_options_n_seed_stop_and_penalties(client, reference):
     penalised = client.chat.completions.create(**kw, **penalties).choices[0].message.content
     assert penalised == reference.chat("Describe this picture.", adapter="finance", max_new_tokens=12, **penalties)
     assert penalised != client.chat.completions.create(**kw).choices[0].message.content
+    word = reference.processor.tokenizer.encode(" chart", add_special_tokens=False).ids[0]
+    biased = client.chat.completions.create(**kw, logit_bias={str(word): 100}).choices[0].message.content
+    assert biased == reference.processor.decode([word] * 12)
 
 
 def test_logprobs_are_the_models_own(client, reference):
@@ -251,8 +254,10 @@ def test_errors_have_openai_shape_and_status(server, client):
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     refused = [  # what the server does not implement is refused, not ignored
         ({"tools": [tool]}, "tools", "'tools' is not supported"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "'audio' is not supported"),
         ({"response_format": {"type": "json_object"}}, "response_format", "'response_format' is not supported"),
-        ({"logit_bias": {"5": 10}}, "logit_bias", "'logit_bias' is not supported"),
+        ({"logit_bias": {"99999": 10}}, "logit_bias", "'logit_bias' must be an object mapping token ids below"),
+        ({"logit_bias": ["5"]}, "logit_bias", "'logit_bias' must be an object mapping"),
         ({"presence_penalty": 3}, "presence_penalty", r"'presence_penalty' must be in \[-2, 2\]"),
         ({"top_logprobs": 2}, "top_logprobs", "'top_logprobs' must be given with 'logprobs': true"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", r"'top_logprobs' must be an integer in \[0, 20\]"),
@@ -261,7 +266,7 @@ def test_errors_have_openai_shape_and_status(server, client):
         with pytest.raises(openai.BadRequestError, match=message) as e:
             client.chat.completions.create(model="tiny", messages=hi, max_tokens=2, **extra)
         assert e.value.body["param"] == param
-    asks_nothing = dict(logit_bias={}, tools=[], response_format={"type": "text"}, tool_choice="none")
+    asks_nothing = dict(tools=[], response_format={"type": "text"}, tool_choice="none", frequency_penalty=0)
     assert client.chat.completions.create(model="tiny", messages=hi, max_tokens=2, **asks_nothing).choices
     system = [{"role": "system", "content": "Be brief."}, *hi]
     developer = [{"role": "developer", "content": "Be brief."}, *hi]  # OpenAI's newer name for the system role

@@ -7,7 +7,7 @@ same two steps with requests joining and leaving between them."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token already generated
     frequency_penalty: float = 0.0  # OpenAI's: subtracted once for each time a token was generated
+    logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: token id -> added to its logit
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -43,6 +44,15 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise PromptError(f"{name} must be in [-2, 2] (got {getattr(self, name)})")
+        bad = {t: b for t, b in self.logit_bias.items() if not (isinstance(t, int) and t >= 0 and -100 <= b <= 100)}
+        if bad:
+            raise PromptError(f"logit_bias maps token ids >= 0 to biases in [-100, 100] (got {bad})")
+
+    def check_vocab(self, size: int) -> None:
+        """Refuse a logit_bias naming a token the model does not have (before any step, which it would fail)."""
+        unknown = sorted(t for t in self.logit_bias if t >= size)
+        if unknown:
+            raise PromptError(f"logit_bias names token ids {unknown}, beyond the model's vocabulary of {size}")
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -62,18 +72,23 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def penalise(logits: torch.Tensor, generated: list[list[int]], params: list[SamplingParams]) -> torch.Tensor:
-    """logits [B, V] with OpenAI's presence and frequency penalties: each row's logit of a token it has
-    generated c times lowered by presence_penalty + c * frequency_penalty. The same tensor when no row has a
-    penalty to apply, else a new one (the caller's logits stay the model's)."""
-    rows = [i for i, p in enumerate(params) if (p.presence_penalty or p.frequency_penalty) and generated[i]]
+def adjust(logits: torch.Tensor, generated: list[list[int]], params: list[SamplingParams]) -> torch.Tensor:
+    """logits [B, V] with OpenAI's logit_bias added and its presence and frequency penalties: each row's
+    logit of a token it has generated c times lowered by presence_penalty + c * frequency_penalty. The same
+    tensor when no row has any, else a new one (the caller's logits stay the model's)."""
+    penalised = [bool((p.presence_penalty or p.frequency_penalty) and ids) for p, ids in zip(params, generated)]
+    rows = [i for i, p in enumerate(params) if penalised[i] or p.logit_bias]
     if not rows:
         return logits
     logits = logits.clone()
     for i in rows:
-        counts = torch.bincount(torch.tensor(generated[i], device=logits.device), minlength=logits.shape[-1])  # [V]
         p = params[i]
-        logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=logits.device)
+            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device, dtype=logits.dtype)
+        if penalised[i]:
+            counts = torch.bincount(torch.tensor(generated[i], device=logits.device), minlength=logits.shape[-1])
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)  # [V]
     return logits
 
 
@@ -132,6 +147,7 @@ def generate(
     if longest >= context_len:
         raise PromptError(f"the prompt is {longest} tokens, over the model's context of {context_len} tokens")
     budget = min(params.max_new_tokens, context_len - longest)
+    params.check_vocab(model.cfg.text.vocab_size)
     b = len(prompts)
     adapters = adapters or [None] * b
     cache = KVCache(model.cfg.text, b, longest + budget, model.dtype, device)
@@ -143,7 +159,7 @@ def generate(
     done = [False] * b
     generated: list[list[int]] = [[] for _ in range(b)]
     for step in range(budget):
-        tokens = sample(penalise(logits, generated, [params] * b), params, generator)  # [B]
+        tokens = sample(adjust(logits, generated, [params] * b), params, generator)  # [B]
         new: list[int | None] = []
         for i, t in enumerate(tokens.tolist()):
             if done[i]:

@@ -240,7 +240,7 @@ def create_app(
         if (model != name and model not in vlm.adapters) or not visible(request, model):  # the same answer
             raise APIError(404, f"The model {model!r} does not exist", "model", "model_not_found")
         messages = read_messages(body, cfg.allow_http_images, image_root)
-        gen, n, top_logprobs = read_sampling(body)
+        gen, n, top_logprobs = read_sampling(body, vlm.cfg.text.vocab_size)
         if engine.waiting.qsize() >= cfg.max_queue:
             raise APIError(503, f"the server is overloaded ({engine.waiting.qsize()} requests waiting); retry later",
                            code="server_overloaded")  # fmt: skip

@@ -29,7 +29,7 @@ import torch
 
 from ..api import VLM
 from ..errors import ConfigError, PromptError
-from ..generate import Detokenizer, SamplingParams, decode, penalise, prefill, sample
+from ..generate import Detokenizer, SamplingParams, adjust, decode, prefill, sample
 from ..model.language import KVCache
 from ..model.lora import lora_layers, route
 from .cache import FeatureCache, image_hash, tiles_per_image
@@ -109,12 +109,13 @@ class Engine:
     ) -> Request:
         """Queue an encoded prompt; its text arrives in request.out (a queue.Queue unless another object with
         put() is given) as pieces, then None. With top_logprobs (0-20), each token's log-probability under the
-        model (its raw distribution, before penalties, temperature or top_p) and those of the top_logprobs
-        likeliest tokens are added to request.logprobs before the text they make is put."""
+        model (its raw distribution, before logit_bias, penalties, temperature or top_p) and those of the
+        top_logprobs likeliest tokens are added to request.logprobs before the text they make is put."""
         prompt = inputs["input_ids"][0]
         if len(prompt) >= self.max_len:
             raise PromptError(f"the prompt is {len(prompt)} tokens, over the model's context of {self.max_len} tokens")
         params.max_new_tokens = min(params.max_new_tokens, self.max_len - len(prompt))
+        params.check_vocab(self.vlm.cfg.text.vocab_size)
         pixels, cfg = inputs.get("pixel_values"), self.vlm.cfg
         counts = tiles_per_image(prompt, cfg.image_token_id, cfg.tokens_per_tile) if pixels is not None else []
         images = [(image_hash(t), len(t)) for t in pixels.split(counts)] if counts else []
@@ -283,7 +284,7 @@ class Engine:
 
     def _emit(self, rows: list[Request], logits: torch.Tensor) -> None:
         """Sample each row's next token, send its text, and retire finished or cancelled rows."""
-        scores = penalise(logits, [r.detok.ids for r in rows], [r.params for r in rows])  # [B, V]
+        scores = adjust(logits, [r.detok.ids for r in rows], [r.params for r in rows])  # [B, V]
         tokens = scores.argmax(-1)  # [B]: greedy rows all at once
         for i, req in enumerate(rows):
             if req.params.temperature > 0:  # each sampled row with its own generator

@@ -87,16 +87,15 @@ UNSUPPORTED = {  # fields this server does not implement, and the values that as
     "functions": lambda v: not v,
     "tool_choice": lambda v: v in (None, "none"),
     "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-    "logit_bias": lambda v: not v,
     "audio": lambda v: v is None,
     "modalities": lambda v: v in (None, ["text"]),
 }
 
 
-def read_sampling(body: dict) -> tuple[dict, int, int | None]:
+def read_sampling(body: dict, vocab: int) -> tuple[dict, int, int | None]:
     """OpenAI's sampling fields -> vlstack's generation options, n, and the top_logprobs to report (None: no
-    logprobs). A field the server does not implement is refused rather than ignored, unless it asks for
-    nothing (e.g. a `response_format` of text)."""
+    logprobs); vocab: the model's number of tokens (for logit_bias). A field the server does not implement
+    is refused rather than ignored, unless it asks for nothing (e.g. a `response_format` of text)."""
     for name, harmless in UNSUPPORTED.items():
         if not harmless(body.get(name)):
             raise APIError(400, f"'{name}' is not supported by this server", name)
@@ -113,6 +112,7 @@ def read_sampling(body: dict) -> tuple[dict, int, int | None]:
         "frequency_penalty": body.get("frequency_penalty") or 0.0,
     }
     n = body.get("n") or 1
+    bias = body.get("logit_bias") or {}
     top = body.get("top_logprobs")
     checks = [
         (isinstance(gen["max_new_tokens"], int) and gen["max_new_tokens"] >= 1, "max_tokens", "an integer >= 1"),
@@ -122,6 +122,7 @@ def read_sampling(body: dict) -> tuple[dict, int, int | None]:
         (gen["seed"] is None or isinstance(gen["seed"], int), "seed", "an integer"),
         (all(isinstance(s, str) and s for s in gen["stop"]) and len(gen["stop"]) <= 4, "stop", "up to 4 strings"),
         (isinstance(n, int) and 1 <= n <= 16, "n", "an integer in [1, 16]"),
+        (_bias_ok(bias, vocab), "logit_bias", f"an object mapping token ids below {vocab} to numbers in [-100, 100]"),
         *((isinstance(gen[p], (int, float)) and -2 <= gen[p] <= 2, p, "in [-2, 2]") for p in PENALTIES),
         (body.get("logprobs") in (None, True, False), "logprobs", "true or false"),
         (top is None or (isinstance(top, int) and 0 <= top <= 20), "top_logprobs", "an integer in [0, 20]"),
@@ -131,7 +132,15 @@ def read_sampling(body: dict) -> tuple[dict, int, int | None]:
         if not ok:
             raise APIError(400, f"'{name}' must be {what}", name)
     gen["top_k"] = max(0, gen["top_k"])
+    gen["logit_bias"] = {int(t): b for t, b in bias.items()}
     return gen, n, (top or 0) if body.get("logprobs") else None
+
+
+def _bias_ok(bias: Any, vocab: int) -> bool:
+    return isinstance(bias, dict) and all(
+        isinstance(t, str) and t.isdigit() and int(t) < vocab and isinstance(b, (int, float)) and -100 <= b <= 100
+        for t, b in bias.items()
+    )
 
 
 def logprobs_content(entries: list[tuple], decode: Callable[[list[int]], str]) -> list[dict]:

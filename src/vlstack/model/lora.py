@@ -144,9 +144,10 @@ class LoRALinear(nn.Linear):
         y = super().forward(x)  # [B, ..., out]: the base matmul, once for all rows
         axis = self.routing.axis
         if not torch.is_grad_enabled():  # no autograd: each update is added into its rows in place
-            names = tuple(dict.fromkeys(n for n, _, _ in self.routing.segments if n in self.lora_A))
-            if len(names) > 1 and axis == 0 and x.shape[1:-1].numel() == 1:  # one token a row: a decode step
-                return self._stacked(x, y, names)
+            if axis == 0 and x.shape[1:-1].numel() == 1:  # one token a row: a decode step
+                names = tuple(dict.fromkeys(n for n, _, _ in self.routing.segments if n in self.lora_A))
+                if len(names) > 1:
+                    return self._stacked(x, y, names)
             for name, start, end in self.routing.segments:
                 if name in self.lora_A:
                     a, b = self.lora_A[name], self.lora_B[name]

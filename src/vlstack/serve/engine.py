@@ -116,14 +116,14 @@ class Engine:
             raise PromptError(f"the prompt is {len(prompt)} tokens, over the model's context of {self.max_len} tokens")
         params.max_new_tokens = min(params.max_new_tokens, self.max_len - len(prompt))
         params.check_vocab(self.vlm.cfg.text.vocab_size)
+        if top_logprobs is not None and not 0 <= top_logprobs <= 20:
+            raise PromptError(f"top_logprobs must be in [0, 20] (got {top_logprobs})")
         pixels, cfg = inputs.get("pixel_values"), self.vlm.cfg
         counts = tiles_per_image(prompt, cfg.image_token_id, cfg.tokens_per_tile) if pixels is not None else []
         images = [(image_hash(t), len(t)) for t in pixels.split(counts)] if counts else []
         req = Request(prompt, pixels, images, adapter, params, Detokenizer(self.vlm.processor.decode, params.stop))
         if out is not None:
             req.out = out
-        if top_logprobs is not None and not 0 <= top_logprobs <= 20:
-            raise PromptError(f"top_logprobs must be in [0, 20] (got {top_logprobs})")
         req.top_logprobs = top_logprobs
         if params.seed is not None:
             req.generator = torch.Generator(device=self.vlm.model.device).manual_seed(params.seed)

@@ -223,9 +223,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-def run_cli(*args: str, processes: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str, processes: int = 1, timeout: int = 300, cwd=None) -> subprocess.CompletedProcess:
     """`vlstack ARGS` as a user runs it, in a subprocess; with processes > 1, under torchrun."""
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    return subprocess.run([*launcher, "-m", "vlstack.cli", *args], capture_output=True, text=True, timeout=timeout)
+    command = [*launcher, "-m", "vlstack.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd)

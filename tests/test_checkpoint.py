@@ -65,14 +65,6 @@ def test_failed_write_leaves_no_partial_directory(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_overwrite_replaces_whole_directory(tmp_path):
-    save_checkpoint(tmp_path / "out", {"a": torch.ones(2)}, {"v": 1})
-    (tmp_path / "out" / "stale.txt").write_text("old")
-    save_checkpoint(tmp_path / "out", {"a": torch.zeros(2)}, {"v": 2})
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-
-
 def test_not_a_directory():
     with pytest.raises(ConfigError, match="loads local checkpoints only"):
         vlstack.load("/no/such/model")

@@ -8,10 +8,7 @@ written here loads with `peft.PeftModel.from_pretrained`, and one written by pef
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import ConfigError
+from .files import write_files
 from .model.lora import LoRASpec, ensure_lora, lora_layers
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -46,7 +44,7 @@ def our_module_name(hf: str) -> str:
 
 
 def save_adapter(model: nn.Module, name: str, directory: str | Path, spec: LoRASpec, base: str | None = None) -> Path:
-    """Write adapter `name` of model as a PEFT adapter directory (atomically: temp dir, then rename)."""
+    """Write adapter `name` of model as a PEFT adapter directory (each file atomically; other files stay)."""
     layers = {n: m for n, m in lora_layers(model).items() if name in m.lora_A}
     if not layers:
         raise ValueError(f"the model has no adapter named {name!r}")
@@ -71,19 +69,10 @@ def save_adapter(model: nn.Module, name: str, directory: str | Path, spec: LoRAS
         "inference_mode": True,
         **UNSUPPORTED,
     }
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return write_files(directory, {
+        WEIGHTS: lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
+        CONFIG: lambda path: path.write_text(json.dumps(config, indent=2)),
+    })  # fmt: skip
 
 
 def _alpha_for(module: str, config: dict) -> float:

@@ -14,11 +14,9 @@ We write the first, so that transformers and vLLM load what vlstack writes.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -26,9 +24,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import ConfigError
+from .files import write_files
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+SHARD, SHARD_RE = "model-{:05d}-of-{:05d}.safetensors", r"model-\d{5}-of-\d{5}\.safetensors"
 
 _ORIGINAL_VISION = [  # original OpenGVLab InternViT names -> ours (applied in order)
     (r"^vision_model\.", "vision_tower."),
@@ -117,45 +117,35 @@ def save_checkpoint(
 ) -> Path:
     """Write config.json and safetensors shards (with an index when more than one) in the native layout.
 
-    Everything is written into a temporary directory beside the target and renamed into place, so a
-    crash leaves either the old directory or the new one, never half of one.
-    """
+    Each file is written to a temporary name and renamed into place (files.write_files): other files of the
+    directory stay; the weights of an earlier save in the other layout (or with more shards) are removed."""
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for name, t in state.items():
-            nbytes = t.numel() * t.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][to_native(name)] = t.detach().contiguous().cpu()
-            size += nbytes
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / SINGLE), metadata={"format": "pt"})
-        else:
-            weight_map, total = {}, 0
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-                for k, t in shard.items():
-                    weight_map[k] = fname
-                    total += t.numel() * t.element_size()
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX).write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for name, src in (extra_files or {}).items():
-            shutil.copyfile(src, tmp / name)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][to_native(name)] = t.detach().contiguous().cpu()
+        size += nbytes
+    names = [SINGLE] if len(shards) == 1 else [SHARD.format(i + 1, len(shards)) for i in range(len(shards))]
+    files = {n: _safetensors(shard) for n, shard in zip(names, shards)}
+    if len(shards) > 1:
+        weight_map = {k: n for n, shard in zip(names, shards) for k in shard}
+        total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        files[INDEX] = _text(json.dumps(index, indent=2))
+    for name, src in (extra_files or {}).items():
+        files[name] = lambda path, src=src: shutil.copyfile(src, path)
+    files["config.json"] = _text(json.dumps(config, indent=2))
+    old_shards = [p.name for p in target.glob("model-*-of-*.safetensors") if re.fullmatch(SHARD_RE, p.name)]
+    return write_files(target, files, stale=[SINGLE, INDEX, *old_shards])
+
+
+def _safetensors(tensors: dict[str, torch.Tensor]) -> Callable[[Path], None]:
+    return lambda path: save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _text(text: str) -> Callable[[Path], None]:
+    return lambda path: path.write_text(text)

@@ -102,7 +102,12 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from .adapters import merge_adapter
     from .api import load
 
+    from pathlib import Path
+
     vlm = load(args.model, device="cpu", dtype=args.dtype)
+    for what, source in (("base model", vlm.directory), ("adapter", Path(args.adapter))):
+        if Path(args.output).resolve() == source.resolve():
+            raise ConfigError(f"--output {args.output} is the {what}'s own directory; write the merge elsewhere")
     vlm.load_adapter("merge", args.adapter)
     merge_adapter(vlm.model, "merge")
     vlm.adapters.clear()

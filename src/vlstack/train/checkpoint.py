@@ -1,22 +1,25 @@
 """A training job's resumable state: its adapter, AdamW, schedule, data position, counters and dropout
-RNG, in `<output>.train/checkpoint/`, replaced atomically so a kill at any moment leaves the last
-complete checkpoint. Jobs are independent, so each resumes from its own checkpoint.
+RNG, in `<output>.train/checkpoint/state.pt`, written to a temporary file and renamed, so a kill at any
+moment leaves the last complete checkpoint. Jobs are independent, so each resumes from its own checkpoint.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import ConfigError
+from ..files import write_files
 from ..model.lora import lora_layers
 
 if TYPE_CHECKING:
     from .multi import Running
+
+
+STATE_KEYS = {"adapter", "optimizer", "scheduler", "position", "step", "micro", "tokens", "losses", "dropout_rng"}
+RUN_FILES = ("checkpoint/state.pt", "metrics.jsonl", "loss.png")  # what a run writes to its run directory
 
 
 def run_dir(output: Path) -> Path:
@@ -33,9 +36,8 @@ def _dropout_generator(model: torch.nn.Module, name: str) -> torch.Generator | N
 
 def save_state(r: Running, model: torch.nn.Module) -> None:
     target = run_dir(r.job.output) / "checkpoint"
-    target.parent.mkdir(parents=True, exist_ok=True)
     gen = _dropout_generator(model, r.job.name)
-    state = {
+    state = {  # STATE_KEYS
         "adapter": [p.detach().cpu().clone() for p in r.params],
         "optimizer": r.optimizer.state_dict(),
         "scheduler": r.scheduler.state_dict(),
@@ -46,28 +48,37 @@ def save_state(r: Running, model: torch.nn.Module) -> None:
         "losses": r.losses,
         "dropout_rng": gen.get_state() if gen is not None else None,
     }
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=target.parent))
-    try:
-        torch.save(state, tmp / "state.pt")
-        old = target.with_name(".checkpoint.old")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_files(target, {"state.pt": lambda path: torch.save(state, path)})
 
 
 def load_state(output: Path) -> dict | None:
+    """The job's last checkpoint, or None if it has none."""
     path = run_dir(output) / "checkpoint" / "state.pt"
     if not path.is_file():
-        old = run_dir(output) / ".checkpoint.old" / "state.pt"  # killed between the two renames
-        path = old if old.is_file() else path
-    return torch.load(path, weights_only=False) if path.is_file() else None
+        return None
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as e:  # torch raises bare RuntimeErrors and pickle errors for a damaged file
+        state = e
+    if not isinstance(state, dict) or not STATE_KEYS <= set(state):
+        why = f" ({state})" if isinstance(state, Exception) else ""
+        raise ConfigError(f"the checkpoint {path} cannot be read{why}; delete it to start the job again") from None
+    return state
+
+
+def clear_run(output: Path) -> None:
+    """A fresh start: remove what an earlier run of this job wrote to its run directory (only those files)."""
+    for name in RUN_FILES:
+        (run_dir(output) / name).unlink(missing_ok=True)
 
 
 def restore_state(r: Running, model: torch.nn.Module, state: dict) -> None:
+    shapes = [tuple(p.shape) for p in r.params]
+    if [tuple(t.shape) for t in state["adapter"]] != shapes:
+        raise ConfigError(
+            f"job {r.job.name!r}: its checkpoint holds an adapter of another shape (were rank, targets or parts "
+            f"changed?); restore the job's settings, or train it afresh without --resume"
+        )
     with torch.no_grad():
         for p, saved in zip(r.params, state["adapter"]):
             p.copy_(saved)

@@ -38,7 +38,9 @@ from typing import Any
 
 from ..config import read_yaml
 from ..errors import VLStackError
+from ..files import overlap
 from ..model.lora import LLM_TARGETS, PARTS, LoRASpec
+from .checkpoint import run_dir
 
 
 class JobError(VLStackError):
@@ -165,6 +167,23 @@ def read_plan(path: str | Path) -> Plan:
     if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
         raise JobError(f"{path}: max_tokens must be a positive integer (tokens per pass through the base)")
     return Plan(str(raw.get("model", "tiny")), max_rows, jobs, checkpointing, max_tokens)
+
+
+def check_outputs(jobs: list[Job], model_dir: Path | None, inputs: dict[str, list[Path]]) -> None:
+    """Refuse, before any work, jobs whose outputs (adapter directory and run directory) overlap each other,
+    a dataset (its JSONL or images; inputs: job name -> those files) or the base model's directory."""
+    places = [(f"job {j.name!r}'s {what}", p.resolve()) for j in jobs
+              for what, p in (("output", j.output), ("run directory", run_dir(j.output)))]  # fmt: skip
+    for i, (what, p) in enumerate(places):
+        for other, q in places[i + 1 :]:
+            if p == q or p.is_relative_to(q) or q.is_relative_to(p):
+                raise JobError(f"{what} {p} overlaps {other} {q}: give each job its own output")
+        if model_dir is not None and overlap(p, model_dir):
+            raise JobError(f"{what} {p} overlaps the base model's directory {model_dir.resolve()}")
+        for name, files in inputs.items():
+            hit = next((f for f in files if f.resolve().is_relative_to(p)), None)
+            if hit is not None:
+                raise JobError(f"{what} {p} holds job {name!r}'s dataset file {hit}: write outputs elsewhere")
 
 
 class PlanWatcher:

@@ -12,7 +12,6 @@ whether it was trained alone or fused with others. Jobs wait in a queue until th
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -26,9 +25,9 @@ from torch.utils.checkpoint import checkpoint
 from ..adapters import save_adapter
 from ..api import VLM
 from ..model.lora import add_adapter, remove_adapter, replay, route
-from .checkpoint import load_state, restore_state, run_dir, save_state
+from .checkpoint import clear_run, load_state, restore_state, save_state
 from .data import IGNORE, DatasetError, Example, Stream, encode_example, read_dataset
-from .jobs import Job, JobError
+from .jobs import Job, JobError, check_outputs
 from .progress import plot_loss, record, truncate_metrics
 
 
@@ -88,7 +87,7 @@ def start(vlm: VLM, job: Job, examples: list[Example], state: dict | None = None
         restore_state(r, vlm.model, state)
         truncate_metrics(r)
     elif world()[0] == 0:  # a fresh start: no metrics or checkpoint of an earlier run may linger
-        shutil.rmtree(run_dir(job.output), ignore_errors=True)
+        clear_run(job.output)
     r.first_step, r.first_tokens = r.step, r.tokens
     return r
 
@@ -219,6 +218,11 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
     return losses
 
 
+def inputs(job: Job, examples: list[Example]) -> list:
+    """A job's dataset files: its JSONL and every image it names."""
+    return [job.data, *dict.fromkeys(p for ex in examples for p in ex.images)]
+
+
 def check_batch(job: Job, processes: int) -> None:
     if job.batch_size % processes:
         raise JobError(f"job {job.name!r}: batch_size {job.batch_size} is not a multiple of {processes} processes")
@@ -268,6 +272,8 @@ def train(
     for job in jobs:
         check_batch(job, size)
     datasets = {job.name: read_dataset(job.data) for job in jobs}  # all checked before any training
+    known, files = list(jobs), {j.name: inputs(j, datasets[j.name]) for j in jobs}
+    check_outputs(known, vlm.directory, files)
     states = {job.name: load_state(job.output) if resume else None for job in jobs}
     queue = [j for j in jobs if not finished_before(j, states[j.name], len(datasets[j.name]))]
     running: list[Running] = []
@@ -279,7 +285,11 @@ def train(
                     if job.name in datasets:
                         raise JobError("a job of that name is already in this run")
                     check_batch(job, size)
-                    datasets[job.name], states[job.name] = read_dataset(job.data), None
+                    examples = read_dataset(job.data)
+                    check_outputs(known + [job], vlm.directory, {**files, job.name: inputs(job, examples)})
+                    datasets[job.name], states[job.name] = examples, None
+                    known.append(job)
+                    files[job.name] = inputs(job, examples)
                 except (JobError, DatasetError) as e:
                     print(f"job {job.name!r} not added: {e}", file=sys.stderr, flush=True)
                     continue

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
 
+from ..files import write_files
 from .checkpoint import run_dir
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ def truncate_metrics(r: Running) -> None:
     path = run_dir(r.job.output) / "metrics.jsonl"
     if path.is_file():
         keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= r.step]
-        path.write_text("".join(line + "\n" for line in keep))
+        write_files(path.parent, {path.name: lambda p: p.write_text("".join(line + "\n" for line in keep))})
 
 
 def plot_loss(r: Running, width: int = 640, height: int = 360) -> None:

@@ -1,0 +1,55 @@
+"""Writing into a directory without losing anything: the one helper every writer uses (checkpoints,
+adapters, merge, training state).
+
+Each file is written to a temporary name beside its final name and renamed over it, so a crash leaves
+either the old file or the new one, never half of one, and a file of the directory that is not being
+written is left alone (as transformers' and peft's save_pretrained do). `stale` names files of an earlier
+save of the same kind that would contradict the new one (a sharded checkpoint's index beside a new single
+file): they are removed after the new files are in place.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def write_files(directory: str | Path, files: dict[str, Callable[[Path], None]], stale: Iterable[str] = ()) -> Path:
+    """files: {name: write(path)}. Every file is written to a temporary path first; only when all are
+    written are they renamed into place, in the order given (put the file that marks a save complete last)."""
+    target = Path(directory)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"cannot write into {target}: it is a file, not a directory") from None
+    except OSError as e:
+        raise ConfigError(f"cannot create the directory {target}: {e.strerror}") from None
+    written: list[tuple[Path, Path]] = []  # (temporary, final)
+    try:
+        for name, write in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=target)
+            os.close(fd)
+            written.append((Path(tmp), target / name))
+            write(Path(tmp))
+        for tmp, final in written:
+            os.replace(tmp, final)
+    except BaseException as e:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk, a read-only directory...: name the place, no traceback
+            raise ConfigError(f"writing into {target} failed: {e.strerror or e}") from None
+        raise
+    for name in stale:
+        if name not in files:
+            (target / name).unlink(missing_ok=True)
+    return target
+
+
+def overlap(a: Path, b: Path) -> bool:
+    """Whether two paths are the same or one lies inside the other (after resolving links)."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)

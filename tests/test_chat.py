@@ -42,7 +42,7 @@ def test_tiny_model_is_deterministic(tmp_path, monkeypatch):
 def test_template_and_placeholder_expansion(tiny):
     messages = question_messages("What is it?", 2, history=[("Hi", "Hello")], system="Be brief.")
     text, _ = tiny.processor.render(messages)
-    assert text == (
+    assert tiny.processor.unmark(text) == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello"
         "<|im_end|>\n<|im_start|>user\nImage-1: <image>\nImage-2: <image>\nWhat is it?<|im_end|>\n"
         "<|im_start|>assistant\n"
@@ -57,7 +57,7 @@ def test_template_and_placeholder_expansion(tiny):
     for s, e, n in zip(starts, ends, tiles):
         assert ids[s + 1 : e] == [p.img_context] * (n * tiny.cfg.tokens_per_tile)
     decoded = p.tokenizer.decode(ids, skip_special_tokens=False)
-    assert decoded.replace("<IMG_CONTEXT>", "").replace("<img></img>", IMAGE) == text
+    assert decoded.replace("<IMG_CONTEXT>", "").replace("<img></img>", IMAGE) == p.unmark(text)
 
 
 def test_content_parts_equal_placeholders(tiny):
@@ -218,7 +218,7 @@ def test_chat_template_json_overrides_tokenizer_config(tmp_path):
     )
     vlm = vlstack.load(d, device="cpu")
     text, _ = vlm.processor.render([{"role": "user", "content": "hey"}])
-    assert text == "<<hey>>"
+    assert vlm.processor.unmark(text) == "<<hey>>"
 
 
 def _bytes_decode(ids: list[int]) -> str:

@@ -11,6 +11,8 @@ written for string contents works. After rendering, each `<image>` becomes
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,10 +64,11 @@ def read_tokenizer(directory: Path) -> Tokenizer:
         raise ConfigError(f"{path} could not be read as a tokenizer: {e}") from None
 
 
-def text_of(content: Any) -> tuple[str, list[ImageInput]]:
-    """A message's content -> (text with <image> placeholders, the images of its image parts)."""
+def text_of(content: Any, image_mark: str = IMAGE) -> tuple[str, list[ImageInput]]:
+    """A message's content -> (its text with image_mark where an image goes, the images of its image parts).
+    In a string content <image> is a placeholder; in a text part it is text."""
     if isinstance(content, str):
-        return content, []
+        return content.replace(IMAGE, image_mark), []
     if not isinstance(content, list):
         raise PromptError(f"message content must be a string or a list of parts, not {type(content).__name__}")
     text, images = [], []
@@ -81,7 +84,7 @@ def text_of(content: Any) -> tuple[str, list[ImageInput]]:
             if src is None:
                 raise PromptError(f"image part has no image: {sorted(part)}")
             images.append(src)
-            text.append(IMAGE + "\n")
+            text.append(image_mark + "\n")
         else:
             raise PromptError(f"unknown message part type {kind!r} (expected text, image or image_url)")
     return "".join(text), images
@@ -108,23 +111,49 @@ class Processor:
             self._template = env.from_string(self.template)
         except jinja2.TemplateError as e:
             raise ConfigError(f"the chat template does not parse: {e}") from None
+        # Messages' text is plain text to the tokenizer: a copy that never matches its added tokens encodes it,
+        # and the template's own special tokens are found by _specials.
+        spec = json.loads(self.tokenizer.to_str())
+        added = [t["content"] for t in spec.get("added_tokens", [])]
+        for t in spec.get("added_tokens", []):
+            t["special"] = True  # encode_special_tokens covers special added tokens only
+        self._plain = Tokenizer.from_str(json.dumps(spec))
+        self._plain.encode_special_tokens = True
+        self._ids = {t: self.tokenizer.token_to_id(t) for t in added}
+        marks = [IMAGE, *sorted(added, key=len, reverse=True)]
+        self._specials = re.compile("(" + "|".join(re.escape(t) for t in marks) + ")")
+        nonce = secrets.token_hex(8)  # marks no message can contain
+        self._open, self._close, self._image = (f"\ue000{nonce}{c}\ue001" for c in "oci")
+        self._marks = re.compile(f"({re.escape(self._open)}|{re.escape(self._close)}|{re.escape(self._image)})")
 
     def token_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, list[ImageInput]]:
-        """Messages -> (prompt text with <image> placeholders, the images of image parts in order)."""
+        """Messages -> (the prompt text, the images of image parts in order). In the text, each message's content
+        stands between marks, so that encode_segments tokenizes it as plain text (a `<|im_end|>` or
+        `<IMG_CONTEXT>` written by a user stays text), and each image is a mark; unmark() shows the text."""
         flat, images = [], []
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise PromptError("each message must be a dict with 'role' and 'content'")
-            text, imgs = text_of(m["content"])
+            text, imgs = text_of(m["content"], self._image)
             flat.append({"role": m["role"], "content": text})
             images += imgs
+        marked = [{**m, "content": self._open + m["content"] + self._close} for m in flat]
         try:
-            return self._template.render(messages=flat, add_generation_prompt=add_generation_prompt), images
+            text = self._template.render(messages=marked, add_generation_prompt=add_generation_prompt)
+            if self._marks.sub(lambda g: "" if g[0] != self._image else g[0], text) != (
+                plain := self._template.render(messages=flat, add_generation_prompt=add_generation_prompt)
+            ):  # a template that rewrites message contents: no marks (their special-token strings stay special)
+                text = plain
         except jinja2.TemplateError as e:
             raise PromptError(f"the chat template failed on these messages: {e}") from None
+        return text, images
+
+    def unmark(self, text: str) -> str:
+        """Rendered text as the model's template writes it (images as <image>)."""
+        return self._marks.sub(lambda g: IMAGE if g[0] == self._image else "", text)
 
     def encode(self, text: str, images: list[ImageInput] = ()) -> dict[str, torch.Tensor]:
         """Prompt text with one <image> per image -> input_ids [1, T] and pixel_values [N, 3, S, S]."""
@@ -136,8 +165,13 @@ class Processor:
         self, segments: list[tuple[str, bool]], images: list[ImageInput] = ()
     ) -> dict[str, torch.Tensor]:
         """Text segments (each marked: learn from it or not) -> input_ids [1, T], labels [1, T] (-100 where
-        not learned) and pixel_values; the <image> placeholders across all segments take the images in order."""
-        n_placeholders = sum(text.count(IMAGE) for text, _ in segments)
+        not learned) and pixel_values; the image places across all segments take the images in order.
+
+        Text is cut at the template's special tokens and image places (as the tokenizer itself cuts at its
+        added tokens), and each run between them, template and message text together, is encoded with added
+        tokens off: the same ids as encoding the whole text, except that messages never yield special tokens."""
+        pieces = [self._pieces(text) for text, _ in segments]
+        n_placeholders = sum(kind == "image" for p in pieces for kind, _ in p)
         if n_placeholders != len(images):
             raise PromptError(f"the prompt has {n_placeholders} <image> placeholders but {len(images)} images")
         tile = self.cfg.vision.image_size
@@ -149,21 +183,55 @@ class Processor:
         ids: list[int] = []
         labels: list[int] = []
         n_image = 0
-        for text, learn in segments:
-            for i, piece in enumerate(text.split(IMAGE)):
-                new = []
-                if i:
+        for (_, learn), segment in zip(segments, pieces):
+            for kind, value in segment:
+                if kind == "text":
+                    new = self._plain.encode(value, add_special_tokens=False).ids
+                elif kind == "special":
+                    new = [self._ids[value]]
+                else:
                     new = [self.img_start] + [self.img_context] * (len(tiles[n_image]) * self.cfg.tokens_per_tile)
                     new.append(self.img_end)
                     n_image += 1
-                if piece:
-                    new += self.tokenizer.encode(piece, add_special_tokens=False).ids
                 ids += new
                 labels += new if learn else [-100] * len(new)
+        expected = sum(len(t) for t in tiles) * self.cfg.tokens_per_tile
+        if ids.count(self.img_context) != expected:  # only a template that rewrites contents can get here
+            raise PromptError(f"the prompt holds {IMG_CONTEXT} tokens of its own; image tokens come from images")
         out = {"input_ids": torch.tensor([ids], dtype=torch.long), "labels": torch.tensor([labels], dtype=torch.long)}
         if tiles:
             out["pixel_values"] = tiles[0] if len(tiles) == 1 else torch.cat(tiles)  # (a cat always copies)
         return out
+
+    def _pieces(self, text: str) -> list[tuple[str, str]]:
+        """Marked text -> [(kind, value)]: ("text", a run to encode), ("special", an added token of the template),
+        ("image", "") for each image place (a mark, or <image> outside message contents)."""
+        out: list[tuple[str, str]] = []
+        run: list[str] = []
+        inside = False
+
+        def flush() -> None:
+            if run:
+                out.append(("text", "".join(run)))
+                run.clear()
+
+        for part in self._marks.split(text):
+            if part in (self._open, self._close):
+                inside = part == self._open
+            elif part == self._image:
+                flush()
+                out.append(("image", ""))
+            elif inside:
+                run.append(part)
+            else:
+                for i, piece in enumerate(self._specials.split(part)):
+                    if i % 2 == 0:
+                        run.append(piece)
+                    else:
+                        flush()
+                        out.append(("image", "") if piece == IMAGE else ("special", piece))
+        flush()
+        return [p for p in out if p != ("text", "")]
 
     def __call__(self, messages: list[dict], images: list[ImageInput] | None = None) -> dict[str, torch.Tensor]:
         text, part_images = self.render(messages)

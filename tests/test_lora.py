@@ -110,13 +110,13 @@ def test_rows_use_their_own_adapter(ckpt):
         alone = vlm(ids[r : r + 1], pixels[r * tiles : (r + 1) * tiles], adapter=name)
         assert rel_err(fused[r : r + 1], alone) <= 1e-5
     assert rel_err(fused[3:4], fused[4:5]) > 1e-2
-    with pytest.raises(ConfigError, match=r"unknown adapter\(s\) \['nope'\]; loaded: \['a', 'b', 'c'\]"):
+    with pytest.raises(ConfigError, match=r"unknown adapter\(s\) \['nope'\]$"):
         vlm(ids, adapter="nope")
     with pytest.raises(ConfigError, match="adapter 'b' already exists"):
         add_adapter(vlm.model, "b", LoRASpec(rank=2, targets=("o_proj",)))
     remove_adapter(vlm.model, "b")  # gone from every layer, and from the names routing checks
     assert not any("b" in m.lora_A for m in lora_layers(vlm.model).values())
-    with pytest.raises(ConfigError, match=r"unknown adapter\(s\) \['b'\]; loaded: \['a', 'c'\]"):
+    with pytest.raises(ConfigError, match=r"unknown adapter\(s\) \['b'\]$"):
         vlm(ids, adapter="b")
 
 

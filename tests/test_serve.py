@@ -71,7 +71,7 @@ def server(adapter_dir, tmp_path_factory):
     vlm.load_adapter("finance", adapter_dir)
     images = tmp_path_factory.mktemp("images")
     image(64, 48, seed=9).save(images / "page.png")
-    app = create_app(vlm, "tiny", ServeConfig(image_dir=images))
+    app = create_app(vlm, "tiny", ServeConfig(image_dir=images, adapter_dir=adapter_dir.parent))
     with running(app) as base:
         yield base, images, app.state.engine
 
@@ -225,8 +225,10 @@ def test_models_list_and_hot_load_unload(server, client, adapter_dir):
         client.chat.completions.create(model="legal", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     r = httpx.post(base + "/v1/adapters", json={"name": "finance", "path": str(adapter_dir)})
     assert r.status_code == 409
-    r = httpx.post(base + "/v1/adapters", json={"name": "x", "path": "/nonexistent"})
+    r = httpx.post(base + "/v1/adapters", json={"name": "x", "path": "nonexistent"})
     assert r.status_code == 400 and "not a PEFT adapter directory" in r.json()["error"]["message"]
+    r = httpx.post(base + "/v1/adapters", json={"name": "x", "path": "/etc"})
+    assert r.status_code == 400 and "under the server's adapter directory" in r.json()["error"]["message"]
     assert httpx.get(base + "/health").json() == {"status": "ok"}
 
 
@@ -355,7 +357,8 @@ def limits_server(tmp_path_factory):
     web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=web.serve_forever, daemon=True).start()
     vlm = vlstack.load("tiny", device="cpu")
-    config = ServeConfig(allow_http_images=True, max_queue=1, max_batch=2, max_body_mb=0.05, max_model_len=1000)
+    config = ServeConfig(allow_http_images=True, allow_private_image_hosts=True, max_queue=1, max_batch=2,
+                         max_body_mb=0.05, max_model_len=1000)  # fmt: skip
     app = create_app(vlm, "tiny", config)
     with running(app) as base:
         yield base, f"http://127.0.0.1:{web.server_address[1]}", files, app.state.engine

@@ -8,6 +8,7 @@ written here loads with `peft.PeftModel.from_pretrained`, and one written by pef
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .files import write_files
-from .model.lora import LoRASpec, ensure_lora, lora_layers
+from .model.lora import MAX_RANK, LoRASpec, ensure_lora, lora_layers
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -97,13 +98,26 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, tuple[torch.Ten
     for key, default in UNSUPPORTED.items():
         if config.get(key, default) not in (default, None, False, [], {}):
             raise ConfigError(f"{d}: the PEFT option {key}={config[key]!r} is not supported by vlstack")
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_RANK:
+        raise ConfigError(f"{d / CONFIG}: 'r' must be an integer in [1, {MAX_RANK}] (got {r!r})")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < math.inf:
+        raise ConfigError(f"{d / CONFIG}: 'lora_alpha' must be a positive number (got {alpha!r})")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(d / WEIGHTS), framework="pt") as f:
-        for key in f.keys():
-            m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.\w+)?\.weight", key)
-            if not m:
-                raise ConfigError(f"{d / WEIGHTS}: unexpected tensor {key!r} (only lora_A / lora_B weights)")
-            pairs.setdefault(our_module_name(m.group(1)), {})[m.group(2)] = f.get_tensor(key)
+    try:
+        with safe_open(str(d / WEIGHTS), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated or malformed files
+        raise ConfigError(f"{d / WEIGHTS} cannot be read as safetensors: {e}") from None
+    for key, tensor in tensors.items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.\w+)?\.weight", key)
+        if not m:
+            raise ConfigError(f"{d / WEIGHTS}: unexpected tensor {key!r} (only lora_A / lora_B weights)")
+        if tensor.ndim != 2 or not tensor.is_floating_point():
+            raise ConfigError(f"{d / WEIGHTS}: {key} is not a matrix of floats")
+        if not torch.isfinite(tensor).all():
+            raise ConfigError(f"{d / WEIGHTS}: {key} holds NaN or infinite values; the adapter is refused")
+        pairs.setdefault(our_module_name(m.group(1)), {})[m.group(2)] = tensor
     incomplete = [k for k, v in pairs.items() if set(v) != {"A", "B"}]
     if incomplete or not pairs:
         raise ConfigError(f"{d / WEIGHTS}: lora_A/lora_B pairs are incomplete for {incomplete or 'every module'}")

@@ -17,7 +17,7 @@ from .errors import ConfigError, PromptError
 from .generate import Detokenizer, SamplingParams, generate
 from .image import ImageInput
 from .model.language import Rotary
-from .model.lora import LoRASpec, remove_adapter, route
+from .model.lora import LoRASpec, check_name, remove_adapter, route
 from .model.vlm import InternVL
 from .tiny import tiny_dir
 
@@ -93,6 +93,7 @@ class VLM:
 
     def load_adapter(self, name: str, directory: str | Path) -> LoRASpec:
         """Attach a PEFT LoRA adapter under `name`; requests choose it with adapter=name."""
+        check_name(name)
         if name in self.adapters:
             raise ConfigError(f"an adapter named {name!r} is already loaded")
         self.adapters[name] = load_adapter(self.model, name, directory)
@@ -221,11 +222,26 @@ class VLM:
         return save_checkpoint(directory, state, self.cfg.to_native(), extra)
 
 
+def _device(name: str | torch.device | None) -> torch.device:
+    """The device to run on, checked: the default is a GPU when there is one."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ConfigError(f"{name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for, but this machine has no CUDA GPU available to torch")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r}: vlstack runs on cpu or cuda")
+    return device
+
+
 def load(
     path_or_name: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
 ) -> VLM:
     """Load a local InternVL checkpoint directory (either layout), or "tiny" for the built-in model."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(device)
     if str(path_or_name) == "tiny":
         path_or_name = tiny_dir()
     directory = Path(path_or_name)

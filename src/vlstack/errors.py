@@ -15,3 +15,7 @@ class ImageError(VLStackError):
 
 class PromptError(VLStackError):
     """A prompt that cannot be run: too long for the context, images and placeholders that disagree, ..."""
+
+
+class UnknownModel(VLStackError):
+    """A model or adapter name that is not served (or no longer: an adapter being unloaded)."""

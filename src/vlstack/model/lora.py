@@ -22,6 +22,17 @@ from torch import nn
 
 from ..errors import ConfigError
 
+MAX_RANK = 1024  # the largest LoRA rank vlstack trains or loads
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-:]{0,63}")  # adapter names: a module key and a URL path segment
+
+
+def check_name(name: object) -> str:
+    """An adapter's name, checked: 1-64 letters, digits, '_', '-' or ':', starting with a letter or digit."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ConfigError(f"adapter name {name!r}: use 1-64 letters, digits, '_', '-' or ':' (no '.' or '/')")
+    return name
+
+
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PARTS = {  # where each part's Linear layers live (our module names)
     "language": re.compile(r"language_model\.layers\.\d+\.(self_attn|mlp)\.\w+"),
@@ -245,6 +256,7 @@ def ensure_lora(model: nn.Module, names: list[str]) -> dict[str, LoRALinear]:
 
 def add_adapter(model: nn.Module, name: str, spec: LoRASpec, seed: int = 0) -> list[nn.Parameter]:
     """Add a fresh adapter to every module the spec names; returns its trainable parameters."""
+    check_name(name)
     if name in adapter_names(model):
         raise ConfigError(f"adapter {name!r} already exists")
     init = torch.Generator().manual_seed(seed)
@@ -297,7 +309,7 @@ class route:
         known = adapter_names(model)
         unknown = sorted({a for a in adapters or [] if a is not None} - known)
         if unknown:
-            raise ConfigError(f"unknown adapter(s) {unknown}; loaded: {sorted(known)}")
+            raise ConfigError(f"unknown adapter(s) {unknown}")  # (no list of the others: they may be other tenants')
 
     def __enter__(self) -> Routing:
         self.old = self.routing.segments, self.routing.axis

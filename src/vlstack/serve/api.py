@@ -24,8 +24,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.datastructures import Headers
 
 from ..api import VLM
-from ..errors import ConfigError, PromptError, VLStackError
+from ..errors import ConfigError, PromptError, UnknownModel, VLStackError
 from ..generate import SamplingParams
+from ..model.lora import check_name
 from .auth import AuditLog, Tenant, find_tenant
 from .engine import Engine
 from .metrics import Metrics
@@ -37,6 +38,8 @@ class ServeConfig:
     """What the operator decides: image sources, batch and memory limits, request limits."""
 
     allow_http_images: bool = False  # fetch http(s) image URLs (otherwise refused)
+    allow_private_image_hosts: bool = False  # with allow_http_images: fetch from private/loopback addresses too
+    adapter_dir: str | Path | None = None  # hot-loaded adapters come from under this directory only
     image_dir: str | Path | None = None  # local image files are served from under this directory only
     max_batch: int = 16  # requests decoded together
     kv_budget: int | None = None  # KV-cache tokens in use at most (default: max_batch x context)
@@ -47,7 +50,7 @@ class ServeConfig:
     max_queue: int = 256  # requests waiting beyond this are refused with 503
     max_body_mb: float = 64  # request bodies beyond this are refused with 413
     image_cache_mb: float = 512  # visual embeddings kept for images seen again
-    fetch_timeout: float = 10.0  # seconds for an http(s) image
+    fetch_timeout: float = 10.0  # seconds for an http(s) image, in all
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "prefill_tokens", "vision_tokens", "max_body_mb", "fetch_timeout"):
@@ -78,11 +81,14 @@ def create_app(
     # prompts are encoded (images fetched, decoded, tiled, hashed) by a few threads, about one per core:
     # more would only contend with the engine, and each would grow its own malloc arena
     encoder = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="vlstack-encode")
+    # http(s) images are fetched by threads of their own: slow hosts wait there, never in the encoders' way
+    fetcher = ThreadPoolExecutor(max_workers=32, thread_name_prefix="vlstack-fetch")
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
         encoder.shutdown(cancel_futures=True)
+        fetcher.shutdown(cancel_futures=True)
         engine.close()
 
     app = FastAPI(title="vlstack", lifespan=lifespan)
@@ -134,7 +140,7 @@ def create_app(
     app.add_middleware(Guard)
 
     @app.get("/metrics")
-    def prometheus() -> PlainTextResponse:
+    def prometheus(request: Request) -> PlainTextResponse:
         gauges = {
             "vlstack_queue_depth": engine.waiting.qsize(),
             "vlstack_running_requests": len(engine.running),
@@ -142,7 +148,8 @@ def create_app(
         }
         totals = {"vlstack_image_cache_hits_total": engine.images.hits,
                   "vlstack_image_cache_misses_total": engine.images.misses}  # fmt: skip
-        return PlainTextResponse(metrics.render(gauges, totals), media_type="text/plain; version=0.0.4")
+        text = metrics.render(gauges, totals, lambda model: visible(request, model))  # a tenant: its own models
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     def finished(model: str, reqs: list, messages: list) -> dict:
         """Metrics of a chat request that ended (answered, or abandoned by its client: 499); its audit record."""
@@ -165,6 +172,7 @@ def create_app(
 
     roots: dict[str, str] = {}  # adapter name -> the directory it came from
     image_root = Path(cfg.image_dir) if cfg.image_dir else None
+    adapter_root = Path(cfg.adapter_dir).resolve() if cfg.adapter_dir else None
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
@@ -181,7 +189,7 @@ def create_app(
         data += [
             {"id": a, "object": "model", "created": created, "owned_by": "vlstack", "parent": name,
              "root": roots.get(a, a)}
-            for a in sorted(vlm.adapters)
+            for a in sorted(vlm.adapters) if a not in engine.retiring
         ]  # fmt: skip
         return [m for m in data if visible(request, m["id"])]
 
@@ -200,15 +208,33 @@ def create_app(
         if request.state.tenant is not None and not request.state.tenant.admin:
             raise APIError(403, "this API key may not load or unload adapters", code="permission_denied")
 
+    def adapter_path(path: str) -> str:
+        """Where a hot-loaded adapter may come from: under --adapter-dir; anywhere only for an admin key."""
+        if adapter_root is not None:
+            resolved = (adapter_root / path).resolve()
+            if not resolved.is_relative_to(adapter_root):
+                raise APIError(400, "the adapter's path must lie under the server's adapter directory", "path")
+            return str(resolved)
+        if tenants is None:
+            raise APIError(403, "this server loads adapters only with --adapter-dir (paths under it) or --keys "
+                                "(an admin key)", code="permission_denied")  # fmt: skip
+        return path
+
     @app.post("/v1/adapters")
     async def load_adapter(request: Request) -> dict:
         require_admin(request)
         body = await _json(request, max_body)
         adapter, path = body.get("name"), body.get("path")
-        if not isinstance(adapter, str) or not adapter or not isinstance(path, str):
+        if not isinstance(adapter, str) or not adapter or not isinstance(path, str) or not path:
             raise APIError(400, "give the adapter's 'name' and the 'path' of its PEFT directory")
+        try:
+            check_name(adapter)
+        except ConfigError as e:
+            raise APIError(400, str(e), "name") from None
+        path = adapter_path(path)
         if adapter == name or adapter in vlm.adapters:
-            raise APIError(409, f"a model named {adapter!r} is already served", "name")
+            being = " and is being unloaded; retry when it is gone" if adapter in engine.retiring else ""
+            raise APIError(409, f"a model named {adapter!r} is already served{being}", "name")
 
         def load() -> None:  # in a worker thread: waiting for the engine's step must not block the event loop
             with lock:
@@ -225,11 +251,9 @@ def create_app(
     @app.delete("/v1/adapters/{adapter}")
     def unload_adapter(adapter: str, request: Request) -> dict:
         require_admin(request)
-        if adapter not in vlm.adapters:
+        if adapter not in vlm.adapters or adapter in engine.retiring:
             raise APIError(404, f"no adapter named {adapter!r} is loaded", "name", "model_not_found")
-        with lock:
-            vlm.unload_adapter(adapter)
-            engine.adapter_changed(adapter)
+        engine.retire(adapter)  # new requests for it: 404 from now; it leaves once its running requests end
         roots.pop(adapter, None)
         return {"id": adapter, "object": "model", "deleted": True}
 
@@ -237,7 +261,10 @@ def create_app(
     async def chat_completions(request: Request):
         body = await _json(request, max_body)
         model = body.get("model")
-        if (model != name and model not in vlm.adapters) or not visible(request, model):  # the same answer
+        if not isinstance(model, str):
+            raise APIError(400, "'model' must be a string: the name of the base model or of an adapter", "model")
+        served = model == name or (model in vlm.adapters and model not in engine.retiring)
+        if not served or not visible(request, model):  # (another tenant's model: the same answer)
             raise APIError(404, f"The model {model!r} does not exist", "model", "model_not_found")
         messages = read_messages(body, cfg.allow_http_images, image_root)
         gen, n, top_logprobs = read_sampling(body, vlm.cfg.text.vocab_size)
@@ -249,8 +276,18 @@ def create_app(
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         loop = asyncio.get_running_loop()
-        args = (engine, vlm, messages, adapter, n, gen, top_logprobs, loop, cfg.fetch_timeout)
-        reqs = await loop.run_in_executor(encoder, _submit, *args)
+        if any(
+            isinstance(m["content"], list)
+            and any(
+                p["type"] == "image_url" and p["image_url"]["url"].startswith(("http://", "https://"))
+                for p in m["content"]
+            )
+            for m in messages
+        ):
+            fetch = (fetch_images, messages, cfg.fetch_timeout, cfg.allow_private_image_hosts)
+            messages = await loop.run_in_executor(fetcher, _client_errors(*fetch))
+        args = (engine, vlm, messages, adapter, n, gen, top_logprobs, loop)
+        reqs = await loop.run_in_executor(encoder, _client_errors(_submit, *args))
 
         async def pieces(r) -> AsyncIterator[str]:
             """r's text as it comes, until it ends (finished or cancelled)."""
@@ -349,9 +386,13 @@ def _route(path: str) -> str:
 
 
 async def _json(request: Request, max_body: int) -> dict:
-    raw = await request.body()
-    if len(raw) > max_body:  # a body sent without a content-length
-        raise APIError(413, f"the request body is over the limit of {max_body} bytes", code="too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # counted as it arrives: a body without a content-length stops at the limit
+        size += len(chunk)
+        if size > max_body:
+            raise APIError(413, f"the request body is over the limit of {max_body} bytes", code="too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -374,6 +415,23 @@ class AsyncOut:
         return await self.queue.get()
 
 
+def _client_errors(fn, *args):
+    """fn(*args) for a worker thread, with vlstack's errors about the request turned into OpenAI's 4xx."""
+
+    def run():
+        try:
+            return fn(*args)
+        except PromptError as e:
+            code = "context_length_exceeded" if "context" in str(e) else None
+            raise APIError(400, str(e), "messages", code) from None
+        except UnknownModel:  # unloaded while the prompt was encoded
+            raise APIError(404, "The model does not exist (it was unloaded)", "model", "model_not_found") from None
+        except VLStackError as e:
+            raise APIError(400, str(e), "messages") from None
+
+    return run
+
+
 def _submit(
     engine: Engine,
     vlm: VLM,
@@ -383,16 +441,9 @@ def _submit(
     gen: dict,
     top_logprobs: int | None,
     loop: asyncio.AbstractEventLoop,
-    fetch_timeout: float,
 ) -> list:
-    """Encode the request (images fetched, decoded and tiled here, in a worker thread) and queue n completions."""
-    try:
-        inputs = vlm.processor(fetch_images(messages, fetch_timeout))
-        seeds = [None if gen["seed"] is None else gen["seed"] + i for i in range(n)]  # n different samples
-        params = [SamplingParams(**{**gen, "seed": seed}) for seed in seeds]
-        return [engine.submit(inputs, adapter, p, AsyncOut(loop), top_logprobs) for p in params]
-    except PromptError as e:
-        code = "context_length_exceeded" if "context" in str(e) else None
-        raise APIError(400, str(e), "messages", code) from None
-    except VLStackError as e:
-        raise APIError(400, str(e), "messages") from None
+    """Encode the request (images decoded and tiled here, in a worker thread) and queue n completions."""
+    inputs = vlm.processor(messages)
+    seeds = [None if gen["seed"] is None else gen["seed"] + i for i in range(n)]  # n different samples
+    params = [SamplingParams(**{**gen, "seed": seed}) for seed in seeds]
+    return [engine.submit(inputs, adapter, p, AsyncOut(loop), top_logprobs) for p in params]

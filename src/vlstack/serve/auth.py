@@ -71,7 +71,11 @@ class AuditLog:
 
     def __init__(self, path: str | Path, content: bool = False):
         self.path, self.content = Path(path), content
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # checked at start-up: a log that cannot be written is the operator's error, not each request's
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.open("a").close()
+        except OSError as e:
+            raise ConfigError(f"the audit log {self.path} cannot be written: {e.strerror or e}") from None
         self.lock = threading.Lock()
 
     def write(self, **record) -> None:

@@ -10,9 +10,12 @@ runs ~40% slower per tile than passes of thirty, its temporaries too big for the
 their prompts packed back to back in one forward. Then every step decodes one token for all running
 requests at once, each row with its own adapter (the base matmul once, each adapter on its rows), its
 own sampling parameters and seed; the running requests sit in slots 0..B-1, each adapter's rows
-together, so the step reads the cache as a view. A step that raises fails its requests and the engine
-goes on. Prompts, images included, are decoded, tiled and hashed by
-the caller's thread before submission, so that work runs in parallel with the engine.
+together, so the step reads the cache as a view. Prompts, images included, are decoded, tiled, hashed
+and checked by the caller's thread before submission, so that work runs in parallel with the engine.
+
+A request's problem is that request's alone: a step that raises is run again over each half of its
+requests, down to the one that makes it fail, which alone ends with the error. An adapter being unloaded
+takes no new requests (retire) and leaves the model once the requests it has accepted have finished.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 import torch
 
 from ..api import VLM
-from ..errors import ConfigError, PromptError
+from ..errors import ConfigError, PromptError, UnknownModel
 from ..generate import Detokenizer, SamplingParams, adjust, decode, prefill, sample
 from ..model.language import KVCache
 from ..model.lora import lora_layers, route
@@ -93,6 +96,7 @@ class Engine:
         self.running: list[Request] = []
         self.admitting: list[Request] = []  # being prefilled
         self.free = list(range(max_batch))
+        self.retiring: set[str] = set()  # adapters being unloaded: no new requests, gone once theirs finish
         self.lock = threading.Lock()  # held while the model runs: adapters load and unload between steps
         self._stop = threading.Event()
         self._wake = threading.Event()  # set when a request arrives
@@ -119,6 +123,11 @@ class Engine:
         if top_logprobs is not None and not 0 <= top_logprobs <= 20:
             raise PromptError(f"top_logprobs must be in [0, 20] (got {top_logprobs})")
         pixels, cfg = inputs.get("pixel_values"), self.vlm.cfg
+        image_tokens = int((prompt == cfg.image_token_id).sum())
+        if image_tokens != (0 if pixels is None else len(pixels)) * cfg.tokens_per_tile:
+            raise PromptError(f"the prompt has {image_tokens} image tokens, which its images do not fill")
+        if adapter is not None and (adapter not in self.vlm.adapters or adapter in self.retiring):
+            raise UnknownModel(f"no adapter named {adapter!r} is loaded")
         counts = tiles_per_image(prompt, cfg.image_token_id, cfg.tokens_per_tile) if pixels is not None else []
         images = [(image_hash(t), len(t)) for t in pixels.split(counts)] if counts else []
         req = Request(prompt, pixels, images, adapter, params, Detokenizer(self.vlm.processor.decode, params.stop))
@@ -133,6 +142,13 @@ class Engine:
 
     def cancel(self, req: Request) -> None:
         req.cancelled = True
+
+    def retire(self, name: str) -> None:
+        """Unload adapter `name` once the requests it has accepted have finished; from now on submit refuses it."""
+        if name not in self.vlm.adapters:
+            raise UnknownModel(f"no adapter named {name!r} is loaded")
+        self.retiring.add(name)
+        self._wake.set()
 
     def adapter_changed(self, name: str) -> None:
         """Call (holding self.lock) after loading or unloading an adapter: drops what it encoded."""
@@ -154,17 +170,39 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
+            if self.retiring:
+                with self.lock:
+                    self._unload_retired()
             if not self.running and self.waiting.empty():
                 self._wake.wait(1.0)  # idle until a request arrives
                 continue
             with self.lock, torch.inference_mode():
                 try:
-                    self._admit()
+                    batch = self._admit()
+                    if batch:
+                        self._isolate(self._prefill, batch)
                     if self.running:
-                        self._decode()
-                except Exception as e:  # never die: fail the requests in the step and go on serving
+                        self._arrange()
+                        self._isolate(self._decode, list(self.running))
+                except Exception as e:  # a fault of the engine itself: fail what it holds and go on serving
                     traceback.print_exc()
                     self._fail(self.running + self.admitting, e)
+
+    def _isolate(self, step, reqs: list[Request]) -> None:
+        """step(reqs); if it raises, step over each half again (their cache lengths as before), so only the
+        request that makes it fail ends with the error and every other one goes on."""
+        lengths = [self.cache.host[r.slot] for r in reqs]
+        try:
+            step(reqs)
+        except Exception as e:
+            if len(reqs) == 1:
+                print(f"vlstack: one request failed and was ended: {type(e).__name__}: {e}", flush=True)
+                self._fail(reqs, e)
+                return
+            self.cache.use([r.slot for r in reqs], lengths)
+            half = len(reqs) // 2
+            for part in (reqs[:half], reqs[half:]):
+                self._isolate(step, [r for r in part if r.finished_at is None])
 
     def _fail(self, reqs: list[Request], error: Exception) -> None:
         """End these requests with finish_reason "error" and free their slots."""
@@ -174,10 +212,20 @@ class Engine:
                 req.finished_at = time.perf_counter()
                 req.out.put(None)
                 self.free.append(req.slot)
-        self.running, self.admitting = [], []
+        self.running = [r for r in self.running if r not in reqs]
+        self.admitting = [r for r in self.admitting if r not in reqs]
 
-    def _admit(self) -> None:
-        """Move queued requests into free slots while their KV budget fits, and prefill them together."""
+    def _unload_retired(self) -> None:
+        """Unload the retiring adapters that no accepted request uses any more."""
+        with self.waiting.mutex:
+            busy = {r.adapter for r in (*self.waiting.queue, *self.admitting, *self.running) if r.finished_at is None}
+        for name in self.retiring - busy:
+            self.vlm.unload_adapter(name)
+            self.adapter_changed(name)
+            self.retiring.discard(name)
+
+    def _admit(self) -> list[Request]:
+        """Move queued requests into free slots while their KV budget fits; returns them (to prefill together)."""
         in_use = sum(r.budget for r in self.running)
         batch: list[Request] = []
         while self.free and not self.waiting.empty():
@@ -196,9 +244,7 @@ class Engine:
             batch.append(req)
             in_use += req.budget
         self.admitting = batch  # (for _fail)
-        if batch:
-            self._prefill(batch)
-        self.admitting = []
+        return batch
 
     def _prefill(self, batch: list[Request]) -> None:
         """The new requests' prompts packed back to back in one forward (no padding), each adapter's
@@ -210,8 +256,9 @@ class Engine:
         logits = prefill(
             self.vlm.model, self.cache, prompts, slots, adapters, features=torch.cat(feats) if feats else None
         )
-        self.running += batch
         self._emit(batch, logits)  # [B, V]
+        self.admitting = [r for r in self.admitting if r not in batch]
+        self.running += [r for r in batch if r.finished_at is None]
 
     def _image_key(self, req: Request, digest: str) -> tuple[str, str | None]:
         return digest, req.adapter if req.adapter in self.vision_adapters else None
@@ -247,12 +294,11 @@ class Engine:
                 self.images.put(key, f)
         return found
 
-    def _decode(self) -> None:
-        self._arrange()
-        rows = list(self.running)  # _emit removes finished rows from self.running
-        self.cache.use([r.slot for r in rows])  # 0..B-1
+    def _decode(self, rows: list[Request]) -> None:
+        self.cache.use([r.slot for r in rows])  # 0..B-1 (a subset when a failed step is retried)
         tokens = torch.tensor([r.next_token for r in rows], device=self.vlm.model.device)  # [B]
         self._emit(rows, decode(self.vlm.model, self.cache, tokens, [r.adapter for r in rows]))
+        self.running = [r for r in self.running if r.finished_at is None]
 
     def _arrange(self) -> None:
         """Put the running requests in slots 0..B-1 with each adapter's rows together: the decode step then
@@ -283,7 +329,8 @@ class Engine:
         self.running.sort(key=lambda r: r.slot)
 
     def _emit(self, rows: list[Request], logits: torch.Tensor) -> None:
-        """Sample each row's next token, send its text, and retire finished or cancelled rows."""
+        """Sample each row's next token, send its text, and retire finished or cancelled rows (what can raise
+        comes before anything is sent, so a step retried after an error sends nothing twice)."""
         scores = adjust(logits, [r.detok.ids for r in rows], [r.params for r in rows])  # [B, V]
         tokens = scores.argmax(-1)  # [B]: greedy rows all at once
         for i, req in enumerate(rows):
@@ -314,7 +361,6 @@ class Engine:
                     req.out.put(tail)
                 req.finished_at = time.perf_counter()
                 req.out.put(None)
-                self.running.remove(req)
                 self.free.append(req.slot)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
 
@@ -29,21 +30,32 @@ class Metrics:
             h[-2] += seconds
             h[-1] += 1
 
-    def render(self, gauges: dict[str, float], totals: dict[str, float] | None = None) -> str:
-        """The exposition text; gauges and totals (counters kept elsewhere) are rendered unlabelled."""
+    def render(
+        self,
+        gauges: dict[str, float],
+        totals: dict[str, float] | None = None,
+        visible: Callable[[str], bool] | None = None,
+    ) -> str:
+        """The exposition text; gauges and totals (counters kept elsewhere) are rendered unlabelled. Series of a
+        model for which visible(model) is false are left out (a tenant sees its own models only)."""
 
         def fmt(labels: tuple, extra: str = "") -> str:
             parts = [f'{k}="{v}"' for k, v in labels] + ([extra] if extra else [])
             return "{" + ",".join(parts) + "}" if parts else ""
 
+        def shown(labels: tuple) -> bool:
+            return visible is None or all(visible(v) for k, v in labels if k == "model")
+
         lines = []
         with self.lock:
-            for name in sorted({n for n, _ in self.counters}):
+            counters = {key: v for key, v in self.counters.items() if shown(key[1])}
+            histograms = {key: h for key, h in self.histograms.items() if shown(key[1])}
+            for name in sorted({n for n, _ in counters}):
                 lines.append(f"# TYPE {name} counter")
-                lines += [f"{name}{fmt(lb)} {v:g}" for (n, lb), v in sorted(self.counters.items()) if n == name]
-            for name in sorted({n for n, _ in self.histograms}):
+                lines += [f"{name}{fmt(lb)} {v:g}" for (n, lb), v in sorted(counters.items()) if n == name]
+            for name in sorted({n for n, _ in histograms}):
                 lines.append(f"# TYPE {name} histogram")
-                for (n, lb), h in sorted(self.histograms.items()):
+                for (n, lb), h in sorted(histograms.items()):
                     if n != name:
                         continue
                     for edge, c in zip(BUCKETS, h):

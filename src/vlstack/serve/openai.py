@@ -6,6 +6,10 @@ APIError carrying OpenAI's error shape and a 4xx status.
 
 from __future__ import annotations
 
+import http.client
+import ipaddress
+import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -69,7 +73,7 @@ def read_messages(body: dict, allow_http: bool, image_dir: Path | None) -> list[
                     url = url.get("url") if isinstance(url, dict) else url
                     parts.append({"type": "image_url", "image_url": {"url": image_source(url, allow_http, image_dir)}})
                 elif part.get("type") == "text":
-                    parts.append({"type": "text", "text": str(part.get("text", ""))})
+                    parts.append({"type": "text", "text": _text(part.get("text", ""), "messages")})
                 else:
                     raise APIError(400, f"unsupported content part type {part.get('type')!r}", "messages")
             content = parts
@@ -77,8 +81,21 @@ def read_messages(body: dict, allow_http: bool, image_dir: Path | None) -> list[
             content = ""
         elif not isinstance(content, str):
             raise APIError(400, "message content must be a string or a list of parts", "messages")
+        else:
+            _text(content, "messages")
         out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
     return out
+
+
+def _text(value: Any, param: str) -> str:
+    """A string field that reaches the tokenizer, checked (JSON can carry lone surrogates UTF-8 cannot)."""
+    if not isinstance(value, str):
+        raise APIError(400, f"'{param}' text must be a string", param)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"'{param}' holds text that is not valid Unicode (a lone surrogate)", param) from None
+    return value
 
 
 PENALTIES = ("presence_penalty", "frequency_penalty")
@@ -107,7 +124,7 @@ def read_sampling(body: dict, vocab: int) -> tuple[dict, int, int | None]:
         "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
         "top_k": body.get("top_k") or 0,  # vLLM's extension (-1 or 0: off)
         "seed": body.get("seed"),
-        "stop": [stop] if isinstance(stop, str) else list(stop or []),
+        "stop": [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else [] if stop is None else None,
         "presence_penalty": body.get("presence_penalty") or 0.0,
         "frequency_penalty": body.get("frequency_penalty") or 0.0,
     }
@@ -115,32 +132,47 @@ def read_sampling(body: dict, vocab: int) -> tuple[dict, int, int | None]:
     bias = body.get("logit_bias") or {}
     top = body.get("top_logprobs")
     checks = [
-        (isinstance(gen["max_new_tokens"], int) and gen["max_new_tokens"] >= 1, "max_tokens", "an integer >= 1"),
+        (_int(gen["max_new_tokens"]) and gen["max_new_tokens"] >= 1, "max_tokens", "an integer >= 1"),
         (isinstance(gen["temperature"], (int, float)) and 0 <= gen["temperature"] <= 2, "temperature", "in [0, 2]"),
         (isinstance(gen["top_p"], (int, float)) and 0 < gen["top_p"] <= 1, "top_p", "in (0, 1]"),
-        (isinstance(gen["top_k"], int) and gen["top_k"] >= -1, "top_k", "an integer >= -1"),
-        (gen["seed"] is None or isinstance(gen["seed"], int), "seed", "an integer"),
-        (all(isinstance(s, str) and s for s in gen["stop"]) and len(gen["stop"]) <= 4, "stop", "up to 4 strings"),
-        (isinstance(n, int) and 1 <= n <= 16, "n", "an integer in [1, 16]"),
+        (_int(gen["top_k"]) and -1 <= gen["top_k"] < 2**31, "top_k", "an integer >= -1"),
+        (gen["seed"] is None or _int(gen["seed"]) and abs(gen["seed"]) < 2**63 - 16, "seed", "a 64-bit integer"),
+        (
+            isinstance(gen["stop"], list)
+            and all(isinstance(s, str) and s for s in gen["stop"])
+            and len(gen["stop"]) <= 4,
+            "stop",
+            "a string or up to 4 strings",
+        ),
+        (_int(n) and 1 <= n <= 16, "n", "an integer in [1, 16]"),
         (_bias_ok(bias, vocab), "logit_bias", f"an object mapping token ids below {vocab} to numbers in [-100, 100]"),
         *((isinstance(gen[p], (int, float)) and -2 <= gen[p] <= 2, p, "in [-2, 2]") for p in PENALTIES),
         (body.get("logprobs") in (None, True, False), "logprobs", "true or false"),
+        (body.get("stream") in (None, True, False), "stream", "true or false"),
+        (body.get("stream_options") is None or isinstance(body["stream_options"], dict), "stream_options", "an object"),
         (top is None or (isinstance(top, int) and 0 <= top <= 20), "top_logprobs", "an integer in [0, 20]"),
         (top is None or body.get("logprobs") is True, "top_logprobs", "given with 'logprobs': true"),
     ]
     for ok, name, what in checks:
         if not ok:
             raise APIError(400, f"'{name}' must be {what}", name)
+    for text in gen["stop"]:
+        _text(text, "stop")
     gen["top_k"] = max(0, gen["top_k"])
     gen["logit_bias"] = {int(t): b for t, b in bias.items()}
     return gen, n, (top or 0) if body.get("logprobs") else None
 
 
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _bias_ok(bias: Any, vocab: int) -> bool:
     return isinstance(bias, dict) and all(
-        isinstance(t, str) and t.isdigit() and int(t) < vocab and isinstance(b, (int, float)) and -100 <= b <= 100
+        isinstance(t, str) and t.isascii() and t.isdigit() and int(t) < vocab
+        and isinstance(b, (int, float)) and not isinstance(b, bool) and -100 <= b <= 100
         for t, b in bias.items()
-    )
+    )  # fmt: skip
 
 
 def logprobs_content(entries: list[tuple], decode: Callable[[list[int]], str]) -> list[dict]:
@@ -154,32 +186,94 @@ def logprobs_content(entries: list[tuple], decode: Callable[[list[int]], str]) -
     return [{**item(t, lp), "top_logprobs": [item(i, v) for i, v in top]} for t, lp, top in entries]
 
 
-def fetch_image(url: str, timeout: float, max_bytes: int = 64 * 2**20) -> bytes:
-    """The bytes of an http(s) image, with a timeout and a size limit."""
+def public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether an address is on the public internet (not private, loopback, link-local, reserved, multicast)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+class _Checked:
+    """An http.client connection that connects only to public addresses (unless allowed): the address checked
+    is the one connected to, after DNS resolution, on every connection (every redirect opens its own)."""
+
+    allow_private = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = self._connect
+
+    def _connect(self, address: tuple, timeout: float | None = None, source_address=None) -> socket.socket:
+        host, port = address
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        for *_, sockaddr in infos:
+            if not self.allow_private and not public(ipaddress.ip_address(sockaddr[0].split("%")[0])):
+                raise ImageError(f"the image host {host} is a private, loopback or link-local address; refused "
+                                 f"(the operator may allow it with --allow-private-image-hosts)")  # fmt: skip
+        family, kind, proto, _, sockaddr = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(sockaddr)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+def _opener(allow_private: bool) -> urllib.request.OpenerDirector:
+    http_conn = type("CheckedHTTP", (_Checked, http.client.HTTPConnection), {"allow_private": allow_private})
+    https_conn = type("CheckedHTTPS", (_Checked, http.client.HTTPSConnection), {"allow_private": allow_private})
+
+    class HTTP(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(http_conn, req)
+
+    class HTTPS(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(https_conn, req, context=self._context)
+
+    return urllib.request.build_opener(HTTP, HTTPS)
+
+
+def fetch_image(url: str, timeout: float, max_bytes: int = 64 * 2**20, allow_private: bool = False) -> bytes:
+    """The bytes of an http(s) image, within `timeout` seconds in all and a size limit, from public hosts only
+    unless allow_private."""
+    deadline = time.monotonic() + timeout
+    chunks, size = [], 0
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "vlstack"})
-        with urllib.request.urlopen(request, timeout=timeout) as r:
-            data = r.read(max_bytes + 1)
+        with _opener(allow_private).open(request, timeout=timeout) as r:
+            while chunk := r.read1(1 << 16):  # one receive at a time: a host trickling bytes meets the deadline
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ImageError(f"the image at {url} is over the limit of {max_bytes} bytes")
+                if time.monotonic() > deadline:
+                    raise ImageError(f"fetching {url} took over {timeout:g} s; refused")
     except urllib.error.HTTPError as e:
         raise ImageError(f"fetching {url} failed: HTTP {e.code}") from None
-    except (urllib.error.URLError, TimeoutError, OSError) as e:
-        raise ImageError(f"fetching {url} failed: {getattr(e, 'reason', e)}") from None
-    if len(data) > max_bytes:
-        raise ImageError(f"the image at {url} is over the limit of {max_bytes} bytes")
-    return data
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ImageError):
+            raise e.reason from None
+        raise ImageError(f"fetching {url} failed: {e.reason}") from None
+    except (TimeoutError, OSError, http.client.HTTPException, ValueError) as e:
+        raise ImageError(f"fetching {url} failed: {e}") from None
+    return b"".join(chunks)
 
 
-def fetch_images(messages: list[dict], timeout: float) -> list[dict]:
+def fetch_images(messages: list[dict], timeout: float, allow_private: bool = False) -> list[dict]:
     """messages with their http(s) image URLs replaced by the images' bytes."""
     out = []
     for m in messages:
         content = m["content"]
         if isinstance(content, list):
             content = [
-                {"type": "image_url", "image_url": {"url": fetch_image(p["image_url"]["url"], timeout)}}
+                {"type": "image_url", "image_url": {"url": fetch_image(p["image_url"]["url"], timeout,
+                                                                      allow_private=allow_private)}}
                 if p["type"] == "image_url" and p["image_url"]["url"].startswith(("http://", "https://"))
                 else p
                 for p in content
-            ]
+            ]  # fmt: skip
         out.append({**m, "content": content})
     return out

@@ -33,3 +33,111 @@ def test_errors_are_one_line_not_tracebacks(tmp_path):
     assert out.stderr.startswith("vlstack: error: could not decode image") and "Traceback" not in out.stderr
     out = run("info", str(tmp_path))
     assert out.returncode == 2 and "has no config.json" in out.stderr and "Traceback" not in out.stderr
+
+
+# Each bad input a user can give the command line: a one-line error naming it, exit status 2, no traceback,
+# and no work done before it is found.
+
+
+def _fails(capsys, argv: list[str], message: str) -> None:
+    from vlstack.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vlstack: error: ") and message in err and "Traceback" not in err, err
+
+
+def _jobs(tmp_path, job: str = "", lines: int = 4) -> str:
+    import json
+
+    (tmp_path / "d.jsonl").write_text(
+        "".join(
+            json.dumps({"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"}]}) + "\n"
+            for i in range(lines)
+        )
+    )
+    (tmp_path / "jobs.yaml").write_text(
+        "jobs:\n  - {name: fin, data: d.jsonl, output: out/fin, rank: 2, batch_size: 1, steps: 2, save_every: 1"
+        + job
+        + "}\n"
+    )
+    return str(tmp_path / "jobs.yaml")
+
+
+def test_version():
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.startswith("vlstack 0.")
+
+
+def test_audit_log_that_cannot_be_written(tmp_path):
+    out = run("serve", "--audit", "/proc/no/such/audit.jsonl", "--port", "1")
+    assert out.returncode == 2 and "the audit log /proc/no/such/audit.jsonl cannot be written" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_cuda_without_a_gpu(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        _fails(capsys, ["chat", "--device", "cuda:99", "hi"], "CUDA GPU(s)")
+    else:
+        _fails(capsys, ["chat", "--device", "cuda", "hi"], "has no CUDA GPU")
+    _fails(capsys, ["chat", "--device", "tpu0", "hi"], "is not a device")
+
+
+def test_resume_after_changing_a_jobs_rank(tmp_path, capsys):
+    from vlstack.cli import main
+
+    jobs = _jobs(tmp_path)
+    assert main(["train", jobs]) == 0
+    capsys.readouterr()
+    jobs = _jobs(tmp_path, ", rank: 4")
+    _fails(capsys, ["train", jobs, "--resume"], "job 'fin': its checkpoint")
+
+
+def test_resume_with_a_corrupt_checkpoint(tmp_path, capsys):
+    from vlstack.cli import main
+
+    jobs = _jobs(tmp_path)
+    assert main(["train", jobs]) == 0
+    capsys.readouterr()
+    state = tmp_path / "out" / "fin.train" / "checkpoint" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    _fails(capsys, ["train", jobs, "--resume"], f"the checkpoint {state} cannot be read")
+
+
+def test_a_dataset_that_is_not_utf8(tmp_path, capsys):
+    jobs = _jobs(tmp_path)
+    with open(tmp_path / "d.jsonl", "ab") as f:
+        f.write(b'{"conversations": "\xff\xfe"}\n')
+    _fails(capsys, ["train", jobs], f"{tmp_path / 'd.jsonl'}:5: not UTF-8 text")
+
+
+def test_a_nan_learning_rate(tmp_path, capsys):
+    _fails(capsys, ["train", _jobs(tmp_path, ", lr: .nan")], "field 'lr' = nan must be a finite number")
+
+
+def test_a_job_named_off(tmp_path, capsys):
+    jobs = _jobs(tmp_path)
+    text = (tmp_path / "jobs.yaml").read_text().replace("name: fin", "name: off")
+    (tmp_path / "jobs.yaml").write_text(text)
+    _fails(capsys, ["train", jobs], "field 'name' = False must be a non-empty string (quote it")
+
+
+def test_a_rank_over_the_bound(tmp_path, capsys):
+    _fails(capsys, ["train", _jobs(tmp_path, ", rank: 100000")], "rank must be in [1, 1024]")
+
+
+def test_a_corrupt_image_is_named_before_training(tmp_path, capsys):
+    import json
+
+    jobs = _jobs(tmp_path, lines=0)
+    rows = []
+    for i in range(40):
+        image(30 + i, 20, seed=i).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                            {"from": "gpt", "value": "a"}]})  # fmt: skip
+    (tmp_path / "30.png").write_bytes((tmp_path / "30.png").read_bytes()[:60])  # line 31's image
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _fails(capsys, ["train", jobs], f"{tmp_path / 'd.jsonl'}:31: image {tmp_path / '30.png'}: could not decode")
+    assert not (tmp_path / "out").exists()

@@ -91,7 +91,8 @@ def test_an_adapter_saved_over_another_is_replaced_file_by_file(tmp_path, monkey
         save_adapter(vlm.model, "a", tmp_path, LoRASpec(rank=2, targets=("q_proj",)))
     monkeypatch.undo()
     assert load_file(tmp_path / "adapter_model.safetensors").keys() == first.keys()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_merge_into_the_current_directory_keeps_its_files_and_refuses_the_base(tmp_path):

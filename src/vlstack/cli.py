@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from importlib.metadata import version
 
 from .errors import ConfigError, VLStackError
 
@@ -99,10 +100,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from .adapters import merge_adapter
     from .api import load
-
-    from pathlib import Path
 
     vlm = load(args.model, device="cpu", dtype=args.dtype)
     for what, source in (("base model", vlm.directory), ("adapter", Path(args.adapter))):
@@ -134,7 +135,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     tenants = read_keys(args.keys) if args.keys else None
     audit = AuditLog(args.audit, content=args.audit_content) if args.audit else None
     config = ServeConfig(
-        allow_http_images=args.allow_http_images, image_dir=args.image_dir, max_batch=args.max_batch,
+        allow_http_images=args.allow_http_images, allow_private_image_hosts=args.allow_private_image_hosts,
+        adapter_dir=args.adapter_dir, image_dir=args.image_dir, max_batch=args.max_batch,
         kv_budget=args.kv_budget, max_queue=args.max_queue, max_body_mb=args.max_body_mb,
         image_cache_mb=args.image_cache_mb, max_model_len=args.max_model_len, prefill_tokens=args.prefill_tokens,
         vision_tokens=args.vision_tokens,
@@ -149,6 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlstack", description="Self-hosted InternVL: chat, serve, train, evaluate.")
+    p.add_argument("--version", action="version", version=f"vlstack {version('vlstack')}")
     sub = p.add_subparsers(dest="verb", required=True)
 
     chat = sub.add_parser("chat", help="answer one question, optionally about images")
@@ -172,7 +175,17 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--allow-http-images", action="store_true", help="accept http(s) image URLs")
+    serve.add_argument(
+        "--allow-private-image-hosts",
+        action="store_true",
+        help="with --allow-http-images: fetch from private, loopback and link-local addresses too",
+    )
     serve.add_argument("--image-dir", default=None, help="serve local image files from under this directory")
+    serve.add_argument(
+        "--adapter-dir",
+        default=None,
+        help="POST /v1/adapters loads adapters from under this directory (without it: admin keys only)",
+    )
     serve.add_argument("--keys", default=None, help="YAML/JSON file of API keys and the models each may use")
     serve.add_argument("--audit", default=None, help="append a JSON line per request to this file")
     serve.add_argument("--audit-content", action="store_true", help="include the messages in the audit log")

@@ -15,6 +15,7 @@ from ..files import write_files
 from ..model.lora import lora_layers
 
 if TYPE_CHECKING:
+    from .jobs import Job
     from .multi import Running
 
 
@@ -38,6 +39,7 @@ def save_state(r: Running, model: torch.nn.Module) -> None:
     target = run_dir(r.job.output) / "checkpoint"
     gen = _dropout_generator(model, r.job.name)
     state = {  # STATE_KEYS
+        "shape": shape_of(r.job),
         "adapter": [p.detach().cpu().clone() for p in r.params],
         "optimizer": r.optimizer.state_dict(),
         "scheduler": r.scheduler.state_dict(),
@@ -51,9 +53,14 @@ def save_state(r: Running, model: torch.nn.Module) -> None:
     write_files(target, {"state.pt": lambda path: torch.save(state, path)})
 
 
-def load_state(output: Path) -> dict | None:
+def shape_of(job: Job) -> dict:
+    """What fixes the shape of a job's adapter: a checkpoint resumes only a job of the same shape."""
+    return {"rank": job.rank, "targets": sorted(job.targets), "parts": sorted(job.parts)}
+
+
+def load_state(job: Job) -> dict | None:
     """The job's last checkpoint, or None if it has none."""
-    path = run_dir(output) / "checkpoint" / "state.pt"
+    path = run_dir(job.output) / "checkpoint" / "state.pt"
     if not path.is_file():
         return None
     try:
@@ -63,6 +70,11 @@ def load_state(output: Path) -> dict | None:
     if not isinstance(state, dict) or not STATE_KEYS <= set(state):
         why = f" ({state})" if isinstance(state, Exception) else ""
         raise ConfigError(f"the checkpoint {path} cannot be read{why}; delete it to start the job again") from None
+    if state.get("shape", shape_of(job)) != shape_of(job):
+        raise ConfigError(
+            f"job {job.name!r}: its checkpoint {path} is of an adapter with {state['shape']}, the job now asks for "
+            f"{shape_of(job)}; restore those settings, or train it afresh without --resume"
+        )
     return state
 
 

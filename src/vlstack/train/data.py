@@ -13,14 +13,18 @@ first user message (InternVL's convention).
 from __future__ import annotations
 
 import json
+import os
 import random
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..chat import IMAGE, Processor
-from ..errors import VLStackError
+from ..errors import ImageError, VLStackError
+from ..image import ImageLimits, load_image
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IGNORE = -100  # label of tokens without loss
@@ -82,13 +86,41 @@ def read_dataset(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise DatasetError(f"dataset not found: {path}")
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DatasetError(f"{path}:{n}: not UTF-8 text (byte {e.start + 1} of the line)") from None
             if line.strip():
                 examples.append(_parse(line, f"{path}:{n}", path.parent))
     if not examples:
         raise DatasetError(f"{path}: holds no examples")
+    check_images(examples, str(path))
     return examples
+
+
+def check_images(examples: list[Example], name: str, limits: ImageLimits | None = None) -> None:
+    """Decode every image of the examples now, in parallel, with a progress line on stderr: a bad image is named
+    by file and line before training starts, not when a step reaches it."""
+    todo = [(ex.where, p) for ex in examples for p in ex.images]
+    if not todo:
+        return
+    done, tty = 0, sys.stderr.isatty()
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
+        futures = {pool.submit(load_image, p, limits): (where, p) for where, p in todo}
+        for future in as_completed(futures):
+            try:
+                future.result()
+            except ImageError as e:
+                where, p = futures[future]
+                for f in futures:
+                    f.cancel()
+                raise DatasetError(f"{where}: image {p}: {e}") from None
+            done += 1
+            if tty or done == len(todo):
+                print(f"\r{name}: {done}/{len(todo)} images checked", end="\n" if done == len(todo) else "",
+                      file=sys.stderr, flush=True)  # fmt: skip
 
 
 def encode_example(processor: Processor, ex: Example, max_len: int) -> dict[str, torch.Tensor]:

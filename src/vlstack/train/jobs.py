@@ -27,20 +27,26 @@ jobs:
     max_grad_norm: 1.0
     seed: 0
     save_every: 50          # checkpoint every K optimizer steps, for --resume (0: only at the end)
+
+Bounds: name 1-64 letters, digits, '_', '-' or ':' (a YAML string: quote names such as off or 1e3); rank
+1-1024; batch_size and grad_accum 1-1024; max_len 8-1048576; numbers finite.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..config import read_yaml
-from ..errors import VLStackError
+from ..errors import ConfigError, VLStackError
 from ..files import overlap
-from ..model.lora import LLM_TARGETS, PARTS, LoRASpec
+from ..model.lora import LLM_TARGETS, MAX_RANK, PARTS, LoRASpec, check_name
 from .checkpoint import run_dir
+
+MAX_BATCH, MAX_LEN = 1024, 1 << 20
 
 
 class JobError(VLStackError):
@@ -99,8 +105,10 @@ def _check(job: dict, where: str, root: Path) -> Job:
     for key, value in job.items():
         kind = _TYPES[key]
         try:
-            if key in ("data", "output"):
-                kw[key] = root / str(value)
+            if key in ("name", "data", "output", "schedule"):
+                if not isinstance(value, str) or not value:
+                    raise ValueError("must be a non-empty string (quote it: YAML reads off, yes, 12... otherwise)")
+                kw[key] = root / value if key in ("data", "output") else check_name(value) if key == "name" else value
             elif key in ("targets", "parts"):
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or not value:
                     raise ValueError("must be a non-empty list of names")
@@ -110,18 +118,23 @@ def _check(job: dict, where: str, root: Path) -> Job:
                     raise ValueError("must be an integer")
                 kw[key] = int(value)
             elif "float" in kind:
+                if isinstance(value, bool) or not math.isfinite(float(value)):
+                    raise ValueError("must be a finite number")
                 kw[key] = float(value)
             elif kind == "bool":
                 if not isinstance(value, bool):
                     raise ValueError("must be true or false")
                 kw[key] = value
-            else:
-                kw[key] = str(value)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError, ConfigError) as e:
             raise JobError(f"{where}: field {key!r} = {value!r} {e}") from None
     j = Job(**kw)
     problems = [
-        (j.rank < 1, "rank must be >= 1"),
+        (not 1 <= j.rank <= MAX_RANK, f"rank must be in [1, {MAX_RANK}]"),
+        (j.alpha <= 0, "alpha must be > 0"),
+        (j.weight_decay < 0, "weight_decay must be >= 0"),
+        (j.max_grad_norm <= 0, "max_grad_norm must be > 0"),
+        (j.batch_size > MAX_BATCH or j.grad_accum > MAX_BATCH, f"batch_size and grad_accum must be <= {MAX_BATCH}"),
+        (j.max_len > MAX_LEN, f"max_len must be <= {MAX_LEN}"),
         (not 0 <= j.dropout < 1, "dropout must be in [0, 1)"),
         (j.lr <= 0, "lr must be > 0"),
         (j.batch_size < 1, "batch_size must be >= 1"),

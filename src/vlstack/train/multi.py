@@ -274,7 +274,7 @@ def train(
     datasets = {job.name: read_dataset(job.data) for job in jobs}  # all checked before any training
     known, files = list(jobs), {j.name: inputs(j, datasets[j.name]) for j in jobs}
     check_outputs(known, vlm.directory, files)
-    states = {job.name: load_state(job.output) if resume else None for job in jobs}
+    states = {job.name: load_state(job) if resume else None for job in jobs}
     queue = [j for j in jobs if not finished_before(j, states[j.name], len(datasets[j.name]))]
     running: list[Running] = []
     finished: dict[str, Running] = {}

@@ -183,10 +183,24 @@ MALFORMED = [  # (body or raw bytes, the param the 400 names, or None)
     ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "video"}]}]}, "messages"),
     ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages"),
     ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, "messages"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]}]}, "messages"),
+    (
+        {
+            "model": "tiny",
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}
+            ],
+        },
+        "messages",
+    ),
+    (
+        {
+            "model": "tiny",
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]}
+            ],
+        },
+        "messages",
+    ),
     ({"model": "tiny", "messages": [{"role": "user", "content": "<image> no image given"}]}, "messages"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 9000}]}, "messages"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),

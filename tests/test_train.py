@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import image, run_cli
+from conftest import image, rel_err, run_cli
 from safetensors.torch import load_file
 
 import vlstack
@@ -214,6 +214,45 @@ def test_a_step_in_passes_gives_the_gradients_and_adapters_of_one_pass(tmp_path)
     train(vlstack.load("tiny", device="cpu"), jobs(tmp_path, "parts"), max_rows=5, verbose=False, max_tokens=150)
     for name in ("finance", "legal", "support"):
         assert_same_adapter(adapter(tmp_path / "whole" / name), adapter(tmp_path / "parts" / name))
+
+
+def test_dropout_masks_do_not_depend_on_how_a_step_is_split(tmp_path):
+    """A token's LoRA dropout mask follows from its example, position, layer and adapter: each row in a pass of
+    its own gives the gradients of one pass (language, vision and projector adapters, with images)."""
+    from vlstack.train.multi import start, train_step
+
+    def grads(dropout, max_tokens):
+        job = Job("drop", write_dataset(tmp_path / "d", "drop", 6, True), tmp_path / "o" / "drop", rank=4,
+                  dropout=dropout, batch_size=4, grad_accum=2, steps=1, targets=["q_proj", "fc1", "linear_1"],
+                  parts=["language", "vision", "projector"], seed=5)  # fmt: skip
+        vlm = vlstack.load("tiny", device="cpu")
+        for p in vlm.model.parameters():
+            p.requires_grad_(False)
+        vlm.model.train()
+        r = start(vlm, job, read_dataset(job.data))
+        with torch.no_grad():
+            for p in r.params:  # B away from zero, so that A's gradient feels the masks too
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+        train_step(vlm, [r], max_tokens)
+        return [p.grad.clone() for p in r.params]
+
+    whole, split, plain = grads(0.3, None), grads(0.3, 1), grads(0.0, None)
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert max(rel_err(a, b) for a, b in zip(whole, plain)) > 0.05  # the masks are applied
+
+
+def test_dropout_masks_drop_p_of_the_features_and_differ_by_token_and_layer():
+    from vlstack.model.lora import dropout_mask
+
+    keys = torch.arange(200, dtype=torch.long) + (7 << 24)
+    mask = dropout_mask(keys, 512, 0.25, salt=11)  # [200, 512]
+    assert torch.equal(mask.unique(), torch.tensor([0.0, 1 / 0.75]))
+    assert abs((mask == 0).float().mean().item() - 0.25) < 0.01
+    assert torch.equal(mask, dropout_mask(keys, 512, 0.25, salt=11))  # a function of its inputs alone
+    assert (mask != dropout_mask(keys, 512, 0.25, salt=12)).float().mean() > 0.3  # another layer or adapter
+    assert (mask[:100] != mask[100:]).float().mean() > 0.3  # other tokens
+    assert (mask[:, :256] != mask[:, 256:]).float().mean() > 0.3  # other features
 
 
 def test_gradient_checkpointing_recomputes_and_gives_the_same_adapters(tmp_path):
@@ -489,15 +528,16 @@ def test_resume_after_kill_gives_the_same_adapters(tmp_path):
 
 def test_two_processes_give_the_adapters_of_one(tmp_path):
     """torchrun with 2 CPU processes (gloo), each taking half of every job's rows (in passes of at most 64
-    tokens: about a row each) = 1 process in one pass."""
+    tokens: about a row each) = 1 process in one pass, LoRA dropout (language and vision) included."""
     write_dataset(tmp_path, "fin", 6, True)
     write_dataset(tmp_path, "law", 4, False, 1)
     for out, top in (("one", ""), ("two", "max_tokens: 64\n")):
         (tmp_path / f"{out}.yaml").write_text(
             f"model: tiny\n{top}jobs:\n"
-            f"  - {{name: fin, data: fin.jsonl, output: {out}/fin, rank: 4, batch_size: 2, steps: 3, lr: 1e-2}}\n"
+            f"  - {{name: fin, data: fin.jsonl, output: {out}/fin, rank: 4, batch_size: 2, steps: 3, lr: 1e-2,"
+            " dropout: 0.2}\n"
             f"  - {{name: law, data: law.jsonl, output: {out}/law, rank: 2, batch_size: 4, grad_accum: 2, steps: 2,"
-            " lr: 1e-2, targets: [q_proj, fc1], parts: [language, vision]}\n"
+            " lr: 1e-2, targets: [q_proj, fc1], parts: [language, vision], dropout: 0.3}\n"
         )
     one = run_cli("train", str(tmp_path / "one.yaml"))
     assert one.returncode == 0, one.stderr

@@ -4,15 +4,19 @@ The base matmul runs once over all rows of the batch; then each adapter adds `B(
 to its own rows only (the mLoRA "BatchLoRA" idea). Which rows belong to which adapter is a `Routing`
 shared by every LoRA layer of a model: a segment per run of rows (decode, a batch of tiles) or, in a
 packed batch of sequences back to back, per run of tokens (training: one per job; the server's
-prefill: one per adapter). `replay` lets gradient checkpointing recompute a layer with its forward's
-routing and dropout masks. Parameter names follow PEFT's in-memory names (`q_proj.lora_A.<adapter>.weight`), and the
-base weight keeps its own name (`q_proj.weight`), so checkpoints are unaffected.
+prefill: one per adapter). In training, LoRA dropout's masks are a hash of each token's key (its example
+and position, set by the training step), the layer and the adapter's seed, not draws from a generator: a
+token gets the same mask however a step's rows are split into passes or processes, alone or fused, resumed
+or recomputed. `replay` lets gradient checkpointing recompute a layer with its forward's routing.
+Parameter names follow PEFT's in-memory names (`q_proj.lora_A.<adapter>.weight`), and the base weight keeps
+its own name (`q_proj.weight`), so checkpoints are unaffected.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -82,6 +86,7 @@ class Routing:
     def __init__(self) -> None:
         self.segments: list[tuple[str, int, int]] = []
         self.axis = 0
+        self.keys: torch.Tensor | None = None  # [units along axis] int64: each token's (or tile's) dropout key
         self.layers: dict[str, int] = {}  # adapter -> how many of the model's layers hold it
         self._masks: tuple[list, dict] = ([], {})  # (the segments they are for, {blocks: mask})
 
@@ -116,7 +121,8 @@ class LoRALinear(nn.Linear):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        self.dropout: dict[str, tuple[float, torch.Generator | None]] = {}
+        self.dropout: dict[str, tuple[float, int]] = {}  # adapter -> (p, salt of its masks in this layer)
+        self.name = ""  # the module's name in the model (ensure_lora): part of each dropout salt
         self._stack: Stack | None = None  # the adapters last stacked (decode steps)
 
     def add(
@@ -126,7 +132,7 @@ class LoRALinear(nn.Linear):
         scaling: float,
         dropout: float = 0.0,
         init: torch.Generator | None = None,
-        drop: torch.Generator | None = None,
+        seed: int = 0,
     ) -> None:
         """A new adapter initialised like PEFT: A Kaiming-uniform, B zeros (so it starts as a no-op)."""
         a = nn.Linear(self.in_features, rank, bias=False, device=self.weight.device, dtype=self.weight.dtype)
@@ -137,7 +143,7 @@ class LoRALinear(nn.Linear):
             b.weight.zero_()
         self.lora_A[name], self.lora_B[name] = a, b
         self.scaling[name] = scaling
-        self.dropout[name] = (dropout, drop)
+        self.dropout[name] = (dropout, zlib.crc32(f"{self.name}/{name}/{seed}".encode()))
         self.routing.layers[name] = self.routing.layers.get(name, 0) + 1
 
     def remove(self, name: str) -> None:
@@ -171,9 +177,13 @@ class LoRALinear(nn.Linear):
             if name not in self.lora_A:
                 continue
             xs = x.narrow(axis, start, end - start)
-            p, gen = self.dropout[name]
-            if p and self.training:  # the adapter's own generator: the same masks fused or alone
-                xs = xs * ((torch.rand(xs.shape, generator=gen, device=xs.device) >= p) / (1 - p))
+            p, salt = self.dropout[name]
+            if p and self.training:
+                keys = self.routing.keys
+                if keys is None:
+                    raise ConfigError("LoRA dropout in training needs each token's key (route(..., keys=))")
+                inner = xs[0].numel() if axis == 0 else xs.shape[-1]  # the features of a tile, or of a token
+                xs = xs * dropout_mask(keys[start:end], inner, p, salt).view(xs.shape).to(xs.dtype)
             if start > done:
                 pieces.append(_zeros(y, axis, start - done))
             pieces.append(self.lora_B[name](self.lora_A[name](xs)) * self.scaling[name])
@@ -202,6 +212,27 @@ class LoRALinear(nn.Linear):
         h.mul_(self.routing.mask(stack.blocks, rows, h.device))  # each row keeps its adapter's ranks, scaled
         y.view(rows, -1).addmm_(h, stack.b)  # [B, out]
         return y
+
+
+MASK32 = 0xFFFFFFFF
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32) of int64 values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def dropout_mask(keys: torch.Tensor, inner: int, p: float, salt: int) -> torch.Tensor:
+    """keys [n] (non-negative int64, one per token or tile) -> [n, inner] float32: 0 with probability p, else
+    1 / (1 - p); a function of (key, index, salt) alone."""
+    unit = _mix(_mix((keys >> 32) ^ salt) ^ (keys & MASK32))  # [n]
+    index = _mix((torch.arange(inner, device=keys.device) + salt) & MASK32)  # [inner]
+    h = _mix(unit[:, None] ^ index[None])  # [n, inner], uniform in [0, 2^32)
+    return (h >= int(p * 2**32)).float() / (1 - p)
 
 
 @dataclass
@@ -249,6 +280,7 @@ def ensure_lora(model: nn.Module, names: list[str]) -> dict[str, LoRALinear]:
         if not isinstance(mod, LoRALinear):
             parent, _, child = name.rpartition(".")
             mod = LoRALinear(mod, routing)
+            mod.name = name
             setattr(model.get_submodule(parent) if parent else model, child, mod)
         out[name] = mod
     return out
@@ -260,11 +292,9 @@ def add_adapter(model: nn.Module, name: str, spec: LoRASpec, seed: int = 0) -> l
     if name in adapter_names(model):
         raise ConfigError(f"adapter {name!r} already exists")
     init = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    drop = torch.Generator(device=device).manual_seed(seed + 1) if spec.dropout else None
     params = []
     for module_name, layer in ensure_lora(model, spec.modules(model)).items():
-        layer.add(name, spec.rank, spec.scaling(spec.rank, module_name), spec.dropout, init, drop)
+        layer.add(name, spec.rank, spec.scaling(spec.rank, module_name), spec.dropout, init, seed)
         params += [layer.lora_A[name].weight, layer.lora_B[name].weight]
     return params
 
@@ -299,25 +329,30 @@ class route:
     """`with route(model, ["finance", "finance", None, "legal"]):` -- rows use these adapters.
 
     With axis=1 the batch is one row of sequences packed back to back, and adapters[i] covers the next
-    counts[i] tokens."""
+    counts[i] tokens. keys [units along axis]: each token's dropout key (training)."""
 
     def __init__(
-        self, model: nn.Module, adapters: list[str | None] | None, axis: int = 0, counts: list[int] | None = None
+        self,
+        model: nn.Module,
+        adapters: list[str | None] | None,
+        axis: int = 0,
+        counts: list[int] | None = None,
+        keys: torch.Tensor | None = None,
     ):
         self.routing = routing_of(model)
-        self.new = segments(adapters or [], counts), axis
+        self.new = segments(adapters or [], counts), axis, keys
         known = adapter_names(model)
         unknown = sorted({a for a in adapters or [] if a is not None} - known)
         if unknown:
             raise ConfigError(f"unknown adapter(s) {unknown}")  # (no list of the others: they may be other tenants')
 
     def __enter__(self) -> Routing:
-        self.old = self.routing.segments, self.routing.axis
-        self.routing.segments, self.routing.axis = self.new
+        self.old = self.routing.segments, self.routing.axis, self.routing.keys
+        self.routing.segments, self.routing.axis, self.routing.keys = self.new
         return self.routing
 
     def __exit__(self, *exc) -> None:
-        self.routing.segments, self.routing.axis = self.old
+        self.routing.segments, self.routing.axis, self.routing.keys = self.old
 
 
 def regroup(segs: list[tuple[str, int, int]], image_tokens: torch.Tensor, per_tile: int) -> list[tuple[str, int, int]]:
@@ -329,31 +364,20 @@ def regroup(segs: list[tuple[str, int, int]], image_tokens: torch.Tensor, per_ti
 
 def replay(model: nn.Module) -> Callable[[], tuple[AbstractContextManager, AbstractContextManager]]:
     """`context_fn` for torch.utils.checkpoint: a layer recomputed in backward sees the LoRA routing of its
-    forward (the `with route(...)` block has ended by then) and draws the same dropout masks."""
+    forward (the `with route(...)` block has ended by then), and so draws the same dropout masks."""
     routing = routing_of(model)
 
     def context_fn() -> tuple[AbstractContextManager, AbstractContextManager]:
-        gens = [g for m in lora_layers(model).values() for p, g in m.dropout.values() if p and g is not None]
-        gens = list({id(g): g for g in gens}.values())  # one generator per adapter, shared by its layers
-
-        def snapshot() -> tuple:
-            return routing.segments, routing.axis, [g.get_state() for g in gens]
-
-        def restore(state: tuple) -> None:
-            routing.segments, routing.axis, rng = state
-            for g, r in zip(gens, rng):
-                g.set_state(r)
-
-        forward = snapshot()
+        forward = routing.segments, routing.axis, routing.keys
 
         @contextmanager
         def again() -> Iterator[None]:
-            now = snapshot()
-            restore(forward)
+            now = routing.segments, routing.axis, routing.keys
+            routing.segments, routing.axis, routing.keys = forward
             try:
                 yield
             finally:
-                restore(now)
+                routing.segments, routing.axis, routing.keys = now
 
         return nullcontext(), again()
 

@@ -1,6 +1,7 @@
-"""A training job's resumable state: its adapter, AdamW, schedule, data position, counters and dropout
-RNG, in `<output>.train/checkpoint/state.pt`, written to a temporary file and renamed, so a kill at any
-moment leaves the last complete checkpoint. Jobs are independent, so each resumes from its own checkpoint.
+"""A training job's resumable state: its adapter, AdamW, schedule, data position and counters (its dropout
+masks follow from the counters), in `<output>.train/checkpoint/state.pt`, written to a temporary file and
+renamed, so a kill at any moment leaves the last complete checkpoint. Jobs are independent, so each
+resumes from its own checkpoint.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ import torch
 
 from ..errors import ConfigError
 from ..files import write_files
-from ..model.lora import lora_layers
 
 if TYPE_CHECKING:
     from .jobs import Job
     from .multi import Running
 
 
-STATE_KEYS = {"adapter", "optimizer", "scheduler", "position", "step", "micro", "tokens", "losses", "dropout_rng"}
+STATE_KEYS = {"adapter", "optimizer", "scheduler", "position", "step", "micro", "tokens", "losses"}
 RUN_FILES = ("checkpoint/state.pt", "metrics.jsonl", "loss.png")  # what a run writes to its run directory
 
 
@@ -28,16 +28,8 @@ def run_dir(output: Path) -> Path:
     return output.with_name(output.name + ".train")
 
 
-def _dropout_generator(model: torch.nn.Module, name: str) -> torch.Generator | None:
-    for layer in lora_layers(model).values():
-        if name in layer.dropout:
-            return layer.dropout[name][1]
-    return None
-
-
-def save_state(r: Running, model: torch.nn.Module) -> None:
+def save_state(r: Running) -> None:
     target = run_dir(r.job.output) / "checkpoint"
-    gen = _dropout_generator(model, r.job.name)
     state = {  # STATE_KEYS
         "shape": shape_of(r.job),
         "adapter": [p.detach().cpu().clone() for p in r.params],
@@ -48,7 +40,6 @@ def save_state(r: Running, model: torch.nn.Module) -> None:
         "micro": r.micro,
         "tokens": r.tokens,
         "losses": r.losses,
-        "dropout_rng": gen.get_state() if gen is not None else None,
     }
     write_files(target, {"state.pt": lambda path: torch.save(state, path)})
 
@@ -84,7 +75,7 @@ def clear_run(output: Path) -> None:
         (run_dir(output) / name).unlink(missing_ok=True)
 
 
-def restore_state(r: Running, model: torch.nn.Module, state: dict) -> None:
+def restore_state(r: Running, state: dict) -> None:
     shapes = [tuple(p.shape) for p in r.params]
     if [tuple(t.shape) for t in state["adapter"]] != shapes:
         raise ConfigError(
@@ -98,6 +89,3 @@ def restore_state(r: Running, model: torch.nn.Module, state: dict) -> None:
     r.scheduler.load_state_dict(state["scheduler"])
     r.stream.position = state["position"]
     r.step, r.micro, r.tokens, r.losses = state["step"], state["micro"], state["tokens"], list(state["losses"])
-    gen = _dropout_generator(model, r.job.name)
-    if gen is not None and state["dropout_rng"] is not None:
-        gen.set_state(state["dropout_rng"])

@@ -84,7 +84,7 @@ def start(vlm: VLM, job: Job, examples: list[Example], state: dict | None = None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job, steps))
     r = Running(job, Stream(examples, job.batch_size, job.seed), params, optimizer, scheduler, steps)
     if state is not None:
-        restore_state(r, vlm.model, state)
+        restore_state(r, state)
         truncate_metrics(r)
     elif world()[0] == 0:  # a fresh start: no metrics or checkpoint of an earlier run may linger
         clear_run(job.output)
@@ -101,13 +101,16 @@ def world() -> tuple[int, int]:
 
 def job_rows(vlm: VLM, running: list[Running]) -> list[tuple[int, dict]]:
     """The next micro-batch of every running job, encoded: [(job index, row)], in job order. Under data
-    parallelism each process takes every world-th row of each job's micro-batch."""
+    parallelism each process takes every world-th row of each job's micro-batch. A row's `key` names it
+    within its job's run (micro-step and place in the micro-batch): its tokens' dropout masks follow from it."""
     rank, size = world()
-    return [
-        (i, encode_example(vlm.processor, ex, r.job.max_len))
-        for i, r in enumerate(running)
-        for ex in r.stream.next()[rank::size]
-    ]
+    rows = []
+    for i, r in enumerate(running):
+        for j, ex in list(enumerate(r.stream.next()))[rank::size]:
+            row = encode_example(vlm.processor, ex, r.job.max_len)
+            row["key"] = r.micro * r.job.batch_size + j
+            rows.append((i, row))
+    return rows
 
 
 def passes(rows: list[tuple[int, dict]], max_tokens: int | None) -> list[list[tuple[int, dict]]]:
@@ -127,13 +130,14 @@ def passes(rows: list[tuple[int, dict]], max_tokens: int | None) -> list[list[tu
 
 def pack(rows: list[tuple[int, dict]]) -> dict:
     """Rows back to back in one row, no padding: input_ids [1, T], labels [1, T], seqlens, each token's
-    job [T], and the rows' pixel_values."""
+    job [T] and dropout key [T] (its row's key and its position), and the rows' pixel_values."""
     seqlens = [len(x["input_ids"]) for _, x in rows]
     batch = {
         "input_ids": torch.cat([x["input_ids"] for _, x in rows])[None],  # [1, T]
         "labels": torch.cat([x["labels"] for _, x in rows])[None],
         "seqlens": seqlens,
         "job": torch.repeat_interleave(torch.tensor([i for i, _ in rows]), torch.tensor(seqlens)),  # [T]
+        "keys": torch.cat([(x["key"] << 24) + torch.arange(n) for (_, x), n in zip(rows, seqlens)]),  # [T]
     }
     tiles = [x["pixel_values"] for _, x in rows if "pixel_values" in x]
     if tiles:
@@ -186,7 +190,8 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
         targets[:-1] = labels[1:]
         targets[ends - 1] = IGNORE  # a sequence's last token predicts nothing
         learn = targets != IGNORE  # [T]: positions with a label; logits are computed only there
-        with route(model, [running[i].job.name for i, _ in group], axis=1, counts=seqlens):  # a job's rows: one run
+        names = [running[i].job.name for i, _ in group]
+        with route(model, names, axis=1, counts=seqlens, keys=batch["keys"]):  # a job's rows: one run
             ids, pixels = batch["input_ids"], batch.get("pixel_values")
             hidden = model(ids, pixels, select=learn[None], seqlens=seqlens, head=False)  # [N, C]
             per_token = token_losses(model.lm_head, hidden, targets[learn], model.language_model.recompute is not None)
@@ -196,20 +201,14 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
         sums += pass_sums.detach()
     if world()[1] > 1:
         dist.all_reduce(sums)
-        for r in running:  # every process applies the same summed gradient
-            for p in r.params:  # rows without labels on this process leave no gradient
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            grads = torch.cat([p.grad.reshape(-1) for p in r.params])
-            dist.all_reduce(grads)
-            for p, g in zip(r.params, grads.split([p.numel() for p in r.params])):
-                p.grad.copy_(g.view_as(p))
     losses = (sums / counts.clamp(min=1)).tolist()
     for r, loss, n in zip(running, losses, tokens.tolist()):
         r.tokens += int(n)
         r.micro += 1
         r.losses.append(loss)
         if r.micro % r.job.grad_accum == 0:
+            if world()[1] > 1:  # once per optimizer step, over the gradients accumulated here
+                sum_gradients(r.params)
             torch.nn.utils.clip_grad_norm_(r.params, r.job.max_grad_norm)
             r.optimizer.step()
             r.scheduler.step()
@@ -221,6 +220,19 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
 def inputs(job: Job, examples: list[Example]) -> list:
     """A job's dataset files: its JSONL and every image it names."""
     return [job.data, *dict.fromkeys(p for ex in examples for p in ex.images)]
+
+
+def sum_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Every process's accumulated gradients summed, on every process (rows without labels on a process leave
+    it no gradient: zeros). Once per optimizer step: summing at each micro-step would count the earlier
+    micro-steps' gradients again."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(grads)
+    for p, g in zip(params, grads.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p))
 
 
 def check_batch(job: Job, processes: int) -> None:
@@ -307,7 +319,7 @@ def train(
                     if done:  # the adapter first: a checkpoint saying "done" implies the adapter is complete
                         save_adapter(model, r.job.name, r.job.output, r.job.spec, base=str(vlm.directory))
                     if done or (r.job.save_every and r.step % r.job.save_every == 0):
-                        save_state(r, model)
+                        save_state(r)
                     if done:
                         plot_loss(r)
                 if done:

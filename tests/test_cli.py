@@ -141,3 +141,15 @@ def test_a_corrupt_image_is_named_before_training(tmp_path, capsys):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     _fails(capsys, ["train", jobs], f"{tmp_path / 'd.jsonl'}:31: image {tmp_path / '30.png'}: could not decode")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_readmes_example_jobs_file_reads(tmp_path):
+    from pathlib import Path
+
+    from vlstack.train.data import read_dataset
+    from vlstack.train.jobs import read_plan
+
+    root = Path(__file__).parent.parent
+    plan = read_plan(root / "examples" / "jobs.yaml")
+    assert plan.jobs[0].output.resolve() == (root / "out" / "finance").resolve()
+    assert len(read_dataset(plan.jobs[0].data)) == 4

@@ -217,8 +217,8 @@ def test_a_step_in_passes_gives_the_gradients_and_adapters_of_one_pass(tmp_path)
 
 
 def test_dropout_masks_do_not_depend_on_how_a_step_is_split(tmp_path):
-    """A token's LoRA dropout mask follows from its example, position, layer and adapter: each row in a pass of
-    its own gives the gradients of one pass (language, vision and projector adapters, with images)."""
+    """A row's LoRA dropout mask follows from its example, the layer and the adapter: each row in a pass of its
+    own gives the gradients of one pass (language, vision and projector adapters, with images)."""
     from vlstack.train.multi import start, train_step
 
     def grads(dropout, max_tokens):
@@ -242,17 +242,27 @@ def test_dropout_masks_do_not_depend_on_how_a_step_is_split(tmp_path):
     assert max(rel_err(a, b) for a, b in zip(whole, plain)) > 0.05  # the masks are applied
 
 
-def test_dropout_masks_drop_p_of_the_features_and_differ_by_token_and_layer():
-    from vlstack.model.lora import dropout_mask
+def test_a_rows_dropout_mask_depends_on_its_key_alone():
+    from vlstack.model.lora import Routing
 
-    keys = torch.arange(200, dtype=torch.long) + (7 << 24)
-    mask = dropout_mask(keys, 512, 0.25, salt=11)  # [200, 512]
-    assert torch.equal(mask.unique(), torch.tensor([0.0, 1 / 0.75]))
-    assert abs((mask == 0).float().mean().item() - 0.25) < 0.01
-    assert torch.equal(mask, dropout_mask(keys, 512, 0.25, salt=11))  # a function of its inputs alone
-    assert (mask != dropout_mask(keys, 512, 0.25, salt=12)).float().mean() > 0.3  # another layer or adapter
-    assert (mask[:100] != mask[100:]).float().mean() > 0.3  # other tokens
-    assert (mask[:, :256] != mask[:, 256:]).float().mean() > 0.3  # other features
+    def masks(rows, salt=11, axis=1):
+        routing = Routing()
+        routing.rows, routing.axis = rows, axis
+        total = sum(n for _, n in rows)
+        xs = torch.ones(1, total, 512) if axis == 1 else torch.ones(total, 16, 32)
+        mask = routing.dropout_mask(xs, 0, total, 0.25, salt)
+        parts = mask[0].split([n for _, n in rows]) if axis == 1 else mask.split([n for _, n in rows])
+        return dict(zip([k for k, _ in rows], parts))
+
+    both = masks([(3, 100), (4, 80)])
+    assert torch.equal(torch.cat(list(both.values())).unique(), torch.tensor([0.0, 1 / 0.75]))
+    assert abs((torch.cat(list(both.values())) == 0).float().mean().item() - 0.25) < 0.01
+    alone, swapped = masks([(4, 80)]), masks([(4, 80), (3, 100)])
+    assert torch.equal(alone[4], both[4]) and torch.equal(swapped[3], both[3])  # wherever the row is
+    assert (masks([(3, 100)], salt=12)[3] != both[3]).float().mean() > 0.3  # another layer or adapter
+    assert (both[3][:80] != both[4]).float().mean() > 0.3  # another row
+    tiles = masks([(7, 1), (8, 1)], axis=0)  # a row per tile along axis 0: [tiles, patches, width]
+    assert tiles[7].shape == (1, 16, 32) and not torch.equal(tiles[7], tiles[8])
 
 
 def test_gradient_checkpointing_recomputes_and_gives_the_same_adapters(tmp_path):

@@ -4,10 +4,10 @@ The base matmul runs once over all rows of the batch; then each adapter adds `B(
 to its own rows only (the mLoRA "BatchLoRA" idea). Which rows belong to which adapter is a `Routing`
 shared by every LoRA layer of a model: a segment per run of rows (decode, a batch of tiles) or, in a
 packed batch of sequences back to back, per run of tokens (training: one per job; the server's
-prefill: one per adapter). In training, LoRA dropout's masks are a hash of each token's key (its example
-and position, set by the training step), the layer and the adapter's seed, not draws from a generator: a
-token gets the same mask however a step's rows are split into passes or processes, alone or fused, resumed
-or recomputed. `replay` lets gradient checkpointing recompute a layer with its forward's routing.
+prefill: one per adapter). In training, each row's LoRA dropout mask is drawn from a generator seeded by
+the row's key (its example, set by the training step; a tile's: its place in its example), the layer and
+the adapter, so a row gets the same mask however a step's rows are split into passes or processes, alone
+or fused, resumed or recomputed. `replay` lets gradient checkpointing recompute a layer with its forward's routing.
 Parameter names follow PEFT's in-memory names (`q_proj.lora_A.<adapter>.weight`), and the base weight keeps
 its own name (`q_proj.weight`), so checkpoints are unaffected.
 """
@@ -86,9 +86,26 @@ class Routing:
     def __init__(self) -> None:
         self.segments: list[tuple[str, int, int]] = []
         self.axis = 0
-        self.keys: torch.Tensor | None = None  # [units along axis] int64: each token's (or tile's) dropout key
+        self.rows: list[tuple[int, int]] | None = None  # training: [(key, units)] of each row along the axis
+        self._generators: dict[torch.device, torch.Generator] = {}
         self.layers: dict[str, int] = {}  # adapter -> how many of the model's layers hold it
         self._masks: tuple[list, dict] = ([], {})  # (the segments they are for, {blocks: mask})
+
+    def dropout_mask(self, xs: torch.Tensor, start: int, end: int, p: float, salt: int) -> torch.Tensor:
+        """The dropout mask (0, or 1 / (1 - p)) of units start..end along the axis, shaped like their activations
+        xs: each row's part drawn from a generator seeded by the row's key and salt alone."""
+        if self.rows is None:
+            raise ConfigError("LoRA dropout in training needs each row's key (route(..., rows=))")
+        gen = self._generators.get(xs.device)
+        if gen is None:
+            gen = self._generators[xs.device] = torch.Generator(device=xs.device)
+        shape, parts, at = xs.shape[self.axis + 1 :], [], 0
+        for key, n in self.rows:
+            if start <= at < end:
+                gen.manual_seed((key * 0x9E3779B97F4A7C15 ^ salt) % 2**64)
+                parts.append(torch.rand((n, *shape), generator=gen, device=xs.device))  # [n, ...]
+            at += n
+        return ((torch.cat(parts) >= p) / (1 - p)).view(xs.shape).to(xs.dtype)
 
     def mask(self, blocks: tuple[tuple[str, int, float], ...], rows: int, device: torch.device) -> torch.Tensor:
         """[rows, sum of ranks]: each row's own adapter's block of ranks (blocks: (adapter, rank, scaling) in
@@ -179,11 +196,7 @@ class LoRALinear(nn.Linear):
             xs = x.narrow(axis, start, end - start)
             p, salt = self.dropout[name]
             if p and self.training:
-                keys = self.routing.keys
-                if keys is None:
-                    raise ConfigError("LoRA dropout in training needs each token's key (route(..., keys=))")
-                inner = xs[0].numel() if axis == 0 else xs.shape[-1]  # the features of a tile, or of a token
-                xs = xs * dropout_mask(keys[start:end], inner, p, salt).view(xs.shape).to(xs.dtype)
+                xs = xs * self.routing.dropout_mask(xs, start, end, p, salt)
             if start > done:
                 pieces.append(_zeros(y, axis, start - done))
             pieces.append(self.lora_B[name](self.lora_A[name](xs)) * self.scaling[name])
@@ -212,27 +225,6 @@ class LoRALinear(nn.Linear):
         h.mul_(self.routing.mask(stack.blocks, rows, h.device))  # each row keeps its adapter's ranks, scaled
         y.view(rows, -1).addmm_(h, stack.b)  # [B, out]
         return y
-
-
-MASK32 = 0xFFFFFFFF
-
-
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (lowbias32) of int64 values in [0, 2^32)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & MASK32
-    return x ^ (x >> 16)
-
-
-def dropout_mask(keys: torch.Tensor, inner: int, p: float, salt: int) -> torch.Tensor:
-    """keys [n] (non-negative int64, one per token or tile) -> [n, inner] float32: 0 with probability p, else
-    1 / (1 - p); a function of (key, index, salt) alone."""
-    unit = _mix(_mix((keys >> 32) ^ salt) ^ (keys & MASK32))  # [n]
-    index = _mix((torch.arange(inner, device=keys.device) + salt) & MASK32)  # [inner]
-    h = _mix(unit[:, None] ^ index[None])  # [n, inner], uniform in [0, 2^32)
-    return (h >= int(p * 2**32)).float() / (1 - p)
 
 
 @dataclass
@@ -329,7 +321,7 @@ class route:
     """`with route(model, ["finance", "finance", None, "legal"]):` -- rows use these adapters.
 
     With axis=1 the batch is one row of sequences packed back to back, and adapters[i] covers the next
-    counts[i] tokens. keys [units along axis]: each token's dropout key (training)."""
+    counts[i] tokens. rows: [(key, units)] of each row along the axis, for training's dropout masks."""
 
     def __init__(
         self,
@@ -337,22 +329,22 @@ class route:
         adapters: list[str | None] | None,
         axis: int = 0,
         counts: list[int] | None = None,
-        keys: torch.Tensor | None = None,
+        rows: list[tuple[int, int]] | None = None,
     ):
         self.routing = routing_of(model)
-        self.new = segments(adapters or [], counts), axis, keys
+        self.new = segments(adapters or [], counts), axis, rows
         known = adapter_names(model)
         unknown = sorted({a for a in adapters or [] if a is not None} - known)
         if unknown:
             raise ConfigError(f"unknown adapter(s) {unknown}")  # (no list of the others: they may be other tenants')
 
     def __enter__(self) -> Routing:
-        self.old = self.routing.segments, self.routing.axis, self.routing.keys
-        self.routing.segments, self.routing.axis, self.routing.keys = self.new
+        self.old = self.routing.segments, self.routing.axis, self.routing.rows
+        self.routing.segments, self.routing.axis, self.routing.rows = self.new
         return self.routing
 
     def __exit__(self, *exc) -> None:
-        self.routing.segments, self.routing.axis, self.routing.keys = self.old
+        self.routing.segments, self.routing.axis, self.routing.rows = self.old
 
 
 def regroup(segs: list[tuple[str, int, int]], image_tokens: torch.Tensor, per_tile: int) -> list[tuple[str, int, int]]:
@@ -362,22 +354,35 @@ def regroup(segs: list[tuple[str, int, int]], image_tokens: torch.Tensor, per_ti
     return [(name, ends[a], ends[b]) for name, a, b in segs if ends[b] > ends[a]]
 
 
+def tile_rows(rows: list[tuple[int, int]], image_tokens: torch.Tensor, per_tile: int) -> list[tuple[int, int]]:
+    """Rows [(key, tokens)] of a packed batch and its image tokens (a mask [T]) -> a row per tile [(key, 1)], the
+    key naming the tile's row and the place of its first token there (a tile's dropout masks follow from it)."""
+    firsts = image_tokens.nonzero()[::per_tile, 0].tolist()  # the first token of each tile
+    out, i, start = [], 0, 0
+    for first in firsts:
+        while first >= start + rows[i][1]:
+            start += rows[i][1]
+            i += 1
+        out.append(((rows[i][0] << 24) + first - start, 1))
+    return out
+
+
 def replay(model: nn.Module) -> Callable[[], tuple[AbstractContextManager, AbstractContextManager]]:
     """`context_fn` for torch.utils.checkpoint: a layer recomputed in backward sees the LoRA routing of its
     forward (the `with route(...)` block has ended by then), and so draws the same dropout masks."""
     routing = routing_of(model)
 
     def context_fn() -> tuple[AbstractContextManager, AbstractContextManager]:
-        forward = routing.segments, routing.axis, routing.keys
+        forward = routing.segments, routing.axis, routing.rows
 
         @contextmanager
         def again() -> Iterator[None]:
-            now = routing.segments, routing.axis, routing.keys
-            routing.segments, routing.axis, routing.keys = forward
+            now = routing.segments, routing.axis, routing.rows
+            routing.segments, routing.axis, routing.rows = forward
             try:
                 yield
             finally:
-                routing.segments, routing.axis, routing.keys = now
+                routing.segments, routing.axis, routing.rows = now
 
         return nullcontext(), again()
 

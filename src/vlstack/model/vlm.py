@@ -11,7 +11,7 @@ from torch import nn
 from ..config import VLMConfig
 from ..errors import PromptError
 from .language import KVCache, LanguageModel, packed_positions
-from .lora import regroup
+from .lora import regroup, tile_rows
 from .vision import VisionTower
 
 
@@ -77,15 +77,15 @@ class InternVL(nn.Module):
         if features is None and pixel_values is not None and pixel_values.numel():
             routing = getattr(self, "lora_routing", None)  # adapters of the vision tower act on each row's tiles
             if routing is not None and routing.segments:
-                old = routing.segments, routing.axis, routing.keys
+                old = routing.segments, routing.axis, routing.rows
                 units = is_image.sum(1) if routing.axis == 0 else is_image[0]  # image tokens per row, or per token
                 routing.segments, routing.axis = regroup(routing.segments, units, self.cfg.tokens_per_tile), 0
-                if routing.keys is not None:  # a tile's dropout key: that of its first image token
-                    routing.keys = routing.keys[units][:: self.cfg.tokens_per_tile]
+                if routing.rows is not None:
+                    routing.rows = tile_rows(routing.rows, units, self.cfg.tokens_per_tile)
                 try:
                     features = self.image_features(pixel_values)
                 finally:
-                    routing.segments, routing.axis, routing.keys = old
+                    routing.segments, routing.axis, routing.rows = old
             else:
                 features = self.image_features(pixel_values)  # [N, P, C]
         if features is None:  # no images: an <IMG_CONTEXT> the model generated is an ordinary token (as in

@@ -130,14 +130,14 @@ def passes(rows: list[tuple[int, dict]], max_tokens: int | None) -> list[list[tu
 
 def pack(rows: list[tuple[int, dict]]) -> dict:
     """Rows back to back in one row, no padding: input_ids [1, T], labels [1, T], seqlens, each token's
-    job [T] and dropout key [T] (its row's key and its position), and the rows' pixel_values."""
+    job [T], the rows' [(dropout key, tokens)], and the rows' pixel_values."""
     seqlens = [len(x["input_ids"]) for _, x in rows]
     batch = {
         "input_ids": torch.cat([x["input_ids"] for _, x in rows])[None],  # [1, T]
         "labels": torch.cat([x["labels"] for _, x in rows])[None],
         "seqlens": seqlens,
         "job": torch.repeat_interleave(torch.tensor([i for i, _ in rows]), torch.tensor(seqlens)),  # [T]
-        "keys": torch.cat([(x["key"] << 24) + torch.arange(n) for (_, x), n in zip(rows, seqlens)]),  # [T]
+        "rows": [(x["key"], n) for (_, x), n in zip(rows, seqlens)],
     }
     tiles = [x["pixel_values"] for _, x in rows if "pixel_values" in x]
     if tiles:
@@ -182,7 +182,7 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
     sums = torch.zeros(jobs, device=device)  # [jobs]: each job's summed token losses
     for group in passes(rows, max_tokens):
         batch = pack(group)
-        seqlens = batch.pop("seqlens")
+        seqlens, keyed = batch.pop("seqlens"), batch.pop("rows")
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch["labels"][0]
         targets = torch.full_like(labels, IGNORE)  # [T]: the token each position predicts, within its sequence
@@ -191,7 +191,7 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
         targets[ends - 1] = IGNORE  # a sequence's last token predicts nothing
         learn = targets != IGNORE  # [T]: positions with a label; logits are computed only there
         names = [running[i].job.name for i, _ in group]
-        with route(model, names, axis=1, counts=seqlens, keys=batch["keys"]):  # a job's rows: one run
+        with route(model, names, axis=1, counts=seqlens, rows=keyed):  # a job's rows: one run
             ids, pixels = batch["input_ids"], batch.get("pixel_values")
             hidden = model(ids, pixels, select=learn[None], seqlens=seqlens, head=False)  # [N, C]
             per_token = token_losses(model.lm_head, hidden, targets[learn], model.language_model.recompute is not None)

@@ -30,7 +30,7 @@ from ..model.lora import check_name
 from .auth import AuditLog, Tenant, find_tenant
 from .engine import Engine
 from .metrics import Metrics
-from .openai import APIError, fetch_images, logprobs_content, read_messages, read_sampling
+from .openai import APIError, fetch_images, logprobs_content, read_messages, read_sampling, remote_images
 
 
 @dataclass
@@ -276,14 +276,7 @@ def create_app(
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         loop = asyncio.get_running_loop()
-        if any(
-            isinstance(m["content"], list)
-            and any(
-                p["type"] == "image_url" and p["image_url"]["url"].startswith(("http://", "https://"))
-                for p in m["content"]
-            )
-            for m in messages
-        ):
+        if remote_images(messages):  # fetched by threads of their own (see fetcher)
             fetch = (fetch_images, messages, cfg.fetch_timeout, cfg.allow_private_image_hosts)
             messages = await loop.run_in_executor(fetcher, _client_errors(*fetch))
         args = (engine, vlm, messages, adapter, n, gen, top_logprobs, loop)

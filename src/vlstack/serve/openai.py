@@ -262,6 +262,15 @@ def fetch_image(url: str, timeout: float, max_bytes: int = 64 * 2**20, allow_pri
     return b"".join(chunks)
 
 
+def _remote(part: dict) -> bool:
+    return part["type"] == "image_url" and part["image_url"]["url"].startswith(("http://", "https://"))
+
+
+def remote_images(messages: list[dict]) -> bool:
+    """Whether checked messages (read_messages) hold http(s) image URLs."""
+    return any(isinstance(m["content"], list) and any(_remote(p) for p in m["content"]) for m in messages)
+
+
 def fetch_images(messages: list[dict], timeout: float, allow_private: bool = False) -> list[dict]:
     """messages with their http(s) image URLs replaced by the images' bytes."""
     out = []
@@ -271,8 +280,7 @@ def fetch_images(messages: list[dict], timeout: float, allow_private: bool = Fal
             content = [
                 {"type": "image_url", "image_url": {"url": fetch_image(p["image_url"]["url"], timeout,
                                                                       allow_private=allow_private)}}
-                if p["type"] == "image_url" and p["image_url"]["url"].startswith(("http://", "https://"))
-                else p
+                if _remote(p) else p
                 for p in content
             ]  # fmt: skip
         out.append({**m, "content": content})

@@ -189,7 +189,7 @@ def check_outputs(jobs: list[Job], model_dir: Path | None, inputs: dict[str, lis
               for what, p in (("output", j.output), ("run directory", run_dir(j.output)))]  # fmt: skip
     for i, (what, p) in enumerate(places):
         for other, q in places[i + 1 :]:
-            if p == q or p.is_relative_to(q) or q.is_relative_to(p):
+            if overlap(p, q):
                 raise JobError(f"{what} {p} overlaps {other} {q}: give each job its own output")
         if model_dir is not None and overlap(p, model_dir):
             raise JobError(f"{what} {p} overlaps the base model's directory {model_dir.resolve()}")

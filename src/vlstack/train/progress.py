@@ -73,4 +73,4 @@ def plot_loss(r: Running, width: int = 640, height: int = 360) -> None:
     draw.text((4, bottom - 10), f"{lo:.3f}", fill="black")
     draw.text((left, bottom + 12), "0", fill="black")
     draw.text((right - 30, bottom + 12), str(len(losses)), fill="black")
-    img.save(run_dir(r.job.output) / "loss.png")
+    write_files(run_dir(r.job.output), {"loss.png": lambda path: img.save(path, format="PNG")})

@@ -2,11 +2,14 @@
 
 Measures, in one run and on the same inputs:
 - prefill tokens/s (one text prompt) and decode tokens/s (greedy, batch 1) of vlstack and transformers;
+  with --compiled (the default on CUDA) also transformers' fastest decode: a static KV cache and
+  `torch.compile(mode="reduce-overhead")` (CUDA graphs), compiled before it is timed;
 - decode against the memory-bandwidth floor: max tokens/s = copy bandwidth / weight bytes read per token;
 - image preprocessing of a 3840x2160 image: vlstack's tiling vs transformers' GotOcr2 PIL processor.
 
 Prints a table and writes JSON. Usage:
-    python bench/foundation.py [--device cpu|cuda] [--dtype float32|bfloat16] [--out bench/results/foundation.json]
+    python bench/foundation.py [--device cpu|cuda] [--dtype float32|bfloat16] [--compiled|--no-compiled]
+                               [--out bench/results/foundation.json]
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ class Stamps:
         pass
 
 
-def bench_llm(hf, ours, device: str, prompt_len: int, new_tokens: int, repeat: int) -> dict:
+def bench_llm(hf, ours, device: str, prompt_len: int, new_tokens: int, repeat: int, compiled: bool) -> dict:
     from vlstack.generate import SamplingParams, generate
     from vlstack.model.language import KVCache
 
@@ -127,14 +130,25 @@ def bench_llm(hf, ours, device: str, prompt_len: int, new_tokens: int, repeat: i
 
     short = ids[:, :32]
 
-    def hf_decode() -> float:
+    def hf_decode(**static) -> float:
         s = Stamps()
         with torch.inference_mode():
             hf.generate(
-                input_ids=short, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=s
+                input_ids=short,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                streamer=s,
+                **static,
             )
         sync(device)
         return (len(s.times) - 1) / (s.times[-1] - s.times[0])
+
+    def hf_compiled_decode() -> float:
+        """A static cache: on CUDA, generate compiles the forward with compile_config (CUDA graphs)."""
+        from transformers import CompileConfig
+
+        return hf_decode(cache_implementation="static", compile_config=CompileConfig(mode="reduce-overhead"))
 
     def our_decode() -> float:
         steps = generate(ours, [short[0]], None, SamplingParams(max_new_tokens=new_tokens), set(), 32768)
@@ -144,14 +158,17 @@ def bench_llm(hf, ours, device: str, prompt_len: int, new_tokens: int, repeat: i
             stamps.append(time.perf_counter())
         return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
-    hf_decode(), our_decode()  # warm-up
-    runs = [(hf_decode(), our_decode()) for _ in range(repeat)]  # interleaved: drift hits both alike
-    hf_tps = statistics.median(r[0] for r in runs)
-    our_tps = statistics.median(r[1] for r in runs)
+    fns = {"vlstack": our_decode, "transformers": hf_decode}
+    if compiled:
+        fns["transformers compiled"] = hf_compiled_decode
+        hf_compiled_decode()  # compiling (and capturing) takes its time here, not in the runs
+    for fn in fns.values():  # warm-up
+        fn()
+    runs = [{name: fn() for name, fn in fns.items()} for _ in range(repeat)]  # interleaved: drift hits all alike
     return {
         "prompt_tokens": prompt_len,
         "prefill_tok_s": {"vlstack": prompt_len / t_our_prefill, "transformers": prompt_len / t_hf_prefill},
-        "decode_tok_s": {"vlstack": our_tps, "transformers": hf_tps},
+        "decode_tok_s": {name: statistics.median(r[name] for r in runs) for name in fns},
     }
 
 
@@ -188,13 +205,16 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
+                    help="also time transformers with a static cache + torch.compile (default: on CUDA)")  # fmt: skip
     ap.add_argument("--out", default="bench/results/foundation.json")
     args = ap.parse_args()
+    compiled = args.device == "cuda" if args.compiled is None else args.compiled
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
 
     image = bench_image(max(args.repeat, 5))
     hf, ours = build(args.device, dtype)
-    llm = bench_llm(hf, ours, args.device, args.prompt_len, args.new_tokens, args.repeat)
+    llm = bench_llm(hf, ours, args.device, args.prompt_len, args.new_tokens, args.repeat, compiled)
     lm = ours.language_model
     # bytes read per decode step: every decoder weight and the LM head (the embedding table is only indexed)
     weight_bytes = (
@@ -216,6 +236,7 @@ def main() -> None:
     rows = [
         ("prefill tok/s", p["vlstack"], p["transformers"], p["vlstack"] / p["transformers"]),
         ("decode tok/s", d["vlstack"], d["transformers"], d["vlstack"] / d["transformers"]),
+        *[("decode tok/s vs compiled", d["vlstack"], d[c], d["vlstack"] / d[c]) for c in d if "compiled" in c],
         ("3840x2160 preprocess ms", im["vlstack"], im["transformers"], im["transformers"] / im["vlstack"]),
     ]
     print(f"device {result['device']}, {result['dtype']}, torch {result['torch']}")
@@ -224,7 +245,7 @@ def main() -> None:
         print(f"{name:28}{a:12.1f}{b:14.1f}{r:9.2f}x")
     print(
         f"decode floor: {bw / 1e9:.1f} GB/s copy bandwidth / {weight_bytes / 1e9:.2f} GB per token = "
-        f"{floor:.1f} tok/s; vlstack reaches {d['vlstack'] / floor:.0%}, transformers {d['transformers'] / floor:.0%}"
+        f"{floor:.1f} tok/s; " + ", ".join(f"{name} reaches {tps / floor:.0%}" for name, tps in d.items())
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

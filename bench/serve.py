@@ -86,7 +86,7 @@ def make_workload(n: int, rate: float, max_tokens: int, pages: int | None = None
 # the baseline server ---------------------------------------------------------------------------------
 
 
-def baseline_app(model: str, adapters: dict[str, str], device: str):
+def baseline_app(model: str, adapters: dict[str, str], device: str, dtype: str = "float32"):
     """OpenAI-style streaming chat over transformers' InternVL + peft, one generate at a time."""
     from peft import PeftModel
     from transformers import InternVLForConditionalGeneration
@@ -95,7 +95,7 @@ def baseline_app(model: str, adapters: dict[str, str], device: str):
 
     ours = vlstack.load(model, device="cpu")  # its processor (tokenizer, template, tiling) and eos ids only
     processor, eos = ours.processor, sorted(ours.eos)
-    hf = InternVLForConditionalGeneration.from_pretrained(ours.directory, dtype=torch.float32).to(device).eval()
+    hf = InternVLForConditionalGeneration.from_pretrained(ours.directory, dtype=getattr(torch, dtype)).to(device).eval()
     names = list(adapters)
     peft_model = PeftModel.from_pretrained(hf, adapters[names[0]], adapter_name=names[0])
     for name in names[1:]:
@@ -134,7 +134,7 @@ def baseline_app(model: str, adapters: dict[str, str], device: str):
                 peft_model.generate(
                     input_ids=inputs["input_ids"].to(device),
                     attention_mask=torch.ones_like(inputs["input_ids"]).to(device),
-                    pixel_values=inputs["pixel_values"].to(device),
+                    pixel_values=inputs["pixel_values"].to(device, hf.dtype),
                     max_new_tokens=body["max_tokens"],
                     do_sample=False,
                     eos_token_id=eos,
@@ -251,24 +251,29 @@ def summarise(records: list[dict]) -> dict:
     }
 
 
-def serve_ours(model: str, adapters: dict[str, str], port: int, device: str, max_batch: int) -> subprocess.Popen:
+def serve_ours(
+    model: str, adapters: dict[str, str], port: int, device: str, max_batch: int, dtype: str = "float32"
+) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "vlstack.cli", "serve", "--model", model, "--port", str(port), "--device", device,
-           "--max-batch", str(max_batch)]  # fmt: skip
+           "--max-batch", str(max_batch), "--dtype", dtype]  # fmt: skip
     for name, path in adapters.items():
         cmd += ["--adapter", f"{name}={path}"]
     return start(cmd, port)
 
 
-def serve_baseline(model: str, adapters: dict[str, str], port: int, device: str) -> subprocess.Popen:
+def serve_baseline(model: str, adapters: dict[str, str], port: int, device: str, dtype: str) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--baseline-server", json.dumps(adapters), "--model", model, "--port", str(port),
-           "--device", device]  # fmt: skip
+           "--device", device, "--dtype", dtype]  # fmt: skip
     return start(cmd, port)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--model", default="tiny", help="tiny, internvl3-1b (random weights, written here) or a directory")
     ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--baseline-requests", type=int, default=None,
+                    help="drive the baseline with the first N requests only (it answers one at a time)")  # fmt: skip
+    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--rate", type=float, default=16.0, help="mean arrivals per second (Poisson)")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--pages", type=int, default=None, help="distinct images (default: one per request)")
@@ -279,23 +284,28 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--baseline-server", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     if args.baseline_server:  # the child process of the baseline server
         import uvicorn
 
-        app = baseline_app(args.model, json.loads(args.baseline_server), args.device)
+        app = baseline_app(args.model, json.loads(args.baseline_server), args.device, args.dtype)
         uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
         return
 
     work_dir = Path(tempfile.mkdtemp(prefix="vlstack-serve-bench-"))
+    if args.model == "internvl3-1b":
+        from multi_lora_train import write_model
+
+        args.model = write_model("internvl3-1b", work_dir)
     adapters = make_adapters(args.model, work_dir)
     procs, bases = {}, {}
     try:
         for name in ("vlstack", "baseline"):  # both up for the whole run; one is driven at a time
             port = free_port()
             if name == "vlstack":
-                procs[name] = serve_ours(args.model, adapters, port, args.device, args.max_batch)
+                procs[name] = serve_ours(args.model, adapters, port, args.device, args.max_batch, args.dtype)
             else:
-                procs[name] = serve_baseline(args.model, adapters, port, args.device)
+                procs[name] = serve_baseline(args.model, adapters, port, args.device, args.dtype)
             bases[name] = f"http://127.0.0.1:{port}"
             asyncio.run(drive(bases[name], make_workload(2, 0, args.max_tokens, seed=10**6)))  # warm-up
         rounds = []
@@ -303,7 +313,9 @@ def main() -> None:
             work = make_workload(args.requests, args.rate, args.max_tokens, args.pages, seed=i)
             records = {}
             for name in ("vlstack", "baseline") if i % 2 == 0 else ("baseline", "vlstack"):
-                records[name] = asyncio.run(drive(bases[name], work))
+                records[name] = asyncio.run(
+                    drive(bases[name], work[: args.baseline_requests] if name == "baseline" else work)
+                )
             same = sum(a.get("text") == b.get("text") for a, b in zip(records["vlstack"], records["baseline"]))
             rounds.append({name: summarise(records[name]) for name in ("vlstack", "baseline")})
             rounds[-1]["ratio"] = rounds[-1]["vlstack"]["tokens_per_s"] / rounds[-1]["baseline"]["tokens_per_s"]
@@ -312,7 +324,7 @@ def main() -> None:
         for proc in procs.values():
             proc.terminate()
             proc.wait(timeout=60)
-    print(f"model {args.model} on {args.device}: {args.requests} streamed requests with an image each "
+    print(f"model {args.model} on {args.device} ({args.dtype}): {args.requests} streamed requests with an image each "
           f"({args.pages or args.requests} distinct) over "
           f"{len(ADAPTERS)} adapters, Poisson arrivals at {args.rate}/s, greedy, max {args.max_tokens} tokens, "
           f"{os.cpu_count()} CPUs, {args.rounds} round(s)")  # fmt: skip
@@ -324,8 +336,9 @@ def main() -> None:
             print(f"{f'{name}, round {i + 1}':24}{r['tokens_per_s']:10.1f}{r['requests_per_s']:10.2f}"
                   f"{r['ttft_p50']:10.3f}{r['ttft_p99']:10.3f}{r['tpot_p50']:10.4f}{r['tpot_p99']:10.4f}"
                   f"{r['failed']:10d}")  # fmt: skip
+        compared = args.baseline_requests or args.requests
         print(f"{'':24}vlstack / baseline: {rnd['ratio']:.2f}x; "
-              f"identical greedy answers: {rnd['identical_answers']}/{args.requests}")  # fmt: skip
+              f"identical greedy answers: {rnd['identical_answers']}/{compared}")  # fmt: skip
     ratios = sorted(r["ratio"] for r in rounds)
     print(f"throughput vlstack / baseline, median of {len(rounds)} round(s): {statistics.median(ratios):.2f}x "
           f"(range {ratios[0]:.2f}-{ratios[-1]:.2f}x)")  # fmt: skip

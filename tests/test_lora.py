@@ -121,9 +121,10 @@ def test_rows_use_their_own_adapter(ckpt):
 
 
 def test_decode_step_stacks_its_adapters(ckpt):
-    """Rows of one token each (a decode step) over several adapters take every adapter's A and B as one matmul
-    each: the same as each row alone, with ranks, scalings and targets that differ; the stack follows the
-    adapters' weights as they change in place, and an adapter removed and added again under its name."""
+    """Rows of one token each (a decode step) over several adapters take every slot's A and B as one matmul
+    each: the same as each row alone, with ranks, scalings and targets that differ; the slots follow the
+    adapters' weights as they change in place, an adapter removed and added again under its name, a slot
+    taken again by a smaller adapter (nothing of the old one stays), and the stacks growing."""
     vlm = vlstack.load(ckpt, device="cpu")
     for i, name in enumerate(("a", "b", "c")):
         targets = ("q_proj", "v_proj", "down_proj") if name == "c" else LoRASpec().targets
@@ -139,9 +140,10 @@ def test_decode_step_stacks_its_adapters(ckpt):
             assert rel_err(fused[r : r + 1], vlm(ids[r : r + 1], adapter=name)) <= 1e-5
 
     check()
-    layers = lora_layers(vlm.model)
-    assert all(m._stack is not None for m in layers.values())  # every layer took the stacked path
-    assert [n for n, m in layers.items() if "c" in m._stack.names] == [n for n, m in layers.items() if "c" in m.lora_A]
+    layers, slots = lora_layers(vlm.model), vlm.model.lora_routing.slots
+    assert all(m.stack is not None for m in layers.values())  # every layer took the stacked path
+    holding_c = [n for n, m in layers.items() if slots["c"] in m.stack.held]
+    assert holding_c == [n for n, m in layers.items() if "c" in m.lora_A]
     with torch.no_grad():  # an optimiser's step: the same weights, changed in place
         for m in layers.values():
             m.lora_B["b"].weight.mul_(-2)
@@ -150,6 +152,23 @@ def test_decode_step_stacks_its_adapters(ckpt):
     spec = LoRASpec(rank=3, alpha=7)
     randomise_adapter(add_adapter(vlm.model, "a", spec, seed=5), seed=30)
     check()
+    slot = slots["c"]
+    remove_adapter(vlm.model, "c")  # rank 8 on q, v, down; its slot goes to a rank-2 adapter on every target
+    randomise_adapter(add_adapter(vlm.model, "d", LoRASpec(rank=2, alpha=3), seed=6), seed=40)
+    assert slots["d"] == slot
+    rows[4:6] = ["d", "d"]
+    check()
+    for i, name in enumerate(("e", "f", "g")):  # 6 adapters: the stacks double their slots, and their rank
+        randomise_adapter(add_adapter(vlm.model, name, LoRASpec(rank=9 + i, alpha=9), seed=7 + i), seed=50 + i)
+    rows[:] = ["e", "a", "g", None, "d", "f", "b"]
+    check()
+    assert vlm.model.lora_routing.capacity == 8 and vlm.model.lora_routing.rank == 11
+    for i, name in enumerate(("h", "i", "j")):  # 9 adapters: 16 slots
+        randomise_adapter(add_adapter(vlm.model, name, LoRASpec(rank=4, alpha=9), seed=11 + i), seed=60 + i)
+    assert slots["j"] == 8 and vlm.model.lora_routing.capacity == 16
+    rows[:] = ["j", None, "j"]  # one adapter: each layer's per-adapter path; the stacks stay as they were
+    check()
+    remove_adapter(vlm.model, "j")  # from stacks made before it came
 
 
 def test_lora_gradients_match_peft():

@@ -425,3 +425,22 @@ def test_a_tenant_sees_only_its_own_models_in_metrics(adapter_dir, tmp_path):  #
         everything = httpx.get(base + "/metrics", headers={"Authorization": "Bearer sk-ops"}).text
     assert 'model="finance"' in mine and 'model="legal"' not in mine and 'model="tiny"' not in mine
     assert 'model="legal"' in everything and 'model="tiny"' in everything
+
+
+def test_an_unload_that_fails_does_not_stop_the_engine(monkeypatch):
+    vlm = tiny_with_adapters()
+    engine = Engine(vlm, max_batch=4)
+
+    def broken(name):
+        raise RuntimeError("simulated unload failure")
+
+    monkeypatch.setattr(vlm, "unload_adapter", broken)
+    engine.retire("legal")
+    deadline = time.time() + 10
+    while engine.retiring and time.time() < deadline:
+        time.sleep(0.02)
+    assert not engine.retiring and engine.thread.is_alive()
+    inputs = vlm.processor(question_messages("Hi", 0))
+    req = engine.submit(inputs, "finance", SamplingParams(max_new_tokens=4))
+    assert collect(req) == vlm.chat("Hi", adapter="finance", max_new_tokens=4)
+    engine.close()

@@ -89,7 +89,20 @@ class Routing:
         self.rows: list[tuple[int, int]] | None = None  # training: [(key, units)] of each row along the axis
         self._generators: dict[torch.device, torch.Generator] = {}
         self.layers: dict[str, int] = {}  # adapter -> how many of the model's layers hold it
-        self._masks: tuple[list, dict] = ([], {})  # (the segments they are for, {blocks: mask})
+        self.slots: dict[str, int] = {}  # adapter -> its slot in every layer's stacked weights (decode steps)
+        self.capacity, self.rank = 0, 0  # the stacks' slots, and ranks per slot (the largest adapter's)
+        self._masks: tuple[list, dict] = ([], {})  # (the segments they are for, {(rows, device): mask})
+
+    def assign(self, name: str, rank: int) -> None:
+        """Give a new adapter a free slot; the stacks grow (doubling their slots) when there is none, or when
+        its rank is over theirs. A layer's stack follows the next time it runs a decode step."""
+        if name not in self.slots:
+            taken = set(self.slots.values())
+            self.slots[name] = next(s for s in range(len(taken) + 1) if s not in taken)
+        self.capacity = max(self.capacity, 1)
+        while self.slots[name] >= self.capacity:
+            self.capacity *= 2
+        self.rank = max(self.rank, rank)
 
     def dropout_mask(self, xs: torch.Tensor, start: int, end: int, p: float, salt: int) -> torch.Tensor:
         """The dropout mask (0, or 1 / (1 - p)) of units start..end along the axis, shaped like their activations
@@ -107,23 +120,18 @@ class Routing:
             at += n
         return ((torch.cat(parts) >= p) / (1 - p)).view(xs.shape).to(xs.dtype)
 
-    def mask(self, blocks: tuple[tuple[str, int, float], ...], rows: int, device: torch.device) -> torch.Tensor:
-        """[rows, sum of ranks]: each row's own adapter's block of ranks (blocks: (adapter, rank, scaling) in
-        stacking order) holds its scaling, the rest zeros; float32, so that a scaling is not rounded to a
-        half-precision model's dtype. Made once per routing for every layer alike."""
+    def mask(self, rows: int, scalings: tuple[float, ...], device: torch.device) -> torch.Tensor:
+        """[rows, capacity * rank]: on the ranks of each row's own adapter's slot, that slot's scaling in the layer
+        (scalings, a slot each), elsewhere 0 (a base row: all 0); float32, so that a scaling is not rounded to a
+        half-precision model's dtype. Made once per routing for the layers of the same scalings."""
         if self._masks[0] is not self.segments:
             self._masks = (self.segments, {})
-        masks = self._masks[1]
-        key = blocks, rows
+        masks, key = self._masks[1], (rows, scalings, device)
         if key not in masks:
-            m = torch.zeros(rows, sum(r for _, r, _ in blocks))
-            first = 0
-            for name, r, s in blocks:
-                for seg, start, end in self.segments:
-                    if seg == name:
-                        m[start:end, first : first + r] = s
-                first += r
-            masks[key] = m.to(device)
+            m = torch.zeros(rows, self.capacity, self.rank)
+            for name, start, end in self.segments:
+                m[start:end, self.slots[name]] = scalings[self.slots[name]]
+            masks[key] = m.view(rows, -1).to(device)
         return masks[key]
 
 
@@ -140,7 +148,7 @@ class LoRALinear(nn.Linear):
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, tuple[float, int]] = {}  # adapter -> (p, salt of its masks in this layer)
         self.name = ""  # the module's name in the model (ensure_lora): part of each dropout salt
-        self._stack: Stack | None = None  # the adapters last stacked (decode steps)
+        self.stack: Stack | None = None  # every adapter's weights in its slot (decode steps)
 
     def add(
         self,
@@ -162,13 +170,15 @@ class LoRALinear(nn.Linear):
         self.scaling[name] = scaling
         self.dropout[name] = (dropout, zlib.crc32(f"{self.name}/{name}/{seed}".encode()))
         self.routing.layers[name] = self.routing.layers.get(name, 0) + 1
+        self.routing.assign(name, rank)
 
     def remove(self, name: str) -> None:
         del self.lora_A[name], self.lora_B[name], self.scaling[name], self.dropout[name]
-        self._stack = None
+        if self.stack is not None:
+            self.stack.clear(self.routing.slots[name])  # a slot used again carries nothing of this adapter
         self.routing.layers[name] -= 1
         if not self.routing.layers[name]:
-            del self.routing.layers[name]
+            del self.routing.layers[name], self.routing.slots[name]
 
     def delta(self, name: str) -> torch.Tensor:
         """The adapter's weight update B @ A * scaling: [out, in]."""
@@ -179,9 +189,8 @@ class LoRALinear(nn.Linear):
         axis = self.routing.axis
         if not torch.is_grad_enabled():  # no autograd: each update is added into its rows in place
             if axis == 0 and x.shape[1:-1].numel() == 1:  # one token a row: a decode step
-                names = tuple(dict.fromkeys(n for n, _, _ in self.routing.segments if n in self.lora_A))
-                if len(names) > 1:
-                    return self._stacked(x, y, names)
+                if len({n for n, _, _ in self.routing.segments if n in self.lora_A}) > 1:
+                    return self._stacked(x, y)
             for name, start, end in self.routing.segments:
                 if name in self.lora_A:
                     a, b = self.lora_A[name], self.lora_B[name]
@@ -207,42 +216,57 @@ class LoRALinear(nn.Linear):
             pieces.append(_zeros(y, axis, y.shape[axis] - done))
         return y + torch.cat(pieces, axis)  # one add: its backward is cheap slicing, not a copy per adapter
 
-    def _stacked(self, x: torch.Tensor, y: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
-        """Several adapters over rows of one token each: all their A as one matmul, a mask keeping each row's
-        own adapter's ranks (times its scaling), all their B as another -- two matmuls for the step instead of
+    def _stacked(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Several adapters over rows of one token each: every slot's A as one matmul, a mask keeping each row's
+        own slot's ranks (times its scaling), every slot's B as another -- two matmuls for the step instead of
         two per adapter, whose calls cost more than their arithmetic at a few rows each."""
+        routing, stack = self.routing, self.stack
+        if stack is None or stack.shape != (routing.capacity, routing.rank):  # new, or the stacks grew
+            stack = self.stack = Stack(routing.capacity, routing.rank, self.in_features, self.out_features, y)
         a_mods, b_mods = self.lora_A._modules, self.lora_B._modules  # (plain dicts: this runs at every step)
-        weights = [m[n]._parameters["weight"] for n in names for m in (a_mods, b_mods)]  # [A1, B1, A2, B2, ...]
-        stack = self._stack
-        if stack is None or stack.names != names or not stack.holds(weights):  # new, replaced or updated weights
-            a = torch.cat(weights[0::2])  # [R, in]: every adapter's ranks, R = the sum of ranks
-            b = torch.cat(weights[1::2], 1).t().contiguous()  # [R, out]
-            blocks = tuple((n, a_mods[n].out_features, self.scaling[n]) for n in names)
-            versions = None if any(w.is_inference() for w in weights) else [w._version for w in weights]
-            stack = self._stack = Stack(names, weights, versions, blocks, a, b)
+        for name in a_mods:
+            stack.hold(routing.slots[name], a_mods[name]._parameters["weight"], b_mods[name]._parameters["weight"],
+                       self.scaling[name])  # fmt: skip
         rows = x.shape[0]
-        h = x.reshape(rows, -1) @ stack.a.t()  # [B, R]
-        h.mul_(self.routing.mask(stack.blocks, rows, h.device))  # each row keeps its adapter's ranks, scaled
-        y.view(rows, -1).addmm_(h, stack.b)  # [B, out]
+        h = x.reshape(rows, -1) @ stack.a.view(-1, self.in_features).t()  # [B, S*R]
+        h.mul_(routing.mask(rows, stack.scalings(), h.device))  # each row keeps its own slot's ranks, scaled
+        y.view(rows, -1).addmm_(h, stack.b.view(-1, self.out_features))  # [B, out]
         return y
 
 
-@dataclass
 class Stack:
-    """Some adapters' LoRA weights of one layer side by side, and what they were made from."""
+    """A layer's adapters in slots, for decode steps: A [S, R, in] and B^T [S, R, out], each adapter's ranks in its
+    slot (zeros past them), and its scaling; written from the adapters' weights when those are new or changed."""
 
-    names: tuple[str, ...]
-    weights: list[torch.Tensor]  # [A1, B1, A2, B2, ...]
-    versions: list[int] | None  # their version counters then (None: inference tensors keep none)
-    blocks: tuple[tuple[str, int, float], ...]  # (adapter, rank, scaling) in stacking order
-    a: torch.Tensor  # [R, in]
-    b: torch.Tensor  # [R, out]
+    def __init__(self, slots: int, rank: int, n_in: int, n_out: int, like: torch.Tensor):
+        self.shape = (slots, rank)
+        self.a = like.new_zeros(slots, rank, n_in)
+        self.b = like.new_zeros(slots, rank, n_out)
+        self.held: dict[int, tuple] = {}  # slot -> (A, B, their version counters, scaling) written there
 
-    def holds(self, weights: list[torch.Tensor]) -> bool:
-        """Whether these are the very weights stacked, none changed in place since."""
-        if self.versions is None:
-            return False
-        return all(w is v and w._version == n for w, v, n in zip(weights, self.weights, self.versions))
+    def hold(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        """Write an adapter's weights (A [r, in], B [out, r]) into its slot unless they are there already."""
+        versions = None if a.is_inference() or b.is_inference() else (a._version, b._version)
+        held = self.held.get(slot)
+        if held and versions is not None and held[0] is a and held[1] is b and held[2:] == (versions, scaling):
+            return
+        self.clear(slot)
+        r = a.shape[0]
+        self.a[slot, :r] = a
+        self.b[slot, :r] = b.t()
+        self.held[slot] = (a, b, versions, scaling)
+
+    def scalings(self) -> tuple[float, ...]:
+        """Each slot's scaling (0 where this layer holds no adapter)."""
+        return tuple(self.held[s][3] if s in self.held else 0.0 for s in range(self.shape[0]))
+
+    def clear(self, slot: int) -> None:
+        if slot >= self.shape[0]:  # an adapter added since this stack was made (it is remade before use)
+            return
+        with torch.inference_mode(self.a.is_inference()):  # (written in decode steps, cleared outside them)
+            self.a[slot].zero_()
+            self.b[slot].zero_()
+        self.held.pop(slot, None)
 
 
 def _zeros(y: torch.Tensor, axis: int, n: int) -> torch.Tensor:

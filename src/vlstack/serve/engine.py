@@ -220,9 +220,12 @@ class Engine:
         with self.waiting.mutex:
             busy = {r.adapter for r in (*self.waiting.queue, *self.admitting, *self.running) if r.finished_at is None}
         for name in self.retiring - busy:
-            self.vlm.unload_adapter(name)
-            self.adapter_changed(name)
             self.retiring.discard(name)
+            try:
+                self.vlm.unload_adapter(name)
+                self.adapter_changed(name)
+            except Exception:  # never die: the adapter stays loaded (and turned away), the engine serves on
+                traceback.print_exc()
 
     def _admit(self) -> list[Request]:
         """Move queued requests into free slots while their KV budget fits; returns them (to prefill together)."""

@@ -260,7 +260,7 @@ def test_errors_have_openai_shape_and_status(server, client):
         ({"response_format": {"type": "json_object"}}, "response_format", "'response_format' is not supported"),
         ({"logit_bias": {"99999": 10}}, "logit_bias", "'logit_bias' must be an object mapping token ids below"),
         ({"logit_bias": ["5"]}, "logit_bias", "'logit_bias' must be an object mapping"),
-        ({"presence_penalty": 3}, "presence_penalty", r"'presence_penalty' must be in \[-2, 2\]"),
+        ({"presence_penalty": 3}, "presence_penalty", r"'presence_penalty' must be a number in \[-2, 2\]"),
         ({"top_logprobs": 2}, "top_logprobs", "'top_logprobs' must be given with 'logprobs': true"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", r"'top_logprobs' must be an integer in \[0, 20\]"),
     ]

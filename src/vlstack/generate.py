@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -17,12 +18,30 @@ from .model.lora import route
 from .model.vlm import InternVL
 
 
+class SamplingError(PromptError):
+    """A generation option out of its range; `field` names it, `what` says what it must be."""
+
+    def __init__(self, field: str, what: str):
+        super().__init__(f"{field} must be {what}")
+        self.field, self.what = field, what
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 @dataclass
 class SamplingParams:
+    """Generation options, checked here for every caller (VLM.chat and the server alike)."""
+
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
-    top_k: int = 0  # 0: off
+    top_k: int = 0  # 0 (or -1, vLLM's spelling): off
     seed: int | None = None
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token already generated
@@ -32,27 +51,45 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
-        self.stop = tuple(self.stop or ())
-        if self.max_new_tokens < 1:
-            raise PromptError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
-        if self.temperature < 0:
-            raise PromptError(f"temperature must be >= 0 (got {self.temperature})")
-        if not 0 < self.top_p <= 1:
-            raise PromptError(f"top_p must be in (0, 1] (got {self.top_p})")
-        if self.top_k < 0:
-            raise PromptError(f"top_k must be >= 0 (got {self.top_k})")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise PromptError(f"{name} must be in [-2, 2] (got {getattr(self, name)})")
-        bad = {t: b for t, b in self.logit_bias.items() if not (isinstance(t, int) and t >= 0 and -100 <= b <= 100)}
-        if bad:
-            raise PromptError(f"logit_bias maps token ids >= 0 to biases in [-100, 100] (got {bad})")
+        bias = self.logit_bias
+        checks = [
+            (_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1"),
+            (_number(self.temperature) and 0 <= self.temperature <= 2, "temperature", "a number in [0, 2]"),
+            (_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]"),
+            (_int(self.top_k) and -1 <= self.top_k < 2**31, "top_k", "an integer >= -1 (-1 or 0: off)"),
+            (self.seed is None or _int(self.seed) and -(2**63) <= self.seed < 2**64, "seed", "a 64-bit integer"),
+            (isinstance(self.stop, (list, tuple)) and len(self.stop) <= 4
+             and all(isinstance(s, str) and s and _utf8(s) for s in self.stop), "stop", "a string or up to 4 strings"),
+            *((_number(getattr(self, p)) and -2 <= getattr(self, p) <= 2, p, "a number in [-2, 2]")
+              for p in ("presence_penalty", "frequency_penalty")),
+            (isinstance(bias, dict) and all(_token(t) and _number(b) and -100 <= b <= 100 for t, b in bias.items()),
+             "logit_bias", "an object mapping token ids >= 0 to numbers in [-100, 100]"),
+        ]  # fmt: skip
+        for ok, name, what in checks:
+            if not ok:
+                raise SamplingError(name, what)
+        self.stop = tuple(self.stop)
+        self.top_k = max(0, self.top_k)
+        self.logit_bias = {int(t): b for t, b in bias.items()}
 
     def check_vocab(self, size: int) -> None:
         """Refuse a logit_bias naming a token the model does not have (before any step, which it would fail)."""
-        unknown = sorted(t for t in self.logit_bias if t >= size)
-        if unknown:
-            raise PromptError(f"logit_bias names token ids {unknown}, beyond the model's vocabulary of {size}")
+        if any(t >= size for t in self.logit_bias):
+            raise SamplingError("logit_bias", f"an object mapping token ids below {size} to numbers in [-100, 100]")
+
+
+def _token(t: Any) -> bool:
+    """A token id: an integer >= 0, or its decimal digits (JSON object keys are strings)."""
+    return (_int(t) and t >= 0) or (isinstance(t, str) and t.isascii() and t.isdigit())
+
+
+def _utf8(s: str) -> bool:
+    """Whether s is valid Unicode (JSON can carry lone surrogates, which UTF-8 cannot)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -431,12 +432,12 @@ def _submit(
     messages: list[dict],
     adapter: str | None,
     n: int,
-    gen: dict,
+    gen: SamplingParams,
     top_logprobs: int | None,
     loop: asyncio.AbstractEventLoop,
 ) -> list:
     """Encode the request (images decoded and tiled here, in a worker thread) and queue n completions."""
     inputs = vlm.processor(messages)
-    seeds = [None if gen["seed"] is None else gen["seed"] + i for i in range(n)]  # n different samples
-    params = [SamplingParams(**{**gen, "seed": seed}) for seed in seeds]
+    seeds = [None if gen.seed is None else (gen.seed + i) % 2**64 for i in range(n)]  # n different samples
+    params = [dataclasses.replace(gen, seed=seed) for seed in seeds]
     return [engine.submit(inputs, adapter, p, AsyncOut(loop), top_logprobs) for p in params]

@@ -19,6 +19,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from ..errors import ImageError
+from ..generate import SamplingError, SamplingParams
 
 
 class APIError(Exception):
@@ -98,7 +99,6 @@ def _text(value: Any, param: str) -> str:
     return value
 
 
-PENALTIES = ("presence_penalty", "frequency_penalty")
 UNSUPPORTED = {  # fields this server does not implement, and the values that ask for nothing from them
     "tools": lambda v: not v,
     "functions": lambda v: not v,
@@ -109,70 +109,43 @@ UNSUPPORTED = {  # fields this server does not implement, and the values that as
 }
 
 
-def read_sampling(body: dict, vocab: int) -> tuple[dict, int, int | None]:
-    """OpenAI's sampling fields -> vlstack's generation options, n, and the top_logprobs to report (None: no
-    logprobs); vocab: the model's number of tokens (for logit_bias). A field the server does not implement
-    is refused rather than ignored, unless it asks for nothing (e.g. a `response_format` of text)."""
+def read_sampling(body: dict, vocab: int) -> tuple[SamplingParams, int, int | None]:
+    """OpenAI's sampling fields -> vlstack's generation options (checked by SamplingParams, an error naming the
+    OpenAI field), n, and the top_logprobs to report (None: no logprobs); vocab: the model's number of tokens
+    (for logit_bias). A field the server does not implement is refused rather than ignored, unless it asks for
+    nothing (e.g. a `response_format` of text)."""
     for name, harmless in UNSUPPORTED.items():
         if not harmless(body.get(name)):
             raise APIError(400, f"'{name}' is not supported by this server", name)
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    stop = body.get("stop")
-    gen: dict[str, Any] = {
-        "max_new_tokens": 256 if max_tokens is None else max_tokens,
-        "temperature": 1.0 if body.get("temperature") is None else body["temperature"],
-        "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
-        "top_k": body.get("top_k") or 0,  # vLLM's extension (-1 or 0: off)
-        "seed": body.get("seed"),
-        "stop": [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else [] if stop is None else None,
-        "presence_penalty": body.get("presence_penalty") or 0.0,
-        "frequency_penalty": body.get("frequency_penalty") or 0.0,
-    }
-    n = body.get("n") or 1
-    bias = body.get("logit_bias") or {}
-    top = body.get("top_logprobs")
+    n, top = body.get("n") or 1, body.get("top_logprobs")
     checks = [
-        (_int(gen["max_new_tokens"]) and gen["max_new_tokens"] >= 1, "max_tokens", "an integer >= 1"),
-        (isinstance(gen["temperature"], (int, float)) and 0 <= gen["temperature"] <= 2, "temperature", "in [0, 2]"),
-        (isinstance(gen["top_p"], (int, float)) and 0 < gen["top_p"] <= 1, "top_p", "in (0, 1]"),
-        (_int(gen["top_k"]) and -1 <= gen["top_k"] < 2**31, "top_k", "an integer >= -1"),
-        (gen["seed"] is None or _int(gen["seed"]) and abs(gen["seed"]) < 2**63 - 16, "seed", "a 64-bit integer"),
-        (
-            isinstance(gen["stop"], list)
-            and all(isinstance(s, str) and s for s in gen["stop"])
-            and len(gen["stop"]) <= 4,
-            "stop",
-            "a string or up to 4 strings",
-        ),
         (_int(n) and 1 <= n <= 16, "n", "an integer in [1, 16]"),
-        (_bias_ok(bias, vocab), "logit_bias", f"an object mapping token ids below {vocab} to numbers in [-100, 100]"),
-        *((isinstance(gen[p], (int, float)) and -2 <= gen[p] <= 2, p, "in [-2, 2]") for p in PENALTIES),
         (body.get("logprobs") in (None, True, False), "logprobs", "true or false"),
         (body.get("stream") in (None, True, False), "stream", "true or false"),
         (body.get("stream_options") is None or isinstance(body["stream_options"], dict), "stream_options", "an object"),
-        (top is None or (isinstance(top, int) and 0 <= top <= 20), "top_logprobs", "an integer in [0, 20]"),
+        (top is None or (_int(top) and 0 <= top <= 20), "top_logprobs", "an integer in [0, 20]"),
         (top is None or body.get("logprobs") is True, "top_logprobs", "given with 'logprobs': true"),
     ]
     for ok, name, what in checks:
         if not ok:
             raise APIError(400, f"'{name}' must be {what}", name)
-    for text in gen["stop"]:
-        _text(text, "stop")
-    gen["top_k"] = max(0, gen["top_k"])
-    gen["logit_bias"] = {int(t): b for t, b in bias.items()}
-    return gen, n, (top or 0) if body.get("logprobs") else None
+    given = {
+        "max_new_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
+        "temperature": 1.0 if body.get("temperature") is None else body["temperature"],  # OpenAI's default
+        **{f: body.get(f) for f in ("top_p", "top_k", "seed", "stop", "presence_penalty", "frequency_penalty")},
+        "logit_bias": body.get("logit_bias"),
+    }
+    try:
+        params = SamplingParams(**{k: v for k, v in given.items() if v is not None})
+        params.check_vocab(vocab)
+    except SamplingError as e:
+        name = "max_tokens" if e.field == "max_new_tokens" else e.field
+        raise APIError(400, f"'{name}' must be {e.what}", name) from None
+    return params, n, (top or 0) if body.get("logprobs") else None
 
 
 def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _bias_ok(bias: Any, vocab: int) -> bool:
-    return isinstance(bias, dict) and all(
-        isinstance(t, str) and t.isascii() and t.isdigit() and int(t) < vocab
-        and isinstance(b, (int, float)) and not isinstance(b, bool) and -100 <= b <= 100
-        for t, b in bias.items()
-    )  # fmt: skip
 
 
 def logprobs_content(entries: list[tuple], decode: Callable[[list[int]], str]) -> list[dict]:

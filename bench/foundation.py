@@ -110,8 +110,12 @@ class Stamps:
 
 
 def bench_llm(hf, ours, device: str, prompt_len: int, new_tokens: int, repeat: int, compiled: bool) -> dict:
-    from vlstack.generate import SamplingParams, generate
+    from vlstack.api import VLM
+    from vlstack.chat import Processor, read_tokenizer
+    from vlstack.generate import SamplingParams
     from vlstack.model.language import KVCache
+    from vlstack.serve.engine import Engine
+    from vlstack.tiny import tiny_dir
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 151000, (1, prompt_len), generator=gen).to(device)
@@ -150,10 +154,15 @@ def bench_llm(hf, ours, device: str, prompt_len: int, new_tokens: int, repeat: i
 
         return hf_decode(cache_implementation="static", compile_config=CompileConfig(mode="reduce-overhead"))
 
+    vlm = VLM(ours, Processor(read_tokenizer(tiny_dir()), ours.cfg), set(), None, "bench")  # no EOS: every token
+
     def our_decode() -> float:
-        steps = generate(ours, [short[0]], None, SamplingParams(max_new_tokens=new_tokens), set(), 32768)
+        """The engine's steps, as VLM.chat runs them: the first prefills and decodes, each later one decodes."""
+        engine = Engine(vlm, 1, max_len=short.shape[1] + new_tokens, image_cache_mb=0, background=False)
+        engine.submit({"input_ids": short.cpu()}, None, SamplingParams(max_new_tokens=new_tokens))
         stamps = []
-        for _ in steps:
+        while engine.running or not engine.waiting.empty():
+            engine.step()
             sync(device)
             stamps.append(time.perf_counter())
         return (len(stamps) - 1) / (stamps[-1] - stamps[0])

@@ -219,6 +219,25 @@ def hf_image_processor(tile: int, max_tiles: int = 12, min_tiles: int = 1):
     )
 
 
+def greedy_ids(vlm, encoded: list[dict], n: int) -> list[list[int]]:
+    """Each encoded prompt's first n greedy tokens from the engine, batched; EOS does not end a row (as with
+    transformers' min_new_tokens)."""
+    from vlstack.generate import SamplingParams
+    from vlstack.serve.engine import Engine
+
+    eos, vlm.eos = vlm.eos, set()
+    try:
+        longest = max(e["input_ids"].shape[1] for e in encoded)
+        engine = Engine(vlm, len(encoded), max_len=longest + n, image_cache_mb=0, background=False)
+        rows = [engine.submit(e, None, SamplingParams(max_new_tokens=n)) for e in encoded]
+        while not all(r.finished_at for r in rows):
+            engine.step()
+        assert all(r.finish_reason == "length" for r in rows), [r.error for r in rows]
+        return [r.detok.ids for r in rows]
+    finally:
+        vlm.eos = eos
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 

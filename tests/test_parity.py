@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, image, rel_err, to_original_layout, write_hf_checkpoint
+from conftest import DEVICE, greedy_ids, image, rel_err, to_original_layout, write_hf_checkpoint
 
 import vlstack
 
@@ -64,18 +64,7 @@ def test_greedy_tokens_match_transformers(pair):
             ref = hf.generate(
                 input_ids=inputs["input_ids"], max_new_tokens=12, do_sample=False, min_new_tokens=12, **extra
             )[0, inputs["input_ids"].shape[1] :].tolist()
-        from vlstack.generate import SamplingParams, generate
-
-        steps = generate(
-            vlm.model,
-            [inputs["input_ids"][0]],
-            inputs.get("pixel_values"),
-            SamplingParams(max_new_tokens=12),
-            eos_ids=set(),
-            context_len=4096,
-        )
-        ours = [s[0] for s in steps]
-        assert ours == ref
+        assert greedy_ids(vlm, [inputs], 12) == [ref]
 
 
 @pytest.mark.parametrize("rows", ["one", "all"])  # one row: no mask; rows of different lengths: masked
@@ -104,25 +93,10 @@ def test_decode_step_logits_match_transformers(pair, rows):
 def test_batched_generation_matches_one_at_a_time(pair):
     """Batches (prompts of different lengths, images in some rows) give each row the
     tokens it gets alone."""
-    from vlstack.generate import SamplingParams, generate
-
     _, vlm, _ = pair
     encoded = [encode(vlm, images, question)[0] for images, question in PROMPTS]
     assert len({e["input_ids"].shape[1] for e in encoded}) == len(encoded)  # padding is exercised
-
-    def run(batch):
-        tiles = [e["pixel_values"] for e in batch if "pixel_values" in e]
-        steps = generate(
-            vlm.model,
-            [e["input_ids"][0] for e in batch],
-            torch.cat(tiles) if tiles else None,
-            SamplingParams(max_new_tokens=10),
-            eos_ids=set(),
-            context_len=4096,
-        )
-        return [list(row) for row in zip(*steps)]
-
-    assert run(encoded) == [run([e])[0] for e in encoded]
+    assert greedy_ids(vlm, encoded, 10) == [greedy_ids(vlm, [e], 10)[0] for e in encoded]
 
 
 def test_original_layout_gives_same_logits(pair, tmp_path):
@@ -162,8 +136,6 @@ def test_bfloat16_matches_transformers_bfloat16(pair):
     Both stay near the float32 logits."""
     from transformers import InternVLForConditionalGeneration
 
-    from vlstack.generate import SamplingParams, generate
-
     _, vlm, directory = pair
     low = vlstack.load(directory, device=DEVICE, dtype="bfloat16")
     ref = InternVLForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16).to(DEVICE).eval()
@@ -182,7 +154,4 @@ def test_bfloat16_matches_transformers_bfloat16(pair):
             with torch.no_grad():
                 extra = {"pixel_values": pixels} if pixels is not None else {}
                 want = ref.generate(input_ids=ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, **extra)
-            got = generate(
-                low.model, [ids[0]], pixels, SamplingParams(max_new_tokens=8), eos_ids=set(), context_len=4096
-            )
-            assert [s[0] for s in got] == want[0, ids.shape[1] :].tolist()
+            assert greedy_ids(low, [inputs], 8) == [want[0, ids.shape[1] :].tolist()]

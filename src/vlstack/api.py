@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import queue
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from .chat import Processor, question_messages, read_template, read_tokenizer
 from .checkpoint import load_state_dict, save_checkpoint
 from .config import VLMConfig, read_config
 from .errors import ConfigError, PromptError
-from .generate import Detokenizer, SamplingParams, generate
+from .generate import SamplingParams
 from .image import ImageInput
 from .model.language import Rotary
 from .model.lora import LoRASpec, check_name, remove_adapter, route
@@ -130,37 +132,27 @@ class VLM:
         """Generate for several conversations at once, each with its adapter (None: the base model);
         yields the new text of each (\"\" if none yet). A list given as usage receives, at the end, each
         row's prompt_tokens, completion_tokens and finish_reason ("stop" or "length")."""
+        from .serve.engine import Engine  # (the engine's module imports this one)
+
         params = SamplingParams(**generation)
         encoded = [self.processor(m, imgs) for m, imgs in zip(conversations, images or [None] * len(conversations))]
-        tiles = [e["pixel_values"] for e in encoded if "pixel_values" in e]
-        pixel_values = torch.cat(tiles).to(self.model.device) if tiles else None
-        detoks = [Detokenizer(self.processor.decode, params.stop) for _ in encoded]
-        pending = [""] * len(encoded)
-        counts, ended = [0] * len(encoded), [False] * len(encoded)
-
-        def on_token(row: int, token: int) -> bool:
-            pending[row] += detoks[row].push(token)
-            return detoks[row].stopped
-
         prompts = [e["input_ids"][0] for e in encoded]
-        steps = generate(
-            self.model, prompts, pixel_values, params, self.eos, self.context_len, on_token=on_token, adapters=adapters
-        )
-        for tokens in steps:
-            for row, t in enumerate(tokens):
-                if t is not None:
-                    counts[row] += 1
-                    ended[row] = ended[row] or t in self.eos or detoks[row].stopped
-            yield pending
-            pending = [""] * len(encoded)
-        tail = [d.flush() for d in detoks]
-        if any(tail):
-            yield tail
+        longest = max(len(p) for p in prompts)
+        if longest >= self.context_len:
+            raise PromptError(f"the prompt is {longest} tokens, over the model's context of {self.context_len} tokens")
+        cache_len = longest + min(params.max_new_tokens, self.context_len - longest)  # the KV cache this batch needs
+        engine = Engine(self, len(encoded), max_len=cache_len, image_cache_mb=0, background=False)
+        adapters = adapters or [None] * len(encoded)
+        rows = [engine.submit(e, a, dataclasses.replace(params)) for e, a in zip(encoded, adapters)]
+        while not all(r.finished_at for r in rows):
+            engine.step()
+            failed = next((r for r in rows if r.exception is not None), None)
+            if failed is not None:
+                raise failed.exception
+            yield [_drain(r.out) for r in rows]
         if usage is not None:
-            usage[:] = [
-                {"prompt_tokens": len(p), "completion_tokens": n, "finish_reason": "stop" if e else "length"}
-                for p, n, e in zip(prompts, counts, ended)
-            ]
+            usage[:] = [{"prompt_tokens": len(r.prompt), "completion_tokens": r.generated,
+                         "finish_reason": r.finish_reason} for r in rows]  # fmt: skip
 
     def generate(
         self,
@@ -235,6 +227,18 @@ def _device(name: str | torch.device | None) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {name!r}: vlstack runs on cpu or cuda")
     return device
+
+
+def _drain(out: queue.Queue) -> str:
+    """The text pieces waiting in a request's output queue, joined (its end marker dropped)."""
+    pieces = []
+    while True:
+        try:
+            piece = out.get_nowait()
+        except queue.Empty:
+            return "".join(pieces)
+        if piece is not None:
+            pieces.append(piece)
 
 
 def load(

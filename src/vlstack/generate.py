@@ -1,12 +1,13 @@
-"""Sampling and generation: greedy or temperature / top-k / top-p with a seed; the two steps every
-generator runs (`prefill`: prompts packed back to back into one forward that fills their KV-cache
-slots; `decode`: one new token for every row, each row at its own length); and the loop for a batch of
-prompts (`generate`), with EOS and caller-decided stops (stop strings). The server's engine runs the
-same two steps with requests joining and leaving between them."""
+"""Sampling and the two model steps of generation: the options (`SamplingParams`, checked for every
+caller), greedy or temperature / top-k / top-p with a seed, OpenAI's penalties and logit_bias (`adjust`),
+`prefill` (prompts packed back to back into one forward that fills their KV-cache slots), `decode` (one new
+token for every row, each row at its own length), and the `Detokenizer` that turns a row's tokens into text
+cut at stop strings. The one generation loop is the engine's (serve/engine.py): the server runs it in a
+thread, VLM.chat / stream / generate step it themselves."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,57 +161,6 @@ def decode(model: InternVL, cache: KVCache, tokens: torch.Tensor, adapters: list
     positions, mask = cache.next_inputs()
     with route(model, adapters):
         return model(tokens[:, None], None, positions, cache, mask)[:, -1]
-
-
-def generate(
-    model: InternVL,
-    prompts: list[torch.Tensor],
-    pixel_values: torch.Tensor | None,
-    params: SamplingParams,
-    eos_ids: set[int],
-    context_len: int,
-    on_token: Callable[[int, int], bool] | None = None,
-    adapters: list[str | None] | None = None,
-) -> Iterator[list[int | None]]:
-    """Generate for a batch of prompts (1-D id tensors); pixel_values holds every prompt's tiles in order.
-
-    Yields, at each step, the new token of every row (None once the row has finished). A row finishes
-    at an EOS id, at max_new_tokens, at the end of the context, or when on_token(row, token) -- called
-    for every other new token -- returns True (a stop string appeared). adapters names each row's LoRA
-    adapter (None: the base model).
-    """
-    device = model.device
-    longest = max(len(p) for p in prompts)
-    if longest >= context_len:
-        raise PromptError(f"the prompt is {longest} tokens, over the model's context of {context_len} tokens")
-    budget = min(params.max_new_tokens, context_len - longest)
-    params.check_vocab(model.cfg.text.vocab_size)
-    b = len(prompts)
-    adapters = adapters or [None] * b
-    cache = KVCache(model.cfg.text, b, longest + budget, model.dtype, device)
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
-    with torch.inference_mode():  # set around each step only: the caller may run others in between
-        logits = prefill(model, cache, prompts, list(range(b)), adapters, pixel_values)
-    done = [False] * b
-    generated: list[list[int]] = [[] for _ in range(b)]
-    for step in range(budget):
-        tokens = sample(adjust(logits, generated, [params] * b), params, generator)  # [B]
-        new: list[int | None] = []
-        for i, t in enumerate(tokens.tolist()):
-            if done[i]:
-                new.append(None)
-                continue
-            new.append(t)
-            generated[i].append(t)
-            if t in eos_ids or (on_token is not None and on_token(i, t)):
-                done[i] = True
-        yield new
-        if all(done) or step == budget - 1:
-            return
-        with torch.inference_mode():
-            logits = decode(model, cache, tokens, adapters)
 
 
 class Detokenizer:

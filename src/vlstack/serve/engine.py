@@ -34,7 +34,7 @@ from ..api import VLM
 from ..errors import ConfigError, PromptError, UnknownModel
 from ..generate import Detokenizer, SamplingParams, adjust, decode, prefill, sample
 from ..model.language import KVCache
-from ..model.lora import lora_layers, route
+from ..model.lora import adapter_names, lora_layers, route
 from .cache import FeatureCache, image_hash, tiles_per_image
 
 
@@ -57,6 +57,7 @@ class Request:
     first_token_at: float | None = None
     finished_at: float | None = None
     error: str | None = None  # why the engine failed it (finish_reason "error")
+    exception: Exception | None = None  # the same, as raised
     top_logprobs: int | None = None  # None: no log-probabilities; else how many alternatives a token
     logprobs: list = field(default_factory=list)  # a generated token's (id, logprob, [(id, logprob) top]), in order
 
@@ -76,7 +77,10 @@ class Engine:
         prefill_tokens: int = 8192,
         image_cache_mb: float = 512,
         vision_tokens: int = 8192,
+        background: bool = True,
     ):
+        """With background, a thread of the engine's own runs its steps as requests come (the server); without,
+        the caller runs them with step() (VLM.chat and the other generators)."""
         self.vlm, self.max_batch, self.prefill_tokens = vlm, max_batch, prefill_tokens
         self.vision_tokens = vision_tokens  # vision-encoder tokens per pass (bounds its activations)
         self.max_len = min(max_len or vlm.context_len, vlm.context_len)
@@ -100,8 +104,9 @@ class Engine:
         self.lock = threading.Lock()  # held while the model runs: adapters load and unload between steps
         self._stop = threading.Event()
         self._wake = threading.Event()  # set when a request arrives
-        self.thread = threading.Thread(target=self._loop, name="vlstack-engine", daemon=True)
-        self.thread.start()
+        self.thread = threading.Thread(target=self._loop, name="vlstack-engine", daemon=True) if background else None
+        if self.thread is not None:
+            self.thread.start()
 
     def submit(
         self,
@@ -126,7 +131,7 @@ class Engine:
         image_tokens = int((prompt == cfg.image_token_id).sum())
         if image_tokens != (0 if pixels is None else len(pixels)) * cfg.tokens_per_tile:
             raise PromptError(f"the prompt has {image_tokens} image tokens, which its images do not fill")
-        if adapter is not None and (adapter not in self.vlm.adapters or adapter in self.retiring):
+        if adapter is not None and (adapter not in adapter_names(self.vlm.model) or adapter in self.retiring):
             raise UnknownModel(f"no adapter named {adapter!r} is loaded")
         counts = tiles_per_image(prompt, cfg.image_token_id, cfg.tokens_per_tile) if pixels is not None else []
         images = [(image_hash(t), len(t)) for t in pixels.split(counts)] if counts else []
@@ -163,20 +168,16 @@ class Engine:
     def close(self) -> None:
         self._stop.set()
         self._wake.set()
-        self.thread.join(timeout=10)
+        if self.thread is not None:
+            self.thread.join(timeout=10)
 
-    # the engine thread -------------------------------------------------------------------------------
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._wake.clear()
+    def step(self) -> None:
+        """One step: adapters whose requests have all finished unloaded, queued requests admitted and prefilled,
+        then one token decoded for every running request."""
+        with self.lock:
             if self.retiring:
-                with self.lock:
-                    self._unload_retired()
-            if not self.running and self.waiting.empty():
-                self._wake.wait(1.0)  # idle until a request arrives
-                continue
-            with self.lock, torch.inference_mode():
+                self._unload_retired()
+            with torch.inference_mode():
                 try:
                     batch = self._admit()
                     if batch:
@@ -188,6 +189,16 @@ class Engine:
                     traceback.print_exc()
                     self._fail(self.running + self.admitting, e)
 
+    # the engine thread -------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            if not self.running and self.waiting.empty() and not self.retiring:
+                self._wake.wait(1.0)  # idle until a request arrives
+                continue
+            self.step()
+
     def _isolate(self, step, reqs: list[Request]) -> None:
         """step(reqs); if it raises, step over each half again (their cache lengths as before), so only the
         request that makes it fail ends with the error and every other one goes on."""
@@ -196,7 +207,8 @@ class Engine:
             step(reqs)
         except Exception as e:
             if len(reqs) == 1:
-                print(f"vlstack: one request failed and was ended: {type(e).__name__}: {e}", flush=True)
+                if self.thread is not None:  # (a caller running the steps gets the exception itself)
+                    print(f"vlstack: one request failed and was ended: {type(e).__name__}: {e}", flush=True)
                 self._fail(reqs, e)
                 return
             self.cache.use([r.slot for r in reqs], lengths)
@@ -209,6 +221,7 @@ class Engine:
         for req in reqs:
             if req.finished_at is None:
                 req.finish_reason, req.error = "error", f"{type(error).__name__}: {error}"
+                req.exception = error
                 req.finished_at = time.perf_counter()
                 req.out.put(None)
                 self.free.append(req.slot)

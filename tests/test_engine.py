@@ -184,3 +184,35 @@ def test_a_kv_cache_that_does_not_fit_is_a_clear_error():
     engine = Engine(vlm, max_batch=2, max_len=512)
     assert engine.cache_bytes == engine.cache.k.numel() * 4 * 2  # float32 keys and values
     engine.close()
+
+
+def test_decode_steps_compile_without_a_graph_break():
+    """The proof on a CPU that a decode step can be captured: the model's forward compiled with fullgraph=True
+    (backend "eager": tracing without code generation) runs prefills and decode steps of base rows and of
+    several adapters at once (their slots prepared before the step) and equals the eager forward."""
+    from vlstack.generate import decode, prefill
+    from vlstack.model.language import KVCache
+
+    vlm = tiny_with_adapters()
+    model = vlm.model
+    prompts = [torch.randint(10, 1000, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 12, 9, 5)]
+    rows = ["finance", None, "legal", "finance"]
+
+    def run() -> torch.Tensor:
+        cache = KVCache(vlm.cfg.text, 4, 64, model.dtype, model.device)
+        with torch.inference_mode():
+            logits = prefill(model, cache, [p.to(model.device) for p in prompts], [0, 1, 2, 3], rows)
+            out = [logits]
+            for _ in range(3):
+                logits = decode(model, cache, logits.argmax(-1), rows)  # [B, V]
+                out.append(logits)
+        return torch.stack(out)
+
+    eager = run()
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, fullgraph=True, backend="eager")  # a graph break raises
+    try:
+        compiled = run()
+    finally:
+        del model.forward
+    assert torch.equal(compiled, eager)

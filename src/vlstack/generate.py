@@ -15,7 +15,7 @@ import torch
 
 from .errors import PromptError
 from .model.language import KVCache
-from .model.lora import route
+from .model.lora import prepare_decode, route
 from .model.vlm import InternVL
 
 
@@ -160,6 +160,7 @@ def decode(model: InternVL, cache: KVCache, tokens: torch.Tensor, adapters: list
     """tokens [B], the next token of the cache's rows (each row with its adapter) -> the logits after it [B, V]."""
     positions, mask = cache.next_inputs()
     with route(model, adapters):
+        prepare_decode(model, len(tokens), tokens.device)  # Python work before the step: the step is tensors only
         return model(tokens[:, None], None, positions, cache, mask)[:, -1]
 
 

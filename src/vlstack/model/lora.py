@@ -91,6 +91,7 @@ class Routing:
         self.layers: dict[str, int] = {}  # adapter -> how many of the model's layers hold it
         self.slots: dict[str, int] = {}  # adapter -> its slot in every layer's stacked weights (decode steps)
         self.capacity, self.rank = 0, 0  # the stacks' slots, and ranks per slot (the largest adapter's)
+        self.members: list[LoRALinear] = []  # every LoRA layer of the model
         self._masks: tuple[list, dict] = ([], {})  # (the segments they are for, {(rows, device): mask})
 
     def assign(self, name: str, rank: int) -> None:
@@ -220,18 +221,29 @@ class LoRALinear(nn.Linear):
         """Several adapters over rows of one token each: every slot's A as one matmul, a mask keeping each row's
         own slot's ranks (times its scaling), every slot's B as another -- two matmuls for the step instead of
         two per adapter, whose calls cost more than their arithmetic at a few rows each."""
+        rows = x.shape[0]
+        stack = self.stack
+        if stack is None or stack.ready is not self.routing.segments:  # the caller did not prepare this step
+            stack = self.prepare(rows, y)
+        h = x.reshape(rows, -1) @ stack.a.view(-1, self.in_features).t()  # [B, S*R]
+        h.mul_(stack.mask)  # each row keeps its own slot's ranks, scaled
+        y.view(rows, -1).addmm_(h, stack.b.view(-1, self.out_features))  # [B, out]
+        return y
+
+    def prepare(self, rows: int, like: torch.Tensor) -> Stack:
+        """Before a decode step over these routing's rows: the adapters' current weights in their slots, and the
+        rows' mask. Python work with version counters, done before the step (prepare_decode) so that the step
+        itself is tensors only (it compiles without a graph break)."""
         routing, stack = self.routing, self.stack
         if stack is None or stack.shape != (routing.capacity, routing.rank):  # new, or the stacks grew
-            stack = self.stack = Stack(routing.capacity, routing.rank, self.in_features, self.out_features, y)
+            stack = self.stack = Stack(routing.capacity, routing.rank, self.in_features, self.out_features, like)
         a_mods, b_mods = self.lora_A._modules, self.lora_B._modules  # (plain dicts: this runs at every step)
         for name in a_mods:
             stack.hold(routing.slots[name], a_mods[name]._parameters["weight"], b_mods[name]._parameters["weight"],
                        self.scaling[name])  # fmt: skip
-        rows = x.shape[0]
-        h = x.reshape(rows, -1) @ stack.a.view(-1, self.in_features).t()  # [B, S*R]
-        h.mul_(routing.mask(rows, stack.scalings(), h.device))  # each row keeps its own slot's ranks, scaled
-        y.view(rows, -1).addmm_(h, stack.b.view(-1, self.out_features))  # [B, out]
-        return y
+        stack.mask = routing.mask(rows, stack.scalings(), like.device)  # [B, S*R] float32
+        stack.ready = routing.segments
+        return stack
 
 
 class Stack:
@@ -243,6 +255,8 @@ class Stack:
         self.a = like.new_zeros(slots, rank, n_in)
         self.b = like.new_zeros(slots, rank, n_out)
         self.held: dict[int, tuple] = {}  # slot -> (A, B, their version counters, scaling) written there
+        self.mask: torch.Tensor | None = None  # [B, S*R]: the prepared step's rows, each its slot's scaling
+        self.ready: list | None = None  # the routing segments it was prepared for
 
     def hold(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         """Write an adapter's weights (A [r, in], B [out, r]) into its slot unless they are there already."""
@@ -276,6 +290,19 @@ def _zeros(y: torch.Tensor, axis: int, n: int) -> torch.Tensor:
     return y.new_zeros(shape)
 
 
+def prepare_decode(model: nn.Module, rows: int, device: torch.device) -> None:
+    """Within `route(...)` of a decode step (rows of one token each): the layers that will run several adapters
+    at once get their slots and masks ready, so that the step runs on tensors alone."""
+    routing = routing_of(model)
+    present = {n for n, _, _ in routing.segments}
+    if len(present) < 2:
+        return
+    like = torch.empty(0, device=device, dtype=next(model.parameters()).dtype)
+    for layer in routing.members:
+        if len(present & layer.lora_A.keys()) > 1:
+            layer.prepare(rows, like)
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -297,6 +324,7 @@ def ensure_lora(model: nn.Module, names: list[str]) -> dict[str, LoRALinear]:
             parent, _, child = name.rpartition(".")
             mod = LoRALinear(mod, routing)
             mod.name = name
+            routing.members.append(mod)
             setattr(model.get_submodule(parent) if parent else model, child, mod)
         out[name] = mod
     return out

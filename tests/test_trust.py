@@ -24,7 +24,7 @@ import vlstack
 from vlstack.chat import IMG_CONTEXT, question_messages
 from vlstack.errors import ConfigError, PromptError
 from vlstack.generate import SamplingParams
-from vlstack.model.lora import route
+from vlstack.model.lora import lora_layers, route
 from vlstack.serve import openai as api_openai
 from vlstack.serve.api import ServeConfig, create_app
 from vlstack.serve.engine import Engine
@@ -444,3 +444,40 @@ def test_an_unload_that_fails_does_not_stop_the_engine(monkeypatch):
     req = engine.submit(inputs, "finance", SamplingParams(max_new_tokens=4))
     assert collect(req) == vlm.chat("Hi", adapter="finance", max_new_tokens=4)
     engine.close()
+
+
+def test_reserved_adapter_slots_bound_hot_loading(adapter_dir, tmp_path):  # noqa: F811
+    """--max-adapters / --max-lora-rank: the slots are reserved at start; a load past them is a 400 naming the
+    bound, before any layer takes the adapter, and an unloaded adapter's slot takes the next one."""
+    import shutil
+
+    big = tmp_path / "big"
+    src = vlstack.load("tiny", device="cpu")
+    from vlstack.adapters import save_adapter
+    from vlstack.model.lora import LoRASpec, add_adapter
+
+    add_adapter(src.model, "big", LoRASpec(rank=8, alpha=8, targets=("q_proj",)), seed=0)
+    save_adapter(src.model, "big", big, LoRASpec(rank=8, alpha=8, targets=("q_proj",)))
+    shutil.copytree(adapter_dir, tmp_path / "small")  # rank 4
+    vlm = vlstack.load("tiny", device="cpu")
+    app = create_app(vlm, "tiny", ServeConfig(adapter_dir=tmp_path, max_adapters=2, max_lora_rank=4))
+    with running(app) as base:
+
+        def load(name, path):
+            return httpx.post(base + "/v1/adapters", json={"name": name, "path": path}, timeout=60)
+
+        r = load("big", "big")
+        assert r.status_code == 400 and "rank 8 is over the largest this server holds, 4" in r.text
+        assert load("one", "small").status_code == 200 and load("two", "small").status_code == 200
+        r = load("three", "small")
+        assert r.status_code == 400 and "all 2 adapter slots are taken" in r.text
+        assert not any("three" in m.lora_A or "big" in m.lora_A for m in lora_layers(vlm.model).values())
+        assert httpx.delete(base + "/v1/adapters/one").status_code == 200
+        deadline = time.time() + 10
+        while load("three", "small").status_code != 200 and time.time() < deadline:
+            time.sleep(0.05)  # (the slot frees when the engine has unloaded it)
+        assert vlm.model.lora_routing.slots["three"] < 2 and vlm.model.lora_routing.capacity == 2
+        content = [{"role": "user", "content": "hi"}]
+        for model in ("two", "three", "tiny"):
+            body = {"model": model, "messages": content, "max_tokens": 3}
+            assert httpx.post(base + "/v1/chat/completions", json=body, timeout=60).status_code == 200

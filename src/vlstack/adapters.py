@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .files import write_files
-from .model.lora import MAX_RANK, LoRASpec, ensure_lora, lora_layers
+from .model.lora import MAX_RANK, LoRASpec, ensure_lora, lora_layers, routing_of
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -131,6 +131,7 @@ def load_adapter(model: nn.Module, name: str, directory: str | Path) -> LoRASpec
     missing = sorted(set(weights) - available)
     if missing:
         raise ConfigError(f"adapter {name!r} targets modules this model does not have: {', '.join(missing[:5])}")
+    routing_of(model).check(name, max(a.shape[0] for a, _ in weights.values()))  # before any layer takes it
     layers = ensure_lora(model, sorted(weights))
     rslora = bool(config.get("use_rslora", False))
     spec = LoRASpec(

@@ -139,7 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         adapter_dir=args.adapter_dir, image_dir=args.image_dir, max_batch=args.max_batch,
         kv_budget=args.kv_budget, max_queue=args.max_queue, max_body_mb=args.max_body_mb,
         image_cache_mb=args.image_cache_mb, max_model_len=args.max_model_len, prefill_tokens=args.prefill_tokens,
-        vision_tokens=args.vision_tokens,
+        vision_tokens=args.vision_tokens, max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank,
     )  # fmt: skip
     app = create_app(vlm, name, config, tenants=tenants, audit=audit)
     engine = app.state.engine
@@ -198,6 +198,10 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=256, help="waiting requests at most (503 beyond)")
     serve.add_argument("--max-body-mb", type=float, default=64, help="request body size limit (413 beyond)")
     serve.add_argument("--image-cache-mb", type=float, default=512, help="memory for cached visual embeddings")
+    serve.add_argument("--max-adapters", type=int, default=None,
+                       help="reserve slots for this many adapters at once (default 8 with --max-lora-rank; "
+                            "without either, the slots grow as adapters are loaded)")  # fmt: skip
+    serve.add_argument("--max-lora-rank", type=int, default=None, help="the largest rank of a loaded adapter (64)")
     serve.add_argument("--device", default=None)
     serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     serve.set_defaults(func=cmd_serve)

@@ -92,11 +92,31 @@ class Routing:
         self.slots: dict[str, int] = {}  # adapter -> its slot in every layer's stacked weights (decode steps)
         self.capacity, self.rank = 0, 0  # the stacks' slots, and ranks per slot (the largest adapter's)
         self.members: list[LoRALinear] = []  # every LoRA layer of the model
+        self.fixed = False  # reserve(): the stacks keep their size
         self._masks: tuple[list, dict] = ([], {})  # (the segments they are for, {(rows, device): mask})
+
+    def reserve(self, slots: int, rank: int) -> None:
+        """Fix the stacks at `slots` adapters of rank up to `rank` (the server's --max-adapters and
+        --max-lora-rank): they never grow, so a hot-loaded adapter only writes into a free slot."""
+        if len(self.slots) > slots or self.rank > rank:
+            raise ConfigError(f"{len(self.slots)} adapters of rank up to {self.rank} are loaded already: over "
+                              f"{slots} adapters of rank {rank}")  # fmt: skip
+        self.capacity, self.rank, self.fixed = slots, rank, True
+
+    def check(self, name: str, rank: int) -> None:
+        """Refuse, before any layer takes it, an adapter the fixed stacks cannot hold."""
+        if not self.fixed or name in self.slots:
+            return
+        if len(self.slots) >= self.capacity:
+            raise ConfigError(f"all {self.capacity} adapter slots are taken (--max-adapters); unload one first")
+        if rank > self.rank:
+            raise ConfigError(f"the adapter's rank {rank} is over the largest this server holds, {self.rank} "
+                              f"(--max-lora-rank)")  # fmt: skip
 
     def assign(self, name: str, rank: int) -> None:
         """Give a new adapter a free slot; the stacks grow (doubling their slots) when there is none, or when
         its rank is over theirs. A layer's stack follows the next time it runs a decode step."""
+        self.check(name, rank)
         if name not in self.slots:
             taken = set(self.slots.values())
             self.slots[name] = next(s for s in range(len(taken) + 1) if s not in taken)
@@ -335,6 +355,7 @@ def add_adapter(model: nn.Module, name: str, spec: LoRASpec, seed: int = 0) -> l
     check_name(name)
     if name in adapter_names(model):
         raise ConfigError(f"adapter {name!r} already exists")
+    routing_of(model).check(name, spec.rank)
     init = torch.Generator().manual_seed(seed)
     params = []
     for module_name, layer in ensure_lora(model, spec.modules(model)).items():

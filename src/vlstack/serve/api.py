@@ -27,7 +27,7 @@ from starlette.datastructures import Headers
 from ..api import VLM
 from ..errors import ConfigError, PromptError, UnknownModel, VLStackError
 from ..generate import SamplingParams
-from ..model.lora import check_name
+from ..model.lora import check_name, routing_of
 from .auth import AuditLog, Tenant, find_tenant
 from .engine import Engine
 from .metrics import Metrics
@@ -51,12 +51,17 @@ class ServeConfig:
     max_queue: int = 256  # requests waiting beyond this are refused with 503
     max_body_mb: float = 64  # request bodies beyond this are refused with 413
     image_cache_mb: float = 512  # visual embeddings kept for images seen again
+    max_adapters: int | None = None  # with either: slots for this many adapters (8) of rank up to max_lora_rank
+    max_lora_rank: int | None = None  # (64), reserved at start; without: the slots grow as adapters come
     fetch_timeout: float = 10.0  # seconds for an http(s) image, in all
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "prefill_tokens", "vision_tokens", "max_body_mb", "fetch_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive (got {getattr(self, name)})")
+        for name in ("max_adapters", "max_lora_rank"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
         for name in ("kv_budget", "max_model_len"):
             if getattr(self, name) is not None and getattr(self, name) < 2:
                 raise ConfigError(f"{name} must be at least 2 tokens (got {getattr(self, name)})")
@@ -76,6 +81,8 @@ def create_app(
     With tenants, every endpoint but /health needs `Authorization: Bearer <key>`, and a key sees and
     uses only its own models."""
     cfg = config or ServeConfig()
+    if cfg.max_adapters or cfg.max_lora_rank:  # hot loads write into free slots: the stacks never grow
+        routing_of(vlm.model).reserve(cfg.max_adapters or 8, cfg.max_lora_rank or 64)
     engine = Engine(
         vlm, cfg.max_batch, cfg.kv_budget, cfg.max_model_len, cfg.prefill_tokens, cfg.image_cache_mb, cfg.vision_tokens
     )

@@ -324,7 +324,8 @@ def prepare_decode(model: nn.Module, rows: int, device: torch.device) -> None:
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    """The model's LoRA layers by module name (the routing's members: no walk over the modules)."""
+    return {m.name: m for m in routing_of(model).members}
 
 
 def routing_of(model: nn.Module) -> Routing:

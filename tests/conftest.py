@@ -48,6 +48,9 @@ def hf_config(
     tied: bool = True,
     feature_layer: int = -1,
     rope_theta: float = 10000.0,
+    text_act: str = "silu",
+    vision_act: str = "gelu",
+    projector_act: str = "gelu",
 ):
     from transformers import InternVLConfig
 
@@ -63,6 +66,7 @@ def hf_config(
             norm_type=norm_type,
             use_qk_norm=qk_norm,
             attention_bias=vision_bias,
+            hidden_act=vision_act,
         ),
         text_config=dict(
             model_type="qwen2",
@@ -76,11 +80,13 @@ def hf_config(
             rope_theta=rope_theta,
             eos_token_id=2,
             max_position_embeddings=4096,
+            hidden_act=text_act,
         ),
         image_token_id=IMAGE_TOKEN_ID,
         image_seq_length=tokens,
         tie_word_embeddings=tied,
         vision_feature_layer=feature_layer,
+        projector_hidden_act=projector_act,
     )
 
 
@@ -114,9 +120,10 @@ def write_hf_checkpoint(directory: Path, seed: int = 0, **shape) -> torch.nn.Mod
 
 def to_original_layout(src: Path, dst: Path) -> None:
     """Rewrite a transformers checkpoint in the original OpenGVLab layout (config and key names),
-    following transformers' conversion script in reverse."""
+    following transformers' conversion script in reverse (the original projector's activation is always GELU)."""
     dst.mkdir(parents=True)
     cfg = json.loads((src / "config.json").read_text())
+    assert cfg["projector_hidden_act"] == "gelu", "the original layout has a GELU projector"
     v, t = cfg["vision_config"], cfg["text_config"]
     original = {
         "architectures": ["InternVLChatModel"],
@@ -144,6 +151,7 @@ def to_original_layout(src: Path, dst: Path) -> None:
             "qk_normalization": v["use_qk_norm"],
             "qkv_bias": v["attention_bias"],
             "layer_norm_eps": v["layer_norm_eps"],
+            "hidden_act": v["hidden_act"],
         },
         "llm_config": {
             "architectures": ["Qwen2ForCausalLM"],
@@ -161,6 +169,7 @@ def to_original_layout(src: Path, dst: Path) -> None:
                     "max_position_embeddings",
                     "tie_word_embeddings",
                     "eos_token_id",
+                    "hidden_act",
                 )
             },
             "rope_theta": t["rope_parameters"]["rope_theta"],

@@ -133,6 +133,10 @@ def test_unsupported_architectures_get_one_clear_error():
         parse_config({"model_type": "llava"})
     with pytest.raises(ConfigError, match="rope type 'yarn' is not supported"):
         parse_config(_native(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6}))
+    with pytest.raises(ConfigError, match=r"text_config.hidden_act 'xielu' is not supported; choose one of"):
+        parse_config(_native(hidden_act="xielu"))
+    with pytest.raises(ConfigError, match="projector_hidden_act 'tanh' is not supported"):
+        parse_config({**_native(), "projector_hidden_act": "tanh"})
     with pytest.raises(ConfigError, match="missing the field 'hidden_size'"):
         parse_config({"model_type": "internvl", "vision_config": {}, "text_config": {}})
 

@@ -17,6 +17,7 @@ SHAPES = {
     ),
     "mha-feature-layer-2-112": dict(tile=112, heads=4, kv_heads=4, feature_layer=-2, vision_layers=3, width=96),
     "mqa-rope-1e6-56": dict(tile=56, heads=4, kv_heads=1, rope_theta=1e6, layers=3),
+    "other-activations-56": dict(tile=56, text_act="gelu_pytorch_tanh", vision_act="quick_gelu"),
 }
 
 # (images as (width, height), question); several prompts per shape cover text-only, 1, many and 2 images
@@ -97,6 +98,16 @@ def test_batched_generation_matches_one_at_a_time(pair):
     encoded = [encode(vlm, images, question)[0] for images, question in PROMPTS]
     assert len({e["input_ids"].shape[1] for e in encoded}) == len(encoded)  # padding is exercised
     assert greedy_ids(vlm, encoded, 10) == [greedy_ids(vlm, [e], 10)[0] for e in encoded]
+
+
+def test_the_projectors_activation_comes_from_the_config(tmp_path):
+    hf = write_hf_checkpoint(tmp_path, tile=56, projector_act="relu").to(DEVICE)
+    vlm = vlstack.load(tmp_path, device=DEVICE, dtype="float32")
+    assert vlm.cfg.projector_hidden_act == "relu"
+    inputs, _ = encode(vlm, *PROMPTS[2])
+    with torch.no_grad():
+        ref = hf(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
+    assert rel_err(vlm(inputs["input_ids"], inputs["pixel_values"]), ref) <= 1e-4
 
 
 def test_original_layout_gives_same_logits(pair, tmp_path):

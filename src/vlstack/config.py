@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, VLStackError
+from .model.activations import ACTIVATIONS
 
 SUPPORTED_LLMS = ("qwen2",)  # model_type of the language model
 
@@ -192,6 +193,7 @@ def _text_config(t: dict) -> TextConfig:
         rope_theta=_rope_theta(t),
         max_position_embeddings=int(_first(t, "max_position_embeddings", default=32768)),
         tie_word_embeddings=bool(t.get("tie_word_embeddings", False)),
+        attention_bias=bool(t.get("attention_bias", True)),
         hidden_act=str(_first(t, "hidden_act", default="silu")),
         eos_token_id=t.get("eos_token_id"),
     )
@@ -260,6 +262,11 @@ def parse_config(raw: dict) -> VLMConfig:
         raise ConfigError(f"ps_version {cfg.pixel_shuffle_version!r} is not supported (v1 or v2)")
     if cfg.vision.norm_type not in ("layer_norm", "rms_norm"):
         raise ConfigError(f"vision norm_type {cfg.vision.norm_type!r} is not supported (layer_norm or rms_norm)")
+    acts = {"text_config.hidden_act": cfg.text.hidden_act, "vision_config.hidden_act": cfg.vision.hidden_act,
+            "projector_hidden_act": cfg.projector_hidden_act}  # fmt: skip
+    for where, act in acts.items():
+        if act not in ACTIVATIONS:
+            raise ConfigError(f"{where} {act!r} is not supported; choose one of {sorted(ACTIVATIONS)}")
     return cfg
 
 

@@ -5,11 +5,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import VLMConfig
 from ..errors import PromptError
+from .activations import ACTIVATIONS
 from .language import KVCache, LanguageModel, packed_positions
 from .lora import regroup, tile_rows
 from .vision import VisionTower
@@ -34,9 +34,10 @@ class Projector(nn.Module):
         self.layer_norm = nn.LayerNorm(dim)
         self.linear_1 = nn.Linear(dim, cfg.text.hidden_size)
         self.linear_2 = nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size)
+        self.act = ACTIVATIONS[cfg.projector_hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.gelu(self.linear_1(self.layer_norm(x))))
+        return self.linear_2(self.act(self.linear_1(self.layer_norm(x))))
 
 
 class InternVL(nn.Module):

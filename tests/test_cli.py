@@ -153,3 +153,22 @@ def test_the_readmes_example_jobs_file_reads(tmp_path):
     plan = read_plan(root / "examples" / "jobs.yaml")
     assert plan.jobs[0].output.resolve() == (root / "out" / "finance").resolve()
     assert len(read_dataset(plan.jobs[0].data)) == 4
+
+
+def test_the_readmes_python_example_runs_and_keeps_other_files(tmp_path, monkeypatch):
+    """The README's Python example, on the tiny model, in a directory holding examples/ and a file of the
+    user's in out/ (a save once wiped the adapter there)."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    blocks = re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), re.S)
+    example = next(b for b in blocks if "vlstack.load(" in b)
+    shutil.copytree(root / "examples", tmp_path / "examples")
+    (tmp_path / "out" / "merged").mkdir(parents=True)
+    (tmp_path / "out" / "merged" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    exec(re.sub(r'vlstack\.load\("[^"]+"\)', 'vlstack.load("tiny")', example), {})
+    assert (tmp_path / "out" / "merged" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "merged" / "notes.txt").read_text() == "mine"

@@ -338,7 +338,7 @@ def test_a_chunked_body_stops_at_the_limit_with_memory_bounded(busy):
         assert r.status_code == 413
     except httpx.TransportError:  # the server may close the connection on the rest of the body
         pass
-    assert rss() - before < 64 * 2**20
+    assert rss() - before < 128 * 2**20  # (the whole body would be 256 MB)
 
 
 class _Web(http.server.SimpleHTTPRequestHandler):
@@ -391,8 +391,8 @@ def test_slow_image_hosts_meet_a_total_deadline_and_block_nobody(web):
     start = time.perf_counter()
     with pytest.raises(vlstack.errors.ImageError, match="took over 1 s"):
         api_openai.fetch_image(f"http://{web}/slow", 1, allow_private=True)
-    assert time.perf_counter() - start < 2.5
-    config = ServeConfig(allow_http_images=True, allow_private_image_hosts=True, fetch_timeout=3)
+    assert time.perf_counter() - start < 5  # the host trickles for 50 s: a per-read timeout alone never fires
+    config = ServeConfig(allow_http_images=True, allow_private_image_hosts=True, fetch_timeout=8)
     app = create_app(vlstack.load("tiny", device="cpu"), "tiny", config)
     slow = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": f"http://{web}/slow"}}]}]}  # fmt: skip
@@ -403,7 +403,7 @@ def test_slow_image_hosts_meet_a_total_deadline_and_block_nobody(web):
         time.sleep(0.5)
         start = time.perf_counter()
         assert _send(base, fast).status_code == 200
-        assert time.perf_counter() - start < 2.5  # answered while the slow fetches wait
+        assert time.perf_counter() - start < 5  # answered while the slow fetches wait (8 s each)
         assert all(f.result().status_code == 400 for f in stalled)
 
 

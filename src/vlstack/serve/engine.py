@@ -342,7 +342,7 @@ class Engine:
             for r, slot in zip(movers, new):
                 r.slot = slot
             self.free = [s for s in range(self.max_batch) if s not in taken]
-        self.running.sort(key=lambda r: r.slot)
+        self.running = sorted(self.running, key=lambda r: r.slot)  # a new list: sort() empties it meanwhile
 
     def _emit(self, rows: list[Request], logits: torch.Tensor) -> None:
         """Sample each row's next token, send its text, and retire finished or cancelled rows (what can raise

@@ -6,6 +6,7 @@ APIError carrying OpenAI's error shape and a 4xx status.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import ipaddress
 import socket
@@ -194,7 +195,9 @@ class _Checked:
         return sock
 
 
+@functools.cache
 def _opener(allow_private: bool) -> urllib.request.OpenerDirector:
+    """The opener of checked connections (one of each kind, made once: its handlers keep no state)."""
     http_conn = type("CheckedHTTP", (_Checked, http.client.HTTPConnection), {"allow_private": allow_private})
     https_conn = type("CheckedHTTPS", (_Checked, http.client.HTTPSConnection), {"allow_private": allow_private})
 

@@ -27,7 +27,8 @@ class SamplingError(PromptError):
         self.field, self.what = field, what
 
 
-def _int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """An integer, not a bool (JSON's true would pass isinstance(v, int))."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -54,13 +55,14 @@ class SamplingParams:
             self.stop = (self.stop,)
         bias = self.logit_bias
         checks = [
-            (_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1"),
+            (is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1"),
             (_number(self.temperature) and 0 <= self.temperature <= 2, "temperature", "a number in [0, 2]"),
             (_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]"),
-            (_int(self.top_k) and -1 <= self.top_k < 2**31, "top_k", "an integer >= -1 (-1 or 0: off)"),
-            (self.seed is None or _int(self.seed) and -(2**63) <= self.seed < 2**64, "seed", "a 64-bit integer"),
+            (is_int(self.top_k) and -1 <= self.top_k < 2**31, "top_k", "an integer >= -1 (-1 or 0: off)"),
+            (self.seed is None or is_int(self.seed) and -(2**63) <= self.seed < 2**64, "seed", "a 64-bit integer"),
             (isinstance(self.stop, (list, tuple)) and len(self.stop) <= 4
-             and all(isinstance(s, str) and s and _utf8(s) for s in self.stop), "stop", "a string or up to 4 strings"),
+             and all(isinstance(s, str) and s and is_unicode(s) for s in self.stop),
+             "stop", "a string or up to 4 strings"),
             *((_number(getattr(self, p)) and -2 <= getattr(self, p) <= 2, p, "a number in [-2, 2]")
               for p in ("presence_penalty", "frequency_penalty")),
             (isinstance(bias, dict) and all(_token(t) and _number(b) and -100 <= b <= 100 for t, b in bias.items()),
@@ -81,10 +83,10 @@ class SamplingParams:
 
 def _token(t: Any) -> bool:
     """A token id: an integer >= 0, or its decimal digits (JSON object keys are strings)."""
-    return (_int(t) and t >= 0) or (isinstance(t, str) and t.isascii() and t.isdigit())
+    return (is_int(t) and t >= 0) or (isinstance(t, str) and t.isascii() and t.isdigit())
 
 
-def _utf8(s: str) -> bool:
+def is_unicode(s: str) -> bool:
     """Whether s is valid Unicode (JSON can carry lone surrogates, which UTF-8 cannot)."""
     try:
         s.encode("utf-8")

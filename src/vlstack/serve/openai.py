@@ -20,7 +20,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from ..errors import ImageError
-from ..generate import SamplingError, SamplingParams
+from ..generate import SamplingError, SamplingParams, is_int, is_unicode
 
 
 class APIError(Exception):
@@ -93,10 +93,8 @@ def _text(value: Any, param: str) -> str:
     """A string field that reaches the tokenizer, checked (JSON can carry lone surrogates UTF-8 cannot)."""
     if not isinstance(value, str):
         raise APIError(400, f"'{param}' text must be a string", param)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise APIError(400, f"'{param}' holds text that is not valid Unicode (a lone surrogate)", param) from None
+    if not is_unicode(value):
+        raise APIError(400, f"'{param}' holds text that is not valid Unicode (a lone surrogate)", param)
     return value
 
 
@@ -120,11 +118,11 @@ def read_sampling(body: dict, vocab: int) -> tuple[SamplingParams, int, int | No
             raise APIError(400, f"'{name}' is not supported by this server", name)
     n, top = body.get("n") or 1, body.get("top_logprobs")
     checks = [
-        (_int(n) and 1 <= n <= 16, "n", "an integer in [1, 16]"),
+        (is_int(n) and 1 <= n <= 16, "n", "an integer in [1, 16]"),
         (body.get("logprobs") in (None, True, False), "logprobs", "true or false"),
         (body.get("stream") in (None, True, False), "stream", "true or false"),
         (body.get("stream_options") is None or isinstance(body["stream_options"], dict), "stream_options", "an object"),
-        (top is None or (_int(top) and 0 <= top <= 20), "top_logprobs", "an integer in [0, 20]"),
+        (top is None or (is_int(top) and 0 <= top <= 20), "top_logprobs", "an integer in [0, 20]"),
         (top is None or body.get("logprobs") is True, "top_logprobs", "given with 'logprobs': true"),
     ]
     for ok, name, what in checks:
@@ -143,10 +141,6 @@ def read_sampling(body: dict, vocab: int) -> tuple[SamplingParams, int, int | No
         name = "max_tokens" if e.field == "max_new_tokens" else e.field
         raise APIError(400, f"'{name}' must be {e.what}", name) from None
     return params, n, (top or 0) if body.get("logprobs") else None
-
-
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def logprobs_content(entries: list[tuple], decode: Callable[[list[int]], str]) -> list[dict]:

@@ -103,12 +103,13 @@ def read_dataset(path: str | Path) -> list[Example]:
 def check_images(examples: list[Example], name: str, limits: ImageLimits | None = None) -> None:
     """Decode every image of the examples now, in parallel, with a progress line on stderr: a bad image is named
     by file and line before training starts, not when a step reaches it."""
-    todo = [(ex.where, p) for ex in examples for p in ex.images]
+    first = {p: ex.where for ex in reversed(examples) for p in ex.images}  # each image once, at its first line
+    todo = list(first.items())
     if not todo:
         return
     done, tty = 0, sys.stderr.isatty()
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
-        futures = {pool.submit(load_image, p, limits): (where, p) for where, p in todo}
+        futures = {pool.submit(load_image, p, limits): (where, p) for p, where in todo}
         for future in as_completed(futures):
             try:
                 future.result()

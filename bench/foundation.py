@@ -113,7 +113,8 @@ def bench_llm(hf, ours, device: str, prompt_len: int, new_tokens: int, repeat: i
     from vlstack.api import VLM
     from vlstack.chat import Processor, read_tokenizer
     from vlstack.generate import SamplingParams
-    from vlstack.model.language import KVCache
+    from vlstack.engine.kv_cache import KVCache
+    from vlstack.engine.metadata import packed_step
     from vlstack.serve.engine import Engine
     from vlstack.tiny import tiny_dir
 
@@ -127,7 +128,8 @@ def bench_llm(hf, ours, device: str, prompt_len: int, new_tokens: int, repeat: i
     def our_prefill():
         with torch.inference_mode():
             cache = KVCache(ours.cfg.text, 1, prompt_len, ours.dtype, torch.device(device))
-            ours(ids, cache=cache, last_only=True)
+            step = packed_step([prompt_len], torch.device(device), slots=[0], max_len=prompt_len, logits="last")
+            ours(ids[0], step, cache=cache)
 
     t_hf_prefill = timed(hf_prefill, device, repeat)
     t_our_prefill = timed(our_prefill, device, repeat)

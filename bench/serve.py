@@ -49,7 +49,7 @@ def make_adapters(model: str, root: Path) -> dict[str, str]:
     """Four PEFT adapters with random (trained-looking) weights on q, k, v, o, gate, up, down."""
     import vlstack
     from vlstack.adapters import save_adapter
-    from vlstack.model.lora import LoRASpec, add_adapter
+    from vlstack.layers.lora import LoRASpec, add_adapter
 
     vlm = vlstack.load(model, device="cpu")
     spec, out = LoRASpec(rank=16, alpha=32), {}

@@ -247,6 +247,17 @@ def greedy_ids(vlm, encoded: list[dict], n: int) -> list[list[int]]:
         vlm.eos = eos
 
 
+def rows_forward(model, ids: torch.Tensor, pixel_values=None, adapters=None) -> torch.Tensor:
+    """ids [B, T] (+ their images' tiles in order) -> logits [B, T, V], row i with adapters[i]: the rows packed
+    into one step as every caller does (with autograd when it is on)."""
+    from vlstack.engine.metadata import packed_step
+    from vlstack.layers.lora import route
+
+    b, t = ids.shape
+    with route(model, adapters or [None] * b, counts=[t] * b):
+        return model(ids.flatten(), packed_step([t] * b, ids.device), pixel_values).view(b, t, -1)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 

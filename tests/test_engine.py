@@ -12,7 +12,7 @@ import vlstack
 from vlstack.chat import question_messages
 from vlstack.errors import ConfigError, PromptError
 from vlstack.generate import SamplingParams
-from vlstack.model.lora import LoRASpec, add_adapter
+from vlstack.layers.lora import LoRASpec, add_adapter
 from vlstack.serve.engine import Engine
 
 QUESTIONS = ["What is the total?", "Describe this picture.", "Which bar is the highest?", "Who signed the form?"]
@@ -182,7 +182,7 @@ def test_a_kv_cache_that_does_not_fit_is_a_clear_error():
     with pytest.raises(ConfigError, match="lower --max-batch or --max-model-len"):
         Engine(vlm, max_batch=10**8)  # petabytes: beyond any machine's address space
     engine = Engine(vlm, max_batch=2, max_len=512)
-    assert engine.cache_bytes == engine.cache.k.numel() * 4 * 2  # float32 keys and values
+    assert engine.cache_bytes == engine.cache.k.numel() * 4 * 2  # float32 keys and values (the scratch slot too)
     engine.close()
 
 
@@ -190,8 +190,8 @@ def test_decode_steps_compile_without_a_graph_break():
     """The proof on a CPU that a decode step can be captured: the model's forward compiled with fullgraph=True
     (backend "eager": tracing without code generation) runs prefills and decode steps of base rows and of
     several adapters at once (their slots prepared before the step) and equals the eager forward."""
+    from vlstack.engine.kv_cache import KVCache
     from vlstack.generate import decode, prefill
-    from vlstack.model.language import KVCache
 
     vlm = tiny_with_adapters()
     model = vlm.model
@@ -203,8 +203,9 @@ def test_decode_steps_compile_without_a_graph_break():
         with torch.inference_mode():
             logits = prefill(model, cache, [p.to(model.device) for p in prompts], [0, 1, 2, 3], rows)
             out = [logits]
-            for _ in range(3):
-                logits = decode(model, cache, logits.argmax(-1), rows)  # [B, V]
+            for i in range(3):
+                positions = [len(p) + i for p in prompts]
+                logits = decode(model, cache, logits.argmax(-1), positions, [0, 1, 2, 3], rows)  # [B, V]
                 out.append(logits)
         return torch.stack(out)
 

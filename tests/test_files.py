@@ -15,7 +15,7 @@ import vlstack
 from vlstack.checkpoint import INDEX, SINGLE, save_checkpoint
 from vlstack.cli import main
 from vlstack.errors import ConfigError
-from vlstack.model.lora import LoRASpec, add_adapter
+from vlstack.layers.lora import LoRASpec, add_adapter
 from vlstack.train.jobs import Job, JobError
 from vlstack.train.multi import train
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, image, rel_err, write_hf_checkpoint
+from conftest import DEVICE, image, rel_err, rows_forward, write_hf_checkpoint
 from torch import nn
 
 import vlstack
 from vlstack.adapters import load_adapter, merge_adapter, save_adapter
 from vlstack.chat import question_messages
 from vlstack.errors import ConfigError
-from vlstack.model.lora import LoRASpec, add_adapter, lora_layers, remove_adapter, route
+from vlstack.layers.lora import LoRASpec, add_adapter, lora_layers, remove_adapter, route
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +104,8 @@ def test_rows_use_their_own_adapter(ckpt):
     assert tiles > 1
     rows = ["a", "a", None, "c", "b"]
     ids, pixels = x["input_ids"].repeat(5, 1), x["pixel_values"].repeat(5, 1, 1, 1)
-    with torch.no_grad(), route(vlm.model, rows):
-        fused = vlm.model(ids, pixels)
+    with torch.no_grad():
+        fused = rows_forward(vlm.model, ids, pixels, rows)
     for r, name in enumerate(rows):
         alone = vlm(ids[r : r + 1], pixels[r * tiles : (r + 1) * tiles], adapter=name)
         assert rel_err(fused[r : r + 1], alone) <= 1e-5
@@ -134,8 +134,8 @@ def test_decode_step_stacks_its_adapters(ckpt):
     ids = torch.randint(10, vlm.cfg.text.vocab_size, (len(rows), 1))  # [B, 1]
 
     def check() -> None:
-        with torch.inference_mode(), route(vlm.model, rows):
-            fused = vlm.model(ids)
+        with torch.inference_mode():
+            fused = rows_forward(vlm.model, ids, None, rows)
         for r, name in enumerate(rows):
             assert rel_err(fused[r : r + 1], vlm(ids[r : r + 1], adapter=name)) <= 1e-5
 
@@ -189,7 +189,7 @@ def test_lora_gradients_match_peft():
     ours.q_proj.load_state_dict(ref.base_model.model.q_proj.base_layer.state_dict())
     spec = LoRASpec(rank=4, alpha=12, rslora=True, targets=("q_proj",), parts=("language",))
     # our parts are InternVL module paths; attach directly to this toy module instead
-    from vlstack.model.lora import ensure_lora
+    from vlstack.layers.lora import ensure_lora
 
     layer = ensure_lora(ours, ["q_proj"])["q_proj"]
     layer.add("x", 4, spec.scaling(4))

@@ -72,8 +72,8 @@ def test_greedy_tokens_match_transformers(pair):
 def test_decode_step_logits_match_transformers(pair, rows):
     """Each decode step (one new token a row, each row at its own length) gives the logits transformers gives
     at that position of the whole sequence."""
+    from vlstack.engine.kv_cache import KVCache
     from vlstack.generate import decode, prefill
-    from vlstack.model.language import KVCache
 
     hf, vlm, _ = pair
     encoded = [encode(vlm, images, question)[0] for images, question in PROMPTS[: 1 if rows == "one" else None]]
@@ -88,7 +88,8 @@ def test_decode_step_logits_match_transformers(pair, rows):
             for i in range(b):
                 assert rel_err(logits[i], refs[i][s]) <= 1e-4
             tokens = torch.stack([e["input_ids"][0, s - steps] for e in encoded])  # each row's next prompt token
-            logits = decode(vlm.model, cache, tokens, [None] * b)  # [B, V]
+            positions = [e["input_ids"].shape[1] - steps + s for e in encoded]
+            logits = decode(vlm.model, cache, tokens, positions, list(range(b)), [None] * b)  # [B, V]
 
 
 def test_batched_generation_matches_one_at_a_time(pair):

@@ -19,7 +19,7 @@ from conftest import image
 import vlstack
 from vlstack.adapters import save_adapter
 from vlstack.errors import ConfigError
-from vlstack.model.lora import LoRASpec, add_adapter
+from vlstack.layers.lora import LoRASpec, add_adapter
 from vlstack.serve.api import ServeConfig, create_app
 
 

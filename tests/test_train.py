@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import image, rel_err, run_cli
+from conftest import image, rel_err, rows_forward, run_cli
 from safetensors.torch import load_file
 
 import vlstack
@@ -243,16 +243,15 @@ def test_dropout_masks_do_not_depend_on_how_a_step_is_split(tmp_path):
 
 
 def test_a_rows_dropout_mask_depends_on_its_key_alone():
-    from vlstack.model.lora import Routing
+    from vlstack.layers.lora import Routing
 
-    def masks(rows, salt=11, axis=1):
+    def masks(rows, salt=11, tiles=False):
         routing = Routing()
-        routing.rows, routing.axis = rows, axis
+        routing.rows = rows
         total = sum(n for _, n in rows)
-        xs = torch.ones(1, total, 512) if axis == 1 else torch.ones(total, 16, 32)
+        xs = torch.ones(total, 16, 32) if tiles else torch.ones(total, 512)  # tiles [N, P, C] or tokens [T, C]
         mask = routing.dropout_mask(xs, 0, total, 0.25, salt)
-        parts = mask[0].split([n for _, n in rows]) if axis == 1 else mask.split([n for _, n in rows])
-        return dict(zip([k for k, _ in rows], parts))
+        return dict(zip([k for k, _ in rows], mask.split([n for _, n in rows])))
 
     both = masks([(3, 100), (4, 80)])
     assert torch.equal(torch.cat(list(both.values())).unique(), torch.tensor([0.0, 1 / 0.75]))
@@ -261,7 +260,7 @@ def test_a_rows_dropout_mask_depends_on_its_key_alone():
     assert torch.equal(alone[4], both[4]) and torch.equal(swapped[3], both[3])  # wherever the row is
     assert (masks([(3, 100)], salt=12)[3] != both[3]).float().mean() > 0.3  # another layer or adapter
     assert (both[3][:80] != both[4]).float().mean() > 0.3  # another row
-    tiles = masks([(7, 1), (8, 1)], axis=0)  # a row per tile along axis 0: [tiles, patches, width]
+    tiles = masks([(7, 1), (8, 1)], tiles=True)  # a row per tile: [tiles, patches, width]
     assert tiles[7].shape == (1, 16, 32) and not torch.equal(tiles[7], tiles[8])
 
 
@@ -306,7 +305,6 @@ def test_packed_step_equals_each_example_on_its_own(tmp_path):
     those of its examples run one at a time through the ordinary forward (images, vision adapters)."""
     import torch.nn.functional as F
 
-    from vlstack.model.lora import route
     from vlstack.train.data import Stream
     from vlstack.train.multi import start, train_step
 
@@ -328,8 +326,7 @@ def test_packed_step_equals_each_example_on_its_own(tmp_path):
         for ex in Stream(read_dataset(r.job.data), r.job.batch_size, r.job.seed).next():
             enc = encode_example(ref_vlm.processor, ex, r.job.max_len)
             ids, labels = enc["input_ids"][None], enc["labels"][1:]
-            with route(ref_vlm.model, [r.job.name]):
-                logits = ref_vlm.model(ids, enc.get("pixel_values"))[0, :-1]  # [T-1, V]
+            logits = rows_forward(ref_vlm.model, ids, enc.get("pixel_values"), [r.job.name])[0, :-1]  # [T-1, V]
             learn = labels != -100
             total = total + F.cross_entropy(logits[learn], labels[learn], reduction="sum")
             count += int(learn.sum())

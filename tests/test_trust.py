@@ -24,7 +24,7 @@ import vlstack
 from vlstack.chat import IMG_CONTEXT, question_messages
 from vlstack.errors import ConfigError, PromptError
 from vlstack.generate import SamplingParams
-from vlstack.model.lora import lora_layers, route
+from vlstack.layers.lora import lora_layers, route
 from vlstack.serve import openai as api_openai
 from vlstack.serve.api import ServeConfig, create_app
 from vlstack.serve.engine import Engine
@@ -454,7 +454,7 @@ def test_reserved_adapter_slots_bound_hot_loading(adapter_dir, tmp_path):  # noq
     big = tmp_path / "big"
     src = vlstack.load("tiny", device="cpu")
     from vlstack.adapters import save_adapter
-    from vlstack.model.lora import LoRASpec, add_adapter
+    from vlstack.layers.lora import LoRASpec, add_adapter
 
     add_adapter(src.model, "big", LoRASpec(rank=8, alpha=8, targets=("q_proj",)), seed=0)
     save_adapter(src.model, "big", big, LoRASpec(rank=8, alpha=8, targets=("q_proj",)))

@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .files import write_files
-from .model.lora import MAX_RANK, LoRASpec, ensure_lora, lora_layers, routing_of
+from .layers.lora import MAX_RANK, LoRASpec, ensure_lora, lora_layers, routing_of
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."

@@ -15,12 +15,13 @@ from .adapters import load_adapter
 from .chat import Processor, question_messages, read_template, read_tokenizer
 from .checkpoint import load_state_dict, save_checkpoint
 from .config import VLMConfig, read_config
+from .engine.metadata import packed_step
 from .errors import ConfigError, PromptError
 from .generate import SamplingParams
 from .image import ImageInput
-from .model.language import Rotary
-from .model.lora import LoRASpec, check_name, remove_adapter, route
-from .model.vlm import InternVL
+from .layers.lora import LoRASpec, check_name, remove_adapter, route
+from .layers.rotary import Rotary
+from .models.internvl import InternVL
 from .tiny import tiny_dir
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -114,12 +115,14 @@ class VLM:
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, adapter: str | None = None
     ) -> torch.Tensor:
         """input_ids [B, T], pixel_values [N, 3, S, S] -> logits [B, T, vocab] (every row with adapter)."""
-        with torch.inference_mode(), route(self.model, [adapter] * input_ids.shape[0]):
+        b, t = input_ids.shape
+        with torch.inference_mode(), route(self.model, [adapter] * b, counts=[t] * b):
             n_slots = int((input_ids == self.cfg.image_token_id).sum())
             if n_slots and pixel_values is None:
                 raise PromptError(f"the prompt has {n_slots} image tokens but no images were given")
             pv = pixel_values.to(self.model.device) if pixel_values is not None else None
-            return self.model(input_ids.to(self.model.device), pv)
+            step = packed_step([t] * b, self.model.device)
+            return self.model(input_ids.flatten().to(self.model.device), step, pv).view(b, t, -1)
 
     def stream_batch(
         self,

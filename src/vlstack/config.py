@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, VLStackError
-from .model.activations import ACTIVATIONS
+from .layers.activations import ACTIVATIONS
 
 SUPPORTED_LLMS = ("qwen2",)  # model_type of the language model
 

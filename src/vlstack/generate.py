@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
+from .engine.kv_cache import KVCache
+from .engine.metadata import decode_step, packed_step
 from .errors import PromptError
-from .model.language import KVCache
-from .model.lora import prepare_decode, route
-from .model.vlm import InternVL
+from .layers.lora import prepare_lora, route
+from .models.internvl import InternVL
 
 
 class SamplingError(PromptError):
@@ -141,29 +142,35 @@ def prefill(
     pixel_values: torch.Tensor | None = None,
     features: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Prompts (1-D ids, in slot order) packed back to back into one forward, each from position 0 into its
-    cache slot, each with its adapter -> the logits at each prompt's last token [B, V]. The images come as
-    pixel_values (every prompt's tiles in order) or their visual embeddings `features` [N, P, C]."""
+    """Prompts (1-D ids) packed back to back into one forward, each from position 0 into its cache slot, each
+    with its adapter -> the logits at each prompt's last token [B, V]. The images come as pixel_values (every
+    prompt's tiles in order) or their visual embeddings `features` [N, P, C]."""
     device = model.device
     seqlens = [len(p) for p in prompts]
-    ids = torch.cat(prompts)[None].to(device)  # [1, T]
-    last = torch.zeros(ids.shape, dtype=torch.bool)  # [1, T]: each prompt's last token
-    last[0, torch.tensor(seqlens).cumsum(0) - 1] = True
-    cache.pack(slots, seqlens)
-    try:
-        with route(model, adapters, axis=1, counts=seqlens):
-            pv = pixel_values.to(device) if pixel_values is not None else None
-            return model(ids, pv, cache=cache, select=last.to(device), features=features, seqlens=seqlens)
-    finally:
-        cache.packed = None
+    step = packed_step(seqlens, device, slots=slots, max_len=cache.max_len, logits="last")
+    ids = torch.cat(prompts).to(device)  # [T]
+    with route(model, adapters, counts=seqlens):
+        prepare_lora(model, len(ids), device)
+        pv = pixel_values.to(device) if pixel_values is not None else None
+        return model(ids, step, pv, features, cache)
 
 
-def decode(model: InternVL, cache: KVCache, tokens: torch.Tensor, adapters: list[str | None]) -> torch.Tensor:
-    """tokens [B], the next token of the cache's rows (each row with its adapter) -> the logits after it [B, V]."""
-    positions, mask = cache.next_inputs()
+def decode(
+    model: InternVL,
+    cache: KVCache,
+    tokens: torch.Tensor,
+    positions: list[int],
+    slots: list[int],
+    adapters: list[str | None],
+) -> torch.Tensor:
+    """tokens [B], each the next of the sequence in its cache slot at its position (each row with its adapter)
+    -> the logits after it [B, V]."""
+    device = tokens.device
+    where = torch.tensor([positions, slots], device=device)  # [2, B]: one copy to the device
+    step = decode_step(where[0], where[1] * cache.max_len + where[0], where[1], max(positions) + 1)
     with route(model, adapters):
-        prepare_decode(model, len(tokens), tokens.device)  # Python work before the step: the step is tensors only
-        return model(tokens[:, None], None, positions, cache, mask)[:, -1]
+        prepare_lora(model, len(tokens), device)  # Python work before the step: the step is tensors only
+        return model(tokens, step, cache=cache)
 
 
 class Detokenizer:

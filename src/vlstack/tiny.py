@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import save_checkpoint
 from .config import read_config
-from .model.vlm import InternVL
+from .models.internvl import InternVL
 
 ASSETS = Path(__file__).parent / "assets" / "tiny"
 VERSION = "1"  # bump when the assets or the weight recipe change

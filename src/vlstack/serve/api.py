@@ -27,7 +27,7 @@ from starlette.datastructures import Headers
 from ..api import VLM
 from ..errors import ConfigError, PromptError, UnknownModel, VLStackError
 from ..generate import SamplingParams
-from ..model.lora import check_name, routing_of
+from ..layers.lora import check_name, routing_of
 from .auth import AuditLog, Tenant, find_tenant
 from .engine import Engine
 from .metrics import Metrics

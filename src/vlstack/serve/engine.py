@@ -9,8 +9,8 @@ together: their new images through the vision encoder in passes of up to `vision
 runs ~40% slower per tile than passes of thirty, its temporaries too big for the allocator to reuse),
 their prompts packed back to back in one forward. Then every step decodes one token for all running
 requests at once, each row with its own adapter (the base matmul once, each adapter on its rows), its
-own sampling parameters and seed; the running requests sit in slots 0..B-1, each adapter's rows
-together, so the step reads the cache as a view. Prompts, images included, are decoded, tiled, hashed
+own sampling parameters and seed; each adapter's rows together, each row reading its own slot of the
+cache. Prompts, images included, are decoded, tiled, hashed
 and checked by the caller's thread before submission, so that work runs in parallel with the engine.
 
 A request's problem is that request's alone: a step that raises is run again over each half of its
@@ -20,7 +20,6 @@ takes no new requests (retire) and leaves the model once the requests it has acc
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 import time
@@ -31,10 +30,10 @@ from typing import Any
 import torch
 
 from ..api import VLM
+from ..engine.kv_cache import KVCache
 from ..errors import ConfigError, PromptError, UnknownModel
 from ..generate import Detokenizer, SamplingParams, adjust, decode, prefill, sample
-from ..model.language import KVCache
-from ..model.lora import adapter_names, lora_layers, route
+from ..layers.lora import adapter_names, lora_layers, route
 from .cache import FeatureCache, image_hash, tiles_per_image
 
 
@@ -62,6 +61,11 @@ class Request:
     logprobs: list = field(default_factory=list)  # a generated token's (id, logprob, [(id, logprob) top]), in order
 
     @property
+    def position(self) -> int:
+        """The position of next_token, the one the next decode step feeds (what the cache holds before it)."""
+        return len(self.prompt) + self.generated - 1
+
+    @property
     def budget(self) -> int:
         """KV positions the request may occupy."""
         return len(self.prompt) + self.params.max_new_tokens
@@ -86,7 +90,7 @@ class Engine:
         self.max_len = min(max_len or vlm.context_len, vlm.context_len)
         self.kv_budget = kv_budget or max_batch * self.max_len
         t = vlm.cfg.text
-        self.cache_bytes = 2 * math.prod(KVCache.shape(t, max_batch, self.max_len)) * vlm.model.dtype.itemsize
+        self.cache_bytes = KVCache.nbytes(t, max_batch, self.max_len, vlm.model.dtype)
         try:
             self.cache = KVCache(t, max_batch, self.max_len, vlm.model.dtype, vlm.model.device)
         except (RuntimeError, MemoryError):  # torch.OutOfMemoryError is a RuntimeError
@@ -200,9 +204,9 @@ class Engine:
             self.step()
 
     def _isolate(self, step, reqs: list[Request]) -> None:
-        """step(reqs); if it raises, step over each half again (their cache lengths as before), so only the
-        request that makes it fail ends with the error and every other one goes on."""
-        lengths = [self.cache.host[r.slot] for r in reqs]
+        """step(reqs); if it raises, step over each half again (a failed step changes no request: the cache
+        positions it wrote are written again), so only the request that makes it fail ends with the error and
+        every other one goes on."""
         try:
             step(reqs)
         except Exception as e:
@@ -211,7 +215,6 @@ class Engine:
                     print(f"vlstack: one request failed and was ended: {type(e).__name__}: {e}", flush=True)
                 self._fail(reqs, e)
                 return
-            self.cache.use([r.slot for r in reqs], lengths)
             half = len(reqs) // 2
             for part in (reqs[:half], reqs[half:]):
                 self._isolate(step, [r for r in part if r.finished_at is None])
@@ -311,38 +314,15 @@ class Engine:
         return found
 
     def _decode(self, rows: list[Request]) -> None:
-        self.cache.use([r.slot for r in rows])  # 0..B-1 (a subset when a failed step is retried)
         tokens = torch.tensor([r.next_token for r in rows], device=self.vlm.model.device)  # [B]
-        self._emit(rows, decode(self.vlm.model, self.cache, tokens, [r.adapter for r in rows]))
+        positions, slots = [r.position for r in rows], [r.slot for r in rows]
+        self._emit(rows, decode(self.vlm.model, self.cache, tokens, positions, slots, [r.adapter for r in rows]))
         self.running = [r for r in self.running if r.finished_at is None]
 
     def _arrange(self) -> None:
-        """Put the running requests in slots 0..B-1 with each adapter's rows together: the decode step then
-        reads the cache as a view, and each adapter's LoRA runs once over its rows. Only rows out of place
-        move (a new request, or one whose neighbours finished)."""
-        sizes: dict[str, int] = {}
-        for r in self.running:
-            sizes[r.adapter or ""] = sizes.get(r.adapter or "", 0) + 1
-        ranges, start = {}, 0
-        for adapter in sorted(sizes):
-            ranges[adapter] = range(start, start + sizes[adapter])
-            start += sizes[adapter]
-        taken, movers = set(), []
-        for r in self.running:
-            if r.slot in ranges[r.adapter or ""]:
-                taken.add(r.slot)
-            else:
-                movers.append(r)
-        if movers:
-            new = []
-            for r in movers:
-                new.append(next(s for s in ranges[r.adapter or ""] if s not in taken))
-                taken.add(new[-1])
-            self.cache.move([r.slot for r in movers], new)
-            for r, slot in zip(movers, new):
-                r.slot = slot
-            self.free = [s for s in range(self.max_batch) if s not in taken]
-        self.running = sorted(self.running, key=lambda r: r.slot)  # a new list: sort() empties it meanwhile
+        """Order the running requests with each adapter's rows together: each adapter's LoRA then runs once over
+        its rows (their cache slots stay where they are)."""
+        self.running = sorted(self.running, key=lambda r: r.adapter or "")  # a new list: sort() empties it meanwhile
 
     def _emit(self, rows: list[Request], logits: torch.Tensor) -> None:
         """Sample each row's next token, send its text, and retire finished or cancelled rows (what can raise

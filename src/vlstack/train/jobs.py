@@ -43,7 +43,7 @@ from typing import Any
 from ..config import read_yaml
 from ..errors import ConfigError, VLStackError
 from ..files import overlap
-from ..model.lora import LLM_TARGETS, MAX_RANK, PARTS, LoRASpec, check_name
+from ..layers.lora import LLM_TARGETS, MAX_RANK, PARTS, LoRASpec, check_name
 from .checkpoint import run_dir
 
 MAX_BATCH, MAX_LEN = 1024, 1 << 20

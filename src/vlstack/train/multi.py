@@ -24,7 +24,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..adapters import save_adapter
 from ..api import VLM
-from ..model.lora import add_adapter, remove_adapter, replay, route
+from ..engine.metadata import packed_step
+from ..layers.lora import add_adapter, remove_adapter, replay, route
 from .checkpoint import clear_run, load_state, restore_state, save_state
 from .data import IGNORE, DatasetError, Example, Stream, encode_example, read_dataset
 from .jobs import Job, JobError, check_outputs
@@ -129,12 +130,12 @@ def passes(rows: list[tuple[int, dict]], max_tokens: int | None) -> list[list[tu
 
 
 def pack(rows: list[tuple[int, dict]]) -> dict:
-    """Rows back to back in one row, no padding: input_ids [1, T], labels [1, T], seqlens, each token's
-    job [T], the rows' [(dropout key, tokens)], and the rows' pixel_values."""
+    """Rows back to back, no padding: input_ids [T], labels [T], seqlens, each token's job [T], the rows'
+    [(dropout key, tokens)], and the rows' pixel_values."""
     seqlens = [len(x["input_ids"]) for _, x in rows]
     batch = {
-        "input_ids": torch.cat([x["input_ids"] for _, x in rows])[None],  # [1, T]
-        "labels": torch.cat([x["labels"] for _, x in rows])[None],
+        "input_ids": torch.cat([x["input_ids"] for _, x in rows]),  # [T]
+        "labels": torch.cat([x["labels"] for _, x in rows]),
         "seqlens": seqlens,
         "job": torch.repeat_interleave(torch.tensor([i for i, _ in rows]), torch.tensor(seqlens)),  # [T]
         "rows": [(x["key"], n) for (_, x), n in zip(rows, seqlens)],
@@ -184,16 +185,16 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
         batch = pack(group)
         seqlens, keyed = batch.pop("seqlens"), batch.pop("rows")
         batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch["labels"][0]
+        labels = batch["labels"]
         targets = torch.full_like(labels, IGNORE)  # [T]: the token each position predicts, within its sequence
         ends = torch.tensor(seqlens, device=device).cumsum(0)
         targets[:-1] = labels[1:]
         targets[ends - 1] = IGNORE  # a sequence's last token predicts nothing
         learn = targets != IGNORE  # [T]: positions with a label; logits are computed only there
         names = [running[i].job.name for i, _ in group]
-        with route(model, names, axis=1, counts=seqlens, rows=keyed):  # a job's rows: one run
-            ids, pixels = batch["input_ids"], batch.get("pixel_values")
-            hidden = model(ids, pixels, select=learn[None], seqlens=seqlens, head=False)  # [N, C]
+        step = packed_step(seqlens, device, logits=learn.nonzero()[:, 0])
+        with route(model, names, counts=seqlens, rows=keyed):  # a job's rows: one run
+            hidden = model(batch["input_ids"], step, batch.get("pixel_values"), head=False)  # [N, C]
             per_token = token_losses(model.lm_head, hidden, targets[learn], model.language_model.recompute is not None)
         in_job = F.one_hot(batch["job"][learn], jobs).T.to(per_token.dtype)  # [jobs, N]
         pass_sums = in_job @ per_token  # [jobs], with grad

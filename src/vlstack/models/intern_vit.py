@@ -12,26 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
-from .activations import ACTIVATIONS
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm computed in float32, as Qwen2 and InternViT do."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
-    return RMSNorm(dim, eps) if kind == "rms_norm" else nn.LayerNorm(dim, eps=eps)
+from ..layers.activations import ACTIVATIONS
+from ..layers.norm import RMSNorm, make_norm
 
 
 class PatchEmbeddings(nn.Module):

@@ -8,11 +8,13 @@ import torch
 from torch import nn
 
 from ..config import VLMConfig
+from ..engine.kv_cache import KVCache
+from ..engine.metadata import Step
 from ..errors import PromptError
-from .activations import ACTIVATIONS
-from .language import KVCache, LanguageModel, packed_positions
-from .lora import regroup, tile_rows
-from .vision import VisionTower
+from ..layers.activations import ACTIVATIONS
+from ..layers.lora import regroup, tile_rows
+from .intern_vit import VisionTower
+from .qwen2 import LanguageModel
 
 
 def pixel_shuffle(x: torch.Tensor, ratio: float, version: str = "v2") -> torch.Tensor:
@@ -70,23 +72,22 @@ class InternVL(nn.Module):
     def embed(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Token embeddings [B, T, C] with the visual embeddings at <IMG_CONTEXT> positions, in order: those
-        of pixel_values, or `features` [N, P, C] already computed (the server's cache of visual embeddings)."""
+        """Token embeddings [T, C] with the visual embeddings at <IMG_CONTEXT> positions, in order: those of
+        pixel_values, or `features` [N, P, C] already computed (the server's cache of visual embeddings)."""
         embeds = self.language_model.embed_tokens(input_ids)
-        is_image = input_ids == self.cfg.image_token_id  # [B, T]
+        is_image = input_ids == self.cfg.image_token_id  # [T]
         n_slots = int(is_image.sum())
         if features is None and pixel_values is not None and pixel_values.numel():
             routing = getattr(self, "lora_routing", None)  # adapters of the vision tower act on each row's tiles
             if routing is not None and routing.segments:
-                old = routing.segments, routing.axis, routing.rows
-                units = is_image.sum(1) if routing.axis == 0 else is_image[0]  # image tokens per row, or per token
-                routing.segments, routing.axis = regroup(routing.segments, units, self.cfg.tokens_per_tile), 0
+                old = routing.segments, routing.rows
+                routing.segments = regroup(routing.segments, is_image, self.cfg.tokens_per_tile)
                 if routing.rows is not None:
-                    routing.rows = tile_rows(routing.rows, units, self.cfg.tokens_per_tile)
+                    routing.rows = tile_rows(routing.rows, is_image, self.cfg.tokens_per_tile)
                 try:
                     features = self.image_features(pixel_values)
                 finally:
-                    routing.segments, routing.axis, routing.rows = old
+                    routing.segments, routing.rows = old
             else:
                 features = self.image_features(pixel_values)  # [N, P, C]
         if features is None:  # no images: an <IMG_CONTEXT> the model generated is an ordinary token (as in
@@ -101,31 +102,17 @@ class InternVL(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
+        step: Step,
         pixel_values: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        mask: torch.Tensor | None = None,
-        last_only: bool = False,
-        select: torch.Tensor | None = None,
         features: torch.Tensor | None = None,
-        seqlens: list[int] | None = None,
+        cache: KVCache | None = None,
         head: bool = True,
     ) -> torch.Tensor:
-        """input_ids [B, T] (+ pixel_values [N, 3, S, S]) -> logits [B, T, vocab]; [B, 1, vocab] with last_only;
-        [N, vocab] at the N True positions of select [B, T] (training needs logits only where labels are).
-        features [N, P, C]: visual embeddings computed before, used instead of pixel_values.
-        seqlens: input_ids [1, T] packs sequences of these lengths back to back (training, the server's prefill),
-        positions (unless given) restart at each; attention stays within each sequence.
-        head=False: the final hidden states [..., C] instead of logits (training applies the head in chunks)."""
-        if positions is None and seqlens is not None:  # each packed sequence from position 0
-            positions = packed_positions(seqlens, input_ids.device)[None]
-        elif positions is None:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
-            positions = positions.expand(input_ids.shape[0], -1)
-        hidden = self.language_model(self.embed(input_ids, pixel_values, features), positions, cache, mask, seqlens)
-        if last_only:
-            hidden = hidden[:, -1:]
-        elif select is not None:
-            hidden = hidden[select]  # [N, C]
+        """input_ids [T] (the step's sequences back to back; + pixel_values [N, 3, S, S] of their images, or their
+        visual embeddings `features` [N, P, C]) -> logits [N, vocab] of the step's logit tokens (all T unless
+        step.logits names some). head=False: the final hidden states [N, C] instead (training applies the head
+        in chunks)."""
+        hidden = self.language_model(self.embed(input_ids, pixel_values, features), step, cache)  # [T, C]
+        if step.logits is not None:
+            hidden = hidden[step.logits]  # [N, C]
         return self.lm_head(hidden) if head else hidden

@@ -79,17 +79,15 @@ class LoRASpec:
 
 
 class Routing:
-    """Which part of the current batch each adapter owns: [(adapter, first, end), ...] along `axis` of the
-    activations -- 0: rows of a batch (or tiles); 1: tokens of a packed batch, sequences back to back in
-    one row."""
+    """Which part of the current batch each adapter owns: [(adapter, first, end), ...] along the first axis of
+    the activations: the tokens of a step's sequences back to back, or the tiles of its images."""
 
     def __init__(self) -> None:
         self.segments: list[tuple[str, int, int]] = []
-        self.axis = 0
-        self.rows: list[tuple[int, int]] | None = None  # training: [(key, units)] of each row along the axis
+        self.rows: list[tuple[int, int]] | None = None  # training: [(key, units)] of each sequence (or tile)
         self._generators: dict[torch.device, torch.Generator] = {}
         self.layers: dict[str, int] = {}  # adapter -> how many of the model's layers hold it
-        self.slots: dict[str, int] = {}  # adapter -> its slot in every layer's stacked weights (decode steps)
+        self.slots: dict[str, int] = {}  # adapter -> its slot in every layer's stacked weights (inference steps)
         self.capacity, self.rank = 0, 0  # the stacks' slots, and ranks per slot (the largest adapter's)
         self.members: list[LoRALinear] = []  # every LoRA layer of the model
         self.fixed = False  # reserve(): the stacks keep their size
@@ -115,7 +113,7 @@ class Routing:
 
     def assign(self, name: str, rank: int) -> None:
         """Give a new adapter a free slot; the stacks grow (doubling their slots) when there is none, or when
-        its rank is over theirs. A layer's stack follows the next time it runs a decode step."""
+        its rank is over theirs. A layer's stack follows the next time it runs an inference step."""
         self.check(name, rank)
         if name not in self.slots:
             taken = set(self.slots.values())
@@ -126,14 +124,14 @@ class Routing:
         self.rank = max(self.rank, rank)
 
     def dropout_mask(self, xs: torch.Tensor, start: int, end: int, p: float, salt: int) -> torch.Tensor:
-        """The dropout mask (0, or 1 / (1 - p)) of units start..end along the axis, shaped like their activations
+        """The dropout mask (0, or 1 / (1 - p)) of units start..end, shaped like their activations
         xs: each row's part drawn from a generator seeded by the row's key and salt alone."""
         if self.rows is None:
             raise ConfigError("LoRA dropout in training needs each row's key (route(..., rows=))")
         gen = self._generators.get(xs.device)
         if gen is None:
             gen = self._generators[xs.device] = torch.Generator(device=xs.device)
-        shape, parts, at = xs.shape[self.axis + 1 :], [], 0
+        shape, parts, at = xs.shape[1:], [], 0
         for key, n in self.rows:
             if start <= at < end:
                 gen.manual_seed((key * 0x9E3779B97F4A7C15 ^ salt) % 2**64)
@@ -169,7 +167,7 @@ class LoRALinear(nn.Linear):
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, tuple[float, int]] = {}  # adapter -> (p, salt of its masks in this layer)
         self.name = ""  # the module's name in the model (ensure_lora): part of each dropout salt
-        self.stack: Stack | None = None  # every adapter's weights in its slot (decode steps)
+        self.stack: Stack | None = None  # every adapter's weights in its slot (inference steps)
 
     def add(
         self,
@@ -207,38 +205,37 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)  # [B, ..., out]: the base matmul, once for all rows
-        axis = self.routing.axis
         if not torch.is_grad_enabled():  # no autograd: each update is added into its rows in place
-            if axis == 0 and x.shape[1:-1].numel() == 1:  # one token a row: a decode step
+            if x.dim() == 2:  # tokens [T, in] (not tiles)
                 if len({n for n, _, _ in self.routing.segments if n in self.lora_A}) > 1:
                     return self._stacked(x, y)
             for name, start, end in self.routing.segments:
                 if name in self.lora_A:
                     a, b = self.lora_A[name], self.lora_B[name]
-                    h = a(x.narrow(axis, start, end - start)).reshape(-1, a.out_features)  # [n, r]
-                    ys = y.narrow(axis, start, end - start).view(-1, self.out_features)  # [n, out], a view of y
+                    h = a(x.narrow(0, start, end - start)).reshape(-1, a.out_features)  # [n, r]
+                    ys = y.narrow(0, start, end - start).view(-1, self.out_features)  # [n, out], a view of y
                     ys.addmm_(h, b.weight.t(), alpha=self.scaling[name])
             return y
-        pieces, done = [], 0  # the adapters' updates along the axis, zeros where no adapter applies
+        pieces, done = [], 0  # the adapters' updates, zeros where no adapter applies
         for name, start, end in self.routing.segments:
             if name not in self.lora_A:
                 continue
-            xs = x.narrow(axis, start, end - start)
+            xs = x.narrow(0, start, end - start)
             p, salt = self.dropout[name]
             if p and self.training:
                 xs = xs * self.routing.dropout_mask(xs, start, end, p, salt)
             if start > done:
-                pieces.append(_zeros(y, axis, start - done))
+                pieces.append(_zeros(y, start - done))
             pieces.append(self.lora_B[name](self.lora_A[name](xs)) * self.scaling[name])
             done = end
         if not pieces:
             return y
-        if done < y.shape[axis]:
-            pieces.append(_zeros(y, axis, y.shape[axis] - done))
-        return y + torch.cat(pieces, axis)  # one add: its backward is cheap slicing, not a copy per adapter
+        if done < y.shape[0]:
+            pieces.append(_zeros(y, y.shape[0] - done))
+        return y + torch.cat(pieces)  # one add: its backward is cheap slicing, not a copy per adapter
 
     def _stacked(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Several adapters over rows of one token each: every slot's A as one matmul, a mask keeping each row's
+        """Several adapters over the tokens of a step: every slot's A as one matmul, a mask keeping each row's
         own slot's ranks (times its scaling), every slot's B as another -- two matmuls for the step instead of
         two per adapter, whose calls cost more than their arithmetic at a few rows each."""
         rows = x.shape[0]
@@ -251,8 +248,8 @@ class LoRALinear(nn.Linear):
         return y
 
     def prepare(self, rows: int, like: torch.Tensor) -> Stack:
-        """Before a decode step over these routing's rows: the adapters' current weights in their slots, and the
-        rows' mask. Python work with version counters, done before the step (prepare_decode) so that the step
+        """Before a step over these routing's rows: the adapters' current weights in their slots, and the
+        rows' mask. Python work with version counters, done before the step (prepare_lora) so that the step
         itself is tensors only (it compiles without a graph break)."""
         routing, stack = self.routing, self.stack
         if stack is None or stack.shape != (routing.capacity, routing.rank):  # new, or the stacks grew
@@ -267,7 +264,7 @@ class LoRALinear(nn.Linear):
 
 
 class Stack:
-    """A layer's adapters in slots, for decode steps: A [S, R, in] and B^T [S, R, out], each adapter's ranks in its
+    """A layer's adapters in slots, for inference steps: A [S, R, in] and B^T [S, R, out], each adapter's ranks in its
     slot (zeros past them), and its scaling; written from the adapters' weights when those are new or changed."""
 
     def __init__(self, slots: int, rank: int, n_in: int, n_out: int, like: torch.Tensor):
@@ -297,22 +294,20 @@ class Stack:
     def clear(self, slot: int) -> None:
         if slot >= self.shape[0]:  # an adapter added since this stack was made (it is remade before use)
             return
-        with torch.inference_mode(self.a.is_inference()):  # (written in decode steps, cleared outside them)
+        with torch.inference_mode(self.a.is_inference()):  # (written in inference steps, cleared outside them)
             self.a[slot].zero_()
             self.b[slot].zero_()
         self.held.pop(slot, None)
 
 
-def _zeros(y: torch.Tensor, axis: int, n: int) -> torch.Tensor:
-    """Zeros shaped like y with n entries along axis."""
-    shape = list(y.shape)
-    shape[axis] = n
-    return y.new_zeros(shape)
+def _zeros(y: torch.Tensor, n: int) -> torch.Tensor:
+    """Zeros shaped like y with n entries along the first axis."""
+    return y.new_zeros(n, *y.shape[1:])
 
 
-def prepare_decode(model: nn.Module, rows: int, device: torch.device) -> None:
-    """Within `route(...)` of a decode step (rows of one token each): the layers that will run several adapters
-    at once get their slots and masks ready, so that the step runs on tensors alone."""
+def prepare_lora(model: nn.Module, rows: int, device: torch.device) -> None:
+    """Within `route(...)` of a step of `rows` tokens: the layers that will run several adapters at once get
+    their slots and masks ready, so that the step runs on tensors alone."""
     routing = routing_of(model)
     present = {n for n, _, _ in routing.segments}
     if len(present) < 2:
@@ -394,37 +389,36 @@ def segments(adapters: list[str | None], counts: list[int] | None = None) -> lis
 class route:
     """`with route(model, ["finance", "finance", None, "legal"]):` -- rows use these adapters.
 
-    With axis=1 the batch is one row of sequences packed back to back, and adapters[i] covers the next
-    counts[i] tokens. rows: [(key, units)] of each row along the axis, for training's dropout masks."""
+    With counts, adapters[i] covers the next counts[i] tokens (sequences back to back). rows: [(key, units)] of
+    each sequence, for training's dropout masks."""
 
     def __init__(
         self,
         model: nn.Module,
         adapters: list[str | None] | None,
-        axis: int = 0,
         counts: list[int] | None = None,
         rows: list[tuple[int, int]] | None = None,
     ):
         self.routing = routing_of(model)
-        self.new = segments(adapters or [], counts), axis, rows
+        self.new = segments(adapters or [], counts), rows
         known = adapter_names(model)
         unknown = sorted({a for a in adapters or [] if a is not None} - known)
         if unknown:
             raise ConfigError(f"unknown adapter(s) {unknown}")  # (no list of the others: they may be other tenants')
 
     def __enter__(self) -> Routing:
-        self.old = self.routing.segments, self.routing.axis, self.routing.rows
-        self.routing.segments, self.routing.axis, self.routing.rows = self.new
+        self.old = self.routing.segments, self.routing.rows
+        self.routing.segments, self.routing.rows = self.new
         return self.routing
 
     def __exit__(self, *exc) -> None:
-        self.routing.segments, self.routing.axis, self.routing.rows = self.old
+        self.routing.segments, self.routing.rows = self.old
 
 
 def regroup(segs: list[tuple[str, int, int]], image_tokens: torch.Tensor, per_tile: int) -> list[tuple[str, int, int]]:
-    """Segments along the routing axis -> segments over image tiles, given the image tokens [units] each
-    unit (row or token) holds: an adapter acts on the tiles of its own rows' images."""
-    ends = [0, *torch.cumsum(image_tokens, 0).div(per_tile, rounding_mode="floor").tolist()]  # tiles before each unit
+    """Segments over tokens -> segments over image tiles, given which tokens are image tokens [T]: an adapter acts
+    on the tiles of its own sequences' images."""
+    ends = [0, *torch.cumsum(image_tokens, 0).div(per_tile, rounding_mode="floor").tolist()]  # tiles before each token
     return [(name, ends[a], ends[b]) for name, a, b in segs if ends[b] > ends[a]]
 
 
@@ -447,16 +441,16 @@ def replay(model: nn.Module) -> Callable[[], tuple[AbstractContextManager, Abstr
     routing = routing_of(model)
 
     def context_fn() -> tuple[AbstractContextManager, AbstractContextManager]:
-        forward = routing.segments, routing.axis, routing.rows
+        forward = routing.segments, routing.rows
 
         @contextmanager
         def again() -> Iterator[None]:
-            now = routing.segments, routing.axis, routing.rows
-            routing.segments, routing.axis, routing.rows = forward
+            now = routing.segments, routing.rows
+            routing.segments, routing.rows = forward
             try:
                 yield
             finally:
-                routing.segments, routing.axis, routing.rows = now
+                routing.segments, routing.rows = now
 
         return nullcontext(), again()
 

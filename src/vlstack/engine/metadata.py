@@ -1,0 +1,79 @@
+"""The step's metadata: the tensors a forward needs besides the tokens.
+
+A step is B sequences back to back, T tokens in all: a packed prefill (each prompt, or the part of it
+after a cached prefix), a decode step (one token a sequence), a training batch (no cache). Everything the
+model reads about the batch is here as tensors, so the forward has no Python branch on a value and no
+loop over sequences; the Python ints (B, Q, K) are shapes, fixed for a captured decode bucket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Step:
+    positions: torch.Tensor  # [T] each token's position in its sequence
+    batch: int  # B sequences
+    queries: int  # Q: new tokens of the longest sequence (1: a decode step)
+    keys: int  # K: keys a sequence attends over (cached and new), its padded length
+    rows: torch.Tensor | None = None  # [T] slot mapping: each new key's row in the cache (None: no cache)
+    slots: torch.Tensor | None = None  # [B] each sequence's cache slot when its keys are read from the cache
+    pad: torch.Tensor | None = None  # [B*Q] the token at each padded place (T: a zero row); None: no padding
+    unpad: torch.Tensor | None = None  # [T] each token's padded place
+    mask: torch.Tensor | None = None  # [B, 1, Q, K] True: attend; None: causal from position 0, no padding
+    logits: torch.Tensor | None = None  # [N] the tokens whose logits are needed; None: all
+
+
+def decode_step(positions: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, keys: int) -> Step:
+    """One new token for each of B sequences: positions, cache rows and slots [B]; each attends to the first
+    `keys` positions of its slot up to its own. Tensors only (a captured step builds it inside the graph)."""
+    mask = torch.arange(keys, device=positions.device) <= positions[:, None]  # [B, K]
+    return Step(positions, len(positions), 1, keys, rows, slots, mask=mask[:, None, None, :])
+
+
+def packed_step(
+    lengths: list[int],
+    device: torch.device,
+    starts: list[int] | None = None,
+    slots: list[int] | None = None,
+    max_len: int = 0,
+    logits: str | torch.Tensor | None = None,
+) -> Step:
+    """Sequences of `lengths` new tokens back to back, each after starts[i] tokens already in the cache (0: a
+    fresh sequence), written to cache slots[i] (None: no cache) of max_len positions. logits: "last" for each
+    sequence's last token, a tensor of token indices, or None for every token."""
+    b, q, t = len(lengths), max(lengths), sum(lengths)
+    n = torch.tensor(lengths)
+    first = torch.tensor(starts or [0] * b)  # [B] each sequence's first new position
+    seq = torch.repeat_interleave(torch.arange(b), n, output_size=t)  # [T] each token's sequence
+    offset = torch.arange(t) - torch.repeat_interleave(n.cumsum(0) - n, n, output_size=t)  # [T] place in its part
+    positions = first[seq] + offset
+    step = Step(positions, b, q, q)
+    if slots is not None:
+        slot = torch.tensor(slots)
+        step.rows = slot[seq] * max_len + positions
+        if any(starts or []):  # a cached prefix: keys come from the cache
+            step.slots, step.keys = slot, int((first + n).max())
+    if t != b * q:
+        step.unpad = seq * q + offset
+        step.pad = torch.full((b * q,), t).index_copy_(0, step.unpad, torch.arange(t))
+    if t != b * q or step.slots is not None:
+        q_pos = torch.full((b * q,), 2**62).index_copy_(0, seq * q + offset, positions)  # padding: sees every key
+        key = torch.arange(step.keys)[None] + (0 if step.slots is not None else first[:, None])  # [B, K] positions
+        step.mask = (key[:, None, :] <= q_pos.view(b, q, 1))[:, None]  # [B, 1, Q, K]
+    if isinstance(logits, str):
+        step.logits = n.cumsum(0) - 1
+    elif logits is not None:
+        step.logits = logits
+    return to(step, device)
+
+
+def to(step: Step, device: torch.device) -> Step:
+    """The step's tensors on device (one copy each, not waited for)."""
+    for name, value in vars(step).items():
+        if isinstance(value, torch.Tensor):
+            setattr(step, name, value.to(device, non_blocking=True))
+    return step

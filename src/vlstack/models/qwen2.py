@@ -1,0 +1,76 @@
+"""The Qwen2-family decoder of InternVL2.5/3: RMSNorm, RoPE, grouped-query attention with q/k/v bias,
+SwiGLU MLP. Module names follow transformers' Qwen2 (the layout of checkpoints and of PEFT adapter keys).
+
+The forward takes tensors only: a step's tokens back to back [T, C] and its metadata (positions, KV-cache
+slot mapping, mask); the KV cache is the engine's, passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import TextConfig
+from ..engine.kv_cache import KVCache
+from ..engine.metadata import Step
+from ..layers.attention import attention
+from ..layers.mlp import GatedMLP
+from ..layers.norm import RMSNorm
+from ..layers.rotary import Rotary, rotate
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: TextConfig, index: int):
+        super().__init__()
+        self.index = index
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step, cache: KVCache | None):
+        t = x.shape[0]
+        q = rotate(self.q_proj(x).view(t, self.n_heads, self.head_dim), cos, sin)  # [T, H, D]
+        k = rotate(self.k_proj(x).view(t, self.n_kv, self.head_dim), cos, sin)  # [T, Hkv, D]
+        v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
+        return self.o_proj(attention(q, k, v, step, cache, self.index).view(t, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, index: int):
+        super().__init__()
+        self.self_attn = SelfAttention(cfg, index)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, step: Step, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        # gradient checkpointing: a context_fn (lora.replay) makes training keep only each layer's input and
+        # recompute the layer in backward; None keeps every activation
+        self.recompute: Callable | None = None
+
+    def forward(self, embeds: torch.Tensor, step: Step, cache: KVCache | None = None) -> torch.Tensor:
+        """embeds [T, C] of the step's sequences back to back -> final hidden states [T, C]."""
+        cos, sin = self.rotary(step.positions, embeds.dtype)  # [T, 1, D]
+        x = embeds
+        for layer in self.layers:
+            if self.recompute is not None and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, step, cache, use_reentrant=False, context_fn=self.recompute)
+            else:
+                x = layer(x, cos, sin, step, cache)
+        return self.norm(x)

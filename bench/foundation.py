@@ -112,9 +112,9 @@ class Stamps:
 def bench_llm(hf, ours, device: str, prompt_len: int, new_tokens: int, repeat: int, compiled: bool) -> dict:
     from vlstack.api import VLM
     from vlstack.chat import Processor, read_tokenizer
-    from vlstack.generate import SamplingParams
     from vlstack.engine.kv_cache import KVCache
     from vlstack.engine.metadata import packed_step
+    from vlstack.generate import SamplingParams
     from vlstack.serve.engine import Engine
     from vlstack.tiny import tiny_dir
 

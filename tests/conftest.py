@@ -251,10 +251,11 @@ def rows_forward(model, ids: torch.Tensor, pixel_values=None, adapters=None) -> 
     """ids [B, T] (+ their images' tiles in order) -> logits [B, T, V], row i with adapters[i]: the rows packed
     into one step as every caller does (with autograd when it is on)."""
     from vlstack.engine.metadata import packed_step
-    from vlstack.layers.lora import route
+    from vlstack.layers.lora import prepare_lora, route
 
     b, t = ids.shape
     with route(model, adapters or [None] * b, counts=[t] * b):
+        prepare_lora(model, b * t, ids.device)  # (inference: several adapters through the stacks, as the engine)
         return model(ids.flatten(), packed_step([t] * b, ids.device), pixel_values).view(b, t, -1)
 
 

@@ -91,7 +91,9 @@ class Routing:
         self.capacity, self.rank = 0, 0  # the stacks' slots, and ranks per slot (the largest adapter's)
         self.members: list[LoRALinear] = []  # every LoRA layer of the model
         self.fixed = False  # reserve(): the stacks keep their size
-        self._masks: tuple[list, dict] = ([], {})  # (the segments they are for, {(rows, device): mask})
+        # the step's tokens by slot [T, capacity * rank] (1 on the ranks of a token's adapter's slot, else 0), set
+        # for a step whose tokens run every adapter at once through the stacks (prepare_lora, the decode runner)
+        self.onehot: torch.Tensor | None = None
 
     def reserve(self, slots: int, rank: int) -> None:
         """Fix the stacks at `slots` adapters of rank up to `rank` (the server's --max-adapters and
@@ -139,19 +141,18 @@ class Routing:
             at += n
         return ((torch.cat(parts) >= p) / (1 - p)).view(xs.shape).to(xs.dtype)
 
-    def mask(self, rows: int, scalings: tuple[float, ...], device: torch.device) -> torch.Tensor:
-        """[rows, capacity * rank]: on the ranks of each row's own adapter's slot, that slot's scaling in the layer
-        (scalings, a slot each), elsewhere 0 (a base row: all 0); float32, so that a scaling is not rounded to a
-        half-precision model's dtype. Made once per routing for the layers of the same scalings."""
-        if self._masks[0] is not self.segments:
-            self._masks = (self.segments, {})
-        masks, key = self._masks[1], (rows, scalings, device)
-        if key not in masks:
-            m = torch.zeros(rows, self.capacity, self.rank)
-            for name, start, end in self.segments:
-                m[start:end, self.slots[name]] = scalings[self.slots[name]]
-            masks[key] = m.view(rows, -1).to(device)
-        return masks[key]
+    def token_slots(self, rows: int) -> torch.Tensor:
+        """[rows]: the slot of each token's adapter, by the segments (-1: the base alone)."""
+        slots = torch.full((rows,), -1)
+        for name, start, end in self.segments:
+            slots[start:end] = self.slots[name]
+        return slots
+
+
+def slot_onehot(slots: torch.Tensor, capacity: int, rank: int) -> torch.Tensor:
+    """Tokens' adapter slots [T] (-1: none) -> [T, capacity * rank]: 1 on the ranks of the token's slot."""
+    columns = torch.arange(capacity, device=slots.device).repeat_interleave(rank)  # [S*R] each rank's slot
+    return (slots[:, None] == columns).float()
 
 
 class LoRALinear(nn.Linear):
@@ -204,11 +205,10 @@ class LoRALinear(nn.Linear):
         return self.lora_B[name].weight @ self.lora_A[name].weight * self.scaling[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)  # [B, ..., out]: the base matmul, once for all rows
+        y = super().forward(x)  # [T, ..., out]: the base matmul, once for all rows
         if not torch.is_grad_enabled():  # no autograd: each update is added into its rows in place
-            if x.dim() == 2:  # tokens [T, in] (not tiles)
-                if len({n for n, _, _ in self.routing.segments if n in self.lora_A}) > 1:
-                    return self._stacked(x, y)
+            if self.routing.onehot is not None and x.dim() == 2:  # tokens [T, in] routed by slot
+                return self._stacked(x, y)
             for name, start, end in self.routing.segments:
                 if name in self.lora_A:
                     a, b = self.lora_A[name], self.lora_B[name]
@@ -235,22 +235,19 @@ class LoRALinear(nn.Linear):
         return y + torch.cat(pieces)  # one add: its backward is cheap slicing, not a copy per adapter
 
     def _stacked(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Several adapters over the tokens of a step: every slot's A as one matmul, a mask keeping each row's
-        own slot's ranks (times its scaling), every slot's B as another -- two matmuls for the step instead of
-        two per adapter, whose calls cost more than their arithmetic at a few rows each."""
-        rows = x.shape[0]
+        """Every adapter at once, each token through its own slot: every slot's A as one matmul, the step's
+        one-hot keeping each token's own slot's ranks, every slot's B (scaling folded in) as another -- two
+        matmuls whatever the mix of adapters, tensors only (a captured step serves any mix)."""
         stack = self.stack
-        if stack is None or stack.ready is not self.routing.segments:  # the caller did not prepare this step
-            stack = self.prepare(rows, y)
-        h = x.reshape(rows, -1) @ stack.a.view(-1, self.in_features).t()  # [B, S*R]
-        h.mul_(stack.mask)  # each row keeps its own slot's ranks, scaled
-        y.view(rows, -1).addmm_(h, stack.b.view(-1, self.out_features))  # [B, out]
-        return y
+        if stack is None or stack.shape != (self.routing.capacity, self.routing.rank):  # not prepared
+            stack = self.prepare(y)
+        h = x @ stack.a.view(-1, self.in_features).t()  # [T, S*R]
+        h.mul_(self.routing.onehot)  # each token keeps its own slot's ranks
+        return y.addmm_(h, stack.b.view(-1, self.out_features))  # [T, out]
 
-    def prepare(self, rows: int, like: torch.Tensor) -> Stack:
-        """Before a step over these routing's rows: the adapters' current weights in their slots, and the
-        rows' mask. Python work with version counters, done before the step (prepare_lora) so that the step
-        itself is tensors only (it compiles without a graph break)."""
+    def prepare(self, like: torch.Tensor) -> Stack:
+        """Before an inference step: the adapters' current weights in their slots. Python work with version
+        counters, done before the step (prepare_lora) so that the step itself is tensors only."""
         routing, stack = self.routing, self.stack
         if stack is None or stack.shape != (routing.capacity, routing.rank):  # new, or the stacks grew
             stack = self.stack = Stack(routing.capacity, routing.rank, self.in_features, self.out_features, like)
@@ -258,22 +255,18 @@ class LoRALinear(nn.Linear):
         for name in a_mods:
             stack.hold(routing.slots[name], a_mods[name]._parameters["weight"], b_mods[name]._parameters["weight"],
                        self.scaling[name])  # fmt: skip
-        stack.mask = routing.mask(rows, stack.scalings(), like.device)  # [B, S*R] float32
-        stack.ready = routing.segments
         return stack
 
 
 class Stack:
-    """A layer's adapters in slots, for inference steps: A [S, R, in] and B^T [S, R, out], each adapter's ranks in its
-    slot (zeros past them), and its scaling; written from the adapters' weights when those are new or changed."""
+    """A layer's adapters in slots, for inference steps: A [S, R, in] and B^T * scaling [S, R, out], each adapter's
+    ranks in its slot (zeros past them); written from the adapters' weights when those are new or changed."""
 
     def __init__(self, slots: int, rank: int, n_in: int, n_out: int, like: torch.Tensor):
         self.shape = (slots, rank)
         self.a = like.new_zeros(slots, rank, n_in)
         self.b = like.new_zeros(slots, rank, n_out)
         self.held: dict[int, tuple] = {}  # slot -> (A, B, their version counters, scaling) written there
-        self.mask: torch.Tensor | None = None  # [B, S*R]: the prepared step's rows, each its slot's scaling
-        self.ready: list | None = None  # the routing segments it was prepared for
 
     def hold(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         """Write an adapter's weights (A [r, in], B [out, r]) into its slot unless they are there already."""
@@ -284,12 +277,8 @@ class Stack:
         self.clear(slot)
         r = a.shape[0]
         self.a[slot, :r] = a
-        self.b[slot, :r] = b.t()
+        self.b[slot, :r] = b.t() * scaling
         self.held[slot] = (a, b, versions, scaling)
-
-    def scalings(self) -> tuple[float, ...]:
-        """Each slot's scaling (0 where this layer holds no adapter)."""
-        return tuple(self.held[s][3] if s in self.held else 0.0 for s in range(self.shape[0]))
 
     def clear(self, slot: int) -> None:
         if slot >= self.shape[0]:  # an adapter added since this stack was made (it is remade before use)
@@ -306,16 +295,16 @@ def _zeros(y: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def prepare_lora(model: nn.Module, rows: int, device: torch.device) -> None:
-    """Within `route(...)` of a step of `rows` tokens: the layers that will run several adapters at once get
-    their slots and masks ready, so that the step runs on tensors alone."""
+    """Within `route(...)` of an inference step of `rows` tokens running several adapters: every layer's stack
+    holds the adapters' current weights and the routing the tokens' one-hot by slot, so that the step runs on
+    tensors alone (one adapter, or none: the rows' segments, as in training)."""
     routing = routing_of(model)
-    present = {n for n, _, _ in routing.segments}
-    if len(present) < 2:
+    if torch.is_grad_enabled() or len({n for n, _, _ in routing.segments}) < 2:
         return
     like = torch.empty(0, device=device, dtype=next(model.parameters()).dtype)
     for layer in routing.members:
-        if len(present & layer.lora_A.keys()) > 1:
-            layer.prepare(rows, like)
+        layer.prepare(like)
+    routing.onehot = slot_onehot(routing.token_slots(rows).to(device), routing.capacity, routing.rank)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -407,12 +396,12 @@ class route:
             raise ConfigError(f"unknown adapter(s) {unknown}")  # (no list of the others: they may be other tenants')
 
     def __enter__(self) -> Routing:
-        self.old = self.routing.segments, self.routing.rows
-        self.routing.segments, self.routing.rows = self.new
+        self.old = self.routing.segments, self.routing.rows, self.routing.onehot
+        (self.routing.segments, self.routing.rows), self.routing.onehot = self.new, None
         return self.routing
 
     def __exit__(self, *exc) -> None:
-        self.routing.segments, self.routing.rows = self.old
+        self.routing.segments, self.routing.rows, self.routing.onehot = self.old
 
 
 def regroup(segs: list[tuple[str, int, int]], image_tokens: torch.Tensor, per_tile: int) -> list[tuple[str, int, int]]:

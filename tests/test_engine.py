@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from conftest import DEVICE, image
+from conftest import DEVICE, image, rel_err
 
 import vlstack
 from vlstack.chat import question_messages
@@ -186,34 +186,65 @@ def test_a_kv_cache_that_does_not_fit_is_a_clear_error():
     engine.close()
 
 
-def test_decode_steps_compile_without_a_graph_break():
-    """The proof on a CPU that a decode step can be captured: the model's forward compiled with fullgraph=True
-    (backend "eager": tracing without code generation) runs prefills and decode steps of base rows and of
-    several adapters at once (their slots prepared before the step) and equals the eager forward."""
+def _generate(vlm, decoder_of, prompts, rows, steps=3) -> torch.Tensor:
+    """Prefill these prompts into slots 0..B-1 (each row with its adapter), then `steps` greedy decode steps by
+    the Decoder decoder_of(cache) makes -> every step's logits [steps + 1, B, V]."""
     from vlstack.engine.kv_cache import KVCache
-    from vlstack.generate import decode, prefill
+    from vlstack.engine.runner import prefill
+
+    model = vlm.model
+    cache = KVCache(vlm.cfg.text, 4, 64, model.dtype, model.device)
+    cache.k.normal_(generator=torch.Generator(model.device).manual_seed(5))  # garbage where nothing was written:
+    cache.v.normal_(generator=torch.Generator(model.device).manual_seed(6))  # a row that read it would differ
+    decoder, slots = decoder_of(cache), list(range(len(prompts)))
+    with torch.inference_mode():
+        out = [prefill(model, cache, [p.to(model.device) for p in prompts], slots, rows)]
+        for i in range(steps):
+            positions = [len(p) + i for p in prompts]
+            out.append(decoder(out[-1].argmax(-1).tolist(), positions, slots, rows))  # [B, V]
+    return torch.stack(out)
+
+
+PROMPTS = [torch.randint(10, 1000, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 12, 9)]
+
+
+def test_static_decode_step_equals_each_row_alone():
+    """The static decode step (the one captured on a GPU: batch padded to a bucket, keys to a power of two, LoRA
+    routed by each row's slot) over rows of two adapters and the base: each row gets the logits it gets alone
+    through the plain step, the padding row (3 rows -> a bucket of 4) and the cache's unwritten garbage
+    changing nothing."""
+    from vlstack.engine.runner import Decoder
 
     vlm = tiny_with_adapters()
-    model = vlm.model
-    prompts = [torch.randint(10, 1000, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 12, 9, 5)]
-    rows = ["finance", None, "legal", "finance"]
+    rows = ["finance", None, "legal"]
+    static = _generate(vlm, lambda c: Decoder(vlm.model, c, static=True), PROMPTS, rows)
+    assert Decoder(vlm.model, _cache(vlm), static=True).buckets == [1, 2, 4]
+    for i, adapter in enumerate(rows):
+        alone = _generate(vlm, lambda c: Decoder(vlm.model, c, static=False), PROMPTS[i : i + 1], [adapter])
+        assert rel_err(static[:, i], alone[:, 0]) <= 1e-5
+    assert rel_err(static[:, 0], static[:, 2]) > 1e-2  # (the adapters do differ)
 
-    def run() -> torch.Tensor:
-        cache = KVCache(vlm.cfg.text, 4, 64, model.dtype, model.device)
-        with torch.inference_mode():
-            logits = prefill(model, cache, [p.to(model.device) for p in prompts], [0, 1, 2, 3], rows)
-            out = [logits]
-            for i in range(3):
-                positions = [len(p) + i for p in prompts]
-                logits = decode(model, cache, logits.argmax(-1), positions, [0, 1, 2, 3], rows)  # [B, V]
-                out.append(logits)
-        return torch.stack(out)
 
-    eager = run()
+def _cache(vlm):
+    from vlstack.engine.kv_cache import KVCache
+
+    return KVCache(vlm.cfg.text, 4, 64, vlm.model.dtype, vlm.model.device)
+
+
+def test_static_decode_step_compiles_without_a_graph_break():
+    """The proof on a CPU that the decode step can be captured: the static step compiled with fullgraph=True
+    (backend "eager": tracing without code generation) over base rows and several adapters at once equals the
+    uncompiled static step."""
+    from vlstack.engine.runner import Decoder
+
+    vlm = tiny_with_adapters()
+    rows = ["finance", None, "legal"]
+    eager = _generate(vlm, lambda c: Decoder(vlm.model, c, static=True), PROMPTS, rows)
+
+    def compiled_decoder(cache):
+        decoder = Decoder(vlm.model, cache, static=True)
+        decoder._forward = torch.compile(decoder._forward, fullgraph=True, backend="eager")  # a graph break raises
+        return decoder
+
     torch._dynamo.reset()
-    model.forward = torch.compile(model.forward, fullgraph=True, backend="eager")  # a graph break raises
-    try:
-        compiled = run()
-    finally:
-        del model.forward
-    assert torch.equal(compiled, eager)
+    assert torch.equal(_generate(vlm, compiled_decoder, PROMPTS, rows), eager)

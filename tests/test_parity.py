@@ -73,13 +73,14 @@ def test_decode_step_logits_match_transformers(pair, rows):
     """Each decode step (one new token a row, each row at its own length) gives the logits transformers gives
     at that position of the whole sequence."""
     from vlstack.engine.kv_cache import KVCache
-    from vlstack.generate import decode, prefill
+    from vlstack.engine.runner import Decoder, prefill
 
     hf, vlm, _ = pair
     encoded = [encode(vlm, images, question)[0] for images, question in PROMPTS[: 1 if rows == "one" else None]]
     steps, b = 3, len(encoded)
     tiles = [e["pixel_values"] for e in encoded if "pixel_values" in e]
     cache = KVCache(vlm.cfg.text, b, 1024, torch.float32, DEVICE)
+    decode = Decoder(vlm.model, cache)
     with torch.inference_mode():
         refs = [hf(**{k: v for k, v in e.items() if k != "labels"}).logits[0, -steps - 1 : -1] for e in encoded]
         logits = prefill(vlm.model, cache, [e["input_ids"][0, :-steps] for e in encoded], list(range(b)), [None] * b,
@@ -89,7 +90,7 @@ def test_decode_step_logits_match_transformers(pair, rows):
                 assert rel_err(logits[i], refs[i][s]) <= 1e-4
             tokens = torch.stack([e["input_ids"][0, s - steps] for e in encoded])  # each row's next prompt token
             positions = [e["input_ids"].shape[1] - steps + s for e in encoded]
-            logits = decode(vlm.model, cache, tokens, positions, list(range(b)), [None] * b)  # [B, V]
+            logits = decode(tokens.tolist(), positions, list(range(b)), [None] * b)  # [B, V]
 
 
 def test_batched_generation_matches_one_at_a_time(pair):

@@ -1,8 +1,7 @@
-"""Sampling and the two model steps of generation: the options (`SamplingParams`, checked for every
-caller), greedy or temperature / top-k / top-p with a seed, OpenAI's penalties and logit_bias (`adjust`),
-`prefill` (prompts packed back to back into one forward that fills their KV-cache slots), `decode` (one new
-token for every row, each row at its own length), and the `Detokenizer` that turns a row's tokens into text
-cut at stop strings. The one generation loop is the engine's (serve/engine.py): the server runs it in a
+"""Generation options and text: the options (`SamplingParams`, checked for every caller), greedy or
+temperature / top-k / top-p with a seed, OpenAI's penalties and logit_bias (`adjust`), and the `Detokenizer`
+that turns a row's tokens into text cut at stop strings. The model's steps are engine/runner.py's; the one
+generation loop is the engine's (serve/engine.py): the server runs it in a
 thread, VLM.chat / stream / generate step it themselves."""
 
 from __future__ import annotations
@@ -13,11 +12,7 @@ from typing import Any
 
 import torch
 
-from .engine.kv_cache import KVCache
-from .engine.metadata import decode_step, packed_step
 from .errors import PromptError
-from .layers.lora import prepare_lora, route
-from .models.internvl import InternVL
 
 
 class SamplingError(PromptError):
@@ -131,46 +126,6 @@ def adjust(logits: torch.Tensor, generated: list[list[int]], params: list[Sampli
             counts = torch.bincount(torch.tensor(generated[i], device=logits.device), minlength=logits.shape[-1])
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)  # [V]
     return logits
-
-
-def prefill(
-    model: InternVL,
-    cache: KVCache,
-    prompts: list[torch.Tensor],
-    slots: list[int],
-    adapters: list[str | None],
-    pixel_values: torch.Tensor | None = None,
-    features: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Prompts (1-D ids) packed back to back into one forward, each from position 0 into its cache slot, each
-    with its adapter -> the logits at each prompt's last token [B, V]. The images come as pixel_values (every
-    prompt's tiles in order) or their visual embeddings `features` [N, P, C]."""
-    device = model.device
-    seqlens = [len(p) for p in prompts]
-    step = packed_step(seqlens, device, slots=slots, max_len=cache.max_len, logits="last")
-    ids = torch.cat(prompts).to(device)  # [T]
-    with route(model, adapters, counts=seqlens):
-        prepare_lora(model, len(ids), device)
-        pv = pixel_values.to(device) if pixel_values is not None else None
-        return model(ids, step, pv, features, cache)
-
-
-def decode(
-    model: InternVL,
-    cache: KVCache,
-    tokens: torch.Tensor,
-    positions: list[int],
-    slots: list[int],
-    adapters: list[str | None],
-) -> torch.Tensor:
-    """tokens [B], each the next of the sequence in its cache slot at its position (each row with its adapter)
-    -> the logits after it [B, V]."""
-    device = tokens.device
-    where = torch.tensor([positions, slots], device=device)  # [2, B]: one copy to the device
-    step = decode_step(where[0], where[1] * cache.max_len + where[0], where[1], max(positions) + 1)
-    with route(model, adapters):
-        prepare_lora(model, len(tokens), device)  # Python work before the step: the step is tensors only
-        return model(tokens, step, cache=cache)
 
 
 class Detokenizer:

@@ -20,18 +20,22 @@ class Step:
     queries: int  # Q: new tokens of the longest sequence (1: a decode step)
     keys: int  # K: keys a sequence attends over (cached and new), its padded length
     rows: torch.Tensor | None = None  # [T] slot mapping: each new key's row in the cache (None: no cache)
-    slots: torch.Tensor | None = None  # [B] each sequence's cache slot when its keys are read from the cache
+    cached: bool = False  # the keys are read from the cache (else the step's own keys are all there are)
+    slots: torch.Tensor | None = None  # [B] each sequence's cache slot, when cached (None: slots 0..B-1)
     pad: torch.Tensor | None = None  # [B*Q] the token at each padded place (T: a zero row); None: no padding
     unpad: torch.Tensor | None = None  # [T] each token's padded place
     mask: torch.Tensor | None = None  # [B, 1, Q, K] True: attend; None: causal from position 0, no padding
     logits: torch.Tensor | None = None  # [N] the tokens whose logits are needed; None: all
 
 
-def decode_step(positions: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, keys: int) -> Step:
-    """One new token for each of B sequences: positions, cache rows and slots [B]; each attends to the first
-    `keys` positions of its slot up to its own. Tensors only (a captured step builds it inside the graph)."""
+def decode_step(positions: torch.Tensor, slots: torch.Tensor | None, max_len: int, keys: int) -> Step:
+    """One new token for each of B sequences at these positions [B], in these cache slots [B] (None: slots
+    0..B-1) of max_len positions; each attends to the positions of its slot up to its own, of the first `keys`.
+    Tensors only (a captured step builds it inside the graph)."""
+    b = len(positions)
+    slot = torch.arange(b, device=positions.device) if slots is None else slots
     mask = torch.arange(keys, device=positions.device) <= positions[:, None]  # [B, K]
-    return Step(positions, len(positions), 1, keys, rows, slots, mask=mask[:, None, None, :])
+    return Step(positions, b, 1, keys, slot * max_len + positions, True, slots, mask=mask[:, None, None, :])
 
 
 def packed_step(
@@ -56,13 +60,13 @@ def packed_step(
         slot = torch.tensor(slots)
         step.rows = slot[seq] * max_len + positions
         if any(starts or []):  # a cached prefix: keys come from the cache
-            step.slots, step.keys = slot, int((first + n).max())
+            step.cached, step.slots, step.keys = True, slot, int((first + n).max())
     if t != b * q:
         step.unpad = seq * q + offset
         step.pad = torch.full((b * q,), t).index_copy_(0, step.unpad, torch.arange(t))
-    if t != b * q or step.slots is not None:
+    if t != b * q or step.cached:
         q_pos = torch.full((b * q,), 2**62).index_copy_(0, seq * q + offset, positions)  # padding: sees every key
-        key = torch.arange(step.keys)[None] + (0 if step.slots is not None else first[:, None])  # [B, K] positions
+        key = torch.arange(step.keys)[None] + (0 if step.cached else first[:, None])  # [B, K] positions
         step.mask = (key[:, None, :] <= q_pos.view(b, q, 1))[:, None]  # [B, 1, Q, K]
     if isinstance(logits, str):
         step.logits = n.cumsum(0) - 1

@@ -24,8 +24,8 @@ def attention(
     b, kv_heads = step.batch, k.shape[1]
     if step.rows is not None and cache is not None:
         cache.write(layer, step.rows, k, v)
-    if step.slots is not None and cache is not None:
-        k, v = cache.read(layer, step.slots, step.keys)  # [B, Hkv, K, D]
+    if step.cached and cache is not None:
+        k, v = cache.read(layer, step.slots, b, step.keys)  # [B, Hkv, K, D]
     else:
         k, v = _padded(k, step).transpose(1, 2), _padded(v, step).transpose(1, 2)  # [B, Hkv, Q, D]
     if step.queries == 1:  # one token a sequence (T == B)

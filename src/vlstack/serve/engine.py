@@ -1,21 +1,21 @@
 """The serving engine: continuous batching over one model and its adapters.
 
-Requests join and leave the running batch at every decode step. Each running request owns a slot of a
-KV cache preallocated for `max_batch` sequences of up to `max_len` tokens; a request waits in the queue
-(it is never refused for lack of room) until a slot is free and the tokens it may still need fit in
-`kv_budget`. The requests admitted at one step (up to `prefill_tokens` prompt tokens) are prefilled
-together: their new images through the vision encoder in passes of up to `vision_tokens` encoder tokens
-(images seen before come from the cache of visual embeddings; on a CPU one pass over a hundred tiles
-runs ~40% slower per tile than passes of thirty, its temporaries too big for the allocator to reuse),
-their prompts packed back to back in one forward. Then every step decodes one token for all running
-requests at once, each row with its own adapter (the base matmul once, each adapter on its rows), its
-own sampling parameters and seed; each adapter's rows together, each row reading its own slot of the
-cache. Prompts, images included, are decoded, tiled, hashed
-and checked by the caller's thread before submission, so that work runs in parallel with the engine.
+Requests join and leave the running batch at every decode step. Each running request owns a slot of a KV
+cache preallocated for `max_batch` sequences of up to `max_len` tokens; a request waits in the queue (it is
+never refused for lack of room) until a slot is free and the tokens it may still need fit in `kv_budget`.
+The requests admitted at one step (up to `prefill_tokens` prompt tokens) are prefilled together: their new
+images through the vision encoder in passes of up to `vision_tokens` encoder tokens (images seen before come
+from the cache of visual embeddings; on a CPU one pass over a hundred tiles runs ~40% slower per tile than
+passes of thirty, its temporaries too big for the allocator to reuse), their prompts packed back to back in
+one forward. Then every step decodes one token for all running requests at once, each row with its own
+adapter (the base matmul once, each adapter on its rows), its own sampling parameters and seed, the running
+requests kept in cache slots 0..B-1 so that the step (engine/runner.py: static, a CUDA graph per batch
+bucket on a GPU) reads the cache in place. Prompts, images included, are decoded, tiled, hashed and checked
+by the caller's thread before submission, so that work runs in parallel with the engine.
 
-A request's problem is that request's alone: a step that raises is run again over each half of its
-requests, down to the one that makes it fail, which alone ends with the error. An adapter being unloaded
-takes no new requests (retire) and leaves the model once the requests it has accepted have finished.
+A request's problem is that request's alone: a step that raises is run again over each half of its requests,
+down to the one that makes it fail, which alone ends with the error. An adapter being unloaded takes no new
+requests (retire) and leaves the model once the requests it has accepted have finished.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ import torch
 
 from ..api import VLM
 from ..engine.kv_cache import KVCache
+from ..engine.runner import Decoder, prefill
 from ..errors import ConfigError, PromptError, UnknownModel
-from ..generate import Detokenizer, SamplingParams, adjust, decode, prefill, sample
+from ..generate import Detokenizer, SamplingParams, adjust, sample
 from ..layers.lora import adapter_names, lora_layers, route
 from .cache import FeatureCache, image_hash, tiles_per_image
 
@@ -98,6 +99,7 @@ class Engine:
                 f"the KV cache for {max_batch} requests of {self.max_len} tokens needs "
                 f"{self.cache_bytes / 2**30:.1f} GiB, more than is free; lower --max-batch or --max-model-len"
             ) from None
+        self.decoder = Decoder(vlm.model, self.cache)
         self.images = FeatureCache(int(image_cache_mb * 2**20))
         self.vision_adapters = self._vision_adapters()
         self.waiting: queue.Queue[Request] = queue.Queue()
@@ -162,6 +164,7 @@ class Engine:
     def adapter_changed(self, name: str) -> None:
         """Call (holding self.lock) after loading or unloading an adapter: drops what it encoded."""
         self.images.drop_adapter(name)
+        self.decoder.adapters_changed()
         self.vision_adapters = self._vision_adapters()
 
     def _vision_adapters(self) -> set[str]:
@@ -187,7 +190,7 @@ class Engine:
                     if batch:
                         self._isolate(self._prefill, batch)
                     if self.running:
-                        self._arrange()
+                        self._compact()
                         self._isolate(self._decode, list(self.running))
                 except Exception as e:  # a fault of the engine itself: fail what it holds and go on serving
                     traceback.print_exc()
@@ -259,7 +262,8 @@ class Engine:
             if batch and sum(len(r.prompt) for r in batch + [req]) > self.prefill_tokens:
                 break  # enough prompt tokens for one step: the running requests decode in between
             self.waiting.get()
-            req.slot = self.free.pop()
+            self.free.sort()
+            req.slot = self.free.pop(0)  # the lowest: the running requests stay in slots 0..B-1
             batch.append(req)
             in_use += req.budget
         self.admitting = batch  # (for _fail)
@@ -314,15 +318,22 @@ class Engine:
         return found
 
     def _decode(self, rows: list[Request]) -> None:
-        tokens = torch.tensor([r.next_token for r in rows], device=self.vlm.model.device)  # [B]
-        positions, slots = [r.position for r in rows], [r.slot for r in rows]
-        self._emit(rows, decode(self.vlm.model, self.cache, tokens, positions, slots, [r.adapter for r in rows]))
+        tokens, positions, slots = [r.next_token for r in rows], [r.position for r in rows], [r.slot for r in rows]
+        self._emit(rows, self.decoder(tokens, positions, slots, [r.adapter for r in rows]))
         self.running = [r for r in self.running if r.finished_at is None]
 
-    def _arrange(self) -> None:
-        """Order the running requests with each adapter's rows together: each adapter's LoRA then runs once over
-        its rows (their cache slots stay where they are)."""
-        self.running = sorted(self.running, key=lambda r: r.adapter or "")  # a new list: sort() empties it meanwhile
+    def _compact(self) -> None:
+        """Move the running requests into cache slots 0..B-1 (those in a higher slot into the holes left by
+        finished ones), in slot order: the decode step reads the cache in place."""
+        n = len(self.running)
+        movers = [r for r in self.running if r.slot >= n]
+        if movers:
+            holes = sorted(s for s in self.free if s < n)
+            self.cache.move([r.slot for r in movers], holes, max(r.position + 1 for r in movers))
+            self.free = [s for s in self.free if s >= n] + [r.slot for r in movers]
+            for r, slot in zip(movers, holes):
+                r.slot = slot
+        self.running = sorted(self.running, key=lambda r: r.slot)  # a new list: sort() empties it meanwhile
 
     def _emit(self, rows: list[Request], logits: torch.Tensor) -> None:
         """Sample each row's next token, send its text, and retire finished or cancelled rows (what can raise

@@ -1,0 +1,139 @@
+"""The model's two steps for generation: `prefill` (prompts packed back to back into one forward that fills
+their cache slots) and the decode step (`Decoder`: one new token for every running sequence).
+
+The decode step is static: the rows' tokens, positions and adapter slots are copied into buffers, the batch
+is padded to a bucket (1, 2, 4, ... up to max_batch) and the keys read to a power of two, and on CUDA each
+(bucket, keys) pair is captured once as a CUDA graph and replayed; LoRA is routed by each row's adapter slot
+inside the graph, so any mix of adapters replays the same graph. Rows sit in cache slots 0..B-1 (the engine
+keeps them there), read in place; the padding rows are the next free slots, written at position 0 and never
+read. On a CPU the same model forward runs unpadded at the rows' exact key length, each adapter on its rows
+(static=True runs the static step there uncaptured: the tests' proof that it can be captured).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layers.lora import prepare_lora, route, routing_of, slot_onehot
+from ..models.internvl import InternVL
+from .kv_cache import KVCache
+from .metadata import decode_step, packed_step
+
+
+def prefill(
+    model: InternVL,
+    cache: KVCache,
+    prompts: list[torch.Tensor],
+    slots: list[int],
+    adapters: list[str | None],
+    pixel_values: torch.Tensor | None = None,
+    features: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Prompts (1-D ids) packed back to back into one forward, each from position 0 into its cache slot, each
+    with its adapter -> the logits at each prompt's last token [B, V]. The images come as pixel_values (every
+    prompt's tiles in order) or their visual embeddings `features` [N, P, C]."""
+    device = model.device
+    seqlens = [len(p) for p in prompts]
+    step = packed_step(seqlens, device, slots=slots, max_len=cache.max_len, logits="last")
+    ids = torch.cat(prompts).to(device)  # [T]
+    with route(model, adapters, counts=seqlens):
+        prepare_lora(model, len(ids), device)
+        pv = pixel_values.to(device) if pixel_values is not None else None
+        return model(ids, step, pv, features, cache)
+
+
+def buckets(max_batch: int) -> list[int]:
+    """The batch sizes a decode step is padded to: powers of two, and max_batch."""
+    return sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
+
+
+class Decoder:
+    def __init__(self, model: InternVL, cache: KVCache, static: bool | None = None):
+        """static: the static step (default: on a GPU, where it is captured as CUDA graphs)."""
+        self.model, self.cache = model, cache
+        self.static = model.device.type == "cuda" if static is None else static
+        self.capture = self.static and model.device.type == "cuda"
+        self.buckets = buckets(cache.slots)
+        self.inputs = torch.zeros(3, cache.slots, dtype=torch.long, device=model.device)  # tokens, positions, LoRA
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None  # the graphs' memory pool, shared
+        self.layout: tuple[int, int] | None = None  # the LoRA stacks' (slots, rank) the graphs were captured with
+        self.stale = True  # adapters changed since the stacks were written (adapters_changed)
+
+    def adapters_changed(self) -> None:
+        self.stale = True
+
+    def __call__(
+        self, tokens: list[int], positions: list[int], slots: list[int], adapters: list[str | None]
+    ) -> torch.Tensor:
+        """The next token of each row (at its position, in its cache slot, with its adapter) -> logits [B, V]."""
+        b, model = len(tokens), self.model
+        if slots != list(range(b)):  # rows elsewhere (a failed step retried over a part): read by slot
+            return self._gathered(tokens, positions, slots, adapters)
+        n = next(x for x in self.buckets if x >= b) if self.static else b
+        routing = routing_of(model)
+        lora = [routing.slots[a] if a is not None else -1 for a in adapters]
+        pad = n - b
+        host = torch.tensor([tokens + [0] * pad, positions + [0] * pad, lora + [-1] * pad])  # [3, n]
+        self.inputs[:, :n].copy_(host, non_blocking=True)
+        keys = max(positions) + 1
+        if not self.static:
+            with route(model, adapters):
+                prepare_lora(model, n, model.device)
+                return self._forward(n, keys, onehot=False)
+        keys = min(max(128, 1 << (keys - 1).bit_length()), self.cache.max_len)  # a power of two: few graphs
+        self._hold_adapters()
+        if not self.capture:
+            return self._forward(n, keys, onehot=True)[:b]
+        if (n, keys) not in self.graphs:
+            self._capture(n, keys)
+        graph, logits = self.graphs[n, keys]
+        graph.replay()
+        return logits[:b]
+
+    def _forward(self, n: int, keys: int, onehot: bool) -> torch.Tensor:
+        tokens, positions, lora = self.inputs[:, :n]  # [n] each
+        step = decode_step(positions, None, self.cache.max_len, keys)
+        routing = routing_of(self.model)
+        if onehot and routing.capacity:
+            routing.onehot = slot_onehot(lora, routing.capacity, routing.rank)  # [n, S*R]
+        try:
+            return self.model(tokens, step, cache=self.cache)  # [n, V]
+        finally:
+            if onehot:
+                routing.onehot = None
+
+    def _gathered(self, tokens, positions, slots, adapters) -> torch.Tensor:
+        device = self.model.device
+        where = torch.tensor([tokens, positions, slots], device=device)  # [3, B]: one copy to the device
+        step = decode_step(where[1], where[2], self.cache.max_len, max(positions) + 1)
+        with route(self.model, adapters):
+            prepare_lora(self.model, len(tokens), device)
+            return self.model(where[0], step, cache=self.cache)
+
+    def _hold_adapters(self) -> None:
+        """Before a replay: every LoRA layer's stack holds the loaded adapters (written when they changed);
+        stacks of another shape (more adapters than there were slots) invalidate the graphs."""
+        routing = routing_of(self.model)
+        if (routing.capacity, routing.rank) != self.layout:
+            self.graphs.clear()
+            self.layout, self.stale = (routing.capacity, routing.rank), True
+        if self.stale:
+            like = torch.empty(0, device=self.model.device, dtype=self.model.dtype)
+            for layer in routing.members:
+                layer.prepare(like)
+            self.stale = False
+
+    def _capture(self, n: int, keys: int) -> None:
+        """Capture the step over n rows reading `keys` positions (run twice first, as capture requires)."""
+        stream = torch.cuda.Stream(self.model.device)
+        stream.wait_stream(torch.cuda.current_stream(self.model.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(n, keys, onehot=True)
+        torch.cuda.current_stream(self.model.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(n, keys, onehot=True)
+        self.pool = graph.pool()
+        self.graphs[n, keys] = graph, logits

@@ -107,16 +107,34 @@ def test_top_k_one_is_greedy(tiny):
     assert tiny.chat("What is the total?", max_new_tokens=8, temperature=1.0, top_k=1, seed=0) == greedy
 
 
-def test_sample_filters_exactly():
-    from vlstack.generate import SamplingParams, sample
+def test_sampler_draws_from_the_filtered_distribution():
+    """4,000 rows of one distribution, each its own step of one seed, drawn at once: the frequencies are the
+    softmax renormalised over what top-k / top-p keep; a temperature-0 row is the argmax; the noise is a
+    function of (seed, step, token) alone."""
+    from vlstack.engine.sampler import gumbel, sample, seed_words
 
-    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).log_softmax(-1)
-    gen = torch.Generator().manual_seed(0)
-    seen = {sample(logits, SamplingParams(temperature=1.0, top_k=2), gen).item() for _ in range(200)}
-    assert seen == {2, 3}
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    seen = {sample(probs.log(), SamplingParams(temperature=1.0, top_p=0.7), gen).item() for _ in range(200)}
-    assert seen == {0, 1}
+    n = 4000
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().expand(n, -1)  # [n, 4]
+    ones, seeds, steps = torch.ones(n), torch.tensor([seed_words(7)] * n), torch.arange(n)
+
+    def freq(top_p=1.0, top_k=0, temperature=1.0, filtered=True):
+        t = torch.full((n,), float(temperature))
+        tokens = sample(logits, t, ones * top_p, torch.full((n,), top_k), seeds, steps, filtered)
+        return torch.bincount(tokens, minlength=4) / n
+
+    expected = {(1.0, 0): [0.5, 0.3, 0.15, 0.05], (0.7, 0): [0.625, 0.375, 0, 0], (1.0, 2): [0.625, 0.375, 0, 0],
+                (1.0, 3): [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0]}  # fmt: skip
+    for (top_p, top_k), want in expected.items():
+        assert (freq(top_p, top_k) - torch.tensor(want)).abs().max() < 0.03
+    assert (freq(filtered=False) - torch.tensor(expected[1.0, 0])).abs().max() < 0.03
+    assert torch.equal(freq(temperature=0.0), torch.tensor([1.0, 0, 0, 0]))
+    hot = torch.tensor([[1.0, 2.0, 3.0, 4.0]]).expand(n, -1)  # temperature 2 flattens: softmax(logits / 2)
+    drawn = torch.bincount(sample(hot, ones * 2, ones, torch.zeros(n, dtype=torch.long), seeds, steps), minlength=4)
+    assert (drawn / n - (hot[0] / 2).softmax(-1)).abs().max() < 0.03
+    ids = torch.arange(50).expand(2, -1)
+    same = gumbel(torch.tensor([seed_words(7)] * 2), torch.tensor([3, 3]), ids)
+    assert torch.equal(same[0], same[1])
+    assert not torch.equal(same[0], gumbel(torch.tensor([seed_words(8)]), torch.tensor([3]), ids[:1])[0])
 
 
 def test_presence_and_frequency_penalties_as_openai_defines_them(tiny):

@@ -1,7 +1,6 @@
-"""Generation options and text: the options (`SamplingParams`, checked for every caller), greedy or
-temperature / top-k / top-p with a seed, OpenAI's penalties and logit_bias (`adjust`), and the `Detokenizer`
-that turns a row's tokens into text cut at stop strings. The model's steps are engine/runner.py's; the one
-generation loop is the engine's (serve/engine.py): the server runs it in a
+"""Generation options and text: the options (`SamplingParams`, checked for every caller) and the `Detokenizer`
+that turns a row's tokens into text cut at stop strings. The model's steps are engine/runner.py's, sampling
+engine/sampler.py's; the one generation loop is the engine's (serve/engine.py): the server runs it in a
 thread, VLM.chat / stream / generate step it themselves."""
 
 from __future__ import annotations
@@ -9,8 +8,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 from .errors import PromptError
 
@@ -89,43 +86,6 @@ def is_unicode(s: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]."""
-    if p.temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / p.temperature
-    if p.top_k:
-        kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [B, 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def adjust(logits: torch.Tensor, generated: list[list[int]], params: list[SamplingParams]) -> torch.Tensor:
-    """logits [B, V] with OpenAI's logit_bias added and its presence and frequency penalties: each row's
-    logit of a token it has generated c times lowered by presence_penalty + c * frequency_penalty. The same
-    tensor when no row has any, else a new one (the caller's logits stay the model's)."""
-    penalised = [bool((p.presence_penalty or p.frequency_penalty) and ids) for p, ids in zip(params, generated)]
-    rows = [i for i, p in enumerate(params) if penalised[i] or p.logit_bias]
-    if not rows:
-        return logits
-    logits = logits.clone()
-    for i in rows:
-        p = params[i]
-        if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), device=logits.device)
-            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device, dtype=logits.dtype)
-        if penalised[i]:
-            counts = torch.bincount(torch.tensor(generated[i], device=logits.device), minlength=logits.shape[-1])
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)  # [V]
-    return logits
 
 
 class Detokenizer:

@@ -21,6 +21,7 @@ requests (retire) and leaves the model once the requests it has accepted have fi
 from __future__ import annotations
 
 import queue
+import random
 import threading
 import time
 import traceback
@@ -32,8 +33,9 @@ import torch
 from ..api import VLM
 from ..engine.kv_cache import KVCache
 from ..engine.runner import Decoder, prefill
+from ..engine.sampler import adjust, sample_rows, seed_words
 from ..errors import ConfigError, PromptError, UnknownModel
-from ..generate import Detokenizer, SamplingParams, adjust, sample
+from ..generate import Detokenizer, SamplingParams
 from ..layers.lora import adapter_names, lora_layers, route
 from .cache import FeatureCache, image_hash, tiles_per_image
 
@@ -51,7 +53,7 @@ class Request:
     generated: int = 0
     finish_reason: str | None = None
     cancelled: bool = False
-    generator: torch.Generator | None = None
+    seed: tuple[int, int] = (0, 0)  # its sampling seed, two 32-bit words (a random one unless it asked)
     next_token: int | None = None
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -145,8 +147,7 @@ class Engine:
         if out is not None:
             req.out = out
         req.top_logprobs = top_logprobs
-        if params.seed is not None:
-            req.generator = torch.Generator(device=self.vlm.model.device).manual_seed(params.seed)
+        req.seed = seed_words(random.getrandbits(64) if params.seed is None else params.seed)
         self.waiting.put(req)
         self._wake.set()
         return req
@@ -339,10 +340,7 @@ class Engine:
         """Sample each row's next token, send its text, and retire finished or cancelled rows (what can raise
         comes before anything is sent, so a step retried after an error sends nothing twice)."""
         scores = adjust(logits, [r.detok.ids for r in rows], [r.params for r in rows])  # [B, V]
-        tokens = scores.argmax(-1)  # [B]: greedy rows all at once
-        for i, req in enumerate(rows):
-            if req.params.temperature > 0:  # each sampled row with its own generator
-                tokens[i] = sample(scores[i : i + 1], req.params, req.generator)[0]
+        tokens = sample_rows(scores, [r.params for r in rows], [r.seed for r in rows], [r.generated for r in rows])
         want = {i: r.top_logprobs for i, r in enumerate(rows) if r.top_logprobs is not None}
         logprobs = _logprobs(logits, tokens, want) if want else {}
         for i, (req, token) in enumerate(zip(rows, tokens.tolist())):  # one copy to the host

@@ -107,13 +107,15 @@ def run_vlstack(
     device: str,
     recompute: bool,
     max_tokens: int | None,
+    dtype: str,
 ) -> dict:
     import vlstack
     from vlstack.train.multi import train
 
-    vlm = vlstack.load(model, device=device, dtype="float32")
+    vlm = vlstack.load(model, device=device, dtype=dtype)  # (the adapters float32 whatever the base)
     todo = jobs(data, out, steps, batch)
-    options = {"verbose": False, "gradient_checkpointing": recompute, "max_tokens": max_tokens}
+    log_every = steps  # the losses read back once a job, as a user would log on a GPU
+    options = {"verbose": False, "gradient_checkpointing": recompute, "max_tokens": max_tokens, "log_every": log_every}
     t = time.perf_counter()
     if mode == "fused":
         done = train(vlm, todo, max_rows=batch * JOBS, **options)
@@ -126,7 +128,9 @@ def run_vlstack(
     return {"seconds": time.perf_counter() - t, "tokens": sum(r.tokens for r in done.values())}
 
 
-def run_peft(model: str, data: list[Path], out: Path, steps: int, batch: int, device: str, recompute: bool) -> dict:
+def run_peft(
+    model: str, data: list[Path], out: Path, steps: int, batch: int, device: str, recompute: bool, dtype: str
+) -> dict:
     """transformers + peft, one adapter after another, on the same batches (vlstack's encoder)."""
     from peft import LoraConfig, get_peft_model
     from transformers import InternVLForConditionalGeneration
@@ -137,7 +141,7 @@ def run_peft(model: str, data: list[Path], out: Path, steps: int, batch: int, de
     ours = vlstack.load(model, device="cpu")  # for its processor and directory only
     processor, path = ours.processor, ours.directory
     del ours
-    base = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to(device)
+    base = InternVLForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
     if recompute:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tokens, t = 0, time.perf_counter()
@@ -176,7 +180,9 @@ def child(args) -> None:
     data = [Path(p) for p in args.data]
     out = Path(args.work) / args.mode
     if args.mode == "peft":
-        result = run_peft(args.model_dir, data, out, args.steps, args.batch, args.device, args.gradient_checkpointing)
+        result = run_peft(
+            args.model_dir, data, out, args.steps, args.batch, args.device, args.gradient_checkpointing, args.dtype
+        )
     else:
         result = run_vlstack(
             args.model_dir,
@@ -188,6 +194,7 @@ def child(args) -> None:
             args.device,
             args.gradient_checkpointing,
             args.max_tokens,
+            args.dtype,
         )
     if args.device == "cuda":
         result["peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -211,12 +218,19 @@ def main() -> None:
         "--max-tokens", type=int, default=None, help="vlstack's steps go through the base in passes of this many tokens"
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="the frozen base's, both sides (default: bfloat16 on CUDA, float32 on a CPU)",
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--data", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.mode:
         return child(args)
 
@@ -240,6 +254,8 @@ def main() -> None:
             str(args.batch),
             "--device",
             args.device,
+            "--dtype",
+            args.dtype,
             "--data",
             *map(str, data),
             *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
@@ -253,7 +269,8 @@ def main() -> None:
         results[mode]["tok_s"] = results[mode]["tokens"] / results[mode]["seconds"]
     fused = results["fused"]
     print(
-        f"model {args.model}, {args.device}, {JOBS} adapters x {args.steps} steps x batch {args.batch}, "
+        f"model {args.model}, {args.device}, {args.dtype} base, {JOBS} adapters x {args.steps} steps "
+        f"x batch {args.batch}, "
         f"rank 16 on q,k,v,o,gate,up,down{', with images' if args.images else ''}"
         f"{', gradient checkpointing' if args.gradient_checkpointing else ''}"
         f"{f', passes of at most {args.max_tokens} tokens' if args.max_tokens else ''}"

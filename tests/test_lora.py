@@ -171,7 +171,10 @@ def test_decode_step_stacks_its_adapters(ckpt):
     remove_adapter(vlm.model, "j")  # from stacks made before it came
 
 
-def test_lora_gradients_match_peft():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_gradients_match_peft(dtype):
+    """Outputs and gradients as PEFT's, over a float32 base and over a bfloat16 one (where both keep the adapter
+    in float32: PEFT's autocast_adapter_dtype)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
@@ -184,8 +187,8 @@ def test_lora_gradients_match_peft():
         def forward(self, x):
             return self.q_proj(x)
 
-    ref = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj"], use_rslora=True))
-    ours = Net()
+    ours = Net().to(dtype)
+    ref = get_peft_model(Net().to(dtype), LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj"], use_rslora=True))
     ours.q_proj.load_state_dict(ref.base_model.model.q_proj.base_layer.state_dict())
     spec = LoRASpec(rank=4, alpha=12, rslora=True, targets=("q_proj",), parts=("language",))
     # our parts are InternVL module paths; attach directly to this toy module instead
@@ -198,15 +201,44 @@ def test_lora_gradients_match_peft():
         peft_layer.lora_B["default"].weight.normal_()
         layer.lora_A["x"].weight.copy_(peft_layer.lora_A["default"].weight)
         layer.lora_B["x"].weight.copy_(peft_layer.lora_B["default"].weight)
-    x1 = torch.randn(3, 5, 16, requires_grad=True)
+    assert layer.lora_A["x"].weight.dtype == peft_layer.lora_A["default"].weight.dtype == torch.float32
+    x1 = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_(True)
-    target = torch.randn(3, 5, 24)
-    ((ref(x1) - target) ** 2).sum().backward()
+    target = torch.randn(3, 5, 24, dtype=dtype)
+    out = ref(x1)
+    ((out - target) ** 2).sum().backward()
     with route(ours, ["x"] * 3):
-        ((ours(x2) - target) ** 2).sum().backward()
+        mine = ours(x2)
+        ((mine - target) ** 2).sum().backward()
+    assert mine.dtype == out.dtype == dtype
+    torch.testing.assert_close(mine, out)
     torch.testing.assert_close(layer.lora_A["x"].weight.grad, peft_layer.lora_A["default"].weight.grad)
     torch.testing.assert_close(layer.lora_B["x"].weight.grad, peft_layer.lora_B["default"].weight.grad)
     torch.testing.assert_close(x2.grad, x1.grad)
+
+
+def test_adapters_over_a_bfloat16_base_stay_float32(ckpt):
+    """Over a bfloat16 base the adapters are float32 (trained and stepped in full precision): inference adds
+    each row's update as training does (in float32, rounded once), and the stacked path of several adapters at
+    once (bfloat16 stacks, as servers keep them) is as far from the float32 model as that is."""
+    vlm, full = vlstack.load(ckpt, device="cpu", dtype="bfloat16"), vlstack.load(ckpt, device="cpu")
+    for i, name in enumerate(("a", "b")):
+        for model in (vlm.model, full.model):
+            params = add_adapter(model, name, LoRASpec(rank=4, alpha=8), seed=i)
+            randomise_adapter(params, seed=70 + i)
+            assert all(p.dtype == torch.float32 for p in params)
+    ids = vlm.processor(question_messages("What is the total?", 0))["input_ids"].repeat(2, 1)  # [2, T]
+    with torch.no_grad():
+        inference = rows_forward(vlm.model, ids[:1], None, ["a"])  # one adapter: its rows' own update
+        stacked = rows_forward(vlm.model, ids, None, ["a", "b"])  # two: every slot at once
+    for p in vlm.model.parameters():
+        p.requires_grad_(p.dtype == torch.float32)
+    training = rows_forward(vlm.model, ids[:1], None, ["a"])  # with autograd: the training path
+    assert inference.dtype == training.dtype == torch.bfloat16
+    assert torch.equal(inference, training.detach())
+    reference = full(ids[:1], adapter="a")  # float32
+    assert rel_err(stacked[:1].float(), reference) <= 1.5 * rel_err(inference.float(), reference)
+    assert rel_err(stacked[:1].float(), stacked[1:].float()) > 2e-2  # (the adapters differ)
 
 
 def test_merge_equals_adapter(ckpt, tmp_path):

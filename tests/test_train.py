@@ -206,7 +206,7 @@ def test_a_step_in_passes_gives_the_gradients_and_adapters_of_one_pass(tmp_path)
     for max_tokens in (1, 1450):  # each row alone; rows [43, 877 | 494] [45]: two jobs, one split
         losses, grads, calls = step(max_tokens)
         assert one_calls == 1 and calls == (4 if max_tokens == 1 else 2)
-        assert losses == pytest.approx(one_loss, rel=1e-5)
+        assert losses.tolist() == pytest.approx(one_loss.tolist(), rel=1e-5)
         for name in one_grads:
             for a, b in zip(one_grads[name], grads[name]):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
@@ -262,6 +262,17 @@ def test_a_rows_dropout_mask_depends_on_its_key_alone():
     assert (both[3][:80] != both[4]).float().mean() > 0.3  # another row
     tiles = masks([(7, 1), (8, 1)], tiles=True)  # a row per tile: [tiles, patches, width]
     assert tiles[7].shape == (1, 16, 32) and not torch.equal(tiles[7], tiles[8])
+
+
+def test_metrics_every_log_every_steps_with_the_mean_loss(tmp_path):
+    """log_every 2: a metrics line every second optimizer step and at the end, its loss the mean of the
+    micro-steps since the line before (read back from the device then, not at every step)."""
+    finance = jobs(tmp_path, "logged")[0]  # 3 steps of batch 2, grad_accum 1
+    done = train(vlstack.load("tiny", device="cpu"), [finance], max_rows=5, verbose=False, log_every=2)
+    lines = [json.loads(x) for x in (tmp_path / "logged" / "finance.train" / "metrics.jsonl").read_text().splitlines()]
+    losses = done["finance"].losses  # every micro-step's
+    assert [m["step"] for m in lines] == [2, 3] and len(losses) == 3 and not done["finance"].pending
+    assert lines[0]["loss"] == pytest.approx(sum(losses[:2]) / 2) and lines[1]["loss"] == pytest.approx(losses[2])
 
 
 def test_gradient_checkpointing_recomputes_and_gives_the_same_adapters(tmp_path):
@@ -331,7 +342,7 @@ def test_packed_step_equals_each_example_on_its_own(tmp_path):
             total = total + F.cross_entropy(logits[learn], labels[learn], reduction="sum")
             count += int(learn.sum())
         (total / count / 2).backward()  # grad_accum 2
-        assert abs(total.item() / count - loss) < 1e-5
+        assert abs(total.item() / count - float(loss)) < 1e-5
         fused = next(x for x in running if x.job.name == r.job.name)
         for a, b in zip(fused.params, r.params):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)

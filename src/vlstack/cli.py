@@ -82,11 +82,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    vlm = load(args.model or plan.model, device=device, dtype="float32")
+    vlm = load(args.model or plan.model, device=device, dtype=args.dtype)  # the adapters: float32 whatever it is
     options = {
         "resume": args.resume,
         "gradient_checkpointing": plan.gradient_checkpointing,
         "max_tokens": plan.max_tokens,
+        "log_every": plan.log_every,
     }
     done = {}
     if args.sequential:  # the baseline: the same jobs one after another
@@ -213,6 +214,12 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue each job from its last checkpoint")
     train.add_argument("--watch", action="store_true", help="jobs added to the file while training runs join the run")
     train.add_argument("--device", default=None)
+    train.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="the frozen base's (default: float32 on a CPU, the checkpoint's on a GPU)",
+    )
     train.set_defaults(func=cmd_train)
 
     merge = sub.add_parser("merge", help="fold a PEFT adapter into the base and write a checkpoint")

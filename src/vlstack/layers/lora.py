@@ -179,9 +179,12 @@ class LoRALinear(nn.Linear):
         init: torch.Generator | None = None,
         seed: int = 0,
     ) -> None:
-        """A new adapter initialised like PEFT: A Kaiming-uniform, B zeros (so it starts as a no-op)."""
-        a = nn.Linear(self.in_features, rank, bias=False, device=self.weight.device, dtype=self.weight.dtype)
-        b = nn.Linear(rank, self.out_features, bias=False, device=self.weight.device, dtype=self.weight.dtype)
+        """A new adapter initialised like PEFT: A Kaiming-uniform, B zeros (so it starts as a no-op); in float32
+        over a half-precision base (as PEFT's autocast_adapter_dtype: trained weights and their optimizer state
+        keep full precision)."""
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        a = nn.Linear(self.in_features, rank, bias=False, device=self.weight.device, dtype=dtype)
+        b = nn.Linear(rank, self.out_features, bias=False, device=self.weight.device, dtype=dtype)
         with torch.no_grad():
             bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) on a [rank, in] matrix
             a.weight.copy_(torch.rand(a.weight.shape, generator=init) * 2 * bound - bound)
@@ -211,10 +214,13 @@ class LoRALinear(nn.Linear):
                 return self._stacked(x, y)
             for name, start, end in self.routing.segments:
                 if name in self.lora_A:
-                    a, b = self.lora_A[name], self.lora_B[name]
-                    h = a(x.narrow(0, start, end - start)).reshape(-1, a.out_features)  # [n, r]
+                    a, b = self.lora_A[name].weight, self.lora_B[name].weight
+                    h = x.narrow(0, start, end - start).reshape(-1, self.in_features).to(a.dtype) @ a.t()  # [n, r]
                     ys = y.narrow(0, start, end - start).view(-1, self.out_features)  # [n, out], a view of y
-                    ys.addmm_(h, b.weight.t(), alpha=self.scaling[name])
+                    if ys.dtype == h.dtype:
+                        ys.addmm_(h, b.t(), alpha=self.scaling[name])
+                    else:  # a half-precision base: the update added in float32, rounded once (as PEFT)
+                        ys.add_(h @ b.t() * self.scaling[name])
             return y
         pieces, done = [], 0  # the adapters' updates, zeros where no adapter applies
         for name, start, end in self.routing.segments:
@@ -226,13 +232,15 @@ class LoRALinear(nn.Linear):
                 xs = xs * self.routing.dropout_mask(xs, start, end, p, salt)
             if start > done:
                 pieces.append(_zeros(y, start - done))
-            pieces.append(self.lora_B[name](self.lora_A[name](xs)) * self.scaling[name])
+            pieces.append(
+                self.lora_B[name](self.lora_A[name](xs.to(self.lora_A[name].weight.dtype))) * self.scaling[name]
+            )
             done = end
         if not pieces:
             return y
         if done < y.shape[0]:
             pieces.append(_zeros(y, y.shape[0] - done))
-        return y + torch.cat(pieces)  # one add: its backward is cheap slicing, not a copy per adapter
+        return (y + torch.cat(pieces)).to(y.dtype)  # one add (float32 over a half-precision base, as PEFT)
 
     def _stacked(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Every adapter at once, each token through its own slot: every slot's A as one matmul, the step's
@@ -241,9 +249,11 @@ class LoRALinear(nn.Linear):
         stack = self.stack
         if stack is None or stack.shape != (self.routing.capacity, self.routing.rank):  # not prepared
             stack = self.prepare(y)
-        h = x @ stack.a.view(-1, self.in_features).t()  # [T, S*R]
+        h = x.to(stack.a.dtype) @ stack.a.view(-1, self.in_features).t()  # [T, S*R]
         h.mul_(self.routing.onehot)  # each token keeps its own slot's ranks
-        return y.addmm_(h, stack.b.view(-1, self.out_features))  # [T, out]
+        if h.dtype == y.dtype:
+            return y.addmm_(h, stack.b.view(-1, self.out_features))  # [T, out]
+        return y.add_(h @ stack.b.view(-1, self.out_features))  # float32 over a half-precision base, rounded once
 
     def prepare(self, like: torch.Tensor) -> Stack:
         """Before an inference step: the adapters' current weights in their slots. Python work with version
@@ -260,12 +270,15 @@ class LoRALinear(nn.Linear):
 
 class Stack:
     """A layer's adapters in slots, for inference steps: A [S, R, in] and B^T * scaling [S, R, out], each adapter's
-    ranks in its slot (zeros past them); written from the adapters' weights when those are new or changed."""
+    ranks in its slot (zeros past them); written from the adapters' weights when those are new or changed. In
+    float32 over a half-precision base, as the adapters themselves (in bfloat16 the updates' rounding doubled a
+    random model's distance from its float32 logits)."""
 
     def __init__(self, slots: int, rank: int, n_in: int, n_out: int, like: torch.Tensor):
         self.shape = (slots, rank)
-        self.a = like.new_zeros(slots, rank, n_in)
-        self.b = like.new_zeros(slots, rank, n_out)
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        self.a = like.new_zeros(slots, rank, n_in, dtype=dtype)
+        self.b = like.new_zeros(slots, rank, n_out, dtype=dtype)
         self.held: dict[int, tuple] = {}  # slot -> (A, B, their version counters, scaling) written there
 
     def hold(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:

@@ -30,6 +30,7 @@ def run_dir(output: Path) -> Path:
 
 def save_state(r: Running) -> None:
     target = run_dir(r.job.output) / "checkpoint"
+    r.read_losses()  # (the micro-steps' losses still on the device)
     state = {  # STATE_KEYS
         "shape": shape_of(r.job),
         "adapter": [p.detach().cpu().clone() for p in r.params],

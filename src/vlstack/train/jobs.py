@@ -6,6 +6,8 @@ max_rows: 16                # rows (examples) per fused step, all running jobs t
 max_tokens: 4096            # optional: a step's rows go through the base in passes of at most this many
                             #   tokens, gradients adding up (the same adapters; one pass's activations at a time)
 gradient_checkpointing: false  # recompute each LLM layer in backward: less memory, ~1/3 more compute
+log_every: 1                # optimizer steps per metrics line (its loss: the mean since the last line); on a
+                            #   GPU, more lets steps run without waiting to read the losses back
 jobs:
   - name: finance
     data: finance.jsonl     # relative to the YAML file
@@ -89,6 +91,7 @@ class Plan:
     jobs: list[Job]
     gradient_checkpointing: bool = False
     max_tokens: int | None = None  # tokens per pass of a step through the base (None: one pass)
+    log_every: int = 1  # optimizer steps per metrics line (each reads the losses back from the device)
 
 
 _TYPES = {f.name: f.type for f in fields(Job)}
@@ -158,7 +161,7 @@ def read_plan(path: str | Path) -> Plan:
     raw = read_yaml(path, "jobs file", JobError)
     if not isinstance(raw, dict) or not isinstance(raw.get("jobs"), list) or not raw["jobs"]:
         raise JobError(f"{path}: needs a non-empty 'jobs' list")
-    top = {"model", "max_rows", "max_tokens", "gradient_checkpointing", "jobs"}
+    top = {"model", "max_rows", "max_tokens", "gradient_checkpointing", "log_every", "jobs"}
     unknown = sorted(set(raw) - top)
     if unknown:
         raise JobError(f"{path}: unknown top-level field(s) {unknown}; known: {sorted(top)}")
@@ -179,7 +182,10 @@ def read_plan(path: str | Path) -> Plan:
     max_tokens = raw.get("max_tokens")
     if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
         raise JobError(f"{path}: max_tokens must be a positive integer (tokens per pass through the base)")
-    return Plan(str(raw.get("model", "tiny")), max_rows, jobs, checkpointing, max_tokens)
+    log_every = raw.get("log_every", 1)
+    if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
+        raise JobError(f"{path}: log_every must be a positive integer (optimizer steps per metrics line)")
+    return Plan(str(raw.get("model", "tiny")), max_rows, jobs, checkpointing, max_tokens, log_every)
 
 
 def check_outputs(jobs: list[Job], model_dir: Path | None, inputs: dict[str, list[Path]]) -> None:

@@ -60,13 +60,21 @@ class Running:
     micro: int = 0
     tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
-    losses: list[float] = field(default_factory=list)  # every micro-step's loss
+    losses: list[float] = field(default_factory=list)  # every micro-step's loss, read back
+    pending: list[torch.Tensor] = field(default_factory=list)  # the losses of micro-steps since (on the device)
     first_step: int = 0  # where this process started (after a resume)
     first_tokens: int = 0
 
     @property
     def tokens_since_start(self) -> int:
         return self.tokens - self.first_tokens
+
+    def read_losses(self) -> list[float]:
+        """The losses of the micro-steps since the last read, copied to the host (one wait on the device)."""
+        new = torch.stack(self.pending).tolist() if self.pending else []
+        self.losses += new
+        self.pending.clear()
+        return new
 
 
 def total_steps(job: Job, n_examples: int) -> int:
@@ -163,10 +171,12 @@ def token_losses(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Ten
 
 
 def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) -> list[float]:
-    """One fused micro-step over every running job; returns each job's loss.
+    """One fused micro-step over every running job; returns each job's loss [jobs] (on the device: read back
+    when metrics are written, not at every step).
 
     The rows go through the base in one forward/backward, or with max_tokens in passes of at most that many
-    tokens whose gradients add up: the same gradients, with the activations of one pass at a time."""
+    tokens whose gradients add up: the same gradients, with the activations of one pass at a time. Everything
+    about the rows is worked out on the host first: no step waits on the device."""
     model, device = vlm.model, vlm.model.device
     rows = job_rows(vlm, running)
     jobs = len(running)
@@ -175,38 +185,38 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
     for i, x in rows:
         learned[i] += int((x["labels"][1:] != IGNORE).sum())  # a token learns the label of the next one
         seen[i] += len(x["input_ids"])
-    stats = torch.tensor([learned, seen], dtype=torch.float32, device=device)  # [2, jobs]
     if world()[1] > 1:
+        stats = torch.tensor([learned, seen], dtype=torch.float64, device=device)  # [2, jobs]
         dist.all_reduce(stats)
-    counts, tokens = stats
-    denominators = counts.clamp(min=1) * torch.tensor([r.job.grad_accum for r in running], device=device)
+        learned, seen = stats.long().tolist()
+    counts = torch.tensor(learned, dtype=torch.float32).clamp(min=1)  # [jobs]
+    denominators = (counts * torch.tensor([r.job.grad_accum for r in running])).to(device)
     sums = torch.zeros(jobs, device=device)  # [jobs]: each job's summed token losses
     for group in passes(rows, max_tokens):
         batch = pack(group)
-        seqlens, keyed = batch.pop("seqlens"), batch.pop("rows")
-        batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch["labels"]
+        seqlens, keyed, labels = batch.pop("seqlens"), batch.pop("rows"), batch.pop("labels")
         targets = torch.full_like(labels, IGNORE)  # [T]: the token each position predicts, within its sequence
-        ends = torch.tensor(seqlens, device=device).cumsum(0)
         targets[:-1] = labels[1:]
-        targets[ends - 1] = IGNORE  # a sequence's last token predicts nothing
+        targets[torch.tensor(seqlens).cumsum(0) - 1] = IGNORE  # a sequence's last token predicts nothing
         learn = targets != IGNORE  # [T]: positions with a label; logits are computed only there
-        names = [running[i].job.name for i, _ in group]
         step = packed_step(seqlens, device, logits=learn.nonzero()[:, 0])
+        in_job = F.one_hot(batch.pop("job")[learn], jobs).T.float().to(device)  # [jobs, N]
+        batch = {k: v.to(device) for k, v in batch.items()}
+        names = [running[i].job.name for i, _ in group]
         with route(model, names, counts=seqlens, rows=keyed):  # a job's rows: one run
             hidden = model(batch["input_ids"], step, batch.get("pixel_values"), head=False)  # [N, C]
-            per_token = token_losses(model.lm_head, hidden, targets[learn], model.language_model.recompute is not None)
-        in_job = F.one_hot(batch["job"][learn], jobs).T.to(per_token.dtype)  # [jobs, N]
+            recompute = model.language_model.recompute is not None
+            per_token = token_losses(model.lm_head, hidden, targets[learn].to(device), recompute)  # [N] float32
         pass_sums = in_job @ per_token  # [jobs], with grad
         (pass_sums / denominators).sum().backward()
         sums += pass_sums.detach()
     if world()[1] > 1:
         dist.all_reduce(sums)
-    losses = (sums / counts.clamp(min=1)).tolist()
-    for r, loss, n in zip(running, losses, tokens.tolist()):
-        r.tokens += int(n)
+    losses = sums / counts.to(device)  # [jobs]
+    for i, (r, n) in enumerate(zip(running, seen)):
+        r.tokens += n
         r.micro += 1
-        r.losses.append(loss)
+        r.pending.append(losses[i])
         if r.micro % r.job.grad_accum == 0:
             if world()[1] > 1:  # once per optimizer step, over the gradients accumulated here
                 sum_gradients(r.params)
@@ -266,6 +276,7 @@ def train(
     gradient_checkpointing: bool = False,
     more: Callable[[], list[Job]] | None = None,
     max_tokens: int | None = None,
+    log_every: int = 1,
 ) -> dict[str, Running]:
     """Run jobs fused: a queue admitted while their rows fit in max_rows; returns each job finished here.
 
@@ -273,6 +284,7 @@ def train(
     With gradient_checkpointing, the language model's layers are recomputed in backward instead of keeping
     their activations: less memory for a third more compute, the same adapters.
     With max_tokens, each step's rows go through the base in passes of at most that many tokens (see train_step).
+    log_every: a job's metrics line (and the losses read back from the device) every that many optimizer steps.
     more() is asked before every step for jobs added while the others run (`vlstack train --watch`): they
     join the queue; one whose dataset or batch size is bad is reported and left out, the others go on.
     """
@@ -316,7 +328,8 @@ def train(
                     continue  # mid-accumulation: nothing to record or save yet
                 done = r.step >= r.total_steps
                 if lead:  # one process writes: metrics, adapter, checkpoint, curve
-                    record(r, verbose)
+                    if done or r.step % log_every == 0:
+                        record(r, verbose)
                     if done:  # the adapter first: a checkpoint saying "done" implies the adapter is complete
                         save_adapter(model, r.job.name, r.job.output, r.job.spec, base=str(vlm.directory))
                     if done or (r.job.save_every and r.step % r.job.save_every == 0):

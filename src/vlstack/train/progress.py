@@ -18,9 +18,10 @@ if TYPE_CHECKING:
 
 
 def record(r: Running, verbose: bool) -> None:
-    """After an optimizer step: append the job's metrics line and, if verbose, print its progress."""
+    """After an optimizer step: append the job's metrics line (its loss: the mean of the micro-steps since the
+    last line) and, if verbose, print its progress."""
     elapsed = time.perf_counter() - r.started
-    recent = r.losses[-r.job.grad_accum :]
+    recent = r.read_losses() or r.losses[-1:]
     row = {
         "step": r.step,
         "total_steps": r.total_steps,

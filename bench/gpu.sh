@@ -35,6 +35,6 @@ step "decode, batch 1, InternVL3-1B shapes, bf16: vs transformers eager and comp
     python bench/foundation.py --device cuda --prompt-len 512 --new-tokens 64 --repeat 3
 step "serving: 128 requests at once, 4 adapters, 128 tokens (baseline: the first 8, one at a time)" \
     python bench/serve.py --model internvl3-1b --device cuda --requests 128 --rate 0 --max-tokens 128 \
-    --max-batch 128 --baseline-requests 8
+    --max-batch 128 --max-model-len 2048 --baseline-requests 8
 step "training: 4 adapters fused vs peft one after another, InternVL3-1B shapes" \
     python bench/multi_lora_train.py --model internvl3-1b --device cuda --steps 10 --batch 4

@@ -252,10 +252,12 @@ def summarise(records: list[dict]) -> dict:
 
 
 def serve_ours(
-    model: str, adapters: dict[str, str], port: int, device: str, max_batch: int, dtype: str = "float32"
+    model: str, adapters: dict[str, str], port: int, device: str, max_batch: int, dtype: str, max_len: int | None
 ) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "vlstack.cli", "serve", "--model", model, "--port", str(port), "--device", device,
            "--max-batch", str(max_batch), "--dtype", dtype]  # fmt: skip
+    if max_len:
+        cmd += ["--max-model-len", str(max_len)]
     for name, path in adapters.items():
         cmd += ["--adapter", f"{name}={path}"]
     return start(cmd, port)
@@ -278,6 +280,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--pages", type=int, default=None, help="distinct images (default: one per request)")
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--max-model-len", type=int, default=None, help="the server's (bounds its KV cache)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rounds", type=int, default=1, help="workloads driven in turn (new images each)")
     ap.add_argument("--out", default=None)
@@ -303,7 +306,9 @@ def main() -> None:
         for name in ("vlstack", "baseline"):  # both up for the whole run; one is driven at a time
             port = free_port()
             if name == "vlstack":
-                procs[name] = serve_ours(args.model, adapters, port, args.device, args.max_batch, args.dtype)
+                procs[name] = serve_ours(
+                    args.model, adapters, port, args.device, args.max_batch, args.dtype, args.max_model_len
+                )
             else:
                 procs[name] = serve_baseline(args.model, adapters, port, args.device, args.dtype)
             bases[name] = f"http://127.0.0.1:{port}"

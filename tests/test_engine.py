@@ -62,6 +62,40 @@ def test_32_concurrent_mixed_requests_match_one_at_a_time():
     assert len(set(expected)) > 3  # adapters and questions really give different answers
 
 
+def test_long_prompts_are_prefilled_in_chunks_while_others_decode():
+    """With prefill_tokens 48, a prompt with an image (its image tokens split across chunks, an adapter on the
+    LLM) goes in over several steps, each also decoding the request already running; both
+    answers are those each request gets alone."""
+    vlm = tiny_with_adapters()
+    first = vlm.processor(question_messages("Hi there.", 0))
+    long = vlm.processor(question_messages("What does the chart show, in detail?", 1), [image(120, 50, seed=3)])
+    assert len(long["input_ids"][0]) > 3 * 48
+    params = dict(max_new_tokens=30)
+    alone = [greedy(vlm, first, None, params), greedy(vlm, long, "finance", params)]
+    engine = Engine(vlm, max_batch=4, prefill_tokens=48, background=False)
+    a = engine.submit(first, None, SamplingParams(**params))
+    engine.step()
+    assert a in engine.running and a.generated == 1
+    b = engine.submit(long, "finance", SamplingParams(**params))
+    engine.step()  # b's first chunk, a's next token: one forward
+    assert b in engine.prefilling and b.prefilled == 48 and a.generated == 2
+    while b in engine.prefilling:
+        engine.step()
+    assert b.generated == 1 and a.generated == 2 + -(-len(long["input_ids"][0]) // 48) - 1
+    while engine.running:
+        engine.step()
+    assert [collect(a), collect(b)] == alone
+
+
+def greedy(vlm, inputs, adapter, params) -> str:
+    """The request alone in an engine of its own, prefilled whole."""
+    engine = Engine(vlm, max_batch=1, background=False)
+    req = engine.submit(inputs, adapter, SamplingParams(**params))
+    while req.finished_at is None:
+        engine.step()
+    return collect(req)
+
+
 def test_full_engine_queues_instead_of_refusing():
     vlm = tiny_with_adapters()
     engine = Engine(vlm, max_batch=2, kv_budget=200)
@@ -182,8 +216,20 @@ def test_a_kv_cache_that_does_not_fit_is_a_clear_error():
     with pytest.raises(ConfigError, match="lower --max-batch or --max-model-len"):
         Engine(vlm, max_batch=10**8)  # petabytes: beyond any machine's address space
     engine = Engine(vlm, max_batch=2, max_len=512)
-    assert engine.cache_bytes == engine.cache.k.numel() * 4 * 2  # float32 keys and values (the scratch slot too)
+    assert engine.cache_bytes == engine.cache.k.numel() * 4 * 2  # float32 keys and values
     engine.close()
+
+
+def test_step_sizes_default_by_device():
+    """--prefill-tokens / --vision-tokens left out: the device's defaults (a GPU takes larger steps)."""
+    from vlstack.serve.engine import STEP_TOKENS
+
+    vlm = vlstack.load("tiny", device=DEVICE)
+    engine = Engine(vlm, max_batch=2, max_len=64, background=False)
+    assert (engine.prefill_tokens, engine.vision_tokens) == STEP_TOKENS[vlm.model.device.type]
+    assert STEP_TOKENS["cuda"][0] > STEP_TOKENS["cpu"][0] and STEP_TOKENS["cuda"][1] > STEP_TOKENS["cpu"][1]
+    engine = Engine(vlm, max_batch=2, max_len=64, prefill_tokens=100, vision_tokens=2000, background=False)
+    assert (engine.prefill_tokens, engine.vision_tokens) == (100, 2000)
 
 
 def _generate(vlm, decoder_of, prompts, rows, steps=3) -> torch.Tensor:

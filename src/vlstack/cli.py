@@ -194,8 +194,14 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-budget", type=int, default=None, help="KV-cache tokens in use at most (queue beyond)")
     serve.add_argument("--max-model-len", type=int, default=None,
                        help="tokens per request, prompt + answer (bounds the KV cache's memory)")  # fmt: skip
-    serve.add_argument("--prefill-tokens", type=int, default=8192, help="prompt tokens prefilled per step")
-    serve.add_argument("--vision-tokens", type=int, default=8192, help="vision-encoder tokens per pass over images")
+    serve.add_argument("--prefill-tokens", type=int, default=None,
+                       help="prompt tokens prefilled per step (default: 8192 on a CPU, 16384 on a GPU)")  # fmt: skip
+    serve.add_argument(
+        "--vision-tokens",
+        type=int,
+        default=None,
+        help="vision-encoder tokens per pass over images (default: 8192 on a CPU, 32768 on a GPU)",
+    )
     serve.add_argument("--max-queue", type=int, default=256, help="waiting requests at most (503 beyond)")
     serve.add_argument("--max-body-mb", type=float, default=64, help="request body size limit (413 beyond)")
     serve.add_argument("--image-cache-mb", type=float, default=512, help="memory for cached visual embeddings")

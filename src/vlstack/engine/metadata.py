@@ -26,6 +26,7 @@ class Step:
     unpad: torch.Tensor | None = None  # [T] each token's padded place
     mask: torch.Tensor | None = None  # [B, 1, Q, K] True: attend; None: causal from position 0, no padding
     logits: torch.Tensor | None = None  # [N] the tokens whose logits are needed; None: all
+    parts: tuple[tuple[int, int, Step], ...] | None = None  # a joined step: its steps over tokens [a, b)
 
 
 def decode_step(positions: torch.Tensor, slots: torch.Tensor | None, max_len: int, keys: int) -> Step:
@@ -73,6 +74,24 @@ def packed_step(
     elif logits is not None:
         step.logits = logits
     return to(step, device)
+
+
+def join(first: Step, second: Step) -> Step:
+    """Two steps run as one forward (a prefill's chunks and a decode step): first's tokens, then second's, each
+    part attending as its own step; the logits of both parts' logit tokens, in that order."""
+    t, u = len(first.positions), len(second.positions)
+    logits = [
+        torch.arange(n, device=s.positions.device) if s.logits is None else s.logits
+        for s, n in ((first, t), (second, u))
+    ]
+    return Step(
+        torch.cat([first.positions, second.positions]),
+        first.batch + second.batch,
+        max(first.queries, second.queries),
+        max(first.keys, second.keys),
+        logits=torch.cat([logits[0], logits[1] + t]),
+        parts=((0, t, first), (t, t + u, second)),
+    )
 
 
 def to(step: Step, device: torch.device) -> Step:

@@ -1,5 +1,6 @@
-"""The model's two steps for generation: `prefill` (prompts packed back to back into one forward that fills
-their cache slots) and the decode step (`Decoder`: one new token for every running sequence).
+"""The model's steps for generation: `forward` (chunks of prompts packed back to back into their cache slots,
+with decode rows in the same forward: chunked prefill mixed with decode) and the decode step alone
+(`Decoder`: one new token for every running sequence, static).
 
 The decode step is static: the rows' tokens, positions and adapter slots are copied into buffers, the batch
 is padded to a bucket (1, 2, 4, ... up to max_batch) and the keys read to a power of two, and on CUDA each
@@ -12,12 +13,58 @@ read. On a CPU the same model forward runs unpadded at the rows' exact key lengt
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..layers.lora import prepare_lora, route, routing_of, slot_onehot
 from ..models.internvl import InternVL
 from .kv_cache import KVCache
-from .metadata import decode_step, packed_step
+from .metadata import decode_step, join, packed_step
+
+
+@dataclass
+class Chunk:
+    """Tokens a..b of a prompt, prefilled after its first a tokens (in the cache already) into its slot."""
+
+    ids: torch.Tensor  # [b - a]
+    start: int  # a
+    slot: int
+    adapter: str | None
+    last: bool  # b is the prompt's end: the logits of its last token are wanted
+
+
+def forward(
+    model: InternVL,
+    cache: KVCache,
+    chunks: list[Chunk],
+    rows: tuple[list[int], list[int], list[int], list[str | None]] | None = None,
+    pixel_values: torch.Tensor | None = None,
+    features: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Chunks of prompts packed back to back and decode rows (tokens, positions, slots, adapters: one new token
+    each) in one forward -> the logits [N, V] at the last token of each chunk that ends its prompt, then at each
+    row. The chunks' images come as pixel_values (their tiles in order) or visual embeddings `features`
+    [N, P, C] (or [1, image tokens, C]) for their image tokens."""
+    device = model.device
+    lengths = [len(c.ids) for c in chunks]
+    ids, adapters, counts = [c.ids for c in chunks], [c.adapter for c in chunks], list(lengths)
+    step = None
+    if chunks:
+        last = (torch.tensor(lengths).cumsum(0) - 1)[torch.tensor([c.last for c in chunks])]
+        starts, slots = [c.start for c in chunks], [c.slot for c in chunks]
+        step = packed_step(lengths, device, starts=starts, slots=slots, max_len=cache.max_len, logits=last)
+    if rows is not None:
+        tokens, positions, slots, row_adapters = rows
+        where = torch.tensor([tokens, positions, slots], device=device)  # [3, B]: one copy to the device
+        decode = decode_step(where[1], where[2], cache.max_len, max(positions) + 1)
+        step = decode if step is None else join(step, decode)
+        ids.append(where[0])
+        adapters, counts = adapters + list(row_adapters), counts + [1] * len(tokens)
+    with route(model, adapters, counts=counts):
+        prepare_lora(model, sum(counts), device)
+        pv = pixel_values.to(device) if pixel_values is not None else None
+        return model(torch.cat([i.to(device) for i in ids]), step, pv, features, cache)
 
 
 def prefill(
@@ -29,17 +76,10 @@ def prefill(
     pixel_values: torch.Tensor | None = None,
     features: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Prompts (1-D ids) packed back to back into one forward, each from position 0 into its cache slot, each
-    with its adapter -> the logits at each prompt's last token [B, V]. The images come as pixel_values (every
-    prompt's tiles in order) or their visual embeddings `features` [N, P, C]."""
-    device = model.device
-    seqlens = [len(p) for p in prompts]
-    step = packed_step(seqlens, device, slots=slots, max_len=cache.max_len, logits="last")
-    ids = torch.cat(prompts).to(device)  # [T]
-    with route(model, adapters, counts=seqlens):
-        prepare_lora(model, len(ids), device)
-        pv = pixel_values.to(device) if pixel_values is not None else None
-        return model(ids, step, pv, features, cache)
+    """Whole prompts (1-D ids) into their cache slots, each with its adapter -> the logits at each prompt's last
+    token [B, V]."""
+    chunks = [Chunk(p, 0, s, a, True) for p, s, a in zip(prompts, slots, adapters)]
+    return forward(model, cache, chunks, None, pixel_values, features)
 
 
 def buckets(max_batch: int) -> list[int]:
@@ -69,7 +109,7 @@ class Decoder:
         """The next token of each row (at its position, in its cache slot, with its adapter) -> logits [B, V]."""
         b, model = len(tokens), self.model
         if slots != list(range(b)):  # rows elsewhere (a failed step retried over a part): read by slot
-            return self._gathered(tokens, positions, slots, adapters)
+            return forward(self.model, self.cache, [], (tokens, positions, slots, adapters))
         n = next(x for x in self.buckets if x >= b) if self.static else b
         routing = routing_of(model)
         lora = [routing.slots[a] if a is not None else -1 for a in adapters]
@@ -102,14 +142,6 @@ class Decoder:
         finally:
             if onehot:
                 routing.onehot = None
-
-    def _gathered(self, tokens, positions, slots, adapters) -> torch.Tensor:
-        device = self.model.device
-        where = torch.tensor([tokens, positions, slots], device=device)  # [3, B]: one copy to the device
-        step = decode_step(where[1], where[2], self.cache.max_len, max(positions) + 1)
-        with route(self.model, adapters):
-            prepare_lora(self.model, len(tokens), device)
-            return self.model(where[0], step, cache=self.cache)
 
     def _hold_adapters(self) -> None:
         """Before a replay: every LoRA layer's stack holds the loaded adapters (written when they changed);

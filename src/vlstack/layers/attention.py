@@ -20,6 +20,8 @@ def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, cache: KVCache | None, layer: int
 ) -> torch.Tensor:
     """q [T, H, D], k, v [T, Hkv, D] -> [T, H, D]."""
+    if step.parts is not None:  # a joined step: each part on its own
+        return torch.cat([attention(q[a:b], k[a:b], v[a:b], part, cache, layer) for a, b, part in step.parts])
     t, h, d = q.shape
     b, kv_heads = step.batch, k.shape[1]
     if step.rows is not None and cache is not None:

@@ -46,8 +46,8 @@ class ServeConfig:
     kv_budget: int | None = None  # KV-cache tokens in use at most (default: max_batch x context)
     max_model_len: int | None = None  # tokens per request, prompt + answer (default: the model's context);
     # the KV cache holds max_batch x max_model_len positions, so this bounds its memory
-    prefill_tokens: int = 8192  # prompt tokens prefilled per engine step (the running requests wait meanwhile)
-    vision_tokens: int = 8192  # vision-encoder tokens per pass over new images (bounds its activations)
+    prefill_tokens: int | None = None  # prompt tokens prefilled per engine step (None: the device's default)
+    vision_tokens: int | None = None  # vision-encoder tokens per pass over new images (bounds its activations)
     max_queue: int = 256  # requests waiting beyond this are refused with 503
     max_body_mb: float = 64  # request bodies beyond this are refused with 413
     image_cache_mb: float = 512  # visual embeddings kept for images seen again
@@ -57,7 +57,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "prefill_tokens", "vision_tokens", "max_body_mb", "fetch_timeout"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive (got {getattr(self, name)})")
         for name in ("max_adapters", "max_lora_rank"):
             if getattr(self, name) is not None and getattr(self, name) < 1:

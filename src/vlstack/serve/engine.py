@@ -32,12 +32,14 @@ import torch
 
 from ..api import VLM
 from ..engine.kv_cache import KVCache
-from ..engine.runner import Decoder, prefill
+from ..engine.runner import Chunk, Decoder, forward
 from ..engine.sampler import adjust, sample_rows, seed_words
 from ..errors import ConfigError, PromptError, UnknownModel
 from ..generate import Detokenizer, SamplingParams
 from ..layers.lora import adapter_names, lora_layers, route
 from .cache import FeatureCache, image_hash, tiles_per_image
+
+STEP_TOKENS = {"cpu": (8192, 8192), "cuda": (16384, 32768)}  # device -> default (prefill, vision) tokens a step
 
 
 @dataclass(eq=False)
@@ -50,6 +52,9 @@ class Request:
     detok: Detokenizer
     out: Any = field(default_factory=queue.Queue)  # text pieces, then None at the end
     slot: int = -1
+    prefilled: int = 0  # prompt tokens in the cache
+    chunk: tuple[int, int] | None = None  # the prompt tokens a..b the current step prefills
+    features: torch.Tensor | None = None  # [image tokens, C]: its images' visual embeddings, until prefilled
     generated: int = 0
     finish_reason: str | None = None
     cancelled: bool = False
@@ -81,15 +86,16 @@ class Engine:
         max_batch: int = 16,
         kv_budget: int | None = None,
         max_len: int | None = None,
-        prefill_tokens: int = 8192,
+        prefill_tokens: int | None = None,
         image_cache_mb: float = 512,
-        vision_tokens: int = 8192,
+        vision_tokens: int | None = None,
         background: bool = True,
     ):
         """With background, a thread of the engine's own runs its steps as requests come (the server); without,
         the caller runs them with step() (VLM.chat and the other generators)."""
-        self.vlm, self.max_batch, self.prefill_tokens = vlm, max_batch, prefill_tokens
-        self.vision_tokens = vision_tokens  # vision-encoder tokens per pass (bounds its activations)
+        prefill, vision = STEP_TOKENS[vlm.model.device.type]  # a GPU takes much larger steps than a CPU
+        self.vlm, self.max_batch, self.prefill_tokens = vlm, max_batch, prefill_tokens or prefill
+        self.vision_tokens = vision_tokens or vision  # vision-encoder tokens per pass (bounds its activations)
         self.max_len = min(max_len or vlm.context_len, vlm.context_len)
         self.kv_budget = kv_budget or max_batch * self.max_len
         t = vlm.cfg.text
@@ -106,7 +112,7 @@ class Engine:
         self.vision_adapters = self._vision_adapters()
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.running: list[Request] = []
-        self.admitting: list[Request] = []  # being prefilled
+        self.prefilling: list[Request] = []  # holding a slot, their prompts going into the cache chunk by chunk
         self.free = list(range(max_batch))
         self.retiring: set[str] = set()  # adapters being unloaded: no new requests, gone once theirs finish
         self.lock = threading.Lock()  # held while the model runs: adapters load and unload between steps
@@ -180,8 +186,9 @@ class Engine:
             self.thread.join(timeout=10)
 
     def step(self) -> None:
-        """One step: adapters whose requests have all finished unloaded, queued requests admitted and prefilled,
-        then one token decoded for every running request."""
+        """One step: adapters whose requests have all finished unloaded, queued requests admitted (their images
+        encoded), then one forward over the next chunks of the prompts being prefilled (up to prefill_tokens)
+        and one new token of every running request."""
         with self.lock:
             if self.retiring:
                 self._unload_retired()
@@ -189,13 +196,15 @@ class Engine:
                 try:
                     batch = self._admit()
                     if batch:
-                        self._isolate(self._prefill, batch)
-                    if self.running:
+                        self._isolate(self._encode, batch)
+                    chunks = self._chunks()
+                    if not chunks and self.running:
                         self._compact()
-                        self._isolate(self._decode, list(self.running))
+                    if chunks or self.running:
+                        self._isolate(self._forward, chunks + list(self.running))
                 except Exception as e:  # a fault of the engine itself: fail what it holds and go on serving
                     traceback.print_exc()
-                    self._fail(self.running + self.admitting, e)
+                    self._fail(self.running + self.prefilling, e)
 
     # the engine thread -------------------------------------------------------------------------------
 
@@ -229,16 +238,14 @@ class Engine:
             if req.finished_at is None:
                 req.finish_reason, req.error = "error", f"{type(error).__name__}: {error}"
                 req.exception = error
-                req.finished_at = time.perf_counter()
-                req.out.put(None)
-                self.free.append(req.slot)
+                self._end(req)
         self.running = [r for r in self.running if r not in reqs]
-        self.admitting = [r for r in self.admitting if r not in reqs]
+        self.prefilling = [r for r in self.prefilling if r not in reqs]
 
     def _unload_retired(self) -> None:
         """Unload the retiring adapters that no accepted request uses any more."""
         with self.waiting.mutex:
-            busy = {r.adapter for r in (*self.waiting.queue, *self.admitting, *self.running) if r.finished_at is None}
+            busy = {r.adapter for r in (*self.waiting.queue, *self.prefilling, *self.running) if r.finished_at is None}
         for name in self.retiring - busy:
             self.retiring.discard(name)
             try:
@@ -248,41 +255,87 @@ class Engine:
                 traceback.print_exc()
 
     def _admit(self) -> list[Request]:
-        """Move queued requests into free slots while their KV budget fits; returns them (to prefill together)."""
-        in_use = sum(r.budget for r in self.running)
+        """Move queued requests into free slots while their KV budget fits and this step's prompt tokens are not
+        all spoken for; returns them (their images to encode)."""
+        in_use = sum(r.budget for r in self.running + self.prefilling)
+        pending = sum(len(r.prompt) - r.prefilled for r in self.prefilling)
         batch: list[Request] = []
-        while self.free and not self.waiting.empty():
+        while self.free and not self.waiting.empty() and pending < self.prefill_tokens:
             req = self.waiting.queue[0]
             if req.cancelled:
                 self.waiting.get()
                 req.finished_at = time.perf_counter()
                 req.out.put(None)
                 continue
-            if (self.running or batch) and in_use + req.budget > self.kv_budget:
+            if (self.running or self.prefilling or batch) and in_use + req.budget > self.kv_budget:
                 break  # wait for room: a request is queued, never refused
-            if batch and sum(len(r.prompt) for r in batch + [req]) > self.prefill_tokens:
-                break  # enough prompt tokens for one step: the running requests decode in between
             self.waiting.get()
             self.free.sort()
             req.slot = self.free.pop(0)  # the lowest: the running requests stay in slots 0..B-1
             batch.append(req)
-            in_use += req.budget
-        self.admitting = batch  # (for _fail)
+            in_use, pending = in_use + req.budget, pending + len(req.prompt)
+        self.prefilling += batch
         return batch
 
-    def _prefill(self, batch: list[Request]) -> None:
-        """The new requests' prompts packed back to back in one forward (no padding), each adapter's
-        together; each request's first token from the logits at its last prompt token."""
-        features = self._features(batch)  # every new image in one pass through the vision encoder
-        batch.sort(key=lambda r: r.adapter or "")
-        feats = [features[self._image_key(r, digest)] for r in batch for digest, _ in r.images]  # prompt order
-        prompts, slots, adapters = [r.prompt for r in batch], [r.slot for r in batch], [r.adapter for r in batch]
-        logits = prefill(
-            self.vlm.model, self.cache, prompts, slots, adapters, features=torch.cat(feats) if feats else None
-        )
-        self._emit(batch, logits)  # [B, V]
-        self.admitting = [r for r in self.admitting if r not in batch]
-        self.running += [r for r in batch if r.finished_at is None]
+    def _encode(self, batch: list[Request]) -> None:
+        """The new requests' visual embeddings: every new image in passes through the vision encoder."""
+        features = self._features(batch)
+        for r in batch:
+            if r.images:
+                parts = [features[self._image_key(r, digest)] for digest, _ in r.images]  # prompt order
+                r.features = torch.cat(parts).flatten(0, 1)  # [image tokens, C]
+
+    def _chunks(self) -> list[Request]:
+        """The prefilling requests this step serves, each with its next chunk, up to prefill_tokens in all (a
+        longer prompt goes on in the next steps, the running requests decoding in between)."""
+        budget, served = self.prefill_tokens, []
+        for r in list(self.prefilling):
+            if r.cancelled:
+                self._end(r)
+                self.prefilling.remove(r)
+            elif budget > 0:
+                n = min(len(r.prompt) - r.prefilled, budget)
+                r.chunk, budget = (r.prefilled, r.prefilled + n), budget - n
+                served.append(r)
+        return served
+
+    def _forward(self, reqs: list[Request]) -> None:
+        """One forward over the chunks of the prefilling requests among reqs and one new token of each running
+        one; the first token of every prompt it completes, and the next of every running request."""
+        chunks = [r for r in reqs if r.chunk is not None]
+        rows = [r for r in reqs if r.chunk is None]
+        row_inputs = [r.next_token for r in rows], [r.position for r in rows], [r.slot for r in rows]
+        adapters = [r.adapter for r in rows]
+        if not chunks:  # the static decode step (a CUDA graph on a GPU)
+            logits = self.decoder(*row_inputs, adapters)
+        else:
+            decoding = (*row_inputs, adapters) if rows else None
+            parts = [self._chunk(r) for r in chunks]
+            logits = forward(self.vlm.model, self.cache, parts, decoding, features=self._chunk_features(chunks))
+        done = [r for r in chunks if r.chunk[1] == len(r.prompt)]
+        sampled = self._sample(done + rows, logits)  # [len(done) + len(rows), V]: (what can raise comes first:
+        for r in chunks:  # a step retried after an error repeats nothing)
+            r.prefilled, r.chunk = r.chunk[1], None
+        for r in done:
+            r.features = None
+        self.prefilling = [r for r in self.prefilling if r not in done]
+        self.running += done
+        self._emit(done + rows, *sampled)
+        self.running = [r for r in self.running if r.finished_at is None]
+
+    def _chunk(self, r: Request) -> Chunk:
+        a, b = r.chunk
+        return Chunk(r.prompt[a:b], a, r.slot, r.adapter, b == len(r.prompt))
+
+    def _chunk_features(self, chunks: list[Request]) -> torch.Tensor | None:
+        """The visual embeddings of the chunks' image tokens, in order: [1, image tokens, C] (None: none)."""
+        image_token, parts = self.vlm.cfg.image_token_id, []
+        for r in chunks:
+            if r.features is not None:
+                a, b = r.chunk
+                before = int((r.prompt[:a] == image_token).sum())
+                parts.append(r.features[before : before + int((r.prompt[a:b] == image_token).sum())])
+        return torch.cat(parts)[None] if parts else None
 
     def _image_key(self, req: Request, digest: str) -> tuple[str, str | None]:
         return digest, req.adapter if req.adapter in self.vision_adapters else None
@@ -318,11 +371,6 @@ class Engine:
                 self.images.put(key, f)
         return found
 
-    def _decode(self, rows: list[Request]) -> None:
-        tokens, positions, slots = [r.next_token for r in rows], [r.position for r in rows], [r.slot for r in rows]
-        self._emit(rows, self.decoder(tokens, positions, slots, [r.adapter for r in rows]))
-        self.running = [r for r in self.running if r.finished_at is None]
-
     def _compact(self) -> None:
         """Move the running requests into cache slots 0..B-1 (those in a higher slot into the holes left by
         finished ones), in slot order: the decode step reads the cache in place."""
@@ -336,14 +384,18 @@ class Engine:
                 r.slot = slot
         self.running = sorted(self.running, key=lambda r: r.slot)  # a new list: sort() empties it meanwhile
 
-    def _emit(self, rows: list[Request], logits: torch.Tensor) -> None:
-        """Sample each row's next token, send its text, and retire finished or cancelled rows (what can raise
-        comes before anything is sent, so a step retried after an error sends nothing twice)."""
+    def _sample(self, rows: list[Request], logits: torch.Tensor) -> tuple[list[int], dict]:
+        """Each row's next token (one copy to the host: the step's one wait on the device), and the
+        log-probabilities the rows asked for."""
         scores = adjust(logits, [r.detok.ids for r in rows], [r.params for r in rows])  # [B, V]
         tokens = sample_rows(scores, [r.params for r in rows], [r.seed for r in rows], [r.generated for r in rows])
         want = {i: r.top_logprobs for i, r in enumerate(rows) if r.top_logprobs is not None}
-        logprobs = _logprobs(logits, tokens, want) if want else {}
-        for i, (req, token) in enumerate(zip(rows, tokens.tolist())):  # one copy to the host
+        return tokens.tolist(), _logprobs(logits, tokens, want) if want else {}
+
+    def _emit(self, rows: list[Request], tokens: list[int], logprobs: dict) -> None:
+        """Send each row's new token's text and end the rows it finishes, or that were cancelled: the one place
+        that decides a request is finished (EOS, a stop string, its length)."""
+        for i, (req, token) in enumerate(zip(rows, tokens)):
             req.generated += 1
             if i in logprobs and token not in self.vlm.eos:
                 req.logprobs.append((token, *logprobs[i]))
@@ -364,9 +416,13 @@ class Engine:
                 tail = req.detok.flush() if req.finish_reason else ""
                 if tail:
                     req.out.put(tail)
-                req.finished_at = time.perf_counter()
-                req.out.put(None)
-                self.free.append(req.slot)
+                self._end(req)
+
+    def _end(self, req: Request) -> None:
+        """The request is over: its output closed, its slot free."""
+        req.finished_at = time.perf_counter()
+        req.out.put(None)
+        self.free.append(req.slot)
 
 
 def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, want: dict[int, int]) -> dict[int, tuple]:

@@ -114,8 +114,8 @@ def bench_llm(hf, ours, device: str, prompt_len: int, new_tokens: int, repeat: i
     from vlstack.chat import Processor, read_tokenizer
     from vlstack.engine.kv_cache import KVCache
     from vlstack.engine.metadata import packed_step
+    from vlstack.engine.scheduler import Engine
     from vlstack.generate import SamplingParams
-    from vlstack.serve.engine import Engine
     from vlstack.tiny import tiny_dir
 
     gen = torch.Generator().manual_seed(0)

@@ -231,8 +231,8 @@ def hf_image_processor(tile: int, max_tiles: int = 12, min_tiles: int = 1):
 def greedy_ids(vlm, encoded: list[dict], n: int) -> list[list[int]]:
     """Each encoded prompt's first n greedy tokens from the engine, batched; EOS does not end a row (as with
     transformers' min_new_tokens)."""
+    from vlstack.engine.scheduler import Engine
     from vlstack.generate import SamplingParams
-    from vlstack.serve.engine import Engine
 
     eos, vlm.eos = vlm.eos, set()
     try:

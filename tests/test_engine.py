@@ -10,10 +10,10 @@ from conftest import DEVICE, image, rel_err
 
 import vlstack
 from vlstack.chat import question_messages
+from vlstack.engine.scheduler import Engine
 from vlstack.errors import ConfigError, PromptError
 from vlstack.generate import SamplingParams
 from vlstack.layers.lora import LoRASpec, add_adapter
-from vlstack.serve.engine import Engine
 
 QUESTIONS = ["What is the total?", "Describe this picture.", "Which bar is the highest?", "Who signed the form?"]
 
@@ -222,7 +222,7 @@ def test_a_kv_cache_that_does_not_fit_is_a_clear_error():
 
 def test_step_sizes_default_by_device():
     """--prefill-tokens / --vision-tokens left out: the device's defaults (a GPU takes larger steps)."""
-    from vlstack.serve.engine import STEP_TOKENS
+    from vlstack.engine.scheduler import STEP_TOKENS
 
     vlm = vlstack.load("tiny", device=DEVICE)
     engine = Engine(vlm, max_batch=2, max_len=64, background=False)

@@ -135,7 +135,7 @@ class VLM:
         """Generate for several conversations at once, each with its adapter (None: the base model);
         yields the new text of each (\"\" if none yet). A list given as usage receives, at the end, each
         row's prompt_tokens, completion_tokens and finish_reason ("stop" or "length")."""
-        from .serve.engine import Engine  # (the engine's module imports this one)
+        from .engine.scheduler import Engine  # (the engine's module imports this one)
 
         params = SamplingParams(**generation)
         encoded = [self.processor(m, imgs) for m, imgs in zip(conversations, images or [None] * len(conversations))]

@@ -1,6 +1,6 @@
 """Generation options and text: the options (`SamplingParams`, checked for every caller) and the `Detokenizer`
 that turns a row's tokens into text cut at stop strings. The model's steps are engine/runner.py's, sampling
-engine/sampler.py's; the one generation loop is the engine's (serve/engine.py): the server runs it in a
+engine/sampler.py's; the one generation loop is the engine's (engine/scheduler.py): the server runs it in a
 thread, VLM.chat / stream / generate step it themselves."""
 
 from __future__ import annotations

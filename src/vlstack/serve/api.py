@@ -3,7 +3,7 @@
 The request's `model` picks the adapter (the base model's own name: no adapter). Errors use OpenAI's
 shape `{"error": {"message", "type", "param", "code"}}` with 4xx for the client's mistakes, so SDKs
 do not retry them. Request bodies are read and checked by serve/openai.py, encoded (images fetched,
-decoded and tiled) in worker threads, then batched continuously by serve/engine.py.
+decoded and tiled) in worker threads, then batched continuously by engine/scheduler.py.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.datastructures import Headers
 
 from ..api import VLM
+from ..engine.scheduler import Engine
 from ..errors import ConfigError, PromptError, UnknownModel, VLStackError
 from ..generate import SamplingParams
 from ..layers.lora import check_name, routing_of
 from .auth import AuditLog, Tenant, find_tenant
-from .engine import Engine
 from .metrics import Metrics
 from .openai import APIError, fetch_images, logprobs_content, read_messages, read_sampling, remote_images
 

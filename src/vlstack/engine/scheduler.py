@@ -1,4 +1,4 @@
-"""The serving engine: continuous batching over one model and its adapters.
+"""The engine (its scheduler): continuous batching over one model and its adapters.
 
 Requests join and leave the running batch at every decode step. Each running request owns a slot of a KV
 cache preallocated for `max_batch` sequences of up to `max_len` tokens; a request waits in the queue (it is
@@ -31,13 +31,13 @@ from typing import Any
 import torch
 
 from ..api import VLM
-from ..engine.kv_cache import KVCache
-from ..engine.runner import Chunk, Decoder, forward
-from ..engine.sampler import adjust, sample_rows, seed_words
 from ..errors import ConfigError, PromptError, UnknownModel
 from ..generate import Detokenizer, SamplingParams
 from ..layers.lora import adapter_names, lora_layers, route
-from .cache import FeatureCache, image_hash, tiles_per_image
+from ..serve.cache import FeatureCache, image_hash, tiles_per_image
+from .kv_cache import KVCache
+from .runner import Chunk, Decoder, forward
+from .sampler import adjust, sample_rows, seed_words
 
 STEP_TOKENS = {"cpu": (8192, 8192), "cuda": (16384, 32768)}  # device -> default (prefill, vision) tokens a step
 

@@ -158,9 +158,11 @@ def bench_llm(hf, ours, device: str, prompt_len: int, new_tokens: int, repeat: i
 
     vlm = VLM(ours, Processor(read_tokenizer(tiny_dir()), ours.cfg), set(), None, "bench")  # no EOS: every token
 
+    engine = Engine(vlm, 1, max_len=short.shape[1] + new_tokens, image_cache_mb=0, background=False)
+
     def our_decode() -> float:
-        """The engine's steps, as VLM.chat runs them: the first prefills and decodes, each later one decodes."""
-        engine = Engine(vlm, 1, max_len=short.shape[1] + new_tokens, image_cache_mb=0, background=False)
+        """The engine's steps, as VLM.chat runs them (one engine kept, its graphs captured in the warm-up): the
+        first prefills and decodes, each later one decodes."""
         engine.submit({"input_ids": short.cpu()}, None, SamplingParams(max_new_tokens=new_tokens))
         stamps = []
         while engine.running or not engine.waiting.empty():

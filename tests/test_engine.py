@@ -294,3 +294,26 @@ def test_static_decode_step_compiles_without_a_graph_break():
 
     torch._dynamo.reset()
     assert torch.equal(_generate(vlm, compiled_decoder, PROMPTS, rows), eager)
+
+
+def test_chat_keeps_its_engine_between_calls():
+    """VLM.chat runs on the engine it used last (its KV cache and, on a GPU, its captured graphs kept) when that
+    fits and is idle: the same answers as a fresh model's; an adapter added in between is used; a stream left
+    mid-way leaves nothing behind for the next call."""
+    vlm, fresh = vlstack.load("tiny", device=DEVICE), vlstack.load("tiny", device=DEVICE)
+    first = vlm.chat("Describe the page.", max_new_tokens=12)
+    engine = vlm._engine
+    assert vlm.chat("What is the total?", max_new_tokens=8) == fresh.chat("What is the total?", max_new_tokens=8)
+    assert vlm._engine is engine and first == fresh.chat("Describe the page.", max_new_tokens=12)
+    for model in (vlm, fresh):
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in add_adapter(model.model, "late", LoRASpec(rank=4, alpha=16), seed=3):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    answer = vlm.chat("What is the total?", adapter="late", max_new_tokens=8)
+    assert vlm._engine is engine and answer == fresh.chat("What is the total?", adapter="late", max_new_tokens=8)
+    stream = vlm.stream("Describe the page.", max_new_tokens=12)
+    next(stream)
+    stream.close()  # left mid-way
+    assert vlm._engine is None
+    assert vlm.chat("Describe the page.", max_new_tokens=12) == first

@@ -152,6 +152,7 @@ def load_adapter(model: nn.Module, name: str, directory: str | Path) -> LoRASpec
         with torch.no_grad():
             layer.lora_A[name].weight.copy_(a)
             layer.lora_B[name].weight.copy_(b)
+    routing_of(model).version += 1  # (its weights are in now: a static step's stacks take them)
     return spec
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import queue
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,8 @@ class VLM:
         self.model, self.processor, self.eos = model, processor, eos
         self.directory, self.name, self.cfg = directory, name, model.cfg
         self.adapters: dict[str, LoRASpec] = {}
+        self._engine: Any = None  # the engine generation last ran on, kept (its KV cache, its captured graphs)
+        self._engine_lock = threading.Lock()  # held by the generation using it
 
     def load_adapter(self, name: str, directory: str | Path) -> LoRASpec:
         """Attach a PEFT LoRA adapter under `name`; requests choose it with adapter=name."""
@@ -144,15 +147,25 @@ class VLM:
         if longest >= self.context_len:
             raise PromptError(f"the prompt is {longest} tokens, over the model's context of {self.context_len} tokens")
         cache_len = longest + min(params.max_new_tokens, self.context_len - longest)  # the KV cache this batch needs
-        engine = Engine(self, len(encoded), max_len=cache_len, image_cache_mb=0, background=False)
-        adapters = adapters or [None] * len(encoded)
-        rows = [engine.submit(e, a, dataclasses.replace(params)) for e, a in zip(encoded, adapters)]
-        while not all(r.finished_at for r in rows):
-            engine.step()
-            failed = next((r for r in rows if r.exception is not None), None)
-            if failed is not None:
-                raise failed.exception
-            yield [_drain(r.out) for r in rows]
+        own = self._engine_lock.acquire(blocking=False)  # (another thread generating: an engine of its own)
+        try:
+            engine = self._engine if own else None
+            if engine is None or engine.max_batch < len(encoded) or engine.max_len < cache_len:
+                engine = Engine(self, len(encoded), max_len=cache_len, image_cache_mb=0, background=False)
+                self._engine = engine if own else self._engine
+            adapters = adapters or [None] * len(encoded)
+            rows = [engine.submit(e, a, dataclasses.replace(params)) for e, a in zip(encoded, adapters)]
+            while not all(r.finished_at for r in rows):
+                engine.step()
+                failed = next((r for r in rows if r.exception is not None), None)
+                if failed is not None:
+                    raise failed.exception
+                yield [_drain(r.out) for r in rows]
+        finally:
+            if own:
+                if engine.running or engine.prefilling or not engine.waiting.empty():  # left mid-way: not reused
+                    self._engine = None
+                self._engine_lock.release()
         if usage is not None:
             usage[:] = [{"prompt_tokens": len(r.prompt), "completion_tokens": r.generated,
                          "finish_reason": r.finish_reason} for r in rows]  # fmt: skip

@@ -98,10 +98,7 @@ class Decoder:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None  # the graphs' memory pool, shared
         self.layout: tuple[int, int] | None = None  # the LoRA stacks' (slots, rank) the graphs were captured with
-        self.stale = True  # adapters changed since the stacks were written (adapters_changed)
-
-    def adapters_changed(self) -> None:
-        self.stale = True
+        self.held = -1  # the routing's version the stacks hold (adapters added, loaded or removed since: re-read)
 
     def __call__(
         self, tokens: list[int], positions: list[int], slots: list[int], adapters: list[str | None]
@@ -144,17 +141,18 @@ class Decoder:
                 routing.onehot = None
 
     def _hold_adapters(self) -> None:
-        """Before a replay: every LoRA layer's stack holds the loaded adapters (written when they changed);
-        stacks of another shape (more adapters than there were slots) invalidate the graphs."""
+        """Before a static step: every LoRA layer's stack holds the loaded adapters, re-read when adapters were
+        added, loaded or removed (weights changed in place later are not seen here: load them anew); stacks of
+        another shape (more adapters than there were slots) invalidate the graphs."""
         routing = routing_of(self.model)
         if (routing.capacity, routing.rank) != self.layout:
             self.graphs.clear()
-            self.layout, self.stale = (routing.capacity, routing.rank), True
-        if self.stale:
+            self.layout, self.held = (routing.capacity, routing.rank), -1
+        if self.held != routing.version:
             like = torch.empty(0, device=self.model.device, dtype=self.model.dtype)
             for layer in routing.members:
                 layer.prepare(like)
-            self.stale = False
+            self.held = routing.version
 
     def _capture(self, n: int, keys: int) -> None:
         """Capture the step over n rows reading `keys` positions (run twice first, as capture requires)."""

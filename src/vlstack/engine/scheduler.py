@@ -109,7 +109,7 @@ class Engine:
             ) from None
         self.decoder = Decoder(vlm.model, self.cache)
         self.images = FeatureCache(int(image_cache_mb * 2**20))
-        self.vision_adapters = self._vision_adapters()
+        self.vision_adapters: set[str] = set()  # (as of the last admission: adapters come and go between steps)
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.running: list[Request] = []
         self.prefilling: list[Request] = []  # holding a slot, their prompts going into the cache chunk by chunk
@@ -171,8 +171,6 @@ class Engine:
     def adapter_changed(self, name: str) -> None:
         """Call (holding self.lock) after loading or unloading an adapter: drops what it encoded."""
         self.images.drop_adapter(name)
-        self.decoder.adapters_changed()
-        self.vision_adapters = self._vision_adapters()
 
     def _vision_adapters(self) -> set[str]:
         """Adapters that change the visual embeddings (LoRA on the vision tower or the projector)."""
@@ -279,6 +277,7 @@ class Engine:
 
     def _encode(self, batch: list[Request]) -> None:
         """The new requests' visual embeddings: every new image in passes through the vision encoder."""
+        self.vision_adapters = self._vision_adapters()
         features = self._features(batch)
         for r in batch:
             if r.images:

@@ -91,6 +91,7 @@ class Routing:
         self.capacity, self.rank = 0, 0  # the stacks' slots, and ranks per slot (the largest adapter's)
         self.members: list[LoRALinear] = []  # every LoRA layer of the model
         self.fixed = False  # reserve(): the stacks keep their size
+        self.version = 0  # counts adapters added, loaded and removed (a static step re-reads the stacks after one)
         # the step's tokens by slot [T, capacity * rank] (1 on the ranks of a token's adapter's slot, else 0), set
         # for a step whose tokens run every adapter at once through the stacks (prepare_lora, the decode runner)
         self.onehot: torch.Tensor | None = None
@@ -151,7 +152,7 @@ class Routing:
 
 def slot_onehot(slots: torch.Tensor, capacity: int, rank: int) -> torch.Tensor:
     """Tokens' adapter slots [T] (-1: none) -> [T, capacity * rank]: 1 on the ranks of the token's slot."""
-    columns = torch.arange(capacity, device=slots.device).repeat_interleave(rank)  # [S*R] each rank's slot
+    columns = torch.arange(capacity * rank, device=slots.device) // rank  # [S*R] each rank's slot
     return (slots[:, None] == columns).float()
 
 
@@ -194,12 +195,14 @@ class LoRALinear(nn.Linear):
         self.dropout[name] = (dropout, zlib.crc32(f"{self.name}/{name}/{seed}".encode()))
         self.routing.layers[name] = self.routing.layers.get(name, 0) + 1
         self.routing.assign(name, rank)
+        self.routing.version += 1
 
     def remove(self, name: str) -> None:
         del self.lora_A[name], self.lora_B[name], self.scaling[name], self.dropout[name]
         if self.stack is not None:
             self.stack.clear(self.routing.slots[name])  # a slot used again carries nothing of this adapter
         self.routing.layers[name] -= 1
+        self.routing.version += 1
         if not self.routing.layers[name]:
             del self.routing.layers[name], self.routing.slots[name]
 

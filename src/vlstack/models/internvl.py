@@ -75,9 +75,12 @@ class InternVL(nn.Module):
         """Token embeddings [T, C] with the visual embeddings at <IMG_CONTEXT> positions, in order: those of
         pixel_values, or `features` [N, P, C] already computed (the server's cache of visual embeddings)."""
         embeds = self.language_model.embed_tokens(input_ids)
+        if features is None and (pixel_values is None or not pixel_values.numel()):
+            return embeds  # (no images: an <IMG_CONTEXT> the model generated is an ordinary token, as in
+            # transformers; a prompt's are checked by its callers. No count either: a decode step never waits)
         is_image = input_ids == self.cfg.image_token_id  # [T]
         n_slots = int(is_image.sum())
-        if features is None and pixel_values is not None and pixel_values.numel():
+        if features is None:
             routing = getattr(self, "lora_routing", None)  # adapters of the vision tower act on each row's tiles
             if routing is not None and routing.segments:
                 old = routing.segments, routing.rows
@@ -90,8 +93,6 @@ class InternVL(nn.Module):
                     routing.segments, routing.rows = old
             else:
                 features = self.image_features(pixel_values)  # [N, P, C]
-        if features is None:  # no images: an <IMG_CONTEXT> the model generated is an ordinary token (as in
-            return embeds  # transformers); a prompt's are checked by its callers
         if n_slots != features.shape[0] * features.shape[1]:
             raise PromptError(
                 f"the prompt has {n_slots} image tokens but the images give {features.shape[0] * features.shape[1]} "

@@ -21,8 +21,6 @@ import yaml
 from .errors import ConfigError, VLStackError
 from .layers.activations import ACTIVATIONS
 
-SUPPORTED_LLMS = ("qwen2",)  # model_type of the language model
-
 
 @dataclass
 class VisionConfig:
@@ -48,6 +46,9 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
+    """The language model's shape; model_type names its family (models/: one file each)."""
+
+    model_type: str = "qwen2"
     vocab_size: int = 151674
     hidden_size: int = 896
     num_hidden_layers: int = 24
@@ -91,24 +92,9 @@ class VLMConfig:
     def to_native(self) -> dict[str, Any]:
         """The transformers-native config.json (`model_type: internvl`)."""
         v, t = self.vision, self.text
-        text = {
-            "model_type": "qwen2",
-            "vocab_size": t.vocab_size,
-            "hidden_size": t.hidden_size,
-            "num_hidden_layers": t.num_hidden_layers,
-            "num_attention_heads": t.num_attention_heads,
-            "num_key_value_heads": t.num_key_value_heads,
-            "intermediate_size": t.intermediate_size,
-            "head_dim": t.head_dim,
-            "rms_norm_eps": t.rms_norm_eps,
-            "rope_parameters": {"rope_theta": t.rope_theta, "rope_type": "default"},
-            "rope_theta": t.rope_theta,
-            "max_position_embeddings": t.max_position_embeddings,
-            "tie_word_embeddings": t.tie_word_embeddings,
-            "hidden_act": t.hidden_act,
-            "eos_token_id": t.eos_token_id,
-            "use_sliding_window": False,
-        }
+        from .models import family  # (the families read and write their own part of the config)
+
+        text = family(t.model_type).native_config(t)
         vision = {
             "model_type": "internvl_vision",
             "hidden_size": v.hidden_size,
@@ -144,7 +130,8 @@ class VLMConfig:
         return asdict(self)
 
 
-def _first(d: dict, *names: str, default: Any = None) -> Any:
+def first(d: dict, *names: str, default: Any = None) -> Any:
+    """The first of these fields d has (not None): the names a field went by in different releases."""
     for n in names:
         if n in d and d[n] is not None:
             return d[n]
@@ -160,43 +147,20 @@ def _side(x: Any) -> int:
     return int(x)
 
 
-def _rope_theta(t: dict) -> float:
+def rope_theta(t: dict) -> float:
+    """RoPE's base from a text config (`rope_parameters`, `rope_scaling` or `rope_theta`); plain RoPE only."""
     rp = t.get("rope_parameters") or t.get("rope_scaling") or {}
     kind = rp.get("rope_type", rp.get("type", "default"))
     if kind not in ("default", None):
         raise ConfigError(f"rope type {kind!r} is not supported; only plain RoPE ('default') is")
-    return float(_first(rp, "rope_theta", default=None) or t.get("rope_theta", 10000.0))
+    return float(first(rp, "rope_theta", default=None) or t.get("rope_theta", 10000.0))
 
 
 def _text_config(t: dict) -> TextConfig:
-    kind = t.get("model_type") or ""
-    archs = t.get("architectures") or []
-    if kind not in SUPPORTED_LLMS:
-        what = kind or (archs[0] if archs else "unknown")
-        raise ConfigError(
-            f"language model {what!r} is not supported; vlstack supports InternVL checkpoints whose LLM "
-            f"is one of: {', '.join(SUPPORTED_LLMS)} (InternVL2.5/3 1B-78B with Qwen2/Qwen2.5)"
-        )
-    if t.get("use_sliding_window"):
-        raise ConfigError("sliding-window attention (use_sliding_window: true) is not supported")
-    hidden = int(t["hidden_size"])
-    heads = int(t["num_attention_heads"])
-    return TextConfig(
-        vocab_size=int(t["vocab_size"]),
-        hidden_size=hidden,
-        num_hidden_layers=int(t["num_hidden_layers"]),
-        num_attention_heads=heads,
-        num_key_value_heads=int(_first(t, "num_key_value_heads", default=heads)),
-        intermediate_size=int(t["intermediate_size"]),
-        head_dim=int(_first(t, "head_dim", default=hidden // heads)),
-        rms_norm_eps=float(_first(t, "rms_norm_eps", default=1e-6)),
-        rope_theta=_rope_theta(t),
-        max_position_embeddings=int(_first(t, "max_position_embeddings", default=32768)),
-        tie_word_embeddings=bool(t.get("tie_word_embeddings", False)),
-        attention_bias=bool(t.get("attention_bias", True)),
-        hidden_act=str(_first(t, "hidden_act", default="silu")),
-        eos_token_id=t.get("eos_token_id"),
-    )
+    """The language model's config, read by its family."""
+    from .models import family
+
+    return family(t.get("model_type") or "", (t.get("architectures") or [None])[0]).read_config(t)
 
 
 def _vision_config(v: dict, image_size: Any = None) -> VisionConfig:
@@ -210,8 +174,8 @@ def _vision_config(v: dict, image_size: Any = None) -> VisionConfig:
         num_channels=int(v.get("num_channels", 3)),
         norm_type=str(v.get("norm_type", "layer_norm")),
         layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)),
-        attention_bias=bool(_first(v, "attention_bias", "qkv_bias", default=False)),
-        use_qk_norm=bool(_first(v, "use_qk_norm", "qk_normalization", default=False)),
+        attention_bias=bool(first(v, "attention_bias", "qkv_bias", default=False)),
+        use_qk_norm=bool(first(v, "use_qk_norm", "qk_normalization", default=False)),
         use_mean_pooling=bool(v.get("use_mean_pooling", True)),
         hidden_act=str(v.get("hidden_act", "gelu")),
     )
@@ -221,7 +185,7 @@ def parse_config(raw: dict) -> VLMConfig:
     """Build a VLMConfig from a config.json dict of either layout; ConfigError names what is wrong."""
     try:
         kind = raw.get("model_type")
-        dtype = str(_first(raw, "dtype", "torch_dtype", default="bfloat16"))
+        dtype = str(first(raw, "dtype", "torch_dtype", default="bfloat16"))
         if kind == "internvl":
             cfg = VLMConfig(
                 vision=_vision_config(raw["vision_config"]),

@@ -13,8 +13,8 @@ from ..engine.metadata import Step
 from ..errors import PromptError
 from ..layers.activations import ACTIVATIONS
 from ..layers.lora import regroup, tile_rows
+from . import family
 from .intern_vit import VisionTower
-from .qwen2 import LanguageModel
 
 
 def pixel_shuffle(x: torch.Tensor, ratio: float, version: str = "v2") -> torch.Tensor:
@@ -48,7 +48,7 @@ class InternVL(nn.Module):
         self.cfg = cfg
         self.vision_tower = VisionTower(cfg.vision)
         self.multi_modal_projector = Projector(cfg)
-        self.language_model = LanguageModel(cfg.text)
+        self.language_model = family(cfg.text.model_type).LanguageModel(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.text.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight

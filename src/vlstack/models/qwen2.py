@@ -1,5 +1,6 @@
-"""The Qwen2-family decoder of InternVL2.5/3: RMSNorm, RoPE, grouped-query attention with q/k/v bias,
-SwiGLU MLP. Module names follow transformers' Qwen2 (the layout of checkpoints and of PEFT adapter keys).
+"""The Qwen2 family, the LLM of InternVL2.5/3: its config, and its decoder (RMSNorm, RoPE, grouped-query
+attention with q/k/v bias, SwiGLU MLP). Module names follow transformers' Qwen2 (the layout of checkpoints and
+of PEFT adapter keys).
 
 The forward takes tensors only: a step's tokens back to back [T, C] and its metadata (positions, KV-cache
 slot mapping, mask); the KV cache is the engine's, passed in.
@@ -13,13 +14,63 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import TextConfig
+from ..config import TextConfig, first, rope_theta
 from ..engine.kv_cache import KVCache
 from ..engine.metadata import Step
+from ..errors import ConfigError
 from ..layers.attention import attention
 from ..layers.mlp import GatedMLP
 from ..layers.norm import RMSNorm
 from ..layers.rotary import Rotary, rotate
+
+MODEL_TYPE = "qwen2"
+
+
+def read_config(t: dict) -> TextConfig:
+    """Its part of config.json (`text_config`, or `llm_config` in the original layout) -> TextConfig."""
+    if t.get("use_sliding_window"):
+        raise ConfigError("sliding-window attention (use_sliding_window: true) is not supported")
+    hidden, heads = int(t["hidden_size"]), int(t["num_attention_heads"])
+    return TextConfig(
+        model_type=MODEL_TYPE,
+        vocab_size=int(t["vocab_size"]),
+        hidden_size=hidden,
+        num_hidden_layers=int(t["num_hidden_layers"]),
+        num_attention_heads=heads,
+        num_key_value_heads=int(first(t, "num_key_value_heads", default=heads)),
+        intermediate_size=int(t["intermediate_size"]),
+        head_dim=int(first(t, "head_dim", default=hidden // heads)),
+        rms_norm_eps=float(first(t, "rms_norm_eps", default=1e-6)),
+        rope_theta=rope_theta(t),
+        max_position_embeddings=int(first(t, "max_position_embeddings", default=32768)),
+        tie_word_embeddings=bool(t.get("tie_word_embeddings", False)),
+        attention_bias=bool(t.get("attention_bias", True)),
+        hidden_act=str(first(t, "hidden_act", default="silu")),
+        eos_token_id=t.get("eos_token_id"),
+    )
+
+
+def native_config(t: TextConfig) -> dict:
+    """TextConfig -> the `text_config` of the transformers layout."""
+    return {
+        "model_type": MODEL_TYPE,
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "num_hidden_layers": t.num_hidden_layers,
+        "num_attention_heads": t.num_attention_heads,
+        "num_key_value_heads": t.num_key_value_heads,
+        "intermediate_size": t.intermediate_size,
+        "head_dim": t.head_dim,
+        "rms_norm_eps": t.rms_norm_eps,
+        "rope_parameters": {"rope_theta": t.rope_theta, "rope_type": "default"},
+        "rope_theta": t.rope_theta,
+        "max_position_embeddings": t.max_position_embeddings,
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "attention_bias": t.attention_bias,
+        "hidden_act": t.hidden_act,
+        "eos_token_id": t.eos_token_id,
+        "use_sliding_window": False,
+    }
 
 
 class SelfAttention(nn.Module):

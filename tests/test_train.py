@@ -183,6 +183,34 @@ def test_fused_gradients_equal_gradients_alone(tmp_path):
         assert any(g.abs().max() > 0 for g in fused[j.name])
 
 
+def test_fused_training_step_compiles_without_a_graph_break(tmp_path, monkeypatch):
+    """The proof on a CPU that the fused step's forward can be compiled (and captured): job_losses compiled with
+    fullgraph=True (backend "eager": tracing without code generation) over two jobs' rows, images included,
+    gives the losses and gradients of the eager step."""
+    from vlstack.train import multi
+
+    selected = [j for j in jobs(tmp_path, "c") if j.name in ("finance", "support")]  # no dropout
+    for j in selected:
+        j.grad_accum = 2  # no optimizer step: the gradients stay
+
+    def step():
+        vlm = vlstack.load("tiny", device="cpu")
+        for p in vlm.model.parameters():
+            p.requires_grad_(False)
+        vlm.model.train()
+        running = [multi.start(vlm, j, read_dataset(j.data)) for j in selected]
+        losses = multi.train_step(vlm, running)
+        return losses, [p.grad for r in running for p in r.params]
+
+    eager_losses, eager_grads = step()
+    torch._dynamo.reset()
+    monkeypatch.setattr(multi, "job_losses", torch.compile(multi.job_losses, fullgraph=True, backend="eager"))
+    losses, grads = step()
+    torch.testing.assert_close(losses, eager_losses)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_a_step_in_passes_gives_the_gradients_and_adapters_of_one_pass(tmp_path):
     """With max_tokens a step's rows go through the base in several passes, gradients adding up: the same
     gradients and losses as one pass (a job's rows split across passes included), and the same adapters."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layers.lora import prepare_lora, route, routing_of, slot_onehot
+from ..layers.lora import prepare_lora, prepare_tiles, route, routing_of, slot_onehot
 from ..models.internvl import InternVL
 from .kv_cache import KVCache
 from .metadata import decode_step, join, packed_step
@@ -63,6 +63,10 @@ def forward(
         adapters, counts = adapters + list(row_adapters), counts + [1] * len(tokens)
     with route(model, adapters, counts=counts):
         prepare_lora(model, sum(counts), device)
+        if pixel_values is not None:
+            prepare_tiles(
+                model, torch.cat([c.ids for c in chunks]) == model.cfg.image_token_id, model.cfg.tokens_per_tile
+            )
         pv = pixel_values.to(device) if pixel_values is not None else None
         return model(torch.cat([i.to(device) for i in ids]), step, pv, features, cache)
 

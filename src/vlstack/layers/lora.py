@@ -92,6 +92,9 @@ class Routing:
         self.members: list[LoRALinear] = []  # every LoRA layer of the model
         self.fixed = False  # reserve(): the stacks keep their size
         self.version = 0  # counts adapters added, loaded and removed (a static step re-reads the stacks after one)
+        # the segments (and training's row keys) over the step's image tiles, worked out before the step
+        # (prepare_tiles) so that the forward needs no count from the device; None: the forward works them out
+        self.tiles: tuple[list[tuple[str, int, int]], list[tuple[int, int]] | None] | None = None
         # the step's tokens by slot [T, capacity * rank] (1 on the ranks of a token's adapter's slot, else 0), set
         # for a step whose tokens run every adapter at once through the stacks (prepare_lora, the decode runner)
         self.onehot: torch.Tensor | None = None
@@ -412,12 +415,27 @@ class route:
             raise ConfigError(f"unknown adapter(s) {unknown}")  # (no list of the others: they may be other tenants')
 
     def __enter__(self) -> Routing:
-        self.old = self.routing.segments, self.routing.rows, self.routing.onehot
-        (self.routing.segments, self.routing.rows), self.routing.onehot = self.new, None
-        return self.routing
+        r = self.routing
+        self.old = r.segments, r.rows, r.onehot, r.tiles
+        (r.segments, r.rows), r.onehot, r.tiles = self.new, None, None
+        return r
 
     def __exit__(self, *exc) -> None:
-        self.routing.segments, self.routing.rows, self.routing.onehot = self.old
+        self.routing.segments, self.routing.rows, self.routing.onehot, self.routing.tiles = self.old
+
+
+def tiles_of(routing: Routing, image_tokens: torch.Tensor, per_tile: int) -> tuple[list, list | None]:
+    """The routing's segments and row keys over the tiles of the images whose tokens are image_tokens [T]."""
+    rows = tile_rows(routing.rows, image_tokens, per_tile) if routing.rows is not None else None
+    return regroup(routing.segments, image_tokens, per_tile), rows
+
+
+def prepare_tiles(model: nn.Module, image_tokens: torch.Tensor, per_tile: int) -> None:
+    """Within `route(...)`, before a step with images: the tiles' segments from the step's image tokens [T] on
+    the host, so that the forward itself needs nothing back from the device."""
+    routing = routing_of(model)
+    if routing.segments:
+        routing.tiles = tiles_of(routing, image_tokens.cpu(), per_tile)
 
 
 def regroup(segs: list[tuple[str, int, int]], image_tokens: torch.Tensor, per_tile: int) -> list[tuple[str, int, int]]:

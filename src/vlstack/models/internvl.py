@@ -12,7 +12,7 @@ from ..engine.kv_cache import KVCache
 from ..engine.metadata import Step
 from ..errors import PromptError
 from ..layers.activations import ACTIVATIONS
-from ..layers.lora import regroup, tile_rows
+from ..layers.lora import tiles_of
 from . import family
 from .intern_vit import VisionTower
 
@@ -79,25 +79,25 @@ class InternVL(nn.Module):
             return embeds  # (no images: an <IMG_CONTEXT> the model generated is an ordinary token, as in
             # transformers; a prompt's are checked by its callers. No count either: a decode step never waits)
         is_image = input_ids == self.cfg.image_token_id  # [T]
-        n_slots = int(is_image.sum())
         if features is None:
             routing = getattr(self, "lora_routing", None)  # adapters of the vision tower act on each row's tiles
             if routing is not None and routing.segments:
                 old = routing.segments, routing.rows
-                routing.segments = regroup(routing.segments, is_image, self.cfg.tokens_per_tile)
-                if routing.rows is not None:
-                    routing.rows = tile_rows(routing.rows, is_image, self.cfg.tokens_per_tile)
+                tiles = routing.tiles or tiles_of(routing, is_image, self.cfg.tokens_per_tile)  # (prepared, or now)
+                routing.segments, routing.rows = tiles
                 try:
                     features = self.image_features(pixel_values)
                 finally:
                     routing.segments, routing.rows = old
             else:
                 features = self.image_features(pixel_values)  # [N, P, C]
-        if n_slots != features.shape[0] * features.shape[1]:
-            raise PromptError(
-                f"the prompt has {n_slots} image tokens but the images give {features.shape[0] * features.shape[1]} "
-                f"({features.shape[0]} tiles x {features.shape[1]} tokens)"
-            )
+        if not torch.compiler.is_compiling():  # (a count waits on the device; a compiled step's callers check it)
+            n_slots, n_features = int(is_image.sum()), features.shape[0] * features.shape[1]
+            if n_slots != n_features:
+                raise PromptError(
+                    f"the prompt has {n_slots} image tokens but the images give {n_features} "
+                    f"({features.shape[0]} tiles x {features.shape[1]} tokens)"
+                )
         return embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
 
     def forward(

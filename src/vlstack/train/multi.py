@@ -24,8 +24,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..adapters import save_adapter
 from ..api import VLM
-from ..engine.metadata import packed_step
-from ..layers.lora import add_adapter, remove_adapter, replay, route
+from ..engine.metadata import Step, packed_step
+from ..layers.lora import add_adapter, prepare_tiles, remove_adapter, replay, route
 from .checkpoint import clear_run, load_state, restore_state, save_state
 from .data import IGNORE, DatasetError, Example, Stream, encode_example, read_dataset
 from .jobs import Job, JobError, check_outputs
@@ -170,6 +170,22 @@ def token_losses(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Ten
     return torch.cat([checkpoint(chunk_loss, h, t, use_reentrant=False) for h, t in pieces])
 
 
+def job_losses(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    step: Step,
+    pixel_values: torch.Tensor | None,
+    targets: torch.Tensor,
+    in_job: torch.Tensor,
+) -> torch.Tensor:
+    """The fused forward: rows back to back ids [T] (each job's LoRA on its own, by the routing) -> each job's
+    summed token losses [jobs] over the step's logit tokens, whose targets are [N] and jobs in_job [jobs, N].
+    Tensors only: it compiles whole (a test's proof)."""
+    hidden = model(ids, step, pixel_values, head=False)  # [N, C]
+    per_token = token_losses(model.lm_head, hidden, targets, model.language_model.recompute is not None)  # [N]
+    return in_job @ per_token  # [jobs]
+
+
 def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) -> list[float]:
     """One fused micro-step over every running job; returns each job's loss [jobs] (on the device: read back
     when metrics are written, not at every step).
@@ -201,13 +217,14 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
         learn = targets != IGNORE  # [T]: positions with a label; logits are computed only there
         step = packed_step(seqlens, device, logits=learn.nonzero()[:, 0])
         in_job = F.one_hot(batch.pop("job")[learn], jobs).T.float().to(device)  # [jobs, N]
+        image_tokens = batch["input_ids"] == vlm.cfg.image_token_id  # [T], on the host
         batch = {k: v.to(device) for k, v in batch.items()}
         names = [running[i].job.name for i, _ in group]
         with route(model, names, counts=seqlens, rows=keyed):  # a job's rows: one run
-            hidden = model(batch["input_ids"], step, batch.get("pixel_values"), head=False)  # [N, C]
-            recompute = model.language_model.recompute is not None
-            per_token = token_losses(model.lm_head, hidden, targets[learn].to(device), recompute)  # [N] float32
-        pass_sums = in_job @ per_token  # [jobs], with grad
+            if "pixel_values" in batch:
+                prepare_tiles(model, image_tokens, vlm.cfg.tokens_per_tile)
+            targets = targets[learn].to(device)  # [N]
+            pass_sums = job_losses(model, batch["input_ids"], step, batch.get("pixel_values"), targets, in_job)
         (pass_sums / denominators).sum().backward()
         sums += pass_sums.detach()
     if world()[1] > 1:

@@ -64,9 +64,9 @@ def forward(
     with route(model, adapters, counts=counts):
         prepare_lora(model, sum(counts), device)
         if pixel_values is not None:
-            prepare_tiles(
-                model, torch.cat([c.ids for c in chunks]) == model.cfg.image_token_id, model.cfg.tokens_per_tile
-            )
+            host = [c.ids.cpu() for c in chunks] + ([torch.tensor(rows[0])] if rows is not None else [])
+            image_tokens = torch.cat(host) == model.cfg.image_token_id  # [T], on the host
+            prepare_tiles(model, image_tokens, model.cfg.tokens_per_tile)
         pv = pixel_values.to(device) if pixel_values is not None else None
         return model(torch.cat([i.to(device) for i in ids]), step, pv, features, cache)
 

@@ -211,6 +211,42 @@ def test_fused_training_step_compiles_without_a_graph_break(tmp_path, monkeypatc
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_every_job_in_one_matmul_gives_the_gradients_of_one_per_job(tmp_path, checkpointing):
+    """Routing.fused (a GPU's default): each LoRA layer runs every job in one pair of matmuls over slots built
+    from the adapters' parameters; the losses and gradients are those of a pair per job, with dropout,
+    different ranks and images, and with layers recomputed in backward."""
+    from vlstack.layers.lora import routing_of
+    from vlstack.train import multi
+
+    selected = jobs(tmp_path, "f")  # finance (images), legal (rank 2 on q, v; dropout), support (rsLoRA, vision)
+    for j in selected:
+        j.grad_accum = 2  # no optimizer step: the gradients stay
+
+    def step(fused):
+        vlm = vlstack.load("tiny", device="cpu")
+        for p in vlm.model.parameters():
+            p.requires_grad_(False)
+        vlm.model.train()
+        vlm.model.language_model.recompute = multi.replay(vlm.model) if checkpointing else None
+        routing_of(vlm.model).fused = fused
+        calls = []
+        hook = torch.nn.Module.register_forward_hook  # (which path ran: the one-hot's or the per-job one)
+        running = [multi.start(vlm, j, read_dataset(j.data)) for j in selected]
+        layer = next(iter(routing_of(vlm.model).members))
+        hook(layer, lambda m, i, o: calls.append(m.routing.onehot is not None))
+        losses = multi.train_step(vlm, running)
+        return losses, [p.grad for r in running for p in r.params], calls
+
+    per_job, per_job_grads, calls = step(False)
+    assert calls and not any(calls)
+    fused, fused_grads, calls = step(True)
+    assert calls and all(calls)
+    torch.testing.assert_close(fused, per_job, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused_grads, per_job_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_a_step_in_passes_gives_the_gradients_and_adapters_of_one_pass(tmp_path):
     """With max_tokens a step's rows go through the base in several passes, gradients adding up: the same
     gradients and losses as one pass (a job's rows split across passes included), and the same adapters."""

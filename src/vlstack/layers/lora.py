@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
@@ -95,6 +96,9 @@ class Routing:
         # the segments (and training's row keys) over the step's image tiles, worked out before the step
         # (prepare_tiles) so that the forward needs no count from the device; None: the forward works them out
         self.tiles: tuple[list[tuple[str, int, int]], list[tuple[int, int]] | None] | None = None
+        # training: every job's LoRA in one pair of matmuls per layer (the onehot), not a pair per job (None: on
+        # a GPU, where a step's cost is its kernel launches; a CPU's is arithmetic, which the pair per job saves)
+        self.fused: bool | None = None
         # the step's tokens by slot [T, capacity * rank] (1 on the ranks of a token's adapter's slot, else 0), set
         # for a step whose tokens run every adapter at once through the stacks (prepare_lora, the decode runner)
         self.onehot: torch.Tensor | None = None
@@ -228,6 +232,8 @@ class LoRALinear(nn.Linear):
                     else:  # a half-precision base: the update added in float32, rounded once (as PEFT)
                         ys.add_(h @ b.t() * self.scaling[name])
             return y
+        if self.routing.onehot is not None and x.dim() == 2:  # every job at once (prepare_lora)
+            return self._stacked_params(x, y)
         pieces, done = [], 0  # the adapters' updates, zeros where no adapter applies
         for name, start, end in self.routing.segments:
             if name not in self.lora_A:
@@ -247,6 +253,43 @@ class LoRALinear(nn.Linear):
         if done < y.shape[0]:
             pieces.append(_zeros(y, y.shape[0] - done))
         return (y + torch.cat(pieces)).to(y.dtype)  # one add (float32 over a half-precision base, as PEFT)
+
+    def _stacked_params(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """With autograd: every adapter's LoRA over the step's tokens [T, in] as in _stacked, the slots built from
+        the adapters' own parameters (each gets its gradient back), each token's dropout mask its adapter's."""
+        routing, rank = self.routing, self.routing.rank
+        by_slot = {routing.slots[name]: name for name in self.lora_A}
+        a_parts, b_parts = [], []
+        for slot in range(routing.capacity):
+            name = by_slot.get(slot)
+            if name is None:
+                a_parts.append(x.new_zeros(rank, self.in_features, dtype=torch.float32))
+                b_parts.append(x.new_zeros(rank, self.out_features, dtype=torch.float32))
+                continue
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight  # [r, in], [out, r]
+            pad = rank - a.shape[0]
+            a_parts.append(F.pad(a, (0, 0, 0, pad)))
+            b_parts.append(F.pad(b.t() * self.scaling[name], (0, 0, 0, pad)))
+        a_all, b_all = torch.cat(a_parts), torch.cat(b_parts)  # [S*R, in], [S*R, out]
+        h = (self._dropped(x).to(a_all.dtype) @ a_all.t()) * routing.onehot  # [T, S*R]
+        return (y + h @ b_all).to(y.dtype)
+
+    def _dropped(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, in] with each token's LoRA dropout mask (its adapter's), in training."""
+        parts, done = [], 0
+        for name, start, end in self.routing.segments:
+            p, salt = self.dropout.get(name, (0.0, 0))
+            if not (p and self.training):
+                continue
+            if start > done:
+                parts.append(x.new_ones(start - done, x.shape[1]))
+            parts.append(self.routing.dropout_mask(x.narrow(0, start, end - start), start, end, p, salt))
+            done = end
+        if not parts:
+            return x
+        if done < x.shape[0]:
+            parts.append(x.new_ones(x.shape[0] - done, x.shape[1]))
+        return x * torch.cat(parts)
 
     def _stacked(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Every adapter at once, each token through its own slot: every slot's A as one matmul, the step's
@@ -314,11 +357,16 @@ def _zeros(y: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def prepare_lora(model: nn.Module, rows: int, device: torch.device) -> None:
-    """Within `route(...)` of an inference step of `rows` tokens running several adapters: every layer's stack
-    holds the adapters' current weights and the routing the tokens' one-hot by slot, so that the step runs on
-    tensors alone (one adapter, or none: the rows' segments, as in training)."""
+    """Within `route(...)` of a step of `rows` tokens running several adapters: the routing gets the tokens'
+    one-hot by slot, so that every layer runs all of them in one pair of matmuls; in inference every layer's
+    stack takes the adapters' current weights first (the step then runs on tensors alone). In training, only
+    where that pays (Routing.fused). One adapter, or none: the rows' segments."""
     routing = routing_of(model)
-    if torch.is_grad_enabled() or len({n for n, _, _ in routing.segments}) < 2:
+    if len({n for n, _, _ in routing.segments}) < 2:
+        return
+    if torch.is_grad_enabled():  # training: the onehot over the parameters themselves, where that pays
+        if routing.fused if routing.fused is not None else device.type == "cuda":
+            routing.onehot = slot_onehot(routing.token_slots(rows).to(device), routing.capacity, routing.rank)
         return
     like = torch.empty(0, device=device, dtype=next(model.parameters()).dtype)
     for layer in routing.members:
@@ -464,16 +512,16 @@ def replay(model: nn.Module) -> Callable[[], tuple[AbstractContextManager, Abstr
     routing = routing_of(model)
 
     def context_fn() -> tuple[AbstractContextManager, AbstractContextManager]:
-        forward = routing.segments, routing.rows
+        forward = routing.segments, routing.rows, routing.onehot, routing.tiles
 
         @contextmanager
         def again() -> Iterator[None]:
-            now = routing.segments, routing.rows
-            routing.segments, routing.rows = forward
+            now = routing.segments, routing.rows, routing.onehot, routing.tiles
+            routing.segments, routing.rows, routing.onehot, routing.tiles = forward
             try:
                 yield
             finally:
-                routing.segments, routing.rows = now
+                routing.segments, routing.rows, routing.onehot, routing.tiles = now
 
         return nullcontext(), again()
 

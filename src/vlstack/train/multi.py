@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from ..adapters import save_adapter
 from ..api import VLM
 from ..engine.metadata import Step, packed_step
-from ..layers.lora import add_adapter, prepare_tiles, remove_adapter, replay, route
+from ..layers.lora import add_adapter, prepare_lora, prepare_tiles, remove_adapter, replay, route
 from .checkpoint import clear_run, load_state, restore_state, save_state
 from .data import IGNORE, DatasetError, Example, Stream, encode_example, read_dataset
 from .jobs import Job, JobError, check_outputs
@@ -221,6 +221,7 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
         batch = {k: v.to(device) for k, v in batch.items()}
         names = [running[i].job.name for i, _ in group]
         with route(model, names, counts=seqlens, rows=keyed):  # a job's rows: one run
+            prepare_lora(model, len(labels), device)  # (on a GPU: every job's LoRA in one pair of matmuls)
             if "pixel_values" in batch:
                 prepare_tiles(model, image_tokens, vlm.cfg.tokens_per_tile)
             targets = targets[learn].to(device)  # [N]

@@ -255,7 +255,7 @@ def serve_ours(
     model: str, adapters: dict[str, str], port: int, device: str, max_batch: int, dtype: str, max_len: int | None
 ) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "vlstack.cli", "serve", "--model", model, "--port", str(port), "--device", device,
-           "--max-batch", str(max_batch), "--dtype", dtype]  # fmt: skip
+           "--max-batch", str(max_batch), "--dtype", dtype, "--served-name", "base"]  # fmt: skip
     if max_len:
         cmd += ["--max-model-len", str(max_len)]
     for name, path in adapters.items():
@@ -283,6 +283,8 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=None, help="the server's (bounds its KV cache)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rounds", type=int, default=1, help="workloads driven in turn (new images each)")
+    ap.add_argument("--adapter-cost", action="store_true",
+                    help="also drive vlstack with every request on the base model: what the adapters cost")  # fmt: skip
     ap.add_argument("--out", default=None)
     ap.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--baseline-server", default=None, help=argparse.SUPPRESS)
@@ -321,8 +323,11 @@ def main() -> None:
                 records[name] = asyncio.run(
                     drive(bases[name], work[: args.baseline_requests] if name == "baseline" else work)
                 )
+            if args.adapter_cost:  # requests of the same shapes on the base model (new images: no cache hits)
+                fresh = make_workload(args.requests, args.rate, args.max_tokens, args.pages, seed=i + 10**5)
+                records["vlstack, base"] = asyncio.run(drive(bases["vlstack"], [dict(w, model="base") for w in fresh]))
             same = sum(a.get("text") == b.get("text") for a, b in zip(records["vlstack"], records["baseline"]))
-            rounds.append({name: summarise(records[name]) for name in ("vlstack", "baseline")})
+            rounds.append({name: summarise(records[name]) for name in records})
             rounds[-1]["ratio"] = rounds[-1]["vlstack"]["tokens_per_s"] / rounds[-1]["baseline"]["tokens_per_s"]
             rounds[-1]["identical_answers"] = same
     finally:
@@ -336,7 +341,7 @@ def main() -> None:
     heads = ("tok/s", "req/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "failed")
     print(f"{'':24}" + "".join(f"{h:>10}" for h in heads))
     for i, rnd in enumerate(rounds):
-        for name in ("vlstack", "baseline"):
+        for name in [n for n in ("vlstack", "baseline", "vlstack, base") if n in rnd]:
             r = rnd[name]
             print(f"{f'{name}, round {i + 1}':24}{r['tokens_per_s']:10.1f}{r['requests_per_s']:10.2f}"
                   f"{r['ttft_p50']:10.3f}{r['ttft_p99']:10.3f}{r['tpot_p50']:10.4f}{r['tpot_p99']:10.4f}"
@@ -344,6 +349,9 @@ def main() -> None:
         compared = args.baseline_requests or args.requests
         print(f"{'':24}vlstack / baseline: {rnd['ratio']:.2f}x; "
               f"identical greedy answers: {rnd['identical_answers']}/{compared}")  # fmt: skip
+        if "vlstack, base" in rnd:
+            cost = 1 - rnd["vlstack"]["tokens_per_s"] / rnd["vlstack, base"]["tokens_per_s"]
+            print(f"{'':24}{len(ADAPTERS)} adapters cost {100 * cost:.1f}% of the base model's throughput")
     ratios = sorted(r["ratio"] for r in rounds)
     print(f"throughput vlstack / baseline, median of {len(rounds)} round(s): {statistics.median(ratios):.2f}x "
           f"(range {ratios[0]:.2f}-{ratios[-1]:.2f}x)")  # fmt: skip

@@ -36,9 +36,13 @@ def collect(req) -> str:
     return text
 
 
-def test_32_concurrent_mixed_requests_match_one_at_a_time():
+@pytest.mark.parametrize("static", [False, True])
+def test_32_concurrent_mixed_requests_match_one_at_a_time(static):
+    """32 clients at once, images in some, two adapters and the base, 8 slots: each gets the answer it gets alone.
+    static: the GPU's decode step (buckets, padding rows, slot routing; uncaptured here) under the engine's own
+    traffic: rows finishing, compacted into low slots, joining mid-way."""
     vlm = tiny_with_adapters()
-    engine = Engine(vlm, max_batch=8, kv_budget=6000)
+    engine = Engine(vlm, max_batch=8, kv_budget=6000, static=static)
     cases = []
     for i in range(32):
         imgs = [image(60 + 7 * i, 40 + 3 * i, seed=i)] if i % 3 == 0 else []

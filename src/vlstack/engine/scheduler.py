@@ -90,9 +90,11 @@ class Engine:
         image_cache_mb: float = 512,
         vision_tokens: int | None = None,
         background: bool = True,
+        static: bool | None = None,
     ):
         """With background, a thread of the engine's own runs its steps as requests come (the server); without,
-        the caller runs them with step() (VLM.chat and the other generators)."""
+        the caller runs them with step() (VLM.chat and the other generators). static: the static decode step
+        (runner.Decoder; default: on a GPU)."""
         prefill, vision = STEP_TOKENS[vlm.model.device.type]  # a GPU takes much larger steps than a CPU
         self.vlm, self.max_batch, self.prefill_tokens = vlm, max_batch, prefill_tokens or prefill
         self.vision_tokens = vision_tokens or vision  # vision-encoder tokens per pass (bounds its activations)
@@ -107,7 +109,7 @@ class Engine:
                 f"the KV cache for {max_batch} requests of {self.max_len} tokens needs "
                 f"{self.cache_bytes / 2**30:.1f} GiB, more than is free; lower --max-batch or --max-model-len"
             ) from None
-        self.decoder = Decoder(vlm.model, self.cache)
+        self.decoder = Decoder(vlm.model, self.cache, static)
         self.images = FeatureCache(int(image_cache_mb * 2**20))
         self.vision_adapters: set[str] = set()  # (as of the last admission: adapters come and go between steps)
         self.waiting: queue.Queue[Request] = queue.Queue()

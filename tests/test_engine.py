@@ -36,13 +36,14 @@ def collect(req) -> str:
     return text
 
 
-@pytest.mark.parametrize("static", [False, True])
-def test_32_concurrent_mixed_requests_match_one_at_a_time(static):
+@pytest.mark.parametrize("gpu_path", [False, True])
+def test_32_concurrent_mixed_requests_match_one_at_a_time(gpu_path):
     """32 clients at once, images in some, two adapters and the base, 8 slots: each gets the answer it gets alone.
-    static: the GPU's decode step (buckets, padding rows, slot routing; uncaptured here) under the engine's own
-    traffic: rows finishing, compacted into low slots, joining mid-way."""
+    gpu_path: a GPU's way of stepping (the static decode step: buckets, padding rows, slot routing; each step
+    launched before the last one's tokens are read back; uncaptured here) under the engine's own traffic: rows
+    finishing, compacted into low slots, joining mid-way."""
     vlm = tiny_with_adapters()
-    engine = Engine(vlm, max_batch=8, kv_budget=6000, static=static)
+    engine = Engine(vlm, max_batch=8, kv_budget=6000, static=gpu_path, overlap=gpu_path)
     cases = []
     for i in range(32):
         imgs = [image(60 + 7 * i, 40 + 3 * i, seed=i)] if i % 3 == 0 else []
@@ -321,3 +322,39 @@ def test_chat_keeps_its_engine_between_calls():
     stream.close()  # left mid-way
     assert vlm._engine is None
     assert vlm.chat("Describe the page.", max_new_tokens=12) == first
+
+
+def test_steps_run_ahead_of_reading_their_tokens_back():
+    """overlap (a GPU's default): each decode step is launched before the step before's tokens are read back;
+    texts, finish reasons ("stop" by a stop string or EOS, "length") and token counts are those of the plain
+    way, sampled rows included (their draws keyed by step), and a cancelled request ends (a step later)."""
+    vlm = tiny_with_adapters()
+    base = vlm.chat("What is the total?", adapter="legal", max_new_tokens=24)
+    stop = base[len(base) // 2 : len(base) // 2 + 3]  # met halfway through
+    cases = [("What is the total?", "legal", dict(max_new_tokens=24, stop=(stop,))),
+             ("What is the total?", "finance", dict(max_new_tokens=20, temperature=1.0, top_p=0.9, seed=5)),
+             ("Hi there.", "legal", dict(max_new_tokens=7)),
+             ("Describe the page.", None, dict(max_new_tokens=30, temperature=0.8, top_k=20, seed=1))]  # fmt: skip
+
+    def run(overlap):
+        engine = Engine(vlm, max_batch=4, background=False, static=overlap, overlap=overlap)
+        calls = []
+        if overlap:
+            ahead = engine._look_ahead
+            engine._look_ahead = lambda: (calls.append(1), ahead())[1]
+        reqs = [engine.submit(vlm.processor(question_messages(q, 0)), a, SamplingParams(**p)) for q, a, p in cases]
+        cancelled = engine.submit(vlm.processor(question_messages("Hi there.", 0)), None,
+                                  SamplingParams(max_new_tokens=50))  # fmt: skip
+        for i in range(200):
+            if i == 5:
+                engine.cancel(cancelled)
+            if all(r.finished_at for r in reqs + [cancelled]):
+                break
+            engine.step()
+        assert not overlap or len(calls) > 5
+        assert cancelled.finished_at and cancelled.finish_reason is None and cancelled.generated < 10
+        return [(collect(r), r.finish_reason, r.generated) for r in reqs]
+
+    ahead, plain = run(True), run(False)
+    assert ahead == plain
+    assert {reason for _, reason, _ in plain} == {"stop", "length"}

@@ -105,11 +105,19 @@ class Decoder:
         self.held = -1  # the routing's version the stacks hold (adapters added, loaded or removed since: re-read)
 
     def __call__(
-        self, tokens: list[int], positions: list[int], slots: list[int], adapters: list[str | None]
+        self,
+        tokens: list[int],
+        positions: list[int],
+        slots: list[int],
+        adapters: list[str | None],
+        pending: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The next token of each row (at its position, in its cache slot, with its adapter) -> logits [B, V]."""
+        """The next token of each row (at its position, in its cache slot, with its adapter) -> logits [B, V].
+        pending (rows [P], tokens [P]): rows whose token is still on the device (sampled by the step before, not
+        yet read back): those tokens, copied on the device over the rows' entries of `tokens`."""
         b, model = len(tokens), self.model
         if slots != list(range(b)):  # rows elsewhere (a failed step retried over a part): read by slot
+            assert pending is None, "pending tokens need the rows in slots 0..B-1"
             return forward(self.model, self.cache, [], (tokens, positions, slots, adapters))
         n = next(x for x in self.buckets if x >= b) if self.static else b
         routing = routing_of(model)
@@ -117,6 +125,8 @@ class Decoder:
         pad = n - b
         host = torch.tensor([tokens + [0] * pad, positions + [0] * pad, lora + [-1] * pad])  # [3, n]
         self.inputs[:, :n].copy_(host, non_blocking=True)
+        if pending is not None:
+            self.inputs[0].index_copy_(0, *pending)
         keys = max(positions) + 1
         if not self.static:
             with route(model, adapters):

@@ -91,10 +91,12 @@ class Engine:
         vision_tokens: int | None = None,
         background: bool = True,
         static: bool | None = None,
+        overlap: bool | None = None,
     ):
         """With background, a thread of the engine's own runs its steps as requests come (the server); without,
         the caller runs them with step() (VLM.chat and the other generators). static: the static decode step
-        (runner.Decoder; default: on a GPU)."""
+        (runner.Decoder; default: on a GPU); overlap: the decode step launched before the step before's tokens
+        are read back (default: on a GPU)."""
         prefill, vision = STEP_TOKENS[vlm.model.device.type]  # a GPU takes much larger steps than a CPU
         self.vlm, self.max_batch, self.prefill_tokens = vlm, max_batch, prefill_tokens or prefill
         self.vision_tokens = vision_tokens or vision  # vision-encoder tokens per pass (bounds its activations)
@@ -115,6 +117,10 @@ class Engine:
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.running: list[Request] = []
         self.prefilling: list[Request] = []  # holding a slot, their prompts going into the cache chunk by chunk
+        # the decode step runs one step ahead of reading its tokens back (default: on a GPU, whose step then
+        # runs while the host sends the step before's text): the rows whose last token is still on the device
+        self.overlap = vlm.model.device.type == "cuda" if overlap is None else overlap
+        self.ahead: Ahead | None = None
         self.free = list(range(max_batch))
         self.retiring: set[str] = set()  # adapters being unloaded: no new requests, gone once theirs finish
         self.lock = threading.Lock()  # held while the model runs: adapters load and unload between steps
@@ -200,8 +206,11 @@ class Engine:
                     chunks = self._chunks()
                     if not chunks and self.running:
                         self._compact()
-                    if chunks or self.running:
-                        self._isolate(self._forward, chunks + list(self.running))
+                    if not chunks and self.running and self._may_look_ahead():
+                        self._look_ahead()
+                    elif chunks or self.running:
+                        self._settle()
+                        self._isolate(self._forward, chunks + [r for r in self.running if r.finished_at is None])
                 except Exception as e:  # a fault of the engine itself: fail what it holds and go on serving
                     traceback.print_exc()
                     self._fail(self.running + self.prefilling, e)
@@ -241,6 +250,8 @@ class Engine:
                 self._end(req)
         self.running = [r for r in self.running if r not in reqs]
         self.prefilling = [r for r in self.prefilling if r not in reqs]
+        if self.ahead is not None:
+            self.ahead = self.ahead.keep([r for r in self.ahead.rows if r not in reqs])
 
     def _unload_retired(self) -> None:
         """Unload the retiring adapters that no accepted request uses any more."""
@@ -324,6 +335,51 @@ class Engine:
         self._emit(done + rows, *sampled)
         self.running = [r for r in self.running if r.finished_at is None]
 
+    def _may_look_ahead(self) -> bool:
+        """Whether this decode step may run ahead: asked for, and no row needs its last token on the host first
+        (penalties and logit_bias read the tokens so far; log-probabilities are worked out with the step)."""
+        if not self.overlap:
+            return False
+        return not any(r.params.presence_penalty or r.params.frequency_penalty or r.params.logit_bias
+                       or r.top_logprobs is not None for r in self.running)  # fmt: skip
+
+    def _look_ahead(self) -> None:
+        """One decode step launched before the step before's tokens are read: rows whose last token is still on
+        the device (self.ahead) are fed it there; then those tokens are read back (copied while the step ran)
+        and sent, and this step's tokens are left on the device for the next. A row finished by the tokens read
+        has had one token too many computed, which is dropped. If the launch fails, the tokens are read and the
+        step runs again the plain way (whose failure is one request's)."""
+        rows, ahead = list(self.running), self.ahead
+        waiting = {id(r): i for i, r in enumerate(ahead.rows)} if ahead is not None else {}
+        late = [id(r) in waiting for r in rows]  # [B] the row's input token is pending
+        tokens = [0 if is_late else r.next_token for r, is_late in zip(rows, late)]
+        positions = [r.position + is_late for r, is_late in zip(rows, late)]
+        pending = None
+        if ahead is not None:
+            into = [i for i, is_late in enumerate(late) if is_late]  # rows of this step fed a pending token
+            where = torch.tensor([into, [waiting[id(rows[i])] for i in into]], device=self.vlm.model.device)
+            pending = where[0], ahead.tokens[where[1]]
+        try:
+            logits = self.decoder(tokens, positions, [r.slot for r in rows], [r.adapter for r in rows], pending)
+            steps = [r.generated + is_late for r, is_late in zip(rows, late)]
+            sampled = sample_rows(logits, [r.params for r in rows], [r.seed for r in rows], steps)  # [B]
+        except Exception:
+            traceback.print_exc()
+            self._settle()
+            self._isolate(self._forward, [r for r in self.running if r.finished_at is None])
+            return
+        following = Ahead(rows, sampled)  # (its copy to the host starts now, behind this step)
+        self._settle()
+        self.ahead = following.keep([r for r in rows if r.finished_at is None])
+        self.running = [r for r in self.running if r.finished_at is None]
+
+    def _settle(self) -> None:
+        """Read back the tokens still on the device and send them."""
+        if self.ahead is not None:
+            ahead, self.ahead = self.ahead, None
+            self._emit(ahead.rows, ahead.read(), {})
+            self.running = [r for r in self.running if r.finished_at is None]
+
     def _chunk(self, r: Request) -> Chunk:
         a, b = r.chunk
         return Chunk(r.prompt[a:b], a, r.slot, r.adapter, b == len(r.prompt))
@@ -377,6 +433,9 @@ class Engine:
         finished ones), in slot order: the decode step reads the cache in place."""
         n = len(self.running)
         movers = [r for r in self.running if r.slot >= n]
+        if movers and self.ahead is not None:  # (their pending tokens read first: the host knows every position)
+            self._settle()
+            return self._compact()
         if movers:
             holes = sorted(s for s in self.free if s < n)
             self.cache.move([r.slot for r in movers], holes, max(r.position + 1 for r in movers))
@@ -424,6 +483,38 @@ class Engine:
         req.finished_at = time.perf_counter()
         req.out.put(None)
         self.free.append(req.slot)
+
+
+class Ahead:
+    """Rows whose newest tokens [B] are on the device, sampled and not yet read back; their copy to the host
+    starts at once (after the step that made them), so that reading them later waits for nothing else."""
+
+    def __init__(self, rows: list[Request], tokens: torch.Tensor):
+        self.rows, self.tokens = rows, tokens  # tokens [B] on the device
+        self.host = tokens.to("cpu", non_blocking=True)  # [B] once copied
+        self.picks = list(range(len(rows)))  # the rows' places in host
+        self.copied = None
+        if tokens.is_cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def keep(self, rows: list[Request]) -> Ahead | None:
+        """The same, for these of its rows only (None: none)."""
+        if not rows:
+            return None
+        index = {id(r): i for i, r in enumerate(self.rows)}
+        places = [index[id(r)] for r in rows]
+        kept = Ahead.__new__(Ahead)
+        kept.rows, kept.tokens = rows, self.tokens[torch.tensor(places, device=self.tokens.device)]
+        kept.host, kept.picks, kept.copied = self.host, [self.picks[i] for i in places], self.copied
+        return kept
+
+    def read(self) -> list[int]:
+        """The tokens on the host (waiting for their copy only)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        tokens = self.host.tolist()
+        return [tokens[i] for i in self.picks]
 
 
 def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, want: dict[int, int]) -> dict[int, tuple]:

@@ -247,6 +247,38 @@ def test_every_job_in_one_matmul_gives_the_gradients_of_one_per_job(tmp_path, ch
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+def test_one_step_for_every_job_is_each_jobs_adamw():
+    """step_jobs (every ready job's clipping and AdamW as foreach kernels over all their tensors) moves each
+    tensor as torch's clip_grad_norm_ + AdamW do, job by job: its own lr, weight decay and clipping, a tensor
+    without a gradient at a step left as it is (its step count too); the state is torch's, and loads in it."""
+    from vlstack.train.optim import step_jobs
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [[(5, 7), (3,)], [(4, 4)]]
+    ours = [[torch.nn.Parameter(torch.randn(s, generator=gen)) for s in job] for job in shapes]
+    ref = [[torch.nn.Parameter(p.detach().clone()) for p in job] for job in ours]
+    settings = [dict(lr=1e-2, weight_decay=0.1), dict(lr=3e-3, weight_decay=0.0, betas=(0.8, 0.95))]
+    opts = [torch.optim.AdamW(ps, **kw) for ps, kw in zip(ours, settings)]
+    ref_opts = [torch.optim.AdamW(ps, **kw) for ps, kw in zip(ref, settings)]
+    for step in range(6):
+        for job, ref_job in zip(ours, ref):
+            for i, (p, q) in enumerate(zip(job, ref_job)):
+                g = None if (step == 2 and i == 1) else torch.randn(p.shape, generator=gen) * 5
+                p.grad, q.grad = g, None if g is None else g.clone()
+        for ps, opt, norm in zip(ref, ref_opts, (1.0, 0.5)):
+            torch.nn.utils.clip_grad_norm_([p for p in ps if p.grad is not None], norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        step_jobs(opts, [1.0, 0.5])
+        for p, q in zip(sum(ours, []), sum(ref, [])):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+            assert p.grad is None
+    assert opts[0].state[ours[0][1]]["host_step"] == 5 and int(opts[0].state[ours[0][1]]["step"]) == 5
+    fresh = torch.optim.AdamW(ref[0], **settings[0])
+    fresh.load_state_dict(opts[0].state_dict())  # torch's own format
+    torch.testing.assert_close(fresh.state[ref[0][0]]["exp_avg"], opts[0].state[ours[0][0]]["exp_avg"])
+
+
 def test_a_step_in_passes_gives_the_gradients_and_adapters_of_one_pass(tmp_path):
     """With max_tokens a step's rows go through the base in several passes, gradients adding up: the same
     gradients and losses as one pass (a job's rows split across passes included), and the same adapters."""

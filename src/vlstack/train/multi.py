@@ -4,7 +4,8 @@ Each fused step takes the next micro-batch of every running job, packs their row
 one row (no padding: attention stays within each sequence), runs one base forward/backward over it
 with each job's adapter routed to its own tokens, and sums the jobs' losses (the adapters are
 disjoint, so each gets exactly its own gradient). Every job keeps its own AdamW, clipping,
-learning-rate schedule, gradient accumulation and data order, so a job ends with the same adapter
+learning-rate schedule, gradient accumulation and data order (the jobs ready at a micro-step stepped in one
+multi-tensor AdamW step, optim.py), so a job ends with the same adapter
 whether it was trained alone or fused with others. Jobs wait in a queue until their rows fit under
 `max_rows`, and leave (their adapter written) when they finish.
 """
@@ -29,6 +30,7 @@ from ..layers.lora import add_adapter, prepare_lora, prepare_tiles, remove_adapt
 from .checkpoint import clear_run, load_state, restore_state, save_state
 from .data import IGNORE, DatasetError, Example, Stream, encode_example, read_dataset
 from .jobs import Job, JobError, check_outputs
+from .optim import step_jobs
 from .progress import plot_loss, record, truncate_metrics
 
 
@@ -87,8 +89,8 @@ def total_steps(job: Job, n_examples: int) -> int:
 def start(vlm: VLM, job: Job, examples: list[Example], state: dict | None = None) -> Running:
     """Add the job's adapter and optimizer; from a checkpoint's state when resuming."""
     params = add_adapter(vlm.model, job.name, job.spec, seed=job.seed)
-    # fused: one kernel over all the adapter's tensors (on the tiny model the per-tensor loop was 10% of a step)
-    optimizer = torch.optim.AdamW(params, fused=True, lr=job.lr, weight_decay=job.weight_decay)
+    # its state and schedule; the step itself is every ready job's at once (optim.step_jobs)
+    optimizer = torch.optim.AdamW(params, lr=job.lr, weight_decay=job.weight_decay)
     steps = total_steps(job, len(examples))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job, steps))
     r = Running(job, Stream(examples, job.batch_size, job.seed), params, optimizer, scheduler, steps)
@@ -231,6 +233,7 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
     if world()[1] > 1:
         dist.all_reduce(sums)
     losses = sums / counts.to(device)  # [jobs]
+    ready = []  # the jobs whose accumulation ends here
     for i, (r, n) in enumerate(zip(running, seen)):
         r.tokens += n
         r.micro += 1
@@ -238,11 +241,11 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
         if r.micro % r.job.grad_accum == 0:
             if world()[1] > 1:  # once per optimizer step, over the gradients accumulated here
                 sum_gradients(r.params)
-            torch.nn.utils.clip_grad_norm_(r.params, r.job.max_grad_norm)
-            r.optimizer.step()
-            r.scheduler.step()
-            r.optimizer.zero_grad(set_to_none=True)
-            r.step += 1
+            ready.append(r)
+    step_jobs([r.optimizer for r in ready], [r.job.max_grad_norm for r in ready])  # all of them at once
+    for r in ready:
+        r.scheduler.step()
+        r.step += 1
     return losses
 
 

@@ -1,0 +1,70 @@
+"""Every job's AdamW in one multi-tensor step.
+
+Each running job keeps its own torch AdamW (its hyper-parameters, its learning-rate schedule, its state, as
+checkpoints save and restore them); the jobs whose accumulation ends at a micro-step are stepped together:
+gradient clipping and each AdamW operation is one foreach kernel over all their tensors, each tensor with its
+own job's learning rate, weight decay and bias corrections as per-tensor scalars. The update is torch's AdamW
+(decoupled weight decay); the state stays in each job's optimizer, in torch's format.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+@torch.no_grad()
+def step_jobs(optimizers: list[torch.optim.AdamW], max_norms: list[float]) -> None:
+    """Clip each job's gradients to its max norm (clip_grad_norm_'s rule), then one AdamW step of every job's
+    tensors that have a gradient (as torch, a tensor without one keeps its state and its step count); the
+    gradients are set to None after."""
+    params, grads, groups, owners = [], [], [], []
+    for j, opt in enumerate(optimizers):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    params += [p]
+                    grads += [p.grad]
+                    groups += [group]
+                    owners += [j]
+    if not params:
+        return
+    device = params[0].device
+    owner = torch.tensor(owners, device=device)
+    norms = torch.stack(torch._foreach_norm(grads)).float()  # [tensors]
+    totals = torch.zeros(len(optimizers), device=device).index_add_(0, owner, norms**2).sqrt()  # [jobs]
+    scales = (torch.tensor(max_norms, device=device) / (totals + 1e-6)).clamp(max=1.0)  # [jobs]
+    torch._foreach_mul_(grads, list(scales[owner].unbind()))
+    states = [_state(optimizers[j], p) for j, p in zip(owners, params)]
+    exp_avg, exp_avg_sq = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+    torch._foreach_add_([s["step"] for s in states], 1)
+    for s in states:
+        s["host_step"] += 1
+    t = [s["host_step"] for s in states]  # each tensor's step count (bias corrections), known on the host
+    b1, b2 = [g["betas"][0] for g in groups], [g["betas"][1] for g in groups]
+    torch._foreach_mul_(params, [1 - g["lr"] * g["weight_decay"] for g in groups])
+    torch._foreach_mul_(exp_avg, b1)
+    torch._foreach_add_(exp_avg, torch._foreach_mul(grads, [1 - b for b in b1]))
+    torch._foreach_mul_(exp_avg_sq, b2)
+    torch._foreach_addcmul_(exp_avg_sq, grads, grads, [1 - b for b in b2])
+    denom = torch._foreach_sqrt(exp_avg_sq)
+    torch._foreach_div_(denom, [math.sqrt(1 - b**n) for b, n in zip(b2, t)])
+    torch._foreach_add_(denom, [g["eps"] for g in groups])
+    torch._foreach_addcdiv_(params, exp_avg, denom, [-g["lr"] / (1 - b**n) for g, b, n in zip(groups, b1, t)])
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+        opt._opt_called = True  # (stepped: what an LR scheduler checks before its own step)
+
+
+def _state(opt: torch.optim.AdamW, p: torch.Tensor) -> dict:
+    """p's AdamW state in opt, made as torch makes it at the first step, with its step count on the host too
+    (read once from a state restored without it)."""
+    state = opt.state[p]
+    if not state:
+        state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    if "host_step" not in state:
+        state["host_step"] = int(state["step"])
+    return state

@@ -247,8 +247,10 @@ def test_every_job_in_one_matmul_gives_the_gradients_of_one_per_job(tmp_path, ch
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_one_step_for_every_job_is_each_jobs_adamw():
-    """step_jobs (every ready job's clipping and AdamW as foreach kernels over all their tensors) moves each
+@pytest.mark.parametrize("foreach", [True, False])
+def test_one_step_for_every_job_is_each_jobs_adamw(foreach):
+    """step_jobs (every ready job's clipping and AdamW as foreach kernels over all their tensors, a GPU's way; or
+    each job's own fused step, a CPU's) moves each
     tensor as torch's clip_grad_norm_ + AdamW do, job by job: its own lr, weight decay and clipping, a tensor
     without a gradient at a step left as it is (its step count too); the state is torch's, and loads in it."""
     from vlstack.train.optim import step_jobs
@@ -269,11 +271,11 @@ def test_one_step_for_every_job_is_each_jobs_adamw():
             torch.nn.utils.clip_grad_norm_([p for p in ps if p.grad is not None], norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        step_jobs(opts, [1.0, 0.5])
+        step_jobs(opts, [1.0, 0.5], foreach)
         for p, q in zip(sum(ours, []), sum(ref, [])):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
             assert p.grad is None
-    assert opts[0].state[ours[0][1]]["host_step"] == 5 and int(opts[0].state[ours[0][1]]["step"]) == 5
+    assert int(opts[0].state[ours[0][1]]["step"]) == 5 and opts[0].state[ours[0][1]].get("host_step", 5) == 5
     fresh = torch.optim.AdamW(ref[0], **settings[0])
     fresh.load_state_dict(opts[0].state_dict())  # torch's own format
     torch.testing.assert_close(fresh.state[ref[0][0]]["exp_avg"], opts[0].state[ours[0][0]]["exp_avg"])

@@ -89,8 +89,9 @@ def total_steps(job: Job, n_examples: int) -> int:
 def start(vlm: VLM, job: Job, examples: list[Example], state: dict | None = None) -> Running:
     """Add the job's adapter and optimizer; from a checkpoint's state when resuming."""
     params = add_adapter(vlm.model, job.name, job.spec, seed=job.seed)
-    # its state and schedule; the step itself is every ready job's at once (optim.step_jobs)
-    optimizer = torch.optim.AdamW(params, lr=job.lr, weight_decay=job.weight_decay)
+    # its state and schedule; stepped with every ready job's at once (optim.step_jobs: one foreach step on a GPU,
+    # this fused kernel on a CPU, where the per-tensor loop was 10% of a tiny model's step)
+    optimizer = torch.optim.AdamW(params, fused=True, lr=job.lr, weight_decay=job.weight_decay)
     steps = total_steps(job, len(examples))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job, steps))
     r = Running(job, Stream(examples, job.batch_size, job.seed), params, optimizer, scheduler, steps)

@@ -1,10 +1,13 @@
 """Every job's AdamW in one multi-tensor step.
 
 Each running job keeps its own torch AdamW (its hyper-parameters, its learning-rate schedule, its state, as
-checkpoints save and restore them); the jobs whose accumulation ends at a micro-step are stepped together:
-gradient clipping and each AdamW operation is one foreach kernel over all their tensors, each tensor with its
-own job's learning rate, weight decay and bias corrections as per-tensor scalars. The update is torch's AdamW
-(decoupled weight decay); the state stays in each job's optimizer, in torch's format.
+checkpoints save and restore them); the jobs whose accumulation ends at a micro-step are stepped together. On
+a GPU, gradient clipping and each AdamW operation is one foreach kernel over all their tensors, each tensor
+with its own job's learning rate, weight decay and bias corrections as per-tensor scalars: a handful of
+launches for every job instead of a set per job. A CPU has no launches to save and torch's fused CPU kernel
+makes one pass over memory where the foreach chain makes ten (2.5x the time at 4 jobs of 1B shapes): there
+each job steps with its own fused AdamW. The update is torch's AdamW either way, and the state stays in each
+job's optimizer, in torch's format.
 """
 
 from __future__ import annotations
@@ -14,11 +17,10 @@ import math
 import torch
 
 
-@torch.no_grad()
-def step_jobs(optimizers: list[torch.optim.AdamW], max_norms: list[float]) -> None:
+def step_jobs(optimizers: list[torch.optim.AdamW], max_norms: list[float], foreach: bool | None = None) -> None:
     """Clip each job's gradients to its max norm (clip_grad_norm_'s rule), then one AdamW step of every job's
     tensors that have a gradient (as torch, a tensor without one keeps its state and its step count); the
-    gradients are set to None after."""
+    gradients are set to None after. foreach: the one multi-tensor step (default: on a GPU)."""
     params, grads, groups, owners = [], [], [], []
     for j, opt in enumerate(optimizers):
         for group in opt.param_groups:
@@ -30,6 +32,18 @@ def step_jobs(optimizers: list[torch.optim.AdamW], max_norms: list[float]) -> No
                     owners += [j]
     if not params:
         return
+    if not (foreach if foreach is not None else params[0].device.type == "cuda"):  # each job's own fused step
+        for opt, norm in zip(optimizers, max_norms):
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"] if p.grad is not None],
+                                           norm)  # fmt: skip
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return
+    with torch.no_grad():
+        _foreach_step(optimizers, max_norms, params, grads, groups, owners)
+
+
+def _foreach_step(optimizers, max_norms, params, grads, groups, owners) -> None:
     device = params[0].device
     owner = torch.tensor(owners, device=device)
     norms = torch.stack(torch._foreach_norm(grads)).float()  # [tensors]

@@ -19,3 +19,7 @@ class PromptError(VLStackError):
 
 class UnknownModel(VLStackError):
     """A model or adapter name that is not served (or no longer: an adapter being unloaded)."""
+
+
+class DataError(VLStackError):
+    """A dataset file vlstack cannot read: a missing column, a malformed line, an image that does not decode."""

@@ -1,0 +1,182 @@
+"""Benchmarks as data: VLMEvalKit's TSV files as published and vlstack's own JSONL read into `Item`s, and the
+prompt of each item as InternVL's VLMEvalKit integration builds it (REFERENCE.md, "Evaluation rules"), as
+OpenAI content parts: text, and each image where it stands.
+
+TSV columns: `index`, `question`, `answer`; `image` (base64, or a JSON list of base64 for several images) or
+`image_path` (relative to the file); options `A`...`I` where present (multiple choice; a row with none is an
+open question); `hint`, `category`, `split`. DocVQA's answers are a Python list of gold answers as text.
+JSONL: the training format (`image` or `images`, `conversations`, the first human turn being the question)
+plus `answer` (a string or a list), and optionally `options`, `category`, `split`, `index`.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import binascii
+import csv
+import io
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from ..errors import DataError
+
+LETTERS = "ABCDEFGHI"
+CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."
+VQA_PROMPT = "Answer the question using a single word or phrase."
+PLACEHOLDER = re.compile(r"<image (\d+)>")  # MMMU's: where the k-th image goes
+
+
+@dataclass
+class Item:
+    index: str
+    question: str
+    answers: list[str]  # the gold answers
+    images: list[bytes] = field(default_factory=list)  # encoded images, in order
+    options: dict[str, str] = field(default_factory=dict)  # letter -> text (multiple choice)
+    hint: str = ""
+    category: str = ""
+    split: str = ""
+
+
+def read_items(path: str | Path) -> list[Item]:
+    """A benchmark file (.tsv or .jsonl) -> its items; DataError naming the file, the line and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"benchmark data not found: {path}")
+    if path.suffix == ".tsv":
+        return read_tsv(path)
+    if path.suffix == ".jsonl":
+        return read_jsonl(path)
+    raise DataError(f"{path}: benchmark data must be a VLMEvalKit .tsv or a vlstack .jsonl file")
+
+
+def read_tsv(path: Path) -> list[Item]:
+    csv.field_size_limit(sys.maxsize)  # (a base64 page is megabytes)
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = csv.DictReader(f, delimiter="\t")
+        columns = set(rows.fieldnames or [])
+        missing = [c for c in ("index", "question", "answer") if c not in columns]
+        if "image" not in columns and "image_path" not in columns:
+            missing.append("image (or image_path)")
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+        items = []
+        for line, row in enumerate(rows, start=2):
+            where = f"{path}:{line}"
+            options = {k: row[k] for k in LETTERS if row.get(k) not in (None, "", "nan")}
+            images = _tsv_images(row, path, where)
+            items.append(Item(row["index"], row["question"], _answers(row["answer"]), images, options,
+                              _text(row.get("hint")), _text(row.get("category")), _text(row.get("split"))))  # fmt: skip
+    return items
+
+
+def read_jsonl(path: Path) -> list[Item]:
+    items = []
+    for line, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{line}"
+        try:
+            row = json.loads(raw)
+            turns = row["conversations"]
+            question = next(t["value"] for t in turns if t.get("from") == "human")
+            answer = row["answer"]
+        except (json.JSONDecodeError, KeyError, StopIteration, TypeError) as e:
+            what = "conversations with a human turn, and answer"
+            raise DataError(f"{where}: not a benchmark line ({what}): {e}") from None
+        names = row.get("images") or ([row["image"]] if row.get("image") else [])
+        images = [_read(path.parent / n, where) for n in names]
+        question = question.replace("<image>\n", "").replace("<image>", "") if images else question
+        answers = [str(a) for a in answer] if isinstance(answer, list) else [str(answer)]
+        items.append(Item(str(row.get("index", line)), question, answers, images, dict(row.get("options") or {}),
+                          "", str(row.get("category", "")), str(row.get("split", ""))))  # fmt: skip
+    return items
+
+
+def content(item: Item) -> list[dict]:
+    """The item's prompt as OpenAI content parts: its images where MMMU's `<image k>` placeholders stand (else
+    all before the text, as InternVL puts them), then the text; multiple choice with its options and the
+    letter instruction, open questions with the short-answer one."""
+    text = item.question
+    if item.options:
+        text = (f"Hint: {item.hint}\n" if item.hint else "") + text + "\n"
+        text += "".join(f"{k}. {v}\n" for k, v in item.options.items()) + CHOICE_PROMPT
+    else:
+        text += "\n" + VQA_PROMPT
+    images = [_part(b) for b in item.images]
+    pieces = PLACEHOLDER.split(text)  # text, k, text, k, ...
+    if len(pieces) == 1:
+        return [*images, {"type": "text", "text": text}]
+    parts, used = [], set()
+    for i, piece in enumerate(pieces):
+        if i % 2 == 0:
+            if piece:
+                parts.append({"type": "text", "text": piece})
+            continue
+        k = int(piece)
+        if not 1 <= k <= len(images):
+            raise DataError(f"item {item.index}: <image {k}> but the item has {len(images)} image(s)")
+        parts.append(images[k - 1])
+        used.add(k)
+    unplaced = [images[k - 1] for k in range(1, len(images) + 1) if k not in used]
+    return unplaced + parts
+
+
+def _tsv_images(row: dict, path: Path, where: str) -> list[bytes]:
+    if row.get("image") not in (None, ""):
+        value = row["image"]
+        encoded = json.loads(value) if value.startswith("[") else [value]
+        images = []
+        for k, data in enumerate(encoded):
+            try:
+                images.append(base64.b64decode(data, validate=True))
+            except (binascii.Error, ValueError):
+                raise DataError(f"{where}: image {k + 1} is not valid base64") from None
+            _check(images[-1], where)
+        return images
+    value = row.get("image_path") or ""
+    names = json.loads(value) if value.startswith("[") else [value] if value else []
+    return [_read(path.parent / n, where) for n in names]
+
+
+def _read(path: Path, where: str) -> bytes:
+    if not path.is_file():
+        raise DataError(f"{where}: image file not found: {path}")
+    data = path.read_bytes()
+    _check(data, where)
+    return data
+
+
+def _check(data: bytes, where: str) -> None:
+    """An image that decodes (its header read, not its pixels: cheap for a whole benchmark)."""
+    try:
+        Image.open(io.BytesIO(data))
+    except Exception:
+        raise DataError(f"{where}: an image does not decode") from None
+
+
+def _answers(value: str) -> list[str]:
+    """One gold answer, or DocVQA's Python list of them."""
+    if value.startswith("[") and value.endswith("]"):
+        try:
+            parsed = ast.literal_eval(value)
+            if isinstance(parsed, list):
+                return [str(a) for a in parsed]
+        except (ValueError, SyntaxError):
+            pass
+    return [value]
+
+
+def _text(value: str | None) -> str:
+    return "" if value in (None, "nan") else value
+
+
+def _part(data: bytes) -> dict:
+    kind = (Image.open(io.BytesIO(data)).format or "png").lower()
+    return {"type": "image_url", "image_url": {"url": f"data:image/{kind};base64," + base64.b64encode(data).decode()}}

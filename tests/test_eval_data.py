@@ -1,0 +1,98 @@
+"""Benchmark files (vlstack.eval.benchmarks): VLMEvalKit TSVs and vlstack JSONL read into items, their
+prompts as InternVL's VLMEvalKit integration builds them, and a clear error for each kind of bad file."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+
+import pytest
+from conftest import image
+
+from vlstack.errors import DataError
+from vlstack.eval.benchmarks import CHOICE_PROMPT, VQA_PROMPT, content, read_items
+
+
+def png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    image(20, 10, seed=seed).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def write_tsv(path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_a_vlmevalkit_tsv_reads_into_items_and_prompts(tmp_path):
+    one, two = png(1), png(2)
+    (tmp_path / "page.png").write_bytes(two)
+    rows = [
+        {"index": "0", "image": b64(one), "question": "Which colour is the bar?", "answer": "B", "A": "red",
+         "B": "blue", "C": "", "hint": "A bar chart.", "category": "Art", "split": "dev"},
+        {"index": "1", "image": json.dumps([b64(one), b64(two)]), "question": "Compare <image 2> with <image 1>.",
+         "answer": "B", "A": "same", "B": "different", "C": "nan", "hint": "nan", "category": "Art", "split": "dev"},
+        {"index": "2", "image": b64(two), "question": "What is the total?", "answer": "['12', '12.0']", "A": "",
+         "B": "", "C": "", "hint": "", "category": "", "split": "test"},
+    ]  # fmt: skip
+    write_tsv(tmp_path / "bench.tsv", rows)
+    items = read_items(tmp_path / "bench.tsv")
+    assert [i.index for i in items] == ["0", "1", "2"] and items[0].images == [one] and items[1].images == [one, two]
+    assert items[0].options == {"A": "red", "B": "blue"} and items[2].options == {}  # "" and "nan": no option
+    assert items[2].answers == ["12", "12.0"] and items[0].answers == ["B"]  # DocVQA's list of gold answers
+    parts = content(items[0])
+    assert parts[0]["type"] == "image_url" and base64.b64decode(parts[0]["image_url"]["url"].split(",")[1]) == one
+    assert parts[1]["text"] == f"Hint: A bar chart.\nWhich colour is the bar?\nA. red\nB. blue\n{CHOICE_PROMPT}"
+    parts = content(items[1])  # MMMU: each image where its placeholder stands
+    assert [p["type"] for p in parts] == ["text", "image_url", "text", "image_url", "text"]
+    assert parts[0]["text"] == "Compare " and parts[2]["text"] == " with " and parts[4]["text"].startswith(".\nA. same")
+    assert base64.b64decode(parts[1]["image_url"]["url"].split(",")[1]) == two
+    assert content(items[2])[1]["text"] == f"What is the total?\n{VQA_PROMPT}"  # an open question
+    write_tsv(tmp_path / "paths.tsv", [{**r, "image": "", "image_path": "page.png"} for r in rows[:1]])
+    assert read_items(tmp_path / "paths.tsv")[0].images == [two]  # image_path, relative to the file
+
+
+def test_vlstack_jsonl_reads_into_items(tmp_path):
+    (tmp_path / "c.png").write_bytes(png(3))
+    turns = [{"from": "human", "value": "<image>\nHow many bars?"}, {"from": "gpt", "value": "7"}]
+    line = {"image": "c.png", "answer": ["7", "seven"], "category": "charts", "conversations": turns}
+    (tmp_path / "b.jsonl").write_text(json.dumps(line) + "\n\n")
+    (item,) = read_items(tmp_path / "b.jsonl")
+    assert (item.question, item.answers, item.category) == ("How many bars?", ["7", "seven"], "charts")
+    assert item.images == [png(3)]
+
+
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        ([{"index": "0", "image": "", "question": "q"}], "missing column.*answer"),
+        ([{"index": "0", "question": "q", "answer": "a"}], r"image \(or image_path\)"),
+        ([{"index": "0", "image": "%%%", "question": "q", "answer": "a"}], r":2: image 1 is not valid base64"),
+        ([{"index": "0", "image": b64(b"hello"), "question": "q", "answer": "a"}], "an image does not decode"),
+        ([{"index": "0", "image_path": "nope.png", "question": "q", "answer": "a"}], "image file not found"),
+    ],
+)
+def test_bad_benchmark_files_are_clear_errors(tmp_path, rows, match):
+    write_tsv(tmp_path / "bad.tsv", rows)
+    with pytest.raises(DataError, match=match):
+        read_items(tmp_path / "bad.tsv")
+
+
+def test_bad_jsonl_and_placeholders_are_clear_errors(tmp_path):
+    (tmp_path / "b.jsonl").write_text('{"conversations": []}\n')
+    with pytest.raises(DataError, match=r"b.jsonl:1: not a benchmark line"):
+        read_items(tmp_path / "b.jsonl")
+    (tmp_path / "x.csv").write_text("a")
+    with pytest.raises(DataError, match=r"must be a VLMEvalKit \.tsv or a vlstack \.jsonl"):
+        read_items(tmp_path / "x.csv")
+    write_tsv(tmp_path / "m.tsv", [{"index": "9", "image": b64(png(1)), "question": "See <image 2>.", "answer": "a"}])
+    with pytest.raises(DataError, match=r"item 9: <image 2> but the item has 1 image"):
+        content(read_items(tmp_path / "m.tsv")[0])

@@ -27,6 +27,29 @@ def cmd_chat(args: argparse.Namespace) -> None:
     sys.stdout.write("\n")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .api import load
+    from .eval.runner import evaluate, metric_of
+
+    metric_of(args.benchmark, args.metric)  # (checked before the model loads)
+    for name in ("limit", "batch", "max_new_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    vlm = load(args.model, device=args.device, dtype=args.dtype)
+    adapter = None
+    if args.adapter:
+        adapter, sep, path = args.adapter.partition("=")
+        if not sep or not adapter or not path:
+            raise ConfigError(f"--adapter takes NAME=DIR (got {args.adapter!r})")
+        vlm.load_adapter(adapter, path)
+    name = "tiny" if args.model == "tiny" else vlm.name
+    out = args.out or f"eval/{args.benchmark}-{name}{'-' + adapter if adapter else ''}"
+    summary = evaluate(vlm, args.benchmark, args.data, out, adapter, args.metric, args.limit, args.batch,
+                       args.max_new_tokens, name=name)  # fmt: skip
+    print(f"{summary['benchmark']} {summary['model']}: {summary['score']:.1f} ({summary['metric']}, n={summary['n']}, "
+          f"{summary['pages_per_s']:.2f} pages/s); {out}/summary.json")  # fmt: skip
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from .api import load
 
@@ -234,6 +257,21 @@ def parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", required=True, help="directory for the merged checkpoint")
     merge.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     merge.set_defaults(func=cmd_merge)
+
+    ev = sub.add_parser("eval", help="score a model (or an adapter) on a benchmark by its official rules")
+    ev.add_argument("benchmark", choices=["mmmu", "docvqa", "chartqa", "vqa"])
+    ev.add_argument("--data", required=True, help="the benchmark: a VLMEvalKit .tsv or a vlstack .jsonl")
+    ev.add_argument("--model", default="tiny")
+    ev.add_argument("--adapter", default=None, help="NAME=DIR: score the model with this PEFT adapter")
+    ev.add_argument("--metric", default=None, choices=["exact", "anls", "relaxed", "choice", "mmmu"],
+                    help="default: the benchmark's (mmmu, anls, relaxed; vqa: exact)")  # fmt: skip
+    ev.add_argument("--limit", type=int, default=None, help="the first N items only")
+    ev.add_argument("--batch", type=int, default=16, help="items generated together")
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--out", default=None, help="directory for summary.json and predictions.jsonl (a rerun resumes)")
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    ev.set_defaults(func=cmd_eval)
 
     info = sub.add_parser("info", help="describe a checkpoint: architecture, parameters, image tokens")
     info.add_argument("model", nargs="?", default="tiny")

@@ -1,0 +1,126 @@
+"""`vlstack eval`: a benchmark's items through a local model (the serving engine, batched, an adapter for all
+rows), each prediction scored by the benchmark's official rule (metrics.py), written as it comes.
+
+`<out>/predictions.jsonl` gets a line per item (index, question, answers, prediction, score) as each batch
+ends, so a run that stops keeps what it scored and a rerun with the same --out goes on from there;
+`<out>/summary.json` (benchmark, model, n, score 0-100, per-category scores, tokens, seconds, pages per
+second) is written at the end, from every line of the file.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+from ..files import write_files
+from .benchmarks import Item, content, read_items
+from .metrics import anls, choice_correct, exact, open_correct, parse_choice, parse_open, relaxed
+
+BENCHMARKS = {"mmmu": "mmmu", "docvqa": "anls", "chartqa": "relaxed", "vqa": None}  # benchmark -> its metric
+METRICS = ("exact", "anls", "relaxed", "choice", "mmmu")
+
+
+def metric_of(bench: str, metric: str | None) -> str:
+    if bench not in BENCHMARKS:
+        raise DataError(f"unknown benchmark {bench!r}; choose one of {', '.join(BENCHMARKS)}")
+    chosen = metric or BENCHMARKS[bench] or "exact"
+    if chosen not in METRICS:
+        raise DataError(f"unknown metric {chosen!r}; choose one of {', '.join(METRICS)}")
+    return chosen
+
+
+def score(metric: str, item: Item, prediction: str, rng: random.Random) -> float:
+    """One item's score in [0, 1]: multiple choice by MMMU's parser (under "mmmu" and "choice"), MMMU's open
+    questions by its open parser, the rest by ANLS, relaxed accuracy or exact match."""
+    if item.options and metric in ("mmmu", "choice"):
+        return float(choice_correct(item.answers, parse_choice(prediction, item.options, rng)))
+    if metric == "mmmu":
+        return float(open_correct(item.answers, parse_open(prediction)))
+    return {"anls": anls, "relaxed": relaxed}.get(metric, exact)(item.answers, prediction)
+
+
+def evaluate(
+    vlm: Any,
+    bench: str,
+    data: str | Path,
+    out: str | Path,
+    adapter: str | None = None,
+    metric: str | None = None,
+    limit: int | None = None,
+    batch: int = 16,
+    max_new_tokens: int = 64,
+    progress: bool = True,
+    name: str | None = None,
+) -> dict:
+    """Score vlm (with adapter) on the benchmark file; writes and returns the summary (its model: name, else
+    the checkpoint directory's, + the adapter's)."""
+    metric = metric_of(bench, metric)
+    items = read_items(data)[:limit]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    done = _done(out / "predictions.jsonl")
+    todo = [i for i in items if i.index not in done]
+    rng = random.Random(42)  # MMMU's fallback, seeded once per run (items in file order)
+    start = time.perf_counter()
+    for a in range(0, len(todo), batch):
+        part = todo[a : a + batch]
+        usage: list[dict] = []
+        conversations = [[{"role": "user", "content": content(i)}] for i in part]
+        answers = vlm.generate(conversations, adapters=[adapter] * len(part), max_new_tokens=max_new_tokens,
+                               usage=usage)  # fmt: skip
+        with (out / "predictions.jsonl").open("a") as f:
+            for item, answer, use in zip(part, answers, usage):
+                row = {
+                    "index": item.index,
+                    "question": item.question,
+                    "answers": item.answers,
+                    "prediction": answer,
+                    "score": score(metric, item, answer, rng),
+                    "category": item.category,
+                    "prompt_tokens": use["prompt_tokens"],
+                    "completion_tokens": use["completion_tokens"],
+                }
+                f.write(json.dumps(row) + "\n")
+                done[item.index] = row
+        if progress:
+            mean = 100 * sum(r["score"] for r in done.values()) / len(done)
+            print(f"\r{bench}: {len(done)}/{len(items)} score {mean:.1f}", end="", flush=True)
+    if progress:
+        print(flush=True)
+    seconds = time.perf_counter() - start
+    rows = [done[i.index] for i in items if i.index in done]
+    categories: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        categories[r["category"] or "all"].append(r["score"])
+    summary = {
+        "benchmark": bench,
+        "metric": metric,
+        "model": (name or vlm.name) + (f"+{adapter}" if adapter else ""),
+        "n": len(rows),
+        "score": 100 * sum(r["score"] for r in rows) / max(len(rows), 1),
+        "categories": {c: 100 * sum(s) / len(s) for c, s in sorted(categories.items())},
+        "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
+        "completion_tokens": sum(r["completion_tokens"] for r in rows),
+        "seconds": seconds,
+        "pages_per_s": len(todo) / seconds if seconds > 0 else 0.0,
+    }
+    write_files(out, {"summary.json": lambda p: p.write_text(json.dumps(summary, indent=2))})
+    return summary
+
+
+def _done(path: Path) -> dict[str, dict]:
+    """The items a run already scored (a rerun goes on from them); a cut-off last line is dropped."""
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[row["index"]] = row
+    return done

@@ -29,22 +29,34 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .api import load
+    from .eval.remote import Endpoint
     from .eval.runner import evaluate, metric_of
 
     metric_of(args.benchmark, args.metric)  # (checked before the model loads)
-    for name in ("limit", "batch", "max_new_tokens"):
+    for name in ("limit", "batch", "max_new_tokens", "concurrency"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-    vlm = load(args.model, device=args.device, dtype=args.dtype)
     adapter = None
-    if args.adapter:
-        adapter, sep, path = args.adapter.partition("=")
-        if not sep or not adapter or not path:
-            raise ConfigError(f"--adapter takes NAME=DIR (got {args.adapter!r})")
-        vlm.load_adapter(adapter, path)
-    name = "tiny" if args.model == "tiny" else vlm.name
+    if args.api_base:  # a remote OpenAI-compatible endpoint
+        if not args.api_model:
+            raise ConfigError("--api-base needs --api-model (the endpoint's model name)")
+        key = None
+        if args.api_key_env:
+            key = os.environ.get(args.api_key_env)
+            if not key:
+                raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
+        model = Endpoint(args.api_base, args.api_model, key, args.concurrency)
+        name = args.api_model
+    else:
+        model = load(args.model, device=args.device, dtype=args.dtype)
+        if args.adapter:
+            adapter, sep, path = args.adapter.partition("=")
+            if not sep or not adapter or not path:
+                raise ConfigError(f"--adapter takes NAME=DIR (got {args.adapter!r})")
+            model.load_adapter(adapter, path)
+        name = "tiny" if args.model == "tiny" else model.name
     out = args.out or f"eval/{args.benchmark}-{name}{'-' + adapter if adapter else ''}"
-    summary = evaluate(vlm, args.benchmark, args.data, out, adapter, args.metric, args.limit, args.batch,
+    summary = evaluate(model, args.benchmark, args.data, out, adapter, args.metric, args.limit, args.batch,
                        args.max_new_tokens, name=name)  # fmt: skip
     print(f"{summary['benchmark']} {summary['model']}: {summary['score']:.1f} ({summary['metric']}, n={summary['n']}, "
           f"{summary['pages_per_s']:.2f} pages/s); {out}/summary.json")  # fmt: skip
@@ -269,6 +281,10 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch", type=int, default=16, help="items generated together")
     ev.add_argument("--max-new-tokens", type=int, default=64)
     ev.add_argument("--out", default=None, help="directory for summary.json and predictions.jsonl (a rerun resumes)")
+    ev.add_argument("--api-base", default=None, help="a remote OpenAI-compatible endpoint instead of a local model")
+    ev.add_argument("--api-model", default=None, help="the endpoint's model name")
+    ev.add_argument("--api-key-env", default=None, help="the environment variable holding the endpoint's key")
+    ev.add_argument("--concurrency", type=int, default=8, help="requests in flight to the endpoint")
     ev.add_argument("--device", default=None)
     ev.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ev.set_defaults(func=cmd_eval)

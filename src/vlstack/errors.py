@@ -23,3 +23,7 @@ class UnknownModel(VLStackError):
 
 class DataError(VLStackError):
     """A dataset file vlstack cannot read: a missing column, a malformed line, an image that does not decode."""
+
+
+class EndpointError(VLStackError):
+    """A remote API that cannot be used: unreachable, a refused key, an unknown model, too many failures."""

@@ -96,3 +96,18 @@ def test_a_flaky_endpoint_is_retried_and_bad_ones_are_clear_errors(flaky, tmp_pa
     args = ["eval", "chartqa", "--data", str(data), "--api-base", flaky, "--api-model", "locked"]
     assert main([*args, "--out", str(tmp_path / "o")]) == 2
     assert main([*args, "--api-key-env", "VLSTACK_NO_SUCH_VARIABLE"]) == 2
+
+
+def test_api_prices_give_the_runs_cost(flaky, tmp_path):
+    """--price-in / --price-out (USD per million tokens): cost_usd from the endpoint's token counts; the
+    summary also as a Markdown table."""
+    summary = evaluate(Endpoint(flaky, "busy", backoff=0), "chartqa", bench(tmp_path), tmp_path / "o",
+                       progress=False, prices=(2.5, 10.0))  # fmt: skip
+    assert summary["score"] == 100.0 and summary["prompt_tokens"] == 15 and summary["completion_tokens"] == 3
+    assert summary["cost_usd"] == pytest.approx((15 * 2.5 + 3 * 10.0) / 1e6)
+    md = (tmp_path / "o" / "summary.md").read_text()
+    assert "| all | busy | 3 | 100.0 |" in md and "cost (USD)" in md
+    from vlstack.cli import main
+
+    args = ["eval", "chartqa", "--data", str(bench(tmp_path)), "--api-base", flaky, "--api-model", "busy"]
+    assert main([*args, "--price-in", "-1"]) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from importlib.metadata import version
@@ -56,8 +57,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
             model.load_adapter(adapter, path)
         name = "tiny" if args.model == "tiny" else model.name
     out = args.out or f"eval/{args.benchmark}-{name}{'-' + adapter if adapter else ''}"
+    prices = None
+    if args.price_in is not None or args.price_out is not None:
+        prices = (args.price_in or 0.0, args.price_out or 0.0)
+        if min(prices) < 0 or not all(math.isfinite(p) for p in prices):
+            raise ConfigError("--price-in / --price-out must be finite numbers >= 0 (USD per million tokens)")
     summary = evaluate(model, args.benchmark, args.data, out, adapter, args.metric, args.limit, args.batch,
-                       args.max_new_tokens, name=name)  # fmt: skip
+                       args.max_new_tokens, name=name, prices=prices)  # fmt: skip
     print(f"{summary['benchmark']} {summary['model']}: {summary['score']:.1f} ({summary['metric']}, n={summary['n']}, "
           f"{summary['pages_per_s']:.2f} pages/s); {out}/summary.json")  # fmt: skip
 
@@ -285,6 +291,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--api-model", default=None, help="the endpoint's model name")
     ev.add_argument("--api-key-env", default=None, help="the environment variable holding the endpoint's key")
     ev.add_argument("--concurrency", type=int, default=8, help="requests in flight to the endpoint")
+    ev.add_argument("--price-in", type=float, default=None, help="USD per million prompt tokens: cost_usd")
+    ev.add_argument("--price-out", type=float, default=None, help="USD per million completion tokens")
     ev.add_argument("--device", default=None)
     ev.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ev.set_defaults(func=cmd_eval)

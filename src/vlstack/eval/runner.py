@@ -4,7 +4,8 @@ rows), each prediction scored by the benchmark's official rule (metrics.py), wri
 `<out>/predictions.jsonl` gets a line per item (index, question, answers, prediction, score) as each batch
 ends, so a run that stops keeps what it scored and a rerun with the same --out goes on from there;
 `<out>/summary.json` (benchmark, model, n, score 0-100, per-category scores, tokens, seconds, pages per
-second) is written at the end, from every line of the file.
+second, and cost_usd at given prices) and `summary.md` (the same as a Markdown table) are written at the end,
+from every line of the file.
 """
 
 from __future__ import annotations
@@ -56,9 +57,11 @@ def evaluate(
     max_new_tokens: int = 64,
     progress: bool = True,
     name: str | None = None,
+    prices: tuple[float, float] | None = None,
 ) -> dict:
     """Score vlm (with adapter) on the benchmark file; writes and returns the summary (its model: name, else
-    the checkpoint directory's, + the adapter's)."""
+    the checkpoint directory's, + the adapter's). prices: USD per million prompt and completion tokens (an API's
+    list prices): the summary then holds cost_usd, for every item scored."""
     metric = metric_of(bench, metric)
     items = read_items(data)[:limit]
     out = Path(out)
@@ -109,8 +112,22 @@ def evaluate(
         "seconds": seconds,
         "pages_per_s": len(todo) / seconds if seconds > 0 else 0.0,
     }
-    write_files(out, {"summary.json": lambda p: p.write_text(json.dumps(summary, indent=2))})
+    if prices is not None:
+        summary["cost_usd"] = (summary["prompt_tokens"] * prices[0] + summary["completion_tokens"] * prices[1]) / 1e6
+    write_files(out, {"summary.json": lambda p: p.write_text(json.dumps(summary, indent=2)),
+                      "summary.md": lambda p: p.write_text(table(summary))})  # fmt: skip
     return summary
+
+
+def table(summary: dict) -> str:
+    """The summary as a Markdown table: the score, then each category's."""
+    s, has_cost = summary, "cost_usd" in summary
+    head = ["", "model", "n", "score", "pages/s"] + (["cost (USD)"] if has_cost else [])
+    first = ["all", s["model"], str(s["n"]), f"{s['score']:.1f}", f"{s['pages_per_s']:.2f}"]
+    rows = [first + ([f"{s['cost_usd']:.4f}"] if has_cost else [])]
+    rows += [[c, "", "", f"{v:.1f}", ""] + ([""] if has_cost else []) for c, v in s["categories"].items()]
+    lines = [head, ["---"] + ["---:"] * (len(head) - 1), *rows]
+    return f"{s['benchmark']} ({s['metric']})\n\n" + "".join("| " + " | ".join(r) + " |\n" for r in lines)
 
 
 def _done(path: Path) -> dict[str, dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -358,3 +359,18 @@ def test_steps_run_ahead_of_reading_their_tokens_back():
     ahead, plain = run(True), run(False)
     assert ahead == plain
     assert {reason for _, reason, _ in plain} == {"stop", "length"}
+
+
+def test_the_engine_thread_keeps_stepping_while_a_prompt_is_prefilled_in_chunks():
+    """A prompt longer than a step's prefill budget, alone on a background engine: its chunks run one step
+    after another (the thread does not idle while a prompt is part-way into the cache)."""
+    vlm = vlstack.load("tiny", device=DEVICE)
+    inputs = vlm.processor(question_messages("What does the chart show, in detail?", 1), [image(120, 50, seed=3)])
+    chunks = -(-len(inputs["input_ids"][0]) // 16)
+    assert chunks >= 10
+    engine = Engine(vlm, max_batch=2, prefill_tokens=16)
+    start = time.perf_counter()
+    req = engine.submit(inputs, None, SamplingParams(max_new_tokens=2))
+    collect(req)
+    engine.close()
+    assert req.finish_reason in ("stop", "length") and time.perf_counter() - start < chunks * 0.5  # an idle wait is 1 s

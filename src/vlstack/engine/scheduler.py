@@ -220,7 +220,7 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
-            if not self.running and self.waiting.empty() and not self.retiring:
+            if not self.running and not self.prefilling and self.waiting.empty() and not self.retiring:
                 self._wake.wait(1.0)  # idle until a request arrives
                 continue
             self.step()

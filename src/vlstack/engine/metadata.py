@@ -62,11 +62,12 @@ def packed_step(
         step.rows = slot[seq] * max_len + positions
         if any(starts or []):  # a cached prefix: keys come from the cache
             step.cached, step.slots, step.keys = True, slot, int((first + n).max())
+    place = seq * q + offset  # [T] each token's place among the sequences padded to the longest
     if t != b * q:
-        step.unpad = seq * q + offset
-        step.pad = torch.full((b * q,), t).index_copy_(0, step.unpad, torch.arange(t))
+        step.unpad = place
+        step.pad = torch.full((b * q,), t).index_copy_(0, place, torch.arange(t))
     if t != b * q or step.cached:
-        q_pos = torch.full((b * q,), 2**62).index_copy_(0, seq * q + offset, positions)  # padding: sees every key
+        q_pos = torch.full((b * q,), 2**62).index_copy_(0, place, positions)  # padding: sees every key
         key = torch.arange(step.keys)[None] + (0 if step.cached else first[:, None])  # [B, K] positions
         step.mask = (key[:, None, :] <= q_pos.view(b, q, 1))[:, None]  # [B, 1, Q, K]
     if isinstance(logits, str):

@@ -189,7 +189,7 @@ def job_losses(
     return in_job @ per_token  # [jobs]
 
 
-def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) -> list[float]:
+def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) -> torch.Tensor:
     """One fused micro-step over every running job; returns each job's loss [jobs] (on the device: read back
     when metrics are written, not at every step).
 

@@ -8,36 +8,52 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p bench/results
 
-step() {  # a heading, the command, and how long it took
-    echo "=== $1"
-    shift
+# Each step runs under its own time limit, cut to what is left of GPU_SECONDS (default 480) for the whole set,
+# and a failing step does not stop the next: one call of the lent GPU reports on every step. The log and the
+# results go to $OUT too when it is set (the device tool's folder).
+deadline=$((SECONDS + ${GPU_SECONDS:-480}))
+failed=()
+step() {  # step SECONDS HEADING COMMAND...: the heading, the command under its limit, how long it took
+    local limit=$1 heading=$2
+    shift 2
+    local left=$((deadline - SECONDS))
+    if [ "$left" -lt 20 ]; then echo "=== skipped (time): $heading"; failed+=("$heading (skipped)"); return; fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "=== $heading (limit ${limit} s)"
     local start=$SECONDS
-    "$@"
+    if ! timeout -k 10 "$limit" "$@"; then failed+=("$heading"); echo "=== FAILED: $heading"; fi
     echo "=== $((SECONDS - start)) s"
+}
+finish() {  # the summary line, and the results beside the log
+    [ -n "${OUT:-}" ] && mkdir -p "$OUT/results" && cp bench/results/*.json "$OUT/results/" 2>/dev/null || true
+    if [ "${#failed[@]}" -gt 0 ]; then printf '=== failed: %s\n' "${failed[@]}"; exit 1; fi
+    echo "=== all steps passed"
 }
 
 if [ "${1:-}" = "--dry" ]; then
-    step "tests (cpu)" python -m pytest -q -x tests/test_engine.py -k "concurrent or failing or static or chunks"
-    step "foundation (cpu, toy)" python bench/foundation.py --device cpu --prompt-len 16 --new-tokens 4 --repeat 1 \
+    step 300 "tests (cpu)" python -m pytest -q -x tests/test_engine.py -k "concurrent or failing or static or chunks"
+    step 300 "foundation (cpu, toy)" python bench/foundation.py --device cpu --prompt-len 16 --new-tokens 4 --repeat 1 \
         --compiled --out bench/results/foundation_dry.json
-    step "serving (cpu, tiny)" python bench/serve.py --model tiny --device cpu --requests 4 --rate 0 --max-tokens 8 \
+    step 300 "serving (cpu, tiny)" python bench/serve.py --model tiny --device cpu --requests 4 --rate 0 --max-tokens 8 \
         --baseline-requests 2 --adapter-cost --out bench/results/serve_dry.json
-    step "training (cpu, tiny)" python bench/multi_lora_train.py --model tiny --device cpu --steps 2 --examples 8 \
+    step 300 "training (cpu, tiny)" python bench/multi_lora_train.py --model tiny --device cpu --steps 2 --examples 8 \
         --out bench/results/train_dry.json
+    finish
     exit 0
 fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-step "CUDA tests: parity (fp32 and bf16), adapters, engine" env VLSTACK_TEST_DEVICE=cuda \
-    python -m pytest -q -x tests/test_parity.py tests/test_lora.py tests/test_engine.py
-step "decode, batch 1, InternVL3-1B shapes, bf16: vs transformers eager and compiled" \
+step 150 "CUDA tests: parity (fp32 and bf16), adapters, engine" env VLSTACK_TEST_DEVICE=cuda \
+    python -m pytest -q -p no:cacheprovider --timeout 60 tests/test_parity.py tests/test_lora.py tests/test_engine.py
+step 110 "decode, batch 1, InternVL3-1B shapes, bf16: vs transformers eager and compiled" \
     python bench/foundation.py --device cuda --prompt-len 512 --new-tokens 64 --repeat 3
-step "serving: 128 requests at once, 4 adapters, 128 tokens (baseline: the first 8, one at a time)" \
+step 100 "serving: 128 requests at once, 4 adapters, 128 tokens (baseline: the first 8, one at a time)" \
     python bench/serve.py --model internvl3-1b --device cuda --requests 128 --rate 0 --max-tokens 128 \
     --max-batch 128 --max-model-len 2048 --baseline-requests 8 --adapter-cost
-step "serving at 8 requests/s (TTFT), 4 adapters, 128 tokens" \
+step 80 "training: 4 adapters fused vs peft one after another, InternVL3-1B shapes" \
+    python bench/multi_lora_train.py --model internvl3-1b --device cuda --steps 10 --batch 4
+step 60 "serving at 8 requests/s (TTFT), 4 adapters, 128 tokens" \
     python bench/serve.py --model internvl3-1b --device cuda --requests 64 --rate 8 --max-tokens 128 \
     --max-batch 128 --max-model-len 2048 --baseline-requests 4 --out bench/results/serve_rate8.json
-step "training: 4 adapters fused vs peft one after another, InternVL3-1B shapes" \
-    python bench/multi_lora_train.py --model internvl3-1b --device cuda --steps 10 --batch 4
+finish

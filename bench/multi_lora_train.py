@@ -267,6 +267,7 @@ def main() -> None:
             raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
         results[mode] = json.loads(line[0][len("RESULT ") :])
         results[mode]["tok_s"] = results[mode]["tokens"] / results[mode]["seconds"]
+        print(f"{mode}: {results[mode]['tok_s']:.1f} tokens/s", file=sys.stderr, flush=True)  # progress
     fused = results["fused"]
     print(
         f"model {args.model}, {args.device}, {args.dtype} base, {JOBS} adapters x {args.steps} steps "

@@ -149,6 +149,18 @@ def test_cancel_frees_the_slot():
     assert long.generated < 5000
 
 
+def test_image_hash_takes_any_dtype_and_device():
+    """Tiles in bfloat16 (numpy has no such type) or on the GPU hash by their bytes; a changed pixel changes it."""
+    from vlstack.serve.cache import image_hash
+
+    tiles = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    digests = {image_hash(tiles.to(DEVICE)), image_hash(tiles.to(DEVICE, torch.bfloat16))}
+    assert image_hash(tiles.to(DEVICE, torch.bfloat16)) == image_hash(tiles.to(torch.bfloat16))  # device-blind
+    tiles[1, 2, 55, 55] += 1
+    digests |= {image_hash(tiles), image_hash(tiles.to(torch.bfloat16))}
+    assert len(digests) == 4
+
+
 @pytest.mark.parametrize("vision_tokens", [8192, 3 * 256])  # one pass; passes of 3 tiles (256 tokens each)
 def test_images_encoded_once_per_step_and_cached_by_content(vision_tokens):
     vlm = tiny_with_adapters()

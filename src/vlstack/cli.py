@@ -6,8 +6,8 @@ import argparse
 import math
 import os
 import sys
-from importlib.metadata import version
 
+from . import __version__
 from .errors import ConfigError, VLStackError
 
 
@@ -193,7 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlstack", description="Self-hosted InternVL: chat, serve, train, evaluate.")
-    p.add_argument("--version", action="version", version=f"vlstack {version('vlstack')}")
+    p.add_argument("--version", action="version", version=f"vlstack {__version__}")  # (also from a source tree)
     sub = p.add_subparsers(dest="verb", required=True)
 
     chat = sub.add_parser("chat", help="answer one question, optionally about images")

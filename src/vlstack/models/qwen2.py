@@ -88,7 +88,8 @@ class SelfAttention(nn.Module):
         q = rotate(self.q_proj(x).view(t, self.n_heads, self.head_dim), cos, sin)  # [T, H, D]
         k = rotate(self.k_proj(x).view(t, self.n_kv, self.head_dim), cos, sin)  # [T, Hkv, D]
         v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
-        return self.o_proj(attention(q, k, v, step, cache, self.index).view(t, -1))
+        y = attention(q, k, v, step, cache, self.index)  # [T, H, D] (a GPU kernel may hand back other strides)
+        return self.o_proj(y.reshape(t, -1))
 
 
 class DecoderLayer(nn.Module):

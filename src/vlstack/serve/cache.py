@@ -17,7 +17,8 @@ Key = tuple[str, str | None]  # (hash of the image's tiles, adapter of the visio
 
 def image_hash(tiles: torch.Tensor) -> str:
     """A digest of one image's tiles [n, 3, S, S]."""
-    return hashlib.sha256(tiles.contiguous().numpy()).hexdigest()  # (SHA-256 has CPU instructions: fastest here)
+    raw = tiles.detach().contiguous().flatten().view(torch.uint8).cpu()  # any dtype (numpy has no bfloat16), any device
+    return hashlib.sha256(raw.numpy()).hexdigest()  # (SHA-256 has CPU instructions: fastest here)
 
 
 def tiles_per_image(input_ids: torch.Tensor, image_token_id: int, tokens_per_tile: int) -> list[int]:

@@ -22,6 +22,7 @@ import base64
 import io
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -173,14 +174,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], port: int) -> subprocess.Popen:
+def note(message: str) -> None:
+    """Progress on stderr, with the seconds since the start: a run cut short still says how far it got."""
+    print(f"[{time.perf_counter() - STARTED:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+STARTED = time.perf_counter()
+
+
+def tail(log: Path, chars: int = 3000) -> str:
+    return log.read_text(errors="replace")[-chars:] if log.exists() else ""
+
+
+def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
+    """The server's process, its output to a log file (a pipe nobody reads fills up and stops the server)."""
     import httpx
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"{cmd} failed:\n{proc.stderr.read()[-3000:]}")
+            raise SystemExit(f"{cmd} failed:\n{tail(log)}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc
@@ -252,7 +267,14 @@ def summarise(records: list[dict]) -> dict:
 
 
 def serve_ours(
-    model: str, adapters: dict[str, str], port: int, device: str, max_batch: int, dtype: str, max_len: int | None
+    model: str,
+    adapters: dict[str, str],
+    port: int,
+    device: str,
+    max_batch: int,
+    dtype: str,
+    max_len: int | None,
+    log: Path,
 ) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "vlstack.cli", "serve", "--model", model, "--port", str(port), "--device", device,
            "--max-batch", str(max_batch), "--dtype", dtype, "--served-name", "base"]  # fmt: skip
@@ -260,13 +282,15 @@ def serve_ours(
         cmd += ["--max-model-len", str(max_len)]
     for name, path in adapters.items():
         cmd += ["--adapter", f"{name}={path}"]
-    return start(cmd, port)
+    return start(cmd, port, log)
 
 
-def serve_baseline(model: str, adapters: dict[str, str], port: int, device: str, dtype: str) -> subprocess.Popen:
+def serve_baseline(
+    model: str, adapters: dict[str, str], port: int, device: str, dtype: str, log: Path
+) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--baseline-server", json.dumps(adapters), "--model", model, "--port", str(port),
            "--device", device, "--dtype", dtype]  # fmt: skip
-    return start(cmd, port)
+    return start(cmd, port, log)
 
 
 def main() -> None:
@@ -297,24 +321,27 @@ def main() -> None:
         uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
         return
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("serve.py: terminated"))  # (the servers are stopped below)
     work_dir = Path(tempfile.mkdtemp(prefix="vlstack-serve-bench-"))
     if args.model == "internvl3-1b":
         from multi_lora_train import write_model
 
         args.model = write_model("internvl3-1b", work_dir)
     adapters = make_adapters(args.model, work_dir)
-    procs, bases = {}, {}
+    note(f"model and adapters written to {work_dir}")
+    procs, bases, logs = {}, {}, {name: work_dir / f"{name}.log" for name in ("vlstack", "baseline")}
     try:
         for name in ("vlstack", "baseline"):  # both up for the whole run; one is driven at a time
             port = free_port()
             if name == "vlstack":
-                procs[name] = serve_ours(
-                    args.model, adapters, port, args.device, args.max_batch, args.dtype, args.max_model_len
-                )
+                procs[name] = serve_ours(args.model, adapters, port, args.device, args.max_batch, args.dtype,
+                                         args.max_model_len, logs[name])  # fmt: skip
             else:
-                procs[name] = serve_baseline(args.model, adapters, port, args.device, args.dtype)
+                procs[name] = serve_baseline(args.model, adapters, port, args.device, args.dtype, logs[name])
             bases[name] = f"http://127.0.0.1:{port}"
+            note(f"{name} server up")
             asyncio.run(drive(bases[name], make_workload(2, 0, args.max_tokens, seed=10**6)))  # warm-up
+            note(f"{name} server warmed up")
         rounds = []
         for i in range(args.rounds):  # new images each round (no cache hits across rounds); the order alternates
             work = make_workload(args.requests, args.rate, args.max_tokens, args.pages, seed=i)
@@ -323,13 +350,19 @@ def main() -> None:
                 records[name] = asyncio.run(
                     drive(bases[name], work[: args.baseline_requests] if name == "baseline" else work)
                 )
+                note(f"round {i + 1}: {name} done")
             if args.adapter_cost:  # requests of the same shapes on the base model (new images: no cache hits)
                 fresh = make_workload(args.requests, args.rate, args.max_tokens, args.pages, seed=i + 10**5)
                 records["vlstack, base"] = asyncio.run(drive(bases["vlstack"], [dict(w, model="base") for w in fresh]))
+                note(f"round {i + 1}: vlstack on the base model done")
             same = sum(a.get("text") == b.get("text") for a, b in zip(records["vlstack"], records["baseline"]))
             rounds.append({name: summarise(records[name]) for name in records})
             rounds[-1]["ratio"] = rounds[-1]["vlstack"]["tokens_per_s"] / rounds[-1]["baseline"]["tokens_per_s"]
             rounds[-1]["identical_answers"] = same
+    except BaseException:  # what the servers said, for a run that failed or was cut short
+        for name, log in logs.items():
+            print(f"--- the end of {name}'s log:\n{tail(log)}", file=sys.stderr)
+        raise
     finally:
         for proc in procs.values():
             proc.terminate()

@@ -265,7 +265,8 @@ def _generate(vlm, decoder_of, prompts, rows, steps=3) -> torch.Tensor:
         out = [prefill(model, cache, [p.to(model.device) for p in prompts], slots, rows)]
         for i in range(steps):
             positions = [len(p) + i for p in prompts]
-            out.append(decoder(out[-1].argmax(-1).tolist(), positions, slots, rows))  # [B, V]
+            out.append(decoder(out[-1].argmax(-1).tolist(), positions, slots, rows).clone())  # [B, V] (a graph's
+            # output is overwritten by its next replay)
     return torch.stack(out)
 
 
@@ -330,8 +331,9 @@ def test_chat_keeps_its_engine_between_calls():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     answer = vlm.chat("What is the total?", adapter="late", max_new_tokens=8)
     assert vlm._engine is engine and answer == fresh.chat("What is the total?", adapter="late", max_new_tokens=8)
-    stream = vlm.stream("Describe the page.", max_new_tokens=12)
-    next(stream)
+    stream = vlm.stream_batch([question_messages("Describe the page.", 0)], max_new_tokens=12)
+    next(stream), next(stream)  # two steps: a token or two into the answer (text may come later: no waiting for it)
+    assert vlm._engine.running  # (the premise: mid-way)
     stream.close()  # left mid-way
     assert vlm._engine is None
     assert vlm.chat("Describe the page.", max_new_tokens=12) == first

@@ -112,7 +112,8 @@ class Decoder:
         adapters: list[str | None],
         pending: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The next token of each row (at its position, in its cache slot, with its adapter) -> logits [B, V].
+        """The next token of each row (at its position, in its cache slot, with its adapter) -> logits [B, V]
+        (a captured graph's output: valid until the next call).
         pending (rows [P], tokens [P]): rows whose token is still on the device (sampled by the step before, not
         yet read back): those tokens, copied on the device over the rows' entries of `tokens`."""
         b, model = len(tokens), self.model

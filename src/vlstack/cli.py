@@ -1,4 +1,4 @@
-"""The `vlstack` command: chat, serve, train, merge, info."""
+"""The `vlstack` command: chat, serve, train, merge, eval, synth, info."""
 
 from __future__ import annotations
 
@@ -26,6 +26,22 @@ def cmd_chat(args: argparse.Namespace) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from .synth import synthesize
+
+    def progress(done: int, total: int) -> None:
+        if done % 100 == 0 or done == total:
+            end = "\n" if done == total else ""
+            print(f"\r{args.kind}: {done}/{total} images", end=end, file=sys.stderr, flush=True)
+
+    only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
+    record = synthesize(args.kind, args.n, args.out, args.seed, args.size, args.test_fraction, args.questions, only,
+                        progress)  # fmt: skip
+    counts = {split: sum(c.values()) for split, c in record["examples"].items()}
+    print(f"{args.out}: {counts['train']} training and {counts['test']} test questions about {args.n} images "
+          f"(test templates held out: {', '.join(record['templates']['test']) or 'none'})")  # fmt: skip
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -296,6 +312,19 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None)
     ev.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ev.set_defaults(func=cmd_eval)
+
+    syn = sub.add_parser("synth", help="draw a synthetic dataset of charts or documents with computed answers")
+    syn.add_argument("kind", choices=["charts", "documents"])
+    syn.add_argument("--n", type=int, default=1000, help="images (each with several questions)")
+    syn.add_argument("--out", required=True, help="a new directory")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--size", type=int, default=448, help="the images' side in pixels")
+    syn.add_argument("--test-fraction", type=float, default=0.2, help="images for the test split (held-out templates)")
+    syn.add_argument("--questions", choices=["all", "visual"], default="all",
+                     help="visual: only what is answered by looking (counts, colours, positions, ...)")  # fmt: skip
+    syn.add_argument("--only", default=None, help="comma-separated chart or document types (bar,line,pie / "
+                     "invoice,receipt,form,table)")  # fmt: skip
+    syn.set_defaults(func=cmd_synth)
 
     info = sub.add_parser("info", help="describe a checkpoint: architecture, parameters, image tokens")
     info.add_argument("model", nargs="?", default="tiny")

@@ -1,0 +1,120 @@
+"""`vlstack synth`: offline synthetic datasets of charts and documents, for adaptation and for evaluation.
+
+A dataset directory holds `images/`, `train.jsonl` (the training format, the question asked as the evaluation
+asks it), `test.jsonl` (vlstack's benchmark JSONL: the same plus `answer`, `category` = the question's kind,
+`split`), `test.tsv` (VLMEvalKit's columns, images by path) and `provenance.json` (generator, version, seed,
+parameters, the templates of each split). Test images are drawn only from held-out templates. A seed gives the
+same dataset on any machine. The directory appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import __version__
+from ..errors import DataError
+from ..eval.benchmarks import VQA_PROMPT
+from . import charts, documents
+
+VERSION = "1"  # of the generators: bump when a seed would draw something else
+KINDS: dict[str, object] = {"charts": charts, "documents": documents}
+
+
+def subjects(kind: str) -> list[str]:
+    """What --only may name for this kind: its charts' or documents' types."""
+    module = KINDS[kind]
+    return sorted({style.get("chart") or style.get("doc") for style in module.TEMPLATES.values()})
+
+
+def synthesize(
+    kind: str,
+    n: int,
+    out: str | Path,
+    seed: int = 0,
+    size: int = 448,
+    test_fraction: float = 0.2,
+    questions: str = "all",
+    only: list[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """n images of `kind` ("charts" or "documents") with their questions into the new directory `out`;
+    questions "visual" keeps only the kinds answered by looking; only: these chart or document types.
+    Returns the provenance record."""
+    if kind not in KINDS:
+        raise DataError(f"unknown kind {kind!r}: choose one of {', '.join(KINDS)}")
+    if n < 1 or not 0 <= test_fraction < 1 or size < 64:
+        raise DataError("--n must be >= 1, --test-fraction in [0, 1), --size >= 64")
+    module = KINDS[kind]
+    unknown = set(only or []) - set(subjects(kind))
+    if unknown:
+        raise DataError(f"--only {', '.join(sorted(unknown))}: {kind} are of the types {', '.join(subjects(kind))}")
+    if questions not in ("all", "visual"):
+        raise DataError(f"--questions {questions!r}: choose all or visual")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out} already exists: synth writes a new directory (choose another --out)")
+    pool = {t: s for t, s in module.TEMPLATES.items() if not only or (s.get("chart") or s.get("doc")) in only}
+    splits = {"train": [t for t in pool if t not in module.HELD_OUT], "test": [t for t in pool if t in module.HELD_OUT]}
+    n_test = round(n * test_fraction)
+    if n_test and not splits["test"] or n - n_test and not splits["train"]:
+        raise DataError(f"--only {','.join(only or [])}: no templates for a split")
+    draw = charts.chart if kind == "charts" else documents.document
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    lines: dict[str, list[dict]] = {"train": [], "test": []}
+    counts: Counter = Counter()
+    try:
+        for i in range(n):
+            split = "test" if i >= n - n_test else "train"
+            rng = random.Random(f"{seed}:{i}")  # each image its own stream: a dataset's first k images are the same
+            sample = draw(rng, size, rng.choice(splits[split]))
+            name = f"images/{i:05d}.png"
+            sample.image.save(tmp / name)
+            for k, (what, question, answer) in enumerate(sample.questions):
+                if questions == "visual" and what not in module.VISUAL:
+                    continue
+                counts[split, what] += 1
+                prompt = f"<image>\n{question}"
+                lines[split].append({
+                    "index": f"{i}-{k}", "image": name, "answer": answer, "category": what, "split": split,
+                    "template": sample.template,
+                    "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}],
+                })  # fmt: skip
+            if progress:
+                progress(i + 1, n)
+        with open(tmp / "train.jsonl", "w", encoding="utf-8") as f:
+            for line in lines["train"]:  # asked as the evaluation asks (VQA_PROMPT), answered
+                human, gpt = line["conversations"]
+                turns = [dict(human, value=f"{human['value']}\n{VQA_PROMPT}"), gpt]
+                f.write(json.dumps({"image": line["image"], "conversations": turns}) + "\n")
+        with open(tmp / "test.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines["test"])
+        with open(tmp / "test.tsv", "w", encoding="utf-8", newline="") as f:
+            w = csv.writer(f, delimiter="\t")
+            w.writerow(["index", "image_path", "question", "answer", "category", "split"])
+            for line in lines["test"]:
+                question = line["conversations"][0]["value"].removeprefix("<image>\n")
+                w.writerow([line["index"], line["image"], question, line["answer"], line["category"], "test"])
+        provenance = {
+            "generator": f"vlstack.synth.{kind}", "version": VERSION, "vlstack": __version__, "seed": seed, "n": n,
+            "size": size, "test_fraction": test_fraction, "questions": questions, "only": only or [],
+            "templates": splits, "examples": {s: dict(sorted((w, c) for (t, w), c in counts.items() if t == s))
+                                              for s in ("train", "test")},
+        }  # fmt: skip
+        (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # (empty: checked above)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return provenance

@@ -1,0 +1,178 @@
+"""Synthetic charts (bar, line, pie) drawn from a random table, with questions whose answers are computed from
+that table: what can be seen without reading text (how many bars, which colour, which position, the trend,
+the chart's type) and what needs the text (a value, the largest, a comparison, arithmetic, the whole table).
+
+Each chart is drawn from a template (a style); the templates in HELD_OUT are drawn only for the test split.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+from .draw import BACKGROUNDS, COLOURS, font, scan, text_width
+
+# kinds of question answered by looking alone; the rest need the chart's text read
+VISUAL = ("count", "type", "colour", "position", "trend")
+
+TEMPLATES: dict[str, dict] = {
+    "bar-grid": dict(chart="bar", grid=True, labels=False, width=0.6),
+    "bar-plain": dict(chart="bar", grid=False, labels=True, width=0.7),
+    "bar-thin": dict(chart="bar", grid=True, labels=True, width=0.4),
+    "bar-framed": dict(chart="bar", grid=False, labels=False, width=0.55, frame=True),
+    "line-plain": dict(chart="line", grid=False, markers=False),
+    "line-grid": dict(chart="line", grid=True, markers=True),
+    "line-framed": dict(chart="line", grid=True, markers=False, frame=True),
+    "pie-labels": dict(chart="pie", legend=False),
+    "pie-legend": dict(chart="pie", legend=True),
+    "pie-offset": dict(chart="pie", legend=False, offset=True),
+}
+HELD_OUT = {"bar-framed", "line-framed", "pie-offset"}
+
+TOPICS = [
+    ("Sales by region", ["North", "South", "East", "West", "Centre"]),
+    ("Revenue by quarter", ["Q1", "Q2", "Q3", "Q4", "Q5"]),
+    ("Visitors by year", ["2019", "2020", "2021", "2022", "2023", "2024", "2025"]),
+    ("Fruit harvest", ["Apples", "Pears", "Plums", "Cherries", "Grapes"]),
+    ("Tickets by team", ["Alpha", "Beta", "Gamma", "Delta", "Omega"]),
+    ("Monthly orders", ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul"]),
+]
+
+
+@dataclass
+class Sample:
+    image: Image.Image
+    template: str
+    questions: list[tuple[str, str, str]]  # (kind, question, answer)
+    table: dict  # what was drawn: title, labels, values, colours
+
+
+def chart(rng: random.Random, size: int, template: str, noise: float = 6.0, turn: float = 1.5) -> Sample:
+    """One chart of `template` on a size x size canvas, and its questions."""
+    style = TEMPLATES[template]
+    kind = style["chart"]
+    n = rng.randint(4, 7) if kind == "line" else rng.randint(3, 5)
+    title, pool = rng.choice([t for t in TOPICS if len(t[1]) >= n])
+    start = rng.randrange(len(pool) - n + 1) if kind == "line" else 0
+    labels = pool[start : start + n] if kind == "line" else rng.sample(pool, n)
+    if kind == "pie":  # shares of 100, all different
+        cuts = sorted(rng.sample(range(5, 96), n - 1))
+        values = [b - a for a, b in zip([0, *cuts], [*cuts, 100])]
+        while len(set(values)) < n or min(values) < 4:
+            cuts = sorted(rng.sample(range(5, 96), n - 1))
+            values = [b - a for a, b in zip([0, *cuts], [*cuts, 100])]
+    else:
+        values = rng.sample(range(5, 101), n)
+    names = rng.sample([c for c in COLOURS if c != "black"], n) if kind != "line" else [rng.choice(list(COLOURS))]
+    img = Image.new("RGB", (size, size), rng.choice(BACKGROUNDS))
+    draw = ImageDraw.Draw(img)
+    s = size / 224  # sizes below are for a 224-pixel canvas
+    draw.text((size / 2, 4 * s), title, fill=(30, 30, 30), font=font(round(11 * s)), anchor="mt")
+    box = (28 * s, 22 * s, size - 8 * s, size - 22 * s)  # the plot area: left, top, right, bottom
+    {"bar": _bars, "line": _line, "pie": _pie}[kind](draw, rng, style, box, s, labels, values, names)
+    img = scan(img, rng, noise, turn)
+    table = dict(title=title, labels=labels, values=values, colours=names)
+    return Sample(img, template, questions(kind, table, rng), table)
+
+
+def questions(kind: str, t: dict, rng: random.Random) -> list[tuple[str, str, str]]:
+    labels, values, colours = t["labels"], t["values"], t["colours"]
+    n, top, low = len(values), values.index(max(values)), values.index(min(values))
+    thing = {"bar": "bars", "line": "points", "pie": "slices"}[kind]
+    out = [("count", f"How many {thing} does the chart have?", str(n)), ("type", "What type of chart is this?", kind)]
+    if kind == "bar":
+        out += [("colour", "What colour is the tallest bar?", colours[top]),
+                ("position", "Counting from the left, which bar is the tallest?", str(top + 1))]  # fmt: skip
+    elif kind == "line":
+        out += [("colour", "What colour is the line?", colours[0]),
+                ("position", "Counting from the left, which point is the highest?", str(top + 1)),
+                ("trend", "Does the line end higher or lower than it starts?",
+                 "higher" if values[-1] > values[0] else "lower")]  # fmt: skip
+    else:
+        out.append(("colour", "What colour is the largest slice?", colours[top]))
+    a, b = rng.sample(range(n), 2)
+    unit = "%" if kind == "pie" else ""
+    out += [
+        ("retrieval", f"What is the value of {labels[a]}?", f"{values[a]}{unit}"),
+        ("extremum", "Which category has the highest value?", labels[top]),
+        ("extremum", "Which category has the lowest value?", labels[low]),
+        ("comparison", f"Is the value of {labels[a]} greater than that of {labels[b]}?",
+         "Yes" if values[a] > values[b] else "No"),
+        ("arithmetic", "What is the difference between the highest and the lowest value?",
+         str(max(values) - min(values))),
+        ("arithmetic", f"What is the sum of {labels[a]} and {labels[b]}?", str(values[a] + values[b])),
+        ("to_table", "Convert the chart to a table.",
+         "\n".join(["label | value"] + [f"{x} | {v}{unit}" for x, v in zip(labels, values)])),
+    ]  # fmt: skip
+    return out
+
+
+def _axes(draw, style, box, s, top_value) -> float:
+    """Axes, ticks and (if the style has them) grid lines: the y scale's maximum."""
+    left, top, right, bottom = box
+    ymax = 10 * -(-top_value // 10)
+    for k in range(5):
+        y = bottom - (bottom - top) * k / 4
+        if style.get("grid") and k:
+            draw.line((left, y, right, y), fill=(215, 215, 215), width=1)
+        draw.text((left - 3 * s, y), str(round(ymax * k / 4)), fill=(60, 60, 60), font=font(round(8 * s)), anchor="rm")
+    draw.line((left, top, left, bottom), fill=(40, 40, 40), width=max(1, round(s)))
+    draw.line((left, bottom, right, bottom), fill=(40, 40, 40), width=max(1, round(s)))
+    if style.get("frame"):
+        draw.rectangle((left, top, right, bottom), outline=(40, 40, 40), width=max(1, round(s)))
+    return ymax
+
+
+def _bars(draw, rng, style, box, s, labels, values, names) -> None:
+    left, top, right, bottom = box
+    ymax = _axes(draw, style, box, s, max(values))
+    slot = (right - left) / len(values)
+    for i, (label, value, name) in enumerate(zip(labels, values, names)):
+        x0 = left + slot * (i + (1 - style["width"]) / 2)
+        y = bottom - (bottom - top) * value / ymax
+        draw.rectangle((x0, y, x0 + slot * style["width"], bottom), fill=COLOURS[name])
+        centre = left + slot * (i + 0.5)
+        draw.text((centre, bottom + 3 * s), label, fill=(40, 40, 40), font=font(round(8 * s)), anchor="mt")
+        if style["labels"]:
+            draw.text((centre, y - 2 * s), str(value), fill=(40, 40, 40), font=font(round(8 * s)), anchor="mb")
+
+
+def _line(draw, rng, style, box, s, labels, values, names) -> None:
+    left, top, right, bottom = box
+    ymax = _axes(draw, style, box, s, max(values))
+    step = (right - left) / len(values)
+    points = [(left + step * (i + 0.5), bottom - (bottom - top) * v / ymax) for i, v in enumerate(values)]
+    draw.line(points, fill=COLOURS[names[0]], width=max(2, round(2 * s)))
+    for (x, y), label in zip(points, labels):
+        if style["markers"]:
+            r = 3 * s
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=COLOURS[names[0]])
+        draw.text((x, bottom + 3 * s), label, fill=(40, 40, 40), font=font(round(8 * s)), anchor="mt")
+
+
+def _pie(draw, rng, style, box, s, labels, values, names) -> None:
+    left, top, right, bottom = box
+    legend = style["legend"]
+    cx = (left + right) / 2 - (30 * s if legend else 0)
+    cy = (top + bottom) / 2
+    r = min(right - left - (60 * s if legend else 40 * s), bottom - top - 20 * s) / 2
+    angle = rng.uniform(0, 360) if style.get("offset") else -90.0
+    for i, (label, value, name) in enumerate(zip(labels, values, names)):
+        sweep = 360 * value / 100
+        draw.pieslice((cx - r, cy - r, cx + r, cy + r), angle, angle + sweep, fill=COLOURS[name], outline="white")
+        if legend:
+            y = top + 12 * s * i
+            draw.rectangle((right - 52 * s, y, right - 45 * s, y + 7 * s), fill=COLOURS[name])
+            draw.text((right - 42 * s, y), f"{label} {value}%", fill=(40, 40, 40), font=font(round(7 * s)))
+        else:
+            mid = math.radians(angle + sweep / 2)
+            x, y = cx + 1.15 * r * math.cos(mid), cy + 1.15 * r * math.sin(mid)
+            text = f"{label} {value}%"
+            anchor = "lm" if math.cos(mid) >= 0 else "rm"
+            width = text_width(text, round(7 * s))
+            x = max(x, width + 2 * s) if anchor == "rm" else min(x, right + 6 * s - width)  # (on the canvas)
+            draw.text((x, y), text, fill=(40, 40, 40), font=font(round(7 * s)), anchor=anchor)
+        angle += sweep

@@ -1,0 +1,115 @@
+"""`vlstack synth`: charts and documents whose drawn pixels agree with their computed answers, the same dataset
+from the same seed, held-out templates only in the test split, files that the trainer and the evaluator read."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from vlstack.errors import DataError
+from vlstack.eval.benchmarks import read_items
+from vlstack.synth import charts, documents, synthesize
+from vlstack.synth.draw import COLOURS
+from vlstack.train.data import read_dataset
+
+
+def colour_mask(img, name: str) -> np.ndarray:
+    return (np.asarray(img) == COLOURS[name]).all(-1)  # [H, W]
+
+
+@pytest.mark.parametrize("template", ["bar-grid", "bar-plain", "bar-thin", "bar-framed"])
+def test_bar_answers_agree_with_the_pixels(template):
+    """Without noise or a turn: one region per bar, each of its own colour; the tallest (its top highest on the
+    page) is the colour and the position the answers name, and there are as many as the count says."""
+    for seed in range(5):
+        s = charts.chart(random.Random(seed), 224, template, noise=0, turn=0)
+        answers = {kind: answer for kind, _, answer in s.questions}
+        drawn = [c for c in COLOURS if colour_mask(s.image, c).any()]
+        assert sorted(drawn) == sorted(s.table["colours"]) and answers["count"] == str(len(drawn))
+        tops = {c: np.nonzero(colour_mask(s.image, c).any(1))[0].min() for c in drawn}
+        lefts = {c: np.nonzero(colour_mask(s.image, c).any(0))[0].min() for c in drawn}
+        tallest = min(tops, key=tops.get)
+        assert answers["colour"] == tallest
+        assert answers["position"] == str(sorted(lefts.values()).index(lefts[tallest]) + 1)
+
+
+def test_line_and_pie_answers_agree_with_the_pixels():
+    for seed in range(5):
+        line = charts.chart(random.Random(seed), 224, "line-plain", noise=0, turn=0)
+        answers = {kind: answer for kind, _, answer in line.questions}
+        mask = colour_mask(line.image, answers["colour"])
+        cols = np.nonzero(mask.any(0))[0]
+        first, last = (np.nonzero(mask[:, x])[0].mean() for x in (cols.min(), cols.max()))
+        assert answers["trend"] == ("higher" if last < first else "lower")  # (up the page is higher)
+        pie = charts.chart(random.Random(seed), 224, "pie-legend", noise=0, turn=0)
+        answers = {kind: answer for kind, _, answer in pie.questions}
+        areas = {c: colour_mask(pie.image, c).sum() for c in pie.table["colours"]}
+        assert answers["colour"] == max(areas, key=areas.get) and answers["count"] == str(len(areas))
+
+
+def test_document_answers_agree_with_the_pixels():
+    """A PAID stamp is red ink on the page exactly when the answer says so; a table's header is the colour
+    named; an invoice's total is the sum of its items' amounts."""
+    stamps = set()
+    for seed in range(8):
+        receipt = documents.document(random.Random(seed), 224, "receipt-centre", noise=0, turn=0)
+        answers = {kind: answer for kind, _, answer in receipt.questions}
+        stamps.add(answers["stamp"])
+        assert answers["stamp"] == ("Yes" if colour_mask(receipt.image, "red").sum() > 50 else "No")
+        table = documents.document(random.Random(seed), 224, "table-plain", noise=0, turn=0)
+        answers = {kind: answer for kind, _, answer in table.questions}
+        assert colour_mask(table.image, answers["colour"]).sum() > 1000
+        invoice = documents.document(random.Random(seed), 224, "invoice-band", noise=0, turn=0)
+        answers = {kind: answer for kind, _, answer in invoice.questions}
+        assert answers["total"] == f"{sum(q * p for _, q, p in invoice.table['items']):.2f}"
+        assert answers["count"] == str(len(invoice.table["items"]))
+    assert stamps == {"Yes", "No"}
+
+
+def test_dataset_is_reproducible_and_holds_out_templates(tmp_path):
+    a = synthesize("charts", 12, tmp_path / "a", seed=3, size=224, test_fraction=0.25)
+    b = synthesize("charts", 12, tmp_path / "b", seed=3, size=224, test_fraction=0.25)
+    synthesize("charts", 12, tmp_path / "c", seed=4, size=224, test_fraction=0.25)
+    assert a == b
+    for name in ("train.jsonl", "test.jsonl", "test.tsv", "images/00005.png", "images/00011.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a/images/00005.png").read_bytes() != (tmp_path / "c/images/00005.png").read_bytes()
+    test = [json.loads(x) for x in (tmp_path / "a/test.jsonl").read_text().splitlines()]
+    assert {x["template"] for x in test} <= charts.HELD_OUT and {x["split"] for x in test} == {"test"}
+    assert {x["image"] for x in test} == {f"images/{i:05d}.png" for i in range(9, 12)}  # 25% of 12 images
+    assert not set(a["templates"]["train"]) & charts.HELD_OUT
+    provenance = json.loads((tmp_path / "a/provenance.json").read_text())
+    assert provenance["seed"] == 3 and provenance["generator"] == "vlstack.synth.charts"
+    assert sum(provenance["examples"]["test"].values()) == len(test)
+
+
+def test_the_trainer_and_the_evaluator_read_the_dataset(tmp_path):
+    synthesize("documents", 10, tmp_path / "d", seed=0, size=224, questions="visual", only=["form", "receipt"])
+    train = read_dataset(tmp_path / "d/train.jsonl")
+    assert train and all(len(ex.images) == 1 for ex in train)
+    assert all("single word or phrase" in json.dumps(json.loads(x)) for x in open(tmp_path / "d/train.jsonl"))
+    jsonl, tsv = read_items(tmp_path / "d/test.jsonl"), read_items(tmp_path / "d/test.tsv")
+    assert [(i.index, i.question, i.answers, i.category, i.images) for i in jsonl] == [
+        (i.index, i.question, i.answers, i.category, i.images) for i in tsv
+    ]
+    assert {i.category for i in jsonl} <= set(documents.VISUAL) and jsonl[0].question.endswith("?")
+
+
+def test_bad_requests_are_refused_and_nothing_is_left(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full/keep.txt").write_text("mine")
+    with pytest.raises(DataError, match="already exists"):
+        synthesize("charts", 4, tmp_path / "full")
+    assert (tmp_path / "full/keep.txt").read_text() == "mine"
+    with pytest.raises(DataError, match="--only scatter: charts are of the types bar, line, pie"):
+        synthesize("charts", 4, tmp_path / "x", only=["scatter"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # no half-written directory
+    out = run_cli("synth", "documents", "--n", "0", "--out", str(tmp_path / "y"))
+    assert out.returncode == 2 and "--n must be >= 1" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli("synth", "charts", "--n", "3", "--size", "96", "--out", str(tmp_path / "z"))
+    assert out.returncode == 0, out.stderr
+    assert "training and" in out.stdout and (tmp_path / "z/provenance.json").is_file()

@@ -666,3 +666,39 @@ def test_two_processes_give_the_adapters_of_one(tmp_path):
     bad.write_text("model: tiny\njobs:\n  - {name: x, data: law.jsonl, output: o/x, batch_size: 3, steps: 1}\n")
     run = run_cli("train", str(bad), processes=2)
     assert run.returncode != 0 and "batch_size 3 is not a multiple of 2 processes" in run.stderr
+
+
+def test_a_full_job_trains_every_weight_into_a_checkpoint_transformers_loads(tmp_path):
+    """full: true trains the model itself (no adapter): the loss falls far, every part of the model moves, the
+    output is a whole checkpoint that transformers loads with our logits, and the built-in tiny model stays
+    the random one."""
+    from transformers import InternVLForConditionalGeneration
+
+    job = Job("base", write_dataset(tmp_path, "d", 4, True), tmp_path / "trained", batch_size=4, steps=30, lr=3e-3,
+              schedule="constant", full=True)  # fmt: skip
+    vlm = vlstack.load("tiny", device="cpu")
+    before = {k: v.clone() for k, v in vlm.model.state_dict().items()}
+    losses = train(vlm, [job], max_rows=4, verbose=False)["base"].losses
+    assert losses[-1] < losses[0] - 3.0  # (an adapter of the same steps gains about 1 nat: above)
+    moved = {k.split(".")[0] for k, v in vlm.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved == {"vision_tower", "multi_modal_projector", "language_model", "lm_head"}
+    assert not any(p.requires_grad for p in vlm.model.parameters())
+    trained = vlstack.load(tmp_path / "trained", device="cpu")
+    hf = InternVLForConditionalGeneration.from_pretrained(tmp_path / "trained").eval()
+    enc = encode_example(trained.processor, read_dataset(job.data)[0], 4096)
+    ids, pv = enc["input_ids"][None], enc["pixel_values"]
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=pv).logits
+    assert rel_err(trained(ids, pv), ref) <= 1e-4 and rel_err(vlm(ids, pv), ref) <= 1e-4
+    fresh = vlstack.load("tiny", device="cpu").model.state_dict()
+    assert all(torch.equal(fresh[k], before[k]) for k in before)
+
+
+def test_a_full_job_runs_alone(tmp_path):
+    data = write_dataset(tmp_path, "d", 2, False)
+    (tmp_path / "jobs.yaml").write_text(
+        f"jobs:\n  - {{name: base, data: {data}, output: out/base, steps: 1, full: true}}\n"
+        f"  - {{name: other, data: {data}, output: out/other, steps: 1}}\n"
+    )
+    with pytest.raises(JobError, match="full: true trains the base itself.*runs alone"):
+        read_plan(tmp_path / "jobs.yaml")

@@ -154,7 +154,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         more = PlanWatcher(args.jobs, plan) if args.watch else None
         done = train(vlm, plan.jobs, plan.max_rows, more=more, **options)
     for r in done.values():
-        print(f"{r.job.name}: adapter written to {r.job.output}")
+        print(f"{r.job.name}: {'model' if r.job.full else 'adapter'} written to {r.job.output}")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:

@@ -47,6 +47,8 @@ def save_state(r: Running) -> None:
 
 def shape_of(job: Job) -> dict:
     """What fixes the shape of a job's adapter: a checkpoint resumes only a job of the same shape."""
+    if job.full:
+        return {"full": True}
     return {"rank": job.rank, "targets": sorted(job.targets), "parts": sorted(job.parts)}
 
 

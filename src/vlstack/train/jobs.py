@@ -29,6 +29,8 @@ jobs:
     max_grad_norm: 1.0
     seed: 0
     save_every: 50          # checkpoint every K optimizer steps, for --resume (0: only at the end)
+  # - name: base            # full: true trains every weight of the model instead of an adapter (a small model
+  #   full: true            #   from scratch, say): output gets a whole checkpoint; such a job runs alone
 
 Bounds: name 1-64 letters, digits, '_', '-' or ':' (a YAML string: quote names such as off or 1e3); rank
 1-1024; batch_size and grad_accum 1-1024; max_len 8-1048576; numbers finite.
@@ -78,6 +80,7 @@ class Job:
     max_grad_norm: float = 1.0
     seed: int = 0
     save_every: int = 0  # checkpoint every K optimizer steps (0: only at the end)
+    full: bool = False  # every weight trained (no adapter); output: a whole checkpoint
 
     @property
     def spec(self) -> LoRASpec:
@@ -170,6 +173,8 @@ def read_plan(path: str | Path) -> Plan:
         if not isinstance(job, dict):
             raise JobError(f"{path}: job {i + 1} must be a mapping of fields")
         jobs.append(_check(job, f"{path}: job {i + 1}", path.parent))
+    if len(jobs) > 1 and any(j.full for j in jobs):
+        raise JobError(f"{path}: a job with full: true trains the base itself, which the others share: it runs alone")
     names = [j.name for j in jobs]
     if len(set(names)) != len(names):
         raise JobError(f"{path}: job names must be unique (got {names})")

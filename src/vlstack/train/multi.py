@@ -87,8 +87,14 @@ def total_steps(job: Job, n_examples: int) -> int:
 
 
 def start(vlm: VLM, job: Job, examples: list[Example], state: dict | None = None) -> Running:
-    """Add the job's adapter and optimizer; from a checkpoint's state when resuming."""
-    params = add_adapter(vlm.model, job.name, job.spec, seed=job.seed)
+    """Add the job's adapter (or, for a full job, make every weight trainable) and optimizer; from a checkpoint's
+    state when resuming."""
+    if job.full:
+        params = list(vlm.model.parameters())
+        for p in params:
+            p.requires_grad_(True)
+    else:
+        params = add_adapter(vlm.model, job.name, job.spec, seed=job.seed)
     # its state and schedule; stepped with every ready job's at once (optim.step_jobs: one foreach step on a GPU,
     # this fused kernel on a CPU, where the per-tensor loop was 10% of a tiny model's step)
     optimizer = torch.optim.AdamW(params, fused=True, lr=job.lr, weight_decay=job.weight_decay)
@@ -222,7 +228,7 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
         in_job = F.one_hot(batch.pop("job")[learn], jobs).T.float().to(device)  # [jobs, N]
         image_tokens = batch["input_ids"] == vlm.cfg.image_token_id  # [T], on the host
         batch = {k: v.to(device) for k, v in batch.items()}
-        names = [running[i].job.name for i, _ in group]
+        names = [None if running[i].job.full else running[i].job.name for i, _ in group]  # (full: the base's own)
         with route(model, names, counts=seqlens, rows=keyed):  # a job's rows: one run
             prepare_lora(model, len(labels), device)  # (on a GPU: every job's LoRA in one pair of matmuls)
             if "pixel_values" in batch:
@@ -286,7 +292,7 @@ def added(more: Callable[[], list[Job]], lead: bool) -> list[Job]:
 def finished_before(job: Job, state: dict | None, n_examples: int) -> bool:
     """A resumed job whose checkpoint says it ended, with its adapter written."""
     done = state is not None and state["step"] >= total_steps(job, n_examples)
-    return done and (job.output / "adapter_model.safetensors").is_file()
+    return done and (job.output / ("model.safetensors" if job.full else "adapter_model.safetensors")).is_file()
 
 
 def train(
@@ -331,6 +337,8 @@ def train(
                 try:
                     if job.name in datasets:
                         raise JobError("a job of that name is already in this run")
+                    if job.full or any(j.full for j in known):
+                        raise JobError("a job with full: true trains the base itself: it runs alone")
                     check_batch(job, size)
                     examples = read_dataset(job.data)
                     check_outputs(known + [job], vlm.directory, {**files, job.name: inputs(job, examples)})
@@ -352,14 +360,20 @@ def train(
                 if lead:  # one process writes: metrics, adapter, checkpoint, curve
                     if done or r.step % log_every == 0:
                         record(r, verbose)
-                    if done:  # the adapter first: a checkpoint saying "done" implies the adapter is complete
+                    if done and r.job.full:  # the model first: a checkpoint saying "done" implies it is complete
+                        vlm.save(r.job.output)
+                    elif done:  # likewise the adapter
                         save_adapter(model, r.job.name, r.job.output, r.job.spec, base=str(vlm.directory))
                     if done or (r.job.save_every and r.step % r.job.save_every == 0):
                         save_state(r)
                     if done:
                         plot_loss(r)
                 if done:
-                    remove_adapter(model, r.job.name)
+                    if r.job.full:
+                        for p in r.params:
+                            p.requires_grad_(False)
+                    else:
+                        remove_adapter(model, r.job.name)
                     running.remove(r)
                     finished[r.job.name] = r
     finally:

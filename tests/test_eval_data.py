@@ -10,6 +10,7 @@ import json
 
 import pytest
 from conftest import image
+from PIL import Image
 
 from vlstack.errors import DataError
 from vlstack.eval.benchmarks import CHOICE_PROMPT, VQA_PROMPT, content, read_items
@@ -98,7 +99,7 @@ def test_bad_jsonl_and_placeholders_are_clear_errors(tmp_path):
         content(read_items(tmp_path / "m.tsv")[0])
 
 
-def test_vlstack_eval_scores_the_tiny_model_end_to_end_and_resumes(tmp_path):
+def test_vlstack_eval_scores_the_tiny_model_end_to_end_and_resumes(tmp_path, capsys):
     """`vlstack eval` on the tiny model: summary.json and predictions.jsonl, each score the official rule
     applied to the prediction; a run cut short (--limit) goes on from its predictions when run again."""
     import random
@@ -116,6 +117,8 @@ def test_vlstack_eval_scores_the_tiny_model_end_to_end_and_resumes(tmp_path):
     assert main([*common, "--limit", "2", "--batch", "2"]) == 0
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
     assert main([*common, "--batch", "2"]) == 0  # resumes: the 3 others only
+    bar = capsys.readouterr().out  # the progress bar: 2 done before, 2 more, then the last
+    assert "\rmmmu [" + "#" * 24 + "." * 6 + "] 4/5 score" in bar and "\rmmmu [" + "#" * 30 + "] 5/5 score" in bar
     lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert [x["index"] for x in lines] == ["0", "1", "2", "3", "4"]
     summary = json.loads((out / "summary.json").read_text())
@@ -126,5 +129,46 @@ def test_vlstack_eval_scores_the_tiny_model_end_to_end_and_resumes(tmp_path):
     for x in lines:  # open questions by the open parser; the others' letters may come from the seeded fallback
         if not items[x["index"]].options:
             assert x["score"] == score("mmmu", items[x["index"]], x["prediction"], random.Random(0))
+    assert Image.open(out / "summary.png").size[1] > 48 + 26 * 3  # a bar for all, odd and even
     assert main(["eval", "mmmu", "--data", str(tmp_path / "nope.tsv")]) == 2
     assert main(["eval", "mmmu", "--data", str(tmp_path / "b.tsv"), "--batch", "0"]) == 2
+
+
+def test_mmmu_disciplines_are_instance_weighted():
+    """Business = Accounting's 3 items and Economics' 1 together (75), not the mean of the two subjects' means
+    (83.3); subjects named with spaces or underscores alike; an unknown subject under Other."""
+    from vlstack.eval.runner import breakdown
+
+    rows = [{"category": c, "score": x} for c, x in [("Accounting", 1), ("Accounting", 1), ("Accounting", 0),
+            ("Economics", 1), ("Art Theory", 0), ("Art_Theory", 1), ("Astrology", 1)]]  # fmt: skip
+    out = breakdown(rows, "mmmu")
+    assert out["disciplines"] == {"Art and Design": 50.0, "Business": 75.0, "Other": 100.0}
+    assert out["categories"]["Accounting"] == pytest.approx(200 / 3) and out["categories"]["Economics"] == 100.0
+    assert "disciplines" not in breakdown(rows, "chartqa")
+
+
+def test_eval_report_compares_runs_with_their_costs(tmp_path, capsys):
+    """Runs side by side: a local run's cost per 1,000 pages from its GPU time at --gpu-price, an API run's from
+    its token cost; a directory that is not a run is a clear error."""
+    from vlstack.cli import main
+
+    write_tsv(tmp_path / "b.tsv", [{"index": str(i), "image": b64(png(i)), "question": "How many?", "answer": "3"}
+                                   for i in range(3)])  # fmt: skip
+    assert main(["eval", "chartqa", "--data", str(tmp_path / "b.tsv"), "--out", str(tmp_path / "local"),
+                 "--max-new-tokens", "3"]) == 0  # fmt: skip
+    api = {"benchmark": "chartqa", "model": "gpt-x", "n": 200, "score": 81.5, "seconds": 50.0, "pages_per_s": 4.0,
+           "cost_usd": 0.9, "source": "https://api.example.com/v1/chat/completions"}  # fmt: skip
+    (tmp_path / "api").mkdir()
+    (tmp_path / "api/summary.json").write_text(json.dumps(api))
+    capsys.readouterr()
+    assert main(["eval", "report", str(tmp_path / "local"), str(tmp_path / "api"), "--gpu-price", "3.6",
+                 "--out", str(tmp_path / "cmp")]) == 0  # fmt: skip
+    local = json.loads((tmp_path / "local/summary.json").read_text())
+    text = (tmp_path / "cmp/report.md").read_text()
+    assert text in capsys.readouterr().out
+    assert f"| local | chartqa | tiny | local (cpu) | 3 | {local['score']:.1f} |" in text
+    assert f"| {1000 * 3.6 * local['seconds'] / 3600 / 3:.3f} |" in text  # GPU hours at 3.6 USD
+    assert "| api | chartqa | gpt-x | API | 200 | 81.5 | 4.00 | 4.500 |" in text  # 0.9 USD / 200 pages
+    assert Image.open(tmp_path / "cmp/report.png").format == "PNG"
+    assert main(["eval", "report", str(tmp_path)]) == 2
+    assert "no summary.json" in capsys.readouterr().err

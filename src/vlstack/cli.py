@@ -49,6 +49,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .eval.remote import Endpoint
     from .eval.runner import evaluate, metric_of
 
+    if args.benchmark == "report":
+        from .eval.report import report
+
+        if args.gpu_price is not None and not (math.isfinite(args.gpu_price) and args.gpu_price >= 0):
+            raise ConfigError("--gpu-price must be a finite number >= 0 (USD per hour)")
+        out = args.out or "eval/report"
+        print(report(args.runs, out, args.gpu_price) + f"\n(written to {out}/report.md and report.png)")
+        return
+    if args.runs:
+        raise ConfigError(f"unexpected argument(s) {' '.join(args.runs)} (only `vlstack eval report` takes runs)")
+    if not args.data:
+        raise ConfigError(f"vlstack eval {args.benchmark} needs --data (a VLMEvalKit .tsv or a vlstack .jsonl)")
     metric_of(args.benchmark, args.metric)  # (checked before the model loads)
     for name in ("limit", "batch", "max_new_tokens", "concurrency"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -293,8 +305,11 @@ def parser() -> argparse.ArgumentParser:
     merge.set_defaults(func=cmd_merge)
 
     ev = sub.add_parser("eval", help="score a model (or an adapter) on a benchmark by its official rules")
-    ev.add_argument("benchmark", choices=["mmmu", "docvqa", "chartqa", "vqa"])
-    ev.add_argument("--data", required=True, help="the benchmark: a VLMEvalKit .tsv or a vlstack .jsonl")
+    ev.add_argument("benchmark", choices=["mmmu", "docvqa", "chartqa", "vqa", "report"],
+                    help="a benchmark; or report DIR...: earlier runs (their --out) side by side")  # fmt: skip
+    ev.add_argument("runs", nargs="*", help=argparse.SUPPRESS)
+    ev.add_argument("--data", default=None, help="the benchmark: a VLMEvalKit .tsv or a vlstack .jsonl")
+    ev.add_argument("--gpu-price", type=float, default=None, help="report: USD per GPU hour, for local runs' cost")
     ev.add_argument("--model", default="tiny")
     ev.add_argument("--adapter", default=None, help="NAME=DIR: score the model with this PEFT adapter")
     ev.add_argument("--metric", default=None, choices=["exact", "anls", "relaxed", "choice", "mmmu"],

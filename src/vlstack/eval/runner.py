@@ -3,8 +3,9 @@ rows), each prediction scored by the benchmark's official rule (metrics.py), wri
 
 `<out>/predictions.jsonl` gets a line per item (index, question, answers, prediction, score) as each batch
 ends, so a run that stops keeps what it scored and a rerun with the same --out goes on from there;
-`<out>/summary.json` (benchmark, model, n, score 0-100, per-category scores, tokens, seconds, pages per
-second, and cost_usd at given prices) and `summary.md` (the same as a Markdown table) are written at the end,
+`<out>/summary.json` (benchmark, model, n, score 0-100, per-category scores (MMMU: per subject and per
+discipline, instance-weighted), tokens, seconds, pages per second, where it ran, and cost_usd at given prices),
+`summary.md` (the same as a Markdown table) and `summary.png` (the scores as bars) are written at the end,
 from every line of the file.
 """
 
@@ -21,9 +22,23 @@ from ..errors import DataError
 from ..files import write_files
 from .benchmarks import Item, content, read_items
 from .metrics import anls, choice_correct, exact, open_correct, parse_choice, parse_open, relaxed
+from .plot import bar_chart
 
 BENCHMARKS = {"mmmu": "mmmu", "docvqa": "anls", "chartqa": "relaxed", "vqa": None}  # benchmark -> its metric
 METRICS = ("exact", "anls", "relaxed", "choice", "mmmu")
+
+# MMMU's six disciplines and their 30 subjects (its category column), as the official summary groups them
+DISCIPLINES = {
+    "Art and Design": ["Art", "Art_Theory", "Design", "Music"],
+    "Business": ["Accounting", "Economics", "Finance", "Manage", "Marketing"],
+    "Science": ["Biology", "Chemistry", "Geography", "Math", "Physics"],
+    "Health and Medicine": ["Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine",
+                            "Pharmacy", "Public_Health"],
+    "Humanities and Social Science": ["History", "Literature", "Sociology", "Psychology"],
+    "Tech and Engineering": ["Agriculture", "Architecture_and_Engineering", "Computer_Science", "Electronics",
+                             "Energy_and_Power", "Materials", "Mechanical_Engineering"],
+}  # fmt: skip
+_DISCIPLINE_OF = {s.lower(): d for d, subjects in DISCIPLINES.items() for s in subjects}
 
 
 def metric_of(bench: str, metric: str | None) -> str:
@@ -61,7 +76,8 @@ def evaluate(
 ) -> dict:
     """Score vlm (with adapter) on the benchmark file; writes and returns the summary (its model: name, else
     the checkpoint directory's, + the adapter's). prices: USD per million prompt and completion tokens (an API's
-    list prices): the summary then holds cost_usd, for every item scored."""
+    list prices): the summary then holds cost_usd, for every item scored. vlm: a local model, or an Endpoint
+    (eval/remote.py): the summary says which (source) for `vlstack eval report`."""
     metric = metric_of(bench, metric)
     items = read_items(data)[:limit]
     out = Path(out)
@@ -91,32 +107,57 @@ def evaluate(
                 f.write(json.dumps(row) + "\n")
                 done[item.index] = row
         if progress:
-            mean = 100 * sum(r["score"] for r in done.values()) / len(done)
-            print(f"\r{bench}: {len(done)}/{len(items)} score {mean:.1f}", end="", flush=True)
-    if progress:
-        print(flush=True)
+            _progress(bench, len(done), len(items), [r["score"] for r in done.values()], time.perf_counter() - start,
+                      a + len(part))  # fmt: skip
     seconds = time.perf_counter() - start
     rows = [done[i.index] for i in items if i.index in done]
-    categories: dict[str, list[float]] = defaultdict(list)
-    for r in rows:
-        categories[r["category"] or "all"].append(r["score"])
     summary = {
         "benchmark": bench,
         "metric": metric,
         "model": (name or vlm.name) + (f"+{adapter}" if adapter else ""),
         "n": len(rows),
         "score": 100 * sum(r["score"] for r in rows) / max(len(rows), 1),
-        "categories": {c: 100 * sum(s) / len(s) for c, s in sorted(categories.items())},
+        **breakdown(rows, bench),
         "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
         "completion_tokens": sum(r["completion_tokens"] for r in rows),
         "seconds": seconds,
         "pages_per_s": len(todo) / seconds if seconds > 0 else 0.0,
+        "timed": len(todo),  # the items of this run's seconds (a resumed run times only what it scored)
+        "source": "local" if hasattr(vlm, "model") else vlm.url,
+        "device": str(vlm.model.device) if hasattr(vlm, "model") else None,
     }
     if prices is not None:
         summary["cost_usd"] = (summary["prompt_tokens"] * prices[0] + summary["completion_tokens"] * prices[1]) / 1e6
+    bars = [(c, v, "") for c, v in {**summary.get("disciplines", {}), **summary["categories"]}.items()]
+    title = f"{bench} ({metric}), {summary['model']}: {summary['score']:.1f} over {len(rows)} items"
+    bar_chart(title, [("all", summary["score"], f"n={len(rows)}"), *bars], out / "summary.png")
     write_files(out, {"summary.json": lambda p: p.write_text(json.dumps(summary, indent=2)),
                       "summary.md": lambda p: p.write_text(table(summary))})  # fmt: skip
     return summary
+
+
+def breakdown(rows: list[dict], bench: str) -> dict:
+    """Scores 0-100 by category (each the mean over its items); for MMMU also by discipline, instance-weighted
+    (each the mean over all its subjects' items, not the mean of the subjects' means)."""
+    groups: dict[str, dict[str, list[float]]] = {"categories": defaultdict(list), "disciplines": defaultdict(list)}
+    for r in rows:
+        groups["categories"][r["category"] or "all"].append(r["score"])
+        if bench == "mmmu" and r["category"]:
+            subject = r["category"].replace(" ", "_").lower()
+            groups["disciplines"][_DISCIPLINE_OF.get(subject, "Other")].append(r["score"])
+    out = {name: {k: 100 * sum(s) / len(s) for k, s in sorted(g.items())} for name, g in groups.items()}
+    return out if out["disciplines"] else {"categories": out["categories"]}
+
+
+def _progress(bench: str, done: int, total: int, scores: list[float], seconds: float, timed: int) -> None:
+    """A progress bar on one line: items done, the running score, pages per second."""
+    width = 30
+    filled = width * done // max(total, 1)
+    rate = timed / seconds if seconds > 0 else 0.0
+    score = 100 * sum(scores) / max(len(scores), 1)
+    end = "\n" if done == total else ""
+    print(f"\r{bench} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} score {score:.1f} {rate:.2f} pages/s",
+          end=end, flush=True)  # fmt: skip
 
 
 def table(summary: dict) -> str:
@@ -125,7 +166,8 @@ def table(summary: dict) -> str:
     head = ["", "model", "n", "score", "pages/s"] + (["cost (USD)"] if has_cost else [])
     first = ["all", s["model"], str(s["n"]), f"{s['score']:.1f}", f"{s['pages_per_s']:.2f}"]
     rows = [first + ([f"{s['cost_usd']:.4f}"] if has_cost else [])]
-    rows += [[c, "", "", f"{v:.1f}", ""] + ([""] if has_cost else []) for c, v in s["categories"].items()]
+    parts = {**s.get("disciplines", {}), **s["categories"]}
+    rows += [[c, "", "", f"{v:.1f}", ""] + ([""] if has_cost else []) for c, v in parts.items()]
     lines = [head, ["---"] + ["---:"] * (len(head) - 1), *rows]
     return f"{s['benchmark']} ({s['metric']})\n\n" + "".join("| " + " | ".join(r) + " |\n" for r in lines)
 

@@ -172,3 +172,38 @@ def test_eval_report_compares_runs_with_their_costs(tmp_path, capsys):
     assert Image.open(tmp_path / "cmp/report.png").format == "PNG"
     assert main(["eval", "report", str(tmp_path)]) == 2
     assert "no summary.json" in capsys.readouterr().err
+
+
+def test_several_adapters_are_scored_in_one_command_with_a_report(tmp_path, capsys):
+    """--adapter a=DIR --adapter b=DIR --adapter base: a run each under --out/NAME (each the same as scoring
+    that adapter alone), then the report of them all."""
+    import torch
+
+    import vlstack
+    from vlstack.adapters import save_adapter
+    from vlstack.cli import main
+    from vlstack.layers.lora import LoRASpec, add_adapter
+
+    vlm, spec = vlstack.load("tiny", device="cpu"), LoRASpec(rank=4, alpha=16)
+    for seed, name in enumerate(("a", "b")):
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in add_adapter(vlm.model, name, spec, seed=seed):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        save_adapter(vlm.model, name, tmp_path / name, spec)
+    write_tsv(tmp_path / "b.tsv", [{"index": str(i), "image": b64(png(i)), "question": "How many?", "answer": "3"}
+                                   for i in range(3)])  # fmt: skip
+    common = ["eval", "chartqa", "--data", str(tmp_path / "b.tsv"), "--max-new-tokens", "4"]
+    assert main([*common, "--out", str(tmp_path / "all"), "--adapter", f"a={tmp_path / 'a'}",
+                 "--adapter", f"b={tmp_path / 'b'}", "--adapter", "base"]) == 0  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "alone"), "--adapter", f"b={tmp_path / 'b'}"]) == 0
+
+    def predictions(run):
+        return [json.loads(x)["prediction"] for x in (run / "predictions.jsonl").read_text().splitlines()]
+
+    runs = {name: predictions(tmp_path / "all" / name) for name in ("a", "b", "base")}
+    assert runs["b"] == predictions(tmp_path / "alone") and runs["a"] != runs["b"] != runs["base"]
+    report = (tmp_path / "all/report.md").read_text()
+    assert all(f"| {name} | chartqa | tiny+{name} |" in report for name in ("a", "b"))
+    assert "| base | chartqa | tiny |" in report
+    assert main([*common, "--adapter", "nonsense"]) == 2 and "NAME=DIR, or base" in capsys.readouterr().err

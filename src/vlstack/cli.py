@@ -65,7 +65,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for name in ("limit", "batch", "max_new_tokens", "concurrency"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-    adapter = None
+    adapters: list[str | None] = [None]
     if args.api_base:  # a remote OpenAI-compatible endpoint
         if not args.api_model:
             raise ConfigError("--api-base needs --api-model (the endpoint's model name)")
@@ -78,22 +78,32 @@ def cmd_eval(args: argparse.Namespace) -> None:
         name = args.api_model
     else:
         model = load(args.model, device=args.device, dtype=args.dtype)
-        if args.adapter:
-            adapter, sep, path = args.adapter.partition("=")
-            if not sep or not adapter or not path:
-                raise ConfigError(f"--adapter takes NAME=DIR (got {args.adapter!r})")
-            model.load_adapter(adapter, path)
+        specs = [(spec, *spec.partition("=")) for spec in args.adapter or []]
+        for spec, adapter, sep, path in specs:
+            if spec != "base" and (not sep or not adapter or not path):
+                raise ConfigError(f"--adapter takes NAME=DIR, or base (got {spec!r})")
+        for spec, adapter, _, path in specs:
+            if spec != "base":
+                model.load_adapter(adapter, path)
+        adapters = [None if spec == "base" else adapter for spec, adapter, _, _ in specs] or [None]
         name = "tiny" if args.model == "tiny" else model.name
-    out = args.out or f"eval/{args.benchmark}-{name}{'-' + adapter if adapter else ''}"
+    one = adapters[0]
+    out = args.out or f"eval/{args.benchmark}-{name}{'-' + one if one and len(adapters) == 1 else ''}"
     prices = None
     if args.price_in is not None or args.price_out is not None:
         prices = (args.price_in or 0.0, args.price_out or 0.0)
         if min(prices) < 0 or not all(math.isfinite(p) for p in prices):
             raise ConfigError("--price-in / --price-out must be finite numbers >= 0 (USD per million tokens)")
-    summary = evaluate(model, args.benchmark, args.data, out, adapter, args.metric, args.limit, args.batch,
-                       args.max_new_tokens, name=name, prices=prices)  # fmt: skip
-    print(f"{summary['benchmark']} {summary['model']}: {summary['score']:.1f} ({summary['metric']}, n={summary['n']}, "
-          f"{summary['pages_per_s']:.2f} pages/s); {out}/summary.json")  # fmt: skip
+    runs = [out] if len(adapters) == 1 else [f"{out}/{a or 'base'}" for a in adapters]
+    for adapter, run in zip(adapters, runs):
+        summary = evaluate(model, args.benchmark, args.data, run, adapter, args.metric, args.limit, args.batch,
+                           args.max_new_tokens, name=name, prices=prices)  # fmt: skip
+        print(f"{summary['benchmark']} {summary['model']}: {summary['score']:.1f} ({summary['metric']}, "
+              f"n={summary['n']}, {summary['pages_per_s']:.2f} pages/s); {run}/summary.json")  # fmt: skip
+    if len(runs) > 1:
+        from .eval.report import report
+
+        print(report(runs, out))
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -311,7 +321,9 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default=None, help="the benchmark: a VLMEvalKit .tsv or a vlstack .jsonl")
     ev.add_argument("--gpu-price", type=float, default=None, help="report: USD per GPU hour, for local runs' cost")
     ev.add_argument("--model", default="tiny")
-    ev.add_argument("--adapter", default=None, help="NAME=DIR: score the model with this PEFT adapter")
+    ev.add_argument("--adapter", action="append", default=None,
+                    help="NAME=DIR: score the model with this PEFT adapter; repeat for several (each a run of its "
+                    "own, under --out/NAME, with a report of them all); NAME base: the model without one")  # fmt: skip
     ev.add_argument("--metric", default=None, choices=["exact", "anls", "relaxed", "choice", "mmmu"],
                     help="default: the benchmark's (mmmu, anls, relaxed; vqa: exact)")  # fmt: skip
     ev.add_argument("--limit", type=int, default=None, help="the first N items only")

@@ -149,6 +149,23 @@ def test_cancel_frees_the_slot():
     assert long.generated < 5000
 
 
+def test_upload_does_not_wait_for_the_device():
+    """Host values reach the device as given; on a GPU without waiting for the work queued before (the next
+    decode step is launched while the one before runs: a copy from pageable memory would wait for it)."""
+    from vlstack.engine.metadata import upload
+
+    t = upload([[1, 2], [3, 4]], DEVICE)
+    assert t.dtype == torch.long and t.device.type == DEVICE and t.tolist() == [[1, 2], [3, 4]]
+    assert upload([0.5], DEVICE, torch.float32).dtype == torch.float32
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)  # ~1 s of the GPU busy
+        start = time.perf_counter()
+        upload(list(range(64)), DEVICE)
+        assert time.perf_counter() - start < 0.1
+        torch.cuda.synchronize()
+
+
 def test_image_hash_takes_any_dtype_and_device():
     """Tiles in bfloat16 (numpy has no such type) or on the GPU hash by their bytes; a changed pixel changes it."""
     from vlstack.serve.cache import image_hash

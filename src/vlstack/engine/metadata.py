@@ -9,6 +9,7 @@ loop over sequences; the Python ints (B, Q, K) are shapes, fixed for a captured 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -99,5 +100,15 @@ def to(step: Step, device: torch.device) -> Step:
     """The step's tensors on device (one copy each, not waited for)."""
     for name, value in vars(step).items():
         if isinstance(value, torch.Tensor):
-            setattr(step, name, value.to(device, non_blocking=True))
+            setattr(step, name, upload(value, device))
     return step
+
+
+def upload(values: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host values (a list, nested lists, or a CPU tensor) -> a tensor on device, the host not waiting for the
+    device: to a GPU through pinned memory, asynchronously. (A copy from ordinary, pageable memory first waits
+    for all the work queued on the stream: it would undo a decode step launched ahead of the one before.)"""
+    t = torch.as_tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda" or t.is_cuda:
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)  # (the pinned block is not reused before its copy ends)

@@ -20,7 +20,7 @@ import torch
 from ..layers.lora import prepare_lora, prepare_tiles, route, routing_of, slot_onehot
 from ..models.internvl import InternVL
 from .kv_cache import KVCache
-from .metadata import decode_step, join, packed_step
+from .metadata import decode_step, join, packed_step, upload
 
 
 @dataclass
@@ -56,7 +56,7 @@ def forward(
         step = packed_step(lengths, device, starts=starts, slots=slots, max_len=cache.max_len, logits=last)
     if rows is not None:
         tokens, positions, slots, row_adapters = rows
-        where = torch.tensor([tokens, positions, slots], device=device)  # [3, B]: one copy to the device
+        where = upload([tokens, positions, slots], device)  # [3, B]: one copy to the device
         decode = decode_step(where[1], where[2], cache.max_len, max(positions) + 1)
         step = decode if step is None else join(step, decode)
         ids.append(where[0])
@@ -124,8 +124,7 @@ class Decoder:
         routing = routing_of(model)
         lora = [routing.slots[a] if a is not None else -1 for a in adapters]
         pad = n - b
-        host = torch.tensor([tokens + [0] * pad, positions + [0] * pad, lora + [-1] * pad])  # [3, n]
-        self.inputs[:, :n].copy_(host, non_blocking=True)
+        self.inputs[:, :n].copy_(upload([tokens + [0] * pad, positions + [0] * pad, lora + [-1] * pad], model.device))
         if pending is not None:
             self.inputs[0].index_copy_(0, *pending)
         keys = max(positions) + 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..generate import SamplingParams
+from .metadata import upload
 
 M32 = 0xFFFFFFFF
 
@@ -96,7 +97,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seeds: list[
     if all(p.temperature == 0 for p in params):
         return logits.argmax(-1)
     device = logits.device
-    floats = torch.tensor([[p.temperature for p in params], [p.top_p for p in params]], device=device)  # [2, B]
-    ints = torch.tensor([[p.top_k for p in params], steps, *zip(*seeds)], device=device)  # [4, B]
+    floats = upload([[p.temperature for p in params], [p.top_p for p in params]], device, torch.float32)  # [2, B]
+    ints = upload([[p.top_k for p in params], steps, *zip(*seeds)], device)  # [4, B]
     filtered = any(p.top_k or p.top_p < 1 for p in params if p.temperature > 0)
     return sample(logits, floats[0], floats[1], ints[0], ints[2:].T, ints[1], filtered)

@@ -36,6 +36,7 @@ from ..generate import Detokenizer, SamplingParams
 from ..layers.lora import adapter_names, lora_layers, route
 from ..serve.cache import FeatureCache, image_hash, tiles_per_image
 from .kv_cache import KVCache
+from .metadata import upload
 from .runner import Chunk, Decoder, forward
 from .sampler import adjust, sample_rows, seed_words
 
@@ -357,7 +358,7 @@ class Engine:
         pending = None
         if ahead is not None:
             into = [i for i, is_late in enumerate(late) if is_late]  # rows of this step fed a pending token
-            where = torch.tensor([into, [waiting[id(rows[i])] for i in into]], device=self.vlm.model.device)
+            where = upload([into, [waiting[id(rows[i])] for i in into]], self.vlm.model.device)  # [2, P]
             pending = where[0], ahead.tokens[where[1]]
         try:
             logits = self.decoder(tokens, positions, [r.slot for r in rows], [r.adapter for r in rows], pending)
@@ -505,7 +506,7 @@ class Ahead:
         index = {id(r): i for i, r in enumerate(self.rows)}
         places = [index[id(r)] for r in rows]
         kept = Ahead.__new__(Ahead)
-        kept.rows, kept.tokens = rows, self.tokens[torch.tensor(places, device=self.tokens.device)]
+        kept.rows, kept.tokens = rows, self.tokens[upload(places, self.tokens.device)]
         kept.host, kept.picks, kept.copied = self.host, [self.picks[i] for i in places], self.copied
         return kept
 
@@ -520,7 +521,7 @@ class Ahead:
 def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, want: dict[int, int]) -> dict[int, tuple]:
     """logits [B, V] and the chosen tokens [B] -> {row: (the token's logprob, [(id, logprob)] of the row's
     likeliest tokens)} for the rows in want (row -> how many likeliest tokens)."""
-    rows = torch.tensor(list(want), device=logits.device)  # [W]
+    rows = upload(list(want), logits.device)  # [W]
     lp = logits[rows].float().log_softmax(-1)  # [W, V]
     chosen = lp.gather(1, tokens[rows, None])[:, 0].tolist()  # [W]
     top = lp.topk(max(want.values()), -1)  # [W, k]

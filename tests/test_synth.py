@@ -99,6 +99,29 @@ def test_the_trainer_and_the_evaluator_read_the_dataset(tmp_path):
     assert {i.category for i in jsonl} <= set(documents.VISUAL) and jsonl[0].question.endswith("?")
 
 
+def test_conversations_put_an_images_questions_in_one_line(tmp_path):
+    """--conversations: a training line per image holding all its questions (the image placeholder once, each
+    question with the evaluation's instruction); the same questions and answers as one line each."""
+    one = synthesize("charts", 6, tmp_path / "one", seed=1, size=224, test_fraction=0, questions="visual")
+    many = synthesize("charts", 6, tmp_path / "many", seed=1, size=224, test_fraction=0, questions="visual",
+                      conversations=True)  # fmt: skip
+    assert one["examples"] == many["examples"] and many["conversations"]
+    singles = [json.loads(x) for x in (tmp_path / "one/train.jsonl").read_text().splitlines()]
+    grouped = [json.loads(x) for x in (tmp_path / "many/train.jsonl").read_text().splitlines()]
+    assert len(grouped) == 6 and len(singles) == sum(len(g["conversations"]) // 2 for g in grouped)
+    pairs = (
+        lambda lines: sorted(
+            (x["image"], t["value"].removeprefix("<image>\n"), a["value"])  # noqa: E731
+            for x in lines
+            for t, a in zip(x["conversations"][::2], x["conversations"][1::2])
+        )
+    )
+    assert pairs(singles) == pairs(grouped)
+    assert all(json.dumps(g).count("<image>") == 1 for g in grouped)
+    examples = read_dataset(tmp_path / "many/train.jsonl")
+    assert all(len(ex.images) == 1 for ex in examples)
+
+
 def test_bad_requests_are_refused_and_nothing_is_left(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full/keep.txt").write_text("mine")

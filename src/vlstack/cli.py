@@ -38,7 +38,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
     only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
     record = synthesize(args.kind, args.n, args.out, args.seed, args.size, args.test_fraction, args.questions, only,
-                        progress)  # fmt: skip
+                        progress, args.conversations)  # fmt: skip
     counts = {split: sum(c.values()) for split, c in record["examples"].items()}
     print(f"{args.out}: {counts['train']} training and {counts['test']} test questions about {args.n} images "
           f"(test templates held out: {', '.join(record['templates']['test']) or 'none'})")  # fmt: skip
@@ -351,6 +351,8 @@ def parser() -> argparse.ArgumentParser:
                      help="visual: only what is answered by looking (counts, colours, positions, ...)")  # fmt: skip
     syn.add_argument("--only", default=None, help="comma-separated chart or document types (bar,line,pie / "
                      "invoice,receipt,form,table)")  # fmt: skip
+    syn.add_argument("--conversations", action="store_true",
+                     help="train.jsonl: one conversation per image, its questions as turns")  # fmt: skip
     syn.set_defaults(func=cmd_synth)
 
     info = sub.add_parser("info", help="describe a checkpoint: architecture, parameters, image tokens")

@@ -43,10 +43,13 @@ def synthesize(
     questions: str = "all",
     only: list[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    conversations: bool = False,
 ) -> dict:
     """n images of `kind` ("charts" or "documents") with their questions into the new directory `out`;
-    questions "visual" keeps only the kinds answered by looking; only: these chart or document types.
-    Returns the provenance record."""
+    questions "visual" keeps only the kinds answered by looking; only: these chart or document types;
+    conversations: train.jsonl holds one conversation per image, its questions as turns in a random order (the
+    image encoded once for all its answers: several times the supervision per step). Returns the provenance
+    record."""
     if kind not in KINDS:
         raise DataError(f"unknown kind {kind!r}: choose one of {', '.join(KINDS)}")
     if n < 1 or not 0 <= test_fraction < 1 or size < 64:
@@ -92,10 +95,13 @@ def synthesize(
             if progress:
                 progress(i + 1, n)
         with open(tmp / "train.jsonl", "w", encoding="utf-8") as f:
-            for line in lines["train"]:  # asked as the evaluation asks (VQA_PROMPT), answered
-                human, gpt = line["conversations"]
-                turns = [dict(human, value=f"{human['value']}\n{VQA_PROMPT}"), gpt]
-                f.write(json.dumps({"image": line["image"], "conversations": turns}) + "\n")
+            for image, group in _training(lines["train"], conversations, random.Random(f"{seed}:turns")):
+                turns = []
+                for i, line in enumerate(group):  # asked as the evaluation asks (VQA_PROMPT), answered
+                    human, gpt = line["conversations"]
+                    text = f"{human['value']}\n{VQA_PROMPT}"
+                    turns += [dict(human, value=text if i == 0 else text.removeprefix("<image>\n")), gpt]
+                f.write(json.dumps({"image": image, "conversations": turns}) + "\n")
         with open(tmp / "test.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(line) + "\n" for line in lines["test"])
         with open(tmp / "test.tsv", "w", encoding="utf-8", newline="") as f:
@@ -107,6 +113,7 @@ def synthesize(
         provenance = {
             "generator": f"vlstack.synth.{kind}", "version": VERSION, "vlstack": __version__, "seed": seed, "n": n,
             "size": size, "test_fraction": test_fraction, "questions": questions, "only": only or [],
+            "conversations": conversations,
             "templates": splits, "examples": {s: dict(sorted((w, c) for (t, w), c in counts.items() if t == s))
                                               for s in ("train", "test")},
         }  # fmt: skip
@@ -118,3 +125,15 @@ def synthesize(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return provenance
+
+
+def _training(lines: list[dict], conversations: bool, rng: random.Random) -> list[tuple[str, list[dict]]]:
+    """The training lines as (image, its questions): one each, or all of an image's in a random order."""
+    if not conversations:
+        return [(line["image"], [line]) for line in lines]
+    groups: dict[str, list[dict]] = {}
+    for line in lines:
+        groups.setdefault(line["image"], []).append(line)
+    for group in groups.values():
+        rng.shuffle(group)
+    return list(groups.items())

@@ -8,11 +8,11 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p bench/results
 
-# Each step runs under its own time limit, cut to what is left of GPU_SECONDS (default 560) for the whole set,
+# Each step runs under its own time limit, cut to what is left of GPU_SECONDS (default 600) for the whole set,
 # and a failing step does not stop the next: one call of the lent GPU reports on every step. The log and the
 # results go to $OUT too when it is set (the device tool's folder). GPU_STEPS, a regular expression, runs only the
 # steps whose headings it matches (a rerun of what failed).
-deadline=$((SECONDS + ${GPU_SECONDS:-560}))
+deadline=$((SECONDS + ${GPU_SECONDS:-600}))
 failed=()
 step() {  # step SECONDS HEADING COMMAND...: the heading, the command under its limit, how long it took
     local limit=$1 heading=$2
@@ -50,12 +50,12 @@ step 110 "CUDA tests: parity (fp32 and bf16), adapters, engine" env VLSTACK_TEST
     python -m pytest -q -p no:cacheprovider --timeout 60 tests/test_parity.py tests/test_lora.py tests/test_engine.py
 step 110 "decode, batch 1, InternVL3-1B shapes, bf16: vs transformers eager and compiled" \
     python bench/foundation.py --device cuda --prompt-len 512 --new-tokens 64 --repeat 3
-step 130 "serving: 128 requests at once, 4 adapters, 128 tokens (baseline: the first 8, one at a time)" \
+step 200 "serving: 128 requests at once, 4 adapters, 128 tokens (baseline: the first 4, one at a time)" \
     python bench/serve.py --model internvl3-1b --device cuda --requests 128 --rate 0 --max-tokens 128 \
-    --max-batch 128 --max-model-len 2048 --baseline-requests 8 --adapter-cost
-step 150 "training: 4 adapters fused vs peft one after another, InternVL3-1B shapes" \
+    --max-batch 128 --max-model-len 2048 --baseline-requests 4 --adapter-cost
+step 100 "training: 4 adapters fused vs peft one after another, InternVL3-1B shapes" \
     python bench/multi_lora_train.py --model internvl3-1b --device cuda --steps 10 --batch 4
-step 80 "serving at 8 requests/s (TTFT), 4 adapters, 128 tokens" \
+step 120 "serving at 8 requests/s (TTFT), 4 adapters, 128 tokens" \
     python bench/serve.py --model internvl3-1b --device cuda --requests 64 --rate 8 --max-tokens 128 \
     --max-batch 128 --max-model-len 2048 --baseline-requests 4 --out bench/results/serve_rate8.json
 finish

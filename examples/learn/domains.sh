@@ -5,10 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 [ -d runs/tiny-charts ] || bash charts.sh
-[ -d runs/forms ] || vlstack synth documents --only form,receipt --questions visual --n 1500 --size 224 --seed 1 \
-    --out runs/forms
-[ -d runs/invoices ] || vlstack synth documents --only invoice,table --questions visual --n 1500 --size 224 \
-    --seed 2 --out runs/invoices
+[ -d runs/forms ] || vlstack synth documents --only form,receipt --questions visual --conversations --n 1500 \
+    --size 224 --seed 1 --out runs/forms
+[ -d runs/invoices ] || vlstack synth documents --only invoice,table --questions visual --conversations --n 1500 \
+    --size 224 --seed 2 --out runs/invoices
 vlstack train domains.yaml
 for domain in forms invoices; do
     vlstack eval chartqa --data runs/$domain/test.jsonl --model runs/tiny-charts --out runs/eval-$domain \

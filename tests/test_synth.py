@@ -109,13 +109,13 @@ def test_conversations_put_an_images_questions_in_one_line(tmp_path):
     singles = [json.loads(x) for x in (tmp_path / "one/train.jsonl").read_text().splitlines()]
     grouped = [json.loads(x) for x in (tmp_path / "many/train.jsonl").read_text().splitlines()]
     assert len(grouped) == 6 and len(singles) == sum(len(g["conversations"]) // 2 for g in grouped)
-    pairs = (
-        lambda lines: sorted(
-            (x["image"], t["value"].removeprefix("<image>\n"), a["value"])  # noqa: E731
-            for x in lines
-            for t, a in zip(x["conversations"][::2], x["conversations"][1::2])
-        )
-    )
+
+    def pairs(lines):  # (image, question, answer) of every turn
+        turns = [
+            (x["image"], x["conversations"][k : k + 2]) for x in lines for k in range(0, len(x["conversations"]), 2)
+        ]
+        return sorted((image, q["value"].removeprefix("<image>\n"), a["value"]) for image, (q, a) in turns)
+
     assert pairs(singles) == pairs(grouped)
     assert all(json.dumps(g).count("<image>") == 1 for g in grouped)
     examples = read_dataset(tmp_path / "many/train.jsonl")

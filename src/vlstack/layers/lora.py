@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.metadata import upload
 from ..errors import ConfigError
 
 MAX_RANK = 1024  # the largest LoRA rank vlstack trains or loads
@@ -366,12 +367,12 @@ def prepare_lora(model: nn.Module, rows: int, device: torch.device) -> None:
         return
     if torch.is_grad_enabled():  # training: the onehot over the parameters themselves, where that pays
         if routing.fused if routing.fused is not None else device.type == "cuda":
-            routing.onehot = slot_onehot(routing.token_slots(rows).to(device), routing.capacity, routing.rank)
+            routing.onehot = slot_onehot(upload(routing.token_slots(rows), device), routing.capacity, routing.rank)
         return
     like = torch.empty(0, device=device, dtype=next(model.parameters()).dtype)
     for layer in routing.members:
         layer.prepare(like)
-    routing.onehot = slot_onehot(routing.token_slots(rows).to(device), routing.capacity, routing.rank)
+    routing.onehot = slot_onehot(upload(routing.token_slots(rows), device), routing.capacity, routing.rank)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

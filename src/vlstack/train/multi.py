@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..adapters import save_adapter
 from ..api import VLM
-from ..engine.metadata import Step, packed_step
+from ..engine.metadata import Step, packed_step, upload
 from ..layers.lora import add_adapter, prepare_lora, prepare_tiles, remove_adapter, replay, route
 from .checkpoint import clear_run, load_state, restore_state, save_state
 from .data import IGNORE, DatasetError, Example, Stream, encode_example, read_dataset
@@ -215,7 +215,7 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
         dist.all_reduce(stats)
         learned, seen = stats.long().tolist()
     counts = torch.tensor(learned, dtype=torch.float32).clamp(min=1)  # [jobs]
-    denominators = (counts * torch.tensor([r.job.grad_accum for r in running])).to(device)
+    denominators = upload(counts * torch.tensor([r.job.grad_accum for r in running]), device)
     sums = torch.zeros(jobs, device=device)  # [jobs]: each job's summed token losses
     for group in passes(rows, max_tokens):
         batch = pack(group)
@@ -225,21 +225,21 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
         targets[torch.tensor(seqlens).cumsum(0) - 1] = IGNORE  # a sequence's last token predicts nothing
         learn = targets != IGNORE  # [T]: positions with a label; logits are computed only there
         step = packed_step(seqlens, device, logits=learn.nonzero()[:, 0])
-        in_job = F.one_hot(batch.pop("job")[learn], jobs).T.float().to(device)  # [jobs, N]
+        in_job = upload(F.one_hot(batch.pop("job")[learn], jobs).T.float(), device)  # [jobs, N]
         image_tokens = batch["input_ids"] == vlm.cfg.image_token_id  # [T], on the host
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: upload(v, device) for k, v in batch.items()}
         names = [None if running[i].job.full else running[i].job.name for i, _ in group]  # (full: the base's own)
         with route(model, names, counts=seqlens, rows=keyed):  # a job's rows: one run
             prepare_lora(model, len(labels), device)  # (on a GPU: every job's LoRA in one pair of matmuls)
             if "pixel_values" in batch:
                 prepare_tiles(model, image_tokens, vlm.cfg.tokens_per_tile)
-            targets = targets[learn].to(device)  # [N]
+            targets = upload(targets[learn], device)  # [N]
             pass_sums = job_losses(model, batch["input_ids"], step, batch.get("pixel_values"), targets, in_job)
         (pass_sums / denominators).sum().backward()
         sums += pass_sums.detach()
     if world()[1] > 1:
         dist.all_reduce(sums)
-    losses = sums / counts.to(device)  # [jobs]
+    losses = sums / upload(counts, device)  # [jobs]
     ready = []  # the jobs whose accumulation ends here
     for i, (r, n) in enumerate(zip(running, seen)):
         r.tokens += n

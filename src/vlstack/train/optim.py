@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from ..engine.metadata import upload
+
 
 def step_jobs(optimizers: list[torch.optim.AdamW], max_norms: list[float], foreach: bool | None = None) -> None:
     """Clip each job's gradients to its max norm (clip_grad_norm_'s rule), then one AdamW step of every job's
@@ -45,10 +47,10 @@ def step_jobs(optimizers: list[torch.optim.AdamW], max_norms: list[float], forea
 
 def _foreach_step(optimizers, max_norms, params, grads, groups, owners) -> None:
     device = params[0].device
-    owner = torch.tensor(owners, device=device)
+    owner = upload(owners, device)
     norms = torch.stack(torch._foreach_norm(grads)).float()  # [tensors]
     totals = torch.zeros(len(optimizers), device=device).index_add_(0, owner, norms**2).sqrt()  # [jobs]
-    scales = (torch.tensor(max_norms, device=device) / (totals + 1e-6)).clamp(max=1.0)  # [jobs]
+    scales = (upload(max_norms, device, torch.float32) / (totals + 1e-6)).clamp(max=1.0)  # [jobs]
     torch._foreach_mul_(grads, list(scales[owner].unbind()))
     states = [_state(optimizers[j], p) for j, p in zip(owners, params)]
     exp_avg, exp_avg_sq = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]

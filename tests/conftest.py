@@ -51,7 +51,10 @@ def hf_config(
     text_act: str = "silu",
     vision_act: str = "gelu",
     projector_act: str = "gelu",
+    text: dict | None = None,
 ):
+    """A tiny InternVL config; text: text_config fields over the Qwen2 defaults (another family's model_type and
+    its own fields)."""
     from transformers import InternVLConfig
 
     tokens = (tile // 14) ** 2 // 4
@@ -68,20 +71,23 @@ def hf_config(
             attention_bias=vision_bias,
             hidden_act=vision_act,
         ),
-        text_config=dict(
-            model_type="qwen2",
-            hidden_size=width,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            intermediate_size=width * 2,
-            vocab_size=VOCAB,
-            tie_word_embeddings=tied,
-            rope_theta=rope_theta,
-            eos_token_id=2,
-            max_position_embeddings=4096,
-            hidden_act=text_act,
-        ),
+        text_config={
+            **dict(
+                model_type="qwen2",
+                hidden_size=width,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                num_key_value_heads=kv_heads,
+                intermediate_size=width * 2,
+                vocab_size=VOCAB,
+                tie_word_embeddings=tied,
+                rope_theta=rope_theta,
+                eos_token_id=2,
+                max_position_embeddings=4096,
+                hidden_act=text_act,
+            ),
+            **(text or {}),
+        },
         image_token_id=IMAGE_TOKEN_ID,
         image_seq_length=tokens,
         tie_word_embeddings=tied,
@@ -118,9 +124,52 @@ def write_hf_checkpoint(directory: Path, seed: int = 0, **shape) -> torch.nn.Mod
     return model
 
 
-def to_original_layout(src: Path, dst: Path) -> None:
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
+                 "phi3": "Phi3ForCausalLM"}  # fmt: skip
+
+
+def llm_config(t: dict) -> dict:
+    """A transformers text_config as the original layout's llm_config (as the releases' config.json write it: the
+    RoPE's base and scaling in the older fields)."""
+    out = {k: v for k, v in t.items() if k not in ("rope_parameters", "architectures", "dtype")}
+    rope = dict(t["rope_parameters"])
+    out["rope_theta"] = rope.pop("rope_theta")
+    kind = rope.pop("rope_type", "default")
+    out["rope_scaling"] = None if kind == "default" else {"type": kind, **rope}
+    return {"architectures": [ARCHITECTURES[t["model_type"]]], **out}
+
+
+INTERNLM2_NAMES = {"embed_tokens": "tok_embeddings", "self_attn.o_proj": "attention.wo", "mlp.gate_proj":
+                   "feed_forward.w1", "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2",
+                   "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+
+
+def internlm2_llm(t: dict, state: dict, out: dict) -> dict:
+    """A Llama text model as InternLM2 in the original layout: its llm_config, and its weights into out (q/k/v
+    packed into wqkv per KV head: that head's query heads, its key, its value; the head as `output`)."""
+    assert t["model_type"] == "llama" and not t["attention_bias"] and not t["mlp_bias"]
+    kv, d = t["num_key_value_heads"], t["head_dim"]
+    for key, tensor in state.items():
+        if not key.startswith("language_model."):
+            continue
+        name = key.replace("language_model.lm_head.", "language_model.output.")
+        for ours, theirs in INTERNLM2_NAMES.items():
+            name = name.replace(f".{ours}.", f".{theirs}.")
+        if ".self_attn.q_proj." in name:
+            prefix = name.split(".self_attn.")[0]
+            q, k, v = (state[key.replace("q_proj", x)] for x in ("q_proj", "k_proj", "v_proj"))
+            groups = [q.view(kv, -1, d, q.shape[1]), k.view(kv, 1, d, k.shape[1]), v.view(kv, 1, d, v.shape[1])]
+            out[prefix + ".attention.wqkv.weight"] = torch.cat(groups, dim=1).reshape(-1, q.shape[1])
+        elif ".self_attn." not in name or ".o_proj." in key:
+            out[name] = tensor
+    config = {k: v for k, v in llm_config(t).items() if k not in ("attention_bias", "mlp_bias", "head_dim")}
+    return {**config, "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "bias": False}
+
+
+def to_original_layout(src: Path, dst: Path, internlm2: bool = False) -> None:
     """Rewrite a transformers checkpoint in the original OpenGVLab layout (config and key names),
-    following transformers' conversion script in reverse (the original projector's activation is always GELU)."""
+    following transformers' conversion script in reverse (the original projector's activation is always GELU).
+    internlm2: its Llama LLM as InternLM2 (internlm2_llm)."""
     dst.mkdir(parents=True)
     cfg = json.loads((src / "config.json").read_text())
     assert cfg["projector_hidden_act"] == "gelu", "the original layout has a GELU projector"
@@ -153,27 +202,7 @@ def to_original_layout(src: Path, dst: Path) -> None:
             "layer_norm_eps": v["layer_norm_eps"],
             "hidden_act": v["hidden_act"],
         },
-        "llm_config": {
-            "architectures": ["Qwen2ForCausalLM"],
-            "model_type": "qwen2",
-            **{
-                k: t[k]
-                for k in (
-                    "hidden_size",
-                    "num_hidden_layers",
-                    "num_attention_heads",
-                    "num_key_value_heads",
-                    "intermediate_size",
-                    "vocab_size",
-                    "rms_norm_eps",
-                    "max_position_embeddings",
-                    "tie_word_embeddings",
-                    "eos_token_id",
-                    "hidden_act",
-                )
-            },
-            "rope_theta": t["rope_parameters"]["rope_theta"],
-        },
+        "llm_config": llm_config(t),
     }
     (dst / "config.json").write_text(json.dumps(original, indent=2))
     state = load_file(src / "model.safetensors")
@@ -199,11 +228,14 @@ def to_original_layout(src: Path, dst: Path) -> None:
             for ours, idx in (("layer_norm", "0"), ("linear_1", "1"), ("linear_2", "3")):
                 rest = rest.replace(ours + ".", idx + ".")
             out["mlp1." + rest] = tensor
-        else:
+        elif not internlm2:
             out[key] = tensor
     for key, parts in qkv.items():
         out[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    if t["tie_word_embeddings"] is False and "language_model.lm_head.weight" not in out:
+    if internlm2:
+        original["llm_config"] = internlm2_llm(t, state, out)
+        (dst / "config.json").write_text(json.dumps(original, indent=2))
+    if t["tie_word_embeddings"] is False and not {"language_model.lm_head.weight", "language_model.output.weight"} & set(out):
         raise AssertionError("untied checkpoint without lm_head")
     save_file(out, str(dst / "model.safetensors"))
     copy_tokenizer(dst)

@@ -120,14 +120,14 @@ def _native(**text):
 
 
 def test_unsupported_architectures_get_one_clear_error():
-    with pytest.raises(ConfigError, match=r"language model 'internlm2' is not supported.*qwen2"):
-        parse_config(_native(model_type="internlm2"))
+    with pytest.raises(ConfigError, match=r"language model 'qwen3_moe' is not supported.*qwen2.*internlm2"):
+        parse_config(_native(model_type="qwen3_moe"))
     original = {
         "model_type": "internvl_chat",
         "vision_config": _native()["vision_config"],
-        "llm_config": {"architectures": ["InternLM2ForCausalLM"]},
+        "llm_config": {"architectures": ["GptOssForCausalLM"]},
     }
-    with pytest.raises(ConfigError, match="'InternLM2ForCausalLM' is not supported"):
+    with pytest.raises(ConfigError, match="'GptOssForCausalLM' is not supported"):
         parse_config(original)
     with pytest.raises(ConfigError, match="model_type 'llava' is not an InternVL checkpoint"):
         parse_config({"model_type": "llava"})

@@ -20,28 +20,41 @@ from torch import nn
 from .errors import ConfigError
 from .files import write_files
 from .layers.lora import MAX_RANK, LoRASpec, ensure_lora, lora_layers, routing_of
+from .models import FAMILIES, original_name, our_name
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
+LLM_BODY = "language_model.model."  # the original layout's LLM body (under its causal-LM wrapper)
 UNSUPPORTED = {  # PEFT options vlstack does not implement: refuse rather than compute something else
     "use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "bias": "none", "modules_to_save": None,
     "layer_replication": None, "use_qalora": False, "trainable_token_indices": None,
 }  # fmt: skip
 
 
-def hf_module_name(ours: str) -> str:
-    """Our module name -> transformers' in-memory name (what PEFT keys are built from)."""
+def hf_module_name(ours: str, model_type: str = "") -> str:
+    """Our module name -> transformers' in-memory name (what PEFT keys are built from); for a family that exists
+    only in the original layout (InternLM2), its LLM's modules under the original model's names."""
+    fam = FAMILIES.get(model_type)
+    if fam is not None and getattr(fam, "RENAMES", None) and ours.startswith(("language_model.", "lm_head")):
+        name = original_name(fam, ours)  # language_model.layers.0.attention.wqkv, language_model.output (the head)
+        return name if name.startswith("language_model.output") else name.replace("language_model.", LLM_BODY, 1)
     return ours if ours.startswith("lm_head") else "model." + ours
 
 
-def our_module_name(hf: str) -> str:
-    """transformers' module name (current or older layouts) -> ours."""
+def our_module_name(hf: str, model_type: str = "") -> str:
+    """transformers' module name (current or older layouts, or a family's original names) -> ours."""
     name = hf[len("model.") :] if hf.startswith("model.") else hf
     if name.startswith("language_model.model."):
         name = "language_model." + name[len("language_model.model.") :]
     elif name.startswith("language_model.lm_head"):
         name = name[len("language_model.") :]
-    return name
+    fam = FAMILIES.get(model_type)
+    return name if fam is None else our_name(fam, name)
+
+
+def _model_type(model: nn.Module) -> str:
+    cfg = getattr(model, "cfg", None)
+    return cfg.text.model_type if cfg is not None else ""
 
 
 def save_adapter(model: nn.Module, name: str, directory: str | Path, spec: LoRASpec, base: str | None = None) -> Path:
@@ -49,12 +62,12 @@ def save_adapter(model: nn.Module, name: str, directory: str | Path, spec: LoRAS
     layers = {n: m for n, m in lora_layers(model).items() if name in m.lora_A}
     if not layers:
         raise ValueError(f"the model has no adapter named {name!r}")
-    tensors, modules = {}, []
+    tensors, modules, kind = {}, [], _model_type(model)
     for module, layer in layers.items():
-        key = PREFIX + hf_module_name(module)
+        key = PREFIX + hf_module_name(module, kind)
         tensors[key + ".lora_A.weight"] = layer.lora_A[name].weight.detach().contiguous().cpu()
         tensors[key + ".lora_B.weight"] = layer.lora_B[name].weight.detach().contiguous().cpu()
-        modules.append(hf_module_name(module))
+        modules.append(hf_module_name(module, kind))
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -65,7 +78,7 @@ def save_adapter(model: nn.Module, name: str, directory: str | Path, spec: LoRAS
         "use_rslora": spec.rslora,
         "target_modules": sorted(modules),  # exact names: peft matches `key == target`
         "rank_pattern": {},
-        "alpha_pattern": {hf_module_name(m): a for m, a in spec.alphas.items()},
+        "alpha_pattern": {hf_module_name(m, kind): a for m, a in spec.alphas.items()},
         "init_lora_weights": True,
         "inference_mode": True,
         **UNSUPPORTED,
@@ -84,8 +97,11 @@ def _alpha_for(module: str, config: dict) -> float:
     return float(config["lora_alpha"])
 
 
-def read_adapter(directory: str | Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """A PEFT adapter directory -> (its config, {our module name: (A [r, in], B [out, r])})."""
+def read_adapter(
+    directory: str | Path, model_type: str = ""
+) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """A PEFT adapter directory -> (its config, {our module name: (A [r, in], B [out, r])}) for a base whose LLM
+    is of model_type."""
     d = Path(directory)
     if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
         raise ConfigError(f"{d} is not a PEFT adapter directory (needs {CONFIG} and {WEIGHTS})")
@@ -117,7 +133,7 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, tuple[torch.Ten
             raise ConfigError(f"{d / WEIGHTS}: {key} is not a matrix of floats")
         if not torch.isfinite(tensor).all():
             raise ConfigError(f"{d / WEIGHTS}: {key} holds NaN or infinite values; the adapter is refused")
-        pairs.setdefault(our_module_name(m.group(1)), {})[m.group(2)] = tensor
+        pairs.setdefault(our_module_name(m.group(1), model_type), {})[m.group(2)] = tensor
     incomplete = [k for k, v in pairs.items() if set(v) != {"A", "B"}]
     if incomplete or not pairs:
         raise ConfigError(f"{d / WEIGHTS}: lora_A/lora_B pairs are incomplete for {incomplete or 'every module'}")
@@ -126,7 +142,7 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, tuple[torch.Ten
 
 def load_adapter(model: nn.Module, name: str, directory: str | Path) -> LoRASpec:
     """Attach the PEFT adapter in directory to model under `name`; returns its spec."""
-    config, weights = read_adapter(directory)
+    config, weights = read_adapter(directory, _model_type(model))
     available = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     missing = sorted(set(weights) - available)
     if missing:
@@ -145,7 +161,7 @@ def load_adapter(model: nn.Module, name: str, directory: str | Path) -> LoRASpec
         rank = a.shape[0]
         if a.shape[1] != layer.in_features or b.shape != (layer.out_features, rank):
             raise ConfigError(f"adapter {name!r}: shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit {module}")
-        alpha = _alpha_for(hf_module_name(module), config)
+        alpha = _alpha_for(hf_module_name(module, _model_type(model)), config)
         if alpha != spec.alpha:
             spec.alphas[module] = alpha
         layer.add(name, rank, spec.scaling(rank, module))

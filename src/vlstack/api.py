@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .adapters import load_adapter
-from .chat import Processor, question_messages, read_template, read_tokenizer
+from .chat import TOKENIZER_FILES, Processor, question_messages, read_template, read_tokenizer
 from .checkpoint import load_state_dict, save_checkpoint
 from .config import VLMConfig, read_config
 from .engine.metadata import packed_step
@@ -21,8 +21,9 @@ from .errors import ConfigError, PromptError
 from .generate import SamplingParams
 from .image import ImageInput
 from .layers.lora import LoRASpec, check_name, remove_adapter, route
-from .layers.rotary import Rotary
+from .models import family, native_state, our_name
 from .models.internvl import InternVL
+from .models.llama import rotary
 from .tiny import tiny_dir
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,7 +63,7 @@ def build_model(cfg: VLMConfig, state: dict[str, torch.Tensor], device: torch.de
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.text.tie_word_embeddings:
         model.lm_head.weight = model.language_model.embed_tokens.weight
-    model.language_model.rotary = Rotary(cfg.text.head_dim, cfg.text.rope_theta).to(device)
+    model.language_model.rotary = rotary(cfg.text).to(device)  # (its buffers were on the meta device)
     return model.eval()
 
 
@@ -219,15 +220,10 @@ class VLM:
             state.pop("lm_head.weight", None)
         extra = {}
         if self.directory is not None:
-            for name in (
-                "tokenizer.json",
-                "tokenizer_config.json",
-                "chat_template.json",
-                "generation_config.json",
-            ):
+            for name in TOKENIZER_FILES + ("chat_template.json", "generation_config.json"):
                 if (self.directory / name).is_file():
                     extra[name] = self.directory / name
-        return save_checkpoint(directory, state, self.cfg.to_native(), extra)
+        return save_checkpoint(directory, native_state(self.cfg.text, state), self.cfg.to_native(), extra)
 
 
 def _device(name: str | torch.device | None) -> torch.device:
@@ -272,6 +268,7 @@ def load(
     processor = Processor(tokenizer, cfg, read_template(directory))
     if cfg.layout == "internvl_chat":
         cfg.image_token_id = processor.img_context  # the original layout takes it from the tokenizer
-    state = load_state_dict(directory, cfg.vision.hidden_size)
+    fam = family(cfg.text.model_type)
+    state = load_state_dict(directory, cfg.vision.hidden_size, lambda name: our_name(fam, name))
     model = build_model(cfg, state, device, resolve_dtype(dtype, cfg, device))
     return VLM(model, processor, eos_ids(directory, cfg, processor), directory, directory.name)

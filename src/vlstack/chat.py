@@ -27,6 +27,9 @@ from .errors import ConfigError, PromptError
 from .image import ImageInput, ImageLimits, load_image, tile_image
 
 IMAGE = "<image>"
+# a checkpoint's tokenizer files (copied beside a saved checkpoint)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "added_tokens.json",
+                   "special_tokens_map.json", "tokenization_internlm2.py")  # fmt: skip
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 
 # The chat template of InternVL2.5/3 (Qwen2 LLM): ChatML with no default system message.

@@ -70,14 +70,19 @@ def read_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
-def to_ours(key: str, tensor: torch.Tensor, vision_width: int) -> list[tuple[str, torch.Tensor]]:
-    """One on-disk tensor -> our (name, tensor) pairs (a fused qkv becomes three)."""
+def to_ours(
+    key: str, tensor: torch.Tensor, vision_width: int, rename: Callable[[str], str] = str
+) -> list[tuple[str, torch.Tensor]]:
+    """One on-disk tensor -> our (name, tensor) pairs (a fused qkv becomes three); rename: the LLM family's
+    original names -> ours (models.our_name)."""
     if key.startswith("model."):  # transformers in-memory names
         key = key[len("model.") :]
     if key.startswith("language_model.model."):
-        return [("language_model." + key[len("language_model.model.") :], tensor)]
+        return [(rename("language_model." + key[len("language_model.model.") :]), tensor)]
     if key.startswith("language_model.lm_head."):
         return [(key[len("language_model.") :], tensor)]
+    if key.startswith("language_model."):
+        return [(rename(key), tensor)]
     if key.startswith("mlp1."):
         _, idx, rest = key.split(".", 2)
         return [(f"multi_modal_projector.{_ORIGINAL_PROJECTOR[idx]}.{rest}", tensor)]
@@ -90,11 +95,13 @@ def to_ours(key: str, tensor: torch.Tensor, vision_width: int) -> list[tuple[str
     return [(key, tensor)]
 
 
-def load_state_dict(directory: str | Path, vision_width: int) -> dict[str, torch.Tensor]:
+def load_state_dict(
+    directory: str | Path, vision_width: int, rename: Callable[[str], str] = str
+) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory under our names."""
     state: dict[str, torch.Tensor] = {}
     for key, tensor in read_tensors(Path(directory)):
-        for name, t in to_ours(key, tensor, vision_width):
+        for name, t in to_ours(key, tensor, vision_width, rename):
             state[name] = t
     return state
 

@@ -60,9 +60,18 @@ class TextConfig:
     rope_theta: float = 1_000_000.0
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = True
-    attention_bias: bool = True  # Qwen2 has q/k/v bias
+    attention_bias: bool = True  # q/k/v bias (Qwen2 has it)
     hidden_act: str = "silu"
     eos_token_id: int | list[int] | None = None
+    o_bias: bool = False  # the attention output's bias (Llama's attention_bias covers it too)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
+    qkv_layout: str = "separate"  # q/k/v_proj; "stacked": one qkv_proj [Q; K; V] (Phi-3); "grouped": one
+    # qkv_proj whose rows go per KV head: its query heads, its key, its value (InternLM2's wqkv)
+    fused_gate_up: bool = False  # one gate_up_proj [gate; up] (Phi-3)
+    rope_scaling: dict | None = None  # the RoPE scaling and its parameters (layers/rotary.py), None: plain
+    bos_token_id: int | None = None  # (kept for the config vlstack writes)
+    pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -147,13 +156,33 @@ def _side(x: Any) -> int:
     return int(x)
 
 
-def rope_theta(t: dict) -> float:
-    """RoPE's base from a text config (`rope_parameters`, `rope_scaling` or `rope_theta`); plain RoPE only."""
-    rp = t.get("rope_parameters") or t.get("rope_scaling") or {}
-    kind = rp.get("rope_type", rp.get("type", "default"))
-    if kind not in ("default", None):
-        raise ConfigError(f"rope type {kind!r} is not supported; only plain RoPE ('default') is")
-    return float(first(rp, "rope_theta", default=None) or t.get("rope_theta", 10000.0))
+def rope(t: dict) -> tuple[float, dict | None]:
+    """RoPE's base and scaling from a text config (`rope_parameters` in transformers 5, `rope_scaling` and
+    `rope_theta` before): (theta, None) for plain RoPE, else the scaling's parameters with `rope_type` set."""
+    from .layers.rotary import KINDS
+
+    rp = dict(t.get("rope_parameters") or t.get("rope_scaling") or {})
+    theta = float(first(rp, "rope_theta", default=None) or t.get("rope_theta", 10000.0))
+    kind = {"su": "longrope"}.get(k := rp.get("rope_type", rp.get("type", "default")) or "default", k)
+    if kind not in KINDS:
+        raise ConfigError(f"rope type {kind!r} is not supported; supported: {', '.join(KINDS)}")
+    if float(first(rp, "partial_rotary_factor", default=t.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise ConfigError("partial_rotary_factor other than 1.0 is not supported")
+    if kind in ("default", "dynamic"):  # (dynamic changes nothing up to max_position_embeddings)
+        return theta, None
+    rp = {k: v for k, v in rp.items() if k not in ("rope_theta", "type", "partial_rotary_factor")}
+    rp["rope_type"] = kind
+    if kind == "longrope":
+        rp.setdefault("original_max_position_embeddings", t.get("original_max_position_embeddings"))
+        for field_name in ("short_factor", "long_factor", "original_max_position_embeddings"):
+            if rp.get(field_name) is None:
+                raise ConfigError(f"longrope RoPE needs {field_name!r} in its config")
+    need = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+            "original_max_position_embeddings"), "longrope": ()}[kind]  # fmt: skip
+    missing = [n for n in need if rp.get(n) is None]
+    if missing:
+        raise ConfigError(f"{kind} RoPE needs {', '.join(map(repr, missing))} in its config")
+    return theta, rp
 
 
 def _text_config(t: dict) -> TextConfig:

@@ -28,6 +28,7 @@ class Step:
     mask: torch.Tensor | None = None  # [B, 1, Q, K] True: attend; None: causal from position 0, no padding
     logits: torch.Tensor | None = None  # [N] the tokens whose logits are needed; None: all
     parts: tuple[tuple[int, int, Step], ...] | None = None  # a joined step: its steps over tokens [a, b)
+    extent: torch.Tensor | None = None  # [T] its sequence's length after this step (None: position + 1)
 
 
 def decode_step(positions: torch.Tensor, slots: torch.Tensor | None, max_len: int, keys: int) -> Step:
@@ -57,7 +58,7 @@ def packed_step(
     seq = torch.repeat_interleave(torch.arange(b), n, output_size=t)  # [T] each token's sequence
     offset = torch.arange(t) - torch.repeat_interleave(n.cumsum(0) - n, n, output_size=t)  # [T] place in its part
     positions = first[seq] + offset
-    step = Step(positions, b, q, q)
+    step = Step(positions, b, q, q, extent=(first + n)[seq])
     if slots is not None:
         slot = torch.tensor(slots)
         step.rows = slot[seq] * max_len + positions
@@ -86,6 +87,7 @@ def join(first: Step, second: Step) -> Step:
         torch.arange(n, device=s.positions.device) if s.logits is None else s.logits
         for s, n in ((first, t), (second, u))
     ]
+    extent = [s.positions + 1 if s.extent is None else s.extent for s in (first, second)]
     return Step(
         torch.cat([first.positions, second.positions]),
         first.batch + second.batch,
@@ -93,6 +95,7 @@ def join(first: Step, second: Step) -> Step:
         max(first.keys, second.keys),
         logits=torch.cat([logits[0], logits[1] + t]),
         parts=((0, t, first), (t, t + u, second)),
+        extent=torch.cat(extent),
     )
 
 

@@ -68,12 +68,16 @@ class LoRASpec:
         unknown = set(self.parts) - set(PARTS)
         if unknown:
             raise ConfigError(f"unknown LoRA parts {sorted(unknown)}; choose from {sorted(PARTS)}")
+        from ..models import family  # (a family's own names for its LLM's layers: Phi-3's fused qkv_proj, ...)
+
+        aliases = getattr(family(model.cfg.text.model_type), "LORA_ALIASES", {}) if hasattr(model, "cfg") else {}
+        llm_targets = {aliases.get(t, t) for t in self.targets}
         names = [
             name
             for name, mod in model.named_modules()
             if isinstance(mod, nn.Linear)
-            and name.rsplit(".", 1)[-1] in self.targets
             and any(PARTS[p].fullmatch(name) for p in self.parts)
+            and name.rsplit(".", 1)[-1] in (llm_targets if PARTS["language"].fullmatch(name) else self.targets)
         ]
         if not names:
             raise ConfigError(f"LoRA targets {list(self.targets)} match no Linear layer in parts {list(self.parts)}")

@@ -1,4 +1,5 @@
-"""The gated MLP of Qwen2 / Llama-style decoders: down(act(gate(x)) * up(x))."""
+"""The gated MLP of Llama-style decoders: down(act(gate(x)) * up(x)), gate and up as two Linear layers or as
+one `gate_up_proj` [gate; up] (Phi-3)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,20 @@ from .activations import ACTIVATIONS
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, act: str):
+    def __init__(self, hidden: int, intermediate: int, act: str, fused: bool = False, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        if fused:
+            self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
+        else:
+            self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+            self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
         self.act = ACTIVATIONS[act]
+        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)

@@ -235,7 +235,8 @@ def to_original_layout(src: Path, dst: Path, internlm2: bool = False) -> None:
     if internlm2:
         original["llm_config"] = internlm2_llm(t, state, out)
         (dst / "config.json").write_text(json.dumps(original, indent=2))
-    if t["tie_word_embeddings"] is False and not {"language_model.lm_head.weight", "language_model.output.weight"} & set(out):
+    heads = {"language_model.lm_head.weight", "language_model.output.weight"}
+    if t["tie_word_embeddings"] is False and not heads & set(out):
         raise AssertionError("untied checkpoint without lm_head")
     save_file(out, str(dst / "model.safetensors"))
     copy_tokenizer(dst)

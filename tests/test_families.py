@@ -104,3 +104,81 @@ def test_unsupported_llms_are_named():
         raw["text_config"]["model_type"] = kind
         with pytest.raises(ConfigError, match=f"language model '{kind}' is not supported"):
             parse_config(raw)
+
+
+FAMILY_SHAPES = {  # family -> (shape, PEFT's LLM target names for it)
+    "llama": (LLAMA, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "phi3": (dict(tile=56, text=dict(model_type="phi3", pad_token_id=0)), ["qkv_proj", "o_proj", "gate_up_proj",
+                                                                            "down_proj"]),
+    "qwen3": (dict(tile=56, text=dict(model_type="qwen3", head_dim=24)), ["q_proj", "v_proj", "o_proj", "up_proj"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(FAMILY_SHAPES))
+def test_peft_adapters_work_both_ways_on_each_family(kind, tmp_path):
+    """An adapter peft made on the family's transformers model loads in vlstack with the same logits; one vlstack
+    makes with its default targets (the generic names, which on Phi-3 mean its fused layers) loads in peft."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from test_lora import inputs, randomise_adapter
+    from transformers import InternVLForConditionalGeneration
+
+    from vlstack.adapters import save_adapter
+    from vlstack.layers.lora import LoRASpec, add_adapter
+
+    shape, targets = FAMILY_SHAPES[kind]
+    write_hf_checkpoint(tmp_path / "base", **shape)
+    hf = InternVLForConditionalGeneration.from_pretrained(tmp_path / "base").to(DEVICE).eval()
+    pattern = r".*language_model.*\.(" + "|".join(targets) + ")"
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=pattern))
+    randomise_adapter([p for n, p in peft_model.named_parameters() if "lora_" in n], seed=3)
+    peft_model.save_pretrained(tmp_path / "peft")
+    vlm = vlstack.load(tmp_path / "base", device=DEVICE)
+    vlm.load_adapter("p", tmp_path / "peft")
+    x = inputs(vlm)
+    with torch.no_grad():
+        ref = peft_model.eval()(input_ids=x["input_ids"], pixel_values=x["pixel_values"]).logits
+    assert rel_err(vlm(x["input_ids"], x["pixel_values"], adapter="p"), ref) <= 1e-4
+    assert rel_err(vlm(x["input_ids"], x["pixel_values"]), ref) > 1e-2
+
+    spec = LoRASpec(rank=4, alpha=8)
+    added = add_adapter(vlm.model, "ours", spec, seed=1)
+    randomise_adapter(added, seed=4)
+    save_adapter(vlm.model, "ours", tmp_path / "ours", spec)
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["target_modules"]
+    assert {m.rsplit(".", 1)[-1] for m in saved} == set(FAMILY_SHAPES["phi3" if kind == "phi3" else "llama"][1])
+    hf = InternVLForConditionalGeneration.from_pretrained(tmp_path / "base").to(DEVICE).eval()
+    theirs = PeftModel.from_pretrained(hf, tmp_path / "ours").eval()
+    with torch.no_grad():
+        ref = theirs(input_ids=x["input_ids"], pixel_values=x["pixel_values"]).logits
+    assert rel_err(vlm(x["input_ids"], x["pixel_values"], adapter="ours"), ref) <= 1e-4
+
+
+def test_internlm2_adapters_use_its_own_names(internlm2, tmp_path):
+    """On InternLM2, PEFT's names (wqkv, wo, w1-w3) and the generic ones name the same layers; an adapter is written
+    under the original model's module names and reads back the same."""
+    from test_lora import inputs, randomise_adapter
+
+    from vlstack.adapters import save_adapter
+    from vlstack.layers.lora import LoRASpec, add_adapter, remove_adapter
+
+    _, vlm, _ = internlm2
+    spec = LoRASpec(rank=4, alpha=8, targets=("wqkv", "w2"))
+    randomise_adapter(add_adapter(vlm.model, "a", spec, seed=1), seed=5)
+    try:
+        save_adapter(vlm.model, "a", tmp_path / "a", spec)
+        names = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"]
+        assert sorted(names) == [f"language_model.model.layers.{i}.{m}" for i in range(2)
+                                 for m in ("attention.wqkv", "feed_forward.w2")]  # fmt: skip
+        x = inputs(vlm)
+        want = vlm(x["input_ids"], x["pixel_values"], adapter="a")
+        vlm.load_adapter("b", tmp_path / "a")
+        assert torch.equal(vlm(x["input_ids"], x["pixel_values"], adapter="b"), want)
+        assert rel_err(vlm(x["input_ids"], x["pixel_values"]), want) > 1e-2
+        vlm.unload_adapter("b")
+        generic = LoRASpec(rank=4, alpha=8)
+        assert sorted(m.rsplit(".", 1)[-1] for m in generic.modules(vlm.model))[:4] == ["down_proj"] * 2 + [
+            "gate_proj"] * 2  # fmt: skip
+        assert {m.rsplit(".", 1)[-1] for m in generic.modules(vlm.model)} == {
+            "qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # fmt: skip
+    finally:
+        remove_adapter(vlm.model, "a")

@@ -24,6 +24,7 @@ from .layers.lora import LoRASpec, check_name, remove_adapter, route
 from .models import family, native_state, our_name
 from .models.internvl import InternVL
 from .models.llama import rotary
+from .templates import TEMPLATES
 from .tiny import tiny_dir
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,7 +73,7 @@ def eos_ids(directory: Path | None, cfg: VLMConfig, processor: Processor) -> set
     for source in (cfg.text.eos_token_id, _generation_eos(directory)):
         if source is not None:
             ids |= set(source) if isinstance(source, list) else {source}
-    for token in ("<|im_end|>", "<|endoftext|>"):
+    for token in ("<|im_end|>", "<|endoftext|>", *([TEMPLATES[cfg.template].stop] if cfg.template else [])):
         if (i := processor.token_id(token)) is not None:
             ids.add(i)
     return ids
@@ -265,7 +266,7 @@ def load(
         raise ConfigError(f"{directory} is not a directory; vlstack loads local checkpoints only (or 'tiny')")
     cfg = read_config(directory)
     tokenizer = read_tokenizer(directory)
-    processor = Processor(tokenizer, cfg, read_template(directory))
+    processor = Processor(tokenizer, cfg, read_template(directory, cfg.template))
     if cfg.layout == "internvl_chat":
         cfg.image_token_id = processor.img_context  # the original layout takes it from the tokenizer
     fam = family(cfg.text.model_type)

@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 from .config import VLMConfig
 from .errors import ConfigError, PromptError
 from .image import ImageInput, ImageLimits, load_image, tile_image
+from .templates import TEMPLATES
 
 IMAGE = "<image>"
 # a checkpoint's tokenizer files (copied beside a saved checkpoint)
@@ -41,8 +42,14 @@ DEFAULT_TEMPLATE = (
 )
 
 
-def read_template(directory: Path) -> str:
-    """chat_template.json, else tokenizer_config.json's chat_template, else InternVL's ChatML template."""
+def read_template(directory: Path, conversation: str | None = None) -> str:
+    """The chat template: the original layout's named `conversation` (templates.py) as InternVL's chat() renders
+    it; else chat_template.json, else tokenizer_config.json's chat_template, else InternVL's ChatML template."""
+    if conversation is not None:
+        if conversation not in TEMPLATES:
+            raise ConfigError(f"config.json names the template {conversation!r}, which vlstack does not know; it "
+                              f"knows {', '.join(TEMPLATES)}")  # fmt: skip
+        return TEMPLATES[conversation].jinja()
     for name in ("chat_template.json", "tokenizer_config.json"):
         path = directory / name
         if path.is_file():

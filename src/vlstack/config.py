@@ -92,6 +92,7 @@ class VLMConfig:
     max_tiles: int = 12
     use_thumbnail: bool = True
     layout: str = "internvl"  # the config.json it came from: "internvl" or "internvl_chat" (original)
+    template: str | None = None  # the original layout's chat template, by name (templates.py)
 
     @property
     def tokens_per_tile(self) -> int:
@@ -241,6 +242,7 @@ def parse_config(raw: dict) -> VLMConfig:
                 max_tiles=int(raw.get("max_dynamic_patch", 12)) if raw.get("dynamic_image_size", True) else 1,
                 use_thumbnail=bool(raw.get("use_thumbnail", True)),
                 layout="internvl_chat",
+                template=raw.get("template"),
             )
         else:
             raise ConfigError(

@@ -22,6 +22,7 @@ import jinja2.sandbox
 import torch
 from tokenizers import Tokenizer
 
+from . import spm
 from .config import VLMConfig
 from .errors import ConfigError, PromptError
 from .image import ImageInput, ImageLimits, load_image, tile_image
@@ -65,9 +66,12 @@ def read_template(directory: Path, conversation: str | None = None) -> str:
 
 
 def read_tokenizer(directory: Path) -> Tokenizer:
+    """The checkpoint's tokenizer.json, else its SentencePiece tokenizer.model (converted: spm.py)."""
     path = directory / "tokenizer.json"
+    if not path.is_file() and (directory / "tokenizer.model").is_file():
+        return spm.convert(directory)
     if not path.is_file():
-        raise ConfigError(f"{directory} has no tokenizer.json (vlstack reads tokenizers in that format)")
+        raise ConfigError(f"{directory} has neither tokenizer.json nor a SentencePiece tokenizer.model")
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the tokenizers library raises a bare Exception for malformed files
@@ -116,6 +120,9 @@ class Processor:
         if missing:
             raise ConfigError(f"the tokenizer lacks InternVL's special tokens {missing}")
         self.img_start, self.img_end, self.img_context = ids[IMG_START], ids[IMG_END], ids[IMG_CONTEXT]
+        # what the tokenizer puts before a text of its own (BOS, where its post-processor adds one): before a prompt
+        plain, full = (self.tokenizer.encode("x", add_special_tokens=flag).ids for flag in (False, True))
+        self.prefix = next((full[:i] for i in range(len(full)) if full[i : i + len(plain)] == plain), [])
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         try:
             self._template = env.from_string(self.template)
@@ -190,8 +197,8 @@ class Processor:
             tile_image(load_image(src, self.limits), tile, self.cfg.min_tiles, max_tiles, self.cfg.use_thumbnail)
             for src in images
         ]
-        ids: list[int] = []
-        labels: list[int] = []
+        ids: list[int] = list(self.prefix)
+        labels: list[int] = [-100] * len(ids)
         n_image = 0
         for (_, learn), segment in zip(segments, pieces):
             for kind, value in segment:

@@ -15,8 +15,8 @@ import torch
 from .adapters import load_adapter
 from .chat import TOKENIZER_FILES, Processor, question_messages, read_template, read_tokenizer
 from .checkpoint import load_state_dict, save_checkpoint
-from .config import VLMConfig, read_config
-from .engine.metadata import packed_step
+from .config import VLMConfig, check_v2pe, read_config
+from .engine.metadata import packed_step, v2pe_rope
 from .errors import ConfigError, PromptError
 from .generate import SamplingParams
 from .image import ImageInput
@@ -126,7 +126,8 @@ class VLM:
             if n_slots and pixel_values is None:
                 raise PromptError(f"the prompt has {n_slots} image tokens but no images were given")
             pv = pixel_values.to(self.model.device) if pixel_values is not None else None
-            step = packed_step([t] * b, self.model.device)
+            rope = v2pe_rope(list(input_ids), self.cfg.image_token_id, self.cfg.v2pe_delta)
+            step = packed_step([t] * b, self.model.device, rope=rope)
             return self.model(input_ids.flatten().to(self.model.device), step, pv).view(b, t, -1)
 
     def stream_batch(
@@ -255,9 +256,13 @@ def _drain(out: queue.Queue) -> str:
 
 
 def load(
-    path_or_name: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+    path_or_name: str | Path,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    v2pe_delta: float | None = None,
 ) -> VLM:
-    """Load a local InternVL checkpoint directory (either layout), or "tiny" for the built-in model."""
+    """Load a local InternVL checkpoint directory (either layout), or "tiny" for the built-in model.
+    v2pe_delta: V2PE's position step for image tokens (InternVL3; default: the checkpoint's, else 1)."""
     device = _device(device)
     if str(path_or_name) == "tiny":
         path_or_name = tiny_dir()
@@ -265,6 +270,8 @@ def load(
     if not directory.is_dir():
         raise ConfigError(f"{directory} is not a directory; vlstack loads local checkpoints only (or 'tiny')")
     cfg = read_config(directory)
+    if v2pe_delta is not None:
+        cfg.v2pe_delta = check_v2pe(v2pe_delta)
     tokenizer = read_tokenizer(directory)
     processor = Processor(tokenizer, cfg, read_template(directory, cfg.template))
     if cfg.layout == "internvl_chat":

@@ -14,7 +14,7 @@ from .errors import ConfigError, VLStackError
 def cmd_chat(args: argparse.Namespace) -> None:
     from .api import load
 
-    vlm = load(args.model, device=args.device, dtype=args.dtype)
+    vlm = load(args.model, device=args.device, dtype=args.dtype, v2pe_delta=args.v2pe_delta)
     gen = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -77,7 +77,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         model = Endpoint(args.api_base, args.api_model, key, args.concurrency)
         name = args.api_model
     else:
-        model = load(args.model, device=args.device, dtype=args.dtype)
+        model = load(args.model, device=args.device, dtype=args.dtype, v2pe_delta=args.v2pe_delta)
         specs = [(spec, *spec.partition("=")) for spec in args.adapter or []]
         for spec, adapter, sep, path in specs:
             if spec != "base" and (not sep or not adapter or not path):
@@ -161,7 +161,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    vlm = load(args.model or plan.model, device=device, dtype=args.dtype)  # the adapters: float32 whatever it is
+    vlm = load(args.model or plan.model, device=device, dtype=args.dtype, v2pe_delta=args.v2pe_delta)  # (adapters:
+    # float32 whatever the base is)
     options = {
         "resume": args.resume,
         "gradient_checkpointing": plan.gradient_checkpointing,
@@ -203,7 +204,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .serve.api import ServeConfig, create_app
     from .serve.auth import AuditLog, read_keys
 
-    vlm = load(args.model, device=args.device, dtype=args.dtype)
+    vlm = load(args.model, device=args.device, dtype=args.dtype, v2pe_delta=args.v2pe_delta)
     if vlm.model.device.type == "cpu":
         keep_freed_memory()  # each step's temporaries reuse the heap (see heap.py)
     for spec in args.adapter or []:
@@ -354,6 +355,11 @@ def parser() -> argparse.ArgumentParser:
     syn.add_argument("--conversations", action="store_true",
                      help="train.jsonl: one conversation per image, its questions as turns")  # fmt: skip
     syn.set_defaults(func=cmd_synth)
+
+    for command in (chat, serve, train, ev):
+        command.add_argument("--v2pe-delta", type=float, default=None,
+                             help="V2PE: the position step of image tokens, e.g. 0.25 (InternVL3; default: the "
+                             "checkpoint's, else 1)")  # fmt: skip
 
     info = sub.add_parser("info", help="describe a checkpoint: architecture, parameters, image tokens")
     info.add_argument("model", nargs="?", default="tiny")

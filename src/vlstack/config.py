@@ -93,6 +93,7 @@ class VLMConfig:
     use_thumbnail: bool = True
     layout: str = "internvl"  # the config.json it came from: "internvl" or "internvl_chat" (original)
     template: str | None = None  # the original layout's chat template, by name (templates.py)
+    v2pe_delta: float = 1.0  # V2PE: the position step of an image's tokens (1: every token one position)
 
     @property
     def tokens_per_tile(self) -> int:
@@ -211,6 +212,23 @@ def _vision_config(v: dict, image_size: Any = None) -> VisionConfig:
     )
 
 
+def _v2pe(raw: dict) -> float:
+    """V2PE's delta from InternVL's training config: `rope_pos_id_version: v2pe_fix` with `rope_pos_id_stride`,
+    the positions an image tile's tokens span (its code divides by 256 tokens a tile)."""
+    if raw.get("rope_pos_id_version", "default") in ("default", None):
+        return 1.0
+    if raw["rope_pos_id_version"] != "v2pe_fix" or not raw.get("rope_pos_id_stride"):
+        raise ConfigError(f"rope_pos_id_version {raw['rope_pos_id_version']!r} is not supported for inference "
+                          "(default, or v2pe_fix with rope_pos_id_stride)")  # fmt: skip
+    return check_v2pe(float(raw["rope_pos_id_stride"]) / 256)
+
+
+def check_v2pe(delta: float) -> float:
+    if not 0 < delta <= 1:
+        raise ConfigError(f"the V2PE delta must be in (0, 1] (got {delta})")
+    return delta
+
+
 def parse_config(raw: dict) -> VLMConfig:
     """Build a VLMConfig from a config.json dict of either layout; ConfigError names what is wrong."""
     try:
@@ -243,6 +261,7 @@ def parse_config(raw: dict) -> VLMConfig:
                 use_thumbnail=bool(raw.get("use_thumbnail", True)),
                 layout="internvl_chat",
                 template=raw.get("template"),
+                v2pe_delta=_v2pe(raw),
             )
         else:
             raise ConfigError(

@@ -8,6 +8,7 @@ loop over sequences; the Python ints (B, Q, K) are shapes, fixed for a captured 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,16 +30,56 @@ class Step:
     logits: torch.Tensor | None = None  # [N] the tokens whose logits are needed; None: all
     parts: tuple[tuple[int, int, Step], ...] | None = None  # a joined step: its steps over tokens [a, b)
     extent: torch.Tensor | None = None  # [T] its sequence's length after this step (None: position + 1)
+    rope: torch.Tensor | None = None  # [T] float: the positions RoPE rotates by, where V2PE makes them differ
 
 
-def decode_step(positions: torch.Tensor, slots: torch.Tensor | None, max_len: int, keys: int) -> Step:
+def decode_step(
+    positions: torch.Tensor, slots: torch.Tensor | None, max_len: int, keys: int, offsets: torch.Tensor | None = None
+) -> Step:
     """One new token for each of B sequences at these positions [B], in these cache slots [B] (None: slots
     0..B-1) of max_len positions; each attends to the positions of its slot up to its own, of the first `keys`.
-    Tensors only (a captured step builds it inside the graph)."""
+    offsets [B] (V2PE): each sequence's RoPE position minus its position. Tensors only (a captured step builds it
+    inside the graph)."""
     b = len(positions)
     slot = torch.arange(b, device=positions.device) if slots is None else slots
     mask = torch.arange(keys, device=positions.device) <= positions[:, None]  # [B, K]
-    return Step(positions, b, 1, keys, slot * max_len + positions, True, slots, mask=mask[:, None, None, :])
+    rope = None if offsets is None else positions + offsets
+    return Step(positions, b, 1, keys, slot * max_len + positions, True, slots, mask=mask[:, None, None, :], rope=rope)
+
+
+def v2pe(ids: torch.Tensor, image_token: int, delta: float, offset: float = 0.0) -> tuple[torch.Tensor, float]:
+    """V2PE (InternVL3's variable visual position encoding): RoPE positions [T] (float64) of a sequence's tokens
+    ids [T] (positions 0..T-1 after `offset`), and the offset of the text that follows.
+
+    A text token's position is one more than the token's before; an image's tokens (each run of image_token) go
+    up by delta each, and the text after an image goes on from the next whole position: after <img> at p, its n
+    image tokens are at p + delta, ..., p + n delta, and </img> at ceil(p + n delta) + 1. delta = 1: 0..T-1."""
+    t = len(ids)
+    rope = torch.arange(t, dtype=torch.float64) + offset
+    if delta == 1.0 or t == 0:
+        return rope, offset
+    is_image = (ids.cpu() == image_token).tolist()
+    shift, run = offset, 0  # shift: the text's position minus its index; run: image tokens so far in this run
+    for i, image in enumerate(is_image):
+        if image:
+            run += 1
+            rope[i] = i + shift + run * (delta - 1)
+        else:
+            if run:
+                shift += math.ceil(run * delta) - run
+                run = 0
+            rope[i] = i + shift
+    if run:
+        shift += math.ceil(run * delta) - run
+    return rope, shift
+
+
+def v2pe_rope(sequences: list[torch.Tensor], image_token: int, delta: float) -> torch.Tensor | None:
+    """The RoPE positions [T] of whole sequences (from position 0) back to back under V2PE; None when delta is 1
+    (RoPE takes the positions themselves)."""
+    if delta == 1.0:
+        return None
+    return torch.cat([v2pe(ids, image_token, delta)[0] for ids in sequences])
 
 
 def packed_step(
@@ -48,17 +89,19 @@ def packed_step(
     slots: list[int] | None = None,
     max_len: int = 0,
     logits: str | torch.Tensor | None = None,
+    rope: torch.Tensor | None = None,
 ) -> Step:
     """Sequences of `lengths` new tokens back to back, each after starts[i] tokens already in the cache (0: a
     fresh sequence), written to cache slots[i] (None: no cache) of max_len positions. logits: "last" for each
-    sequence's last token, a tensor of token indices, or None for every token."""
+    sequence's last token, a tensor of token indices, or None for every token. rope [T] (V2PE): the tokens'
+    RoPE positions, where they are not their positions."""
     b, q, t = len(lengths), max(lengths), sum(lengths)
     n = torch.tensor(lengths)
     first = torch.tensor(starts or [0] * b)  # [B] each sequence's first new position
     seq = torch.repeat_interleave(torch.arange(b), n, output_size=t)  # [T] each token's sequence
     offset = torch.arange(t) - torch.repeat_interleave(n.cumsum(0) - n, n, output_size=t)  # [T] place in its part
     positions = first[seq] + offset
-    step = Step(positions, b, q, q, extent=(first + n)[seq])
+    step = Step(positions, b, q, q, extent=(first + n)[seq], rope=None if rope is None else rope.float())
     if slots is not None:
         slot = torch.tensor(slots)
         step.rows = slot[seq] * max_len + positions
@@ -88,6 +131,9 @@ def join(first: Step, second: Step) -> Step:
         for s, n in ((first, t), (second, u))
     ]
     extent = [s.positions + 1 if s.extent is None else s.extent for s in (first, second)]
+    rope = None
+    if first.rope is not None or second.rope is not None:
+        rope = torch.cat([s.positions.float() if s.rope is None else s.rope for s in (first, second)])
     return Step(
         torch.cat([first.positions, second.positions]),
         first.batch + second.batch,
@@ -96,6 +142,7 @@ def join(first: Step, second: Step) -> Step:
         logits=torch.cat([logits[0], logits[1] + t]),
         parts=((0, t, first), (t, t + u, second)),
         extent=torch.cat(extent),
+        rope=rope,
     )
 
 

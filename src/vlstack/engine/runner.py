@@ -32,20 +32,21 @@ class Chunk:
     slot: int
     adapter: str | None
     last: bool  # b is the prompt's end: the logits of its last token are wanted
+    rope: torch.Tensor | None = None  # [b - a] V2PE's RoPE positions of its tokens (None: their positions)
 
 
 def forward(
     model: InternVL,
     cache: KVCache,
     chunks: list[Chunk],
-    rows: tuple[list[int], list[int], list[int], list[str | None]] | None = None,
+    rows: tuple | None = None,
     pixel_values: torch.Tensor | None = None,
     features: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Chunks of prompts packed back to back and decode rows (tokens, positions, slots, adapters: one new token
-    each) in one forward -> the logits [N, V] at the last token of each chunk that ends its prompt, then at each
-    row. The chunks' images come as pixel_values (their tiles in order) or visual embeddings `features`
-    [N, P, C] (or [1, image tokens, C]) for their image tokens."""
+    """Chunks of prompts packed back to back and decode rows (tokens, positions, slots, adapters, and under V2PE
+    each row's RoPE offset: one new token each) in one forward -> the logits [N, V] at the last token of each
+    chunk that ends its prompt, then at each row. The chunks' images come as pixel_values (their tiles in order)
+    or visual embeddings `features` [N, P, C] (or [1, image tokens, C]) for their image tokens."""
     device = model.device
     lengths = [len(c.ids) for c in chunks]
     ids, adapters, counts = [c.ids for c in chunks], [c.adapter for c in chunks], list(lengths)
@@ -53,11 +54,16 @@ def forward(
     if chunks:
         last = (torch.tensor(lengths).cumsum(0) - 1)[torch.tensor([c.last for c in chunks])]
         starts, slots = [c.start for c in chunks], [c.slot for c in chunks]
-        step = packed_step(lengths, device, starts=starts, slots=slots, max_len=cache.max_len, logits=last)
+        rope = None
+        if any(c.rope is not None for c in chunks):
+            own = [torch.arange(c.start, c.start + len(c.ids)) if c.rope is None else c.rope for c in chunks]
+            rope = torch.cat(own)
+        step = packed_step(lengths, device, starts, slots, cache.max_len, logits=last, rope=rope)
     if rows is not None:
-        tokens, positions, slots, row_adapters = rows
+        tokens, positions, slots, row_adapters, *more = rows
         where = upload([tokens, positions, slots], device)  # [3, B]: one copy to the device
-        decode = decode_step(where[1], where[2], cache.max_len, max(positions) + 1)
+        offsets = upload(more[0], device, torch.float32) if more and more[0] is not None else None  # (V2PE)
+        decode = decode_step(where[1], where[2], cache.max_len, max(positions) + 1, offsets)
         step = decode if step is None else join(step, decode)
         ids.append(where[0])
         adapters, counts = adapters + list(row_adapters), counts + [1] * len(tokens)
@@ -99,6 +105,8 @@ class Decoder:
         self.capture = self.static and model.device.type == "cuda"
         self.buckets = buckets(cache.slots)
         self.inputs = torch.zeros(3, cache.slots, dtype=torch.long, device=model.device)  # tokens, positions, LoRA
+        v2pe = model.cfg.v2pe_delta != 1.0  # each row's RoPE offset (its RoPE position minus its position)
+        self.offsets = torch.zeros(cache.slots, device=model.device) if v2pe else None
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None  # the graphs' memory pool, shared
         self.layout: tuple[int, int] | None = None  # the LoRA stacks' (slots, rank) the graphs were captured with
@@ -111,15 +119,17 @@ class Decoder:
         slots: list[int],
         adapters: list[str | None],
         pending: tuple[torch.Tensor, torch.Tensor] | None = None,
+        offsets: list[float] | None = None,
     ) -> torch.Tensor:
         """The next token of each row (at its position, in its cache slot, with its adapter) -> logits [B, V]
         (a captured graph's output: valid until the next call).
         pending (rows [P], tokens [P]): rows whose token is still on the device (sampled by the step before, not
-        yet read back): those tokens, copied on the device over the rows' entries of `tokens`."""
+        yet read back): those tokens, copied on the device over the rows' entries of `tokens`.
+        offsets: under V2PE, each row's RoPE position minus its position."""
         b, model = len(tokens), self.model
         if slots != list(range(b)):  # rows elsewhere (a failed step retried over a part): read by slot
             assert pending is None, "pending tokens need the rows in slots 0..B-1"
-            return forward(self.model, self.cache, [], (tokens, positions, slots, adapters))
+            return forward(self.model, self.cache, [], (tokens, positions, slots, adapters, offsets))
         n = next(x for x in self.buckets if x >= b) if self.static else b
         routing = routing_of(model)
         lora = [routing.slots[a] if a is not None else -1 for a in adapters]
@@ -127,6 +137,8 @@ class Decoder:
         self.inputs[:, :n].copy_(upload([tokens + [0] * pad, positions + [0] * pad, lora + [-1] * pad], model.device))
         if pending is not None:
             self.inputs[0].index_copy_(0, *pending)
+        if self.offsets is not None:
+            self.offsets[:n].copy_(upload(list(offsets or [0.0] * b) + [0.0] * pad, model.device, torch.float32))
         keys = max(positions) + 1
         if not self.static:
             with route(model, adapters):
@@ -144,7 +156,8 @@ class Decoder:
 
     def _forward(self, n: int, keys: int, onehot: bool) -> torch.Tensor:
         tokens, positions, lora = self.inputs[:, :n]  # [n] each
-        step = decode_step(positions, None, self.cache.max_len, keys)
+        offsets = None if self.offsets is None else self.offsets[:n]
+        step = decode_step(positions, None, self.cache.max_len, keys, offsets)
         routing = routing_of(self.model)
         if onehot and routing.capacity:
             routing.onehot = slot_onehot(lora, routing.capacity, routing.rank)  # [n, S*R]

@@ -36,7 +36,7 @@ from ..generate import Detokenizer, SamplingParams
 from ..layers.lora import adapter_names, lora_layers, route
 from ..serve.cache import FeatureCache, image_hash, tiles_per_image
 from .kv_cache import KVCache
-from .metadata import upload
+from .metadata import upload, v2pe
 from .runner import Chunk, Decoder, forward
 from .sampler import adjust, sample_rows, seed_words
 
@@ -68,6 +68,8 @@ class Request:
     exception: Exception | None = None  # the same, as raised
     top_logprobs: int | None = None  # None: no log-probabilities; else how many alternatives a token
     logprobs: list = field(default_factory=list)  # a generated token's (id, logprob, [(id, logprob) top]), in order
+    rope: torch.Tensor | None = None  # [T] V2PE's RoPE positions of the prompt (None: its positions)
+    offset: float = 0.0  # V2PE: the RoPE position of each generated token minus its position
 
     @property
     def position(self) -> int:
@@ -162,6 +164,8 @@ class Engine:
         if out is not None:
             req.out = out
         req.top_logprobs = top_logprobs
+        if cfg.v2pe_delta != 1.0:
+            req.rope, req.offset = v2pe(prompt, cfg.image_token_id, cfg.v2pe_delta)
         req.seed = seed_words(random.getrandbits(64) if params.seed is None else params.seed)
         self.waiting.put(req)
         self._wake.set()
@@ -318,11 +322,11 @@ class Engine:
         chunks = [r for r in reqs if r.chunk is not None]
         rows = [r for r in reqs if r.chunk is None]
         row_inputs = [r.next_token for r in rows], [r.position for r in rows], [r.slot for r in rows]
-        adapters = [r.adapter for r in rows]
+        adapters, offsets = [r.adapter for r in rows], self._offsets(rows)
         if not chunks:  # the static decode step (a CUDA graph on a GPU)
-            logits = self.decoder(*row_inputs, adapters)
+            logits = self.decoder(*row_inputs, adapters, offsets=offsets)
         else:
-            decoding = (*row_inputs, adapters) if rows else None
+            decoding = (*row_inputs, adapters, offsets) if rows else None
             parts = [self._chunk(r) for r in chunks]
             logits = forward(self.vlm.model, self.cache, parts, decoding, features=self._chunk_features(chunks))
         done = [r for r in chunks if r.chunk[1] == len(r.prompt)]
@@ -361,7 +365,8 @@ class Engine:
             where = upload([into, [waiting[id(rows[i])] for i in into]], self.vlm.model.device)  # [2, P]
             pending = where[0], ahead.tokens[where[1]]
         try:
-            logits = self.decoder(tokens, positions, [r.slot for r in rows], [r.adapter for r in rows], pending)
+            slots, adapters = [r.slot for r in rows], [r.adapter for r in rows]
+            logits = self.decoder(tokens, positions, slots, adapters, pending, self._offsets(rows))
             steps = [r.generated + is_late for r, is_late in zip(rows, late)]
             sampled = sample_rows(logits, [r.params for r in rows], [r.seed for r in rows], steps)  # [B]
         except Exception:
@@ -383,7 +388,11 @@ class Engine:
 
     def _chunk(self, r: Request) -> Chunk:
         a, b = r.chunk
-        return Chunk(r.prompt[a:b], a, r.slot, r.adapter, b == len(r.prompt))
+        return Chunk(r.prompt[a:b], a, r.slot, r.adapter, b == len(r.prompt), None if r.rope is None else r.rope[a:b])
+
+    def _offsets(self, rows: list[Request]) -> list[float] | None:
+        """Under V2PE, each decoding row's RoPE offset (None without V2PE)."""
+        return [r.offset for r in rows] if self.vlm.cfg.v2pe_delta != 1.0 else None
 
     def _chunk_features(self, chunks: list[Request]) -> torch.Tensor | None:
         """The visual embeddings of the chunks' image tokens, in order: [1, image tokens, C] (None: none)."""

@@ -65,7 +65,8 @@ class Rotary(nn.Module):
         if self.threshold:  # longrope: the long factors for the tokens of a sequence past the threshold
             extent = step.positions + 1 if step.extent is None else step.extent  # [T]
             inv_freq = torch.where((extent > self.threshold)[:, None], self.long_inv_freq, inv_freq)  # [T, D/2]
-        freqs = step.positions[:, None].float() * inv_freq  # [T, D/2]
+        positions = step.positions if step.rope is None else step.rope  # (V2PE: fractional in images)
+        freqs = positions[:, None].float() * inv_freq  # [T, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [T, 1, D]
         if self.scale != 1.0:
             return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)

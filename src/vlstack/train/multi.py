@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..adapters import save_adapter
 from ..api import VLM
-from ..engine.metadata import Step, packed_step, upload
+from ..engine.metadata import Step, packed_step, upload, v2pe_rope
 from ..layers.lora import add_adapter, prepare_lora, prepare_tiles, remove_adapter, replay, route
 from .checkpoint import clear_run, load_state, restore_state, save_state
 from .data import IGNORE, DatasetError, Example, Stream, encode_example, read_dataset
@@ -224,7 +224,8 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
         targets[:-1] = labels[1:]
         targets[torch.tensor(seqlens).cumsum(0) - 1] = IGNORE  # a sequence's last token predicts nothing
         learn = targets != IGNORE  # [T]: positions with a label; logits are computed only there
-        step = packed_step(seqlens, device, logits=learn.nonzero()[:, 0])
+        rope = v2pe_rope([x["input_ids"] for _, x in group], vlm.cfg.image_token_id, vlm.cfg.v2pe_delta)
+        step = packed_step(seqlens, device, logits=learn.nonzero()[:, 0], rope=rope)
         in_job = upload(F.one_hot(batch.pop("job")[learn], jobs).T.float(), device)  # [jobs, N]
         image_tokens = batch["input_ids"] == vlm.cfg.image_token_id  # [T], on the host
         batch = {k: upload(v, device) for k, v in batch.items()}

@@ -13,21 +13,21 @@ from vlstack.chat import question_messages
 from vlstack.engine.metadata import packed_step, v2pe
 from vlstack.errors import ConfigError
 
-I = 9  # the image token in the hand computations
+IMG = 9  # the image token in the hand computations
 
 
 def test_positions_equal_a_hand_computation():
-    ids = torch.tensor([1, 2, 3, I, I, I, 4, 5, 3, I, I, 4, 6])  # two images: 3 tokens after <img>=3, then 2
-    rope, offset = v2pe(ids, I, 0.5)
+    ids = torch.tensor([1, 2, 3, IMG, IMG, IMG, 4, 5, 3, IMG, IMG, 4, 6])  # two images: 3 tokens after <img>=3, then 2
+    rope, offset = v2pe(ids, IMG, 0.5)
     # <img> at 2; its tokens at 2.5, 3, 3.5; </img> at ceil(3.5) + 1 = 5; text 6, <img> 7; 7.5, 8; </img> 9; 10
     assert rope.tolist() == [0, 1, 2, 2.5, 3, 3.5, 5, 6, 7, 7.5, 8, 9, 10]
     assert offset == 10 - 12  # a token after these: its position (13) - 2
-    rope, offset = v2pe(ids, I, 0.25)  # 2.25, 2.5, 2.75 -> </img> at 4; <img> 6: 6.25, 6.5 -> </img> 8
+    rope, offset = v2pe(ids, IMG, 0.25)  # 2.25, 2.5, 2.75 -> </img> at 4; <img> 6: 6.25, 6.5 -> </img> 8
     assert rope.tolist() == [0, 1, 2, 2.25, 2.5, 2.75, 4, 5, 6, 6.25, 6.5, 8, 9]
     assert offset == 9 - 12
-    rope, offset = v2pe(ids, I, 1.0)
+    rope, offset = v2pe(ids, IMG, 1.0)
     assert torch.equal(rope, torch.arange(13, dtype=torch.float64)) and offset == 0
-    assert v2pe(torch.tensor([1, I, I]), I, 0.5)[1] == 2 - 3  # ending in an image: the next text at ceil(1) + 1
+    assert v2pe(torch.tensor([1, IMG, IMG]), IMG, 0.5)[1] == 2 - 3  # ending in an image: the next text at ceil(1) + 1
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +94,9 @@ def test_training_sees_v2pe_positions(tmp_path):
     row = {"image": "chart.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
                                                    {"from": "gpt", "value": "A chart."}]}  # fmt: skip
     (tmp_path / "data.jsonl").write_text(json.dumps(row) + "\n")
-    (tmp_path / "jobs.yaml").write_text(f"model: tiny\njobs:\n  - name: a\n    data: {tmp_path / 'data.jsonl'}\n"
-                                        f"    output: {tmp_path / 'out'}\n    steps: 1\n    batch_size: 1\n    lr: 1.0e-4\n")  # fmt: skip
+    job = dict(name="a", data=str(tmp_path / "data.jsonl"), output=str(tmp_path / "out"), steps=1, batch_size=1,
+               lr=1e-4)  # fmt: skip
+    (tmp_path / "jobs.yaml").write_text(json.dumps({"model": "tiny", "jobs": [job]}))
     vlm = vlstack.load("tiny", device="cpu", v2pe_delta=0.25)
     plan = read_plan(tmp_path / "jobs.yaml")
     loss = train(vlm, plan.jobs, plan.max_rows, verbose=False)["a"].losses[0]

@@ -182,3 +182,37 @@ def test_internlm2_adapters_use_its_own_names(internlm2, tmp_path):
             "qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # fmt: skip
     finally:
         remove_adapter(vlm.model, "a")
+
+
+@pytest.mark.parametrize("kind", ["phi3", "internlm2"])
+def test_fused_training_on_fused_projections(kind, tmp_path, internlm2):
+    """Two adapters trained fused on a family whose q/k/v (and Phi-3's gate/up) are one layer end as each trained
+    alone, and lower their loss."""
+    from test_train import assert_same_adapter, write_dataset
+
+    from vlstack.train.jobs import Job
+    from vlstack.train.multi import train
+
+    if kind == "phi3":
+        write_hf_checkpoint(tmp_path / "base", **FAMILY_SHAPES["phi3"][0])
+        base = tmp_path / "base"
+    else:
+        base = internlm2[2] / "internlm2"
+    data = tmp_path / "data"
+
+    targets = ["wqkv", "w2"] if kind == "internlm2" else ["qkv_proj"]  # (PEFT's names for the family's layers)
+
+    def jobs(out: str) -> list[Job]:
+        return [Job("a", write_dataset(data, "a", 4, True), tmp_path / out / "a", rank=4, alpha=8, batch_size=2,
+                    steps=6, lr=2e-2, seed=1),
+                Job("b", write_dataset(data, "b", 4, False, 1), tmp_path / out / "b", rank=2, alpha=4, batch_size=2,
+                    steps=6, lr=2e-2, seed=2, targets=targets)]  # fmt: skip
+
+    done = train(vlstack.load(base, device="cpu"), jobs("fused"), max_rows=4, verbose=False)
+    assert all(r.losses[-1] < r.losses[0] for r in done.values())
+    from safetensors.torch import load_file
+
+    for job in jobs("alone"):
+        train(vlstack.load(base, device="cpu"), [job], max_rows=4, verbose=False)
+        fused = load_file(tmp_path / "fused" / job.name / "adapter_model.safetensors")
+        assert_same_adapter(fused, load_file(job.output / "adapter_model.safetensors"))

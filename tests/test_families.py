@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from conftest import DEVICE, greedy_ids, rel_err, to_original_layout, write_hf_checkpoint
-from test_parity import PROMPTS, encode
+from test_parity import PROMPTS, assert_saved_loads_in_transformers, encode
 
 import vlstack
 from vlstack.errors import ConfigError
@@ -67,18 +67,10 @@ def test_internlm2_read_as_a_plain_qkv_stack_gives_other_logits(internlm2):
 
 
 def test_internlm2_saves_as_llama_that_transformers_loads(internlm2, tmp_path):
-    from transformers import InternVLForConditionalGeneration
-
     hf, vlm, _ = internlm2
-    vlm.save(tmp_path / "saved")
+    assert_saved_loads_in_transformers(hf, vlm, tmp_path / "saved")
     cfg = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert cfg["text_config"]["model_type"] == "llama"
-    back = InternVLForConditionalGeneration.from_pretrained(tmp_path / "saved", dtype=torch.float32).to(DEVICE).eval()
-    inputs, _ = encode(vlm, *PROMPTS[2])
-    with torch.no_grad():
-        a = back(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
-        b = hf(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
-    assert torch.equal(a, b)
 
 
 def test_pack_and_unpack_are_inverse():

@@ -136,18 +136,24 @@ def test_original_layout_gives_same_logits(pair, tmp_path):
         )
 
 
-def test_saved_checkpoint_loads_in_transformers(pair, tmp_path):
-    """What vlstack writes is a transformers-native checkpoint with the same weights."""
+def assert_saved_loads_in_transformers(hf, vlm, directory) -> dict:
+    """vlm.save(directory) is a checkpoint transformers loads with hf's logits; -> the inputs it tried."""
     from transformers import InternVLForConditionalGeneration
 
-    hf, vlm, _ = pair
-    vlm.save(tmp_path / "saved")
-    back = InternVLForConditionalGeneration.from_pretrained(tmp_path / "saved", dtype=torch.float32).to(DEVICE).eval()
+    vlm.save(directory)
+    back = InternVLForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).to(DEVICE).eval()
     inputs, _ = encode(vlm, *PROMPTS[2])
     with torch.no_grad():
         a = back(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
         b = hf(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
     assert torch.equal(a, b)
+    return inputs
+
+
+def test_saved_checkpoint_loads_in_transformers(pair, tmp_path):
+    """What vlstack writes is a transformers-native checkpoint with the same weights."""
+    hf, vlm, _ = pair
+    inputs = assert_saved_loads_in_transformers(hf, vlm, tmp_path / "saved")
     again = vlstack.load(tmp_path / "saved", device=DEVICE, dtype="float32")
     assert torch.equal(
         again(inputs["input_ids"], inputs["pixel_values"]), vlm(inputs["input_ids"], inputs["pixel_values"])

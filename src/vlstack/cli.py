@@ -108,6 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     from .api import load
+    from .models import family
 
     vlm = load(args.model, device="cpu", dtype="float32")
     cfg, model = vlm.cfg, vlm.model
@@ -115,7 +116,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     v, t = cfg.vision, cfg.text
     rows = [
         ("checkpoint", str(vlm.directory)),
-        ("architecture", "InternVL: InternViT -> pixel shuffle + MLP -> Qwen2"),
+        ("architecture", f"InternVL: InternViT -> pixel shuffle + MLP -> {family(t.model_type).ARCHITECTURE}"),
+        ("chat template", cfg.template or "the checkpoint's own (jinja)"),
+        ("V2PE delta", f"{cfg.v2pe_delta:g}"),
         (
             "vision",
             f"{v.num_hidden_layers} layers, width {v.hidden_size}, {v.num_attention_heads} heads, "

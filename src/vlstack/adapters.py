@@ -177,6 +177,8 @@ def merge_adapter(model: nn.Module, name: str) -> None:
     layers = [m for m in lora_layers(model).values() if name in m.lora_A]
     if not layers:
         raise ValueError(f"the model has no adapter named {name!r}")
+    if any(not isinstance(getattr(layer, "weight", None), torch.Tensor) for layer in layers):
+        raise ConfigError("the base is quantised: merge the adapter into the full-precision model, then quantise")
     with torch.no_grad():
         for layer in layers:
             layer.weight += layer.delta(name).to(layer.weight.dtype)

@@ -15,6 +15,7 @@ import torch
 from .adapters import load_adapter
 from .chat import TOKENIZER_FILES, Processor, question_messages, read_template, read_tokenizer
 from .checkpoint import load_state_dict, save_checkpoint
+from .compress.quantize import QuantConfig, quantized_layout
 from .config import VLMConfig, check_v2pe, read_config
 from .engine.metadata import packed_step, v2pe_rope
 from .errors import ConfigError, PromptError
@@ -44,7 +45,10 @@ def build_model(cfg: VLMConfig, state: dict[str, torch.Tensor], device: torch.de
     """Allocate the model directly from the state dict (no random init of weights that are overwritten)."""
     with torch.device("meta"):
         model = InternVL(cfg)
-    expected = set(model.state_dict())
+    if cfg.quantization:  # its quantised layers as stored (compress/quantize.py)
+        quantized_layout(model, QuantConfig.from_json(cfg.quantization))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = set(shapes)
     if cfg.text.tie_word_embeddings:
         expected.discard("lm_head.weight")
         state.pop("lm_head.weight", None)
@@ -57,10 +61,9 @@ def build_model(cfg: VLMConfig, state: dict[str, torch.Tensor], device: torch.de
             parts.append(f"unexpected weights: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
         raise ConfigError("the checkpoint does not match its config: " + "; ".join(parts))
     for name, t in state.items():
-        ref = model.get_parameter(name)
-        if tuple(t.shape) != tuple(ref.shape):
-            raise ConfigError(f"weight {name} has shape {tuple(t.shape)}, the config implies {tuple(ref.shape)}")
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+        if tuple(t.shape) != shapes[name]:
+            raise ConfigError(f"weight {name} has shape {tuple(t.shape)}, the config implies {shapes[name]}")
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.text.tie_word_embeddings:
         model.lm_head.weight = model.language_model.embed_tokens.weight

@@ -199,6 +199,20 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"merged checkpoint written to {vlm.save(args.output)}")
 
 
+def cmd_compress(args: argparse.Namespace) -> None:
+    from .adapters import merge_adapter
+    from .api import load
+    from .compress import compress, read_stages
+
+    stages = read_stages(args.config)  # (checked before anything loads)
+    vlm = load(args.model, device=args.device or "cpu", dtype="float32")
+    if args.adapter:  # the adapter is merged first
+        vlm.load_adapter("merge", args.adapter)
+        merge_adapter(vlm.model, "merge")
+        vlm.adapters.clear()
+    print(f"compressed checkpoint written to {compress(vlm, stages, args.output)}")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -317,6 +331,14 @@ def parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", required=True, help="directory for the merged checkpoint")
     merge.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     merge.set_defaults(func=cmd_merge)
+
+    comp = sub.add_parser("compress", help="prune, distil and quantise a model (P-KD-Q) into a new checkpoint")
+    comp.add_argument("--model", default="tiny")
+    comp.add_argument("--adapter", default=None, help="a PEFT adapter merged into the model first")
+    comp.add_argument("--config", required=True, help="YAML: stages: [- quantize: {bits: 8}, ...]")
+    comp.add_argument("--output", required=True, help="a new directory for the compressed checkpoint")
+    comp.add_argument("--device", default=None)
+    comp.set_defaults(func=cmd_compress)
 
     ev = sub.add_parser("eval", help="score a model (or an adapter) on a benchmark by its official rules")
     ev.add_argument("benchmark", choices=["mmmu", "docvqa", "chartqa", "vqa", "report"],

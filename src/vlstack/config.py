@@ -94,6 +94,7 @@ class VLMConfig:
     layout: str = "internvl"  # the config.json it came from: "internvl" or "internvl_chat" (original)
     template: str | None = None  # the original layout's chat template, by name (templates.py)
     v2pe_delta: float = 1.0  # V2PE: the position step of an image's tokens (1: every token one position)
+    quantization: dict | None = None  # config.json's quantization_config (compress/quantize.py), as written
 
     @property
     def tokens_per_tile(self) -> int:
@@ -135,6 +136,7 @@ class VLMConfig:
             "projector_hidden_act": self.projector_hidden_act,
             "tie_word_embeddings": t.tie_word_embeddings,
             "dtype": self.dtype,
+            **({"quantization_config": self.quantization} if self.quantization else {}),
         }
 
     def summary(self) -> dict[str, Any]:
@@ -272,6 +274,7 @@ def parse_config(raw: dict) -> VLMConfig:
         raise ConfigError(f"config.json is missing the field {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.json has a malformed field: {e}") from None
+    cfg.quantization = raw.get("quantization_config")
     if cfg.pixel_shuffle_version not in ("v1", "v2"):
         raise ConfigError(f"ps_version {cfg.pixel_shuffle_version!r} is not supported (v1 or v2)")
     if cfg.vision.norm_type not in ("layer_norm", "rms_norm"):

@@ -169,12 +169,21 @@ def slot_onehot(slots: torch.Tensor, capacity: int, rank: int) -> torch.Tensor:
 
 
 class LoRALinear(nn.Linear):
-    """An nn.Linear (sharing the base weight and bias) with any number of named LoRA adapters."""
+    """A Linear layer with any number of named LoRA adapters. It takes over the base layer's tensors under their
+    own names (checkpoints are unaffected) and runs the base layer's own forward: an nn.Linear's, or a quantised
+    layer's (compress/quantize.py: its integer weights, scales and settings)."""
 
     def __init__(self, base: nn.Linear, routing: Routing):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
+        for name, p in base.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in base.named_buffers(recurse=False):
+            self.register_buffer(name, b)
+        self.bias = base.bias
+        for name in getattr(base, "settings", ()):  # a quantised layer's settings
+            setattr(self, name, getattr(base, name))
+        self.base_forward = type(base).forward
         self.routing = routing
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -195,9 +204,10 @@ class LoRALinear(nn.Linear):
         """A new adapter initialised like PEFT: A Kaiming-uniform, B zeros (so it starts as a no-op); in float32
         over a half-precision base (as PEFT's autocast_adapter_dtype: trained weights and their optimizer state
         keep full precision)."""
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        a = nn.Linear(self.in_features, rank, bias=False, device=self.weight.device, dtype=dtype)
-        b = nn.Linear(rank, self.out_features, bias=False, device=self.weight.device, dtype=dtype)
+        like = self.base_like()
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        a = nn.Linear(self.in_features, rank, bias=False, device=like.device, dtype=dtype)
+        b = nn.Linear(rank, self.out_features, bias=False, device=like.device, dtype=dtype)
         with torch.no_grad():
             bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) on a [rank, in] matrix
             a.weight.copy_(torch.rand(a.weight.shape, generator=init) * 2 * bound - bound)
@@ -218,12 +228,16 @@ class LoRALinear(nn.Linear):
         if not self.routing.layers[name]:
             del self.routing.layers[name], self.routing.slots[name]
 
+    def base_like(self) -> torch.Tensor:
+        """The base layer's float weight (or a quantised one's scales): its dtype and device."""
+        return next(t for t in (*self.parameters(recurse=False), *self.buffers(recurse=False)) if t.is_floating_point())
+
     def delta(self, name: str) -> torch.Tensor:
         """The adapter's weight update B @ A * scaling: [out, in]."""
         return self.lora_B[name].weight @ self.lora_A[name].weight * self.scaling[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)  # [T, ..., out]: the base matmul, once for all rows
+        y = self.base_forward(self, x)  # [T, ..., out]: the base matmul, once for all rows
         if not torch.is_grad_enabled():  # no autograd: each update is added into its rows in place
             if self.routing.onehot is not None and x.dim() == 2:  # tokens [T, in] routed by slot
                 return self._stacked(x, y)

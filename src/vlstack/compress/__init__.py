@@ -1,0 +1,68 @@
+"""`vlstack compress`: prune -> distil -> quantise (P-KD-Q), one file per stage, each also usable alone.
+
+The stages come from a YAML file, in the order they run:
+
+    stages:
+      - quantize: {bits: 8}              # or bits: 4, group_size: 128; kernel: dynamic (int8 on a CPU)
+
+Every stage's options are checked before any work, and the output is written to a temporary directory beside
+the destination and renamed into place at the end: a run that fails leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+
+from ..config import read_yaml
+from ..errors import ConfigError
+from .quantize import QuantConfig, quantize_model
+
+STAGES = ("quantize",)
+
+
+def read_stages(path: str | Path) -> list[tuple[str, object]]:
+    """The compress file -> [(stage, its checked options)], in order; a clear error for anything wrong."""
+    raw = read_yaml(path, "compress config")
+    stages = raw.get("stages") if isinstance(raw, dict) else None
+    if not isinstance(stages, list) or not stages:
+        raise ConfigError(f"{path}: expected 'stages:', a list of stages ({', '.join(STAGES)})")
+    out: list[tuple[str, object]] = []
+    for i, entry in enumerate(stages, 1):
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise ConfigError(f"{path}: stage {i} must be one name with its options, e.g. '- quantize: {{bits: 8}}'")
+        ((name, options),) = entry.items()
+        if name not in STAGES:
+            raise ConfigError(f"{path}: unknown stage {name!r} (stages: {', '.join(STAGES)})")
+        options = options or {}
+        known = {f.name for f in fields(QuantConfig)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"{path}: stage {i} ({name}): unknown options {unknown} (known: {sorted(known)})")
+        out.append((name, QuantConfig(**options).check()))
+    if [n for n, _ in out] != sorted((n for n, _ in out), key=STAGES.index):
+        raise ConfigError(f"{path}: stages run in the order {' -> '.join(STAGES)}")
+    return out
+
+
+def compress(vlm, stages: list[tuple[str, object]], output: str | Path) -> Path:
+    """Run the stages on vlm (its model changed in place) and write the result to output, a new directory."""
+    output = Path(output)
+    if output.exists():
+        raise ConfigError(f"{output} exists; compress writes a new directory")
+    for name, options in stages:
+        if name == "quantize":
+            quantize_model(vlm.model, options)
+            vlm.cfg.quantization = options.to_json()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        vlm.save(tmp)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output

@@ -1,0 +1,196 @@
+"""Weight-only quantisation of the language model's Linear layers: int8 with a scale per output channel, or int4
+with a scale and a zero point per group of `group_size` inputs. The vision tower, the projector and the LM head
+stay in full precision (as InternVL's own quantised releases keep them).
+
+`QuantLinear` holds the integers and their scales; its forward is `x @ dequant(W).T + b` (the reference: exact
+to the dequantised weights), or with `kernel="dynamic"` on a CPU, int8 activations quantised per token on the fly
+against the int8 weights (fbgemm's kernel: W8A8, several times faster at decode than float32, not bit-equal).
+A LoRA adapter wraps a QuantLinear as it wraps a Linear (layers/lora.py).
+
+A quantised checkpoint is an ordinary one whose quantised layers are stored as `<name>.qweight` (int8; int4 two
+to a byte), `<name>.scales` (and `<name>.zeros` for int4), with a `quantization_config` in config.json saying
+exactly what was done; `vlstack.load` reads it back.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+METHOD = "vlstack"
+SKIP = ("vision_tower", "multi_modal_projector", "lm_head")  # kept in full precision by default
+LLM_LINEAR = re.compile(r"language_model\.layers\.\d+\.(self_attn|mlp)\.\w+")
+
+
+@dataclass
+class QuantConfig:
+    bits: int = 8  # 8: per output channel; 4: per group
+    group_size: int = 128  # (int4) inputs sharing a scale and zero point
+    kernel: str = "reference"  # "reference": x @ dequant(W).T; "dynamic" (int8, CPU): W8A8 per-token activations
+    modules: str = LLM_LINEAR.pattern  # which Linear layers, by name (regex, whole name)
+
+    def check(self) -> QuantConfig:
+        if self.bits not in (4, 8):
+            raise ConfigError(f"quantisation bits must be 4 or 8 (got {self.bits})")
+        if self.bits == 4 and (self.group_size < 2 or self.group_size % 2):
+            raise ConfigError(f"int4 group_size must be an even number >= 2 (got {self.group_size})")
+        if self.kernel not in ("reference", "dynamic"):
+            raise ConfigError(f"quantisation kernel must be reference or dynamic (got {self.kernel!r})")
+        if self.kernel == "dynamic" and self.bits != 8:
+            raise ConfigError("the dynamic kernel (int8 activations) is for 8-bit weights")
+        if self.kernel == "dynamic" and "x86" not in torch.backends.quantized.supported_engines:
+            raise ConfigError("the dynamic int8 kernel needs PyTorch's x86 (fbgemm) quantized engine")
+        return self
+
+    def to_json(self) -> dict:
+        return {"quant_method": METHOD, **asdict(self), "full_precision": list(SKIP)}
+
+    @staticmethod
+    def from_json(raw: dict) -> QuantConfig:
+        if raw.get("quant_method") != METHOD:
+            raise ConfigError(f"quantization_config quant_method {raw.get('quant_method')!r} is not supported "
+                              f"(vlstack reads its own, {METHOD!r})")  # fmt: skip
+        fields = {k: raw[k] for k in ("bits", "group_size", "kernel", "modules") if k in raw}
+        return QuantConfig(**fields).check()
+
+
+def quantize_weight(w: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.Tensor]:
+    """A float weight [out, in] -> its stored tensors: qweight, scales (and zeros for int4)."""
+    w = w.detach().float()
+    if cfg.bits == 8:  # symmetric, per output channel
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # [out]
+        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return {"qweight": q, "scales": scales}
+    out, n = w.shape
+    if n % cfg.group_size:
+        raise ConfigError(f"int4 group_size {cfg.group_size} does not divide the layer's {n} inputs")
+    g = w.view(out, n // cfg.group_size, cfg.group_size)  # [out, groups, size]
+    low, high = g.amin(dim=2), g.amax(dim=2)  # asymmetric: 0..15 spans each group's range
+    scales = ((high - low) / 15).clamp(min=1e-12)  # [out, groups]
+    zeros = torch.round(-low / scales).clamp(0, 15)
+    q = (torch.round(g / scales[..., None]) + zeros[..., None]).clamp(0, 15).to(torch.uint8).view(out, n)
+    return {"qweight": q[:, 0::2] | (q[:, 1::2] << 4), "scales": scales, "zeros": zeros}  # two a byte
+
+
+def dequantize(t: dict[str, torch.Tensor], bits: int, group_size: int) -> torch.Tensor:
+    """Stored tensors -> the float weight [out, in] they stand for."""
+    if bits == 8:
+        return t["qweight"].float() * t["scales"].float()[:, None]
+    q = t["qweight"]
+    q = torch.stack([q & 15, q >> 4], dim=2).view(q.shape[0], -1).float()  # [out, in]
+    out, n = q.shape
+    g = q.view(out, n // group_size, group_size) - t["zeros"].float()[..., None]
+    return (g * t["scales"].float()[..., None]).view(out, n)
+
+
+class QuantLinear(nn.Linear):
+    """A Linear whose weight is stored quantised (no float weight is kept)."""
+
+    settings = ("quant", "packed")  # what a LoRA layer wrapping it takes over besides its tensors
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, cfg: QuantConfig, device=None, dtype=None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.quant = in_features, out_features, cfg
+        kw = dict(device=device)
+        if cfg.bits == 8:
+            self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, **kw))
+            self.register_buffer("scales", torch.empty(out_features, dtype=dtype, **kw))
+        else:
+            groups = in_features // cfg.group_size
+            self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, **kw))
+            self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype, **kw))
+            self.register_buffer("zeros", torch.empty(out_features, groups, dtype=dtype, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, **kw), requires_grad=False) if bias else None
+        self.packed = None  # the dynamic kernel's prepacked weight (built on first use)
+
+    @staticmethod
+    def of(linear: nn.Linear, cfg: QuantConfig) -> QuantLinear:
+        """Quantise a Linear layer."""
+        w = linear.weight
+        q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, cfg, w.device, w.dtype)
+        for name, t in quantize_weight(w, cfg).items():
+            getattr(q, name).copy_(t)
+        if linear.bias is not None:
+            q.bias.data.copy_(linear.bias.detach())
+        return q
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantized(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_linear(self, x)
+
+
+# (functions of the layer's tensors and settings, not methods: a LoRA layer wrapping a QuantLinear runs them on
+# the tensors it took over)
+def dequantized(layer: nn.Module) -> torch.Tensor:
+    """The float weight [out, in] a quantised layer's integers stand for, in its scales' dtype."""
+    tensors = {n: b for n, b in layer.named_buffers(recurse=False)}
+    return dequantize(tensors, layer.quant.bits, layer.quant.group_size).to(layer.scales.dtype)
+
+
+def quantized_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] -> [..., out] through a quantised layer (QuantLinear, or a LoRA layer over one)."""
+    if layer.quant.kernel == "dynamic" and x.device.type == "cpu":
+        return _dynamic(layer, x)
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    if layer.quant.bits == 8 and x.is_cuda:  # the int8 weight-only matmul kernel (no float weight made)
+        y = torch._weight_int8pack_mm(x.reshape(-1, layer.in_features), layer.qweight, layer.scales.to(x.dtype))
+        y = y.view(*x.shape[:-1], layer.out_features)
+        return y if bias is None else y + bias
+    return F.linear(x, dequantized(layer).to(x.dtype), bias)
+
+
+def _dynamic(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """fbgemm's int8 x int8 kernel, the activations quantised per token on the fly."""
+    if layer.packed is None:
+        zero = torch.zeros(layer.out_features, dtype=torch.long)
+        with warnings.catch_warnings():  # (PyTorch marks its quantized tensors deprecated; the kernel stays)
+            warnings.simplefilter("ignore")
+            w = torch.quantize_per_channel(dequantized(layer).float(), layer.scales.float(), zero, 0, torch.qint8)
+        bias = None if layer.bias is None else layer.bias.detach().float()
+        layer.packed = torch.ops.quantized.linear_prepack(w, bias)
+    shape = x.shape
+    y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float(), layer.packed)
+    return y.view(*shape[:-1], layer.out_features).to(x.dtype)
+
+
+def quantize_model(model: nn.Module, cfg: QuantConfig) -> list[str]:
+    """Replace the Linear layers cfg names (never the vision tower, projector or LM head) by QuantLinear; returns
+    their names."""
+    names = targets(model, cfg)
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, QuantLinear.of(model.get_submodule(name), cfg))
+    return names
+
+
+def quantized_layout(model: nn.Module, cfg: QuantConfig) -> None:
+    """Empty QuantLinear layers in place of the Linear layers cfg names (a model on the meta device, to load a
+    quantised checkpoint into)."""
+    for name in targets(model, cfg):
+        lin = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        w = lin.weight
+        q = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, cfg, w.device, w.dtype)
+        setattr(model.get_submodule(parent), child, q)
+
+
+def targets(model: nn.Module, cfg: QuantConfig) -> list[str]:
+    pattern = re.compile(cfg.modules)
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and pattern.fullmatch(n)]
+    names = [n for n in names if not n.startswith(SKIP)]
+    if not names:
+        raise ConfigError(f"quantisation modules {cfg.modules!r} match no Linear layer of the model")
+    if cfg.bits == 4:
+        bad = [n for n in names if model.get_submodule(n).in_features % cfg.group_size]
+        if bad:
+            raise ConfigError(f"int4 group_size {cfg.group_size} does not divide the inputs of {bad[0]}")
+    return names

@@ -140,15 +140,14 @@ def test_qlora_training_on_a_quantised_base(tmp_path):
         for name in names:
             dense.model.get_submodule(name).weight.copy_(quantised.model.get_submodule(name).dequantized())
     data = write_dataset(tmp_path / "data", "a", 4, False)
-    runs = {}
     for label, vlm in (("q", quantised), ("d", dense)):
         job = Job("a", data, tmp_path / label, rank=4, alpha=8, batch_size=2, steps=3, lr=2e-2)
-        runs[label] = train(vlm, [job], max_rows=2, verbose=False)["a"]
-    assert runs["q"].losses[-1] < runs["q"].losses[0]
+        train(vlm, [job], max_rows=2, verbose=False)
     from safetensors.torch import load_file
 
-    assert_same_adapter(load_file(tmp_path / "q" / "adapter_model.safetensors"),
-                        load_file(tmp_path / "d" / "adapter_model.safetensors"))  # fmt: skip
+    trained = load_file(tmp_path / "q" / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and t.abs().max() > 0 for k, t in trained.items())  # it learned
+    assert_same_adapter(trained, load_file(tmp_path / "d" / "adapter_model.safetensors"))
 
 
 def test_cli_compress_then_chat(tmp_path):

@@ -3,6 +3,7 @@
 The stages come from a YAML file, in the order they run:
 
     stages:
+      - prune: {mlp: 0.5, heads: 0.5, hidden: 0.75, layers: 20, data: calib.jsonl, samples: 32}
       - quantize: {bits: 8}              # or bits: 4, group_size: 128; kernel: dynamic (int8 on a CPU)
 
 Every stage's options are checked before any work, and the output is written to a temporary directory beside
@@ -19,9 +20,10 @@ from pathlib import Path
 
 from ..config import read_yaml
 from ..errors import ConfigError
+from .prune import PruneConfig, calibration, importance, prune
 from .quantize import QuantConfig, quantize_model
 
-STAGES = ("quantize",)
+STAGES = {"prune": PruneConfig, "quantize": QuantConfig}  # in the order they run
 
 
 def read_stages(path: str | Path) -> list[tuple[str, object]]:
@@ -38,12 +40,12 @@ def read_stages(path: str | Path) -> list[tuple[str, object]]:
         if name not in STAGES:
             raise ConfigError(f"{path}: unknown stage {name!r} (stages: {', '.join(STAGES)})")
         options = options or {}
-        known = {f.name for f in fields(QuantConfig)}
+        known = {f.name for f in fields(STAGES[name])}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ConfigError(f"{path}: stage {i} ({name}): unknown options {unknown} (known: {sorted(known)})")
-        out.append((name, QuantConfig(**options).check()))
-    if [n for n, _ in out] != sorted((n for n, _ in out), key=STAGES.index):
+        out.append((name, STAGES[name](**options).check()))
+    if [n for n, _ in out] != sorted((n for n, _ in out), key=list(STAGES).index):
         raise ConfigError(f"{path}: stages run in the order {' -> '.join(STAGES)}")
     return out
 
@@ -53,8 +55,13 @@ def compress(vlm, stages: list[tuple[str, object]], output: str | Path) -> Path:
     output = Path(output)
     if output.exists():
         raise ConfigError(f"{output} exists; compress writes a new directory")
+    for name, options in stages:  # what the model cannot meet, before any work
+        if name == "prune":
+            options.targets(vlm.cfg.text)
     for name, options in stages:
-        if name == "quantize":
+        if name == "prune":
+            prune(vlm, options, importance(vlm, calibration(vlm, options)))
+        elif name == "quantize":
             quantize_model(vlm.model, options)
             vlm.cfg.quantization = options.to_json()
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -210,7 +210,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         vlm.load_adapter("merge", args.adapter)
         merge_adapter(vlm.model, "merge")
         vlm.adapters.clear()
-    print(f"compressed checkpoint written to {compress(vlm, stages, args.output)}")
+    print(f"compressed checkpoint written to {compress(vlm, stages, args.output, resume=args.resume)}")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -337,6 +337,7 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--adapter", default=None, help="a PEFT adapter merged into the model first")
     comp.add_argument("--config", required=True, help="YAML: stages: [- quantize: {bits: 8}, ...]")
     comp.add_argument("--output", required=True, help="a new directory for the compressed checkpoint")
+    comp.add_argument("--resume", action="store_true", help="continue an interrupted distillation")
     comp.add_argument("--device", default=None)
     comp.set_defaults(func=cmd_compress)
 

@@ -4,6 +4,7 @@ The stages come from a YAML file, in the order they run:
 
     stages:
       - prune: {mlp: 0.5, heads: 0.5, hidden: 0.75, layers: 20, data: calib.jsonl, samples: 32}
+      - distill: {data: train.jsonl, steps: 500, batch_size: 8, lr: 1.0e-4, temperature: 1.0}  # full: false: LoRA
       - quantize: {bits: 8}              # or bits: 4, group_size: 128; kernel: dynamic (int8 on a CPU)
 
 Every stage's options are checked before any work, and the output is written to a temporary directory beside
@@ -20,10 +21,11 @@ from pathlib import Path
 
 from ..config import read_yaml
 from ..errors import ConfigError
+from .distill import DistillConfig, distill
 from .prune import PruneConfig, calibration, importance, prune
 from .quantize import QuantConfig, quantize_model
 
-STAGES = {"prune": PruneConfig, "quantize": QuantConfig}  # in the order they run
+STAGES = {"prune": PruneConfig, "distill": DistillConfig, "quantize": QuantConfig}  # in the order they run
 
 
 def read_stages(path: str | Path) -> list[tuple[str, object]]:
@@ -50,17 +52,26 @@ def read_stages(path: str | Path) -> list[tuple[str, object]]:
     return out
 
 
-def compress(vlm, stages: list[tuple[str, object]], output: str | Path) -> Path:
-    """Run the stages on vlm (its model changed in place) and write the result to output, a new directory."""
+def compress(vlm, stages: list[tuple[str, object]], output: str | Path, resume: bool = False) -> Path:
+    """Run the stages on vlm (its model changed in place) and write the result to output, a new directory. A
+    distillation's work (checkpoints, metrics) stays in `<output>.distill*` until the end: resume continues it."""
     output = Path(output)
     if output.exists():
         raise ConfigError(f"{output} exists; compress writes a new directory")
+    names = [name for name, _ in stages]
     for name, options in stages:  # what the model cannot meet, before any work
         if name == "prune":
             options.targets(vlm.cfg.text)
+        if name == "distill" and options.teacher is None and "prune" not in names:
+            raise ConfigError("distill needs a teacher: a prune stage before it (the unpruned model), or teacher: DIR")
+    work = output.with_name(output.name + ".distill")
+    teacher = None
     for name, options in stages:
         if name == "prune":
+            teacher = vlm.model  # (pruning builds a new model: this one stays as it was)
             prune(vlm, options, importance(vlm, calibration(vlm, options)))
+        elif name == "distill":
+            distill(vlm, options, options.teacher or teacher, work, resume)
         elif name == "quantize":
             quantize_model(vlm.model, options)
             vlm.cfg.quantization = options.to_json()
@@ -68,8 +79,13 @@ def compress(vlm, stages: list[tuple[str, object]], output: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         vlm.save(tmp)
+        curve = work.with_name(work.name + ".train") / "loss.png"
+        if curve.is_file():
+            shutil.copyfile(curve, tmp / "distill-loss.png")
         os.replace(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for done in (work, work.with_name(work.name + ".train")):
+        shutil.rmtree(done, ignore_errors=True)
     return output

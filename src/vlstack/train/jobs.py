@@ -81,6 +81,8 @@ class Job:
     seed: int = 0
     save_every: int = 0  # checkpoint every K optimizer steps (0: only at the end)
     full: bool = False  # every weight trained (no adapter); output: a whole checkpoint
+    teacher: Any = None  # distillation: a teacher checkpoint directory (or a loaded model) whose logits are learned
+    temperature: float = 1.0  # distillation: the softmax temperature of teacher and student (loss scaled by T²)
 
     @property
     def spec(self) -> LoRASpec:
@@ -111,10 +113,11 @@ def _check(job: dict, where: str, root: Path) -> Job:
     for key, value in job.items():
         kind = _TYPES[key]
         try:
-            if key in ("name", "data", "output", "schedule"):
+            if key in ("name", "data", "output", "schedule", "teacher"):
                 if not isinstance(value, str) or not value:
                     raise ValueError("must be a non-empty string (quote it: YAML reads off, yes, 12... otherwise)")
-                kw[key] = root / value if key in ("data", "output") else check_name(value) if key == "name" else value
+                paths = ("data", "output", "teacher")
+                kw[key] = root / value if key in paths else check_name(value) if key == "name" else value
             elif key in ("targets", "parts"):
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or not value:
                     raise ValueError("must be a non-empty list of names")
@@ -151,6 +154,7 @@ def _check(job: dict, where: str, root: Path) -> Job:
         (j.steps is not None and j.steps < 1, "steps must be >= 1"),
         (j.epochs is not None and j.epochs <= 0, "epochs must be > 0"),
         (j.save_every < 0, "save_every must be >= 0"),
+        (j.temperature <= 0, "temperature must be > 0"),
         (bool(set(j.parts) - set(PARTS)), f"parts must be among {sorted(PARTS)}"),
     ]
     for bad, message in problems:

@@ -66,6 +66,7 @@ class Running:
     pending: list[torch.Tensor] = field(default_factory=list)  # the losses of micro-steps since (on the device)
     first_step: int = 0  # where this process started (after a resume)
     first_tokens: int = 0
+    teacher: torch.nn.Module | None = None  # distillation: the model whose logits the job learns
 
     @property
     def tokens_since_start(self) -> int:
@@ -101,6 +102,7 @@ def start(vlm: VLM, job: Job, examples: list[Example], state: dict | None = None
     steps = total_steps(job, len(examples))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job, steps))
     r = Running(job, Stream(examples, job.batch_size, job.seed), params, optimizer, scheduler, steps)
+    r.teacher = teacher_of(vlm, job)
     if state is not None:
         restore_state(r, state)
         truncate_metrics(r)
@@ -108,6 +110,24 @@ def start(vlm: VLM, job: Job, examples: list[Example], state: dict | None = None
         clear_run(job.output)
     r.first_step, r.first_tokens = r.step, r.tokens
     return r
+
+
+def teacher_of(vlm: VLM, job: Job) -> torch.nn.Module | None:
+    """The job's teacher as a frozen model on the student's device: a checkpoint directory is loaded."""
+    if job.teacher is None:
+        return None
+    if isinstance(job.teacher, torch.nn.Module):
+        teacher = job.teacher
+    else:
+        from ..api import load
+
+        teacher = load(job.teacher, device=vlm.model.device, dtype=vlm.model.dtype).model
+    if teacher.cfg.text.vocab_size != vlm.cfg.text.vocab_size:
+        raise JobError(f"job {job.name!r}: the teacher's vocabulary ({teacher.cfg.text.vocab_size}) is not the "
+                       f"student's ({vlm.cfg.text.vocab_size})")  # fmt: skip
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
 
 
 def world() -> tuple[int, int]:
@@ -163,20 +183,36 @@ def pack(rows: list[tuple[int, dict]]) -> dict:
     return batch
 
 
-def token_losses(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, recompute: bool) -> torch.Tensor:
-    """Cross-entropy [N] of each learned token from the final hidden states [N, C], a chunk of tokens at a time.
+def token_losses(
+    head: torch.nn.Linear,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    recompute: bool,
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The loss [N] of each learned token from the final hidden states [N, C]: cross-entropy with its target, or
+    where teacher = (logits [N, V], distilled [N] bool, temperature [N]) says, the distillation loss
+    T² KL(teacher || student) of the two softmaxes at temperature T (forward KL, as Minitron distils). A chunk of
+    tokens at a time.
 
     With recompute, each chunk's logits [chunk, vocab] are dropped once its loss is known and recomputed in
     backward, so the batch's logits [N, vocab] (151k wide for Qwen2: 0.6 MB a token) never exist at once."""
 
-    def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(head(h).float(), t, reduction="none")
+    def chunk_loss(h: torch.Tensor, t: torch.Tensor, *kd: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
+        ce = F.cross_entropy(logits, t, reduction="none")
+        if not kd:
+            return ce
+        theirs, distilled, temp = kd
+        p = F.log_softmax(theirs.float() / temp[:, None], dim=-1)
+        kl = (p.exp() * (p - F.log_softmax(logits / temp[:, None], dim=-1))).sum(-1) * temp**2
+        return torch.where(distilled, kl, ce)
 
+    size = max(16, (16 << 20) // head.out_features) if recompute else len(targets)  # ~64 MB of float32 logits
+    parts = [hidden.split(size), targets.split(size), *(x.split(size) for x in teacher or ())]
     if not recompute:
-        return chunk_loss(hidden, targets)
-    size = max(16, (16 << 20) // head.out_features)  # ~64 MB of float32 logits per chunk
-    pieces = zip(hidden.split(size), targets.split(size))
-    return torch.cat([checkpoint(chunk_loss, h, t, use_reentrant=False) for h, t in pieces])
+        return chunk_loss(*(p[0] for p in parts))
+    return torch.cat([checkpoint(chunk_loss, *piece, use_reentrant=False) for piece in zip(*parts)])
 
 
 def job_losses(
@@ -186,13 +222,35 @@ def job_losses(
     pixel_values: torch.Tensor | None,
     targets: torch.Tensor,
     in_job: torch.Tensor,
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The fused forward: rows back to back ids [T] (each job's LoRA on its own, by the routing) -> each job's
-    summed token losses [jobs] over the step's logit tokens, whose targets are [N] and jobs in_job [jobs, N].
-    Tensors only: it compiles whole (a test's proof)."""
+    summed token losses [jobs] over the step's logit tokens, whose targets are [N] and jobs in_job [jobs, N]
+    (teacher: see token_losses). Tensors only: it compiles whole (a test's proof)."""
     hidden = model(ids, step, pixel_values, head=False)  # [N, C]
-    per_token = token_losses(model.lm_head, hidden, targets, model.language_model.recompute is not None)  # [N]
+    recompute = model.language_model.recompute is not None
+    per_token = token_losses(model.lm_head, hidden, targets, recompute, teacher)  # [N]
     return in_job @ per_token  # [jobs]
+
+
+def teacher_logits(
+    running: list[Running], job: torch.Tensor, ids: torch.Tensor, pixel_values: torch.Tensor | None, step: Step
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """For a pass whose rows include distilling jobs' (job [N]: each learned token's job, on the host): each
+    teacher's logits [N, V] at the learned tokens of its jobs, which tokens are distilled [N] and at what
+    temperature [N]; None when no job distils. (The teacher encodes the images again.)"""
+    teachers = {id(r.teacher): r.teacher for r in running if r.teacher is not None}
+    if not teachers:
+        return None
+    logits, distilled = None, torch.zeros(len(job), dtype=torch.bool)
+    temp = torch.tensor([running[int(j)].job.temperature for j in job])  # [N]
+    with torch.no_grad():
+        for teacher in teachers.values():
+            mine = torch.tensor([running[int(j)].teacher is teacher for j in job])  # [N] its jobs' tokens
+            out = teacher(ids, step, pixel_values)  # [N, V]
+            logits = out if logits is None else torch.where(upload(mine, ids.device)[:, None], out, logits)
+            distilled |= mine
+    return logits, upload(distilled, ids.device), upload(temp, ids.device)
 
 
 def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) -> torch.Tensor:
@@ -226,7 +284,8 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
         learn = targets != IGNORE  # [T]: positions with a label; logits are computed only there
         rope = v2pe_rope([x["input_ids"] for _, x in group], vlm.cfg.image_token_id, vlm.cfg.v2pe_delta)
         step = packed_step(seqlens, device, logits=learn.nonzero()[:, 0], rope=rope)
-        in_job = upload(F.one_hot(batch.pop("job")[learn], jobs).T.float(), device)  # [jobs, N]
+        jobs_of = batch.pop("job")  # [T] each token's job, on the host
+        in_job = upload(F.one_hot(jobs_of[learn], jobs).T.float(), device)  # [jobs, N]
         image_tokens = batch["input_ids"] == vlm.cfg.image_token_id  # [T], on the host
         batch = {k: upload(v, device) for k, v in batch.items()}
         names = [None if running[i].job.full else running[i].job.name for i, _ in group]  # (full: the base's own)
@@ -235,7 +294,8 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
             if "pixel_values" in batch:
                 prepare_tiles(model, image_tokens, vlm.cfg.tokens_per_tile)
             targets = upload(targets[learn], device)  # [N]
-            pass_sums = job_losses(model, batch["input_ids"], step, batch.get("pixel_values"), targets, in_job)
+            kd = teacher_logits(running, jobs_of[learn], batch["input_ids"], batch.get("pixel_values"), step)
+            pass_sums = job_losses(model, batch["input_ids"], step, batch.get("pixel_values"), targets, in_job, kd)
         (pass_sums / denominators).sum().backward()
         sums += pass_sums.detach()
     if world()[1] > 1:

@@ -160,3 +160,10 @@ def test_cli_compress_then_chat(tmp_path):
     assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
     again = run_cli("compress", "--config", str(tmp_path / "q.yaml"), "--output", str(tmp_path / "out"))
     assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_the_vision_tower_is_quantised_only_when_asked():
+    vlm = vlstack.load("tiny", device="cpu")
+    names = quantize_model(vlm.model, QuantConfig(bits=8, modules=".*", full_precision=("lm_head",)))
+    assert any(n.startswith("vision_tower.") for n in names) and "multi_modal_projector.linear_1" in names
+    assert "lm_head" not in names and type(vlm.model.lm_head) is nn.Linear

@@ -35,6 +35,7 @@ class QuantConfig:
     group_size: int = 128  # (int4) inputs sharing a scale and zero point
     kernel: str = "reference"  # "reference": x @ dequant(W).T; "dynamic" (int8, CPU): W8A8 per-token activations
     modules: str = LLM_LINEAR.pattern  # which Linear layers, by name (regex, whole name)
+    full_precision: tuple[str, ...] = SKIP  # name prefixes never quantised (set [] and modules: .* for all)
 
     def check(self) -> QuantConfig:
         if self.bits not in (4, 8):
@@ -45,12 +46,13 @@ class QuantConfig:
             raise ConfigError(f"quantisation kernel must be reference or dynamic (got {self.kernel!r})")
         if self.kernel == "dynamic" and self.bits != 8:
             raise ConfigError("the dynamic kernel (int8 activations) is for 8-bit weights")
+        self.full_precision = tuple(self.full_precision)
         if self.kernel == "dynamic" and "x86" not in torch.backends.quantized.supported_engines:
             raise ConfigError("the dynamic int8 kernel needs PyTorch's x86 (fbgemm) quantized engine")
         return self
 
     def to_json(self) -> dict:
-        return {"quant_method": METHOD, **asdict(self), "full_precision": list(SKIP)}
+        return {"quant_method": METHOD, **asdict(self), "full_precision": list(self.full_precision)}
 
     @staticmethod
     def from_json(raw: dict) -> QuantConfig:
@@ -58,7 +60,7 @@ class QuantConfig:
             raise ConfigError(f"quantization_config quant_method {raw.get('quant_method')!r} is not supported "
                               f"(vlstack reads its own, {METHOD!r})")  # fmt: skip
         fields = {k: raw[k] for k in ("bits", "group_size", "kernel", "modules") if k in raw}
-        return QuantConfig(**fields).check()
+        return QuantConfig(**fields, full_precision=tuple(raw.get("full_precision", SKIP))).check()
 
 
 def quantize_weight(w: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.Tensor]:
@@ -186,7 +188,7 @@ def quantized_layout(model: nn.Module, cfg: QuantConfig) -> None:
 def targets(model: nn.Module, cfg: QuantConfig) -> list[str]:
     pattern = re.compile(cfg.modules)
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and pattern.fullmatch(n)]
-    names = [n for n in names if not n.startswith(SKIP)]
+    names = [n for n in names if not n.startswith(tuple(cfg.full_precision))]
     if not names:
         raise ConfigError(f"quantisation modules {cfg.modules!r} match no Linear layer of the model")
     if cfg.bits == 4:

@@ -58,4 +58,6 @@ step 100 "training: 4 adapters fused vs peft one after another, InternVL3-1B sha
 step 120 "serving at 8 requests/s (TTFT), 4 adapters, 128 tokens" \
     python bench/serve.py --model internvl3-1b --device cuda --requests 64 --rate 8 --max-tokens 128 \
     --max-batch 128 --max-model-len 2048 --baseline-requests 4 --out bench/results/serve_rate8.json
+step 90 "compression: bytes and decode (int8 weight-only kernel) vs bf16, InternVL3-1B shapes" \
+    python bench/compress.py --device cuda --prompt-len 128 --new-tokens 64 --repeat 3
 finish

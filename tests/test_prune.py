@@ -122,5 +122,5 @@ def test_targets_the_model_cannot_meet_are_named_before_any_work(setup, tmp_path
     with pytest.raises(ConfigError, match=r"prune mlp must be a fraction in \(0, 1\]"):
         read_stages(tmp_path / "p.yaml")
     (tmp_path / "p.yaml").write_text(json.dumps({"stages": [{"quantize": {}}, {"prune": {}}]}))
-    with pytest.raises(ConfigError, match="stages run in the order prune -> quantize"):
+    with pytest.raises(ConfigError, match="stages run in the order prune -> distill -> quantize"):
         read_stages(tmp_path / "p.yaml")

@@ -167,3 +167,25 @@ def test_the_vision_tower_is_quantised_only_when_asked():
     names = quantize_model(vlm.model, QuantConfig(bits=8, modules=".*", full_precision=("lm_head",)))
     assert any(n.startswith("vision_tower.") for n in names) and "multi_modal_projector.linear_1" in names
     assert "lm_head" not in names and type(vlm.model.lm_head) is nn.Linear
+
+
+def test_compress_reports_each_stage(tmp_path):
+    """compress.md/.json/.png: bytes, parameters, decode speed and the score on an eval set, after the input and
+    after each stage."""
+    from vlstack.compress import read_report
+    from vlstack.synth import synthesize
+
+    synthesize("charts", 10, tmp_path / "charts", size=224, questions="visual")
+    data = tmp_path / "charts" / "test.jsonl"
+    (tmp_path / "q.yaml").write_text(json.dumps({"stages": [{"quantize": {"bits": 4, "group_size": 64}}],
+        "report": {"benchmark": "chartqa", "data": str(data), "limit": 6, "new_tokens": 4}}))  # fmt: skip
+    vlm = vlstack.load("tiny", device="cpu")
+    out = compress(vlm, read_stages(tmp_path / "q.yaml"), tmp_path / "out", report=read_report(tmp_path / "q.yaml"))
+    rows = json.loads((out / "compress.json").read_text())
+    assert [r["stage"] for r in rows] == ["input", "quantize"]
+    assert rows[1]["bytes"] < rows[0]["bytes"] and rows[1]["parameters"] == rows[0]["parameters"]
+    assert all(r["decode_tok_s"] > 0 and 0 <= r["score"] <= 100 for r in rows)
+    assert "| quantize |" in (out / "compress.md").read_text() and (out / "compress.png").stat().st_size > 0
+    (tmp_path / "bad.yaml").write_text(json.dumps({"stages": [{"quantize": {}}], "report": {"data": "nope.jsonl"}}))
+    with pytest.raises(ConfigError, match="report data nope.jsonl is not a file"):
+        read_report(tmp_path / "bad.yaml")

@@ -202,15 +202,17 @@ def cmd_merge(args: argparse.Namespace) -> None:
 def cmd_compress(args: argparse.Namespace) -> None:
     from .adapters import merge_adapter
     from .api import load
-    from .compress import compress, read_stages
+    from .compress import compress, read_report, read_stages
 
-    stages = read_stages(args.config)  # (checked before anything loads)
+    stages, report = read_stages(args.config), read_report(args.config)  # (checked before anything loads)
     vlm = load(args.model, device=args.device or "cpu", dtype="float32")
     if args.adapter:  # the adapter is merged first
         vlm.load_adapter("merge", args.adapter)
         merge_adapter(vlm.model, "merge")
         vlm.adapters.clear()
-    print(f"compressed checkpoint written to {compress(vlm, stages, args.output, resume=args.resume)}")
+    out = compress(vlm, stages, args.output, resume=args.resume, report=report)
+    print((out / "compress.md").read_text(), end="")
+    print(f"compressed checkpoint written to {out}")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -6,6 +6,10 @@ The stages come from a YAML file, in the order they run:
       - prune: {mlp: 0.5, heads: 0.5, hidden: 0.75, layers: 20, data: calib.jsonl, samples: 32}
       - distill: {data: train.jsonl, steps: 500, batch_size: 8, lr: 1.0e-4, temperature: 1.0}  # full: false: LoRA
       - quantize: {bits: 8}              # or bits: 4, group_size: 128; kernel: dynamic (int8 on a CPU)
+    report: {benchmark: chartqa, data: test.jsonl, limit: 200}   # optional: a score after each stage
+
+After the input and each stage the report (report.py) measures the weights' bytes, the parameters, batch-1
+decode tokens/s and with an eval set the score: `compress.md`, `compress.json`, `compress.png` in the output.
 
 Every stage's options are checked before any work, and the output is written to a temporary directory beside
 the destination and renamed into place at the end: a run that fails leaves no half-written output.
@@ -24,6 +28,7 @@ from ..errors import ConfigError
 from .distill import DistillConfig, distill
 from .prune import PruneConfig, calibration, importance, prune
 from .quantize import QuantConfig, quantize_model
+from .report import ReportConfig, measure, write_report
 
 STAGES = {"prune": PruneConfig, "distill": DistillConfig, "quantize": QuantConfig}  # in the order they run
 
@@ -49,12 +54,27 @@ def read_stages(path: str | Path) -> list[tuple[str, object]]:
         out.append((name, STAGES[name](**options).check()))
     if [n for n, _ in out] != sorted((n for n, _ in out), key=list(STAGES).index):
         raise ConfigError(f"{path}: stages run in the order {' -> '.join(STAGES)}")
+    unknown = sorted(set(raw) - {"stages", "report"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level fields {unknown} (stages, report)")
     return out
 
 
-def compress(vlm, stages: list[tuple[str, object]], output: str | Path, resume: bool = False) -> Path:
-    """Run the stages on vlm (its model changed in place) and write the result to output, a new directory. A
-    distillation's work (checkpoints, metrics) stays in `<output>.distill*` until the end: resume continues it."""
+def read_report(path: str | Path) -> ReportConfig:
+    """The compress file's report section (a default one without: bytes, parameters and decode, no score)."""
+    raw = (read_yaml(path, "compress config") or {}).get("report") or {}
+    known = {f.name for f in fields(ReportConfig)}
+    if not isinstance(raw, dict) or set(raw) - known:
+        raise ConfigError(f"{path}: report takes {sorted(known)}")
+    return ReportConfig(**raw).check()
+
+
+def compress(
+    vlm, stages: list[tuple[str, object]], output: str | Path, resume: bool = False, report: ReportConfig | None = None
+) -> Path:
+    """Run the stages on vlm (its model changed in place) and write the result to output, a new directory, with
+    the report of each stage (report: what it measures; None: bytes and parameters only). A distillation's work
+    (checkpoints, metrics) stays in `<output>.distill*` until the end: resume continues it."""
     output = Path(output)
     if output.exists():
         raise ConfigError(f"{output} exists; compress writes a new directory")
@@ -65,7 +85,7 @@ def compress(vlm, stages: list[tuple[str, object]], output: str | Path, resume: 
         if name == "distill" and options.teacher is None and "prune" not in names:
             raise ConfigError("distill needs a teacher: a prune stage before it (the unpruned model), or teacher: DIR")
     work = output.with_name(output.name + ".distill")
-    teacher = None
+    teacher, rows = None, [measure(vlm, "input", report)]
     for name, options in stages:
         if name == "prune":
             teacher = vlm.model  # (pruning builds a new model: this one stays as it was)
@@ -75,10 +95,12 @@ def compress(vlm, stages: list[tuple[str, object]], output: str | Path, resume: 
         elif name == "quantize":
             quantize_model(vlm.model, options)
             vlm.cfg.quantization = options.to_json()
+        rows.append(measure(vlm, name, report))
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         vlm.save(tmp)
+        write_report(rows, tmp)
         curve = work.with_name(work.name + ".train") / "loss.png"
         if curve.is_file():
             shutil.copyfile(curve, tmp / "distill-loss.png")

@@ -47,16 +47,20 @@ def test_quantised_linear_is_x_times_the_dequantised_weight(bits):
 
 
 def test_the_int8_kernels_agree_with_the_reference():
-    """The CUDA path's int8 matmul (run here on the CPU) and the CPU's dynamic W8A8 kernel stay near the
-    reference."""
+    """The CUDA path's int8 matmul (run here on the CPU) and the CPU's fast kernels (int8 W8A8, int4 with bfloat16
+    activations) stay near the reference."""
     lin = nn.Linear(256, 96)
     q = QuantLinear.of(lin, QuantConfig(bits=8))
     x = torch.randn(5, 256)
     ref = q(x)
     mm = torch._weight_int8pack_mm(x, q.qweight, q.scales) + q.bias
     assert rel_err(mm, ref) < 1e-5
-    dyn = QuantLinear.of(lin, QuantConfig(bits=8, kernel="dynamic"))
+    dyn = QuantLinear.of(lin, QuantConfig(bits=8, kernel="fast"))
     assert rel_err(dyn(x), ref) < 0.02  # activations rounded to int8 per token
+    four = QuantLinear.of(lin, QuantConfig(bits=4, group_size=64))
+    fast = QuantLinear.of(lin, QuantConfig(bits=4, group_size=64, kernel="fast"))
+    assert torch.equal(fast.qweight, four.qweight)
+    assert rel_err(fast(x), four(x)) < 1e-2  # bfloat16 activations
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -100,7 +104,7 @@ def test_bad_compress_configs_are_named_before_any_work(tmp_path):
     cases = {
         "stages:\n  - shrink: {}\n": "unknown stage 'shrink'",
         "stages:\n  - quantize: {bits: 3}\n": "bits must be 4 or 8",
-        "stages:\n  - quantize: {bits: 4, kernel: dynamic}\n": "dynamic kernel .* 8-bit",
+        "stages:\n  - quantize: {bits: 4, group_size: 48, kernel: fast}\n": "fast int4 kernel takes group_size",
         "stages:\n  - quantize: {bitz: 4}\n": "unknown options \\['bitz'\\]",
         "stages: []\n": "expected 'stages:'",
     }
@@ -153,7 +157,7 @@ def test_qlora_training_on_a_quantised_base(tmp_path):
 def test_cli_compress_then_chat(tmp_path):
     from conftest import run_cli
 
-    (tmp_path / "q.yaml").write_text("stages:\n  - quantize: {bits: 8, kernel: dynamic}\n")
+    (tmp_path / "q.yaml").write_text("stages:\n  - quantize: {bits: 8, kernel: fast}\n")
     done = run_cli("compress", "--config", str(tmp_path / "q.yaml"), "--output", str(tmp_path / "out"))
     assert done.returncode == 0, done.stderr
     chat = run_cli("chat", "--model", str(tmp_path / "out"), "--max-new-tokens", "3", "Hello?")

@@ -5,7 +5,7 @@ The stages come from a YAML file, in the order they run:
     stages:
       - prune: {mlp: 0.5, heads: 0.5, hidden: 0.75, layers: 20, data: calib.jsonl, samples: 32}
       - distill: {data: train.jsonl, steps: 500, batch_size: 8, lr: 1.0e-4, temperature: 1.0}  # full: false: LoRA
-      - quantize: {bits: 8}              # or bits: 4, group_size: 128; kernel: dynamic (int8 on a CPU)
+      - quantize: {bits: 8}              # or bits: 4, group_size: 128; kernel: fast (the device's quantised kernel)
     report: {benchmark: chartqa, data: test.jsonl, limit: 200}   # optional: a score after each stage
 
 After the input and each stage the report (report.py) measures the weights' bytes, the parameters, batch-1

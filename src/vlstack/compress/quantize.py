@@ -3,8 +3,9 @@ with a scale and a zero point per group of `group_size` inputs. The vision tower
 stay in full precision (as InternVL's own quantised releases keep them).
 
 `QuantLinear` holds the integers and their scales; its forward is `x @ dequant(W).T + b` (the reference: exact
-to the dequantised weights), or with `kernel="dynamic"` on a CPU, int8 activations quantised per token on the fly
-against the int8 weights (fbgemm's kernel: W8A8, several times faster at decode than float32, not bit-equal).
+to the dequantised weights), or with `kernel="fast"` the device's quantised kernel, near the reference but not
+bit-equal: on a CPU, int8 through fbgemm's W8A8 (activations quantised per token on the fly) and int4 through
+PyTorch's int4 matmul with bfloat16 activations; on a GPU int8 always runs PyTorch's weight-only int8 matmul.
 A LoRA adapter wraps a QuantLinear as it wraps a Linear (layers/lora.py).
 
 A quantised checkpoint is an ordinary one whose quantised layers are stored as `<name>.qweight` (int8; int4 two
@@ -33,7 +34,7 @@ LLM_LINEAR = re.compile(r"language_model\.layers\.\d+\.(self_attn|mlp)\.\w+")
 class QuantConfig:
     bits: int = 8  # 8: per output channel; 4: per group
     group_size: int = 128  # (int4) inputs sharing a scale and zero point
-    kernel: str = "reference"  # "reference": x @ dequant(W).T; "dynamic" (int8, CPU): W8A8 per-token activations
+    kernel: str = "reference"  # "reference": x @ dequant(W).T; "fast": the device's quantised kernel
     modules: str = LLM_LINEAR.pattern  # which Linear layers, by name (regex, whole name)
     full_precision: tuple[str, ...] = SKIP  # name prefixes never quantised (set [] and modules: .* for all)
 
@@ -42,13 +43,11 @@ class QuantConfig:
             raise ConfigError(f"quantisation bits must be 4 or 8 (got {self.bits})")
         if self.bits == 4 and (self.group_size < 2 or self.group_size % 2):
             raise ConfigError(f"int4 group_size must be an even number >= 2 (got {self.group_size})")
-        if self.kernel not in ("reference", "dynamic"):
-            raise ConfigError(f"quantisation kernel must be reference or dynamic (got {self.kernel!r})")
-        if self.kernel == "dynamic" and self.bits != 8:
-            raise ConfigError("the dynamic kernel (int8 activations) is for 8-bit weights")
+        if self.kernel not in ("reference", "fast"):
+            raise ConfigError(f"quantisation kernel must be reference or fast (got {self.kernel!r})")
+        if self.kernel == "fast" and self.bits == 4 and self.group_size not in (32, 64, 128, 256):
+            raise ConfigError("the fast int4 kernel takes group_size 32, 64, 128 or 256")
         self.full_precision = tuple(self.full_precision)
-        if self.kernel == "dynamic" and "x86" not in torch.backends.quantized.supported_engines:
-            raise ConfigError("the dynamic int8 kernel needs PyTorch's x86 (fbgemm) quantized engine")
         return self
 
     def to_json(self) -> dict:
@@ -110,7 +109,7 @@ class QuantLinear(nn.Linear):
             self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype, **kw))
             self.register_buffer("zeros", torch.empty(out_features, groups, dtype=dtype, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, **kw), requires_grad=False) if bias else None
-        self.packed = None  # the dynamic kernel's prepacked weight (built on first use)
+        self.packed = None  # the fast kernel's prepacked weight (built on first use)
 
     @staticmethod
     def of(linear: nn.Linear, cfg: QuantConfig) -> QuantLinear:
@@ -140,28 +139,39 @@ def dequantized(layer: nn.Module) -> torch.Tensor:
 
 def quantized_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x [..., in] -> [..., out] through a quantised layer (QuantLinear, or a LoRA layer over one)."""
-    if layer.quant.kernel == "dynamic" and x.device.type == "cpu":
-        return _dynamic(layer, x)
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     if layer.quant.bits == 8 and x.is_cuda:  # the int8 weight-only matmul kernel (no float weight made)
         y = torch._weight_int8pack_mm(x.reshape(-1, layer.in_features), layer.qweight, layer.scales.to(x.dtype))
-        y = y.view(*x.shape[:-1], layer.out_features)
-        return y if bias is None else y + bias
-    return F.linear(x, dequantized(layer).to(x.dtype), bias)
+    elif layer.quant.kernel == "fast" and x.device.type == "cpu":
+        y = (_w8a8 if layer.quant.bits == 8 else _int4)(layer, x.reshape(-1, layer.in_features)).to(x.dtype)
+    else:
+        return F.linear(x, dequantized(layer).to(x.dtype), bias)
+    y = y.view(*x.shape[:-1], layer.out_features)
+    return y if bias is None else y + bias
 
 
-def _dynamic(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """fbgemm's int8 x int8 kernel, the activations quantised per token on the fly."""
+def _w8a8(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x [N, in] -> [N, out]: fbgemm's int8 x int8 kernel, the activations quantised per token on the fly."""
     if layer.packed is None:
         zero = torch.zeros(layer.out_features, dtype=torch.long)
         with warnings.catch_warnings():  # (PyTorch marks its quantized tensors deprecated; the kernel stays)
             warnings.simplefilter("ignore")
             w = torch.quantize_per_channel(dequantized(layer).float(), layer.scales.float(), zero, 0, torch.qint8)
-        bias = None if layer.bias is None else layer.bias.detach().float()
-        layer.packed = torch.ops.quantized.linear_prepack(w, bias)
-    shape = x.shape
-    y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float(), layer.packed)
-    return y.view(*shape[:-1], layer.out_features).to(x.dtype)
+        layer.packed = torch.ops.quantized.linear_prepack(w, None)
+    return torch.ops.quantized.linear_dynamic(x.float(), layer.packed)
+
+
+def _int4(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x [N, in] -> [N, out]: PyTorch's CPU int4 matmul, bfloat16 activations. Its weight: w = (q - 8) s + m per
+    group, so m = (8 - zero) s."""
+    if layer.packed is None:
+        q = layer.qweight
+        q = torch.stack([q & 15, q >> 4], dim=2).view(q.shape[0], -1).to(torch.int32)  # [out, in]
+        scales, zeros = layer.scales.float().t(), layer.zeros.float().t()  # [groups, out]
+        pairs = torch.stack([scales, (8 - zeros) * scales], dim=2).to(torch.bfloat16).contiguous()  # [groups, out, 2]
+        layer.packed = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), pairs)
+    weight, pairs = layer.packed
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weight, layer.quant.group_size, pairs)
 
 
 def quantize_model(model: nn.Module, cfg: QuantConfig) -> list[str]:

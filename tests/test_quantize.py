@@ -193,3 +193,41 @@ def test_compress_reports_each_stage(tmp_path):
     (tmp_path / "bad.yaml").write_text(json.dumps({"stages": [{"quantize": {}}], "report": {"data": "nope.jsonl"}}))
     with pytest.raises(ConfigError, match="report data nope.jsonl is not a file"):
         read_report(tmp_path / "bad.yaml")
+
+
+def test_awq_scaling_lowers_the_error_where_activations_have_outliers():
+    """A layer whose inputs carry a few large channels: activation-aware scaling quantises it nearer the float
+    layer on those inputs than plain int4, and the layer is still x @ dequant(W).T (the scale folded in)."""
+    from vlstack.compress.quantize import awq_scale
+
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64, bias=False)
+    x = torch.randn(256, 128)
+    x[:, :4] *= 30  # outlier channels
+    plain = QuantLinear.of(lin, QuantConfig(bits=4, group_size=32))
+    scaled = QuantLinear.of(lin, QuantConfig(bits=4, group_size=32, awq=True, data=__file__), x)
+    want = lin(x)
+    err = {name: (q(x) - want).pow(2).mean().item() for name, q in (("plain", plain), ("awq", scaled))}
+    assert err["awq"] < 0.8 * err["plain"], err
+    torch.testing.assert_close(scaled(x), x @ scaled.dequantized().T, rtol=1e-5, atol=1e-5)
+    s = awq_scale(lin.weight, x, QuantConfig(bits=4, group_size=32))
+    assert s[:4].min() > s[4:].max()  # the outlier channels are scaled up (finer steps for them)
+    fast = QuantLinear.of(lin, QuantConfig(bits=4, group_size=32, awq=True, data=__file__, kernel="fast"), x)
+    assert rel_err(fast(x), scaled(x)) < 1e-2
+
+
+def test_awq_checkpoints_save_and_load(tmp_path):
+    from test_train import write_dataset
+
+    data = write_dataset(tmp_path / "data", "c", 3, True)
+    stage = {"bits": 4, "group_size": 64, "awq": True, "data": str(data), "samples": 3}
+    (tmp_path / "q.yaml").write_text(json.dumps({"stages": [{"quantize": stage}]}))
+    vlm = vlstack.load("tiny", device="cpu")
+    x = vlm.processor(question_messages("What is it?", 1), [image(60, 60)])
+    out = compress(vlm, read_stages(tmp_path / "q.yaml"), tmp_path / "out")
+    back = vlstack.load(out, device="cpu")
+    assert back.model.language_model.layers[0].mlp.down_proj.input_scale.shape == (512,)
+    assert torch.equal(back(x["input_ids"], x["pixel_values"]), vlm(x["input_ids"], x["pixel_values"]))
+    (tmp_path / "bad.yaml").write_text(json.dumps({"stages": [{"quantize": {"bits": 4, "awq": True}}]}))
+    with pytest.raises(ConfigError, match="awq needs calibration data"):
+        read_stages(tmp_path / "bad.yaml")

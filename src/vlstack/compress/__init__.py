@@ -93,7 +93,8 @@ def compress(
         elif name == "distill":
             distill(vlm, options, options.teacher or teacher, work, resume)
         elif name == "quantize":
-            quantize_model(vlm.model, options)
+            examples = calibration(vlm, options) if options.awq else None
+            quantize_model(vlm.model, options, examples)
             vlm.cfg.quantization = options.to_json()
         rows.append(measure(vlm, name, report))
     output.parent.mkdir(parents=True, exist_ok=True)

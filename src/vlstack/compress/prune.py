@@ -160,12 +160,12 @@ def prune(vlm, cfg: PruneConfig, scores: dict[str, torch.Tensor]) -> None:
     vlm._engine = None  # (one built for the old model)
 
 
-def calibration(vlm, cfg: PruneConfig) -> list[dict]:
-    """The first cfg.samples examples of cfg.data, encoded."""
+def calibration(vlm, cfg) -> list[dict]:
+    """The first cfg.samples examples of cfg.data (a prune or quantize stage's options), encoded."""
     from ..train.data import encode_example, read_dataset
 
     if cfg.data is None:
-        raise ConfigError("the prune stage needs calibration data: data: a JSONL of examples (the training format)")
+        raise ConfigError("this stage needs calibration data: data: a JSONL of examples (the training format)")
     return [encode_example(vlm.processor, ex, 8192) for ex in read_dataset(cfg.data)[: cfg.samples]]
 
 

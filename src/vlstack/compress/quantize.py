@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,9 @@ class QuantConfig:
     kernel: str = "reference"  # "reference": x @ dequant(W).T; "fast": the device's quantised kernel
     modules: str = LLM_LINEAR.pattern  # which Linear layers, by name (regex, whole name)
     full_precision: tuple[str, ...] = SKIP  # name prefixes never quantised (set [] and modules: .* for all)
+    awq: bool = False  # activation-aware scaling (AWQ-style) from the calibration examples of `data`
+    data: str | None = None  # calibration JSONL (the training format), for awq
+    samples: int = 16  # calibration examples used
 
     def check(self) -> QuantConfig:
         if self.bits not in (4, 8):
@@ -48,6 +52,8 @@ class QuantConfig:
         if self.kernel == "fast" and self.bits == 4 and self.group_size not in (32, 64, 128, 256):
             raise ConfigError("the fast int4 kernel takes group_size 32, 64, 128 or 256")
         self.full_precision = tuple(self.full_precision)
+        if self.awq and (self.data is None or not Path(self.data).is_file()):
+            raise ConfigError(f"awq needs calibration data: data: a JSONL file (got {self.data!r})")
         return self
 
     def to_json(self) -> dict:
@@ -58,8 +64,15 @@ class QuantConfig:
         if raw.get("quant_method") != METHOD:
             raise ConfigError(f"quantization_config quant_method {raw.get('quant_method')!r} is not supported "
                               f"(vlstack reads its own, {METHOD!r})")  # fmt: skip
-        fields = {k: raw[k] for k in ("bits", "group_size", "kernel", "modules") if k in raw}
-        return QuantConfig(**fields, full_precision=tuple(raw.get("full_precision", SKIP))).check()
+        fields = {k: raw[k] for k in ("bits", "group_size", "kernel", "modules", "awq") if k in raw}
+        return QuantConfig(**fields, full_precision=tuple(raw.get("full_precision", SKIP)), data=None).check_stored()
+
+    def check_stored(self) -> QuantConfig:
+        """A stored config's check (its calibration data was used when it was made: not needed to load it)."""
+        awq, self.awq = self.awq, False
+        self.check()
+        self.awq = awq
+        return self
 
 
 def quantize_weight(w: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.Tensor]:
@@ -108,16 +121,21 @@ class QuantLinear(nn.Linear):
             self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, **kw))
             self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype, **kw))
             self.register_buffer("zeros", torch.empty(out_features, groups, dtype=dtype, **kw))
+        if cfg.awq:  # x * input_scale meets the weight quantised with its columns divided by it
+            self.register_buffer("input_scale", torch.ones(in_features, dtype=dtype, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, **kw), requires_grad=False) if bias else None
         self.packed = None  # the fast kernel's prepacked weight (built on first use)
 
     @staticmethod
-    def of(linear: nn.Linear, cfg: QuantConfig) -> QuantLinear:
-        """Quantise a Linear layer."""
+    def of(linear: nn.Linear, cfg: QuantConfig, inputs: torch.Tensor | None = None) -> QuantLinear:
+        """Quantise a Linear layer; with cfg.awq, scaled for its calibration inputs [N, in] (awq_scale)."""
         w = linear.weight
         q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, cfg, w.device, w.dtype)
-        for name, t in quantize_weight(w, cfg).items():
+        scale = awq_scale(w, inputs, cfg) if cfg.awq else None  # [in]: the weight's columns multiplied by it
+        for name, t in quantize_weight(w if scale is None else w * scale, cfg).items():
             getattr(q, name).copy_(t)
+        if scale is not None:
+            q.input_scale.copy_(1 / scale)
         if linear.bias is not None:
             q.bias.data.copy_(linear.bias.detach())
         return q
@@ -131,21 +149,29 @@ class QuantLinear(nn.Linear):
 
 # (functions of the layer's tensors and settings, not methods: a LoRA layer wrapping a QuantLinear runs them on
 # the tensors it took over)
-def dequantized(layer: nn.Module) -> torch.Tensor:
-    """The float weight [out, in] a quantised layer's integers stand for, in its scales' dtype."""
+def dequantized(layer: nn.Module, raw: bool = False) -> torch.Tensor:
+    """The float weight [out, in] a quantised layer's integers stand for, in its scales' dtype (with AWQ's input
+    scale folded in, unless raw)."""
     tensors = {n: b for n, b in layer.named_buffers(recurse=False)}
-    return dequantize(tensors, layer.quant.bits, layer.quant.group_size).to(layer.scales.dtype)
+    w = dequantize(tensors, layer.quant.bits, layer.quant.group_size)
+    if layer.quant.awq and not raw:
+        w = w * layer.input_scale.float()
+    return w.to(layer.scales.dtype)
 
 
 def quantized_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x [..., in] -> [..., out] through a quantised layer (QuantLinear, or a LoRA layer over one)."""
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    if layer.quant.bits == 8 and x.is_cuda:  # the int8 weight-only matmul kernel (no float weight made)
-        y = torch._weight_int8pack_mm(x.reshape(-1, layer.in_features), layer.qweight, layer.scales.to(x.dtype))
-    elif layer.quant.kernel == "fast" and x.device.type == "cpu":
-        y = (_w8a8 if layer.quant.bits == 8 else _int4)(layer, x.reshape(-1, layer.in_features)).to(x.dtype)
-    else:
+    fast = (layer.quant.bits == 8 and x.is_cuda) or (layer.quant.kernel == "fast" and x.device.type == "cpu")
+    if not fast:
         return F.linear(x, dequantized(layer).to(x.dtype), bias)
+    rows = x.reshape(-1, layer.in_features)
+    if layer.quant.awq:
+        rows = rows * layer.input_scale.to(x.dtype)
+    if layer.quant.bits == 8 and x.is_cuda:  # the int8 weight-only matmul kernel (no float weight made)
+        y = torch._weight_int8pack_mm(rows, layer.qweight, layer.scales.to(x.dtype))
+    else:
+        y = (_w8a8 if layer.quant.bits == 8 else _int4)(layer, rows).to(x.dtype)
     y = y.view(*x.shape[:-1], layer.out_features)
     return y if bias is None else y + bias
 
@@ -156,7 +182,8 @@ def _w8a8(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         zero = torch.zeros(layer.out_features, dtype=torch.long)
         with warnings.catch_warnings():  # (PyTorch marks its quantized tensors deprecated; the kernel stays)
             warnings.simplefilter("ignore")
-            w = torch.quantize_per_channel(dequantized(layer).float(), layer.scales.float(), zero, 0, torch.qint8)
+            w = torch.quantize_per_channel(dequantized(layer, raw=True).float(), layer.scales.float(), zero, 0,
+                                           torch.qint8)  # fmt: skip
         layer.packed = torch.ops.quantized.linear_prepack(w, None)
     return torch.ops.quantized.linear_dynamic(x.float(), layer.packed)
 
@@ -174,14 +201,58 @@ def _int4(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weight, layer.quant.group_size, pairs)
 
 
-def quantize_model(model: nn.Module, cfg: QuantConfig) -> list[str]:
+def awq_scale(w: torch.Tensor, x: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """AWQ's per-input-channel scale s [in] for a weight [out, in] and its calibration inputs x [N, in]: the
+    weight's columns are quantised as W s and the inputs meet them as x / s, so channels that carry large
+    activations get finer steps. s = mean|x|^a (normalised), a from a grid, the one whose quantised layer is
+    nearest the float one on x."""
+    w, x = w.detach().float(), x.float()
+    want = x @ w.T  # [N, out]
+    stat = x.abs().mean(0).clamp(min=1e-8)  # [in]
+    best, best_err = torch.ones_like(stat), None
+    for a in (0.0, 0.25, 0.5, 0.75, 1.0):
+        s = stat**a
+        s = s / (s.max() * s.min()).sqrt()
+        err = ((x / s) @ dequantize(quantize_weight(w * s, cfg), cfg.bits, cfg.group_size).T - want).pow(2).mean()
+        if best_err is None or err < best_err:
+            best, best_err = s, err
+    return best
+
+
+def quantize_model(model: nn.Module, cfg: QuantConfig, examples: list[dict] | None = None) -> list[str]:
     """Replace the Linear layers cfg names (never the vision tower, projector or LM head) by QuantLinear; returns
-    their names."""
+    their names. With cfg.awq, each layer scaled for its inputs on the encoded examples (input_ids [T], pixel
+    values)."""
     names = targets(model, cfg)
+    inputs = layer_inputs(model, names, examples or []) if cfg.awq else {}
     for name in names:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, QuantLinear.of(model.get_submodule(name), cfg))
+        setattr(model.get_submodule(parent), child, QuantLinear.of(model.get_submodule(name), cfg, inputs.get(name)))
     return names
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, names: list[str], examples: list[dict], rows: int = 512) -> dict:
+    """Each named layer's inputs [<= rows, in] on the examples (the float model's, an even sample of tokens)."""
+    from ..engine.metadata import packed_step
+
+    if not examples:
+        raise ConfigError("awq needs calibration examples")
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].detach().cpu()))
+             for n in names]  # fmt: skip
+    try:
+        for x in examples:
+            ids, pixels = x["input_ids"].to(model.device), x.get("pixel_values")
+            model(ids, packed_step([len(ids)], model.device), None if pixels is None else pixels.to(model.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, parts in seen.items():
+        x = torch.cat([p.reshape(-1, p.shape[-1]) for p in parts])
+        out[name] = x[torch.linspace(0, len(x) - 1, min(rows, len(x))).long()]
+    return out
 
 
 def quantized_layout(model: nn.Module, cfg: QuantConfig) -> None:

@@ -124,3 +124,37 @@ def test_targets_the_model_cannot_meet_are_named_before_any_work(setup, tmp_path
     (tmp_path / "p.yaml").write_text(json.dumps({"stages": [{"quantize": {}}, {"prune": {}}]}))
     with pytest.raises(ConfigError, match="stages run in the order prune -> distill -> quantize"):
         read_stages(tmp_path / "p.yaml")
+
+
+@pytest.mark.parametrize("kind", ["phi3", "internlm2"])
+def test_fused_projections_prune_and_load_in_transformers(kind, tmp_path):
+    """Phi-3's [Q; K; V] and [gate; up], InternLM2's per-group wqkv: pruning to everything keeps the logits; a
+    pruned model (InternLM2 saved as Llama) loads in transformers with vlstack's logits."""
+    from conftest import to_original_layout
+    from test_families import FAMILY_SHAPES, LLAMA
+    from transformers import InternVLForConditionalGeneration
+
+    data = write_dataset(tmp_path / "data", "calib", 3, True)
+    if kind == "phi3":
+        write_hf_checkpoint(tmp_path / "base", **FAMILY_SHAPES["phi3"][0])
+        base = tmp_path / "base"
+    else:
+        write_hf_checkpoint(tmp_path / "llama", **LLAMA)
+        to_original_layout(tmp_path / "llama", tmp_path / "base", internlm2=True)
+        base = tmp_path / "base"
+    vlm = vlstack.load(base, device="cpu")
+    x = inputs(vlm)
+    before = vlm(x["input_ids"], x["pixel_values"])
+    cfg = PruneConfig(data=str(data), samples=2)
+    prune(vlm, cfg, importance(vlm, calibration(vlm, cfg)))
+    assert torch.equal(vlm(x["input_ids"], x["pixel_values"]), before)
+    stages = {"stages": [{"prune": {"mlp": 0.5, "heads": 0.5, "hidden": 0.75, "data": str(data), "samples": 2}}]}
+    (tmp_path / "p.yaml").write_text(json.dumps(stages))
+    vlm = vlstack.load(base, device="cpu")
+    out = compress(vlm, read_stages(tmp_path / "p.yaml"), tmp_path / "out")
+    assert vlm.cfg.text.num_key_value_heads == 1 and vlm.cfg.text.hidden_size == 48
+    ours = vlm(x["input_ids"], x["pixel_values"])
+    hf = InternVLForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(input_ids=x["input_ids"], pixel_values=x["pixel_values"]).logits
+    assert rel_err(ours, ref) <= 1e-4

@@ -55,8 +55,6 @@ class PruneConfig:
         layers = self.layers if self.layers is not None else t.num_hidden_layers
         if layers > t.num_hidden_layers:
             raise ConfigError(f"prune layers {layers}: the model has {t.num_hidden_layers}")
-        if t.qkv_layout != "separate" or t.fused_gate_up:
-            raise ConfigError(f"pruning the {t.model_type} family's fused projections is not supported yet")
         return (layers, kept(t.intermediate_size, self.mlp, "the MLP"),
                 kept(t.num_key_value_heads, self.heads, "the KV heads"),
                 kept(t.hidden_size, self.hidden, "the embedding channels"))  # fmt: skip
@@ -139,7 +137,15 @@ def prune(vlm, cfg: PruneConfig, scores: dict[str, torch.Tensor]) -> None:
         heads = (keep_g[:, None] * q_per_kv + torch.arange(q_per_kv)).flatten()
         rows_q = (heads[:, None] * d + torch.arange(d)).flatten()  # [g*q*D] of the q rows
         part = rest.rsplit(".", 1)[0]
-        if part in ("mlp.gate_proj", "mlp.up_proj"):
+        if part == "self_attn.qkv_proj":  # fused: [Q; K; V] (Phi-3), or per KV group its q heads, k, v (InternLM2)
+            if t.qkv_layout == "stacked":
+                q_rows, kv_rows = t.num_attention_heads * d, t.num_key_value_heads * d
+                w = w[torch.cat([rows_q, q_rows + rows_kv, q_rows + kv_rows + rows_kv])]
+            else:
+                w = w[(keep_g[:, None] * (q_per_kv + 2) * d + torch.arange((q_per_kv + 2) * d)).flatten()]
+        elif part == "mlp.gate_up_proj":  # fused: [gate; up]
+            w = w[torch.cat([keep_n, t.intermediate_size + keep_n])]
+        elif part in ("mlp.gate_proj", "mlp.up_proj"):
             w = w[keep_n]
         elif part == "mlp.down_proj":
             w = w[:, keep_n]
@@ -170,7 +176,18 @@ def calibration(vlm, cfg) -> list[dict]:
 
 
 # where the LLM's hidden size is an axis: which axes of which weights (by the module's last name)
-INPUTS = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "embed_tokens", "lm_head", "linear_2"}  # columns
+INPUTS = {
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "qkv_proj",
+    "gate_proj",
+    "up_proj",
+    "gate_up_proj",
+    "embed_tokens",
+    "lm_head",
+    "linear_2",
+}  # columns
 OUTPUTS = {"o_proj", "down_proj", "linear_1", "linear_2", "input_layernorm", "post_attention_layernorm", "norm"}
 
 

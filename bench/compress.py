@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +25,7 @@ from foundation import INTERNVL3_1B
 
 from vlstack.compress.prune import PruneConfig, prune
 from vlstack.compress.quantize import QuantConfig, quantize_model
+from vlstack.compress.report import decode_tok_s
 
 # name -> (prune targets or None, quantisation or None); the vision tower stays full precision unless named
 VARIANTS = {
@@ -72,34 +71,13 @@ def build_1b(device: str, dtype: torch.dtype):
     return VLM(model, processor, set(), None, "1b")
 
 
-def decode_tok_s(vlm, prompt_len: int, new_tokens: int, repeat: int) -> float:
-    from vlstack.engine.scheduler import Engine
-    from vlstack.generate import SamplingParams
-
-    ids = torch.randint(0, 150_000, (1, prompt_len))
-    engine = Engine(vlm, 1, max_len=prompt_len + new_tokens, image_cache_mb=0, background=False)
-
-    def run() -> float:
-        req = engine.submit({"input_ids": ids}, None, SamplingParams(max_new_tokens=new_tokens))
-        engine.step()  # the prefill and first token: the clock starts after it
-        start = time.perf_counter()
-        while engine.running or not engine.waiting.empty():
-            engine.step()
-        if vlm.model.device.type == "cuda":
-            torch.cuda.synchronize()
-        return (req.generated - 1) / (time.perf_counter() - start)
-
-    run()  # warm-up
-    return statistics.median(run() for _ in range(repeat))
-
-
 def bench_1b(device: str, prompt_len: int, new_tokens: int, repeat: int) -> dict:
     base_dtype = torch.float32 if device == "cpu" else torch.bfloat16
     kernel = "fast"  # (int8 on CUDA: the weight-only matmul kernel whatever the setting)
     vlm = build_1b(device, base_dtype)
     release = model_bytes(vlm.model, dtype_bytes=2)  # the bf16 checkpoint
     results = {"release_bf16_bytes": release, "variants": {}}
-    base_speed = decode_tok_s(vlm, prompt_len, new_tokens, repeat)
+    base_speed = decode_tok_s(vlm, new_tokens, repeat, prompt_len)
     results["decode_tok_s_uncompressed"] = base_speed
     for name, (targets, quant) in VARIANTS.items():
         v = build_1b(device, base_dtype)
@@ -109,7 +87,7 @@ def bench_1b(device: str, prompt_len: int, new_tokens: int, repeat: int) -> dict
         quantize_model(v.model, QuantConfig(**quant, kernel=kernel).check())
         row = {"bytes": model_bytes(v.model, dtype_bytes=2), "fraction_of_bf16": model_bytes(v.model, 2) / release}
         if device == "cpu" or quant["bits"] == 8:  # (int4 on a GPU: the reference path so far)
-            row["decode_tok_s"] = decode_tok_s(v, prompt_len, new_tokens, repeat)
+            row["decode_tok_s"] = decode_tok_s(v, new_tokens, repeat, prompt_len)
             row["decode_speedup"] = row["decode_tok_s"] / base_speed
         results["variants"][name] = row
         print(name, row, flush=True)

@@ -75,14 +75,18 @@ def test_importance_equals_a_hand_computation(setup):
         torch.testing.assert_close(scores[name], want / n, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_pruning_to_everything_keeps_the_logits(setup):
-    _, base, data = setup
+def assert_pruning_to_everything_keeps_the_logits(base, data) -> None:
     vlm = vlstack.load(base, device="cpu")
     x = inputs(vlm)
     before = vlm(x["input_ids"], x["pixel_values"])
     cfg = PruneConfig(data=str(data), samples=2)
     prune(vlm, cfg, importance(vlm, calibration(vlm, cfg)))
     assert torch.equal(vlm(x["input_ids"], x["pixel_values"]), before)
+
+
+def test_pruning_to_everything_keeps_the_logits(setup):
+    _, base, data = setup
+    assert_pruning_to_everything_keeps_the_logits(base, data)
 
 
 def test_a_pruned_checkpoint_loads_in_transformers(setup, tmp_path):
@@ -142,15 +146,11 @@ def test_fused_projections_prune_and_load_in_transformers(kind, tmp_path):
         write_hf_checkpoint(tmp_path / "llama", **LLAMA)
         to_original_layout(tmp_path / "llama", tmp_path / "base", internlm2=True)
         base = tmp_path / "base"
-    vlm = vlstack.load(base, device="cpu")
-    x = inputs(vlm)
-    before = vlm(x["input_ids"], x["pixel_values"])
-    cfg = PruneConfig(data=str(data), samples=2)
-    prune(vlm, cfg, importance(vlm, calibration(vlm, cfg)))
-    assert torch.equal(vlm(x["input_ids"], x["pixel_values"]), before)
+    assert_pruning_to_everything_keeps_the_logits(base, data)
     stages = {"stages": [{"prune": {"mlp": 0.5, "heads": 0.5, "hidden": 0.75, "data": str(data), "samples": 2}}]}
     (tmp_path / "p.yaml").write_text(json.dumps(stages))
     vlm = vlstack.load(base, device="cpu")
+    x = inputs(vlm)
     out = compress(vlm, read_stages(tmp_path / "p.yaml"), tmp_path / "out")
     assert vlm.cfg.text.num_key_value_heads == 1 and vlm.cfg.text.hidden_size == 48
     ours = vlm(x["input_ids"], x["pixel_values"])

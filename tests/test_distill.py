@@ -120,3 +120,32 @@ def test_an_interrupted_distillation_resumes(base, tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_and_student_share_the_image_features_when_their_vision_is_the_same(base, tmp_path, monkeypatch):
+    """MLP-only pruning leaves the vision tower and projector as they were: with a LoRA student (its vision
+    untouched) the images are encoded once for both, and the adapter is the one of each encoding its own."""
+    from safetensors.torch import load_file
+
+    from vlstack.compress.prune import PruneConfig, calibration, importance, prune
+
+    directory, data = base
+    adapters = {}
+    for share in (True, False):
+        teacher = vlstack.load(directory, device="cpu")
+        student = vlstack.load(directory, device="cpu")
+        cfg = PruneConfig(mlp=0.5, data=str(data), samples=2)
+        prune(student, cfg, importance(student, calibration(student, cfg)))
+        calls = []
+        hook = teacher.model.vision_tower.register_forward_hook(lambda *a, calls=calls: calls.append(1))
+        if not share:
+            monkeypatch.setattr(multi, "shared_features", lambda *a: None)
+        distill(student, DistillConfig(data=str(data), steps=3, batch_size=2, lr=1e-2, full=False, rank=4).check(),
+                teacher.model, tmp_path / f"work{share}")  # fmt: skip
+        hook.remove()
+        monkeypatch.undo()
+        assert (len(calls) == 0) == share  # shared: the teacher never encoded an image
+        adapters[share] = load_file(tmp_path / f"work{share}" / "adapter_model.safetensors")
+    assert adapters[True].keys() == adapters[False].keys()
+    for key in adapters[True]:
+        torch.testing.assert_close(adapters[True][key], adapters[False][key], rtol=1e-4, atol=1e-5)

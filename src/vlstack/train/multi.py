@@ -67,6 +67,7 @@ class Running:
     first_step: int = 0  # where this process started (after a resume)
     first_tokens: int = 0
     teacher: torch.nn.Module | None = None  # distillation: the model whose logits the job learns
+    shares_vision: bool | None = None  # its teacher's vision tower and projector are the student's (None: unknown)
 
     @property
     def tokens_since_start(self) -> int:
@@ -128,6 +129,33 @@ def teacher_of(vlm: VLM, job: Job) -> torch.nn.Module | None:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.eval()
+
+
+def same_vision(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two models' vision towers and projectors hold the same weights (their image features agree)."""
+    parts = [(dict(x.vision_tower.state_dict()), dict(x.multi_modal_projector.state_dict())) for x in (a, b)]
+    return all(
+        mine.keys() == theirs.keys() and all(mine[k].shape == theirs[k].shape and torch.equal(mine[k], theirs[k])
+                                             for k in mine)
+        for mine, theirs in zip(*parts)
+    )  # fmt: skip
+
+
+def shared_features(vlm: VLM, running: list[Running], pixel_values: torch.Tensor | None) -> torch.Tensor | None:
+    """The image features [N, P, C] computed once for the student and every teacher, where that gives what each
+    would compute: the student's vision tower and projector untouched by every running job (no full job, no
+    adapter on them) and each teacher's the same weights (checked once per job). None: each computes its own."""
+    if pixel_values is None or not any(r.teacher is not None for r in running):
+        return None
+    if any(r.job.full or set(r.job.parts) & {"vision", "projector"} for r in running):
+        return None
+    for r in running:
+        if r.teacher is not None and r.shares_vision is None:
+            r.shares_vision = same_vision(vlm.model, r.teacher)
+    if not all(r.shares_vision for r in running if r.teacher is not None):
+        return None
+    with torch.no_grad():
+        return vlm.model.image_features(pixel_values)
 
 
 def world() -> tuple[int, int]:
@@ -223,22 +251,30 @@ def job_losses(
     targets: torch.Tensor,
     in_job: torch.Tensor,
     teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    features: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The fused forward: rows back to back ids [T] (each job's LoRA on its own, by the routing) -> each job's
     summed token losses [jobs] over the step's logit tokens, whose targets are [N] and jobs in_job [jobs, N]
-    (teacher: see token_losses). Tensors only: it compiles whole (a test's proof)."""
-    hidden = model(ids, step, pixel_values, head=False)  # [N, C]
+    (teacher: see token_losses; features: the images' features, computed already). Tensors only: it compiles
+    whole (a test's proof)."""
+    hidden = model(ids, step, None if features is not None else pixel_values, features, head=False)  # [N, C]
     recompute = model.language_model.recompute is not None
     per_token = token_losses(model.lm_head, hidden, targets, recompute, teacher)  # [N]
     return in_job @ per_token  # [jobs]
 
 
 def teacher_logits(
-    running: list[Running], job: torch.Tensor, ids: torch.Tensor, pixel_values: torch.Tensor | None, step: Step
+    running: list[Running],
+    job: torch.Tensor,
+    ids: torch.Tensor,
+    pixel_values: torch.Tensor | None,
+    step: Step,
+    features: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """For a pass whose rows include distilling jobs' (job [N]: each learned token's job, on the host): each
     teacher's logits [N, V] at the learned tokens of its jobs, which tokens are distilled [N] and at what
-    temperature [N]; None when no job distils. (The teacher encodes the images again.)"""
+    temperature [N]; None when no job distils. features: the images' features where teacher and student share them
+    (shared_features), else each teacher encodes the images itself."""
     teachers = {id(r.teacher): r.teacher for r in running if r.teacher is not None}
     if not teachers:
         return None
@@ -247,7 +283,7 @@ def teacher_logits(
     with torch.no_grad():
         for teacher in teachers.values():
             mine = torch.tensor([running[int(j)].teacher is teacher for j in job])  # [N] its jobs' tokens
-            out = teacher(ids, step, pixel_values)  # [N, V]
+            out = teacher(ids, step, None if features is not None else pixel_values, features)  # [N, V]
             logits = out if logits is None else torch.where(upload(mine, ids.device)[:, None], out, logits)
             distilled |= mine
     return logits, upload(distilled, ids.device), upload(temp, ids.device)
@@ -294,8 +330,10 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
             if "pixel_values" in batch:
                 prepare_tiles(model, image_tokens, vlm.cfg.tokens_per_tile)
             targets = upload(targets[learn], device)  # [N]
-            kd = teacher_logits(running, jobs_of[learn], batch["input_ids"], batch.get("pixel_values"), step)
-            pass_sums = job_losses(model, batch["input_ids"], step, batch.get("pixel_values"), targets, in_job, kd)
+            ids, pixels = batch["input_ids"], batch.get("pixel_values")
+            feats = shared_features(vlm, running, pixels)  # (once for the student and its teachers)
+            kd = teacher_logits(running, jobs_of[learn], ids, pixels, step, feats)
+            pass_sums = job_losses(model, ids, step, pixels, targets, in_job, kd, feats)
         (pass_sums / denominators).sum().backward()
         sums += pass_sums.detach()
     if world()[1] > 1:

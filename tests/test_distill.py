@@ -22,19 +22,22 @@ SHAPE = dict(tile=56, width=64, layers=4, heads=4, kv_heads=2, tied=False)
 
 
 def test_the_loss_is_temperature_squared_kl_by_hand():
+    """... plus, where asked, the weighted mean squared difference of the final hidden states."""
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 11, bias=False)
     hidden, targets = torch.randn(5, 8), torch.randint(0, 11, (5,))
     teacher = torch.randn(5, 11) * 3
     distilled = torch.tensor([True, True, False, True, False])
     temp = torch.tensor([2.0, 1.0, 1.0, 0.5, 1.0])
+    their_hidden, weight = torch.randn(5, 8), torch.tensor([0.5, 0.0, 0.0, 2.0, 0.0])
     for recompute in (False, True):
-        got = token_losses(head, hidden, targets, recompute, (teacher, distilled, temp))
+        got = token_losses(head, hidden, targets, recompute, (teacher, distilled, temp, their_hidden, weight))
         for i in range(5):
             s = head(hidden[i])
             if distilled[i]:
                 p, q = F.softmax(teacher[i] / temp[i], -1), F.log_softmax(s / temp[i], -1)
-                want = temp[i] ** 2 * (p * (p.log() - q)).sum()
+                mse = ((hidden[i] - their_hidden[i]) ** 2).mean()
+                want = temp[i] ** 2 * (p * (p.log() - q)).sum() + weight[i] * mse
             else:
                 want = F.cross_entropy(s[None], targets[i : i + 1])
             torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
@@ -149,3 +152,16 @@ def test_teacher_and_student_share_the_image_features_when_their_vision_is_the_s
     assert adapters[True].keys() == adapters[False].keys()
     for key in adapters[True]:
         torch.testing.assert_close(adapters[True][key], adapters[False][key], rtol=1e-4, atol=1e-5)
+
+
+def test_hidden_state_distillation_needs_the_same_width(base, tmp_path):
+    from vlstack.compress.prune import PruneConfig, calibration, importance, prune
+    from vlstack.train.jobs import JobError
+
+    directory, data = base
+    teacher, student = vlstack.load(directory, device="cpu"), vlstack.load(directory, device="cpu")
+    cfg = PruneConfig(hidden=0.75, data=str(data), samples=2)
+    prune(student, cfg, importance(student, calibration(student, cfg)))
+    with pytest.raises(JobError, match=r"hidden-state distillation needs the teacher's width \(64\)"):
+        distill(student, DistillConfig(data=str(data), steps=1, hidden_weight=1.0).check(), teacher.model,
+                tmp_path / "work")  # fmt: skip

@@ -22,6 +22,7 @@ class DistillConfig:
     lr: float = 1e-4
     warmup_steps: int = 0
     temperature: float = 1.0
+    hidden_weight: float = 0.0  # the final hidden states' mean squared difference too (the widths must agree)
     full: bool = True  # every weight of the student; false: a LoRA adapter of `rank`, merged at the end
     rank: int = 16
     teacher: str | None = None  # a checkpoint directory; default: the model as it was before this run's pruning
@@ -34,8 +35,8 @@ class DistillConfig:
         for name in ("steps", "batch_size", "rank"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"distill {name} must be an integer >= 1")
-        if not self.lr > 0 or not self.temperature > 0:
-            raise ConfigError("distill lr and temperature must be > 0")
+        if not self.lr > 0 or not self.temperature > 0 or self.hidden_weight < 0:
+            raise ConfigError("distill lr and temperature must be > 0, hidden_weight >= 0")
         return self
 
 
@@ -48,7 +49,8 @@ def distill(vlm, cfg: DistillConfig, teacher: nn.Module | str, work: Path, resum
 
     job = Job("distill", Path(cfg.data), work, full=cfg.full, rank=cfg.rank, alpha=2.0 * cfg.rank, lr=cfg.lr,
               batch_size=cfg.batch_size, steps=cfg.steps, warmup_steps=cfg.warmup_steps, teacher=teacher,
-              temperature=cfg.temperature, save_every=max(1, cfg.steps // 10))  # fmt: skip
+              temperature=cfg.temperature, hidden_weight=cfg.hidden_weight,
+              save_every=max(1, cfg.steps // 10))  # fmt: skip
     train(vlm, [job], cfg.batch_size, resume=resume, log_every=max(1, cfg.steps // 20))
     if not cfg.full:  # the adapter, merged into the student
         vlm.load_adapter("distill", work)

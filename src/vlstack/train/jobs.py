@@ -83,6 +83,7 @@ class Job:
     full: bool = False  # every weight trained (no adapter); output: a whole checkpoint
     teacher: Any = None  # distillation: a teacher checkpoint directory (or a loaded model) whose logits are learned
     temperature: float = 1.0  # distillation: the softmax temperature of teacher and student (loss scaled by T²)
+    hidden_weight: float = 0.0  # distillation: weight of the final hidden states' mean squared difference
 
     @property
     def spec(self) -> LoRASpec:
@@ -155,6 +156,7 @@ def _check(job: dict, where: str, root: Path) -> Job:
         (j.epochs is not None and j.epochs <= 0, "epochs must be > 0"),
         (j.save_every < 0, "save_every must be >= 0"),
         (j.temperature <= 0, "temperature must be > 0"),
+        (j.hidden_weight < 0, "hidden_weight must be >= 0"),
         (bool(set(j.parts) - set(PARTS)), f"parts must be among {sorted(PARTS)}"),
     ]
     for bad, message in problems:

@@ -123,6 +123,9 @@ def teacher_of(vlm: VLM, job: Job) -> torch.nn.Module | None:
         from ..api import load
 
         teacher = load(job.teacher, device=vlm.model.device, dtype=vlm.model.dtype).model
+    if job.hidden_weight and teacher.cfg.text.hidden_size != vlm.cfg.text.hidden_size:
+        widths = f"({teacher.cfg.text.hidden_size}) to be the student's ({vlm.cfg.text.hidden_size})"
+        raise JobError(f"job {job.name!r}: hidden-state distillation needs the teacher's width {widths}")
     if teacher.cfg.text.vocab_size != vlm.cfg.text.vocab_size:
         raise JobError(f"job {job.name!r}: the teacher's vocabulary ({teacher.cfg.text.vocab_size}) is not the "
                        f"student's ({vlm.cfg.text.vocab_size})")  # fmt: skip
@@ -216,12 +219,13 @@ def token_losses(
     hidden: torch.Tensor,
     targets: torch.Tensor,
     recompute: bool,
-    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    teacher: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """The loss [N] of each learned token from the final hidden states [N, C]: cross-entropy with its target, or
-    where teacher = (logits [N, V], distilled [N] bool, temperature [N]) says, the distillation loss
-    T² KL(teacher || student) of the two softmaxes at temperature T (forward KL, as Minitron distils). A chunk of
-    tokens at a time.
+    where teacher = (logits [N, V], distilled [N] bool, temperature [N][, hidden [N, C], hidden weight [N]]) says,
+    the distillation loss T² KL(teacher || student) of the two softmaxes at temperature T (forward KL, as Minitron
+    distils), plus the weight times the mean squared difference of the final hidden states. A chunk of tokens at
+    a time.
 
     With recompute, each chunk's logits [chunk, vocab] are dropped once its loss is known and recomputed in
     backward, so the batch's logits [N, vocab] (151k wide for Qwen2: 0.6 MB a token) never exist at once."""
@@ -231,9 +235,12 @@ def token_losses(
         ce = F.cross_entropy(logits, t, reduction="none")
         if not kd:
             return ce
-        theirs, distilled, temp = kd
+        theirs, distilled, temp, *hidden_term = kd
         p = F.log_softmax(theirs.float() / temp[:, None], dim=-1)
         kl = (p.exp() * (p - F.log_softmax(logits / temp[:, None], dim=-1))).sum(-1) * temp**2
+        if hidden_term:
+            their_hidden, weight = hidden_term
+            kl = kl + weight * (h.float() - their_hidden.float()).pow(2).mean(-1)
         return torch.where(distilled, kl, ce)
 
     size = max(16, (16 << 20) // head.out_features) if recompute else len(targets)  # ~64 MB of float32 logits
@@ -250,7 +257,7 @@ def job_losses(
     pixel_values: torch.Tensor | None,
     targets: torch.Tensor,
     in_job: torch.Tensor,
-    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    teacher: tuple[torch.Tensor, ...] | None = None,
     features: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The fused forward: rows back to back ids [T] (each job's LoRA on its own, by the routing) -> each job's
@@ -270,23 +277,31 @@ def teacher_logits(
     pixel_values: torch.Tensor | None,
     step: Step,
     features: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+) -> tuple[torch.Tensor, ...] | None:
     """For a pass whose rows include distilling jobs' (job [N]: each learned token's job, on the host): each
-    teacher's logits [N, V] at the learned tokens of its jobs, which tokens are distilled [N] and at what
-    temperature [N]; None when no job distils. features: the images' features where teacher and student share them
-    (shared_features), else each teacher encodes the images itself."""
+    teacher's logits [N, V] at the learned tokens of its jobs, which tokens are distilled [N], at what temperature
+    [N], and where a job asks, the teacher's final hidden states [N, C] and their loss weight [N]; None when no job
+    distils. features:
+    the images' features where teacher and student share them (shared_features), else each teacher encodes the
+    images itself."""
     teachers = {id(r.teacher): r.teacher for r in running if r.teacher is not None}
     if not teachers:
         return None
-    logits, distilled = None, torch.zeros(len(job), dtype=torch.bool)
+    logits = hidden = None
+    distilled = torch.zeros(len(job), dtype=torch.bool)
     temp = torch.tensor([running[int(j)].job.temperature for j in job])  # [N]
+    weight = torch.tensor([running[int(j)].job.hidden_weight for j in job])  # [N]
     with torch.no_grad():
         for teacher in teachers.values():
-            mine = torch.tensor([running[int(j)].teacher is teacher for j in job])  # [N] its jobs' tokens
-            out = teacher(ids, step, None if features is not None else pixel_values, features)  # [N, V]
-            logits = out if logits is None else torch.where(upload(mine, ids.device)[:, None], out, logits)
-            distilled |= mine
-    return logits, upload(distilled, ids.device), upload(temp, ids.device)
+            mine = upload(torch.tensor([running[int(j)].teacher is teacher for j in job]), ids.device)  # [N]
+            h = teacher(ids, step, None if features is not None else pixel_values, features, head=False)  # [N, C]
+            out = teacher.lm_head(h)  # [N, V]
+            logits = out if logits is None else torch.where(mine[:, None], out, logits)
+            hidden = h if hidden is None else torch.where(mine[:, None], h, hidden)
+            distilled |= mine.cpu()
+    device = ids.device
+    kd = logits, upload(distilled, device), upload(temp, device)
+    return (*kd, hidden, upload(weight, device, hidden.dtype)) if weight.any() else kd
 
 
 def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) -> torch.Tensor:

@@ -281,9 +281,8 @@ def teacher_logits(
     """For a pass whose rows include distilling jobs' (job [N]: each learned token's job, on the host): each
     teacher's logits [N, V] at the learned tokens of its jobs, which tokens are distilled [N], at what temperature
     [N], and where a job asks, the teacher's final hidden states [N, C] and their loss weight [N]; None when no job
-    distils. features:
-    the images' features where teacher and student share them (shared_features), else each teacher encodes the
-    images itself."""
+    distils. features: the images' features where teacher and student share them (shared_features), else each
+    teacher encodes the images itself."""
     teachers = {id(r.teacher): r.teacher for r in running if r.teacher is not None}
     if not teachers:
         return None

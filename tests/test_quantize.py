@@ -118,6 +118,16 @@ def test_bad_compress_configs_are_named_before_any_work(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(ConfigError, match="exists"):
         compress(vlm, [("quantize", QuantConfig())], tmp_path / "out")
+    import vlstack.compress.quantize as quantize
+
+    real = quantize.cpu_engines
+    quantize.cpu_engines = lambda: ["qnnpack"]  # a CPU without fbgemm (an ARM machine)
+    try:
+        with pytest.raises(ConfigError, match="fast int8 kernel on a CPU needs PyTorch's fbgemm"):
+            compress(vlm, [("quantize", QuantConfig(kernel="fast"))], tmp_path / "new")
+    finally:
+        quantize.cpu_engines = real
+    assert not (tmp_path / "new").exists()
 
 
 def test_merging_into_a_quantised_base_is_refused():

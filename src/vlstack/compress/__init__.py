@@ -79,9 +79,11 @@ def compress(
     if output.exists():
         raise ConfigError(f"{output} exists; compress writes a new directory")
     names = [name for name, _ in stages]
-    for name, options in stages:  # what the model cannot meet, before any work
+    for name, options in stages:  # what the model or the device cannot meet, before any work
         if name == "prune":
             options.targets(vlm.cfg.text)
+        if name == "quantize":
+            options.check_device(vlm.model.device)
         if name == "distill" and options.teacher is None and "prune" not in names:
             raise ConfigError("distill needs a teacher: a prune stage before it (the unpruned model), or teacher: DIR")
     work = output.with_name(output.name + ".distill")

@@ -56,6 +56,16 @@ class QuantConfig:
             raise ConfigError(f"awq needs calibration data: data: a JSONL file (got {self.data!r})")
         return self
 
+    def check_device(self, device: torch.device) -> QuantConfig:
+        """A clear error, before any work, for a kernel this device cannot run."""
+        if self.kernel == "fast" and device.type == "cpu":
+            if self.bits == 8 and "fbgemm" not in cpu_engines():
+                raise ConfigError("the fast int8 kernel on a CPU needs PyTorch's fbgemm engine (x86); use "
+                                  "kernel: reference")  # fmt: skip
+            if self.bits == 4 and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+                raise ConfigError("this PyTorch has no CPU int4 kernel; use kernel: reference")
+        return self
+
     def to_json(self) -> dict:
         return {"quant_method": METHOD, **asdict(self), "full_precision": list(self.full_precision)}
 
@@ -73,6 +83,11 @@ class QuantConfig:
         self.check()
         self.awq = awq
         return self
+
+
+def cpu_engines() -> list[str]:
+    """PyTorch's quantized engines on this machine (fbgemm on x86)."""
+    return list(torch.backends.quantized.supported_engines)
 
 
 def quantize_weight(w: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.Tensor]:

@@ -215,6 +215,18 @@ def cmd_compress(args: argparse.Namespace) -> None:
     print(f"compressed checkpoint written to {out}")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .config import read_config
+    from .plan import describe, plan
+    from .tiny import ASSETS
+
+    cfg = read_config(ASSETS if args.model == "tiny" else Path(args.model))  # (the config alone: no weights read)
+    p = plan(cfg, args.gpus, args.quantize, args.context, args.concurrency, args.train_tokens)
+    print(describe(p, args.context, args.concurrency, args.train_tokens))
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -342,6 +354,15 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--resume", action="store_true", help="continue an interrupted distillation")
     comp.add_argument("--device", default=None)
     comp.set_defaults(func=cmd_compress)
+
+    pl = sub.add_parser("plan", help="what a model needs: weights, KV cache, training activations, the TP to serve it")
+    pl.add_argument("--model", default="tiny", help="checkpoint directory (its config.json is enough)")
+    pl.add_argument("--gpus", default="1xH100-80GB", help="COUNTxKIND, e.g. 2xA100-80GB, 4xH100, 8x24GB")
+    pl.add_argument("--quantize", default=None, choices=["int8", "int4"], help="the LLM's layers quantised")
+    pl.add_argument("--context", type=int, default=8192, help="tokens per request (prompt + answer)")
+    pl.add_argument("--concurrency", type=int, default=64, help="requests at once")
+    pl.add_argument("--train-tokens", type=int, default=8192, help="tokens a training step (LoRA, checkpointing)")
+    pl.set_defaults(func=cmd_plan)
 
     ev = sub.add_parser("eval", help="score a model (or an adapter) on a benchmark by its official rules")
     ev.add_argument("benchmark", choices=["mmmu", "docvqa", "chartqa", "vqa", "report"],

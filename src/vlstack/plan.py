@@ -12,9 +12,10 @@ The rules (the figures a test checks by hand):
 - tensor parallelism over N GPUs splits the LLM's weights and KV heads N ways (KV heads replicated when fewer than
   N) and replicates the vision tower and projector; N must divide the attention heads; a GPU keeps 10% of its
   memory free for the framework and the activations of a step;
-- training activations (gradient checkpointing, LoRA): each layer's input kept (tokens x hidden x 2 bytes per
-  layer) plus one layer recomputed at a time (tokens x (4 hidden + 3 intermediate) x 2 bytes... x 2 for its
-  gradients) plus a chunk of logits (16 MB of float32 logits: vlstack's chunking).
+- training activations (gradient checkpointing, LoRA): each layer's input kept (tokens x hidden x 2 bytes a
+  layer), plus the layer being recomputed (tokens x (4 hidden + 3 intermediate) x 2 bytes, twice: its
+  activations and their gradients), plus one chunk of logits (16 MB of float32: vlstack's chunking). An estimate,
+  not a measurement.
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ def bench_chart(model: str, data: str, device: str) -> dict:
         "int8 LLM (W8A8 kernel)": {"stages": [{"quantize": {"bits": 8, "kernel": "fast"}}]} if device == "cpu"
         else None,
         "int4 LLM (g64)": {"stages": [{"quantize": {"bits": 4, "group_size": 64}}]},
-        "int4 LLM + vision (g64), fast kernel": {"stages": [{"quantize": {"bits": 4, "group_size": 64, "modules": ".*",
+        "int4 LLM + vision (g128), fast kernel": {"stages": [{"quantize": {"bits": 4, "group_size": 128, "modules": ".*",
                                                                          "full_precision": ["lm_head"],
                                                                          "kernel": "fast"}}]},
         "prune MLP/2 + distil + int8": {"stages": [

@@ -111,9 +111,8 @@ def bench_chart(model: str, data: str, device: str) -> dict:
         "int8 LLM (W8A8 kernel)": {"stages": [{"quantize": {"bits": 8, "kernel": "fast"}}]} if device == "cpu"
         else None,
         "int4 LLM (g64)": {"stages": [{"quantize": {"bits": 4, "group_size": 64}}]},
-        "int4 LLM + vision (g128), fast kernel": {"stages": [{"quantize": {"bits": 4, "group_size": 128, "modules": ".*",
-                                                                         "full_precision": ["lm_head"],
-                                                                         "kernel": "fast"}}]},
+        "int4 LLM + vision (g128), fast kernel": {"stages": [{"quantize": {
+            "bits": 4, "group_size": 128, "modules": ".*", "full_precision": ["lm_head"], "kernel": "fast"}}]},
         "prune MLP/2 + distil + int8": {"stages": [
             {"prune": {"mlp": 0.5, "data": data.replace("test.jsonl", "train.jsonl"), "samples": 64}},
             {"distill": {"data": data.replace("test.jsonl", "train.jsonl"), "steps": 200, "batch_size": 16,

@@ -25,7 +25,7 @@ from foundation import INTERNVL3_1B
 
 from vlstack.compress.prune import PruneConfig, prune
 from vlstack.compress.quantize import QuantConfig, quantize_model
-from vlstack.compress.report import decode_tok_s
+from vlstack.compress.report import decode_tok_s, weight_bytes
 
 # name -> (prune targets or None, quantisation or None); the vision tower stays full precision unless named
 VARIANTS = {
@@ -36,19 +36,6 @@ VARIANTS = {
     "prune MLP/2 + int4 LLM + vision": (dict(mlp=0.5), dict(bits=4, group_size=128, modules=".*",
                                                            full_precision=["lm_head"])),
 }  # fmt: skip
-
-
-def model_bytes(model: torch.nn.Module, dtype_bytes: int | None = None) -> int:
-    """The bytes a checkpoint of the model holds (tied tensors once); dtype_bytes: count float tensors at that
-    width (the bf16 release from a float32 model)."""
-    seen, total = set(), 0
-    for t in model.state_dict().values():
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        width = dtype_bytes if dtype_bytes and t.is_floating_point() else t.element_size()
-        total += t.numel() * width
-    return total
 
 
 def build_1b(device: str, dtype: torch.dtype):
@@ -75,7 +62,7 @@ def bench_1b(device: str, prompt_len: int, new_tokens: int, repeat: int) -> dict
     base_dtype = torch.float32 if device == "cpu" else torch.bfloat16
     kernel = "fast"  # (int8 on CUDA: the weight-only matmul kernel whatever the setting)
     vlm = build_1b(device, base_dtype)
-    release = model_bytes(vlm.model, dtype_bytes=2)  # the bf16 checkpoint
+    release = weight_bytes(vlm.model, float_width=2)  # the bf16 checkpoint
     results = {"release_bf16_bytes": release, "variants": {}}
     base_speed = decode_tok_s(vlm, new_tokens, repeat, prompt_len)
     results["decode_tok_s_uncompressed"] = base_speed
@@ -85,7 +72,8 @@ def bench_1b(device: str, prompt_len: int, new_tokens: int, repeat: int) -> dict
             scores = fake_importance(v)
             prune(v, PruneConfig(**targets), scores)
         quantize_model(v.model, QuantConfig(**quant, kernel=kernel).check())
-        row = {"bytes": model_bytes(v.model, dtype_bytes=2), "fraction_of_bf16": model_bytes(v.model, 2) / release}
+        size = weight_bytes(v.model, float_width=2)
+        row = {"bytes": size, "fraction_of_bf16": size / release}
         if device == "cpu" or quant["bits"] == 8:  # (int4 on a GPU: the reference path so far)
             row["decode_tok_s"] = decode_tok_s(v, new_tokens, repeat, prompt_len)
             row["decode_speedup"] = row["decode_tok_s"] / base_speed

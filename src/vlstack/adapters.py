@@ -142,7 +142,8 @@ def read_adapter(
 
 def load_adapter(model: nn.Module, name: str, directory: str | Path) -> LoRASpec:
     """Attach the PEFT adapter in directory to model under `name`; returns its spec."""
-    config, weights = read_adapter(directory, _model_type(model))
+    kind = _model_type(model)
+    config, weights = read_adapter(directory, kind)
     available = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     missing = sorted(set(weights) - available)
     if missing:
@@ -161,7 +162,7 @@ def load_adapter(model: nn.Module, name: str, directory: str | Path) -> LoRASpec
         rank = a.shape[0]
         if a.shape[1] != layer.in_features or b.shape != (layer.out_features, rank):
             raise ConfigError(f"adapter {name!r}: shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit {module}")
-        alpha = _alpha_for(hf_module_name(module, _model_type(model)), config)
+        alpha = _alpha_for(hf_module_name(module, kind), config)
         if alpha != spec.alpha:
             spec.alphas[module] = alpha
         layer.add(name, rank, spec.scaling(rank, module))

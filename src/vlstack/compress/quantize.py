@@ -241,9 +241,13 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, examples: list[dict] | No
     names = targets(model, cfg)
     inputs = layer_inputs(model, names, examples or []) if cfg.awq else {}
     for name in names:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, QuantLinear.of(model.get_submodule(name), cfg, inputs.get(name)))
+        _swap(model, name, QuantLinear.of(model.get_submodule(name), cfg, inputs.get(name)))
     return names
+
+
+def _swap(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, layer)
 
 
 @torch.no_grad()
@@ -275,10 +279,8 @@ def quantized_layout(model: nn.Module, cfg: QuantConfig) -> None:
     quantised checkpoint into)."""
     for name in targets(model, cfg):
         lin = model.get_submodule(name)
-        parent, _, child = name.rpartition(".")
         w = lin.weight
-        q = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, cfg, w.device, w.dtype)
-        setattr(model.get_submodule(parent), child, q)
+        _swap(model, name, QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, cfg, w.device, w.dtype))
 
 
 def targets(model: nn.Module, cfg: QuantConfig) -> list[str]:

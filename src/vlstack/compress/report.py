@@ -38,13 +38,14 @@ class ReportConfig:
         return self
 
 
-def weight_bytes(model: nn.Module) -> int:
-    """The bytes of the model's weights as stored (a tensor tied to another counted once)."""
+def weight_bytes(model: nn.Module, float_width: int | None = None) -> int:
+    """The bytes of the model's weights as stored (a tensor tied to another counted once); float_width: count the
+    floating-point tensors at that many bytes each (a bf16 checkpoint of a float32 model)."""
     seen, total = set(), 0
     for t in model.state_dict().values():
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
+            total += t.numel() * (float_width if float_width and t.is_floating_point() else t.element_size())
     return total
 
 

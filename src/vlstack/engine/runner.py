@@ -60,9 +60,9 @@ def forward(
             rope = torch.cat(own)
         step = packed_step(lengths, device, starts, slots, cache.max_len, logits=last, rope=rope)
     if rows is not None:
-        tokens, positions, slots, row_adapters, *more = rows
+        tokens, positions, slots, row_adapters, offsets = rows
         where = upload([tokens, positions, slots], device)  # [3, B]: one copy to the device
-        offsets = upload(more[0], device, torch.float32) if more and more[0] is not None else None  # (V2PE)
+        offsets = None if offsets is None else upload(offsets, device, torch.float32)  # (V2PE)
         decode = decode_step(where[1], where[2], cache.max_len, max(positions) + 1, offsets)
         step = decode if step is None else join(step, decode)
         ids.append(where[0])

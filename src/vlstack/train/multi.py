@@ -287,18 +287,17 @@ def teacher_logits(
     if not teachers:
         return None
     logits = hidden = None
-    distilled = torch.zeros(len(job), dtype=torch.bool)
-    temp = torch.tensor([running[int(j)].job.temperature for j in job])  # [N]
-    weight = torch.tensor([running[int(j)].job.hidden_weight for j in job])  # [N]
+    temp = torch.tensor([r.job.temperature for r in running])[job]  # [N] (each job's, at its tokens)
+    weight = torch.tensor([r.job.hidden_weight for r in running])[job]  # [N]
+    device = ids.device
     with torch.no_grad():
         for teacher in teachers.values():
-            mine = upload(torch.tensor([running[int(j)].teacher is teacher for j in job]), ids.device)  # [N]
+            mine = upload(torch.tensor([r.teacher is teacher for r in running])[job], device)  # [N] its jobs' tokens
             h = teacher(ids, step, None if features is not None else pixel_values, features, head=False)  # [N, C]
             out = teacher.lm_head(h)  # [N, V]
             logits = out if logits is None else torch.where(mine[:, None], out, logits)
             hidden = h if hidden is None else torch.where(mine[:, None], h, hidden)
-            distilled |= mine.cpu()
-    device = ids.device
+    distilled = torch.tensor([r.teacher is not None for r in running])[job]  # [N]
     kd = logits, upload(distilled, device), upload(temp, device)
     return (*kd, hidden, upload(weight, device, hidden.dtype)) if weight.any() else kd
 

@@ -109,7 +109,9 @@ class Stamps:
         pass
 
 
-def bench_llm(hf, ours, device: str, prompt_len: int, new_tokens: int, repeat: int, compiled: bool) -> dict:
+def bench_llm(
+    hf, ours, device: str, prompt_len: int, new_tokens: int, repeat: int, compiled: bool, profile: bool = False
+) -> dict:
     from vlstack.api import VLM
     from vlstack.chat import Processor, read_tokenizer
     from vlstack.engine.kv_cache import KVCache
@@ -131,8 +133,8 @@ def bench_llm(hf, ours, device: str, prompt_len: int, new_tokens: int, repeat: i
             step = packed_step([prompt_len], torch.device(device), slots=[0], max_len=prompt_len, logits="last")
             ours(ids[0], step, cache=cache)
 
-    t_hf_prefill = timed(hf_prefill, device, repeat)
-    t_our_prefill = timed(our_prefill, device, repeat)
+    t_hf_prefill = timed(hf_prefill, device, max(repeat, 5))  # (a prefill is short: one run of it is noise)
+    t_our_prefill = timed(our_prefill, device, max(repeat, 5))
 
     short = ids[:, :32]
 
@@ -190,6 +192,15 @@ def bench_llm(hf, ours, device: str, prompt_len: int, new_tokens: int, repeat: i
     for fn in fns.values():  # warm-up
         fn()
     runs = [{name: fn() for name, fn in fns.items()} for _ in range(repeat)]  # interleaved: drift hits all alike
+    if profile:  # where the step alone's time goes: its kernels by total device time
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        kinds = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profiler(activities=kinds) as prof:
+            our_step()
+        key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
     return {
         "prompt_tokens": prompt_len,
         "prefill_tok_s": {"vlstack": prompt_len / t_our_prefill, "transformers": prompt_len / t_hf_prefill},
@@ -232,6 +243,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
                     help="also time transformers with a static cache + torch.compile (default: on CUDA)")  # fmt: skip
+    ap.add_argument("--profile", action="store_true", help="print the decode step's kernels by device time")
     ap.add_argument("--out", default="bench/results/foundation.json")
     args = ap.parse_args()
     compiled = args.device == "cuda" if args.compiled is None else args.compiled
@@ -239,7 +251,7 @@ def main() -> None:
 
     image = bench_image(max(args.repeat, 5))
     hf, ours = build(args.device, dtype)
-    llm = bench_llm(hf, ours, args.device, args.prompt_len, args.new_tokens, args.repeat, compiled)
+    llm = bench_llm(hf, ours, args.device, args.prompt_len, args.new_tokens, args.repeat, compiled, args.profile)
     lm = ours.language_model
     # bytes read per decode step: every decoder weight and the LM head (the embedding table is only indexed)
     weight_bytes = (

@@ -52,12 +52,12 @@ step 110 "decode, batch 1, InternVL3-1B shapes, bf16: vs transformers eager and 
     python bench/foundation.py --device cuda --prompt-len 512 --new-tokens 64 --repeat 3
 step 200 "serving: 128 requests at once, 4 adapters, 128 tokens (baseline: the first 4, one at a time)" \
     python bench/serve.py --model internvl3-1b --device cuda --requests 128 --rate 0 --max-tokens 128 \
-    --max-batch 128 --max-model-len 2048 --baseline-requests 4 --adapter-cost
+    --max-batch 128 --max-model-len 4096 --baseline-requests 4 --adapter-cost
 step 100 "training: 4 adapters fused vs peft one after another, InternVL3-1B shapes" \
     python bench/multi_lora_train.py --model internvl3-1b --device cuda --steps 10 --batch 4
 step 120 "serving at 8 requests/s (TTFT), 4 adapters, 128 tokens" \
     python bench/serve.py --model internvl3-1b --device cuda --requests 64 --rate 8 --max-tokens 128 \
-    --max-batch 128 --max-model-len 2048 --baseline-requests 4 --out bench/results/serve_rate8.json
+    --max-batch 128 --max-model-len 4096 --baseline-requests 4 --out bench/results/serve_rate8.json
 step 90 "compression: bytes and decode (int8 weight-only kernel) vs bf16, InternVL3-1B shapes" \
     python bench/compress.py --device cuda --prompt-len 128 --new-tokens 64 --repeat 3
 finish

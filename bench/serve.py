@@ -219,8 +219,8 @@ async def one(client, url: str, item: dict, t0: float) -> dict:
             "stream_options": {"include_usage": True}}  # fmt: skip
     sent, first, text, usage = time.perf_counter(), None, "", None
     async with client.stream("POST", url, json=body) as r:
-        if r.status_code != 200:
-            return {"ok": False, "status": r.status_code}
+        if r.status_code != 200:  # (why, for the summary: the server's message)
+            return {"ok": False, "status": r.status_code, "error": (await r.aread()).decode(errors="replace")[:200]}
         async for chunk in chunks(r):
             usage = chunk.get("usage") or usage
             for c in chunk["choices"]:
@@ -244,6 +244,9 @@ async def drive(base: str, work: list[dict]) -> list[dict]:
 
 def summarise(records: list[dict]) -> dict:
     ok = [r for r in records if r["ok"]]
+    errors = sorted({f"{r['status']}: {r['error']}" for r in records if not r["ok"]})
+    if not ok:
+        raise SystemExit(f"every request failed: {errors}")
     ttft = sorted(r["first"] - r["sent"] for r in ok)
     tpot = sorted((r["end"] - r["first"]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1)
     span = max(r["end"] for r in ok) - min(r["sent"] for r in ok)
@@ -263,6 +266,7 @@ def summarise(records: list[dict]) -> dict:
         "ttft_p99": pct(ttft, 0.99),
         "tpot_p50": statistics.median(tpot) if tpot else float("nan"),
         "tpot_p99": pct(tpot, 0.99),
+        "errors": errors,
     }
 
 
@@ -359,6 +363,11 @@ def main() -> None:
             rounds.append({name: summarise(records[name]) for name in records})
             rounds[-1]["ratio"] = rounds[-1]["vlstack"]["tokens_per_s"] / rounds[-1]["baseline"]["tokens_per_s"]
             rounds[-1]["identical_answers"] = same
+            note(
+                f"round {i + 1}: "
+                + ", ".join(f"{n} {r['tokens_per_s']:.1f} tok/s" for n, r in rounds[-1].items() if isinstance(r, dict))
+                + f", ratio {rounds[-1]['ratio']:.2f}x"
+            )
     except BaseException:  # what the servers said, for a run that failed or was cut short
         for name, log in logs.items():
             print(f"--- the end of {name}'s log:\n{tail(log)}", file=sys.stderr)
@@ -379,6 +388,8 @@ def main() -> None:
             print(f"{f'{name}, round {i + 1}':24}{r['tokens_per_s']:10.1f}{r['requests_per_s']:10.2f}"
                   f"{r['ttft_p50']:10.3f}{r['ttft_p99']:10.3f}{r['tpot_p50']:10.4f}{r['tpot_p99']:10.4f}"
                   f"{r['failed']:10d}")  # fmt: skip
+            for error in r["errors"]:
+                print(f"{'':24}failed with {error}")
         compared = args.baseline_requests or args.requests
         print(f"{'':24}vlstack / baseline: {rnd['ratio']:.2f}x; "
               f"identical greedy answers: {rnd['identical_answers']}/{compared}")  # fmt: skip

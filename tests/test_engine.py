@@ -303,7 +303,8 @@ def test_static_decode_step_equals_each_row_alone():
     assert Decoder(vlm.model, _cache(vlm), static=True).buckets == [1, 2, 4]
     for i, adapter in enumerate(rows):
         alone = _generate(vlm, lambda c: Decoder(vlm.model, c, static=False), PROMPTS[i : i + 1], [adapter])
-        assert rel_err(static[:, i], alone[:, 0]) <= 1e-5
+        assert rel_err(static[:, i], alone[:, 0]) <= (1e-5 if DEVICE == "cpu" else 5e-5)  # (cuBLAS picks
+        # other kernels, so other reduction orders, for 4 rows than for 1: 1.4e-5 seen on an H100)
     assert rel_err(static[:, 0], static[:, 2]) > 1e-2  # (the adapters do differ)
 
 

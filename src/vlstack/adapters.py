@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .files import write_files
 from .layers.lora import MAX_RANK, LoRASpec, ensure_lora, lora_layers, routing_of
 from .models import FAMILIES, original_name, our_name
+from .parallel.tp import shard_lora
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -59,6 +60,8 @@ def _model_type(model: nn.Module) -> str:
 
 def save_adapter(model: nn.Module, name: str, directory: str | Path, spec: LoRASpec, base: str | None = None) -> Path:
     """Write adapter `name` of model as a PEFT adapter directory (each file atomically; other files stay)."""
+    if getattr(model, "tp", None) is not None:
+        raise ConfigError("a model loaded with tp > 1 holds a part of each adapter: save it from a tp=1 load")
     layers = {n: m for n, m in lora_layers(model).items() if name in m.lora_A}
     if not layers:
         raise ValueError(f"the model has no adapter named {name!r}")
@@ -159,6 +162,7 @@ def load_adapter(model: nn.Module, name: str, directory: str | Path) -> LoRASpec
     )
     for module, (a, b) in weights.items():
         layer = layers[module]
+        a, b = shard_lora(getattr(model, "tp", None), module, a, b)  # (under TP: this rank's part)
         rank = a.shape[0]
         if a.shape[1] != layer.in_features or b.shape != (layer.out_features, rank):
             raise ConfigError(f"adapter {name!r}: shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit {module}")

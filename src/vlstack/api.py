@@ -25,6 +25,7 @@ from .layers.lora import LoRASpec, check_name, remove_adapter, route
 from .models import family, native_state, our_name
 from .models.internvl import InternVL
 from .models.llama import rotary
+from .parallel.tp import TP, init, local_device, plan, shard
 from .templates import TEMPLATES
 from .tiny import tiny_dir
 
@@ -41,8 +42,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, cfg: VLMConfig, device: torch
     return _DTYPES[name]
 
 
-def build_model(cfg: VLMConfig, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> InternVL:
-    """Allocate the model directly from the state dict (no random init of weights that are overwritten)."""
+def build_model(
+    cfg: VLMConfig, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, tp: TP | None = None
+) -> InternVL:
+    """Allocate the model directly from the state dict (no random init of weights that are overwritten); under
+    tensor parallelism, this rank's part of it (each weight cut on the host, only the part moved to the device)."""
     with torch.device("meta"):
         model = InternVL(cfg)
     if cfg.quantization:  # its quantised layers as stored (compress/quantize.py)
@@ -63,6 +67,11 @@ def build_model(cfg: VLMConfig, state: dict[str, torch.Tensor], device: torch.de
     for name, t in state.items():
         if tuple(t.shape) != shapes[name]:
             raise ConfigError(f"weight {name} has shape {tuple(t.shape)}, the config implies {shapes[name]}")
+    if tp is not None:
+        if cfg.quantization:
+            raise ConfigError("tensor parallelism over a quantised checkpoint is not supported yet: use tp=1")
+        plan(model, tp)
+        state = {k: shard(v, tp.cuts.get(k)) for k, v in state.items()}
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.text.tie_word_embeddings:
@@ -220,6 +229,8 @@ class VLM:
 
     def save(self, directory: str | Path) -> Path:
         """Write a transformers-native checkpoint (with the tokenizer files) to directory."""
+        if self.model.tp is not None:
+            raise ConfigError("a model loaded with tp > 1 holds a part of each weight: save it from a tp=1 load")
         state = {k: v for k, v in self.model.state_dict().items() if ".lora_" not in k}
         if self.cfg.text.tie_word_embeddings:
             state.pop("lm_head.weight", None)
@@ -263,10 +274,14 @@ def load(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     v2pe_delta: float | None = None,
+    tp: int = 1,
 ) -> VLM:
     """Load a local InternVL checkpoint directory (either layout), or "tiny" for the built-in model.
-    v2pe_delta: V2PE's position step for image tokens (InternVL3; default: the checkpoint's, else 1)."""
-    device = _device(device)
+    v2pe_delta: V2PE's position step for image tokens (InternVL3; default: the checkpoint's, else 1).
+    tp: tensor parallelism over this many processes, one per device, started by torchrun (each runs the same
+    program: every rank makes the same calls, and each gets every answer)."""
+    device = local_device(_device(device)) if tp > 1 else _device(device)
+    group = init(tp, device)
     if str(path_or_name) == "tiny":
         path_or_name = tiny_dir()
     directory = Path(path_or_name)
@@ -281,5 +296,5 @@ def load(
         cfg.image_token_id = processor.img_context  # the original layout takes it from the tokenizer
     fam = family(cfg.text.model_type)
     state = load_state_dict(directory, cfg.vision.hidden_size, lambda name: our_name(fam, name))
-    model = build_model(cfg, state, device, resolve_dtype(dtype, cfg, device))
+    model = build_model(cfg, state, device, resolve_dtype(dtype, cfg, device), group)
     return VLM(model, processor, eos_ids(directory, cfg, processor), directory, directory.name)

@@ -34,6 +34,7 @@ from ..api import VLM
 from ..errors import ConfigError, PromptError, UnknownModel
 from ..generate import Detokenizer, SamplingParams
 from ..layers.lora import adapter_names, lora_layers, route
+from ..parallel.tp import cache_config
 from ..serve.cache import FeatureCache, image_hash, tiles_per_image
 from .kv_cache import KVCache
 from .metadata import upload, v2pe
@@ -105,7 +106,7 @@ class Engine:
         self.vision_tokens = vision_tokens or vision  # vision-encoder tokens per pass (bounds its activations)
         self.max_len = min(max_len or vlm.context_len, vlm.context_len)
         self.kv_budget = kv_budget or max_batch * self.max_len
-        t = vlm.cfg.text
+        t = cache_config(vlm.cfg.text, vlm.model.tp)  # (under TP: this rank's KV heads)
         self.cache_bytes = KVCache.nbytes(t, max_batch, self.max_len, vlm.model.dtype)
         try:
             self.cache = KVCache(t, max_batch, self.max_len, vlm.model.dtype, vlm.model.device)

@@ -20,10 +20,12 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
         self.act = ACTIVATIONS[act]
         self.fused = fused
+        self.tp = None  # tensor parallelism (parallel/tp.py): this rank's neurons only, down_proj's sums reduced
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(self.act(gate) * up)
+        y = self.down_proj(self.act(gate) * up)
+        return y if self.tp is None else self.tp.reduce(y)

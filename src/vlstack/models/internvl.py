@@ -52,6 +52,7 @@ class InternVL(nn.Module):
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.text.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
+        self.tp = None  # tensor parallelism (parallel/tp.py): the LLM split across ranks, each rank's logits gathered
 
     @property
     def device(self) -> torch.device:
@@ -116,4 +117,7 @@ class InternVL(nn.Module):
         hidden = self.language_model(self.embed(input_ids, pixel_values, features), step, cache)  # [T, C]
         if step.logits is not None:
             hidden = hidden[step.logits]  # [N, C]
-        return self.lm_head(hidden) if head else hidden
+        if not head:
+            return hidden
+        logits = self.lm_head(hidden)  # [N, V] (under TP: this rank's part of the vocabulary)
+        return logits if self.tp is None else self.tp.gather(logits, self.cfg.text.vocab_size)

@@ -109,6 +109,7 @@ class SelfAttention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.tp = None  # tensor parallelism (parallel/tp.py): this rank's heads only, o_proj's sums reduced
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, C] -> q [T, H, D], k, v [T, Hkv, D]."""
@@ -128,7 +129,8 @@ class SelfAttention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         y = attention(rotate(q, cos, sin), rotate(k, cos, sin), v, step, cache, self.index)  # [T, H, D]
-        return self.o_proj(y.reshape(t, -1))  # (a GPU kernel may hand back other strides)
+        y = self.o_proj(y.reshape(t, -1))  # [T, C] (reshape: a GPU kernel may hand back other strides)
+        return y if self.tp is None else self.tp.reduce(y)
 
 
 class DecoderLayer(nn.Module):

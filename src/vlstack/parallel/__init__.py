@@ -1,0 +1,1 @@
+"""Running beyond one device on torch.distributed: tensor parallelism (tp.py)."""

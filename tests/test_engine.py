@@ -219,6 +219,7 @@ def test_images_encoded_once_per_step_and_cached_by_content(vision_tokens):
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on():
     vlm = tiny_with_adapters()
     engine = Engine(vlm, max_batch=4)
+    assert engine.ready.wait(30)  # (its warm-up request done: the first step below is the test's)
     inputs = vlm.processor(question_messages("Hi", 0))
     forward, calls = vlm.model.forward, []
 

@@ -316,6 +316,21 @@ def test_vlstack_serve_command_answers(adapter_dir):
     assert bad.returncode == 2 and "vision_tokens must be positive" in bad.stderr
 
 
+def test_readiness_is_reported_apart_from_liveness(adapter_dir):
+    """/health/ready: 200 once a first request has gone through the engine, 503 with the reason once the engine
+    has stopped, while /health (liveness) still answers 200."""
+    app = create_app(vlstack.load("tiny", device="cpu"), "tiny", ServeConfig())
+    engine = app.state.engine
+    with running(app) as base:
+        assert engine.ready.wait(60)
+        r = httpx.get(base + "/health/ready")
+        assert r.status_code == 200 and r.json() == {"status": "ready", "model": "tiny", "tp": 1}
+        engine.close()
+        r = httpx.get(base + "/health/ready")
+        assert r.status_code == 503 and r.json() == {"status": "unavailable", "reason": "the engine has stopped"}
+        assert httpx.get(base + "/health").json() == {"status": "ok"}
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_going_away_frees_its_slot(server, stream):
     base, _, engine = server

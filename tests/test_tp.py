@@ -89,3 +89,90 @@ def test_tp_needs_its_processes_and_a_divisible_model(checkpoints):
     assert heads(t, TP(3, 4)) == ([3], [1])  # KV heads replicated: the one its query head reads
     with pytest.raises(ConfigError, match="does not divide the 4 attention heads"):
         heads(t, TP(0, 3))
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is pid (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_serve_tp2_answers_as_one_process_and_stops_when_a_rank_dies(checkpoints, tmp_path):
+    """`vlstack serve --tp 2`: ready once warmed up; greedy answers with a mix of adapters (LLM and vision) and a
+    hot-loaded one equal one process's; then a rank killed makes the other ranks and the server exit, naming
+    it, instead of hanging."""
+    import concurrent.futures
+    import os
+    import signal
+    import time
+
+    import httpx
+    from conftest import image
+    from test_serve import data_url, free_port
+
+    d = checkpoints / "qwen2"
+    port = free_port()
+    cmd = [sys.executable, "-m", "vlstack.cli", "serve", "--tp", "2", "--model", str(d / "base"), "--port",
+           str(port), "--adapter", f"text={d / 'text'}", "--adapter", f"vision={d / 'vision'}", "--adapter-dir",
+           str(d)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline, ready = time.time() + 120, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                ready = httpx.get(base + "/health/ready", timeout=2)
+                if ready.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        assert ready is not None and ready.status_code == 200, proc.stderr.read() if proc.poll() is not None else ""
+        assert ready.json()["tp"] == 2
+        pic = image(90, 60, seed=5)
+        content = [{"type": "image_url", "image_url": {"url": data_url(pic)}}, {"type": "text", "text": "Describe."}]
+        loaded = httpx.post(base + "/v1/adapters", json={"name": "late", "path": "late"}, timeout=60)
+        assert loaded.status_code == 200, loaded.text
+        models = ["text", "base", "vision", "late"]
+
+        def ask(model: str) -> str:
+            body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 6,
+                    "temperature": 0}  # fmt: skip
+            r = httpx.post(base + "/v1/chat/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:  # at once: one batch mixing the adapters
+            got = list(pool.map(ask, models))
+        vlm = vlstack.load(d / "base")
+        for name in ("text", "vision", "late"):
+            vlm.load_adapter(name, d / name)
+        want = [vlm.chat("Describe.", images=pic, adapter=None if m == "base" else m, max_new_tokens=6) for m in models]
+        assert got == want and len(set(got)) > 1  # (the adapters do change the answers)
+
+        ranks = _children(proc.pid)
+        assert len(ranks) == 2
+        worker = next(p for p in ranks if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes())
+        os.kill(worker, signal.SIGKILL)
+        code = proc.wait(timeout=60)
+        assert code != 0
+        assert "rank 1 exited" in proc.stderr.read()
+        assert not [p for p in ranks if Path(f"/proc/{p}").exists() and "zombie" not in _state(p)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"

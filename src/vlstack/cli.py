@@ -232,10 +232,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from .api import load
     from .heap import keep_freed_memory
-    from .serve.api import ServeConfig, create_app
+    from .parallel.serving import launch, replay
+    from .serve.api import ServeConfig, create_app, make_engine
     from .serve.auth import AuditLog, read_keys
 
-    vlm = load(args.model, device=args.device, dtype=args.dtype, v2pe_delta=args.v2pe_delta)
+    if args.tp > 1 and "RANK" not in os.environ:  # one process per device, started and watched from here
+        raise SystemExit(launch(sys.argv[1:], args.tp))
+    vlm = load(args.model, device=args.device, dtype=args.dtype, v2pe_delta=args.v2pe_delta, tp=args.tp)
     if vlm.model.device.type == "cpu":
         keep_freed_memory()  # each step's temporaries reuse the heap (see heap.py)
     for spec in args.adapter or []:
@@ -253,6 +256,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         image_cache_mb=args.image_cache_mb, max_model_len=args.max_model_len, prefill_tokens=args.prefill_tokens,
         vision_tokens=args.vision_tokens, max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank,
     )  # fmt: skip
+    if vlm.model.tp is not None and vlm.model.tp.rank > 0:  # a rank that runs the calls rank 0's engine sends
+        return replay(make_engine(vlm, config, background=False))
     app = create_app(vlm, name, config, tenants=tenants, audit=audit)
     engine = app.state.engine
     cache = f"{engine.max_batch} x {engine.max_len} tokens, {engine.cache_bytes / 2**30:.2f} GiB"
@@ -284,6 +289,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default="tiny", help="checkpoint directory (default: the built-in tiny model)")
     serve.add_argument("--adapter", action="append", help="NAME=DIR of a PEFT adapter; repeat for several")
     serve.add_argument("--served-name", default=None, help="the base model's name in the API")
+    serve.add_argument("--tp", type=int, default=1,
+                       help="tensor parallelism: split the model over this many processes, one per GPU (under "
+                            "torchrun: its processes)")  # fmt: skip
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--allow-http-images", action="store_true", help="accept http(s) image URLs")

@@ -31,14 +31,16 @@ from typing import Any
 import torch
 
 from ..api import VLM
+from ..chat import question_messages
 from ..errors import ConfigError, PromptError, UnknownModel
 from ..generate import Detokenizer, SamplingParams
 from ..layers.lora import adapter_names, lora_layers, route
+from ..parallel.serving import OPS, Mirror
 from ..parallel.tp import cache_config
 from ..serve.cache import FeatureCache, image_hash, tiles_per_image
 from .kv_cache import KVCache
 from .metadata import upload, v2pe
-from .runner import Chunk, Decoder, forward
+from .runner import Chunk, Decoder
 from .sampler import adjust, sample_rows, seed_words
 
 STEP_TOKENS = {"cpu": (8192, 8192), "cuda": (16384, 32768)}  # device -> default (prefill, vision) tokens a step
@@ -116,6 +118,8 @@ class Engine:
                 f"{self.cache_bytes / 2**30:.1f} GiB, more than is free; lower --max-batch or --max-model-len"
             ) from None
         self.decoder = Decoder(vlm.model, self.cache, static)
+        tp = vlm.model.tp  # under tensor parallelism, rank 0's serving engine broadcasts each model call
+        self.mirror = Mirror() if tp is not None and tp.rank == 0 and background else None  # (parallel/serving.py)
         self.images = FeatureCache(int(image_cache_mb * 2**20))
         self.vision_adapters: set[str] = set()  # (as of the last admission: adapters come and go between steps)
         self.waiting: queue.Queue[Request] = queue.Queue()
@@ -130,6 +134,9 @@ class Engine:
         self.lock = threading.Lock()  # held while the model runs: adapters load and unload between steps
         self._stop = threading.Event()
         self._wake = threading.Event()  # set when a request arrives
+        # readiness (a background engine): set once a first short request has gone through (on a GPU: the first
+        # decode graphs captured); `unready` says why it is not, when the warm-up failed
+        self.ready, self.unready = threading.Event(), None
         self.thread = threading.Thread(target=self._loop, name="vlstack-engine", daemon=True) if background else None
         if self.thread is not None:
             self.thread.start()
@@ -186,6 +193,19 @@ class Engine:
         """Call (holding self.lock) after loading or unloading an adapter: drops what it encoded."""
         self.images.drop_adapter(name)
 
+    def load_adapter(self, name: str, path: str) -> None:
+        """Hot-load an adapter between steps (on every rank under tensor parallelism)."""
+        with self.lock:
+            self._run("load", name, path)
+            self.adapter_changed(name)
+
+    def _run(self, op: str, *args):
+        """One of the model calls of parallel/serving.py's OPS, on this process (and broadcast to the other ranks
+        first, under tensor parallelism)."""
+        if self.mirror is not None:
+            self.mirror.send(op, args)
+        return OPS[op](self, *args)
+
     def _vision_adapters(self) -> set[str]:
         """Adapters that change the visual embeddings (LoRA on the vision tower or the projector)."""
         layers = lora_layers(self.vlm.model).items()
@@ -223,11 +243,29 @@ class Engine:
 
     # the engine thread -------------------------------------------------------------------------------
 
+    def _warm_up(self) -> None:
+        """Before serving: one short request through a prefill and decode steps; then ready."""
+        try:
+            req = self.submit(self.vlm.processor(question_messages("hi", 0)), None, SamplingParams(max_new_tokens=2))
+            while req.finished_at is None:
+                self.step()
+            if req.exception is not None:
+                raise req.exception
+        except Exception as e:  # noqa: BLE001 (reported by /health/ready; requests still get their own errors)
+            traceback.print_exc()
+            self.unready = f"the warm-up request failed: {type(e).__name__}: {e}"
+            return
+        self.ready.set()
+
     def _loop(self) -> None:
+        self._warm_up()
         while not self._stop.is_set():
             self._wake.clear()
             if not self.running and not self.prefilling and self.waiting.empty() and not self.retiring:
                 self._wake.wait(1.0)  # idle until a request arrives
+                if self.mirror is not None and time.monotonic() - self.mirror.last > 1.0:
+                    with self.lock:
+                        self.mirror.send("ping", ())  # (the other ranks know rank 0 lives; it learns if one died)
                 continue
             self.step()
 
@@ -266,7 +304,7 @@ class Engine:
         for name in self.retiring - busy:
             self.retiring.discard(name)
             try:
-                self.vlm.unload_adapter(name)
+                self._run("unload", name)
                 self.adapter_changed(name)
             except Exception:  # never die: the adapter stays loaded (and turned away), the engine serves on
                 traceback.print_exc()
@@ -325,11 +363,10 @@ class Engine:
         row_inputs = [r.next_token for r in rows], [r.position for r in rows], [r.slot for r in rows]
         adapters, offsets = [r.adapter for r in rows], self._offsets(rows)
         if not chunks:  # the static decode step (a CUDA graph on a GPU)
-            logits = self.decoder(*row_inputs, adapters, offsets=offsets)
+            logits = self._run("decode", *row_inputs, adapters, None, offsets)
         else:
             decoding = (*row_inputs, adapters, offsets) if rows else None
-            parts = [self._chunk(r) for r in chunks]
-            logits = forward(self.vlm.model, self.cache, parts, decoding, features=self._chunk_features(chunks))
+            logits = self._run("forward", [self._chunk(r) for r in chunks], decoding, self._chunk_features(chunks))
         done = [r for r in chunks if r.chunk[1] == len(r.prompt)]
         sampled = self._sample(done + rows, logits)  # [len(done) + len(rows), V]: (what can raise comes first:
         for r in chunks:  # a step retried after an error repeats nothing)
@@ -367,7 +404,7 @@ class Engine:
             pending = where[0], ahead.tokens[where[1]]
         try:
             slots, adapters = [r.slot for r in rows], [r.adapter for r in rows]
-            logits = self.decoder(tokens, positions, slots, adapters, pending, self._offsets(rows))
+            logits = self._run("decode", tokens, positions, slots, adapters, pending, self._offsets(rows))
             steps = [r.generated + is_late for r, is_late in zip(rows, late)]
             sampled = sample_rows(logits, [r.params for r in rows], [r.seed for r in rows], steps)  # [B]
         except Exception:
@@ -449,7 +486,7 @@ class Engine:
             return self._compact()
         if movers:
             holes = sorted(s for s in self.free if s < n)
-            self.cache.move([r.slot for r in movers], holes, max(r.position + 1 for r in movers))
+            self._run("move", [r.slot for r in movers], holes, max(r.position + 1 for r in movers))
             self.free = [s for s in self.free if s >= n] + [r.slot for r in movers]
             for r, slot in zip(movers, holes):
                 r.slot = slot

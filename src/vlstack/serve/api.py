@@ -69,6 +69,14 @@ class ServeConfig:
             raise ConfigError(f"image_cache_mb must be >= 0 (got {self.image_cache_mb})")
 
 
+def make_engine(vlm: VLM, cfg: ServeConfig, background: bool = True) -> Engine:
+    """The server's engine (and, under tensor parallelism, each other rank's: the same KV cache and steps)."""
+    if cfg.max_adapters or cfg.max_lora_rank:  # hot loads write into free slots: the stacks never grow
+        routing_of(vlm.model).reserve(cfg.max_adapters or 8, cfg.max_lora_rank or 64)
+    return Engine(vlm, cfg.max_batch, cfg.kv_budget, cfg.max_model_len, cfg.prefill_tokens, cfg.image_cache_mb,
+                  cfg.vision_tokens, background=background)  # fmt: skip
+
+
 def create_app(
     vlm: VLM,
     name: str,
@@ -81,11 +89,7 @@ def create_app(
     With tenants, every endpoint but /health needs `Authorization: Bearer <key>`, and a key sees and
     uses only its own models."""
     cfg = config or ServeConfig()
-    if cfg.max_adapters or cfg.max_lora_rank:  # hot loads write into free slots: the stacks never grow
-        routing_of(vlm.model).reserve(cfg.max_adapters or 8, cfg.max_lora_rank or 64)
-    engine = Engine(
-        vlm, cfg.max_batch, cfg.kv_budget, cfg.max_model_len, cfg.prefill_tokens, cfg.image_cache_mb, cfg.vision_tokens
-    )
+    engine = make_engine(vlm, cfg)
     # prompts are encoded (images fetched, decoded, tiled, hashed) by a few threads, about one per core:
     # more would only contend with the engine, and each would grow its own malloc arena
     encoder = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="vlstack-encode")
@@ -102,7 +106,6 @@ def create_app(
     app = FastAPI(title="vlstack", lifespan=lifespan)
     app.state.engine = engine
     max_body = int(cfg.max_body_mb * 2**20)
-    lock = engine.lock  # adapters change only between engine steps
     metrics = Metrics()
 
     def visible(request: Request, model: str) -> bool:
@@ -121,7 +124,7 @@ def create_app(
                 return await self.app(scope, receive, send)
             state, path, headers = scope.setdefault("state", {}), scope["path"], Headers(scope=scope)
             state["tenant"], error, status = None, None, 500
-            if tenants is not None and path != "/health":
+            if tenants is not None and path not in ("/health", "/health/ready"):  # (a load balancer's probes)
                 state["tenant"] = find_tenant(tenants, headers.get("authorization"))
                 if state["tenant"] is None:
                     error = APIError(401, "invalid or missing API key", code="invalid_api_key")
@@ -188,7 +191,18 @@ def create_app(
 
     @app.get("/health")
     def health() -> dict:
+        """Liveness: the process answers (a load balancer's restart signal when it does not)."""
         return {"status": "ok"}
+
+    @app.get("/health/ready")
+    def ready() -> JSONResponse:
+        """Readiness: the model loaded, a first request through it (on a GPU: its first graphs captured), the
+        engine running; 503 until then (a load balancer's signal to send traffic here or not)."""
+        alive = engine.thread is not None and engine.thread.is_alive()
+        if engine.ready.is_set() and alive:
+            return JSONResponse({"status": "ready", "model": name, "tp": vlm.model.tp.size if vlm.model.tp else 1})
+        reason = engine.unready or ("warming up" if alive else "the engine has stopped")
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
 
     def cards(request: Request) -> list[dict]:
         """OpenAI's model objects of the base and each adapter, those this request's key may see."""
@@ -245,9 +259,7 @@ def create_app(
             raise APIError(409, f"a model named {adapter!r} is already served{being}", "name")
 
         def load() -> None:  # in a worker thread: waiting for the engine's step must not block the event loop
-            with lock:
-                vlm.load_adapter(adapter, path)
-                engine.adapter_changed(adapter)
+            engine.load_adapter(adapter, path)
 
         try:
             await asyncio.get_running_loop().run_in_executor(encoder, load)
@@ -382,7 +394,7 @@ def _route(path: str) -> str:
         return "/v1/adapters/{name}"
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
-    known = ("/v1/chat/completions", "/v1/models", "/v1/adapters", "/health", "/metrics")
+    known = ("/v1/chat/completions", "/v1/models", "/v1/adapters", "/health", "/health/ready", "/metrics")
     return path if path in known else "other"
 
 

@@ -1,0 +1,172 @@
+"""Serving under tensor parallelism: `vlstack serve --tp N` starts N processes, one per device. Rank 0 is the
+server: its engine schedules every step and, before running a step's model call, broadcasts it (the call's name
+and arguments) to the other ranks, which run the same call on their part of the model (`replay`). The ranks'
+collectives inside the call (tp.py) then meet. Between steps an idle rank 0 sends a heartbeat, so a lost rank
+shows within a second and the others are never left waiting.
+
+The processes are started and watched by `launch` (a supervisor): when one exits, it stops the others and
+exits with the first one's code and a line naming it. Under torchrun (several machines: `torchrun --nnodes`),
+each process is started by torchrun instead and `vlstack serve --tp N` runs as its rank.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..engine.runner import forward
+
+# the calls the engine broadcasts: name -> what each rank runs (engine, *args)
+OPS: dict[str, Callable] = {
+    "decode": lambda engine, *args: engine.decoder(*args),
+    "forward": lambda engine, chunks, rows, features: forward(
+        engine.vlm.model, engine.cache, chunks, rows, features=features
+    ),  # fmt: skip
+    "move": lambda engine, src, dst, length: engine.cache.move(src, dst, length),
+    "load": lambda engine, name, path: engine.vlm.load_adapter(name, path),
+    "unload": lambda engine, name: engine.vlm.unload_adapter(name),
+    "ping": lambda engine: None,
+}
+
+
+@dataclass(frozen=True)
+class OnDevice:
+    """In a broadcast call's pickled arguments: a GPU tensor sent after them by the backend."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class Mirror:
+    """Rank 0's side: broadcast a call before running it. Tensors on a GPU go by the collective backend (NCCL keeps
+    them on the device and in stream order); everything else, pickled. A broadcast that fails means a rank is gone:
+    this process then exits (the supervisor, or torchrun, stops the rest) rather than serve from part of a model."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def send(self, op: str, args: tuple) -> None:
+        try:
+            _broadcast(op, args)
+        except Exception as e:  # noqa: BLE001 (whatever the backend raises)
+            print(f"vlstack serve: lost contact with another rank ({type(e).__name__}: {e}); exiting", flush=True)
+            os._exit(3)
+        self.last = time.monotonic()
+
+
+def _broadcast(op: str, args: tuple) -> None:
+    gpu = [a for a in _flat(args) if isinstance(a, torch.Tensor) and a.is_cuda]
+    meta = _replace(args, lambda t: OnDevice(tuple(t.shape), t.dtype) if t.is_cuda else t)
+    dist.broadcast_object_list([op, meta], src=0)
+    for t in gpu:
+        dist.broadcast(t.contiguous(), src=0)
+
+
+def _receive(device: torch.device) -> tuple[str, tuple]:
+    got = [None, None]
+    dist.broadcast_object_list(got, src=0, device=device if device.type == "cuda" else None)
+    op, meta = got
+
+    def fill(x: OnDevice) -> torch.Tensor:
+        t = torch.empty(x.shape, dtype=x.dtype, device=device)
+        dist.broadcast(t, src=0)
+        return t
+
+    return op, _map(meta, fill)
+
+
+def _flat(x) -> list:
+    if isinstance(x, (tuple, list)):
+        return [y for item in x for y in _flat(item)]
+    if hasattr(x, "__dataclass_fields__"):
+        return _flat([getattr(x, f) for f in x.__dataclass_fields__])
+    return [x]
+
+
+def _replace(x, fn: Callable):
+    """x with every tensor t in it (in tuples, lists and dataclasses) replaced by fn(t)."""
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_replace(y, fn) for y in x)
+    if hasattr(x, "__dataclass_fields__"):
+        return type(x)(**{f: _replace(getattr(x, f), fn) for f in x.__dataclass_fields__})
+    return x
+
+
+def _map(x, fn: Callable):
+    """x with fn applied to each OnDevice in it, in the order _flat lists them."""
+    if isinstance(x, OnDevice):
+        return fn(x)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_map(y, fn) for y in x)
+    if hasattr(x, "__dataclass_fields__"):
+        return type(x)(**{f: _map(getattr(x, f), fn) for f in x.__dataclass_fields__})
+    return x
+
+
+def replay(engine) -> None:
+    """A rank above 0: run each call rank 0 broadcasts, until it is gone. A call that fails here failed on rank 0
+    as well (the same inputs), which carries on; so does this rank."""
+    device = engine.vlm.model.device
+    with torch.inference_mode():
+        while True:
+            try:
+                op, args = _receive(device)
+            except Exception as e:  # noqa: BLE001 (rank 0 has gone: nothing more to serve)
+                print(f"vlstack serve: rank {dist.get_rank()} lost rank 0 ({type(e).__name__}); exiting", flush=True)
+                os._exit(3)
+            try:
+                OPS[op](engine, *args)
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(argv: list[str], tp: int) -> int:
+    """Start `vlstack ARGV` as ranks 0..tp-1 of one machine and watch them: when one exits, stop the others
+    (SIGTERM, then SIGKILL after 10 s) and return the first exit code, naming the rank."""
+    env = {**os.environ, "WORLD_SIZE": str(tp), "LOCAL_WORLD_SIZE": str(tp), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}  # fmt: skip
+    command = [sys.executable, "-m", "vlstack.cli", *argv]
+    procs = [subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(tp)]
+
+    def stop(*_) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while True:
+        ended = [(r, p.returncode) for r, p in enumerate(procs) if p.poll() is not None]
+        if ended:
+            break
+        time.sleep(0.2)
+    rank, code = ended[0]
+    if any(p.poll() is None for p in procs):
+        print(f"vlstack serve: rank {rank} exited (code {code}); stopping the other ranks", file=sys.stderr, flush=True)
+    stop()
+    deadline = time.monotonic() + 10
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return code if code >= 0 else 128 - code  # (killed by a signal: 128 + its number, as a shell says)

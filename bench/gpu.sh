@@ -40,6 +40,8 @@ if [ "${1:-}" = "--dry" ]; then
         --baseline-requests 2 --adapter-cost --out bench/results/serve_dry.json
     step 300 "training (cpu, tiny)" python bench/multi_lora_train.py --model tiny --device cpu --steps 2 --examples 8 \
         --out bench/results/train_dry.json
+    step 120 "tensor parallelism (cpu, tiny, gloo)" python bench/tp.py --model tiny --device cpu --tp 2 --steps 4 \
+        --out bench/results/tp_dry.json
     finish
     exit 0
 fi
@@ -60,4 +62,13 @@ step 120 "serving at 8 requests/s (TTFT), 4 adapters, 128 tokens" \
     --max-batch 128 --max-model-len 4096 --baseline-requests 4 --out bench/results/serve_rate8.json
 step 90 "compression: bytes and decode (int8 weight-only kernel) vs bf16, InternVL3-1B shapes" \
     python bench/compress.py --device cuda --prompt-len 128 --new-tokens 64 --repeat 3
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then  # (several GPUs: tensor parallelism)
+    step 150 "TP-2 decode step vs TP-1, InternVL3-1B shapes, and its collectives (NCCL)" \
+        python bench/tp.py --model internvl3-1b --device cuda --tp 2 --batch 1 --batch 32
+    step 200 "TP-2 serving: 128 requests at once, 4 adapters, 128 tokens" \
+        python bench/serve.py --model internvl3-1b --device cuda --requests 128 --rate 0 --max-tokens 128 \
+        --max-batch 128 --max-model-len 4096 --baseline-requests 2 --tp 2 --out bench/results/serve_tp2.json
+else
+    echo "=== TP-2: one GPU here, not measured (bench/tp.py --device cpu measures the collectives with gloo)"
+fi
 finish

@@ -279,9 +279,10 @@ def serve_ours(
     dtype: str,
     max_len: int | None,
     log: Path,
+    tp: int = 1,
 ) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "vlstack.cli", "serve", "--model", model, "--port", str(port), "--device", device,
-           "--max-batch", str(max_batch), "--dtype", dtype, "--served-name", "base"]  # fmt: skip
+           "--max-batch", str(max_batch), "--dtype", dtype, "--served-name", "base", "--tp", str(tp)]  # fmt: skip
     if max_len:
         cmd += ["--max-model-len", str(max_len)]
     for name, path in adapters.items():
@@ -313,6 +314,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="workloads driven in turn (new images each)")
     ap.add_argument("--adapter-cost", action="store_true",
                     help="also drive vlstack with every request on the base model: what the adapters cost")  # fmt: skip
+    ap.add_argument("--tp", type=int, default=1, help="vlstack's tensor parallelism (one process per GPU)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--baseline-server", default=None, help=argparse.SUPPRESS)
@@ -339,7 +341,7 @@ def main() -> None:
             port = free_port()
             if name == "vlstack":
                 procs[name] = serve_ours(args.model, adapters, port, args.device, args.max_batch, args.dtype,
-                                         args.max_model_len, logs[name])  # fmt: skip
+                                         args.max_model_len, logs[name], args.tp)  # fmt: skip
             else:
                 procs[name] = serve_baseline(args.model, adapters, port, args.device, args.dtype, logs[name])
             bases[name] = f"http://127.0.0.1:{port}"

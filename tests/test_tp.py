@@ -76,6 +76,53 @@ def test_tp2_equals_one_process(checkpoints, tmp_path):
         assert want["greedy_late"][0] != want["greedy_late"][2] or want["greedy_late"][1] != want["greedy_late"][2]
 
 
+def test_two_nodes_under_torchrun(checkpoints, tmp_path):
+    """Multi-node as a user starts it (`torchrun --nnodes 2 --node-rank R --master-addr ...`), two local processes
+    as the two nodes, one rank each: the same answers as one process."""
+    from test_serve import free_port
+    from tp_worker import run
+
+    root = tmp_path / "one"
+    root.mkdir()
+    (root / "qwen2-kv1-untied").symlink_to(checkpoints / "qwen2-kv1-untied")
+    port = str(free_port())
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(r),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                port,
+                str(Path(__file__).parent / "tp_worker.py"),
+                str(root),
+                "2",
+                str(tmp_path),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    want = run(root, 1)["qwen2-kv1-untied"]
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")["qwen2-kv1-untied"]
+        assert rel_err(got["mixed"], want["mixed"]) <= 1e-5
+        assert got["greedy_staticTrue"] == want["greedy_staticTrue"] and got["greedy_late"] == want["greedy_late"]
+
+
 def test_tp_needs_its_processes_and_a_divisible_model(checkpoints):
     with pytest.raises(ConfigError, match="torchrun --nproc-per-node 2"):
         vlstack.load(checkpoints / "qwen2" / "base", tp=2)

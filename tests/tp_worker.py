@@ -11,32 +11,12 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
-
-
-def image(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def greedy(vlm, engine, encoded: list[dict], adapters: list, n: int) -> list[list[int]]:
-    """Each prompt's first n greedy tokens (EOS not ending a row), batched on the engine."""
-    from vlstack.generate import SamplingParams
-
-    eos, vlm.eos = vlm.eos, set()
-    try:
-        rows = [engine.submit(e, a, SamplingParams(max_new_tokens=n)) for e, a in zip(encoded, adapters)]
-        while not all(r.finished_at for r in rows):
-            engine.step()
-        assert all(r.finish_reason == "length" for r in rows), [r.error for r in rows]
-        return [r.detok.ids for r in rows]
-    finally:
-        vlm.eos = eos
 
 
 def run(root: Path, tp: int) -> dict:
+    from conftest import greedy_ids, image
+
     import vlstack
     from vlstack.chat import question_messages
     from vlstack.engine.metadata import packed_step
@@ -63,11 +43,11 @@ def run(root: Path, tp: int) -> dict:
         result = {"mixed": logits, "alone": alone}
         for static in (False, True):
             engine = Engine(vlm, 4, max_len=256, image_cache_mb=0, background=False, static=static)
-            result[f"greedy_static{static}"] = greedy(vlm, engine, encoded, mixed, 6)
+            result[f"greedy_static{static}"] = greedy_ids(vlm, encoded, 6, mixed, engine)
             if static:  # a hot-load into the running engine, then a batch using it beside the others
                 vlm.load_adapter("late", d / "late")
                 engine.adapter_changed("late")
-                result["greedy_late"] = greedy(vlm, engine, encoded, ["late", "text", None], 6)
+                result["greedy_late"] = greedy_ids(vlm, encoded, 6, ["late", "text", None], engine)
         out[d.name] = result
     return out
 

@@ -65,10 +65,16 @@ class Mirror:
 
 
 def _broadcast(op: str, args: tuple) -> None:
-    gpu = [a for a in _flat(args) if isinstance(a, torch.Tensor) and a.is_cuda]
-    meta = _replace(args, lambda t: OnDevice(tuple(t.shape), t.dtype) if t.is_cuda else t)
-    dist.broadcast_object_list([op, meta], src=0)
-    for t in gpu:
+    gpu: list[torch.Tensor] = []
+
+    def hold(t: torch.Tensor):
+        if not t.is_cuda:
+            return t
+        gpu.append(t)
+        return OnDevice(tuple(t.shape), t.dtype)
+
+    dist.broadcast_object_list([op, _map(args, torch.Tensor, hold)], src=0)
+    for t in gpu:  # (in the order _map met them, which is the order the receivers fill them in)
         dist.broadcast(t.contiguous(), src=0)
 
 
@@ -82,36 +88,17 @@ def _receive(device: torch.device) -> tuple[str, tuple]:
         dist.broadcast(t, src=0)
         return t
 
-    return op, _map(meta, fill)
+    return op, _map(meta, OnDevice, fill)
 
 
-def _flat(x) -> list:
-    if isinstance(x, (tuple, list)):
-        return [y for item in x for y in _flat(item)]
-    if hasattr(x, "__dataclass_fields__"):
-        return _flat([getattr(x, f) for f in x.__dataclass_fields__])
-    return [x]
-
-
-def _replace(x, fn: Callable):
-    """x with every tensor t in it (in tuples, lists and dataclasses) replaced by fn(t)."""
-    if isinstance(x, torch.Tensor):
+def _map(x, kind: type, fn: Callable):
+    """x with fn(y) for every y of this kind in it (in tuples, lists and dataclasses, depth first, in order)."""
+    if isinstance(x, kind):
         return fn(x)
     if isinstance(x, (tuple, list)):
-        return type(x)(_replace(y, fn) for y in x)
+        return type(x)(_map(y, kind, fn) for y in x)
     if hasattr(x, "__dataclass_fields__"):
-        return type(x)(**{f: _replace(getattr(x, f), fn) for f in x.__dataclass_fields__})
-    return x
-
-
-def _map(x, fn: Callable):
-    """x with fn applied to each OnDevice in it, in the order _flat lists them."""
-    if isinstance(x, OnDevice):
-        return fn(x)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_map(y, fn) for y in x)
-    if hasattr(x, "__dataclass_fields__"):
-        return type(x)(**{f: _map(getattr(x, f), fn) for f in x.__dataclass_fields__})
+        return type(x)(**{f: _map(getattr(x, f), kind, fn) for f in x.__dataclass_fields__})
     return x
 
 

@@ -668,6 +668,30 @@ def test_two_processes_give_the_adapters_of_one(tmp_path):
     assert run.returncode != 0 and "batch_size 3 is not a multiple of 2 processes" in run.stderr
 
 
+def test_sharded_training_gives_the_adapters_of_one_process(tmp_path):
+    """sharding: fsdp under torchrun (2 gloo processes): the base and the adapters split by FSDP2, rows shared
+    out as in data parallelism; the adapters written once, in PEFT's format, equal to one process's (LoRA dropout,
+    gradient accumulation, a vision adapter, gradient checkpointing included)."""
+    write_dataset(tmp_path, "fin", 6, True)
+    write_dataset(tmp_path, "law", 4, False, 1)
+    for out, top in (("one", ""), ("split", "sharding: fsdp\ngradient_checkpointing: true\n")):
+        (tmp_path / f"{out}.yaml").write_text(
+            f"model: tiny\n{top}jobs:\n"
+            f"  - {{name: fin, data: fin.jsonl, output: {out}/fin, rank: 4, batch_size: 2, steps: 3, lr: 1e-2,"
+            " dropout: 0.2}\n"
+            f"  - {{name: law, data: law.jsonl, output: {out}/law, rank: 2, batch_size: 4, grad_accum: 2, steps: 2,"
+            " lr: 1e-2, targets: [q_proj, fc1, down_proj], parts: [language, vision], dropout: 0.3}\n"
+        )
+    one = run_cli("train", str(tmp_path / "one.yaml"))
+    assert one.returncode == 0, one.stderr
+    split = run_cli("train", str(tmp_path / "split.yaml"), processes=2)
+    assert split.returncode == 0, split.stderr
+    for name in ("fin", "law"):
+        assert_same_adapter(adapter(tmp_path / "one" / name), adapter(tmp_path / "split" / name))
+    alone = run_cli("train", str(tmp_path / "split.yaml"))
+    assert alone.returncode != 0 and "sharding: fsdp splits the base over processes" in alone.stderr
+
+
 def test_a_full_job_trains_every_weight_into_a_checkpoint_transformers_loads(tmp_path):
     """full: true trains the model itself (no adapter): the loss falls far, every part of the model moves, the
     output is a whole checkpoint that transformers loads with our logits, and the built-in tiny model stays

@@ -164,9 +164,17 @@ def cmd_train(args: argparse.Namespace) -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    vlm = load(args.model or plan.model, device=device, dtype=args.dtype, v2pe_delta=args.v2pe_delta)  # (adapters:
+    if plan.sharding and args.sequential:
+        raise ConfigError("sharding: fsdp trains the jobs together; it does not go with --sequential")
+    if plan.sharding and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise ConfigError("sharding: fsdp splits the base over processes: run `torchrun --nproc-per-node N -m "
+                          "vlstack.cli train ...`")  # fmt: skip
+    where = "cpu" if plan.sharding else device  # (split on the host, each part then moved to its device)
+    vlm = load(args.model or plan.model, device=where, dtype=args.dtype, v2pe_delta=args.v2pe_delta)  # (adapters:
     # float32 whatever the base is)
     options = {
+        "sharding": plan.sharding,
+        "device": device,
         "resume": args.resume,
         "gradient_checkpointing": plan.gradient_checkpointing,
         "max_tokens": plan.max_tokens,

@@ -65,9 +65,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, c = x.shape
-        q = self.q_norm(self.q_proj(x)).view(n, t, self.num_heads, -1).transpose(1, 2)  # [N, H, T, D]
-        k = self.k_norm(self.k_proj(x)).view(n, t, self.num_heads, -1).transpose(1, 2)
-        v = self.v_proj(x).view(n, t, self.num_heads, -1).transpose(1, 2)
+        h, d = self.num_heads, c // self.num_heads  # (d named: no tiles at all is a valid batch)
+        q = self.q_norm(self.q_proj(x)).view(n, t, h, d).transpose(1, 2)  # [N, H, T, D]
+        k = self.k_norm(self.k_proj(x)).view(n, t, h, d).transpose(1, 2)
+        v = self.v_proj(x).view(n, t, h, d).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v)  # [N, H, T, D]
         return self.projection_layer(y.transpose(1, 2).reshape(n, t, c))
 

@@ -53,6 +53,8 @@ class InternVL(nn.Module):
         if cfg.text.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
         self.tp = None  # tensor parallelism (parallel/tp.py): the LLM split across ranks, each rank's logits gathered
+        self.vision_always = False  # run the vision tower even on no tiles (sharded training: every process runs
+        # every unit, train/fsdp.py)
 
     @property
     def device(self) -> torch.device:
@@ -68,7 +70,7 @@ class InternVL(nn.Module):
         n, p, c = x.shape
         side = int(p**0.5)
         x = pixel_shuffle(x.reshape(n, side, side, c), self.cfg.downsample_ratio, self.cfg.pixel_shuffle_version)
-        return self.multi_modal_projector(x.reshape(n, -1, x.shape[-1]))  # [N, p*r², LLM width]
+        return self.multi_modal_projector(x.flatten(1, 2))  # [N, p*r², LLM width]
 
     def embed(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None
@@ -76,10 +78,13 @@ class InternVL(nn.Module):
         """Token embeddings [T, C] with the visual embeddings at <IMG_CONTEXT> positions, in order: those of
         pixel_values, or `features` [N, P, C] already computed (the server's cache of visual embeddings)."""
         embeds = self.language_model.embed_tokens(input_ids)
-        if features is None and (pixel_values is None or not pixel_values.numel()):
+        if features is None and (pixel_values is None or not pixel_values.numel()) and not self.vision_always:
             return embeds  # (no images: an <IMG_CONTEXT> the model generated is an ordinary token, as in
             # transformers; a prompt's are checked by its callers. No count either: a decode step never waits)
         is_image = input_ids == self.cfg.image_token_id  # [T]
+        if features is None and pixel_values is None:  # (vision_always: the tower over no tiles)
+            side = self.cfg.vision.image_size
+            pixel_values = embeds.new_zeros(0, 3, side, side)
         if features is None:
             routing = getattr(self, "lora_routing", None)  # adapters of the vision tower act on each row's tiles
             if routing is not None and routing.segments:

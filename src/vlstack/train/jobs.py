@@ -98,6 +98,7 @@ class Plan:
     gradient_checkpointing: bool = False
     max_tokens: int | None = None  # tokens per pass of a step through the base (None: one pass)
     log_every: int = 1  # optimizer steps per metrics line (each reads the losses back from the device)
+    sharding: str | None = None  # "fsdp": the base and the adapters split over the processes (fsdp.py)
 
 
 _TYPES = {f.name: f.type for f in fields(Job)}
@@ -170,7 +171,7 @@ def read_plan(path: str | Path) -> Plan:
     raw = read_yaml(path, "jobs file", JobError)
     if not isinstance(raw, dict) or not isinstance(raw.get("jobs"), list) or not raw["jobs"]:
         raise JobError(f"{path}: needs a non-empty 'jobs' list")
-    top = {"model", "max_rows", "max_tokens", "gradient_checkpointing", "log_every", "jobs"}
+    top = {"model", "max_rows", "max_tokens", "gradient_checkpointing", "log_every", "sharding", "jobs"}
     unknown = sorted(set(raw) - top)
     if unknown:
         raise JobError(f"{path}: unknown top-level field(s) {unknown}; known: {sorted(top)}")
@@ -196,7 +197,10 @@ def read_plan(path: str | Path) -> Plan:
     log_every = raw.get("log_every", 1)
     if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
         raise JobError(f"{path}: log_every must be a positive integer (optimizer steps per metrics line)")
-    return Plan(str(raw.get("model", "tiny")), max_rows, jobs, checkpointing, max_tokens, log_every)
+    sharding = raw.get("sharding")
+    if sharding not in (None, "fsdp"):
+        raise JobError(f"{path}: sharding must be fsdp (the base split over the processes) or left out")
+    return Plan(str(raw.get("model", "tiny")), max_rows, jobs, checkpointing, max_tokens, log_every, sharding)
 
 
 def check_outputs(jobs: list[Job], model_dir: Path | None, inputs: dict[str, list[Path]]) -> None:

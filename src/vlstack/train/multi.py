@@ -29,6 +29,7 @@ from ..engine.metadata import Step, packed_step, upload, v2pe_rope
 from ..layers.lora import add_adapter, prepare_lora, prepare_tiles, remove_adapter, replay, route
 from .checkpoint import clear_run, load_state, restore_state, save_state
 from .data import IGNORE, DatasetError, Example, Stream, encode_example, read_dataset
+from .fsdp import gathered, is_sharded, shard
 from .jobs import Job, JobError, check_outputs
 from .optim import step_jobs
 from .progress import plot_loss, record, truncate_metrics
@@ -88,10 +89,14 @@ def total_steps(job: Job, n_examples: int) -> int:
     return max(1, math.ceil(job.epochs * per_epoch))
 
 
-def start(vlm: VLM, job: Job, examples: list[Example], state: dict | None = None) -> Running:
+def start(
+    vlm: VLM, job: Job, examples: list[Example], state: dict | None = None, params: list | None = None
+) -> Running:
     """Add the job's adapter (or, for a full job, make every weight trainable) and optimizer; from a checkpoint's
-    state when resuming."""
-    if job.full:
+    state when resuming. params: its adapter's, added already (sharded training)."""
+    if params is not None:
+        pass
+    elif job.full:
         params = list(vlm.model.parameters())
         for p in params:
             p.requires_grad_(True)
@@ -99,7 +104,8 @@ def start(vlm: VLM, job: Job, examples: list[Example], state: dict | None = None
         params = add_adapter(vlm.model, job.name, job.spec, seed=job.seed)
     # its state and schedule; stepped with every ready job's at once (optim.step_jobs: one foreach step on a GPU,
     # this fused kernel on a CPU, where the per-tensor loop was 10% of a tiny model's step)
-    optimizer = torch.optim.AdamW(params, fused=True, lr=job.lr, weight_decay=job.weight_decay)
+    sharded = is_sharded(vlm.model)  # (torch's fused AdamW takes no split tensors)
+    optimizer = torch.optim.AdamW(params, fused=not sharded, lr=job.lr, weight_decay=job.weight_decay)
     steps = total_steps(job, len(examples))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job, steps))
     r = Running(job, Stream(examples, job.batch_size, job.seed), params, optimizer, scheduler, steps)
@@ -347,7 +353,8 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
             feats = shared_features(vlm, running, pixels)  # (once for the student and its teachers)
             kd = teacher_logits(running, jobs_of[learn], ids, pixels, step, feats)
             pass_sums = job_losses(model, ids, step, pixels, targets, in_job, kd, feats)
-        (pass_sums / denominators).sum().backward()
+        scale = world()[1] if is_sharded(model) else 1  # (FSDP averages what it reduces: fsdp.py)
+        ((pass_sums / denominators).sum() * scale).backward()
         sums += pass_sums.detach()
     if world()[1] > 1:
         dist.all_reduce(sums)
@@ -358,8 +365,8 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
         r.micro += 1
         r.pending.append(losses[i])
         if r.micro % r.job.grad_accum == 0:
-            if world()[1] > 1:  # once per optimizer step, over the gradients accumulated here
-                sum_gradients(r.params)
+            if world()[1] > 1 and not is_sharded(model):  # once per optimizer step, over the gradients
+                sum_gradients(r.params)  # accumulated here (sharded: FSDP summed them in backward)
             ready.append(r)
     step_jobs([r.optimizer for r in ready], [r.job.max_grad_norm for r in ready])  # all of them at once
     for r in ready:
@@ -417,6 +424,8 @@ def train(
     more: Callable[[], list[Job]] | None = None,
     max_tokens: int | None = None,
     log_every: int = 1,
+    sharding: str | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, Running]:
     """Run jobs fused: a queue admitted while their rows fit in max_rows; returns each job finished here.
 
@@ -427,6 +436,7 @@ def train(
     log_every: a job's metrics line (and the losses read back from the device) every that many optimizer steps.
     more() is asked before every step for jobs added while the others run (`vlstack train --watch`): they
     join the queue; one whose dataset or batch size is bad is reported and left out, the others go on.
+    sharding="fsdp": the base and the adapters split over the processes (fsdp.py), moved to device once split.
     """
     model = vlm.model
     model.train()
@@ -441,6 +451,20 @@ def train(
     check_outputs(known, vlm.directory, files)
     states = {job.name: load_state(job) if resume else None for job in jobs}
     queue = [j for j in jobs if not finished_before(j, states[j.name], len(datasets[j.name]))]
+    added_params = {}
+    if sharding == "fsdp":  # every adapter added, then the model split (fsdp.py)
+        if size == 1 or resume or more is not None or max_tokens or any(j.full or j.teacher for j in jobs):
+            raise JobError("sharding: fsdp runs under torchrun (2+ processes), without --resume, --watch, max_tokens, "
+                           "full: true or a teacher")  # fmt: skip
+        if sum(j.batch_size for j in jobs) > max_rows:
+            raise JobError("sharding: fsdp starts every job at once: max_rows must hold all their batch sizes")
+        for job in queue:
+            add_adapter(model, job.name, job.spec, seed=job.seed)
+        shard(model, torch.device(device or "cpu"))
+        named = dict(model.named_parameters())
+        for job in queue:
+            added_params[job.name] = [p for n, p in named.items() if f".lora_A.{job.name}." in n
+                                      or f".lora_B.{job.name}." in n]  # fmt: skip
     running: list[Running] = []
     finished: dict[str, Running] = {}
     try:
@@ -463,13 +487,25 @@ def train(
                 queue.append(job)
             while queue and sum(r.job.batch_size for r in running) + queue[0].batch_size <= max_rows:
                 job = queue.pop(0)
-                running.append(start(vlm, job, datasets[job.name], states[job.name]))
+                running.append(start(vlm, job, datasets[job.name], states[job.name], added_params.get(job.name)))
             train_step(vlm, running, max_tokens)
             for r in list(running):
                 if r.micro % r.job.grad_accum:
                     continue  # mid-accumulation: nothing to record or save yet
                 done = r.step >= r.total_steps
-                if lead:  # one process writes: metrics, adapter, checkpoint, curve
+                if done and is_sharded(model):  # every process gathers the weights, the first writes the adapter
+                    with gathered(model):
+                        if lead:
+                            record(r, verbose)
+                            save_adapter(model, r.job.name, r.job.output, r.job.spec, base=str(vlm.directory))
+                            plot_loss(r)
+                    running.remove(r)
+                    finished[r.job.name] = r
+                    continue
+                if lead and is_sharded(model):  # (no checkpoints of split weights yet: metrics only)
+                    if r.step % log_every == 0:
+                        record(r, verbose)
+                elif lead:  # one process writes: metrics, adapter, checkpoint, curve
                     if done or r.step % log_every == 0:
                         record(r, verbose)
                     if done and r.job.full:  # the model first: a checkpoint saying "done" implies it is complete

@@ -692,6 +692,54 @@ def test_sharded_training_gives_the_adapters_of_one_process(tmp_path):
     assert alone.returncode != 0 and "sharding: fsdp splits the base over processes" in alone.stderr
 
 
+def test_pipelined_training_gives_the_adapters_of_one_process(tmp_path):
+    """parallel: pipeline under torchrun (2 gloo processes, 2 decoder layers each): each job's rows a pass through
+    the stages, activations and their gradients sent between them; the adapters equal the fused one-process run's
+    (a vision adapter trained on the first stage, LoRA dropout, gradient accumulation, clipping by each job's norm
+    over both stages, gradient checkpointing)."""
+    from vlstack.train.pipeline import bubble, split
+
+    write_dataset(tmp_path, "fin", 6, True)
+    write_dataset(tmp_path, "law", 4, False, 1)
+    for out, top in (("one", ""), ("pipe", "parallel: pipeline\ngradient_checkpointing: true\n")):
+        (tmp_path / f"{out}.yaml").write_text(
+            f"model: tiny\n{top}jobs:\n"
+            f"  - {{name: fin, data: fin.jsonl, output: {out}/fin, rank: 4, batch_size: 3, steps: 3, lr: 1e-2,"
+            " dropout: 0.2, max_grad_norm: 0.05}\n"
+            f"  - {{name: law, data: law.jsonl, output: {out}/law, rank: 2, batch_size: 2, grad_accum: 2, steps: 2,"
+            " lr: 1e-2, targets: [q_proj, fc1, down_proj], parts: [language, vision], dropout: 0.3}\n"
+        )
+    one = run_cli("train", str(tmp_path / "one.yaml"))
+    assert one.returncode == 0, one.stderr
+    piped = run_cli("train", str(tmp_path / "pipe.yaml"), processes=2)
+    assert piped.returncode == 0, piped.stderr
+    for name in ("fin", "law"):
+        assert_same_adapter(adapter(tmp_path / "one" / name), adapter(tmp_path / "pipe" / name))
+    assert split(4, 2) == [range(0, 2), range(2, 4)] and split(5, 2) == [range(0, 3), range(3, 5)]
+    assert bubble(2, 2) == 1 / 3 and bubble(4, 12) == 3 / 15
+
+
+def test_a_pipeline_stage_holds_only_its_part_of_the_base():
+    from vlstack.train.pipeline import Pipe, keep_stage, split
+
+    def held(model) -> int:  # bytes of distinct storage
+        return sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}.values())
+
+    whole = held(vlstack.load("tiny", device="cpu").model)
+    parts = []
+    for rank in range(2):
+        vlm = vlstack.load("tiny", device="cpu")
+        keep_stage(vlm.model, Pipe(rank, 2, split(4, 2)[rank], split(4, 2)))
+        parts.append(held(vlm.model))
+        lm = vlm.model.language_model
+        mine, others = (lm.layers[:2], lm.layers[2:]) if rank == 0 else (lm.layers[2:], lm.layers[:2])
+        assert all(p.stride() != (0,) * p.dim() for layer in mine for p in layer.parameters())
+        assert all(p.stride() == (0,) * p.dim() for layer in others for p in layer.parameters())
+        vision = [p.stride() == (0,) * p.dim() for p in vlm.model.vision_tower.parameters()]
+        assert all(vision) if rank == 1 else not any(vision)
+    assert max(parts) < 0.8 * whole and sum(parts) < 1.3 * whole  # (the tied embedding is on both ends)
+
+
 def test_a_full_job_trains_every_weight_into_a_checkpoint_transformers_loads(tmp_path):
     """full: true trains the model itself (no adapter): the loss falls far, every part of the model moves, the
     output is a whole checkpoint that transformers loads with our logits, and the built-in tiny model stays

@@ -173,6 +173,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     vlm = load(args.model or plan.model, device=where, dtype=args.dtype, v2pe_delta=args.v2pe_delta)  # (adapters:
     # float32 whatever the base is)
     options = {
+        "parallel": plan.parallel,
         "sharding": plan.sharding,
         "device": device,
         "resume": args.resume,

@@ -161,13 +161,17 @@ class LanguageModel(nn.Module):
         # recompute the layer in backward; None keeps every activation
         self.recompute: Callable | None = None
 
-    def forward(self, embeds: torch.Tensor, step: Step, cache: KVCache | None = None) -> torch.Tensor:
-        """embeds [T, C] of the step's sequences back to back -> final hidden states [T, C]."""
+    def forward(
+        self, embeds: torch.Tensor, step: Step, cache: KVCache | None = None, span: range | None = None
+    ) -> torch.Tensor:
+        """embeds [T, C] of the step's sequences back to back -> final hidden states [T, C]. span: these layers only
+        (a pipeline stage's), the final norm only if they end the stack."""
         cos, sin = self.rotary(step, embeds.dtype)  # [T, 1, D]
         x = embeds
-        for layer in self.layers:
+        span = span or range(len(self.layers))
+        for layer in (self.layers[i] for i in span):
             if self.recompute is not None and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, step, cache, use_reentrant=False, context_fn=self.recompute)
             else:
                 x = layer(x, cos, sin, step, cache)
-        return self.norm(x)
+        return self.norm(x) if span.stop == len(self.layers) else x

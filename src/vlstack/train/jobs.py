@@ -99,6 +99,7 @@ class Plan:
     max_tokens: int | None = None  # tokens per pass of a step through the base (None: one pass)
     log_every: int = 1  # optimizer steps per metrics line (each reads the losses back from the device)
     sharding: str | None = None  # "fsdp": the base and the adapters split over the processes (fsdp.py)
+    parallel: str | None = None  # "pipeline": the decoder layers in stages over the processes (pipeline.py)
 
 
 _TYPES = {f.name: f.type for f in fields(Job)}
@@ -171,7 +172,7 @@ def read_plan(path: str | Path) -> Plan:
     raw = read_yaml(path, "jobs file", JobError)
     if not isinstance(raw, dict) or not isinstance(raw.get("jobs"), list) or not raw["jobs"]:
         raise JobError(f"{path}: needs a non-empty 'jobs' list")
-    top = {"model", "max_rows", "max_tokens", "gradient_checkpointing", "log_every", "sharding", "jobs"}
+    top = {"model", "max_rows", "max_tokens", "gradient_checkpointing", "log_every", "sharding", "parallel", "jobs"}
     unknown = sorted(set(raw) - top)
     if unknown:
         raise JobError(f"{path}: unknown top-level field(s) {unknown}; known: {sorted(top)}")
@@ -200,7 +201,13 @@ def read_plan(path: str | Path) -> Plan:
     sharding = raw.get("sharding")
     if sharding not in (None, "fsdp"):
         raise JobError(f"{path}: sharding must be fsdp (the base split over the processes) or left out")
-    return Plan(str(raw.get("model", "tiny")), max_rows, jobs, checkpointing, max_tokens, log_every, sharding)
+    parallel = raw.get("parallel")
+    if parallel not in (None, "pipeline"):
+        raise JobError(f"{path}: parallel must be pipeline (the layers in stages over the processes) or left out")
+    if parallel and sharding:
+        raise JobError(f"{path}: sharding and parallel: pipeline do not go together (yet)")
+    return Plan(str(raw.get("model", "tiny")), max_rows, jobs, checkpointing, max_tokens, log_every, sharding,
+                parallel)  # fmt: skip
 
 
 def check_outputs(jobs: list[Job], model_dir: Path | None, inputs: dict[str, list[Path]]) -> None:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,7 @@ from .data import IGNORE, DatasetError, Example, Stream, encode_example, read_da
 from .fsdp import gathered, is_sharded, shard
 from .jobs import Job, JobError, check_outputs
 from .optim import step_jobs
+from .pipeline import Pipe, pipe_for
 from .progress import plot_loss, record, truncate_metrics
 
 
@@ -174,11 +176,11 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def job_rows(vlm: VLM, running: list[Running]) -> list[tuple[int, dict]]:
+def job_rows(vlm: VLM, running: list[Running], split: bool = True) -> list[tuple[int, dict]]:
     """The next micro-batch of every running job, encoded: [(job index, row)], in job order. Under data
-    parallelism each process takes every world-th row of each job's micro-batch. A row's `key` names it
+    parallelism (split) each process takes every world-th row of each job's micro-batch. A row's `key` names it
     within its job's run (micro-step and place in the micro-batch): its tokens' dropout masks follow from it."""
-    rank, size = world()
+    rank, size = world() if split else (0, 1)
     rows = []
     for i, r in enumerate(running):
         for j, ex in list(enumerate(r.stream.next()))[rank::size]:
@@ -308,55 +310,93 @@ def teacher_logits(
     return (*kd, hidden, upload(weight, device, hidden.dtype)) if weight.any() else kd
 
 
-def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) -> torch.Tensor:
+@dataclass
+class Pass:
+    """One pass's rows back to back, worked out on the host (nothing waits on the device): its tokens and
+    images, step metadata, learned tokens' targets [N] and jobs [N] (host) and in_job [jobs, N], and the
+    LoRA routing (each row's adapter, length and dropout key)."""
+
+    ids: torch.Tensor  # [T]
+    pixels: torch.Tensor | None  # [tiles, 3, S, S]
+    image_tokens: torch.Tensor  # [T] bool, on the host
+    step: Step
+    targets: torch.Tensor  # [N]
+    jobs: torch.Tensor  # [N] each learned token's job, on the host
+    in_job: torch.Tensor  # [jobs, N]
+    names: list[str | None]
+    seqlens: list[int]
+    keyed: list[tuple[int, int]]
+
+
+def prepare_pass(vlm: VLM, running: list[Running], group: list[tuple[int, dict]]) -> Pass:
+    device = vlm.model.device
+    batch = pack(group)
+    seqlens, keyed, labels = batch.pop("seqlens"), batch.pop("rows"), batch.pop("labels")
+    targets = torch.full_like(labels, IGNORE)  # [T]: the token each position predicts, within its sequence
+    targets[:-1] = labels[1:]
+    targets[torch.tensor(seqlens).cumsum(0) - 1] = IGNORE  # a sequence's last token predicts nothing
+    learn = targets != IGNORE  # [T]: positions with a label; logits are computed only there
+    rope = v2pe_rope([x["input_ids"] for _, x in group], vlm.cfg.image_token_id, vlm.cfg.v2pe_delta)
+    step = packed_step(seqlens, device, logits=learn.nonzero()[:, 0], rope=rope)
+    jobs_of = batch.pop("job")[learn]  # [N] each learned token's job, on the host
+    in_job = upload(F.one_hot(jobs_of, len(running)).T.float(), device)  # [jobs, N]
+    image_tokens = batch["input_ids"] == vlm.cfg.image_token_id  # [T], on the host
+    batch = {k: upload(v, device) for k, v in batch.items()}
+    names = [None if running[i].job.full else running[i].job.name for i, _ in group]  # (full: the base's own)
+    return Pass(batch["input_ids"], batch.get("pixel_values"), image_tokens, step, upload(targets[learn], device),
+                jobs_of, in_job, names, seqlens, keyed)  # fmt: skip
+
+
+@contextmanager
+def routed(vlm: VLM, p: Pass) -> Iterator[None]:
+    """The pass's LoRA routing, for its forward."""
+    model = vlm.model
+    with route(model, p.names, counts=p.seqlens, rows=p.keyed):
+        prepare_lora(model, len(p.ids), model.device)  # (on a GPU: every job's LoRA in one pair of matmuls)
+        if p.pixels is not None:
+            prepare_tiles(model, p.image_tokens, vlm.cfg.tokens_per_tile)
+        yield
+
+
+def train_step(
+    vlm: VLM, running: list[Running], max_tokens: int | None = None, pipe: Pipe | None = None
+) -> torch.Tensor:
     """One fused micro-step over every running job; returns each job's loss [jobs] (on the device: read back
     when metrics are written, not at every step).
 
     The rows go through the base in one forward/backward, or with max_tokens in passes of at most that many
     tokens whose gradients add up: the same gradients, with the activations of one pass at a time. Everything
-    about the rows is worked out on the host first: no step waits on the device."""
+    about the rows is worked out on the host first: no step waits on the device. pipe: pipelined over stages,
+    each job's rows a pass (pipeline.py)."""
     model, device = vlm.model, vlm.model.device
-    rows = job_rows(vlm, running)
+    rows = job_rows(vlm, running, split=pipe is None)  # (pipelined: every stage takes every row)
     jobs = len(running)
     # each job's loss is the mean over its learned tokens in the whole (global) micro-batch: count them first
     learned, seen = [0] * jobs, [0] * jobs
     for i, x in rows:
         learned[i] += int((x["labels"][1:] != IGNORE).sum())  # a token learns the label of the next one
         seen[i] += len(x["input_ids"])
-    if world()[1] > 1:
+    if world()[1] > 1 and pipe is None:
         stats = torch.tensor([learned, seen], dtype=torch.float64, device=device)  # [2, jobs]
         dist.all_reduce(stats)
         learned, seen = stats.long().tolist()
     counts = torch.tensor(learned, dtype=torch.float32).clamp(min=1)  # [jobs]
     denominators = upload(counts * torch.tensor([r.job.grad_accum for r in running]), device)
-    sums = torch.zeros(jobs, device=device)  # [jobs]: each job's summed token losses
-    for group in passes(rows, max_tokens):
-        batch = pack(group)
-        seqlens, keyed, labels = batch.pop("seqlens"), batch.pop("rows"), batch.pop("labels")
-        targets = torch.full_like(labels, IGNORE)  # [T]: the token each position predicts, within its sequence
-        targets[:-1] = labels[1:]
-        targets[torch.tensor(seqlens).cumsum(0) - 1] = IGNORE  # a sequence's last token predicts nothing
-        learn = targets != IGNORE  # [T]: positions with a label; logits are computed only there
-        rope = v2pe_rope([x["input_ids"] for _, x in group], vlm.cfg.image_token_id, vlm.cfg.v2pe_delta)
-        step = packed_step(seqlens, device, logits=learn.nonzero()[:, 0], rope=rope)
-        jobs_of = batch.pop("job")  # [T] each token's job, on the host
-        in_job = upload(F.one_hot(jobs_of[learn], jobs).T.float(), device)  # [jobs, N]
-        image_tokens = batch["input_ids"] == vlm.cfg.image_token_id  # [T], on the host
-        batch = {k: upload(v, device) for k, v in batch.items()}
-        names = [None if running[i].job.full else running[i].job.name for i, _ in group]  # (full: the base's own)
-        with route(model, names, counts=seqlens, rows=keyed):  # a job's rows: one run
-            prepare_lora(model, len(labels), device)  # (on a GPU: every job's LoRA in one pair of matmuls)
-            if "pixel_values" in batch:
-                prepare_tiles(model, image_tokens, vlm.cfg.tokens_per_tile)
-            targets = upload(targets[learn], device)  # [N]
-            ids, pixels = batch["input_ids"], batch.get("pixel_values")
-            feats = shared_features(vlm, running, pixels)  # (once for the student and its teachers)
-            kd = teacher_logits(running, jobs_of[learn], ids, pixels, step, feats)
-            pass_sums = job_losses(model, ids, step, pixels, targets, in_job, kd, feats)
+    if pipe is not None:  # each job's rows a pass of their own, through the stages (pipeline.py)
+        groups = [[row for row in rows if row[0] == i] for i in range(jobs)]
+        sums = pipe.run(vlm, [prepare_pass(vlm, running, g) for g in groups if g], denominators)
+    else:
+        sums = torch.zeros(jobs, device=device)  # [jobs]: each job's summed token losses
+    for group in passes(rows, max_tokens) if pipe is None else []:
+        p = prepare_pass(vlm, running, group)
+        with routed(vlm, p):  # a job's rows: one run
+            feats = shared_features(vlm, running, p.pixels)  # (once for the student and its teachers)
+            kd = teacher_logits(running, p.jobs, p.ids, p.pixels, p.step, feats)
+            pass_sums = job_losses(model, p.ids, p.step, p.pixels, p.targets, p.in_job, kd, feats)
         scale = world()[1] if is_sharded(model) else 1  # (FSDP averages what it reduces: fsdp.py)
         ((pass_sums / denominators).sum() * scale).backward()
         sums += pass_sums.detach()
-    if world()[1] > 1:
+    if world()[1] > 1 and pipe is None:
         dist.all_reduce(sums)
     losses = sums / upload(counts, device)  # [jobs]
     ready = []  # the jobs whose accumulation ends here
@@ -365,10 +405,11 @@ def train_step(vlm: VLM, running: list[Running], max_tokens: int | None = None) 
         r.micro += 1
         r.pending.append(losses[i])
         if r.micro % r.job.grad_accum == 0:
-            if world()[1] > 1 and not is_sharded(model):  # once per optimizer step, over the gradients
-                sum_gradients(r.params)  # accumulated here (sharded: FSDP summed them in backward)
+            if world()[1] > 1 and not is_sharded(model) and pipe is None:  # once per optimizer step, over the
+                sum_gradients(r.params)  # gradients accumulated here (FSDP summed them in backward)
             ready.append(r)
-    step_jobs([r.optimizer for r in ready], [r.job.max_grad_norm for r in ready])  # all of them at once
+    reduce = pipe.norms if pipe is not None else None  # (pipelined: a job's norm over every stage)
+    step_jobs([r.optimizer for r in ready], [r.job.max_grad_norm for r in ready], reduce=reduce)  # all at once
     for r in ready:
         r.scheduler.step()
         r.step += 1
@@ -426,6 +467,7 @@ def train(
     log_every: int = 1,
     sharding: str | None = None,
     device: str | torch.device | None = None,
+    parallel: str | None = None,
 ) -> dict[str, Running]:
     """Run jobs fused: a queue admitted while their rows fit in max_rows; returns each job finished here.
 
@@ -437,6 +479,7 @@ def train(
     more() is asked before every step for jobs added while the others run (`vlstack train --watch`): they
     join the queue; one whose dataset or batch size is bad is reported and left out, the others go on.
     sharding="fsdp": the base and the adapters split over the processes (fsdp.py), moved to device once split.
+    parallel="pipeline": the decoder layers split into stages over the processes (pipeline.py).
     """
     model = vlm.model
     model.train()
@@ -444,8 +487,14 @@ def train(
     for p in model.parameters():
         p.requires_grad_(False)
     lead, size = world()[0] == 0, world()[1]
+    pipe = None
+    if parallel == "pipeline":
+        if size == 1 or resume or sharding or max_tokens or any(j.full or j.teacher for j in jobs):
+            raise JobError("parallel: pipeline runs under torchrun (2+ processes, one stage each), without --resume, "
+                           "sharding, max_tokens, full: true or a teacher")  # fmt: skip
+        pipe = pipe_for(model)
     for job in jobs:
-        check_batch(job, size)
+        check_batch(job, 1 if pipe else size)
     datasets = {job.name: read_dataset(job.data) for job in jobs}  # all checked before any training
     known, files = list(jobs), {j.name: inputs(j, datasets[j.name]) for j in jobs}
     check_outputs(known, vlm.directory, files)
@@ -475,7 +524,7 @@ def train(
                         raise JobError("a job of that name is already in this run")
                     if job.full or any(j.full for j in known):
                         raise JobError("a job with full: true trains the base itself: it runs alone")
-                    check_batch(job, size)
+                    check_batch(job, 1 if pipe else size)
                     examples = read_dataset(job.data)
                     check_outputs(known + [job], vlm.directory, {**files, job.name: inputs(job, examples)})
                     datasets[job.name], states[job.name] = examples, None
@@ -488,7 +537,7 @@ def train(
             while queue and sum(r.job.batch_size for r in running) + queue[0].batch_size <= max_rows:
                 job = queue.pop(0)
                 running.append(start(vlm, job, datasets[job.name], states[job.name], added_params.get(job.name)))
-            train_step(vlm, running, max_tokens)
+            train_step(vlm, running, max_tokens, pipe)
             for r in list(running):
                 if r.micro % r.job.grad_accum:
                     continue  # mid-accumulation: nothing to record or save yet
@@ -502,6 +551,8 @@ def train(
                     running.remove(r)
                     finished[r.job.name] = r
                     continue
+                if done and pipe is not None:  # the adapter's weights from the stages that trained them
+                    pipe.gather(model, r.job.name)
                 if lead and is_sharded(model):  # (no checkpoints of split weights yet: metrics only)
                     if r.step % log_every == 0:
                         record(r, verbose)

@@ -13,16 +13,23 @@ job's optimizer, in torch's format.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from ..engine.metadata import upload
 
 
-def step_jobs(optimizers: list[torch.optim.AdamW], max_norms: list[float], foreach: bool | None = None) -> None:
+def step_jobs(
+    optimizers: list[torch.optim.AdamW],
+    max_norms: list[float],
+    foreach: bool | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:
     """Clip each job's gradients to its max norm (clip_grad_norm_'s rule), then one AdamW step of every job's
     tensors that have a gradient (as torch, a tensor without one keeps its state and its step count); the
-    gradients are set to None after. foreach: the one multi-tensor step (default: on a GPU)."""
+    gradients are set to None after. foreach: the one multi-tensor step (default: on a GPU). reduce: each job's
+    squared gradient norm here [jobs] -> over every process holding part of its gradients (pipeline stages)."""
     params, grads, groups, owners = [], [], [], []
     for j, opt in enumerate(optimizers):
         for group in opt.param_groups:
@@ -32,6 +39,16 @@ def step_jobs(optimizers: list[torch.optim.AdamW], max_norms: list[float], forea
                     grads += [p.grad]
                     groups += [group]
                     owners += [j]
+    if reduce is not None:  # the norms over the processes first (every process takes part, gradients or not)
+        with torch.no_grad():
+            squares = torch.zeros(len(optimizers))  # [jobs]
+            if grads:
+                each = torch.stack([g.float().pow(2).sum() for g in grads]).cpu()  # [tensors]
+                squares.index_add_(0, torch.tensor(owners), each)
+            scales = [min(1.0, n / (float(s) ** 0.5 + 1e-6)) for n, s in zip(max_norms, reduce(squares))]
+            for g, j in zip(grads, owners):
+                g.mul_(scales[j])
+        max_norms = [float("inf")] * len(optimizers)  # (clipped already)
     if not params:
         return
     if not (foreach if foreach is not None else params[0].device.type == "cuda"):  # each job's own fused step

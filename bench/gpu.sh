@@ -65,6 +65,8 @@ step 90 "compression: bytes and decode (int8 weight-only kernel) vs bf16, Intern
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then  # (several GPUs: tensor parallelism)
     step 150 "TP-2 decode step vs TP-1, InternVL3-1B shapes, and its collectives (NCCL)" \
         python bench/tp.py --model internvl3-1b --device cuda --tp 2 --batch 1 --batch 32
+    step 150 "pipelined training, 2 stages, 1 and 4 jobs: each stage's idle share vs GPipe's bubble" \
+        python bench/pipeline.py --model internvl3-1b --stages 2 --jobs 1 --jobs 4 --steps 6
     step 200 "TP-2 serving: 128 requests at once, 4 adapters, 128 tokens" \
         python bench/serve.py --model internvl3-1b --device cuda --requests 128 --rate 0 --max-tokens 128 \
         --max-batch 128 --max-model-len 4096 --baseline-requests 2 --tp 2 --out bench/results/serve_tp2.json

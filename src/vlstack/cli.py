@@ -190,6 +190,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         done = train(vlm, plan.jobs, plan.max_rows, more=more, **options)
     for r in done.values():
         print(f"{r.job.name}: {'model' if r.job.full else 'adapter'} written to {r.job.output}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # (every process done with the others: a clean exit)
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_merge(args: argparse.Namespace) -> None:

@@ -578,4 +578,6 @@ def train(
     finally:
         model.eval()
         model.language_model.recompute = None
+    if pipe is not None and (line := pipe.report()) and verbose:
+        print(line, file=sys.stderr, flush=True)
     return finished

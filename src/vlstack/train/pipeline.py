@@ -50,9 +50,7 @@ class Pipe:
     size: int
     layers: range  # this stage's decoder layers
     spans: list[range]  # every stage's
-    busy: float = 0.0  # seconds this stage computed (timing, for the bubble it measures)
-    wall: float = 0.0  # seconds its steps took
-    steps: list[tuple[float, float]] = field(default_factory=list)
+    steps: list[tuple[int, float, float]] = field(default_factory=list)  # per step: passes, seconds computing, in all
 
     @property
     def first(self) -> bool:
@@ -113,8 +111,24 @@ class Pipe:
             if not self.first:
                 dist.send(x.grad.contiguous(), self.rank - 1)
         dist.broadcast(sums, self.size - 1)
-        self.steps.append((busy, time.perf_counter() - start))
+        self.steps.append((len(passes), busy, time.perf_counter() - start))
         return sums
+
+    def report(self) -> str | None:
+        """Each stage's idle share of its steps (the first step, a warm-up, left out), beside GPipe's bubble for
+        passes of equal cost; gathered from every stage (all take part), None off rank 0."""
+        steps = self.steps[1:] or self.steps
+        idle = 1 - sum(b for _, b, _ in steps) / max(1e-9, sum(w for _, _, w in steps))
+        every = [None] * self.size
+        dist.all_gather_object(every, idle)
+        if self.rank:
+            return None
+        passes = sum(p for p, _, _ in steps) / max(1, len(steps))
+        shares = ", ".join(f"{x:.0%}" for x in every)
+        return (
+            f"pipeline: {self.size} stages, {passes:.1f} passes a step; each stage idle {shares} of its steps "
+            f"(GPipe's bubble for equal passes: {bubble(self.size, round(passes)):.0%})"
+        )
 
     def norms(self, squares: torch.Tensor) -> torch.Tensor:
         """Each job's squared gradient norm on this stage [jobs] -> over every stage."""

@@ -218,6 +218,74 @@ def test_serve_tp2_answers_as_one_process_and_stops_when_a_rank_dies(checkpoints
             proc.wait()
 
 
+def test_serve_under_torchrun_on_two_nodes(checkpoints):
+    """`torchrun --nnodes 2 ... -m vlstack.cli serve --tp 2` (two local processes as the two machines): rank 0
+    serves, ready, answering as one process; stopping it stops the other node."""
+    import time
+
+    import httpx
+    from test_serve import free_port
+
+    d = checkpoints / "phi3"
+    port, master = free_port(), str(free_port())
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(r),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                master,
+                "-m",
+                "vlstack.cli",
+                "serve",
+                "--tp",
+                "2",
+                "--model",
+                str(d / "base"),
+                "--port",
+                str(port),
+                "--adapter",
+                f"text={d / 'text'}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline, status = time.time() + 120, None
+        while time.time() < deadline and all(n.poll() is None for n in nodes) and status != 200:
+            try:
+                status = httpx.get(base + "/health/ready", timeout=2).status_code
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert status == 200, [n.stderr.read()[-2000:] for n in nodes if n.poll() is not None]
+        body = {"model": "text", "messages": [{"role": "user", "content": "Describe the chart."}], "max_tokens": 6,
+                "temperature": 0}  # fmt: skip
+        got = httpx.post(base + "/v1/chat/completions", json=body, timeout=120).json()["choices"][0]["message"]
+        vlm = vlstack.load(d / "base")
+        vlm.load_adapter("text", d / "text")
+        assert got["content"] == vlm.chat("Describe the chart.", adapter="text", max_new_tokens=6)
+        nodes[0].terminate()
+        assert nodes[1].wait(timeout=60) is not None
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                n.kill()
+                n.wait()
+
+
 def _state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()

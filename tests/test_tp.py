@@ -76,43 +76,26 @@ def test_tp2_equals_one_process(checkpoints, tmp_path):
         assert want["greedy_late"][0] != want["greedy_late"][2] or want["greedy_late"][1] != want["greedy_late"][2]
 
 
+def two_nodes(*program: str) -> list[subprocess.Popen]:
+    """`torchrun --nnodes 2 --node-rank R --master-addr ... PROGRAM` for R = 0, 1: two local processes as the two
+    machines, one rank each."""
+    from test_serve import free_port
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                "--master-addr", "127.0.0.1", "--master-port", str(free_port())]  # fmt: skip
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    return [subprocess.Popen([*launcher, "--node-rank", str(r), *program], **pipes) for r in range(2)]
+
+
 def test_two_nodes_under_torchrun(checkpoints, tmp_path):
     """Multi-node as a user starts it (`torchrun --nnodes 2 --node-rank R --master-addr ...`), two local processes
     as the two nodes, one rank each: the same answers as one process."""
-    from test_serve import free_port
     from tp_worker import run
 
     root = tmp_path / "one"
     root.mkdir()
     (root / "qwen2-kv1-untied").symlink_to(checkpoints / "qwen2-kv1-untied")
-    port = str(free_port())
-    nodes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes",
-                "2",
-                "--nproc-per-node",
-                "1",
-                "--node-rank",
-                str(r),
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                port,
-                str(Path(__file__).parent / "tp_worker.py"),
-                str(root),
-                "2",
-                str(tmp_path),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for r in range(2)
-    ]
+    nodes = two_nodes(str(Path(__file__).parent / "tp_worker.py"), str(root), "2", str(tmp_path))
     for node in nodes:
         _, err = node.communicate(timeout=300)
         assert node.returncode == 0, err[-3000:]
@@ -227,41 +210,9 @@ def test_serve_under_torchrun_on_two_nodes(checkpoints):
     from test_serve import free_port
 
     d = checkpoints / "phi3"
-    port, master = free_port(), str(free_port())
-    nodes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes",
-                "2",
-                "--nproc-per-node",
-                "1",
-                "--node-rank",
-                str(r),
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                master,
-                "-m",
-                "vlstack.cli",
-                "serve",
-                "--tp",
-                "2",
-                "--model",
-                str(d / "base"),
-                "--port",
-                str(port),
-                "--adapter",
-                f"text={d / 'text'}",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for r in range(2)
-    ]
+    port = free_port()
+    nodes = two_nodes("-m", "vlstack.cli", "serve", "--tp", "2", "--model", str(d / "base"), "--port", str(port),
+                      "--adapter", f"text={d / 'text'}")  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
         deadline, status = time.time() + 120, None

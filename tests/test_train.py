@@ -642,26 +642,34 @@ def test_resume_after_kill_gives_the_same_adapters(tmp_path):
     assert Image.open(tmp_path / "cut" / "fin.train" / "loss.png").size == (640, 360)
 
 
-def test_two_processes_give_the_adapters_of_one(tmp_path):
-    """torchrun with 2 CPU processes (gloo), each taking half of every job's rows (in passes of at most 64
-    tokens: about a row each) = 1 process in one pass, LoRA dropout (language and vision) included."""
+def one_and_two(tmp_path, top: str, fin: str = "", law: str = "", *args: str):
+    """The same two jobs (images, LoRA dropout on the language and vision parts, gradient accumulation) trained by
+    one process and by two under torchrun with `top` in the jobs file: asserts the adapters agree; returns the
+    two-process run."""
     write_dataset(tmp_path, "fin", 6, True)
     write_dataset(tmp_path, "law", 4, False, 1)
-    for out, top in (("one", ""), ("two", "max_tokens: 64\n")):
+    for out, options in (("one", ""), ("two", top)):
         (tmp_path / f"{out}.yaml").write_text(
-            f"model: tiny\n{top}jobs:\n"
-            f"  - {{name: fin, data: fin.jsonl, output: {out}/fin, rank: 4, batch_size: 2, steps: 3, lr: 1e-2,"
-            " dropout: 0.2}\n"
-            f"  - {{name: law, data: law.jsonl, output: {out}/law, rank: 2, batch_size: 4, grad_accum: 2, steps: 2,"
-            " lr: 1e-2, targets: [q_proj, fc1], parts: [language, vision], dropout: 0.3}\n"
+            f"model: tiny\n{options}jobs:\n"
+            f"  - {{name: fin, data: fin.jsonl, output: {out}/fin, rank: 4, steps: 3, lr: 1e-2, dropout: 0.2{fin}}}\n"
+            f"  - {{name: law, data: law.jsonl, output: {out}/law, rank: 2, grad_accum: 2, steps: 2, lr: 1e-2, "
+            f"parts: [language, vision], dropout: 0.3{law}}}\n"
         )
     one = run_cli("train", str(tmp_path / "one.yaml"))
     assert one.returncode == 0, one.stderr
-    two = run_cli("train", str(tmp_path / "two.yaml"), "--watch", processes=2)  # every step asks rank 0
+    two = run_cli("train", str(tmp_path / "two.yaml"), *args, processes=2)
     assert two.returncode == 0, two.stderr
-    assert two.stdout.count("fin: adapter written") == 2  # both processes ran the jobs
     for name in ("fin", "law"):
         assert_same_adapter(adapter(tmp_path / "one" / name), adapter(tmp_path / "two" / name))
+    return two
+
+
+def test_two_processes_give_the_adapters_of_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo), each taking half of every job's rows (in passes of at most 64
+    tokens: about a row each) = 1 process in one pass, LoRA dropout (language and vision) included."""
+    two = one_and_two(tmp_path, "max_tokens: 64\n", ", batch_size: 2", ", batch_size: 4, targets: [q_proj, fc1]",
+                      "--watch")  # (every step asks rank 0)  # fmt: skip
+    assert two.stdout.count("fin: adapter written") == 2  # both processes ran the jobs
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: tiny\njobs:\n  - {name: x, data: law.jsonl, output: o/x, batch_size: 3, steps: 1}\n")
     run = run_cli("train", str(bad), processes=2)
@@ -672,23 +680,9 @@ def test_sharded_training_gives_the_adapters_of_one_process(tmp_path):
     """sharding: fsdp under torchrun (2 gloo processes): the base and the adapters split by FSDP2, rows shared
     out as in data parallelism; the adapters written once, in PEFT's format, equal to one process's (LoRA dropout,
     gradient accumulation, a vision adapter, gradient checkpointing included)."""
-    write_dataset(tmp_path, "fin", 6, True)
-    write_dataset(tmp_path, "law", 4, False, 1)
-    for out, top in (("one", ""), ("split", "sharding: fsdp\ngradient_checkpointing: true\n")):
-        (tmp_path / f"{out}.yaml").write_text(
-            f"model: tiny\n{top}jobs:\n"
-            f"  - {{name: fin, data: fin.jsonl, output: {out}/fin, rank: 4, batch_size: 2, steps: 3, lr: 1e-2,"
-            " dropout: 0.2}\n"
-            f"  - {{name: law, data: law.jsonl, output: {out}/law, rank: 2, batch_size: 4, grad_accum: 2, steps: 2,"
-            " lr: 1e-2, targets: [q_proj, fc1, down_proj], parts: [language, vision], dropout: 0.3}\n"
-        )
-    one = run_cli("train", str(tmp_path / "one.yaml"))
-    assert one.returncode == 0, one.stderr
-    split = run_cli("train", str(tmp_path / "split.yaml"), processes=2)
-    assert split.returncode == 0, split.stderr
-    for name in ("fin", "law"):
-        assert_same_adapter(adapter(tmp_path / "one" / name), adapter(tmp_path / "split" / name))
-    alone = run_cli("train", str(tmp_path / "split.yaml"))
+    one_and_two(tmp_path, "sharding: fsdp\ngradient_checkpointing: true\n", ", batch_size: 2",
+                ", batch_size: 4, targets: [q_proj, fc1, down_proj]")  # fmt: skip
+    alone = run_cli("train", str(tmp_path / "two.yaml"))
     assert alone.returncode != 0 and "sharding: fsdp splits the base over processes" in alone.stderr
 
 
@@ -699,22 +693,8 @@ def test_pipelined_training_gives_the_adapters_of_one_process(tmp_path):
     over both stages, gradient checkpointing)."""
     from vlstack.train.pipeline import bubble, split
 
-    write_dataset(tmp_path, "fin", 6, True)
-    write_dataset(tmp_path, "law", 4, False, 1)
-    for out, top in (("one", ""), ("pipe", "parallel: pipeline\ngradient_checkpointing: true\n")):
-        (tmp_path / f"{out}.yaml").write_text(
-            f"model: tiny\n{top}jobs:\n"
-            f"  - {{name: fin, data: fin.jsonl, output: {out}/fin, rank: 4, batch_size: 3, steps: 3, lr: 1e-2,"
-            " dropout: 0.2, max_grad_norm: 0.05}\n"
-            f"  - {{name: law, data: law.jsonl, output: {out}/law, rank: 2, batch_size: 2, grad_accum: 2, steps: 2,"
-            " lr: 1e-2, targets: [q_proj, fc1, down_proj], parts: [language, vision], dropout: 0.3}\n"
-        )
-    one = run_cli("train", str(tmp_path / "one.yaml"))
-    assert one.returncode == 0, one.stderr
-    piped = run_cli("train", str(tmp_path / "pipe.yaml"), processes=2)
-    assert piped.returncode == 0, piped.stderr
-    for name in ("fin", "law"):
-        assert_same_adapter(adapter(tmp_path / "one" / name), adapter(tmp_path / "pipe" / name))
+    one_and_two(tmp_path, "parallel: pipeline\ngradient_checkpointing: true\n", ", batch_size: 3, max_grad_norm: 0.05",
+                ", batch_size: 2, targets: [q_proj, fc1, down_proj]")  # fmt: skip
     assert split(4, 2) == [range(0, 2), range(2, 4)] and split(5, 2) == [range(0, 3), range(3, 5)]
     assert bubble(2, 2) == 1 / 3 and bubble(4, 12) == 3 / 15
 

@@ -26,12 +26,15 @@ import torch.distributed as dist
 
 from ..engine.runner import forward
 
+
+def _forward(engine, chunks: list, rows: tuple | None, features: torch.Tensor | None) -> torch.Tensor:
+    return forward(engine.vlm.model, engine.cache, chunks, rows, features=features)
+
+
 # the calls the engine broadcasts: name -> what each rank runs (engine, *args)
 OPS: dict[str, Callable] = {
     "decode": lambda engine, *args: engine.decoder(*args),
-    "forward": lambda engine, chunks, rows, features: forward(
-        engine.vlm.model, engine.cache, chunks, rows, features=features
-    ),  # fmt: skip
+    "forward": _forward,
     "move": lambda engine, src, dst, length: engine.cache.move(src, dst, length),
     "load": lambda engine, name, path: engine.vlm.load_adapter(name, path),
     "unload": lambda engine, name: engine.vlm.unload_adapter(name),

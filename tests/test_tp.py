@@ -186,6 +186,8 @@ def test_serve_tp2_answers_as_one_process_and_stops_when_a_rank_dies(checkpoints
             vlm.load_adapter(name, d / name)
         want = [vlm.chat("Describe.", images=pic, adapter=None if m == "base" else m, max_new_tokens=6) for m in models]
         assert got == want and len(set(got)) > 1  # (the adapters do change the answers)
+        assert httpx.delete(base + "/v1/adapters/late", timeout=60).status_code == 200  # unloaded on every rank
+        assert ask("text") == want[0] and ask("vision") == want[2]  # (by the engine's next step: the ranks agree)
 
         ranks = _children(proc.pid)
         assert len(ranks) == 2

@@ -555,6 +555,12 @@ def test_bad_job_files_are_named(tmp_path):
         plan("jobs:\n  - {name: a, data: a.jsonl, output: o, steps: 1, rank: big}\n")
     with pytest.raises(JobError, match=r"\(a\): give exactly one of steps and epochs"):
         plan("jobs:\n  - {name: a, data: a.jsonl, output: o}\n")
+    with pytest.raises(JobError, match="sharding must be fsdp"):
+        plan("sharding: zero3\njobs:\n  - {name: a, data: a.jsonl, output: o, steps: 1}\n")
+    with pytest.raises(JobError, match="parallel must be pipeline"):
+        plan("parallel: tensor\njobs:\n  - {name: a, data: a.jsonl, output: o, steps: 1}\n")
+    with pytest.raises(JobError, match="do not go together"):
+        plan("sharding: fsdp\nparallel: pipeline\njobs:\n  - {name: a, data: a.jsonl, output: o, steps: 1}\n")
     with pytest.raises(JobError, match="job names must be unique"):
         plan("jobs:\n  - {name: a, data: a.jsonl, output: o, steps: 1}\n  - {name: a, data: b, output: p, steps: 1}\n")
     with pytest.raises(JobError, match="gradient_checkpointing must be true or false"):

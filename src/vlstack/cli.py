@@ -156,8 +156,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     plan = read_plan(args.jobs)
     if args.watch and args.sequential:
         raise ConfigError("--watch adds jobs to a fused run; it does not go with --sequential")
-    device = args.device
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one process per device
+    device, processes = args.device, int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:  # launched by torchrun: one process per device
         import torch
         import torch.distributed as dist
 
@@ -166,7 +166,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     if plan.sharding and args.sequential:
         raise ConfigError("sharding: fsdp trains the jobs together; it does not go with --sequential")
-    if plan.sharding and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    if plan.sharding and processes < 2:
         raise ConfigError("sharding: fsdp splits the base over processes: run `torchrun --nproc-per-node N -m "
                           "vlstack.cli train ...`")  # fmt: skip
     where = "cpu" if plan.sharding else device  # (split on the host, each part then moved to its device)
@@ -190,9 +190,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         done = train(vlm, plan.jobs, plan.max_rows, more=more, **options)
     for r in done.values():
         print(f"{r.job.name}: {'model' if r.job.full else 'adapter'} written to {r.job.output}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # (every process done with the others: a clean exit)
-        import torch.distributed as dist
-
+    if processes > 1:  # (every process done with the others: a clean exit)
         dist.barrier()
         dist.destroy_process_group()
 

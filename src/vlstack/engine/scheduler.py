@@ -265,7 +265,7 @@ class Engine:
                 self._wake.wait(1.0)  # idle until a request arrives
                 if self.mirror is not None and time.monotonic() - self.mirror.last > 1.0:
                     with self.lock:
-                        self.mirror.send("ping", ())  # (the other ranks know rank 0 lives; it learns if one died)
+                        self._run("ping")  # (the other ranks know rank 0 lives; it learns if one died)
                 continue
             self.step()
 

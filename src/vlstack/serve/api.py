@@ -258,11 +258,8 @@ def create_app(
             being = " and is being unloaded; retry when it is gone" if adapter in engine.retiring else ""
             raise APIError(409, f"a model named {adapter!r} is already served{being}", "name")
 
-        def load() -> None:  # in a worker thread: waiting for the engine's step must not block the event loop
-            engine.load_adapter(adapter, path)
-
-        try:
-            await asyncio.get_running_loop().run_in_executor(encoder, load)
+        try:  # in a worker thread: waiting for the engine's step must not block the event loop
+            await asyncio.get_running_loop().run_in_executor(encoder, engine.load_adapter, adapter, path)
         except VLStackError as e:
             raise APIError(400, str(e), "path") from None
         roots[adapter] = path

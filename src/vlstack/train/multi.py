@@ -16,7 +16,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -96,13 +96,11 @@ def start(
 ) -> Running:
     """Add the job's adapter (or, for a full job, make every weight trainable) and optimizer; from a checkpoint's
     state when resuming. params: its adapter's, added already (sharded training)."""
-    if params is not None:
-        pass
-    elif job.full:
+    if params is None and job.full:
         params = list(vlm.model.parameters())
         for p in params:
             p.requires_grad_(True)
-    else:
+    elif params is None:
         params = add_adapter(vlm.model, job.name, job.spec, seed=job.seed)
     # its state and schedule; stepped with every ready job's at once (optim.step_jobs: one foreach step on a GPU,
     # this fused kernel on a CPU, where the per-tensor loop was 10% of a tiny model's step)
@@ -369,14 +367,15 @@ def train_step(
     about the rows is worked out on the host first: no step waits on the device. pipe: pipelined over stages,
     each job's rows a pass (pipeline.py)."""
     model, device = vlm.model, vlm.model.device
-    rows = job_rows(vlm, running, split=pipe is None)  # (pipelined: every stage takes every row)
+    split = world()[1] > 1 and pipe is None  # data parallelism: each process a share of the rows (pipelined: all)
+    rows = job_rows(vlm, running, split)
     jobs = len(running)
     # each job's loss is the mean over its learned tokens in the whole (global) micro-batch: count them first
     learned, seen = [0] * jobs, [0] * jobs
     for i, x in rows:
         learned[i] += int((x["labels"][1:] != IGNORE).sum())  # a token learns the label of the next one
         seen[i] += len(x["input_ids"])
-    if world()[1] > 1 and pipe is None:
+    if split:
         stats = torch.tensor([learned, seen], dtype=torch.float64, device=device)  # [2, jobs]
         dist.all_reduce(stats)
         learned, seen = stats.long().tolist()
@@ -387,16 +386,16 @@ def train_step(
         sums = pipe.run(vlm, [prepare_pass(vlm, running, g) for g in groups if g], denominators)
     else:
         sums = torch.zeros(jobs, device=device)  # [jobs]: each job's summed token losses
-    for group in passes(rows, max_tokens) if pipe is None else []:
-        p = prepare_pass(vlm, running, group)
-        with routed(vlm, p):  # a job's rows: one run
-            feats = shared_features(vlm, running, p.pixels)  # (once for the student and its teachers)
-            kd = teacher_logits(running, p.jobs, p.ids, p.pixels, p.step, feats)
-            pass_sums = job_losses(model, p.ids, p.step, p.pixels, p.targets, p.in_job, kd, feats)
         scale = world()[1] if is_sharded(model) else 1  # (FSDP averages what it reduces: fsdp.py)
-        ((pass_sums / denominators).sum() * scale).backward()
-        sums += pass_sums.detach()
-    if world()[1] > 1 and pipe is None:
+        for group in passes(rows, max_tokens):
+            p = prepare_pass(vlm, running, group)
+            with routed(vlm, p):  # a job's rows: one run
+                feats = shared_features(vlm, running, p.pixels)  # (once for the student and its teachers)
+                kd = teacher_logits(running, p.jobs, p.ids, p.pixels, p.step, feats)
+                pass_sums = job_losses(model, p.ids, p.step, p.pixels, p.targets, p.in_job, kd, feats)
+            ((pass_sums / denominators).sum() * scale).backward()
+            sums += pass_sums.detach()
+    if split:
         dist.all_reduce(sums)
     losses = sums / upload(counts, device)  # [jobs]
     ready = []  # the jobs whose accumulation ends here
@@ -405,8 +404,8 @@ def train_step(
         r.micro += 1
         r.pending.append(losses[i])
         if r.micro % r.job.grad_accum == 0:
-            if world()[1] > 1 and not is_sharded(model) and pipe is None:  # once per optimizer step, over the
-                sum_gradients(r.params)  # gradients accumulated here (FSDP summed them in backward)
+            if split and not is_sharded(model):  # once per optimizer step, over the gradients accumulated here
+                sum_gradients(r.params)  # (sharded: FSDP summed them in backward)
             ready.append(r)
     reduce = pipe.norms if pipe is not None else None  # (pipelined: a job's norm over every stage)
     step_jobs([r.optimizer for r in ready], [r.job.max_grad_norm for r in ready], reduce=reduce)  # all at once
@@ -542,36 +541,26 @@ def train(
                 if r.micro % r.job.grad_accum:
                     continue  # mid-accumulation: nothing to record or save yet
                 done = r.step >= r.total_steps
-                if done and is_sharded(model):  # every process gathers the weights, the first writes the adapter
-                    with gathered(model):
-                        if lead:
-                            record(r, verbose)
-                            save_adapter(model, r.job.name, r.job.output, r.job.spec, base=str(vlm.directory))
-                            plot_loss(r)
-                    running.remove(r)
-                    finished[r.job.name] = r
-                    continue
                 if done and pipe is not None:  # the adapter's weights from the stages that trained them
                     pipe.gather(model, r.job.name)
-                if lead and is_sharded(model):  # (no checkpoints of split weights yet: metrics only)
-                    if r.step % log_every == 0:
-                        record(r, verbose)
-                elif lead:  # one process writes: metrics, adapter, checkpoint, curve
-                    if done or r.step % log_every == 0:
-                        record(r, verbose)
-                    if done and r.job.full:  # the model first: a checkpoint saying "done" implies it is complete
-                        vlm.save(r.job.output)
-                    elif done:  # likewise the adapter
-                        save_adapter(model, r.job.name, r.job.output, r.job.spec, base=str(vlm.directory))
-                    if done or (r.job.save_every and r.step % r.job.save_every == 0):
-                        save_state(r)
-                    if done:
-                        plot_loss(r)
+                sharded = is_sharded(model)
+                with gathered(model) if done and sharded else nullcontext():  # (split weights: every process)
+                    if lead:  # one process writes: metrics, adapter, checkpoint, curve
+                        if done or r.step % log_every == 0:
+                            record(r, verbose)
+                        if done and r.job.full:  # the model first: a checkpoint saying "done" implies it is complete
+                            vlm.save(r.job.output)
+                        elif done:  # likewise the adapter
+                            save_adapter(model, r.job.name, r.job.output, r.job.spec, base=str(vlm.directory))
+                        if not sharded and (done or (r.job.save_every and r.step % r.job.save_every == 0)):
+                            save_state(r)  # (no checkpoints of split weights yet)
+                        if done:
+                            plot_loss(r)
                 if done:
                     if r.job.full:
                         for p in r.params:
                             p.requires_grad_(False)
-                    else:
+                    elif not sharded:  # (sharded: the units are fixed; the adapter stays to the end)
                         remove_adapter(model, r.job.name)
                     running.remove(r)
                     finished[r.job.name] = r

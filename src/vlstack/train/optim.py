@@ -41,13 +41,11 @@ def step_jobs(
                     owners += [j]
     if reduce is not None:  # the norms over the processes first (every process takes part, gradients or not)
         with torch.no_grad():
-            squares = torch.zeros(len(optimizers))  # [jobs]
             if grads:
-                each = torch.stack([g.float().pow(2).sum() for g in grads]).cpu()  # [tensors]
-                squares.index_add_(0, torch.tensor(owners), each)
-            scales = [min(1.0, n / (float(s) ** 0.5 + 1e-6)) for n, s in zip(max_norms, reduce(squares))]
-            for g, j in zip(grads, owners):
-                g.mul_(scales[j])
+                owner = upload(owners, grads[0].device)
+                torch._foreach_mul_(grads, list(clip_scales(grads, owner, max_norms, reduce)[owner].unbind()))
+            else:
+                clip_scales([], None, max_norms, reduce)
         max_norms = [float("inf")] * len(optimizers)  # (clipped already)
     if not params:
         return
@@ -62,13 +60,26 @@ def step_jobs(
         _foreach_step(optimizers, max_norms, params, grads, groups, owners)
 
 
+def clip_scales(
+    grads: list[torch.Tensor],
+    owner: torch.Tensor | None,
+    max_norms: list[float],
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Each job's clipping factor [jobs] (clip_grad_norm_'s rule: max norm / (norm + 1e-6), at most 1) from its
+    gradients (owner [tensors]: each tensor's job); reduce: the squared norms summed over other processes too."""
+    device = grads[0].device if grads else torch.device("cpu")
+    squares = torch.zeros(len(max_norms), device=device)  # [jobs]
+    if grads:
+        squares.index_add_(0, owner, torch.stack(torch._foreach_norm(grads)).float() ** 2)
+    if reduce is not None:
+        squares = reduce(squares).to(device)
+    return (upload(max_norms, device, torch.float32) / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+
+
 def _foreach_step(optimizers, max_norms, params, grads, groups, owners) -> None:
-    device = params[0].device
-    owner = upload(owners, device)
-    norms = torch.stack(torch._foreach_norm(grads)).float()  # [tensors]
-    totals = torch.zeros(len(optimizers), device=device).index_add_(0, owner, norms**2).sqrt()  # [jobs]
-    scales = (upload(max_norms, device, torch.float32) / (totals + 1e-6)).clamp(max=1.0)  # [jobs]
-    torch._foreach_mul_(grads, list(scales[owner].unbind()))
+    owner = upload(owners, params[0].device)
+    torch._foreach_mul_(grads, list(clip_scales(grads, owner, max_norms)[owner].unbind()))
     states = [_state(optimizers[j], p) for j, p in zip(owners, params)]
     exp_avg, exp_avg_sq = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
     torch._foreach_add_([s["step"] for s in states], 1)

@@ -705,6 +705,20 @@ def test_pipelined_training_gives_the_adapters_of_one_process(tmp_path):
     assert bubble(2, 2) == 1 / 3 and bubble(4, 12) == 3 / 15
 
 
+def test_a_split_run_refuses_what_it_cannot_do():
+    """parallel: pipeline and sharding: fsdp need 2+ processes, and name each option they do not go with."""
+    from vlstack.train.multi import check_split
+
+    job = Job(name="a", data="unused.jsonl", output="o", steps=1)
+    for mode in ("pipeline", "fsdp"):
+        with pytest.raises(JobError, match="launch it with torchrun"):
+            options = {"parallel": "pipeline"} if mode == "pipeline" else {"sharding": "fsdp"}
+            train(vlstack.load("tiny", device="cpu"), [job], 8, **options)
+    with pytest.raises(JobError, match=r"^sharding: fsdp does not go with --resume, --watch \(yet\)$"):
+        check_split("sharding: fsdp", 2, {"--resume": True, "max_tokens": None, "--watch": True})
+    check_split("parallel: pipeline", 2, {"--resume": False, "max_tokens": None})  # nothing given: no error
+
+
 def test_a_pipeline_stage_holds_only_its_part_of_the_base():
     from vlstack.train.pipeline import Pipe, keep_stage, split
 

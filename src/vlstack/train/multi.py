@@ -433,6 +433,16 @@ def sum_gradients(params: list[torch.nn.Parameter]) -> None:
         p.grad.copy_(g.view_as(p))
 
 
+def check_split(mode: str, processes: int, options: dict[str, object]) -> None:
+    """A run split over processes (pipeline stages, FSDP shards) needs 2+ of them and none of the options given
+    (name -> value): the error names those it found."""
+    if processes < 2:
+        raise JobError(f"{mode} splits the run over processes: launch it with torchrun (2+ processes)")
+    given = [name for name, value in options.items() if value]
+    if given:
+        raise JobError(f"{mode} does not go with {', '.join(given)} (yet)")
+
+
 def check_batch(job: Job, processes: int) -> None:
     if job.batch_size % processes:
         raise JobError(f"job {job.name!r}: batch_size {job.batch_size} is not a multiple of {processes} processes")
@@ -487,11 +497,15 @@ def train(
         p.requires_grad_(False)
     lead, size = world()[0] == 0, world()[1]
     pipe = None
+    whole = any(j.full or j.teacher for j in jobs)  # (a model trained or read whole: not split)
+    others = {"--resume": resume, "max_tokens": max_tokens, "full: true or a teacher": whole}
     if parallel == "pipeline":
-        if size == 1 or resume or sharding or max_tokens or any(j.full or j.teacher for j in jobs):
-            raise JobError("parallel: pipeline runs under torchrun (2+ processes, one stage each), without --resume, "
-                           "sharding, max_tokens, full: true or a teacher")  # fmt: skip
+        check_split("parallel: pipeline", size, {**others, "sharding": sharding})
         pipe = pipe_for(model)
+    if sharding == "fsdp":
+        check_split("sharding: fsdp", size, {**others, "--watch": more is not None})
+        if sum(j.batch_size for j in jobs) > max_rows:
+            raise JobError("sharding: fsdp starts every job at once: max_rows must hold all their batch sizes")
     for job in jobs:
         check_batch(job, 1 if pipe else size)
     datasets = {job.name: read_dataset(job.data) for job in jobs}  # all checked before any training
@@ -501,11 +515,6 @@ def train(
     queue = [j for j in jobs if not finished_before(j, states[j.name], len(datasets[j.name]))]
     added_params = {}
     if sharding == "fsdp":  # every adapter added, then the model split (fsdp.py)
-        if size == 1 or resume or more is not None or max_tokens or any(j.full or j.teacher for j in jobs):
-            raise JobError("sharding: fsdp runs under torchrun (2+ processes), without --resume, --watch, max_tokens, "
-                           "full: true or a teacher")  # fmt: skip
-        if sum(j.batch_size for j in jobs) > max_rows:
-            raise JobError("sharding: fsdp starts every job at once: max_rows must hold all their batch sizes")
         for job in queue:
             add_adapter(model, job.name, job.spec, seed=job.seed)
         shard(model, torch.device(device or "cpu"))

@@ -23,7 +23,6 @@ import io
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from PIL import Image
+
+from vlstack.parallel.serving import free_port
 
 ADAPTERS = ("finance", "legal", "support", "science")
 QUESTIONS = ("What is the total amount?", "Summarise this page.", "Which value is the largest?", "Who signed it?")
@@ -166,12 +167,6 @@ def baseline_app(model: str, adapters: dict[str, str], device: str, dtype: str =
 
 
 # driving a server ------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def note(message: str) -> None:

@@ -6,7 +6,6 @@ import base64
 import contextlib
 import io
 import json
-import socket
 import threading
 import time
 
@@ -20,6 +19,7 @@ import vlstack
 from vlstack.adapters import save_adapter
 from vlstack.errors import ConfigError
 from vlstack.layers.lora import LoRASpec, add_adapter
+from vlstack.parallel.serving import free_port
 from vlstack.serve.api import ServeConfig, create_app
 
 
@@ -39,12 +39,6 @@ def adapter_dir(tmp_path_factory):
         for p in add_adapter(vlm.model, "finance", spec, seed=0):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     return save_adapter(vlm.model, "finance", tmp_path_factory.mktemp("ad") / "finance", spec)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

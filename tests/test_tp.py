@@ -79,7 +79,7 @@ def test_tp2_equals_one_process(checkpoints, tmp_path):
 def two_nodes(*program: str) -> list[subprocess.Popen]:
     """`torchrun --nnodes 2 --node-rank R --master-addr ... PROGRAM` for R = 0, 1: two local processes as the two
     machines, one rank each."""
-    from test_serve import free_port
+    from vlstack.parallel.serving import free_port
 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                 "--master-addr", "127.0.0.1", "--master-port", str(free_port())]  # fmt: skip
@@ -145,7 +145,9 @@ def test_serve_tp2_answers_as_one_process_and_stops_when_a_rank_dies(checkpoints
 
     import httpx
     from conftest import image
-    from test_serve import data_url, free_port
+    from test_serve import data_url
+
+    from vlstack.parallel.serving import free_port
 
     d = checkpoints / "qwen2"
     port = free_port()
@@ -209,7 +211,8 @@ def test_serve_under_torchrun_on_two_nodes(checkpoints):
     import time
 
     import httpx
-    from test_serve import free_port
+
+    from vlstack.parallel.serving import free_port
 
     d = checkpoints / "phi3"
     port = free_port()

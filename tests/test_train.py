@@ -247,12 +247,14 @@ def test_every_job_in_one_matmul_gives_the_gradients_of_one_per_job(tmp_path, ch
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("norms", [(1.0, 0.5), (float("inf"), float("inf"))])
 @pytest.mark.parametrize("foreach", [True, False])
-def test_one_step_for_every_job_is_each_jobs_adamw(foreach):
+def test_one_step_for_every_job_is_each_jobs_adamw(foreach, norms):
     """step_jobs (every ready job's clipping and AdamW as foreach kernels over all their tensors, a GPU's way; or
     each job's own fused step, a CPU's) moves each
     tensor as torch's clip_grad_norm_ + AdamW do, job by job: its own lr, weight decay and clipping, a tensor
-    without a gradient at a step left as it is (its step count too); the state is torch's, and loads in it."""
+    without a gradient at a step left as it is (its step count too), no clipping under infinite bounds; the state
+    is torch's, and loads in it."""
     from vlstack.train.optim import step_jobs
 
     gen = torch.Generator().manual_seed(0)
@@ -267,11 +269,11 @@ def test_one_step_for_every_job_is_each_jobs_adamw(foreach):
             for i, (p, q) in enumerate(zip(job, ref_job)):
                 g = None if (step == 2 and i == 1) else torch.randn(p.shape, generator=gen) * 5
                 p.grad, q.grad = g, None if g is None else g.clone()
-        for ps, opt, norm in zip(ref, ref_opts, (1.0, 0.5)):
+        for ps, opt, norm in zip(ref, ref_opts, norms):
             torch.nn.utils.clip_grad_norm_([p for p in ps if p.grad is not None], norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        step_jobs(opts, [1.0, 0.5], foreach)
+        step_jobs(opts, list(norms), foreach)
         for p, q in zip(sum(ours, []), sum(ref, [])):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
             assert p.grad is None

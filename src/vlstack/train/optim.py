@@ -51,8 +51,9 @@ def step_jobs(
         return
     if not (foreach if foreach is not None else params[0].device.type == "cuda"):  # each job's own fused step
         for opt, norm in zip(optimizers, max_norms):
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"] if p.grad is not None],
-                                           norm)  # fmt: skip
+            if math.isfinite(norm):  # (an infinite bound: no norm to compute)
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]
+                                                if p.grad is not None], norm)  # fmt: skip
             opt.step()
             opt.zero_grad(set_to_none=True)
         return
@@ -78,8 +79,9 @@ def clip_scales(
 
 
 def _foreach_step(optimizers, max_norms, params, grads, groups, owners) -> None:
-    owner = upload(owners, params[0].device)
-    torch._foreach_mul_(grads, list(clip_scales(grads, owner, max_norms)[owner].unbind()))
+    if any(math.isfinite(n) for n in max_norms):
+        owner = upload(owners, params[0].device)
+        torch._foreach_mul_(grads, list(clip_scales(grads, owner, max_norms)[owner].unbind()))
     states = [_state(optimizers[j], p) for j, p in zip(owners, params)]
     exp_avg, exp_avg_sq = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
     torch._foreach_add_([s["step"] for s in states], 1)

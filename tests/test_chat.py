@@ -39,6 +39,19 @@ def test_tiny_model_is_deterministic(tmp_path, monkeypatch):
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_tiny_vision_positions_are_a_2d_sincos_table(tiny):
+    """The vision tower's position embeddings: the class token's 0, then each patch's row in the first half of
+    the channels and its column in the second (the same row: the same first half; the same column: the second)."""
+    from vlstack.tiny import sincos_2d
+
+    pos = tiny.model.vision_tower.embeddings.position_embeddings[0]  # [1 + 16*16, 128]
+    assert torch.equal(pos[0], torch.zeros(128)) and torch.equal(pos[1:], sincos_2d(16, 128))
+    grid = pos[1:].view(16, 16, 128)
+    assert torch.equal(grid[3, 0, :64], grid[3, 15, :64]) and torch.equal(grid[0, 5, 64:], grid[9, 5, 64:])
+    assert not torch.equal(grid[3, 0, 64:], grid[3, 1, 64:]) and not torch.equal(grid[2, 0, :64], grid[3, 0, :64])
+    torch.testing.assert_close(grid[0, 0], torch.tensor([0.0, 1.0]).repeat_interleave(32).repeat(2))  # sin 0, cos 0
+
+
 def test_template_and_placeholder_expansion(tiny):
     messages = question_messages("What is it?", 2, history=[("Hi", "Hello")], system="Be brief.")
     text, _ = tiny.processor.render(messages)

@@ -8,6 +8,7 @@ a fixed seed the first time and cached as an ordinary checkpoint directory.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from .config import read_config
 from .models.internvl import InternVL
 
 ASSETS = Path(__file__).parent / "assets" / "tiny"
-VERSION = "1"  # bump when the assets or the weight recipe change
+VERSION = "2"  # bump when the assets or the weight recipe change
 SPECIAL_TOKENS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -40,11 +41,17 @@ def cache_root() -> Path:
 
 
 def init_weights(model: InternVL, seed: int = 0) -> None:
-    """Deterministic random weights: normal(0, 0.02) matrices, zero biases, unit norms, 0.1 layer scale."""
+    """Deterministic random weights: normal(0, 0.02) matrices, zero biases, unit norms, 0.1 layer scale, and the
+    vision tower's position embeddings a 2-D sin-cos table (MAE's), so that a model trained from these weights
+    knows where each patch is from the first step (learned from 0.02 noise, positions came late in training)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            if name.endswith("bias"):
+            if name.endswith("position_embeddings"):  # [1, 1 + S*S, C]: the class token's row left at 0
+                side = math.isqrt(p.shape[1] - 1)
+                p.zero_()
+                p[0, 1:] = sincos_2d(side, p.shape[2])
+            elif name.endswith("bias"):
                 p.zero_()
             elif "norm" in name and name.endswith("weight"):
                 p.fill_(1.0)
@@ -52,6 +59,19 @@ def init_weights(model: InternVL, seed: int = 0) -> None:
                 p.fill_(0.1)
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def sincos_2d(side: int, dim: int) -> torch.Tensor:
+    """[side*side, dim]: each patch's row in the first half of the channels, its column in the second, as sines
+    and cosines of geometrically spaced frequencies (patches row by row, as the patch embedding flattens them)."""
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # [dim/4]
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+
+    def table(pos: torch.Tensor) -> torch.Tensor:  # [S*S] -> [S*S, dim/2]
+        angles = pos.flatten()[:, None].double() * freqs
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([table(rows), table(cols)], dim=1).float()
 
 
 def tiny_dir() -> Path:

@@ -11,7 +11,7 @@ import pytest
 from conftest import run_cli
 
 from vlstack.errors import DataError
-from vlstack.eval.benchmarks import read_items
+from vlstack.eval.benchmarks import VQA_PROMPT, read_items
 from vlstack.synth import charts, documents, synthesize
 from vlstack.synth.draw import COLOURS
 from vlstack.train.data import read_dataset
@@ -35,6 +35,10 @@ def test_bar_answers_agree_with_the_pixels(template):
         tallest = min(tops, key=tops.get)
         assert answers["colour"] == tallest
         assert answers["position"] == str(sorted(lefts.values()).index(lefts[tallest]) + 1)
+        for level, colour in zip(answers["heights"].split(), sorted(drawn, key=lefts.get)):
+            tenths = 10 * colour_mask(s.image, colour).any(1).sum() / 180  # the bar's pixels of the 180-pixel axis
+            assert int(level) == min(9, int(tenths)) or abs(tenths - round(tenths)) < 0.1  # (a rounded edge)
+        assert len(answers["heights"].split()) == len(drawn)
 
 
 def test_line_and_pie_answers_agree_with_the_pixels():
@@ -85,6 +89,9 @@ def test_dataset_is_reproducible_and_holds_out_templates(tmp_path):
     provenance = json.loads((tmp_path / "a/provenance.json").read_text())
     assert provenance["seed"] == 3 and provenance["generator"] == "vlstack.synth.charts"
     assert sum(provenance["examples"]["test"].values()) == len(test)
+    train = (tmp_path / "a/train.jsonl").read_text()  # the heights asked in training only
+    assert "how high is each" in train.lower() and "heights" not in {x["category"] for x in test}
+    assert provenance["examples"]["train"]["heights"] > 0 and "heights" not in provenance["examples"]["test"]
 
 
 def test_the_trainer_and_the_evaluator_read_the_dataset(tmp_path):
@@ -110,13 +117,17 @@ def test_conversations_put_an_images_questions_in_one_line(tmp_path):
     grouped = [json.loads(x) for x in (tmp_path / "many/train.jsonl").read_text().splitlines()]
     assert len(grouped) == 6 and len(singles) == sum(len(g["conversations"]) // 2 for g in grouped)
 
-    def pairs(lines):  # (image, question, answer) of every turn
+    def pairs(lines):  # (image, question, answer) of every turn, the instruction taken off
         turns = [
             (x["image"], x["conversations"][k : k + 2]) for x in lines for k in range(0, len(x["conversations"]), 2)
         ]
-        return sorted((image, q["value"].removeprefix("<image>\n"), a["value"]) for image, (q, a) in turns)
+        return sorted((image, q["value"].removeprefix("<image>\n").removesuffix(f"\n{VQA_PROMPT}"), a["value"])
+                      for image, (q, a) in turns)  # fmt: skip
 
     assert pairs(singles) == pairs(grouped)
+    for g in grouped:  # the instruction stated once, on the first turn, as the evaluation asks
+        asked = [turn["value"] for turn in g["conversations"][::2]]
+        assert asked[0].endswith(VQA_PROMPT) and not any(VQA_PROMPT in q for q in asked[1:])
     assert all(json.dumps(g).count("<image>") == 1 for g in grouped)
     examples = read_dataset(tmp_path / "many/train.jsonl")
     assert all(len(ex.images) == 1 for ex in examples)

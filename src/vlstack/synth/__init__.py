@@ -23,7 +23,7 @@ from ..errors import DataError
 from ..eval.benchmarks import VQA_PROMPT
 from . import charts, documents
 
-VERSION = "1"  # of the generators: bump when a seed would draw something else
+VERSION = "2"  # of the generators: bump when a seed would draw something else
 KINDS: dict[str, object] = {"charts": charts, "documents": documents}
 
 
@@ -83,7 +83,9 @@ def synthesize(
             name = f"images/{i:05d}.png"
             sample.image.save(tmp / name)
             for k, (what, question, answer) in enumerate(sample.questions):
-                if questions == "visual" and what not in module.VISUAL:
+                if questions == "visual" and what not in module.VISUAL + module.TRAINING:
+                    continue
+                if split == "test" and what in module.TRAINING:
                     continue
                 counts[split, what] += 1
                 prompt = f"<image>\n{question}"
@@ -97,10 +99,10 @@ def synthesize(
         with open(tmp / "train.jsonl", "w", encoding="utf-8") as f:
             for image, group in _training(lines["train"], conversations, random.Random(f"{seed}:turns")):
                 turns = []
-                for i, line in enumerate(group):  # asked as the evaluation asks (VQA_PROMPT), answered
-                    human, gpt = line["conversations"]
-                    text = f"{human['value']}\n{VQA_PROMPT}"
-                    turns += [dict(human, value=text if i == 0 else text.removeprefix("<image>\n")), gpt]
+                for i, line in enumerate(group):  # the first asked as the evaluation asks (VQA_PROMPT), answered;
+                    human, gpt = line["conversations"]  # the instruction stated once: the others just asked
+                    text = f"{human['value']}\n{VQA_PROMPT}" if i == 0 else human["value"].removeprefix("<image>\n")
+                    turns += [dict(human, value=text), gpt]
                 f.write(json.dumps({"image": image, "conversations": turns}) + "\n")
         with open(tmp / "test.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(line) + "\n" for line in lines["test"])

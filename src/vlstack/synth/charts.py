@@ -17,6 +17,9 @@ from .draw import BACKGROUNDS, COLOURS, font, scan, text_width
 
 # kinds of question answered by looking alone; the rest need the chart's text read
 VISUAL = ("count", "type", "colour", "position", "trend")
+# kinds asked in training only: each bar's or point's height on a coarse scale, a chart-to-table that needs no
+# text read (dense supervision of where things are, for the position, trend and count questions)
+TRAINING = ("heights",)
 
 TEMPLATES: dict[str, dict] = {
     "bar-grid": dict(chart="bar", grid=True, labels=False, width=0.6),
@@ -83,6 +86,10 @@ def questions(kind: str, t: dict, rng: random.Random) -> list[tuple[str, str, st
     n, top, low = len(values), values.index(max(values)), values.index(min(values))
     thing = {"bar": "bars", "line": "points", "pie": "slices"}[kind]
     out = [("count", f"How many {thing} does the chart have?", str(n)), ("type", "What type of chart is this?", kind)]
+    if kind != "pie":
+        ymax = 10 * -(-max(values) // 10)  # the axis' top, as _axes draws it
+        levels = " ".join(str(min(9, 10 * v // ymax)) for v in values)
+        out.append(("heights", f"How high is each {thing[:-1]} from left to right, from 0 to 9?", levels))
     if kind == "bar":
         out += [("colour", "What colour is the tallest bar?", colours[top]),
                 ("position", "Counting from the left, which bar is the tallest?", str(top + 1))]  # fmt: skip

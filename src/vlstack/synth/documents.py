@@ -16,6 +16,7 @@ from .charts import Sample
 from .draw import BACKGROUNDS, COLOURS, font, scan
 
 VISUAL = ("type", "count", "colour", "stamp", "signed", "checkbox")
+TRAINING: tuple[str, ...] = ()  # kinds asked in training only (none)
 
 TEMPLATES: dict[str, dict] = {
     "invoice-band": dict(doc="invoice", header="band"),

@@ -87,7 +87,7 @@ def questions(kind: str, t: dict, rng: random.Random) -> list[tuple[str, str, st
     thing = {"bar": "bars", "line": "points", "pie": "slices"}[kind]
     out = [("count", f"How many {thing} does the chart have?", str(n)), ("type", "What type of chart is this?", kind)]
     if kind != "pie":
-        ymax = 10 * -(-max(values) // 10)  # the axis' top, as _axes draws it
+        ymax = axis_top(max(values))
         levels = " ".join(str(min(9, 10 * v // ymax)) for v in values)
         out.append(("heights", f"How high is each {thing[:-1]} from left to right, from 0 to 9?", levels))
     if kind == "bar":
@@ -117,10 +117,15 @@ def questions(kind: str, t: dict, rng: random.Random) -> list[tuple[str, str, st
     return out
 
 
+def axis_top(top_value: int) -> int:
+    """The y axis' maximum: the largest value rounded up to a multiple of 10."""
+    return 10 * -(-top_value // 10)
+
+
 def _axes(draw, style, box, s, top_value) -> float:
     """Axes, ticks and (if the style has them) grid lines: the y scale's maximum."""
     left, top, right, bottom = box
-    ymax = 10 * -(-top_value // 10)
+    ymax = axis_top(top_value)
     for k in range(5):
         y = bottom - (bottom - top) * k / 4
         if style.get("grid") and k:

@@ -4,8 +4,11 @@ q/k/v (separate, stacked, grouped per KV head) and with fewer KV heads than rank
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -87,6 +90,27 @@ def two_nodes(*program: str) -> list[subprocess.Popen]:
     return [subprocess.Popen([*launcher, "--node-rank", str(r), *program], **pipes) for r in range(2)]
 
 
+def run_two_nodes(*program: str, timeout: float = 150, attempts: int = 2) -> None:
+    """two_nodes(PROGRAM) run to their end. Once in a few full-suite runs the pair hung (on its rendezvous, the
+    suspect; it passes alone in ~16 s): then both are killed, their stderr shown as a warning, and the pair is
+    started again on a new port."""
+    for attempt in range(attempts):
+        nodes = two_nodes(*program)
+        try:
+            errs = [node.communicate(timeout=timeout)[1] for node in nodes]
+        except subprocess.TimeoutExpired:
+            for node in nodes:
+                _kill_tree(node.pid)
+            tails = [node.communicate()[1][-1500:] for node in nodes]
+            if attempt + 1 == attempts:
+                raise AssertionError(f"two torchrun nodes hung {attempts} times; their stderr: {tails}") from None
+            warnings.warn(f"two torchrun nodes hung (try {attempt + 1}), started again; stderr: {tails}", stacklevel=2)
+            continue
+        for node, err in zip(nodes, errs):
+            assert node.returncode == 0, err[-3000:]
+        return
+
+
 def test_two_nodes_under_torchrun(checkpoints, tmp_path):
     """Multi-node as a user starts it (`torchrun --nnodes 2 --node-rank R --master-addr ...`), two local processes
     as the two nodes, one rank each: the same answers as one process."""
@@ -95,10 +119,7 @@ def test_two_nodes_under_torchrun(checkpoints, tmp_path):
     root = tmp_path / "one"
     root.mkdir()
     (root / "qwen2-kv1-untied").symlink_to(checkpoints / "qwen2-kv1-untied")
-    nodes = two_nodes(str(Path(__file__).parent / "tp_worker.py"), str(root), "2", str(tmp_path))
-    for node in nodes:
-        _, err = node.communicate(timeout=300)
-        assert node.returncode == 0, err[-3000:]
+    run_two_nodes(str(Path(__file__).parent / "tp_worker.py"), str(root), "2", str(tmp_path))
     want = run(root, 1)["qwen2-kv1-untied"]
     for r in range(2):
         got = torch.load(tmp_path / f"rank{r}.pt")["qwen2-kv1-untied"]
@@ -238,8 +259,21 @@ def test_serve_under_torchrun_on_two_nodes(checkpoints):
     finally:
         for n in nodes:
             if n.poll() is None:
-                n.kill()
+                _kill_tree(n.pid)
                 n.wait()
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL pid and every process under it (torchrun's workers hold its pipes; some start their own session)."""
+    todo, tree = [pid], []
+    while todo:
+        tree.append(todo.pop())
+        todo += _children(tree[-1])
+    for p in reversed(tree):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _state(pid: int) -> str:

@@ -160,8 +160,6 @@ def test_serve_tp2_answers_as_one_process_and_stops_when_a_rank_dies(checkpoints
     hot-loaded one equal one process's; then a rank killed makes the other ranks and the server exit, naming
     it, instead of hanging."""
     import concurrent.futures
-    import os
-    import signal
     import time
 
     import httpx
@@ -222,7 +220,7 @@ def test_serve_tp2_answers_as_one_process_and_stops_when_a_rank_dies(checkpoints
         assert not [p for p in ranks if Path(f"/proc/{p}").exists() and "zombie" not in _state(p)]
     finally:
         if proc.poll() is None:
-            proc.kill()
+            _kill_tree(proc.pid)
             proc.wait()
 
 

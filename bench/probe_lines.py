@@ -60,12 +60,15 @@ def main() -> None:
     args = parser.parse_args()
     train_templates = [t for t, s in charts.TEMPLATES.items() if s["chart"] == "line" and t not in charts.HELD_OUT]
     test_templates = [t for t, s in charts.TEMPLATES.items() if s["chart"] == "line" and t in charts.HELD_OUT]
+    charts_of_size: dict[int, tuple] = {}  # image size -> the train and test charts, drawn once for all models
     print("| model | features | " + " | ".join(KINDS) + " |\n|---|---|" + "---:|" * len(KINDS))
     for name in args.models:
         model = vlstack.load(name).model.eval()
         size = model.cfg.vision.image_size
-        pixels, answers = line_charts(args.n, train_templates, 1, size)
-        test_pixels, test_answers = line_charts(400, test_templates, 2, size)
+        if size not in charts_of_size:
+            fit, held_out = line_charts(args.n, train_templates, 1, size), line_charts(400, test_templates, 2, size)
+            charts_of_size[size] = fit, held_out
+        (pixels, answers), (test_pixels, test_answers) = charts_of_size[size]
         for (where, train), test in zip(features(model, pixels).items(), features(model, test_pixels).values()):
             scores = [100 * ridge_accuracy(train, answers[k], test, test_answers[k], c) for k, c in KINDS.items()]
             print(f"| {name} | {where} | " + " | ".join(f"{s:.0f}" for s in scores) + " |", flush=True)

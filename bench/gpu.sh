@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU set in one go, meant for under 10 minutes on one H100 (DESIGN.md, "Performance method"): the CUDA
-# tests, then each GPU benchmark printing its table (JSON under bench/results/). The device machine lacks the
-# server's packages: carry their wheels or put them on PYTHONPATH (README). `bench/gpu.sh --dry` runs every
-# step on the CPU at toy sizes: it proves the script before a GPU's minutes go into it; its figures mean nothing.
+# The GPU set, about 13 minutes on one H100 (DESIGN.md, "Performance method"): the CUDA tests, then each GPU
+# benchmark printing its table (JSON under bench/results/). One device call runs at most 10 minutes, so the set
+# goes in two (GPU_STEPS, below): GPU_STEPS='CUDA|decode|training' (~5 min), then 'serving|compression' (~8 min).
+# The device machine lacks the server's packages: carry their wheels or put them on PYTHONPATH (README).
+# `bench/gpu.sh --dry` runs every step on the CPU at toy sizes: it proves the script before a GPU's minutes go
+# into it; its figures mean nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
@@ -48,16 +50,16 @@ fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-step 110 "CUDA tests: parity (fp32 and bf16), adapters, engine" env VLSTACK_TEST_DEVICE=cuda \
+step 70 "CUDA tests: parity (fp32 and bf16), adapters, engine" env VLSTACK_TEST_DEVICE=cuda \
     python -m pytest -q -p no:cacheprovider --timeout 60 tests/test_parity.py tests/test_lora.py tests/test_engine.py
-step 110 "decode, batch 1, InternVL3-1B shapes, bf16: vs transformers eager and compiled" \
+step 90 "decode, batch 1, InternVL3-1B shapes, bf16: vs transformers eager and compiled" \
     python bench/foundation.py --device cuda --prompt-len 512 --new-tokens 64 --repeat 3
-step 200 "serving: 128 requests at once, 4 adapters, 128 tokens (baseline: the first 4, one at a time)" \
-    python bench/serve.py --model internvl3-1b --device cuda --requests 128 --rate 0 --max-tokens 128 \
-    --max-batch 128 --max-model-len 4096 --baseline-requests 4 --adapter-cost
-step 100 "training: 4 adapters fused vs peft one after another, InternVL3-1B shapes" \
+step 140 "training: 4 adapters fused vs peft one after another, InternVL3-1B shapes" \
     python bench/multi_lora_train.py --model internvl3-1b --device cuda --steps 10 --batch 4
-step 120 "serving at 8 requests/s (TTFT), 4 adapters, 128 tokens" \
+step 240 "serving: 128 requests at once, 4 adapters, 128 tokens (baseline: the first 4, one at a time)" \
+    python bench/serve.py --model internvl3-1b --device cuda --requests 128 --rate 0 --max-tokens 128 \
+    --max-batch 128 --max-model-len 4096 --baseline-requests 4
+step 140 "serving at 8 requests/s (TTFT), 4 adapters, 128 tokens" \
     python bench/serve.py --model internvl3-1b --device cuda --requests 64 --rate 8 --max-tokens 128 \
     --max-batch 128 --max-model-len 4096 --baseline-requests 4 --out bench/results/serve_rate8.json
 step 90 "compression: bytes and decode (int8 weight-only kernel) vs bf16, InternVL3-1B shapes" \

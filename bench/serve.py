@@ -351,11 +351,14 @@ def main() -> None:
                 records[name] = asyncio.run(
                     drive(bases[name], work[: args.baseline_requests] if name == "baseline" else work)
                 )
-                note(f"round {i + 1}: {name} done")
+                r = summarise(records[name])  # (in the progress line too: a run cut short still has it)
+                note(f"round {i + 1}: {name} done: {r['tokens_per_s']:.1f} tok/s, {r['failed']} failed, "
+                     f"TTFT p50 {r['ttft_p50']:.2f} s")  # fmt: skip
             if args.adapter_cost:  # requests of the same shapes on the base model (new images: no cache hits)
                 fresh = make_workload(args.requests, args.rate, args.max_tokens, args.pages, seed=i + 10**5)
                 records["vlstack, base"] = asyncio.run(drive(bases["vlstack"], [dict(w, model="base") for w in fresh]))
-                note(f"round {i + 1}: vlstack on the base model done")
+                note(f"round {i + 1}: vlstack on the base model done: "
+                     f"{summarise(records['vlstack, base'])['tokens_per_s']:.1f} tok/s")  # fmt: skip
             same = sum(a.get("text") == b.get("text") for a, b in zip(records["vlstack"], records["baseline"]))
             rounds.append({name: summarise(records[name]) for name in records})
             rounds[-1]["ratio"] = rounds[-1]["vlstack"]["tokens_per_s"] / rounds[-1]["baseline"]["tokens_per_s"]

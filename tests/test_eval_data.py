@@ -147,6 +147,30 @@ def test_mmmu_disciplines_are_instance_weighted():
     assert "disciplines" not in breakdown(rows, "chartqa")
 
 
+def test_synthetic_items_are_scored_by_template_too(tmp_path):
+    """A JSONL whose lines name their template (vlstack synth's): predictions keep it, and the summary scores
+    each template's categories (the chart example's bar / line / pie table), in summary.json and summary.md."""
+    from vlstack.eval.benchmarks import read_items
+    from vlstack.eval.runner import breakdown, table
+
+    (tmp_path / "a.png").write_bytes(png(0))
+    lines = [{"index": str(i), "image": "a.png", "answer": "1", "category": c, "template": t,
+              "conversations": [{"from": "human", "value": "<image>\nHow many?"}]}
+             for i, (t, c) in enumerate([("bar-x", "count"), ("bar-x", "count"), ("line-y", "trend")])]  # fmt: skip
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert [i.template for i in read_items(tmp_path / "t.jsonl")] == ["bar-x", "bar-x", "line-y"]
+    rows = [{"category": c, "template": t, "score": x} for t, c, x in
+            [("bar-x", "count", 1), ("bar-x", "count", 0), ("line-y", "trend", 1), ("line-y", "count", 1)]]  # fmt: skip
+    out = breakdown(rows, "chartqa")
+    assert out["categories"] == {"count": pytest.approx(200 / 3), "trend": 100.0}
+    assert out["templates"] == {"bar-x": {"count": 50.0}, "line-y": {"count": 100.0, "trend": 100.0}}
+    assert "templates" not in breakdown([{"category": "count", "score": 1}], "chartqa")
+    summary = {"benchmark": "chartqa", "metric": "relaxed", "model": "m", "n": 4, "score": 75.0, "pages_per_s": 1.0,
+               **out}  # fmt: skip
+    md = table(summary)
+    assert "| category | bar-x | line-y |" in md and "| count | 50.0 | 100.0 |" in md and "| trend |  | 100.0 |" in md
+
+
 def test_eval_report_compares_runs_with_their_costs(tmp_path, capsys):
     """Runs side by side: a local run's cost per 1,000 pages from its GPU time at --gpu-price, an API run's from
     its token cost; a directory that is not a run is a clear error."""

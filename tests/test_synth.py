@@ -104,6 +104,7 @@ def test_the_trainer_and_the_evaluator_read_the_dataset(tmp_path):
         (i.index, i.question, i.answers, i.category, i.images) for i in tsv
     ]
     assert {i.category for i in jsonl} <= set(documents.VISUAL) and jsonl[0].question.endswith("?")
+    assert {i.template for i in jsonl} <= documents.HELD_OUT and all(i.template for i in jsonl)  # (scored by it)
 
 
 def test_conversations_put_an_images_questions_in_one_line(tmp_path):

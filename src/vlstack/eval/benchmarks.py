@@ -42,6 +42,7 @@ class Item:
     hint: str = ""
     category: str = ""
     split: str = ""
+    template: str = ""  # what drew it (vlstack synth's JSONL): the summary scores each template's categories too
 
 
 def read_items(path: str | Path) -> list[Item]:
@@ -95,7 +96,8 @@ def read_jsonl(path: Path) -> list[Item]:
         question = question.replace("<image>\n", "").replace("<image>", "") if images else question
         answers = [str(a) for a in answer] if isinstance(answer, list) else [str(answer)]
         items.append(Item(str(row.get("index", line)), question, answers, images, dict(row.get("options") or {}),
-                          "", str(row.get("category", "")), str(row.get("split", ""))))  # fmt: skip
+                          "", str(row.get("category", "")), str(row.get("split", "")),
+                          str(row.get("template", ""))))  # fmt: skip
     return items
 
 

@@ -4,7 +4,7 @@ rows), each prediction scored by the benchmark's official rule (metrics.py), wri
 `<out>/predictions.jsonl` gets a line per item (index, question, answers, prediction, score) as each batch
 ends, so a run that stops keeps what it scored and a rerun with the same --out goes on from there;
 `<out>/summary.json` (benchmark, model, n, score 0-100, per-category scores (MMMU: per subject and per
-discipline, instance-weighted), tokens, seconds, pages per second, where it ran, and cost_usd at given prices),
+discipline, instance-weighted; synthetic data: per template and category too), tokens, seconds, pages per second, where it ran, and cost_usd at given prices),
 `summary.md` (the same as a Markdown table) and `summary.png` (the scores as bars) are written at the end,
 from every line of the file.
 """
@@ -101,6 +101,7 @@ def evaluate(
                     "prediction": answer,
                     "score": score(metric, item, answer, rng),
                     "category": item.category,
+                    **({"template": item.template} if item.template else {}),
                     "prompt_tokens": use["prompt_tokens"],
                     "completion_tokens": use["completion_tokens"],
                 }
@@ -138,15 +139,26 @@ def evaluate(
 
 def breakdown(rows: list[dict], bench: str) -> dict:
     """Scores 0-100 by category (each the mean over its items); for MMMU also by discipline, instance-weighted
-    (each the mean over all its subjects' items, not the mean of the subjects' means)."""
+    (each the mean over all its subjects' items, not the mean of the subjects' means); where the items name the
+    template that drew them (synthetic data), also by template and category: {template: {category: score}}."""
     groups: dict[str, dict[str, list[float]]] = {"categories": defaultdict(list), "disciplines": defaultdict(list)}
+    by_template: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         groups["categories"][r["category"] or "all"].append(r["score"])
         if bench == "mmmu" and r["category"]:
             subject = r["category"].replace(" ", "_").lower()
             groups["disciplines"][_DISCIPLINE_OF.get(subject, "Other")].append(r["score"])
-    out = {name: {k: 100 * sum(s) / len(s) for k, s in sorted(g.items())} for name, g in groups.items()}
-    return out if out["disciplines"] else {"categories": out["categories"]}
+        if r.get("template"):
+            by_template[r["template"]][r["category"] or "all"].append(r["score"])
+    out = {name: _means(g) for name, g in groups.items() if g}
+    out.setdefault("categories", {})
+    if by_template:
+        out["templates"] = {t: _means(g) for t, g in sorted(by_template.items())}
+    return out
+
+
+def _means(groups: dict[str, list[float]]) -> dict[str, float]:
+    return {k: 100 * sum(s) / len(s) for k, s in sorted(groups.items())}
 
 
 def _progress(bench: str, done: int, total: int, scores: list[float], seconds: float, timed: int) -> None:
@@ -169,7 +181,14 @@ def table(summary: dict) -> str:
     parts = {**s.get("disciplines", {}), **s["categories"]}
     rows += [[c, "", "", f"{v:.1f}", ""] + ([""] if has_cost else []) for c, v in parts.items()]
     lines = [head, ["---"] + ["---:"] * (len(head) - 1), *rows]
-    return f"{s['benchmark']} ({s['metric']})\n\n" + "".join("| " + " | ".join(r) + " |\n" for r in lines)
+    text = f"{s['benchmark']} ({s['metric']})\n\n" + "".join("| " + " | ".join(r) + " |\n" for r in lines)
+    if s.get("templates"):  # categories down, templates across; blank where a template has no such item
+        names = list(s["templates"])
+        cells = [["category", *names], ["---"] + ["---:"] * len(names)]
+        for c in sorted({c for t in s["templates"].values() for c in t}):
+            cells.append([c, *(f"{s['templates'][t][c]:.1f}" if c in s["templates"][t] else "" for t in names)])
+        text += "\nBy template:\n\n" + "".join("| " + " | ".join(r) + " |\n" for r in cells)
+    return text
 
 
 def _done(path: Path) -> dict[str, dict]:

@@ -4,9 +4,9 @@ rows), each prediction scored by the benchmark's official rule (metrics.py), wri
 `<out>/predictions.jsonl` gets a line per item (index, question, answers, prediction, score) as each batch
 ends, so a run that stops keeps what it scored and a rerun with the same --out goes on from there;
 `<out>/summary.json` (benchmark, model, n, score 0-100, per-category scores (MMMU: per subject and per
-discipline, instance-weighted; synthetic data: per template and category too), tokens, seconds, pages per second, where it ran, and cost_usd at given prices),
-`summary.md` (the same as a Markdown table) and `summary.png` (the scores as bars) are written at the end,
-from every line of the file.
+discipline, instance-weighted; synthetic data: per template and category too), tokens, seconds, pages per
+second, where it ran, and cost_usd at given prices), `summary.md` (the same as Markdown tables) and
+`summary.png` (the scores as bars) are written at the end, from every line of the file.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The tiny architecture (a few million parameters) trained from scratch on synthetic charts, then scored on
-# charts of templates it never saw, question kind by kind. One command, about 28 minutes on 2 CPU cores (it prints the score by kind and template):
+# charts of templates it never saw, question kind by kind and template by template. One command, about 28
+# minutes on 2 CPU cores:
 #   bash examples/learn/charts.sh
 set -euo pipefail
 cd "$(dirname "$0")"

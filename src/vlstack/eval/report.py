@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import DataError
 from ..files import write_files
 from .plot import bar_chart
+from .runner import markdown
 
 FIELDS = {"benchmark", "model", "n", "score", "seconds", "pages_per_s"}  # what a report reads of a summary
 
@@ -51,8 +52,7 @@ def report(runs: list[str | Path], out: str | Path, gpu_price: float | None = No
         where = "API" if s.get("source", "local") != "local" else f"local ({s.get('device') or '?'})"
         rows.append([Path(run).name, s["benchmark"], s["model"], where, str(s["n"]), f"{s['score']:.1f}",
                      f"{s['pages_per_s']:.2f}", "-" if cost is None else f"{cost:.3f}"])  # fmt: skip
-    lines = [head, ["---"] * 4 + ["---:"] * 4, *rows]
-    text = "".join("| " + " | ".join(r) + " |\n" for r in lines)
+    text = markdown([head, ["---"] * 4 + ["---:"] * 4, *rows])
     if gpu_price is not None:
         text += f"\nLocal runs' cost: the GPU time they took at {gpu_price:g} USD per hour.\n"
     out = Path(out)

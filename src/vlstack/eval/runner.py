@@ -180,15 +180,19 @@ def table(summary: dict) -> str:
     rows = [first + ([f"{s['cost_usd']:.4f}"] if has_cost else [])]
     parts = {**s.get("disciplines", {}), **s["categories"]}
     rows += [[c, "", "", f"{v:.1f}", ""] + ([""] if has_cost else []) for c, v in parts.items()]
-    lines = [head, ["---"] + ["---:"] * (len(head) - 1), *rows]
-    text = f"{s['benchmark']} ({s['metric']})\n\n" + "".join("| " + " | ".join(r) + " |\n" for r in lines)
+    text = f"{s['benchmark']} ({s['metric']})\n\n" + markdown([head, ["---"] + ["---:"] * (len(head) - 1), *rows])
     if s.get("templates"):  # categories down, templates across; blank where a template has no such item
         names = list(s["templates"])
         cells = [["category", *names], ["---"] + ["---:"] * len(names)]
         for c in sorted({c for t in s["templates"].values() for c in t}):
             cells.append([c, *(f"{s['templates'][t][c]:.1f}" if c in s["templates"][t] else "" for t in names)])
-        text += "\nBy template:\n\n" + "".join("| " + " | ".join(r) + " |\n" for r in cells)
+        text += "\nBy template:\n\n" + markdown(cells)
     return text
+
+
+def markdown(lines: list[list[str]]) -> str:
+    """Rows of cells (the header and the alignment row first) as Markdown table lines."""
+    return "".join("| " + " | ".join(r) + " |\n" for r in lines)
 
 
 def _done(path: Path) -> dict[str, dict]:

@@ -346,21 +346,19 @@ def main() -> None:
         rounds = []
         for i in range(args.rounds):  # new images each round (no cache hits across rounds); the order alternates
             work = make_workload(args.requests, args.rate, args.max_tokens, args.pages, seed=i)
-            records = {}
-            for name in ("vlstack", "baseline") if i % 2 == 0 else ("baseline", "vlstack"):
-                records[name] = asyncio.run(
-                    drive(bases[name], work[: args.baseline_requests] if name == "baseline" else work)
-                )
-                r = summarise(records[name])  # (in the progress line too: a run cut short still has it)
-                note(f"round {i + 1}: {name} done: {r['tokens_per_s']:.1f} tok/s, {r['failed']} failed, "
-                     f"TTFT p50 {r['ttft_p50']:.2f} s")  # fmt: skip
+            order = ("vlstack", "baseline") if i % 2 == 0 else ("baseline", "vlstack")
+            drives = [(n, bases[n], work[: args.baseline_requests] if n == "baseline" else work) for n in order]
             if args.adapter_cost:  # requests of the same shapes on the base model (new images: no cache hits)
                 fresh = make_workload(args.requests, args.rate, args.max_tokens, args.pages, seed=i + 10**5)
-                records["vlstack, base"] = asyncio.run(drive(bases["vlstack"], [dict(w, model="base") for w in fresh]))
-                note(f"round {i + 1}: vlstack on the base model done: "
-                     f"{summarise(records['vlstack, base'])['tokens_per_s']:.1f} tok/s")  # fmt: skip
+                drives.append(("vlstack, base", bases["vlstack"], [dict(w, model="base") for w in fresh]))
+            records, summaries = {}, {}
+            for name, base, requests in drives:  # each one's figures in the progress line at once: a run cut short
+                records[name] = asyncio.run(drive(base, requests))  # still has them
+                r = summaries[name] = summarise(records[name])
+                note(f"round {i + 1}: {name} done: {r['tokens_per_s']:.1f} tok/s, {r['failed']} failed, "
+                     f"TTFT p50 {r['ttft_p50']:.2f} s")  # fmt: skip
             same = sum(a.get("text") == b.get("text") for a, b in zip(records["vlstack"], records["baseline"]))
-            rounds.append({name: summarise(records[name]) for name in records})
+            rounds.append(summaries)
             rounds[-1]["ratio"] = rounds[-1]["vlstack"]["tokens_per_s"] / rounds[-1]["baseline"]["tokens_per_s"]
             rounds[-1]["identical_answers"] = same
             note(

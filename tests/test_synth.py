@@ -55,6 +55,21 @@ def test_line_and_pie_answers_agree_with_the_pixels():
         assert answers["colour"] == max(areas, key=areas.get) and answers["count"] == str(len(areas))
 
 
+def test_a_wide_line_is_the_same_chart_drawn_wider():
+    """--line-width draws the same table (same seed) with the line that many pixels wide: its pixels' spread
+    across the line, column by column, grows about as the width; the answers are the same."""
+    for seed in range(3):
+        thin, wide = (
+            charts.chart(random.Random(seed), 224, "line-plain", noise=0, turn=0, line_width=w) for w in (2, 8)
+        )
+        assert thin.questions == wide.questions
+        colour = thin.table["colours"][0]
+        spread = [
+            np.median(colour_mask(s.image, colour).sum(0)[colour_mask(s.image, colour).any(0)]) for s in (thin, wide)
+        ]
+        assert 3 <= spread[1] / spread[0] <= 5
+
+
 def test_document_answers_agree_with_the_pixels():
     """A PAID stamp is red ink on the page exactly when the answer says so; a table's header is the colour
     named; an invoice's total is the sum of its items' amounts."""
@@ -142,9 +157,13 @@ def test_bad_requests_are_refused_and_nothing_is_left(tmp_path):
     assert (tmp_path / "full/keep.txt").read_text() == "mine"
     with pytest.raises(DataError, match="--only scatter: charts are of the types bar, line, pie"):
         synthesize("charts", 4, tmp_path / "x", only=["scatter"])
+    with pytest.raises(DataError, match="--line-width 30.0: charts' lines are 2 to 20 pixels wide"):
+        synthesize("charts", 4, tmp_path / "x", line_width=30.0)
+    with pytest.raises(DataError, match="--line-width 4.0"):
+        synthesize("documents", 4, tmp_path / "x", line_width=4.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # no half-written directory
     out = run_cli("synth", "documents", "--n", "0", "--out", str(tmp_path / "y"))
     assert out.returncode == 2 and "--n must be >= 1" in out.stderr and "Traceback" not in out.stderr
-    out = run_cli("synth", "charts", "--n", "3", "--size", "96", "--out", str(tmp_path / "z"))
+    out = run_cli("synth", "charts", "--n", "3", "--size", "96", "--line-width", "6", "--out", str(tmp_path / "z"))
     assert out.returncode == 0, out.stderr
-    assert "training and" in out.stdout and (tmp_path / "z/provenance.json").is_file()
+    assert "training and" in out.stdout and json.loads((tmp_path / "z/provenance.json").read_text())["line_width"] == 6

@@ -13,6 +13,7 @@ from conftest import image, rel_err, rows_forward, run_cli
 from safetensors.torch import load_file
 
 import vlstack
+from vlstack.train.checkpoint import shape_of
 from vlstack.train.data import DatasetError, encode_example, read_dataset
 from vlstack.train.jobs import Job, JobError, read_plan
 from vlstack.train.multi import train
@@ -766,6 +767,47 @@ def test_a_full_job_trains_every_weight_into_a_checkpoint_transformers_loads(tmp
     assert rel_err(trained(ids, pv), ref) <= 1e-4 and rel_err(vlm(ids, pv), ref) <= 1e-4
     fresh = vlstack.load("tiny", device="cpu").model.state_dict()
     assert all(torch.equal(fresh[k], before[k]) for k in before)
+
+
+def test_a_full_job_trains_the_parts_it_names_and_only_those(tmp_path):
+    """A full job trains all three parts unless it names some (parts: [language, projector] leaves the vision
+    tower as it was: InternVL's frozen-backbone fine-tuning); its checkpoint resumes only a job of the same parts."""
+    data = write_dataset(tmp_path, "d", 4, True)
+    (tmp_path / "jobs.yaml").write_text(
+        f"jobs:\n  - {{name: base, data: {data}, output: out/base, steps: 3, batch_size: 4, lr: 3.0e-3, full: true,"
+        " parts: [language, projector]}\n"
+    )
+    (tmp_path / "all.yaml").write_text(f"jobs:\n  - {{name: b, data: {data}, output: b, full: true, steps: 1}}\n")
+    assert read_plan(tmp_path / "all.yaml").jobs[0].parts == ["language", "projector", "vision"]
+    job = read_plan(tmp_path / "jobs.yaml").jobs[0]
+    assert shape_of(job) != shape_of(read_plan(tmp_path / "all.yaml").jobs[0])
+    vlm = vlstack.load("tiny", device="cpu")
+    before = {k: v.clone() for k, v in vlm.model.state_dict().items()}
+    train(vlm, [job], max_rows=4, verbose=False)
+    moved = {k.split(".")[0] for k, v in vlm.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved == {"multi_modal_projector", "language_model", "lm_head"}
+    saved = vlstack.load(tmp_path / "out/base", device="cpu").model.state_dict()
+    assert all(torch.equal(saved[k], before[k]) for k in before if k.startswith("vision_tower."))
+
+
+def test_a_full_job_gives_a_part_its_own_learning_rate(tmp_path):
+    """part_lr: the vision tower stepped at 1e-6 while the rest is at 1e-2 (AdamW moves a weight by about its
+    learning rate a step); only a full job has it, and only for parts it trains."""
+    data = write_dataset(tmp_path, "d", 4, True)
+    job = Job("base", data, tmp_path / "out", batch_size=4, steps=2, lr=1e-2, full=True, part_lr={"vision": 1e-6})
+    vlm = vlstack.load("tiny", device="cpu")
+    before = {k: v.clone() for k, v in vlm.model.state_dict().items()}
+    train(vlm, [job], max_rows=4, verbose=False)
+    moved = {k: (v - before[k]).abs().max().item() for k, v in vlm.model.state_dict().items()}
+    vision = max(d for k, d in moved.items() if k.startswith("vision_tower."))
+    language = max(d for k, d in moved.items() if k.startswith("language_model."))
+    assert 0 < vision <= 3e-6 and language >= 1e-2
+    for extra, message in [("part_lr: {vision: 1.0e-4}", "part_lr is for a job with full: true"),
+                           ("full: true, parts: [language], part_lr: {vision: 1.0e-4}", "part_lr names a part"),
+                           ("full: true, part_lr: {eyes: 1.0e-4}", "must map some of")]:  # fmt: skip
+        (tmp_path / "jobs.yaml").write_text(f"jobs:\n  - {{name: b, data: {data}, output: b, steps: 1, {extra}}}\n")
+        with pytest.raises(JobError, match=message):
+            read_plan(tmp_path / "jobs.yaml")
 
 
 def test_a_full_job_runs_alone(tmp_path):

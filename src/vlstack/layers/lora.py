@@ -47,6 +47,13 @@ PARTS = {  # where each part's Linear layers live (our module names)
 }
 
 
+def part_of(name: str) -> str:
+    """The part a parameter of the model belongs to, by its name: vision, projector or language (the rest)."""
+    if name.startswith("vision_tower."):
+        return "vision"
+    return "projector" if name.startswith("multi_modal_projector.") else "language"
+
+
 @dataclass
 class LoRASpec:
     """One adapter's shape: rank, alpha, dropout, rsLoRA, and which Linear layers it adapts."""

@@ -53,9 +53,12 @@ class Sample:
     table: dict  # what was drawn: title, labels, values, colours
 
 
-def chart(rng: random.Random, size: int, template: str, noise: float = 6.0, turn: float = 1.5) -> Sample:
-    """One chart of `template` on a size x size canvas, and its questions."""
-    style = TEMPLATES[template]
+def chart(
+    rng: random.Random, size: int, template: str, noise: float = 6.0, turn: float = 1.5, line_width: float = 2.0
+) -> Sample:
+    """One chart of `template` on a size x size canvas, and its questions; a line chart's line line_width pixels
+    wide at 224 px (wider: a warm-up set, where a model learns to read the line's shape before the thin ones)."""
+    style = dict(TEMPLATES[template], line_width=line_width)
     kind = style["chart"]
     n = rng.randint(4, 7) if kind == "line" else rng.randint(3, 5)
     title, pool = rng.choice([t for t in TOPICS if len(t[1]) >= n])
@@ -157,7 +160,9 @@ def _line(draw, rng, style, box, s, labels, values, names) -> None:
     ymax = _axes(draw, style, box, s, max(values))
     step = (right - left) / len(values)
     points = [(left + step * (i + 0.5), bottom - (bottom - top) * v / ymax) for i, v in enumerate(values)]
-    draw.line(points, fill=COLOURS[names[0]], width=max(2, round(2 * s)))
+    width = max(2, round(style["line_width"] * s))
+    joint = "curve" if style["line_width"] > 2 else None  # (a wide line's corners rounded, not cut off)
+    draw.line(points, fill=COLOURS[names[0]], width=width, joint=joint)
     for (x, y), label in zip(points, labels):
         if style["markers"]:
             r = 3 * s

@@ -30,7 +30,9 @@ jobs:
     seed: 0
     save_every: 50          # checkpoint every K optimizer steps, for --resume (0: only at the end)
   # - name: base            # full: true trains every weight of the model instead of an adapter (a small model
-  #   full: true            #   from scratch, say): output gets a whole checkpoint; such a job runs alone
+  #   full: true            #   from scratch, say): output gets a whole checkpoint; such a job runs alone.
+  #   parts: [language, projector]  # a full job's parts are all three unless given: the others stay frozen
+  #   part_lr: {vision: 1.0e-4}     # a full job's learning rate for some of its parts (the others: lr)
 
 Bounds: name 1-64 letters, digits, '_', '-' or ':' (a YAML string: quote names such as off or 1e3); rank
 1-1024; batch_size and grad_accum 1-1024; max_len 8-1048576; numbers finite.
@@ -67,7 +69,7 @@ class Job:
     dropout: float = 0.0
     rslora: bool = False
     targets: list[str] = field(default_factory=lambda: list(LLM_TARGETS))
-    parts: list[str] = field(default_factory=lambda: ["language"])
+    parts: list[str] | None = None  # an adapter's: [language]; a full job's: all three (those left out: frozen)
     lr: float = 2e-4
     weight_decay: float = 0.0
     schedule: str = "cosine"
@@ -81,9 +83,14 @@ class Job:
     seed: int = 0
     save_every: int = 0  # checkpoint every K optimizer steps (0: only at the end)
     full: bool = False  # every weight trained (no adapter); output: a whole checkpoint
+    part_lr: dict[str, float] | None = None  # a full job's learning rate for some parts ({vision: 1.0e-4}); others: lr
     teacher: Any = None  # distillation: a teacher checkpoint directory (or a loaded model) whose logits are learned
     temperature: float = 1.0  # distillation: the softmax temperature of teacher and student (loss scaled by T²)
     hidden_weight: float = 0.0  # distillation: weight of the final hidden states' mean squared difference
+
+    def __post_init__(self) -> None:
+        if self.parts is None:
+            self.parts = sorted(PARTS) if self.full else ["language"]
 
     @property
     def spec(self) -> LoRASpec:
@@ -121,6 +128,12 @@ def _check(job: dict, where: str, root: Path) -> Job:
                     raise ValueError("must be a non-empty string (quote it: YAML reads off, yes, 12... otherwise)")
                 paths = ("data", "output", "teacher")
                 kw[key] = root / value if key in paths else check_name(value) if key == "name" else value
+            elif key == "part_lr":
+                if not isinstance(value, dict) or not value or set(value) - set(PARTS):
+                    raise ValueError(f"must map some of {sorted(PARTS)} to learning rates")
+                if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value.values()):
+                    raise ValueError("must give each part a learning rate > 0")
+                kw[key] = {k: float(v) for k, v in value.items()}
             elif key in ("targets", "parts"):
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or not value:
                     raise ValueError("must be a non-empty list of names")
@@ -160,6 +173,8 @@ def _check(job: dict, where: str, root: Path) -> Job:
         (j.temperature <= 0, "temperature must be > 0"),
         (j.hidden_weight < 0, "hidden_weight must be >= 0"),
         (bool(set(j.parts) - set(PARTS)), f"parts must be among {sorted(PARTS)}"),
+        (j.part_lr is not None and not j.full, "part_lr is for a job with full: true"),
+        (bool(set(j.part_lr or ()) - set(j.parts)), "part_lr names a part the job does not train"),
     ]
     for bad, message in problems:
         if bad:

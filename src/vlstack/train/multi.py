@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from ..adapters import save_adapter
 from ..api import VLM
 from ..engine.metadata import Step, packed_step, upload, v2pe_rope
-from ..layers.lora import add_adapter, prepare_lora, prepare_tiles, remove_adapter, replay, route
+from ..layers.lora import add_adapter, part_of, prepare_lora, prepare_tiles, remove_adapter, replay, route
 from .checkpoint import clear_run, load_state, restore_state, save_state
 from .data import IGNORE, DatasetError, Example, Stream, encode_example, read_dataset
 from .fsdp import gathered, is_sharded, shard
@@ -96,16 +96,21 @@ def start(
 ) -> Running:
     """Add the job's adapter (or, for a full job, make every weight trainable) and optimizer; from a checkpoint's
     state when resuming. params: its adapter's, added already (sharded training)."""
+    groups = None
     if params is None and job.full:
-        params = list(vlm.model.parameters())
+        named = [(part_of(name), p) for name, p in vlm.model.named_parameters() if part_of(name) in job.parts]
+        params = [p for _, p in named]
         for p in params:
             p.requires_grad_(True)
+        rates = job.part_lr or {}  # a param group per learning rate (the schedule scales each)
+        lrs = sorted({rates.get(part, job.lr) for part, _ in named})
+        groups = [{"params": [p for part, p in named if rates.get(part, job.lr) == lr], "lr": lr} for lr in lrs]
     elif params is None:
         params = add_adapter(vlm.model, job.name, job.spec, seed=job.seed)
     # its state and schedule; stepped with every ready job's at once (optim.step_jobs: one foreach step on a GPU,
     # this fused kernel on a CPU, where the per-tensor loop was 10% of a tiny model's step)
     sharded = is_sharded(vlm.model)  # (torch's fused AdamW takes no split tensors)
-    optimizer = torch.optim.AdamW(params, fused=not sharded, lr=job.lr, weight_decay=job.weight_decay)
+    optimizer = torch.optim.AdamW(groups or params, fused=not sharded, lr=job.lr, weight_decay=job.weight_decay)
     steps = total_steps(job, len(examples))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job, steps))
     r = Running(job, Stream(examples, job.batch_size, job.seed), params, optimizer, scheduler, steps)

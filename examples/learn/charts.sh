@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The tiny architecture (a few million parameters) trained from scratch on synthetic charts, then scored on
-# charts of templates it never saw, question kind by kind and template by template. One command, about 28
+# charts of templates it never saw, question kind by kind and template by template. One command, 26-31
 # minutes on 2 CPU cores:
 #   bash examples/learn/charts.sh
 set -euo pipefail

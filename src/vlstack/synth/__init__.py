@@ -61,7 +61,7 @@ def synthesize(
     if unknown:
         raise DataError(f"--only {', '.join(sorted(unknown))}: {kind} are of the types {', '.join(subjects(kind))}")
     if not 2 <= line_width <= 20 or line_width != 2 and kind != "charts":
-        raise DataError(f"--line-width {line_width}: charts' lines are 2 to 20 pixels wide (at 224 px)")
+        raise DataError(f"--line-width {line_width}: charts' lines are 2 to 20 pixels wide (at 224 px; charts only)")
     if questions not in ("all", "visual"):
         raise DataError(f"--questions {questions!r}: choose all or visual")
     out = Path(out)
@@ -119,7 +119,7 @@ def synthesize(
         provenance = {
             "generator": f"vlstack.synth.{kind}", "version": VERSION, "vlstack": __version__, "seed": seed, "n": n,
             "size": size, "test_fraction": test_fraction, "questions": questions, "only": only or [],
-            "conversations": conversations, **({"line_width": line_width} if line_width != 2 else {}),
+            "conversations": conversations, "line_width": line_width,
             "templates": splits, "examples": {s: dict(sorted((w, c) for (t, w), c in counts.items() if t == s))
                                               for s in ("train", "test")},
         }  # fmt: skip

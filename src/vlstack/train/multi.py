@@ -97,14 +97,13 @@ def start(
     """Add the job's adapter (or, for a full job, make every weight trainable) and optimizer; from a checkpoint's
     state when resuming. params: its adapter's, added already (sharded training)."""
     groups = None
-    if params is None and job.full:
-        named = [(part_of(name), p) for name, p in vlm.model.named_parameters() if part_of(name) in job.parts]
-        params = [p for _, p in named]
-        for p in params:
-            p.requires_grad_(True)
-        rates = job.part_lr or {}  # a param group per learning rate (the schedule scales each)
-        lrs = sorted({rates.get(part, job.lr) for part, _ in named})
-        groups = [{"params": [p for part, p in named if rates.get(part, job.lr) == lr], "lr": lr} for lr in lrs]
+    if params is None and job.full:  # its parts' weights, a param group per learning rate (the schedule scales each)
+        by_lr: dict[float, list[torch.nn.Parameter]] = {}
+        for name, p in vlm.model.named_parameters():
+            if (part := part_of(name)) in job.parts:
+                by_lr.setdefault((job.part_lr or {}).get(part, job.lr), []).append(p.requires_grad_(True))
+        groups = [{"params": group, "lr": lr} for lr, group in by_lr.items()]
+        params = [p for group in by_lr.values() for p in group]
     elif params is None:
         params = add_adapter(vlm.model, job.name, job.spec, seed=job.seed)
     # its state and schedule; stepped with every ready job's at once (optim.step_jobs: one foreach step on a GPU,

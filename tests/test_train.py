@@ -804,10 +804,31 @@ def test_a_full_job_gives_a_part_its_own_learning_rate(tmp_path):
     assert 0 < vision <= 3e-6 and language >= 1e-2
     for extra, message in [("part_lr: {vision: 1.0e-4}", "part_lr is for a job with full: true"),
                            ("full: true, parts: [language], part_lr: {vision: 1.0e-4}", "part_lr names a part"),
-                           ("full: true, part_lr: {eyes: 1.0e-4}", "must map some of")]:  # fmt: skip
+                           ("full: true, parts: [language], part_lr: {vision_tower.encoder: 1.0e-4}",
+                            "part_lr names a part"),
+                           ("full: true, part_lr: {eyes: 1.0e-4}", "must map some of"),
+                           ("full: true, part_lr: {'vision tower': 1.0e-4}", "must map some of")]:  # fmt: skip
         (tmp_path / "jobs.yaml").write_text(f"jobs:\n  - {{name: b, data: {data}, output: b, steps: 1, {extra}}}\n")
         with pytest.raises(JobError, match=message):
             read_plan(tmp_path / "jobs.yaml")
+
+
+def test_part_lr_keys_may_be_prefixes_of_weights_names(tmp_path):
+    """A part_lr key may be a prefix of weights' names: the longest key that matches a weight gives its rate (the
+    patch embedding at 1e-2 inside a vision tower at 1e-6), and a prefix that names no weight is refused."""
+    data = write_dataset(tmp_path, "d", 4, True)
+    rates = {"vision": 1e-6, "vision_tower.embeddings": 1e-2}
+    job = Job("base", data, tmp_path / "out", batch_size=4, steps=2, lr=1e-3, full=True, part_lr=rates)
+    vlm = vlstack.load("tiny", device="cpu")
+    before = {k: v.clone() for k, v in vlm.model.state_dict().items()}
+    train(vlm, [job], max_rows=4, verbose=False)
+    moved = {k: (v - before[k]).abs().max().item() for k, v in vlm.model.state_dict().items()}
+    patch = moved["vision_tower.embeddings.patch_embeddings.projection.weight"]
+    encoder = max(d for k, d in moved.items() if k.startswith("vision_tower.encoder."))
+    assert patch >= 1e-2 and 0 < encoder <= 3e-6
+    job = Job("base", data, tmp_path / "out2", batch_size=4, steps=1, full=True, part_lr={"vision_tower.eyes": 1e-4})
+    with pytest.raises(JobError, match="no weight's name starts with 'vision_tower.eyes'"):
+        train(vlstack.load("tiny", device="cpu"), [job], max_rows=4, verbose=False)
 
 
 def test_a_full_job_runs_alone(tmp_path):

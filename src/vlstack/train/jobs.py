@@ -32,7 +32,8 @@ jobs:
   # - name: base            # full: true trains every weight of the model instead of an adapter (a small model
   #   full: true            #   from scratch, say): output gets a whole checkpoint; such a job runs alone.
   #   parts: [language, projector]  # a full job's parts are all three unless given: the others stay frozen
-  #   part_lr: {vision: 1.0e-4}     # a full job's learning rate for some of its parts (the others: lr)
+  #   part_lr: {vision: 1.0e-4}     # a full job's learning rate for some of its parts (the others: lr); a key may
+  #                                 #   also be a prefix of weights' names (vision_tower.embeddings): the longest wins
 
 Bounds: name 1-64 letters, digits, '_', '-' or ':' (a YAML string: quote names such as off or 1e3); rank
 1-1024; batch_size and grad_accum 1-1024; max_len 8-1048576; numbers finite.
@@ -41,6 +42,7 @@ Bounds: name 1-64 letters, digits, '_', '-' or ':' (a YAML string: quote names s
 from __future__ import annotations
 
 import math
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -49,7 +51,7 @@ from typing import Any
 from ..config import read_yaml
 from ..errors import ConfigError, VLStackError
 from ..files import overlap
-from ..layers.lora import LLM_TARGETS, MAX_RANK, PARTS, LoRASpec, check_name
+from ..layers.lora import LLM_TARGETS, MAX_RANK, PARTS, LoRASpec, check_name, part_of
 from .checkpoint import run_dir
 
 MAX_BATCH, MAX_LEN = 1024, 1 << 20
@@ -129,8 +131,8 @@ def _check(job: dict, where: str, root: Path) -> Job:
                 paths = ("data", "output", "teacher")
                 kw[key] = root / value if key in paths else check_name(value) if key == "name" else value
             elif key == "part_lr":
-                if not isinstance(value, dict) or not value or set(value) - set(PARTS):
-                    raise ValueError(f"must map some of {sorted(PARTS)} to learning rates")
+                if not isinstance(value, dict) or not value or not all(map(is_part_key, value)):
+                    raise ValueError(f"must map some of {sorted(PARTS)} (or prefixes of their weights' names) to rates")
                 if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value.values()):
                     raise ValueError("must give each part a learning rate > 0")
                 kw[key] = {k: float(v) for k, v in value.items()}
@@ -174,12 +176,25 @@ def _check(job: dict, where: str, root: Path) -> Job:
         (j.hidden_weight < 0, "hidden_weight must be >= 0"),
         (bool(set(j.parts) - set(PARTS)), f"parts must be among {sorted(PARTS)}"),
         (j.part_lr is not None and not j.full, "part_lr is for a job with full: true"),
-        (bool(set(j.part_lr or ()) - set(j.parts)), "part_lr names a part the job does not train"),
+        (any(key_part(k) not in j.parts for k in j.part_lr or ()), "part_lr names a part the job does not train"),
     ]
     for bad, message in problems:
         if bad:
             raise JobError(f"{where} ({j.name}): {message}")
     return j
+
+
+def is_part_key(key: object) -> bool:
+    """A part_lr key: a part's name or a prefix of weights' names (vision_tower.embeddings)."""
+    if not isinstance(key, str) or key in PARTS:
+        return key in PARTS
+    modules = ("vision_tower", "multi_modal_projector", "language_model", "lm_head")  # the model's top level
+    return re.fullmatch(r"\w+(\.\w+)*", key) is not None and key.split(".")[0] in modules
+
+
+def key_part(key: str) -> str:
+    """The part a part_lr key's weights belong to."""
+    return key if key in PARTS else part_of(key)
 
 
 def read_plan(path: str | Path) -> Plan:

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from ..adapters import save_adapter
 from ..api import VLM
 from ..engine.metadata import Step, packed_step, upload, v2pe_rope
-from ..layers.lora import add_adapter, part_of, prepare_lora, prepare_tiles, remove_adapter, replay, route
+from ..layers.lora import PARTS, add_adapter, part_of, prepare_lora, prepare_tiles, remove_adapter, replay, route
 from .checkpoint import clear_run, load_state, restore_state, save_state
 from .data import IGNORE, DatasetError, Example, Stream, encode_example, read_dataset
 from .fsdp import gathered, is_sharded, shard
@@ -91,6 +91,13 @@ def total_steps(job: Job, n_examples: int) -> int:
     return max(1, math.ceil(job.epochs * per_epoch))
 
 
+def rate_of(job: Job, name: str, part: str) -> float:
+    """A full job's learning rate for the weight `name`: its longest part_lr key (the part's name or a prefix of
+    the weight's name), else the job's lr."""
+    keys = [k for k in job.part_lr or () if k == part or name == k or name.startswith(k + ".")]
+    return job.part_lr[max(keys, key=lambda k: (k != part, len(k)))] if keys else job.lr
+
+
 def start(
     vlm: VLM, job: Job, examples: list[Example], state: dict | None = None, params: list | None = None
 ) -> Running:
@@ -101,7 +108,11 @@ def start(
         by_lr: dict[float, list[torch.nn.Parameter]] = {}
         for name, p in vlm.model.named_parameters():
             if (part := part_of(name)) in job.parts:
-                by_lr.setdefault((job.part_lr or {}).get(part, job.lr), []).append(p.requires_grad_(True))
+                by_lr.setdefault(rate_of(job, name, part), []).append(p.requires_grad_(True))
+        names = [name for name, _ in vlm.model.named_parameters()]
+        for key in set(job.part_lr or ()) - set(PARTS):
+            if not any(name == key or name.startswith(key + ".") for name in names):
+                raise JobError(f"{job.name}: part_lr: no weight's name starts with {key!r}")
         groups = [{"params": group, "lr": lr} for lr, group in by_lr.items()]
         params = [p for group in by_lr.values() for p in group]
     elif params is None:

@@ -47,6 +47,14 @@ PARTS = {  # where each part's Linear layers live (our module names)
 }
 
 
+MODULES = ("vision_tower", "multi_modal_projector", "language_model", "lm_head")  # the model's top level
+
+
+def under(name: str, prefix: str) -> bool:
+    """Whether the weight `name` is `prefix` or inside the module `prefix` (dotted names)."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
 def part_of(name: str) -> str:
     """The part a parameter of the model belongs to, by its name: vision, projector or language (the rest)."""
     if name.startswith("vision_tower."):

@@ -51,7 +51,7 @@ from typing import Any
 from ..config import read_yaml
 from ..errors import ConfigError, VLStackError
 from ..files import overlap
-from ..layers.lora import LLM_TARGETS, MAX_RANK, PARTS, LoRASpec, check_name, part_of
+from ..layers.lora import LLM_TARGETS, MAX_RANK, MODULES, PARTS, LoRASpec, check_name, part_of
 from .checkpoint import run_dir
 
 MAX_BATCH, MAX_LEN = 1024, 1 << 20
@@ -188,8 +188,7 @@ def is_part_key(key: object) -> bool:
     """A part_lr key: a part's name or a prefix of weights' names (vision_tower.embeddings)."""
     if not isinstance(key, str) or key in PARTS:
         return key in PARTS
-    modules = ("vision_tower", "multi_modal_projector", "language_model", "lm_head")  # the model's top level
-    return re.fullmatch(r"\w+(\.\w+)*", key) is not None and key.split(".")[0] in modules
+    return re.fullmatch(r"\w+(\.\w+)*", key) is not None and key.split(".")[0] in MODULES
 
 
 def key_part(key: str) -> str:

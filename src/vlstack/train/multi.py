@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from ..adapters import save_adapter
 from ..api import VLM
 from ..engine.metadata import Step, packed_step, upload, v2pe_rope
-from ..layers.lora import PARTS, add_adapter, part_of, prepare_lora, prepare_tiles, remove_adapter, replay, route
+from ..layers.lora import PARTS, add_adapter, part_of, prepare_lora, prepare_tiles, remove_adapter, replay, route, under
 from .checkpoint import clear_run, load_state, restore_state, save_state
 from .data import IGNORE, DatasetError, Example, Stream, encode_example, read_dataset
 from .fsdp import gathered, is_sharded, shard
@@ -94,7 +94,7 @@ def total_steps(job: Job, n_examples: int) -> int:
 def rate_of(job: Job, name: str, part: str) -> float:
     """A full job's learning rate for the weight `name`: its longest part_lr key (the part's name or a prefix of
     the weight's name), else the job's lr."""
-    keys = [k for k in job.part_lr or () if k == part or name == k or name.startswith(k + ".")]
+    keys = [k for k in job.part_lr or () if k == part or under(name, k)]
     return job.part_lr[max(keys, key=lambda k: (k != part, len(k)))] if keys else job.lr
 
 
@@ -105,14 +105,14 @@ def start(
     state when resuming. params: its adapter's, added already (sharded training)."""
     groups = None
     if params is None and job.full:  # its parts' weights, a param group per learning rate (the schedule scales each)
+        named = list(vlm.model.named_parameters())
+        for key in set(job.part_lr or ()) - set(PARTS):  # (checked before any weight is made trainable)
+            if not any(under(name, key) for name, _ in named):
+                raise JobError(f"{job.name}: part_lr: no weight's name starts with {key!r}")
         by_lr: dict[float, list[torch.nn.Parameter]] = {}
-        for name, p in vlm.model.named_parameters():
+        for name, p in named:
             if (part := part_of(name)) in job.parts:
                 by_lr.setdefault(rate_of(job, name, part), []).append(p.requires_grad_(True))
-        names = [name for name, _ in vlm.model.named_parameters()]
-        for key in set(job.part_lr or ()) - set(PARTS):
-            if not any(name == key or name.startswith(key + ".") for name in names):
-                raise JobError(f"{job.name}: part_lr: no weight's name starts with {key!r}")
         groups = [{"params": group, "lr": lr} for lr, group in by_lr.items()]
         params = [p for group in by_lr.values() for p in group]
     elif params is None:

@@ -2,6 +2,8 @@
 # The GPU set, about 13 minutes on one H100 (DESIGN.md, "Performance method"): the CUDA tests, then each GPU
 # benchmark printing its table (JSON under bench/results/). One device call runs at most 10 minutes, so the set
 # goes in two (GPU_STEPS, below): GPU_STEPS='CUDA|decode|training' (~5 min), then 'serving|compression' (~8 min).
+# (GPU_STEPS matches words of the headings: '8 requests' matches the 128-request step too, 'requests/s' only the
+# rate's.)
 # The device machine lacks the server's packages: carry their wheels or put them on PYTHONPATH (README).
 # `bench/gpu.sh --dry` runs every step on the CPU at toy sizes: it proves the script before a GPU's minutes go
 # into it; its figures mean nothing.
@@ -59,7 +61,7 @@ step 140 "training: 4 adapters fused vs peft one after another, InternVL3-1B sha
 step 240 "serving: 128 requests at once, 4 adapters, 128 tokens (baseline: the first 4, one at a time)" \
     python bench/serve.py --model internvl3-1b --device cuda --requests 128 --rate 0 --max-tokens 128 \
     --max-batch 128 --max-model-len 4096 --baseline-requests 4
-step 140 "serving at 8 requests/s (TTFT), 4 adapters, 128 tokens" \
+step 170 "serving at 8 requests/s (TTFT), 4 adapters, 128 tokens" \
     python bench/serve.py --model internvl3-1b --device cuda --requests 64 --rate 8 --max-tokens 128 \
     --max-batch 128 --max-model-len 4096 --baseline-requests 4 --out bench/results/serve_rate8.json
 step 90 "compression: bytes and decode (int8 weight-only kernel) vs bf16, InternVL3-1B shapes" \

@@ -147,6 +147,39 @@ def test_conversations_put_an_images_questions_in_one_line(tmp_path):
     assert all(json.dumps(g).count("<image>") == 1 for g in grouped)
     examples = read_dataset(tmp_path / "many/train.jsonl")
     assert all(len(ex.images) == 1 for ex in examples)
+    for g in grouped:  # a training-only turn (a chart's heights) after every evaluated one: none read off it
+        kinds = ["heights" if q["value"].startswith("How high is each") else "other" for q in g["conversations"][::2]]
+        assert kinds == sorted(kinds, key=lambda k: k == "heights")
+    assert sum("How high is each" in json.dumps(g) for g in grouped) >= 2  # (bar and line charts were drawn)
+
+
+def test_decorations_are_drawn_on_training_charts_only(tmp_path):
+    """--decorate: strokes that carry no data on the training charts (so their answers stay), the held-out test
+    charts drawn as without it, pixel for pixel."""
+    plain = synthesize("charts", 10, tmp_path / "plain", seed=3, size=224, questions="visual")
+    fancy = synthesize("charts", 10, tmp_path / "fancy", seed=3, size=224, questions="visual", decorate=True)
+    assert fancy["decorate"] and not plain["decorate"] and fancy["examples"] == plain["examples"]
+    for name in ("train.jsonl", "test.jsonl"):
+        assert (tmp_path / "plain" / name).read_text() == (tmp_path / "fancy" / name).read_text()
+    train = {x["image"] for x in map(json.loads, (tmp_path / "plain/train.jsonl").read_text().splitlines())}
+    test = {x["image"] for x in map(json.loads, (tmp_path / "plain/test.jsonl").read_text().splitlines())}
+    same = {i: (tmp_path / "plain" / i).read_bytes() == (tmp_path / "fancy" / i).read_bytes() for i in train | test}
+    assert all(same[i] for i in test) and sum(not same[i] for i in train) >= len(train) / 2  # (each at random)
+    with pytest.raises(DataError, match="--decorate: only charts"):
+        synthesize("documents", 4, tmp_path / "x", decorate=True)
+
+
+def test_a_decoration_leaves_the_data_strokes_alone():
+    """The decorations are greys: a bar's or a line's own colour covers the same pixels with them as without
+    (where a reference line crosses it, a few pixels; nothing else)."""
+    for seed in range(6):
+        for template in ("bar-grid", "line-plain"):
+            a = charts.chart(random.Random(seed), 224, template, noise=0, turn=0)
+            b = charts.chart(random.Random(seed), 224, template, noise=0, turn=0, decorate=True)
+            assert a.questions == b.questions
+            for name in a.table["colours"]:
+                before, after = colour_mask(a.image, name), colour_mask(b.image, name)
+                assert not (after & ~before).any() and (before & ~after).sum() <= 0.2 * before.sum()
 
 
 def test_bad_requests_are_refused_and_nothing_is_left(tmp_path):
@@ -167,3 +200,5 @@ def test_bad_requests_are_refused_and_nothing_is_left(tmp_path):
     out = run_cli("synth", "charts", "--n", "3", "--size", "96", "--line-width", "6", "--out", str(tmp_path / "z"))
     assert out.returncode == 0, out.stderr
     assert "training and" in out.stdout and json.loads((tmp_path / "z/provenance.json").read_text())["line_width"] == 6
+    out = run_cli("synth", "charts", "--n", "3", "--size", "96", "--decorate", "--out", str(tmp_path / "d"))
+    assert out.returncode == 0 and json.loads((tmp_path / "d/provenance.json").read_text())["decorate"]

@@ -38,7 +38,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
     only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
     record = synthesize(args.kind, args.n, args.out, args.seed, args.size, args.test_fraction, args.questions, only,
-                        progress, args.conversations, args.line_width)  # fmt: skip
+                        progress, args.conversations, args.line_width, args.decorate)  # fmt: skip
     counts = {split: sum(c.values()) for split, c in record["examples"].items()}
     print(f"{args.out}: {counts['train']} training and {counts['test']} test questions about {args.n} images "
           f"(test templates held out: {', '.join(record['templates']['test']) or 'none'})")  # fmt: skip
@@ -425,6 +425,8 @@ def parser() -> argparse.ArgumentParser:
                      help="train.jsonl: one conversation per image, its questions as turns")  # fmt: skip
     syn.add_argument("--line-width", type=float, default=2.0,
                      help="charts: the line in pixels at 224 px (wider: a warm-up set for its shape)")  # fmt: skip
+    syn.add_argument("--decorate", action="store_true",
+                     help="charts: strokes with no data (page border, reference lines) on training charts")  # fmt: skip
     syn.set_defaults(func=cmd_synth)
 
     for command in (chat, serve, train, ev):

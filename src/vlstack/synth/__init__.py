@@ -24,7 +24,7 @@ from ..errors import DataError
 from ..eval.benchmarks import VQA_PROMPT
 from . import charts, documents
 
-VERSION = "2"  # of the generators: bump when a seed would draw something else
+VERSION = "3"  # of the generators: bump when a seed would draw something else
 KINDS: dict[str, object] = {"charts": charts, "documents": documents}
 
 
@@ -46,12 +46,14 @@ def synthesize(
     progress: Callable[[int, int], None] | None = None,
     conversations: bool = False,
     line_width: float = 2.0,
+    decorate: bool = False,
 ) -> dict:
     """n images of `kind` ("charts" or "documents") with their questions into the new directory `out`;
     questions "visual" keeps only the kinds answered by looking; only: these chart or document types;
     conversations: train.jsonl holds one conversation per image, its questions as turns in a random order (the
     image encoded once for all its answers: several times the supervision per step); line_width: a line chart's
-    line in pixels at 224 px (charts). Returns the provenance record."""
+    line in pixels at 224 px (charts); decorate: the training charts get strokes that carry no data at random
+    (a page border, reference lines), the test charts none. Returns the provenance record."""
     if kind not in KINDS:
         raise DataError(f"unknown kind {kind!r}: choose one of {', '.join(KINDS)}")
     if n < 1 or not 0 <= test_fraction < 1 or size < 64:
@@ -60,6 +62,8 @@ def synthesize(
     unknown = set(only or []) - set(subjects(kind))
     if unknown:
         raise DataError(f"--only {', '.join(sorted(unknown))}: {kind} are of the types {', '.join(subjects(kind))}")
+    if decorate and kind != "charts":
+        raise DataError("--decorate: only charts are decorated")
     if not 2 <= line_width <= 20 or line_width != 2 and kind != "charts":
         raise DataError(f"--line-width {line_width}: charts' lines are 2 to 20 pixels wide (at 224 px; charts only)")
     if questions not in ("all", "visual"):
@@ -83,7 +87,9 @@ def synthesize(
         for i in range(n):
             split = "test" if i >= n - n_test else "train"
             rng = random.Random(f"{seed}:{i}")  # each image its own stream: a dataset's first k images are the same
-            sample = draw(rng, size, rng.choice(splits[split]))
+            template = rng.choice(splits[split])
+            extra = {"decorate": decorate and split == "train"} if kind == "charts" else {}
+            sample = draw(rng, size, template, **extra)
             name = f"images/{i:05d}.png"
             sample.image.save(tmp / name)
             for k, (what, question, answer) in enumerate(sample.questions):
@@ -101,7 +107,8 @@ def synthesize(
             if progress:
                 progress(i + 1, n)
         with open(tmp / "train.jsonl", "w", encoding="utf-8") as f:
-            for image, group in _training(lines["train"], conversations, random.Random(f"{seed}:turns")):
+            turns_rng = random.Random(f"{seed}:turns")
+            for image, group in _training(lines["train"], conversations, turns_rng, module.TRAINING):
                 turns = []
                 for i, line in enumerate(group):  # the first asked as the evaluation asks (VQA_PROMPT), answered;
                     human, gpt = line["conversations"]  # the instruction stated once: the others just asked
@@ -119,7 +126,7 @@ def synthesize(
         provenance = {
             "generator": f"vlstack.synth.{kind}", "version": VERSION, "vlstack": __version__, "seed": seed, "n": n,
             "size": size, "test_fraction": test_fraction, "questions": questions, "only": only or [],
-            "conversations": conversations, "line_width": line_width,
+            "conversations": conversations, "line_width": line_width, "decorate": decorate,
             "templates": splits, "examples": {s: dict(sorted((w, c) for (t, w), c in counts.items() if t == s))
                                               for s in ("train", "test")},
         }  # fmt: skip
@@ -133,8 +140,12 @@ def synthesize(
     return provenance
 
 
-def _training(lines: list[dict], conversations: bool, rng: random.Random) -> list[tuple[str, list[dict]]]:
-    """The training lines as (image, its questions): one each, or all of an image's in a random order."""
+def _training(
+    lines: list[dict], conversations: bool, rng: random.Random, last: tuple[str, ...]
+) -> list[tuple[str, list[dict]]]:
+    """The training lines as (image, its questions): one each, or all of an image's in a random order with the
+    kinds in `last` (asked in training only) after the others: no evaluated answer can be read off theirs (a
+    chart's heights give its highest point and trend) in the conversation above it."""
     if not conversations:
         return [(line["image"], [line]) for line in lines]
     groups: dict[str, list[dict]] = {}
@@ -142,4 +153,5 @@ def _training(lines: list[dict], conversations: bool, rng: random.Random) -> lis
         groups.setdefault(line["image"], []).append(line)
     for group in groups.values():
         rng.shuffle(group)
+        group.sort(key=lambda line: line["category"] in last)  # (stable: the others stay shuffled)
     return list(groups.items())

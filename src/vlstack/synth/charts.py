@@ -11,6 +11,7 @@ import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from .draw import BACKGROUNDS, COLOURS, font, scan, text_width
@@ -54,10 +55,17 @@ class Sample:
 
 
 def chart(
-    rng: random.Random, size: int, template: str, noise: float = 6.0, turn: float = 1.5, line_width: float = 2.0
+    rng: random.Random,
+    size: int,
+    template: str,
+    noise: float = 6.0,
+    turn: float = 1.5,
+    line_width: float = 2.0,
+    decorate: bool = False,
 ) -> Sample:
     """One chart of `template` on a size x size canvas, and its questions; a line chart's line line_width pixels
-    wide at 224 px (wider: a warm-up set, where a model learns to read the line's shape before the thin ones)."""
+    wide at 224 px (wider: a warm-up set, where a model learns to read the line's shape before the thin ones);
+    decorate: strokes that are not data drawn at random too (a page border, reference lines: _decorate)."""
     style = dict(TEMPLATES[template], line_width=line_width)
     kind = style["chart"]
     n = rng.randint(4, 7) if kind == "line" else rng.randint(3, 5)
@@ -79,6 +87,8 @@ def chart(
     draw.text((size / 2, 4 * s), title, fill=(30, 30, 30), font=font(round(11 * s)), anchor="mt")
     box = (28 * s, 22 * s, size - 8 * s, size - 22 * s)  # the plot area: left, top, right, bottom
     {"bar": _bars, "line": _line, "pie": _pie}[kind](draw, rng, style, box, s, labels, values, names)
+    if decorate:  # (from a stream of its own: the chart's noise, turn and questions stay as drawn without)
+        _decorate(draw, random.Random(hash(rng.getstate())), kind, box, s, size)
     img = scan(img, rng, noise, turn)
     table = dict(title=title, labels=labels, values=values, colours=names)
     return Sample(img, template, questions(kind, table, rng), table)
@@ -139,6 +149,32 @@ def _axes(draw, style, box, s, top_value) -> float:
     if style.get("frame"):
         draw.rectangle((left, top, right, bottom), outline=(40, 40, 40), width=max(1, round(s)))
     return ymax
+
+
+def _decorate(draw, rng, kind, box, s, size) -> None:
+    """Strokes that carry no data, each at random: a border round the page, and on bar and line charts a
+    horizontal reference line (solid or dashed) and a vertical marker across the plot, in greys from the axes'
+    to the grid's: a model learns that not every long dark stroke is the data's line."""
+    left, top, right, bottom = box
+
+    def grey() -> tuple[int, int, int]:
+        g = rng.randint(30, 170)
+        return g, g, g
+
+    if rng.random() < 0.5:
+        m = rng.uniform(1, 5) * s
+        draw.rectangle((m, m, size - 1 - m, size - 1 - m), outline=grey(), width=max(1, round(s)))
+    if kind == "pie":
+        return
+    for horizontal in (True, False):
+        if rng.random() < (0.5 if horizontal else 0.3):
+            at = rng.uniform(top, bottom) if horizontal else rng.uniform(left, right)
+            start, end = (left, right) if horizontal else (top, bottom)
+            dash = rng.choice([0, 4 * s, 6 * s])  # 0: solid
+            colour, step = grey(), 2 * dash or end - start
+            for a in np.arange(start, end, step):
+                b = min(a + (dash or step), end)
+                draw.line((a, at, b, at) if horizontal else (at, a, at, b), fill=colour, width=max(1, round(s)))
 
 
 def _bars(draw, rng, style, box, s, labels, values, names) -> None:

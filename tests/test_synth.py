@@ -53,6 +53,7 @@ def test_line_and_pie_answers_agree_with_the_pixels():
         answers = {kind: answer for kind, _, answer in pie.questions}
         areas = {c: colour_mask(pie.image, c).sum() for c in pie.table["colours"]}
         assert answers["colour"] == max(areas, key=areas.get) and answers["count"] == str(len(areas))
+        assert answers["order"].split() == sorted(areas, key=areas.get, reverse=True)  # (largest first)
 
 
 def test_a_wide_line_is_the_same_chart_drawn_wider():
@@ -147,10 +148,13 @@ def test_conversations_put_an_images_questions_in_one_line(tmp_path):
     assert all(json.dumps(g).count("<image>") == 1 for g in grouped)
     examples = read_dataset(tmp_path / "many/train.jsonl")
     assert all(len(ex.images) == 1 for ex in examples)
-    for g in grouped:  # a training-only turn (a chart's heights) after every evaluated one: none read off it
-        kinds = ["heights" if q["value"].startswith("How high is each") else "other" for q in g["conversations"][::2]]
-        assert kinds == sorted(kinds, key=lambda k: k == "heights")
-    assert sum("How high is each" in json.dumps(g) for g in grouped) >= 2  # (bar and line charts were drawn)
+    samples = [charts.chart(random.Random(0), 96, t) for t in charts.TEMPLATES]
+    training = {q for s in samples for kind, q, _ in s.questions if kind in charts.TRAINING}  # (their questions)
+    for g in grouped:  # the training-only turns (a chart's heights, a pie's order) after every evaluated one
+        asked = [q["value"].removeprefix("<image>\n").removesuffix(f"\n{VQA_PROMPT}") in training
+                 for q in g["conversations"][::2]]  # fmt: skip
+        assert asked == sorted(asked)
+    assert sum(any(q in json.dumps(g) for q in training) for g in grouped) >= 2  # (some were asked)
 
 
 def test_decorations_are_drawn_on_training_charts_only(tmp_path):
@@ -165,6 +169,11 @@ def test_decorations_are_drawn_on_training_charts_only(tmp_path):
     test = {x["image"] for x in map(json.loads, (tmp_path / "plain/test.jsonl").read_text().splitlines())}
     same = {i: (tmp_path / "plain" / i).read_bytes() == (tmp_path / "fancy" / i).read_bytes() for i in train | test}
     assert all(same[i] for i in test) and sum(not same[i] for i in train) >= len(train) / 2  # (each at random)
+    for name in ("p", "q"):  # the same decorations drawn by another process (no per-process hash in the seed)
+        out = run_cli("synth", "charts", "--n", "4", "--size", "96", "--decorate", "--out", str(tmp_path / name))
+        assert out.returncode == 0, out.stderr
+    assert all((tmp_path / "p/images" / f).read_bytes() == (tmp_path / "q/images" / f).read_bytes()
+               for f in ("00000.png", "00001.png", "00002.png"))  # fmt: skip
     with pytest.raises(DataError, match="--decorate: only charts"):
         synthesize("documents", 4, tmp_path / "x", decorate=True)
 

@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 mkdir -p runs
-[ -d runs/charts ] || vlstack synth charts --n 3000 --size 224 --questions visual --conversations --seed 0 \
-    --out runs/charts
+[ -d runs/charts ] || vlstack synth charts --n 3000 --size 224 --questions visual --conversations --decorate \
+    --seed 0 --out runs/charts
 vlstack train charts.yaml
 vlstack eval chartqa --data runs/charts/test.jsonl --model runs/tiny-charts --out runs/eval-charts --batch 64 \
     --max-new-tokens 8

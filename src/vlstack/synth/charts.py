@@ -19,8 +19,9 @@ from .draw import BACKGROUNDS, COLOURS, font, scan, text_width
 # kinds of question answered by looking alone; the rest need the chart's text read
 VISUAL = ("count", "type", "colour", "position", "trend")
 # kinds asked in training only: each bar's or point's height on a coarse scale, a chart-to-table that needs no
-# text read (dense supervision of where things are, for the position, trend and count questions)
-TRAINING = ("heights",)
+# text read (dense supervision of where things are, for the position, trend and count questions); a pie's
+# colours from its largest slice to its smallest (the same for the pie's colour and count)
+TRAINING = ("heights", "order")
 
 TEMPLATES: dict[str, dict] = {
     "bar-grid": dict(chart="bar", grid=True, labels=False, width=0.6),
@@ -88,7 +89,8 @@ def chart(
     box = (28 * s, 22 * s, size - 8 * s, size - 22 * s)  # the plot area: left, top, right, bottom
     {"bar": _bars, "line": _line, "pie": _pie}[kind](draw, rng, style, box, s, labels, values, names)
     if decorate:  # (from a stream of its own: the chart's noise, turn and questions stay as drawn without)
-        _decorate(draw, random.Random(hash(rng.getstate())), kind, box, s, size)
+        _decorate(draw, random.Random(repr(rng.getstate()[1])), kind, box, s, size)  # (a str seed: the same
+        # everywhere, where hash() of the state holds None's, which differs from process to process)
     img = scan(img, rng, noise, turn)
     table = dict(title=title, labels=labels, values=values, colours=names)
     return Sample(img, template, questions(kind, table, rng), table)
@@ -112,7 +114,9 @@ def questions(kind: str, t: dict, rng: random.Random) -> list[tuple[str, str, st
                 ("trend", "Does the line end higher or lower than it starts?",
                  "higher" if values[-1] > values[0] else "lower")]  # fmt: skip
     else:
-        out.append(("colour", "What colour is the largest slice?", colours[top]))
+        out += [("colour", "What colour is the largest slice?", colours[top]),
+                ("order", "What colours are the slices, from the largest to the smallest?",
+                 " ".join(colours[i] for i in sorted(range(n), key=lambda i: -values[i])))]  # fmt: skip
     a, b = rng.sample(range(n), 2)
     unit = "%" if kind == "pie" else ""
     out += [

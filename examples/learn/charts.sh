@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The tiny architecture (a few million parameters) trained from scratch on synthetic charts, then scored on
-# charts of templates it never saw, question kind by kind and template by template. One command, 26-31
-# minutes on 2 CPU cores:
+# charts of templates it never saw, question kind by kind and template by template. One command, 22-29
+# minutes on 2 CPU cores (BENCHMARKS.md):
 #   bash examples/learn/charts.sh
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -89,8 +89,8 @@ def chart(
     box = (28 * s, 22 * s, size - 8 * s, size - 22 * s)  # the plot area: left, top, right, bottom
     {"bar": _bars, "line": _line, "pie": _pie}[kind](draw, rng, style, box, s, labels, values, names)
     if decorate:  # (from a stream of its own: the chart's noise, turn and questions stay as drawn without)
-        _decorate(draw, random.Random(repr(rng.getstate()[1])), kind, box, s, size)  # (a str seed: the same
-        # everywhere, where hash() of the state holds None's, which differs from process to process)
+        _decorate(draw, random.Random(repr(rng.getstate()[1])), kind, box, s, size)  # (a str seed is the same
+        # in every process; hash() of the whole state is not where None's hash is its address, as on Python 3.11)
     img = scan(img, rng, noise, turn)
     table = dict(title=title, labels=labels, values=values, colours=names)
     return Sample(img, template, questions(kind, table, rng), table)

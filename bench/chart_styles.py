@@ -26,7 +26,7 @@ def styles() -> dict[str, dict]:
     out = dict(charts.TEMPLATES)
     for flags in itertools.product((False, True), repeat=3):
         style = dict(chart="line", grid=flags[0], markers=flags[1], frame=flags[2])
-        drawn = ({**dict(frame=False), **t} for t in out.values() if t["chart"] == "line")
+        drawn = ({"frame": False, **t} for t in out.values() if t["chart"] == "line")
         if style not in drawn:
             out["_".join(["line", *(a for a, on in zip(("grid", "markers", "frame"), flags) if on)])] = style
     return out

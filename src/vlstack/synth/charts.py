@@ -157,8 +157,8 @@ def _axes(draw, style, box, s, top_value) -> float:
 
 def _decorate(draw, rng, kind, box, s, size) -> None:
     """Strokes that carry no data, each at random: a border round the page, and on bar and line charts a
-    horizontal reference line (solid or dashed) and a vertical marker across the plot, in greys from the axes'
-    to the grid's: a model learns that not every long dark stroke is the data's line."""
+    horizontal reference line (solid or dashed) and a vertical marker across the plot, in greys from as dark as
+    the axes to mid grey: a model learns that not every long dark stroke is the data's line."""
     left, top, right, bottom = box
 
     def grey() -> tuple[int, int, int]:

@@ -201,7 +201,8 @@ MALFORMED = [  # (body or raw bytes, the param the 400 names, or None)
         },
         "messages",
     ),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "<image> no image given"}]}, "messages"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "image_url"}]}]},
+     "messages"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 9000}]}, "messages"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
     (b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages"),
@@ -298,7 +299,13 @@ def test_hot_loading_bad_adapters_is_a_400_naming_the_problem(busy, tmp_path_fac
     tensors = load_file(nan / "adapter_model.safetensors")
     next(iter(tensors.values())).fill_(float("inf"))
     save_file(tensors, nan / "adapter_model.safetensors")
+    for bad, change in (("wrong-r", {"r": 16}), ("no-target", {"target_modules": ["nonexistent_proj"]})):
+        shutil.copytree(adapter, root / bad)
+        config = json.loads((root / bad / "adapter_config.json").read_text())
+        (root / bad / "adapter_config.json").write_text(json.dumps({**config, **change}))
     cases = [
+        (("x5", "wrong-r"), "is of rank 4, the config says r=16"),
+        (("x6", "no-target"), "target_modules ['nonexistent_proj'] do not match"),
         (("x1", "no-r"), "'r' must be an integer"),
         (("x2", "truncated"), "cannot be read as safetensors"),
         (("x3", "nan"), "NaN or infinite"),
@@ -310,7 +317,7 @@ def test_hot_loading_bad_adapters_is_a_400_naming_the_problem(busy, tmp_path_fac
         r = load(name, path)
         assert r.status_code == 400 and message in r.json()["error"]["message"], (name, r.text)
     names = {m["id"] for m in httpx.get(base + "/v1/models").json()["data"]}
-    assert not names & {"x1", "x2", "x3", "x4", "a.b", "a/b"}
+    assert not names & {"x1", "x2", "x3", "x4", "x5", "x6", "a.b", "a/b"}
 
 
 def test_hot_loading_needs_an_adapter_dir_or_an_admin_key(adapter_dir):  # noqa: F811

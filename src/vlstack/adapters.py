@@ -94,10 +94,27 @@ def save_adapter(model: nn.Module, name: str, directory: str | Path, spec: LoRAS
 
 def _alpha_for(module: str, config: dict) -> float:
     """PEFT's alpha_pattern: a key matches a module name as a suffix regex."""
-    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+    return float(_pattern_value(module, config.get("alpha_pattern"), config["lora_alpha"]))
+
+
+def _pattern_value(module: str, patterns: dict | None, default: float) -> float:
+    """PEFT's rank_pattern / alpha_pattern: the value of the first key that matches the module name as a suffix
+    regex, else the default."""
+    for pattern, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({pattern})$", module):
-            return float(alpha)
-    return float(config["lora_alpha"])
+            return value
+    return default
+
+
+def targeted(module: str, targets: str | list[str]) -> bool:
+    """Whether PEFT's target_modules select the module (transformers' name): a string is a regex matched whole
+    (or "all-linear"), a list holds names matched as the name or its last parts."""
+    if isinstance(targets, str):
+        try:
+            return targets == "all-linear" or re.fullmatch(targets, module) is not None
+        except re.error as e:
+            raise ConfigError(f"target_modules {targets!r} is not a valid regex: {e}") from None
+    return any(module == t or module.endswith("." + t) for t in targets)
 
 
 def read_adapter(
@@ -122,6 +139,10 @@ def read_adapter(
         raise ConfigError(f"{d / CONFIG}: 'r' must be an integer in [1, {MAX_RANK}] (got {r!r})")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < math.inf:
         raise ConfigError(f"{d / CONFIG}: 'lora_alpha' must be a positive number (got {alpha!r})")
+    targets = config.get("target_modules")
+    if not targets or not isinstance(targets, (str, list)) or not all(isinstance(t, str) for t in targets):
+        raise ConfigError(f"{d / CONFIG}: 'target_modules' must be a module name, a list of them or a regex "
+                          f"(got {targets!r})")  # fmt: skip
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     try:
         with safe_open(str(d / WEIGHTS), framework="pt") as f:
@@ -136,7 +157,14 @@ def read_adapter(
             raise ConfigError(f"{d / WEIGHTS}: {key} is not a matrix of floats")
         if not torch.isfinite(tensor).all():
             raise ConfigError(f"{d / WEIGHTS}: {key} holds NaN or infinite values; the adapter is refused")
+        if not targeted(m.group(1), targets):  # (peft would not put LoRA there: the weights would be dropped)
+            raise ConfigError(f"{d / CONFIG}: target_modules {targets!r} do not match {m.group(1)}, which the "
+                              "weights hold an adapter for")  # fmt: skip
         pairs.setdefault(our_module_name(m.group(1), model_type), {})[m.group(2)] = tensor
+        want = _pattern_value(m.group(1), config.get("rank_pattern"), r)
+        if tensor.shape[0 if m.group(2) == "A" else 1] != want:
+            raise ConfigError(f"{d}: {key} is of rank {tensor.shape[0 if m.group(2) == 'A' else 1]}, the config "
+                              f"says r={want}")  # fmt: skip
     incomplete = [k for k, v in pairs.items() if set(v) != {"A", "B"}]
     if incomplete or not pairs:
         raise ConfigError(f"{d / WEIGHTS}: lora_A/lora_B pairs are incomplete for {incomplete or 'every module'}")

@@ -12,13 +12,14 @@ from typing import Any
 
 import torch
 
-from .adapters import load_adapter
+from .adapters import WEIGHTS, load_adapter
 from .chat import TOKENIZER_FILES, Processor, question_messages, read_template, read_tokenizer
 from .checkpoint import load_state_dict, save_checkpoint
 from .compress.quantize import QuantConfig, quantized_layout
 from .config import VLMConfig, check_v2pe, read_config
 from .engine.metadata import packed_step, v2pe_rope
 from .errors import ConfigError, PromptError
+from .files import sha256_file
 from .generate import SamplingParams
 from .image import ImageInput
 from .layers.lora import LoRASpec, check_name, remove_adapter, route
@@ -108,6 +109,7 @@ class VLM:
         self.model, self.processor, self.eos = model, processor, eos
         self.directory, self.name, self.cfg = directory, name, model.cfg
         self.adapters: dict[str, LoRASpec] = {}
+        self.adapter_hashes: dict[str, str] = {}  # each loaded adapter's weights file, sha256
         self._engine: Any = None  # the engine generation last ran on, kept (its KV cache, its captured graphs)
         self._engine_lock = threading.Lock()  # held by the generation using it
 
@@ -117,11 +119,13 @@ class VLM:
         if name in self.adapters:
             raise ConfigError(f"an adapter named {name!r} is already loaded")
         self.adapters[name] = load_adapter(self.model, name, directory)
+        self.adapter_hashes[name] = sha256_file(Path(directory) / WEIGHTS)
         return self.adapters[name]
 
     def unload_adapter(self, name: str) -> None:
         if self.adapters.pop(name, None) is None:
             raise ConfigError(f"no adapter named {name!r} is loaded")
+        self.adapter_hashes.pop(name, None)
         remove_adapter(self.model, name)
 
     @property
@@ -132,6 +136,11 @@ class VLM:
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, adapter: str | None = None
     ) -> torch.Tensor:
         """input_ids [B, T], pixel_values [N, 3, S, S] -> logits [B, T, vocab] (every row with adapter)."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise PromptError("input_ids must be a tensor of integer token ids [batch, tokens]")
+        vocab = self.cfg.text.vocab_size
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab:
+            raise PromptError(f"input_ids hold ids outside the vocabulary [0, {vocab})")
         b, t = input_ids.shape
         with torch.inference_mode(), route(self.model, [adapter] * b, counts=[t] * b):
             n_slots = int((input_ids == self.cfg.image_token_id).sum())
@@ -156,6 +165,12 @@ class VLM:
         from .engine.scheduler import Engine  # (the engine's module imports this one)
 
         params = SamplingParams(**generation)
+        if not isinstance(conversations, list) or not conversations:
+            raise PromptError("conversations must be a non-empty list (one list of messages per conversation)")
+        for what, given in (("images", images), ("adapters", adapters)):
+            if given is not None and (not isinstance(given, list) or len(given) != len(conversations)):
+                n = len(given) if isinstance(given, list) else type(given).__name__
+                raise PromptError(f"{what}: {n} for {len(conversations)} conversations (give one per conversation)")
         encoded = [self.processor(m, imgs) for m, imgs in zip(conversations, images or [None] * len(conversations))]
         prompts = [e["input_ids"][0] for e in encoded]
         longest = max(len(p) for p in prompts)

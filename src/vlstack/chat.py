@@ -25,10 +25,11 @@ from tokenizers import Tokenizer
 from . import spm
 from .config import VLMConfig
 from .errors import ConfigError, PromptError
-from .image import ImageInput, ImageLimits, load_image, tile_image
+from .image import ImageInput, ImageLimits, best_grid, load_image, tile_image
 from .templates import TEMPLATES
 
 IMAGE = "<image>"
+ROLES = ("system", "user", "assistant")  # what InternVL's templates render
 # a checkpoint's tokenizer files (copied beside a saved checkpoint)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "added_tokens.json",
                    "special_tokens_map.json", "tokenization_internlm2.py")  # fmt: skip
@@ -154,7 +155,13 @@ class Processor:
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise PromptError("each message must be a dict with 'role' and 'content'")
+            if m["role"] not in ROLES:
+                raise PromptError(f"unknown message role {m['role']!r} (roles: {', '.join(ROLES)})")
             text, imgs = text_of(m["content"], self._image)
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise PromptError("message text is not valid Unicode (a lone surrogate)") from None
             flat.append({"role": m["role"], "content": text})
             images += imgs
         marked = [{**m, "content": self._open + m["content"] + self._close} for m in flat]
@@ -179,24 +186,33 @@ class Processor:
         return out
 
     def encode_segments(
-        self, segments: list[tuple[str, bool]], images: list[ImageInput] = ()
+        self,
+        segments: list[tuple[str, bool]],
+        images: list[ImageInput] = (),
+        sizes: list[tuple[int, int]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Text segments (each marked: learn from it or not) -> input_ids [1, T], labels [1, T] (-100 where
         not learned) and pixel_values; the image places across all segments take the images in order.
 
         Text is cut at the template's special tokens and image places (as the tokenizer itself cuts at its
         added tokens), and each run between them, template and message text together, is encoded with added
-        tokens off: the same ids as encoding the whole text, except that messages never yield special tokens."""
+        tokens off: the same ids as encoding the whole text, except that messages never yield special tokens.
+        sizes: the images' (width, height) instead of the images: the ids alone (no pixel_values), nothing decoded."""
         pieces = [self._pieces(text) for text, _ in segments]
         n_placeholders = sum(kind == "image" for p in pieces for kind, _ in p)
-        if n_placeholders != len(images):
-            raise PromptError(f"the prompt has {n_placeholders} <image> placeholders but {len(images)} images")
+        n_images = len(images) if sizes is None else len(sizes)
+        if n_placeholders != n_images:
+            raise PromptError(f"the prompt has {n_placeholders} <image> placeholders but {n_images} images")
         tile = self.cfg.vision.image_size
         max_tiles = self.max_tiles or self.cfg.max_tiles
-        tiles = [
-            tile_image(load_image(src, self.limits), tile, self.cfg.min_tiles, max_tiles, self.cfg.use_thumbnail)
-            for src in images
-        ]
+        if sizes is None:
+            tiles = [
+                tile_image(load_image(src, self.limits), tile, self.cfg.min_tiles, max_tiles, self.cfg.use_thumbnail)
+                for src in images
+            ]
+            counts = [len(t) for t in tiles]
+        else:
+            tiles, counts = [], [self.tile_count(w, h) for w, h in sizes]
         ids: list[int] = list(self.prefix)
         labels: list[int] = [-100] * len(ids)
         n_image = 0
@@ -207,18 +223,25 @@ class Processor:
                 elif kind == "special":
                     new = [self._ids[value]]
                 else:
-                    new = [self.img_start] + [self.img_context] * (len(tiles[n_image]) * self.cfg.tokens_per_tile)
+                    new = [self.img_start] + [self.img_context] * (counts[n_image] * self.cfg.tokens_per_tile)
                     new.append(self.img_end)
                     n_image += 1
                 ids += new
                 labels += new if learn else [-100] * len(new)
-        expected = sum(len(t) for t in tiles) * self.cfg.tokens_per_tile
+        expected = sum(counts) * self.cfg.tokens_per_tile
         if ids.count(self.img_context) != expected:  # only a template that rewrites contents can get here
             raise PromptError(f"the prompt holds {IMG_CONTEXT} tokens of its own; image tokens come from images")
         out = {"input_ids": torch.tensor([ids], dtype=torch.long), "labels": torch.tensor([labels], dtype=torch.long)}
         if tiles:
             out["pixel_values"] = tiles[0] if len(tiles) == 1 else torch.cat(tiles)  # (a cat always copies)
         return out
+
+    def tile_count(self, width: int, height: int) -> int:
+        """The tiles an image of this size becomes (tile_image's grid, and its thumbnail)."""
+        max_tiles = self.max_tiles or self.cfg.max_tiles
+        tile = self.cfg.vision.image_size
+        cols, rows = (1, 1) if max_tiles == 1 else best_grid(width, height, tile, self.cfg.min_tiles, max_tiles)
+        return cols * rows + int(self.cfg.use_thumbnail and cols * rows > 1)
 
     def _pieces(self, text: str) -> list[tuple[str, str]]:
         """Marked text -> [(kind, value)]: ("text", a run to encode), ("special", an added token of the template),

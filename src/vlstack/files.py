@@ -10,9 +10,12 @@ file): they are removed after the new files are in place.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ConfigError
@@ -35,6 +38,7 @@ def write_files(directory: str | Path, files: dict[str, Callable[[Path], None]],
             os.close(fd)
             written.append((Path(tmp), target / name))
             write(Path(tmp))
+            os.chmod(tmp, 0o666 & ~umask())  # (mkstemp makes it 0600: as any other file the user writes instead)
         for tmp, final in written:
             os.replace(tmp, final)
     except BaseException as e:
@@ -53,3 +57,43 @@ def overlap(a: Path, b: Path) -> bool:
     """Whether two paths are the same or one lies inside the other (after resolving links)."""
     a, b = a.resolve(), b.resolve()
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+@contextmanager
+def new_directory(out: Path) -> Iterator[Path]:
+    """A directory written whole: yields a temporary directory beside out (with the umask's permissions), renamed
+    to out (which may exist empty) when the block ends, removed if it raises: no half-written out, ever."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise ConfigError(f"cannot create {out}: {e.strerror or e}") from None
+    try:
+        os.chmod(tmp, 0o777 & ~umask())  # (mkdtemp makes it 0700)
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ConfigError(f"writing {out} failed: {e.strerror or e}") from None
+        raise
+
+
+def umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it: a race with other threads' files)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o22)
+        os.umask(mask)
+        return mask
+
+
+def sha256_file(path: str | Path) -> str:
+    """The file's sha256, hex (read a MiB at a time)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

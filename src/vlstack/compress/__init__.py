@@ -17,14 +17,13 @@ the destination and renamed into place at the end: a run that fails leaves no ha
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 
 from ..config import read_yaml
 from ..errors import ConfigError
+from ..files import new_directory
 from .distill import DistillConfig, distill
 from .prune import PruneConfig, calibration, importance, prune
 from .quantize import QuantConfig, quantize_model
@@ -87,6 +86,11 @@ def compress(
         if name == "distill" and options.teacher is None and "prune" not in names:
             raise ConfigError("distill needs a teacher: a prune stage before it (the unpruned model), or teacher: DIR")
     work = output.with_name(output.name + ".distill")
+    works = (work, work.with_name(work.name + ".train")) if "distill" in names else ()  # (removed at the end)
+    for w in works if not resume else ():
+        if w.exists():
+            raise ConfigError(f"{w} exists and compress did not make it in this run: remove it, or pass --resume to "
+                              "continue the distillation it holds")  # fmt: skip
     teacher, rows = None, [measure(vlm, "input", report)]
     for name, options in stages:
         if name == "prune":
@@ -99,18 +103,12 @@ def compress(
             quantize_model(vlm.model, options, examples)
             vlm.cfg.quantization = options.to_json()
         rows.append(measure(vlm, name, report))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with new_directory(output) as tmp:
         vlm.save(tmp)
         write_report(rows, tmp)
         curve = work.with_name(work.name + ".train") / "loss.png"
-        if curve.is_file():
+        if works and curve.is_file():
             shutil.copyfile(curve, tmp / "distill-loss.png")
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for done in (work, work.with_name(work.name + ".train")):
+    for done in works:
         shutil.rmtree(done, ignore_errors=True)
     return output

@@ -91,7 +91,10 @@ def read_jsonl(path: Path) -> list[Item]:
         except (json.JSONDecodeError, KeyError, StopIteration, TypeError) as e:
             what = "conversations with a human turn, and answer"
             raise DataError(f"{where}: not a benchmark line ({what}): {e}") from None
-        names = row.get("images") or ([row["image"]] if row.get("image") else [])
+        names = row.get("images") or row.get("image") or []
+        names = [names] if isinstance(names, str) else names  # ("images": "chart.png" is one path)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise DataError(f"{where}: 'image' / 'images' must be a path or a list of paths")
         images = [_read(path.parent / n, where) for n in names]
         question = question.replace("<image>\n", "").replace("<image>", "") if images else question
         answers = [str(a) for a in answer] if isinstance(answer, list) else [str(answer)]

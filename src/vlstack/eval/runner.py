@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from ..files import write_files
+from ..files import sha256_file, write_files
 from .benchmarks import Item, content, read_items
 from .metrics import anls, choice_correct, exact, open_correct, parse_choice, parse_open, relaxed
 from .plot import bar_chart
@@ -81,7 +81,11 @@ def evaluate(
     metric = metric_of(bench, metric)
     items = read_items(data)[:limit]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file: give a directory for the run's predictions and summary")
+    identity = run_identity(vlm, bench, metric, data, adapter)
+    check_resume(out, identity)
+    write_files(out, {"run.json": lambda p: p.write_text(json.dumps(identity, indent=2))})
     done = _done(out / "predictions.jsonl")
     todo = [i for i in items if i.index not in done]
     rng = random.Random(42)  # MMMU's fallback, seeded once per run (items in file order)
@@ -135,6 +139,32 @@ def evaluate(
     write_files(out, {"summary.json": lambda p: p.write_text(json.dumps(summary, indent=2)),
                       "summary.md": lambda p: p.write_text(table(summary))})  # fmt: skip
     return summary
+
+
+def run_identity(vlm: Any, bench: str, metric: str, data: str | Path, adapter: str | None) -> dict:
+    """What a run's predictions are of: the benchmark and metric, the model (a local checkpoint's directory, or an
+    endpoint's URL and model), the adapter (its weights' sha256) and the data (its sha256). A rerun into the same
+    --out continues only the same run."""
+    local = hasattr(vlm, "model")
+    model = str(Path(vlm.directory).resolve()) if local and vlm.directory else f"{getattr(vlm, 'url', '')} {vlm.name}"
+    hashes = getattr(vlm, "adapter_hashes", {})
+    return {"benchmark": bench, "metric": metric, "model": model,
+            "adapter": None if adapter is None else {"name": adapter, "sha256": hashes.get(adapter)},
+            "data": {"path": str(Path(data).resolve()), "sha256": sha256_file(data)}}  # fmt: skip
+
+
+def check_resume(out: Path, identity: dict) -> None:
+    """Predictions already in out are resumed only by the run that made them (run.json says which)."""
+    if not (out / "predictions.jsonl").is_file() or not (out / "predictions.jsonl").stat().st_size:
+        return
+    try:
+        theirs = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        theirs = None
+    if theirs != identity:
+        differ = [k for k in identity if not isinstance(theirs, dict) or theirs.get(k) != identity[k]]
+        why = f"its {', '.join(differ)} differ" if theirs is not None else "it records no run.json"
+        raise DataError(f"--out {out} holds the predictions of another run ({why}): give this run its own --out")
 
 
 def breakdown(rows: list[dict], bench: str) -> dict:

@@ -23,6 +23,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 
 from ..api import VLM
 from ..engine.scheduler import Engine
@@ -188,6 +189,14 @@ def create_app(
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
         return e.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:  # 404, 405: in OpenAI's shape too
+        what = {404: f"no such endpoint: {request.url.path}", 405: f"{request.method} is not allowed on "
+                f"{request.url.path}"}.get(e.status_code, str(e.detail))  # fmt: skip
+        response = APIError(e.status_code, what, code="not_found" if e.status_code == 404 else None).response()
+        response.headers.update(e.headers or {})
+        return response
 
     @app.get("/health")
     def health() -> dict:
@@ -405,8 +414,10 @@ async def _json(request: Request, max_body: int) -> dict:
     raw = b"".join(chunks)
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise APIError(400, "the request body is not valid JSON") from None
+    except (ValueError, RecursionError) as e:  # (a JSON error, or a number of over 4,300 digits, or nesting)
+        why = "is nested too deeply" if isinstance(e, RecursionError) else "is not valid JSON"
+        why = "holds a number too long to read" if "digits" in str(e) else why
+        raise APIError(400, f"the request body {why}") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     return body

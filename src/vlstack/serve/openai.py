@@ -83,8 +83,8 @@ def read_messages(body: dict, allow_http: bool, image_dir: Path | None) -> list[
             content = ""
         elif not isinstance(content, str):
             raise APIError(400, "message content must be a string or a list of parts", "messages")
-        else:
-            _text(content, "messages")
+        else:  # plain text, as in a text part: OpenAI's strings carry no image placeholders
+            content = [{"type": "text", "text": _text(content, "messages")}]
         out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
     return out
 
@@ -116,7 +116,7 @@ def read_sampling(body: dict, vocab: int) -> tuple[SamplingParams, int, int | No
     for name, harmless in UNSUPPORTED.items():
         if not harmless(body.get(name)):
             raise APIError(400, f"'{name}' is not supported by this server", name)
-    n, top = body.get("n") or 1, body.get("top_logprobs")
+    n, top = 1 if body.get("n") is None else body["n"], body.get("top_logprobs")
     checks = [
         (is_int(n) and 1 <= n <= 16, "n", "an integer in [1, 16]"),
         (body.get("logprobs") in (None, True, False), "logprobs", "true or false"),
@@ -129,7 +129,8 @@ def read_sampling(body: dict, vocab: int) -> tuple[SamplingParams, int, int | No
         if not ok:
             raise APIError(400, f"'{name}' must be {what}", name)
     given = {
-        "max_new_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
+        "max_new_tokens": next((body[f] for f in ("max_completion_tokens", "max_tokens") if body.get(f) is not None),
+                               None),  # (a null one is not given)
         "temperature": 1.0 if body.get("temperature") is None else body["temperature"],  # OpenAI's default
         **{f: body.get(f) for f in ("top_p", "top_k", "seed", "stop", "presence_penalty", "frequency_penalty")},
         "logit_bias": body.get("logit_bias"),

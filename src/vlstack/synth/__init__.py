@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
-import shutil
 from collections import Counter
 from collections.abc import Callable
 from functools import partial
@@ -22,10 +20,30 @@ from pathlib import Path
 from .. import __version__
 from ..errors import DataError
 from ..eval.benchmarks import VQA_PROMPT
+from ..files import new_directory
 from . import charts, documents
 
 VERSION = "3"  # of the generators: bump when a seed would draw something else
 KINDS: dict[str, object] = {"charts": charts, "documents": documents}
+
+
+MIN_SIZE, MAX_SIZE = 64, 4096  # an image's side (InternVL reads 448-px tiles: 4096 is ~80 of them)
+LINE_BYTES = 4096  # a bound on what a question's lines hold in memory until the files are written
+
+
+def memory_needed(n: int, size: int) -> int:
+    """Bytes a dataset takes while it is drawn: one image at a time (RGB, and the drawing's copies), and every
+    image's questions (~10 each) until the JSONL files are written."""
+    return 16 * size * size + 10 * n * LINE_BYTES
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (None where the system does not say)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def subjects(kind: str) -> list[str]:
@@ -56,8 +74,12 @@ def synthesize(
     (a page border, reference lines), the test charts none. Returns the provenance record."""
     if kind not in KINDS:
         raise DataError(f"unknown kind {kind!r}: choose one of {', '.join(KINDS)}")
-    if n < 1 or not 0 <= test_fraction < 1 or size < 64:
-        raise DataError("--n must be >= 1, --test-fraction in [0, 1), --size >= 64")
+    if n < 1 or not 0 <= test_fraction < 1 or not MIN_SIZE <= size <= MAX_SIZE:
+        raise DataError(f"--n must be >= 1, --test-fraction in [0, 1), --size in [{MIN_SIZE}, {MAX_SIZE}]")
+    need, free = memory_needed(n, size), available_memory()
+    if free is not None and need > free:
+        raise DataError(f"--n {n} --size {size} would take ~{need / 2**30:.1f} GiB of memory, more than the "
+                        f"{free / 2**30:.1f} GiB available: make fewer or smaller images")  # fmt: skip
     module = KINDS[kind]
     unknown = set(only or []) - set(subjects(kind))
     if unknown:
@@ -78,12 +100,10 @@ def synthesize(
         raise DataError(f"--only {','.join(only or [])}: no templates for a split")
     draw = partial(charts.chart, line_width=line_width) if kind == "charts" else documents.document
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
     lines: dict[str, list[dict]] = {"train": [], "test": []}
     counts: Counter = Counter()
-    try:
+    with new_directory(out) as tmp:
+        (tmp / "images").mkdir()
         for i in range(n):
             split = "test" if i >= n - n_test else "train"
             rng = random.Random(f"{seed}:{i}")  # each image its own stream: a dataset's first k images are the same
@@ -131,12 +151,6 @@ def synthesize(
                                               for s in ("train", "test")},
         }  # fmt: skip
         (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # (empty: checked above)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return provenance
 
 

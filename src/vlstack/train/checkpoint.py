@@ -58,7 +58,7 @@ def load_state(job: Job) -> dict | None:
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=True)  # (plain data and tensors: nothing in it runs)
     except Exception as e:  # torch raises bare RuntimeErrors and pickle errors for a damaged file
         state = e
     if not isinstance(state, dict) or not STATE_KEYS <= set(state):
@@ -92,3 +92,4 @@ def restore_state(r: Running, state: dict) -> None:
     r.scheduler.load_state_dict(state["scheduler"])
     r.stream.position = state["position"]
     r.step, r.micro, r.tokens, r.losses = state["step"], state["micro"], state["tokens"], list(state["losses"])
+    r.recorded = len(r.losses)

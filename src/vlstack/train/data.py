@@ -39,6 +39,7 @@ class Example:
     messages: list[dict]  # {"role", "content"} with <image> placeholders
     images: list[Path]
     where: str  # "file.jsonl:12"
+    sizes: list[tuple[int, int]] | None = None  # the images' (width, height), once they are checked
 
 
 def _parse(line: str, where: str, root: Path) -> Example:
@@ -96,23 +97,28 @@ def read_dataset(path: str | Path) -> list[Example]:
                 examples.append(_parse(line, f"{path}:{n}", path.parent))
     if not examples:
         raise DatasetError(f"{path}: holds no examples")
-    check_images(examples, str(path))
+    sizes = check_images(examples, str(path))
+    for ex in examples:
+        ex.sizes = [sizes[p] for p in ex.images]
     return examples
 
 
-def check_images(examples: list[Example], name: str, limits: ImageLimits | None = None) -> None:
+def check_images(
+    examples: list[Example], name: str, limits: ImageLimits | None = None
+) -> dict[Path, tuple[int, int]]:
     """Decode every image of the examples now, in parallel, with a progress line on stderr: a bad image is named
-    by file and line before training starts, not when a step reaches it."""
+    by file and line before training starts, not when a step reaches it. Returns each image's (width, height)."""
     first = {p: ex.where for ex in reversed(examples) for p in ex.images}  # each image once, at its first line
     todo = list(first.items())
+    sizes: dict[Path, tuple[int, int]] = {}
     if not todo:
-        return
+        return sizes
     done, tty = 0, sys.stderr.isatty()
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
         futures = {pool.submit(load_image, p, limits): (where, p) for p, where in todo}
         for future in as_completed(futures):
             try:
-                future.result()
+                sizes[futures[future][1]] = future.result().size
             except ImageError as e:
                 where, p = futures[future]
                 for f in futures:
@@ -122,10 +128,22 @@ def check_images(examples: list[Example], name: str, limits: ImageLimits | None 
             if tty or done == len(todo):
                 print(f"\r{name}: {done}/{len(todo)} images checked", end="\n" if done == len(todo) else "",
                       file=sys.stderr, flush=True)  # fmt: skip
+    return sizes
 
 
-def encode_example(processor: Processor, ex: Example, max_len: int) -> dict[str, torch.Tensor]:
-    """-> input_ids [T], labels [T] (IGNORE except on assistant replies), pixel_values [N, 3, S, S]."""
+def count_cut(processor: Processor, examples: list[Example], max_len: int) -> int:
+    """How many examples keep no answer token to learn from once cut to max_len tokens (their images counted by
+    size, nothing tiled)."""
+    cut = 0
+    for ex in examples:
+        labels = encode_example(processor, ex, max_len, ids_only=True)["labels"]
+        cut += not bool((labels[1:] != IGNORE).any())  # (a token learns the label of the next one)
+    return cut
+
+
+def encode_example(processor: Processor, ex: Example, max_len: int, ids_only: bool = False) -> dict[str, torch.Tensor]:
+    """-> input_ids [T], labels [T] (IGNORE except on assistant replies), pixel_values [N, 3, S, S] (ids_only:
+    without them, the images counted by their sizes)."""
     segments = []  # (text, learn?)
     done = ""
     for i, m in enumerate(ex.messages):
@@ -140,7 +158,8 @@ def encode_example(processor: Processor, ex: Example, max_len: int) -> dict[str,
         else:
             segments.append((full[len(done) :], False))
         done = full
-    enc = processor.encode_segments(segments, [str(p) for p in ex.images])
+    sizes = ex.sizes if ids_only and ex.sizes is not None else None
+    enc = processor.encode_segments(segments, [str(p) for p in ex.images], sizes)
     ids, labels = enc["input_ids"][0], enc["labels"][0]
     if len(ids) > max_len:
         img_positions = (ids == processor.img_context).nonzero()

@@ -29,7 +29,7 @@ from ..api import VLM
 from ..engine.metadata import Step, packed_step, upload, v2pe_rope
 from ..layers.lora import PARTS, add_adapter, part_of, prepare_lora, prepare_tiles, remove_adapter, replay, route, under
 from .checkpoint import clear_run, load_state, restore_state, save_state
-from .data import IGNORE, DatasetError, Example, Stream, encode_example, read_dataset
+from .data import IGNORE, DatasetError, Example, Stream, count_cut, encode_example, read_dataset
 from .fsdp import gathered, is_sharded, shard
 from .jobs import Job, JobError, check_outputs
 from .optim import step_jobs
@@ -66,6 +66,7 @@ class Running:
     tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
     losses: list[float] = field(default_factory=list)  # every micro-step's loss, read back
+    recorded: int = 0  # how many of them the metrics have summarised
     pending: list[torch.Tensor] = field(default_factory=list)  # the losses of micro-steps since (on the device)
     first_step: int = 0  # where this process started (after a resume)
     first_tokens: int = 0
@@ -77,11 +78,28 @@ class Running:
         return self.tokens - self.first_tokens
 
     def read_losses(self) -> list[float]:
-        """The losses of the micro-steps since the last read, copied to the host (one wait on the device)."""
+        """The losses of the micro-steps since the last read, copied to the host (one wait on the device); a
+        non-finite one stops the job (Diverged), naming the optimizer step it belongs to."""
         new = torch.stack(self.pending).tolist() if self.pending else []
-        self.losses += new
         self.pending.clear()
+        for i, loss in enumerate(new):
+            if not math.isfinite(loss):
+                step = (len(self.losses) + i) // self.job.grad_accum + 1
+                raise Diverged(f"job {self.job.name!r}: the loss is {loss} at step {step}: training stopped and "
+                               "nothing written (a learning rate too high? a temperature out of range?)")
+        self.losses += new
         return new
+
+    def check_weights(self) -> None:
+        """Before anything is written: every trained weight finite (a non-finite gradient makes them NaN before
+        any loss shows it)."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.params):
+            raise Diverged(f"job {self.job.name!r}: its weights are not finite at step {self.step} (a gradient "
+                           "overflowed): training stopped and nothing written")
+
+
+class Diverged(JobError):
+    """A job whose loss or weights stopped being finite: it stops before writing anything."""
 
 
 def total_steps(job: Job, n_examples: int) -> int:
@@ -458,6 +476,18 @@ def check_split(mode: str, processes: int, options: dict[str, object]) -> None:
         raise JobError(f"{mode} does not go with {', '.join(given)} (yet)")
 
 
+def check_lengths(vlm: VLM, job: Job, examples: list[Example], verbose: bool = True) -> None:
+    """Examples whose answers max_len cuts off teach nothing: none left is an error, some a warning with the
+    count."""
+    cut = count_cut(vlm.processor, examples, job.max_len)
+    if cut == len(examples):
+        raise JobError(f"job {job.name!r}: max_len {job.max_len} cuts off the answer of every example of "
+                       f"{job.data}: nothing to learn (raise max_len)")  # fmt: skip
+    if cut and verbose:
+        print(f"warning: job {job.name!r}: max_len {job.max_len} cuts off the answer of {cut} of {len(examples)} "
+              "examples: they teach nothing", file=sys.stderr, flush=True)  # fmt: skip
+
+
 def check_batch(job: Job, processes: int) -> None:
     if job.batch_size % processes:
         raise JobError(f"job {job.name!r}: batch_size {job.batch_size} is not a multiple of {processes} processes")
@@ -524,6 +554,8 @@ def train(
     for job in jobs:
         check_batch(job, 1 if pipe else size)
     datasets = {job.name: read_dataset(job.data) for job in jobs}  # all checked before any training
+    for job in jobs:
+        check_lengths(vlm, job, datasets[job.name], verbose)
     known, files = list(jobs), {j.name: inputs(j, datasets[j.name]) for j in jobs}
     check_outputs(known, vlm.directory, files)
     states = {job.name: load_state(job) if resume else None for job in jobs}
@@ -549,6 +581,7 @@ def train(
                         raise JobError("a job with full: true trains the base itself: it runs alone")
                     check_batch(job, 1 if pipe else size)
                     examples = read_dataset(job.data)
+                    check_lengths(vlm, job, examples, verbose)
                     check_outputs(known + [job], vlm.directory, {**files, job.name: inputs(job, examples)})
                     datasets[job.name], states[job.name] = examples, None
                     known.append(job)
@@ -568,6 +601,11 @@ def train(
                 if done and pipe is not None:  # the adapter's weights from the stages that trained them
                     pipe.gather(model, r.job.name)
                 sharded = is_sharded(model)
+                checkpoint_now = not sharded and (done or (r.job.save_every and r.step % r.job.save_every == 0))
+                if done or checkpoint_now or r.step % log_every == 0:  # (every process: each stops alike)
+                    r.read_losses()
+                    if (done or checkpoint_now) and not sharded:
+                        r.check_weights()
                 with gathered(model) if done and sharded else nullcontext():  # (split weights: every process)
                     if lead:  # one process writes: metrics, adapter, checkpoint, curve
                         if done or r.step % log_every == 0:
@@ -576,7 +614,7 @@ def train(
                             vlm.save(r.job.output)
                         elif done:  # likewise the adapter
                             save_adapter(model, r.job.name, r.job.output, r.job.spec, base=str(vlm.directory))
-                        if not sharded and (done or (r.job.save_every and r.step % r.job.save_every == 0)):
+                        if checkpoint_now:
                             save_state(r)  # (no checkpoints of split weights yet)
                         if done:
                             plot_loss(r)

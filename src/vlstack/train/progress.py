@@ -21,7 +21,9 @@ def record(r: Running, verbose: bool) -> None:
     """After an optimizer step: append the job's metrics line (its loss: the mean of the micro-steps since the
     last line) and, if verbose, print its progress."""
     elapsed = time.perf_counter() - r.started
-    recent = r.read_losses() or r.losses[-1:]
+    r.read_losses()
+    recent = r.losses[r.recorded :] or r.losses[-1:]
+    r.recorded = len(r.losses)
     row = {
         "step": r.step,
         "total_steps": r.total_steps,

@@ -1,0 +1,234 @@
+"""Trust, round two: nothing that failed is reported as success, nothing is deleted or exposed that is not
+vlstack's, every option is checked before work, and bad input is one line naming the problem."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from test_serve import adapter_dir  # noqa: F401 (a fixture)
+from test_train import write_dataset
+
+import vlstack
+from vlstack.train.jobs import Job
+from vlstack.train.multi import Diverged, train
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return vlstack.load("tiny", device="cpu")
+
+
+def test_a_diverging_job_stops_at_its_first_non_finite_loss_and_writes_nothing(tmp_path):
+    data = write_dataset(tmp_path / "data", "fin", 4, True)
+    job = Job("fin", data, tmp_path / "out" / "fin", rank=4, batch_size=2, steps=6, lr=1e6, save_every=1)
+    vlm = vlstack.load("tiny", device="cpu")
+    with pytest.raises(Diverged, match=r"job 'fin': (the loss is nan|its weights are not finite) at step") as e:
+        train(vlm, [job], 4, verbose=False)
+    step = int(str(e.value).split(" at step ")[1].split()[0].rstrip(":"))
+    assert 1 < step <= 6
+    assert not (tmp_path / "out" / "fin").exists()  # no adapter
+    state = tmp_path / "out" / "fin.train" / "checkpoint" / "state.pt"  # the checkpoints before it are finite
+    saved = torch.load(state, weights_only=True)
+    assert saved["step"] == step - 1 and all(torch.isfinite(t).all() for t in saved["adapter"])
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "fin.train" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["loss"] == m["loss"] for m in metrics) and metrics[-1]["step"] == step - 1
+
+
+def test_answers_cut_off_by_max_len_are_counted_before_training(tmp_path, capsys, tiny):
+    from vlstack.train.data import encode_example, read_dataset
+    from vlstack.train.jobs import JobError
+
+    data = write_dataset(tmp_path / "data", "fin", 6, True)
+    examples = read_dataset(data)
+    lengths = [len(encode_example(tiny.processor, ex, 10**6)["input_ids"]) for ex in examples]
+    # the ids without pixels count the images' tokens as tiling them does
+    assert lengths == [len(encode_example(tiny.processor, ex, 10**6, ids_only=True)["input_ids"]) for ex in examples]
+    long, short = "Tell me, in all the detail you can, what " * 8, "What?"
+    lines = [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": "Red."}]}
+             for q in (long, short, long, short, short)]  # fmt: skip
+    data = tmp_path / "cut.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out" / "fin"
+    with pytest.raises(JobError, match=r"job 'fin': max_len 8 cuts off the answer of every example"):
+        train(tiny, [Job("fin", data, out, rank=2, batch_size=2, steps=1, max_len=8)], 4, verbose=False)
+    assert not out.exists() and not out.with_name("fin.train").exists()
+    # some cut: a warning with the count, and training goes on
+    train(tiny, [Job("fin", data, out, rank=2, batch_size=2, steps=1, max_len=40)], 4)
+    assert "cuts off the answer of 2 of 5 examples" in capsys.readouterr().err and out.is_dir()
+
+
+@pytest.fixture(scope="module")
+def server():
+    from test_serve import running
+
+    from vlstack.serve.api import ServeConfig, create_app
+
+    vlm = vlstack.load("tiny", device="cpu")
+    app = create_app(vlm, "tiny", ServeConfig(max_batch=4))
+    with running(app) as base:
+        yield base, vlm
+
+
+def _post(base: str, body=None, raw: bytes | None = None, path: str = "/v1/chat/completions", method: str = "POST"):
+    import httpx
+
+    if raw is not None:
+        return httpx.request(method, base + path, content=raw, headers={"content-type": "application/json"}, timeout=60)
+    return httpx.request(method, base + path, json=body, timeout=60)
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def test_a_null_max_completion_tokens_leaves_max_tokens_and_n_0_is_refused(server):
+    base, _ = server
+    r = _post(base, {"model": "tiny", "messages": HI, "max_tokens": 4, "max_completion_tokens": None})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    r = _post(base, {"model": "tiny", "messages": HI, "max_completion_tokens": 3, "max_tokens": None})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    r = _post(base, {"model": "tiny", "messages": HI, "n": 0, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+        (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}",
+         "a number too long"),
+        (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5000 + b"}",
+         "a number too long"),
+    ],
+)  # fmt: skip
+def test_bodies_too_deep_or_with_huge_numbers_are_a_400(server, raw, message):
+    r = _post(server[0], raw=raw)
+    assert r.status_code == 400 and message in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_paths_and_methods_answer_in_openai_shape(server):
+    base, _ = server
+    for path, method, status in (("/v1/nope", "POST", 404), ("/v1/chat/completions", "GET", 405),
+                                 ("/v1/models", "DELETE", 405)):  # fmt: skip
+        r = _post(base, raw=b"", path=path, method=method)
+        error = r.json()["error"]
+        assert r.status_code == status and path in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_image_tag_in_a_string_content_is_text(server):
+    base, vlm = server
+    text = "What does the <image> tag in HTML do?"
+    r = _post(base, {"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 1})
+    as_part = vlm.processor([{"role": "user", "content": [{"type": "text", "text": text}]}])["input_ids"]
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == as_part.shape[1]
+    assert vlm.processor.img_start not in as_part[0].tolist()
+
+
+def test_the_python_api_refuses_what_it_cannot_answer(tiny):
+    from vlstack.errors import PromptError
+
+    m = [{"role": "user", "content": "hi"}]
+    cases = [
+        (lambda: tiny.generate([m, m, m], adapters=[None], max_new_tokens=1), "adapters: 1 for 3 conversations"),
+        (lambda: tiny.generate([m, m, m], images=[[]], max_new_tokens=1), "images: 1 for 3 conversations"),
+        (lambda: tiny.generate([], max_new_tokens=1), "a non-empty list"),
+        (lambda: tiny.chat("\ud800", max_new_tokens=1), "not valid Unicode"),
+        (lambda: tiny(torch.tensor([[1.0, 2.0]])), "integer token ids"),
+        (lambda: tiny(torch.tensor([[1, 10**6]])), "outside the vocabulary"),
+        (lambda: tiny(torch.tensor([[-1, 2]])), "outside the vocabulary"),
+        (lambda: tiny.generate([[{"role": "wizard", "content": "hi"}]], max_new_tokens=1), "unknown message role"),
+    ]
+    for call, message in cases:
+        with pytest.raises(PromptError, match=message):
+            call()
+    assert len(tiny.generate([m, m], adapters=[None, None], images=[[], []], max_new_tokens=2)) == 2
+
+
+def test_eval_resumes_only_the_run_that_wrote_its_out(tmp_path, capsys, adapter_dir):  # noqa: F811
+    from test_eval_data import b64, png, write_tsv
+
+    from vlstack.cli import main
+
+    rows = [{"index": str(i), "image": b64(png(i)), "question": f"Q{i}?", "answer": "7"} for i in range(3)]
+    write_tsv(tmp_path / "b.tsv", rows)
+    write_tsv(tmp_path / "c.tsv", rows[:2])
+    out = tmp_path / "run"
+    common = ["eval", "vqa", "--out", str(out), "--max-new-tokens", "2"]
+    assert main([*common, "--data", str(tmp_path / "b.tsv"), "--limit", "2"]) == 0
+    before = (out / "predictions.jsonl").read_text()
+    capsys.readouterr()
+    for other in (["--data", str(tmp_path / "c.tsv")], ["--data", str(tmp_path / "b.tsv"), "--adapter",
+                  f"finance={adapter_dir}"], ["--data", str(tmp_path / "b.tsv"), "--metric", "anls"]):  # fmt: skip
+        assert main([*common, *other]) == 2
+        assert "holds the predictions of another run" in capsys.readouterr().err
+    eval_ = ["eval", "mmmu", "--out", str(out), "--data", str(tmp_path / "b.tsv")]
+    assert main(eval_) == 2 and "benchmark, metric differ" in capsys.readouterr().err
+    assert (out / "predictions.jsonl").read_text() == before  # nothing added to another run's file
+    assert main([*common, "--data", str(tmp_path / "b.tsv")]) == 0  # the same run: resumed
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
+    (out / "run.json").unlink()  # predictions of unknown origin
+    assert main([*common, "--data", str(tmp_path / "b.tsv")]) == 2 and "records no run.json" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["eval", "vqa", "--out", str(tmp_path / "file"), "--data", str(tmp_path / "b.tsv")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_compress_keeps_work_directories_it_did_not_make(tmp_path, capsys):
+    from vlstack.cli import main
+
+    data = write_dataset(tmp_path / "data", "d", 2, False)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"stages:\n  - prune: {{mlp: 0.5, data: {data}, samples: 2}}\n"
+                      f"  - distill: {{data: {data}, steps: 1, batch_size: 1}}\n")  # fmt: skip
+    out = tmp_path / "small"
+    theirs = [tmp_path / "small.distill", tmp_path / "small.distill.train"]
+    for d in theirs:
+        d.mkdir()
+        (d / "mine.txt").write_text("the user's")
+    assert main(["compress", "--config", str(config), "--output", str(out)]) == 2
+    assert "small.distill exists and compress did not make it" in capsys.readouterr().err
+    assert all((d / "mine.txt").read_text() == "the user's" for d in theirs) and not out.exists()
+    # a compress without a distill stage leaves them alone too
+    config.write_text("stages:\n  - quantize: {bits: 8}\n")
+    assert main(["compress", "--config", str(config), "--output", str(out)]) == 0
+    assert all((d / "mine.txt").read_text() == "the user's" for d in theirs)
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    from vlstack.files import new_directory, write_files
+
+    old = os.umask(0o022)
+    try:
+        write_files(tmp_path / "a", {"f.txt": lambda p: p.write_text("x")})
+        with new_directory(tmp_path / "b") as d:
+            (d / "g.txt").write_text("y")
+        assert (tmp_path / "a" / "f.txt").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "b").stat().st_mode & 0o777 == 0o755
+        os.umask(0o077)
+        write_files(tmp_path / "a", {"h.txt": lambda p: p.write_text("x")})
+        assert (tmp_path / "a" / "h.txt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_resume_loads_training_state_without_running_code(tmp_path):
+    from vlstack.errors import ConfigError
+    from vlstack.train.checkpoint import load_state, run_dir
+
+    job = Job("fin", write_dataset(tmp_path / "data", "fin", 2, False), tmp_path / "out" / "fin", rank=2,
+              batch_size=1, steps=2, save_every=1)  # fmt: skip
+    train(vlstack.load("tiny", device="cpu"), [job], 2, verbose=False)
+    assert load_state(job)["step"] == 2  # a checkpoint vlstack wrote loads
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    state = run_dir(job.output) / "checkpoint" / "state.pt"
+    torch.save({"step": 1, "payload": Payload()}, state)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_state(job)
+    assert not (tmp_path / "pwned").exists()

@@ -358,6 +358,12 @@ class _Web(http.server.SimpleHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", "http://" + self.path[len("/go/") :])
             self.end_headers()
+        elif self.path == "/slow-headers":  # a header line a byte at a time, for 50 s
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            for _ in range(1000):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.05)
         elif self.path == "/slow":
             self.send_response(200)
             self.send_header("Content-Length", "100000")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_serve import adapter_dir  # noqa: F401 (a fixture)
 from test_train import write_dataset
+from test_trust import web  # noqa: F401 (a fixture)
 
 import vlstack
 from vlstack.train.jobs import Job
@@ -232,3 +233,61 @@ def test_resume_loads_training_state_without_running_code(tmp_path):
     with pytest.raises(ConfigError, match="cannot be read"):
         load_state(job)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_tenants_share_no_cached_images_and_only_admins_see_shared_counters(tmp_path):
+    import httpx
+    from conftest import image
+    from test_serve import data_url, running
+
+    from vlstack.serve.api import create_app
+    from vlstack.serve.auth import read_keys
+
+    (tmp_path / "keys.yaml").write_text("keys:\n  - {id: a, key: sk-a, models: [tiny]}\n"
+                                        "  - {id: b, key: sk-b, models: [tiny]}\n"
+                                        "  - {id: ops, key: sk-ops, models: ['*'], admin: true}\n")  # fmt: skip
+    app = create_app(vlstack.load("tiny", device="cpu"), "tiny", tenants=read_keys(tmp_path / "keys.yaml"))
+    engine = app.state.engine
+    page = [{"type": "image_url", "image_url": {"url": data_url(image(60, 40))}}, {"type": "text", "text": "?"}]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": page}], "max_tokens": 1}
+    with running(app) as base:
+
+        def send(key: str) -> None:
+            r = httpx.post(base + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200
+
+        send("sk-a")
+        hits = engine.images.hits
+        send("sk-b")  # the same image from another tenant: encoded again, no hit
+        assert engine.images.hits == hits
+        send("sk-a")  # its own image again: a hit
+        assert engine.images.hits == hits + 1
+        tenant = httpx.get(base + "/metrics", headers={"Authorization": "Bearer sk-b"}).text
+        admin = httpx.get(base + "/metrics", headers={"Authorization": "Bearer sk-ops"}).text
+    for shared in ("vlstack_http_requests_total", "vlstack_image_cache_hits_total", "vlstack_queue_depth"):
+        assert shared not in tenant and shared in admin
+    assert 'vlstack_requests_total{model="tiny"' in tenant  # its own model's series stay
+
+
+def test_a_host_trickling_headers_meets_the_deadline_and_hosts_are_bounded(web, monkeypatch):  # noqa: F811
+    import concurrent.futures
+    import time
+
+    from vlstack.errors import ImageError
+    from vlstack.serve import openai as api_openai
+
+    start = time.perf_counter()
+    with pytest.raises(ImageError, match="took over 1 s"):
+        api_openai.fetch_image(f"http://{web}/slow-headers", 1, allow_private=True)
+    assert time.perf_counter() - start < 3  # its headers would take 50 s
+    monkeypatch.setattr(api_openai, "PER_HOST", 2)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        slow = [pool.submit(api_openai.fetch_image, f"http://{web}/slow-headers", 2, allow_private=True)
+                for _ in range(2)]  # fmt: skip
+        time.sleep(0.5)
+        with pytest.raises(ImageError, match="2 images are being fetched from 127.0.0.1 already"):
+            api_openai.fetch_image(f"http://{web}/page.png", 2, allow_private=True)
+        for f in slow:
+            with pytest.raises(ImageError, match="took over 2 s"):
+                f.result()
+    assert api_openai.fetch_image(f"http://{web}/page.png", 2, allow_private=True)[:4] == b"\x89PNG"  # freed

@@ -54,6 +54,7 @@ class Request:
     adapter: str | None
     params: SamplingParams
     detok: Detokenizer
+    tenant: str | None = None  # who sent it: its images are cached apart from other tenants'
     out: Any = field(default_factory=queue.Queue)  # text pieces, then None at the end
     slot: int = -1
     prefilled: int = 0  # prompt tokens in the cache
@@ -148,11 +149,13 @@ class Engine:
         params: SamplingParams,
         out: Any = None,
         top_logprobs: int | None = None,
+        tenant: str | None = None,
     ) -> Request:
         """Queue an encoded prompt; its text arrives in request.out (a queue.Queue unless another object with
         put() is given) as pieces, then None. With top_logprobs (0-20), each token's log-probability under the
         model (its raw distribution, before logit_bias, penalties, temperature or top_p) and those of the
-        top_logprobs likeliest tokens are added to request.logprobs before the text they make is put."""
+        top_logprobs likeliest tokens are added to request.logprobs before the text they make is put. tenant:
+        the key's id that sent it (its images' cached features are its own)."""
         prompt = inputs["input_ids"][0]
         if len(prompt) >= self.max_len:
             raise PromptError(f"the prompt is {len(prompt)} tokens, over the model's context of {self.max_len} tokens")
@@ -168,7 +171,8 @@ class Engine:
             raise UnknownModel(f"no adapter named {adapter!r} is loaded")
         counts = tiles_per_image(prompt, cfg.image_token_id, cfg.tokens_per_tile) if pixels is not None else []
         images = [(image_hash(t), len(t)) for t in pixels.split(counts)] if counts else []
-        req = Request(prompt, pixels, images, adapter, params, Detokenizer(self.vlm.processor.decode, params.stop))
+        req = Request(prompt, pixels, images, adapter, params, Detokenizer(self.vlm.processor.decode, params.stop),
+                      tenant=tenant)  # fmt: skip
         if out is not None:
             req.out = out
         req.top_logprobs = top_logprobs
@@ -442,8 +446,8 @@ class Engine:
                 parts.append(r.features[before : before + int((r.prompt[a:b] == image_token).sum())])
         return torch.cat(parts)[None] if parts else None
 
-    def _image_key(self, req: Request, digest: str) -> tuple[str, str | None]:
-        return digest, req.adapter if req.adapter in self.vision_adapters else None
+    def _image_key(self, req: Request, digest: str) -> tuple[str, str | None, str | None]:
+        return digest, req.adapter if req.adapter in self.vision_adapters else None, req.tenant
 
     def _features(self, batch: list[Request]) -> dict:
         """The visual embeddings [tiles, P, C] of the batch's images by key: cached ones reused, the others

@@ -160,7 +160,9 @@ def create_app(
         }
         totals = {"vlstack_image_cache_hits_total": engine.images.hits,
                   "vlstack_image_cache_misses_total": engine.images.misses}  # fmt: skip
-        text = metrics.render(gauges, totals, lambda model: visible(request, model))  # a tenant: its own models
+        tenant = request.state.tenant
+        shared = tenant is None or tenant.admin  # the whole server's traffic, queue and cache: admin keys only
+        text = metrics.render(gauges, totals, lambda model: visible(request, model), shared)  # a tenant: its models
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     def finished(model: str, reqs: list, messages: list) -> dict:
@@ -305,7 +307,8 @@ def create_app(
         if remote_images(messages):  # fetched by threads of their own (see fetcher)
             fetch = (fetch_images, messages, cfg.fetch_timeout, cfg.allow_private_image_hosts)
             messages = await loop.run_in_executor(fetcher, _client_errors(*fetch))
-        args = (engine, vlm, messages, adapter, n, gen, top_logprobs, loop)
+        tenant = request.state.tenant
+        args = (engine, vlm, messages, adapter, n, gen, top_logprobs, loop, tenant.id if tenant else None)
         reqs = await loop.run_in_executor(encoder, _client_errors(_submit, *args))
 
         async def pieces(r) -> AsyncIterator[str]:
@@ -462,9 +465,10 @@ def _submit(
     gen: SamplingParams,
     top_logprobs: int | None,
     loop: asyncio.AbstractEventLoop,
+    tenant: str | None = None,
 ) -> list:
     """Encode the request (images decoded and tiled here, in a worker thread) and queue n completions."""
     inputs = vlm.processor(messages)
     seeds = [None if gen.seed is None else (gen.seed + i) % 2**64 for i in range(n)]  # n different samples
     params = [dataclasses.replace(gen, seed=seed) for seed in seeds]
-    return [engine.submit(inputs, adapter, p, AsyncOut(loop), top_logprobs) for p in params]
+    return [engine.submit(inputs, adapter, p, AsyncOut(loop), top_logprobs, tenant) for p in params]

@@ -1,7 +1,8 @@
 """The cache of visual embeddings: the same page asked about twice goes through the vision encoder once.
 
-An image is known by a hash of its tiles' pixel values (so the tiling settings are part of its identity)
-and by the adapter it was encoded with, when that adapter changes the vision tower or the projector.
+An image is known by a hash of its tiles' pixel values (so the tiling settings are part of its identity),
+by the adapter it was encoded with, when that adapter changes the vision tower or the projector, and by the
+tenant that sent it: one tenant's images never answer another's lookups (no hit to count or to time).
 Least recently used entries leave first once the cache is over its byte budget.
 """
 
@@ -12,7 +13,7 @@ from collections import OrderedDict
 
 import torch
 
-Key = tuple[str, str | None]  # (hash of the image's tiles, adapter of the vision tower or None)
+Key = tuple[str, str | None, str | None]  # (hash of the image's tiles, adapter of the vision tower, tenant)
 
 
 def image_hash(tiles: torch.Tensor) -> str:

@@ -35,16 +35,19 @@ class Metrics:
         gauges: dict[str, float],
         totals: dict[str, float] | None = None,
         visible: Callable[[str], bool] | None = None,
+        shared: bool = True,
     ) -> str:
         """The exposition text; gauges and totals (counters kept elsewhere) are rendered unlabelled. Series of a
-        model for which visible(model) is false are left out (a tenant sees its own models only)."""
+        model for which visible(model) is false are left out (a tenant sees its own models only), and without
+        shared the series of no model (the whole server's traffic)."""
 
         def fmt(labels: tuple, extra: str = "") -> str:
             parts = [f'{k}="{v}"' for k, v in labels] + ([extra] if extra else [])
             return "{" + ",".join(parts) + "}" if parts else ""
 
         def shown(labels: tuple) -> bool:
-            return visible is None or all(visible(v) for k, v in labels if k == "model")
+            models = [v for k, v in labels if k == "model"]
+            return (shared or bool(models)) and (visible is None or all(visible(v) for v in models))
 
         lines = []
         with self.lock:
@@ -63,7 +66,7 @@ class Metrics:
                         bucket = 'le="' + le + '"'
                         lines.append(f"{name}_bucket{fmt(lb, bucket)} {c:g}")
                     lines += [f"{name}_sum{fmt(lb)} {h[-2]:g}", f"{name}_count{fmt(lb)} {h[-1]:g}"]
-        for kind, values in (("gauge", gauges), ("counter", totals or {})):
+        for kind, values in (("gauge", gauges), ("counter", totals or {})) if shared else ():
             for name, value in values.items():
                 lines += [f"# TYPE {name} {kind}", f"{name} {value:g}"]
         return "\n".join(lines) + "\n"

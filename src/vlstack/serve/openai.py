@@ -10,9 +10,12 @@ import functools
 import http.client
 import ipaddress
 import socket
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -182,12 +185,19 @@ class _Checked:
         family, kind, proto, _, sockaddr = infos[0]
         sock = socket.socket(family, kind, proto)
         sock.settimeout(timeout)
+        _FETCH.sockets.append(sock)  # (shut at the fetch's deadline, whatever it is waiting for)
         try:
             sock.connect(sockaddr)
         except BaseException:
             sock.close()
             raise
         return sock
+
+
+_FETCH = threading.local()  # this thread's fetch: its sockets
+PER_HOST = 8  # fetches in flight from one host at most (of the server's 32 fetching threads)
+_in_flight: Counter = Counter()
+_in_flight_lock = threading.Lock()
 
 
 @functools.cache
@@ -208,8 +218,44 @@ def _opener(allow_private: bool) -> urllib.request.OpenerDirector:
 
 
 def fetch_image(url: str, timeout: float, max_bytes: int = 64 * 2**20, allow_private: bool = False) -> bytes:
-    """The bytes of an http(s) image, within `timeout` seconds in all and a size limit, from public hosts only
-    unless allow_private."""
+    """The bytes of an http(s) image, within `timeout` seconds in all (connection, headers and body: a timer
+    shuts the connection at the deadline) and a size limit, from public hosts only unless allow_private; at most
+    PER_HOST fetches from one host at once (a slow host cannot take every fetching thread)."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    with _in_flight_lock:
+        if _in_flight[host] >= PER_HOST:
+            raise ImageError(f"{PER_HOST} images are being fetched from {host} already; retry later")
+        _in_flight[host] += 1
+    _FETCH.sockets = []
+    timer = threading.Timer(timeout, lambda sockets: [_shut(s) for s in list(sockets)], (_FETCH.sockets,))
+    timer.daemon = True
+    timer.start()
+    start = time.monotonic()
+    try:
+        data = _fetch(url, timeout, max_bytes, allow_private)
+    except ImageError:
+        if time.monotonic() - start < timeout:
+            raise
+        data = None  # (what the connection shut at the deadline raised: the deadline is the reason)
+    finally:
+        timer.cancel()
+        with _in_flight_lock:
+            _in_flight[host] -= 1
+            if not _in_flight[host]:
+                del _in_flight[host]
+    if data is None or time.monotonic() - start >= timeout:  # (a body cut short by the shut connection too)
+        raise ImageError(f"fetching {url} took over {timeout:g} s; refused")
+    return data
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # (closed already)
+        pass
+
+
+def _fetch(url: str, timeout: float, max_bytes: int, allow_private: bool) -> bytes:
     deadline = time.monotonic() + timeout
     chunks, size = [], 0
     try:

@@ -291,3 +291,144 @@ def test_a_host_trickling_headers_meets_the_deadline_and_hosts_are_bounded(web, 
             with pytest.raises(ImageError, match="took over 2 s"):
                 f.result()
     assert api_openai.fetch_image(f"http://{web}/page.png", 2, allow_private=True)[:4] == b"\x89PNG"  # freed
+
+
+def test_serve_says_serving_once_bound_and_logs_a_line_per_request(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.listen()  # the port in use: one line, before the model loads
+        out = subprocess.run([sys.executable, "-m", "vlstack.cli", "serve", "--port", str(port)], capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+    in_use = f"vlstack: error: cannot serve on 127.0.0.1:{port}: Address already in use\n"
+    assert out.returncode == 2 and out.stderr == in_use
+    assert "serving on" not in out.stdout
+    proc = subprocess.Popen([sys.executable, "-m", "vlstack.cli", "serve", "--port", str(port)], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        line = proc.stdout.readline()  # printed once bound: the server answers (or queues) from now on
+        assert line.startswith("serving 'tiny'") and f":{port}/v1" in line
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(base + "/health", timeout=60).status_code == 200
+        body = {"model": "tiny", "messages": HI, "max_tokens": 2}
+        r = httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200 and httpx.get(base + "/v1/nope", timeout=60).status_code == 404
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=60)[1]
+    lines = [x for x in err.splitlines() if x.startswith("127.0.0.1 ")]
+    assert [x.split()[1:4] for x in lines] == [["GET", "/health", "200"], ["POST", "/v1/chat/completions", "200"],
+                                                ["GET", "/v1/nope", "404"]]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--port", "70000"], "--port 70000: a port is a number from 1 to 65535"),
+        (["--port", "-1"], "a port is a number from 1 to 65535"),
+        (["--image-cache-mb", "nan"], "image_cache_mb must be a finite number"),
+        (["--max-body-mb", "nan"], "max_body_mb must be a finite number"),
+        (["--adapter", "tiny=/tmp"], "the base model is served as 'tiny'; give the adapter another name"),
+        (["--image-dir", "/no/such/dir"], "image_dir /no/such/dir is not a directory"),
+        (["--adapter-dir", "/no/such/dir"], "adapter_dir /no/such/dir is not a directory"),
+    ],
+)
+def test_serve_options_are_checked_before_the_model_loads(args, message, capsys):
+    from vlstack.cli import main
+
+    assert main(["serve", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+COMPRESS_OPTIONS = [
+    ("- quantize: 8", "stage 1 (quantize) takes a mapping of options"),
+    ("- quantize: {bits: '8'}", "quantize bits must be an integer (got '8')"),
+    ("- quantize: {modules: '(['}", "quantize modules '([' is not a valid regex"),
+    ("- quantize: {samples: -2}", "quantize samples must be >= 1"),
+    ("- prune: {layers: true, data: DATA}", "prune layers must be an integer (got True)"),
+    ("- prune: {mlp: true, data: DATA}", "prune mlp must be a finite number (got True)"),
+    ("- prune: {samples: -1, data: DATA}", "prune samples must be >= 1"),
+    ("- prune: {mlp: '0.5', data: DATA}", "prune mlp must be a finite number (got '0.5')"),
+    ("- distill: {data: DATA, warmup_steps: -3, teacher: TEACHER}", "distill warmup_steps must be >= 0"),
+    ("- distill: {data: DATA, temperature: .inf, teacher: TEACHER}", "distill temperature must be a finite number"),
+    ("- distill: {data: DATA, steps: '5', teacher: TEACHER}", "distill steps must be an integer (got '5')"),
+    ("- quantize: {bits: 8}\nreport: {limit: -1}", "report limit must be >= 1 (got -1)"),
+    # the README's example settings on the tiny model: int4 groups of 128 over 192 channels left by the pruning
+    ("- prune: {mlp: 0.5, heads: 0.5, hidden: 0.75, data: DATA}\n  - distill: {data: DATA, steps: 500}\n"
+     "  - quantize: {bits: 4, group_size: 128}",
+     "int4 group_size 128 does not divide the 192 inputs of language_model.layers.0.self_attn.q_proj after pruning"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("stages, message", COMPRESS_OPTIONS)
+def test_compress_options_are_checked_before_any_work(tmp_path, capsys, stages, message):
+    from vlstack.cli import main
+    from vlstack.tiny import tiny_dir
+
+    data = write_dataset(tmp_path, "d", 2, False)
+    text = stages.replace("DATA", str(data)).replace("TEACHER", str(tiny_dir()))
+    (tmp_path / "c.yaml").write_text("stages:\n  " + text + "\n")
+    assert main(["compress", "--config", str(tmp_path / "c.yaml"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "out.distill.train").exists()
+
+
+@pytest.mark.parametrize(
+    "field, message",
+    [
+        ("epochs: 1.0e30", "epochs must be in (0, 10000]"),
+        ("warmup_steps: -3", "warmup_steps must be >= 0"),
+        ("seed: 1180591620717411303424", "seed must be in [0, 2**63)"),
+        ("output: .", "must name a directory of its own"),
+        ("output: /proc/nope/x", "cannot write its output under /proc/nope"),
+    ],
+)
+def test_job_fields_are_checked_before_training(tmp_path, capsys, field, message):
+    from vlstack.cli import main
+
+    write_dataset(tmp_path, "d", 2, False)
+    job = {"name": "fin", "data": "d.jsonl", "output": "out/fin", "batch_size": 1, "steps": 1}
+    key, value = field.split(": ")
+    job = {k: v for k, v in job.items() if k != ("steps" if key == "epochs" else key)}
+    lines = "".join(f"    {k}: {v}\n" for k, v in job.items())
+    (tmp_path / "j.yaml").write_text(f"jobs:\n  - {key}: {value}\n{lines}")
+    assert main(["train", str(tmp_path / "j.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_jobs_files_that_are_not_text_or_bad_max_rows_are_one_line(tmp_path, capsys):
+    from vlstack.cli import main
+
+    write_dataset(tmp_path, "d", 2, False)
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfejobs: []")
+    (tmp_path / "rows.yaml").write_text("max_rows: true\njobs:\n  - {name: f, data: d.jsonl, output: o, steps: 1}\n")
+    for name, message in (("bin.yaml", "not UTF-8 text"), ("rows.yaml", "max_rows must be an integer")):
+        assert main(["train", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["plan", "--gpus", "2x0GB"], "a GPU's memory must be more than 0 GB"),
+        (["plan", "--train-tokens", "-1"], "--train-tokens must be >= 1"),
+        (["synth", "charts", "--size", "100000", "--out", "OUT"], "--size in [64, 4096]"),
+        (["synth", "charts", "--n", "100000000000", "--out", "OUT"], "GiB of memory, more than the"),
+        (["synth", "charts", "--n", "2", "--out", "/proc/x/y"], "cannot create /proc/x/y"),
+    ],
+)
+def test_plan_and_synth_refuse_what_they_cannot_do(tmp_path, capsys, args, message):
+    from vlstack.cli import main
+
+    assert main([a.replace("OUT", str(tmp_path / "s")) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "s").exists()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import socket
 import sys
+from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, VLStackError
@@ -196,7 +198,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from pathlib import Path
 
     from .adapters import merge_adapter
     from .api import load
@@ -228,7 +229,6 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from pathlib import Path
 
     from .config import read_config
     from .plan import describe, plan
@@ -250,32 +250,58 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.tp > 1 and "RANK" not in os.environ:  # one process per device, started and watched from here
         raise SystemExit(launch(sys.argv[1:], args.tp))
-    vlm = load(args.model, device=args.device, dtype=args.dtype, v2pe_delta=args.v2pe_delta, tp=args.tp)
-    if vlm.model.device.type == "cpu":
-        keep_freed_memory()  # each step's temporaries reuse the heap (see heap.py)
-    for spec in args.adapter or []:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
+    name = args.served_name or ("tiny" if args.model == "tiny" else Path(args.model).name)
+    adapters = [(spec, *spec.partition("=")) for spec in args.adapter or []]
+    for spec, adapter, sep, path in adapters:  # (everything given checked before the model loads)
+        if not sep or not adapter or not path:
             raise ConfigError(f"--adapter takes NAME=DIR (got {spec!r})")
-        vlm.load_adapter(name, path)
-    name = args.served_name or ("tiny" if args.model == "tiny" else vlm.name)
+        if adapter == name:
+            raise ConfigError(f"--adapter {spec}: the base model is served as {name!r}; give the adapter another name")
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: a port is a number from 1 to 65535")
     tenants = read_keys(args.keys) if args.keys else None
-    audit = AuditLog(args.audit, content=args.audit_content) if args.audit else None
     config = ServeConfig(
         allow_http_images=args.allow_http_images, allow_private_image_hosts=args.allow_private_image_hosts,
         adapter_dir=args.adapter_dir, image_dir=args.image_dir, max_batch=args.max_batch,
         kv_budget=args.kv_budget, max_queue=args.max_queue, max_body_mb=args.max_body_mb,
         image_cache_mb=args.image_cache_mb, max_model_len=args.max_model_len, prefill_tokens=args.prefill_tokens,
         vision_tokens=args.vision_tokens, max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank,
+        access_log=not args.no_access_log,
     )  # fmt: skip
-    if vlm.model.tp is not None and vlm.model.tp.rank > 0:  # a rank that runs the calls rank 0's engine sends
+    audit = AuditLog(args.audit, content=args.audit_content) if args.audit else None
+    lead = int(os.environ.get("RANK", "0")) == 0  # (under TP, rank 0 serves; the others replay its calls)
+    sock = bind(args.host, args.port) if lead else None  # a port in use: one line, before the model loads
+    vlm = load(args.model, device=args.device, dtype=args.dtype, v2pe_delta=args.v2pe_delta, tp=args.tp)
+    if vlm.model.device.type == "cpu":
+        keep_freed_memory()  # each step's temporaries reuse the heap (see heap.py)
+    for _, adapter, _, path in adapters:
+        vlm.load_adapter(adapter, path)
+    if not lead:  # a rank that runs the calls rank 0's engine sends
         return replay(make_engine(vlm, config, background=False))
     app = create_app(vlm, name, config, tenants=tenants, audit=audit)
     engine = app.state.engine
     cache = f"{engine.max_batch} x {engine.max_len} tokens, {engine.cache_bytes / 2**30:.2f} GiB"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     print(f"serving {name!r} and adapters {sorted(vlm.adapters)} on http://{args.host}:{args.port}/v1 "
           f"(KV cache: {cache})", flush=True)  # fmt: skip
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    server.run(sockets=[sock])
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (not yet listening: a connection before the server starts is refused, not
+    left hanging), or a one-line error (a port in use, an address not of this machine)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host}: {e.strerror}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot serve on {host}:{port}: {e.strerror}") from None
+    return sock
 
 
 def parser() -> argparse.ArgumentParser:
@@ -321,6 +347,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--keys", default=None, help="YAML/JSON file of API keys and the models each may use")
     serve.add_argument("--audit", default=None, help="append a JSON line per request to this file")
     serve.add_argument("--audit-content", action="store_true", help="include the messages in the audit log")
+    serve.add_argument("--no-access-log", action="store_true", help="no line on stderr per request")
     serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     serve.add_argument("--kv-budget", type=int, default=None, help="KV-cache tokens in use at most (queue beyond)")
     serve.add_argument("--max-model-len", type=int, default=None,

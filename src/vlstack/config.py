@@ -293,9 +293,44 @@ def read_yaml(path: str | Path, what: str, error: type[VLStackError] = ConfigErr
     if not path.is_file():
         raise error(f"{what} not found: {path}")
     try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise error(f"{path}: not valid YAML or JSON: {e}") from None
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        why = " ".join(str(e).split()) or "nested too deeply"  # (on one line)
+        raise error(f"{path}: not valid YAML or JSON: {why}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def check_fields(options: Any, where: str) -> None:
+    """Each field of a dataclass of options against its annotation, or ConfigError naming the first that is not:
+    int (not a bool, not a float), float (an int or a float, finite), bool, str, a list or tuple of str, each maybe
+    None. Other annotations are left to the caller."""
+    import dataclasses
+    import math
+    import typing
+
+    hints = typing.get_type_hints(type(options))
+    for f in dataclasses.fields(options):
+        value, kind = getattr(options, f.name), hints[f.name]
+        args = set(typing.get_args(kind))
+        if value is None and type(None) in args:
+            continue
+        base = (args - {type(None)}).pop() if len(args - {type(None)}) == 1 else kind
+        what = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(base)
+        if base is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif base is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif base in (bool, str):
+            ok = isinstance(value, base)
+        elif typing.get_origin(base) in (list, tuple) and typing.get_args(base)[0] is str:
+            ok, what = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value), "a list of strings"
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"{where} {f.name} must be {what} (got {value!r})")
 
 
 def read_config(directory: str | Path) -> VLMConfig:

@@ -112,8 +112,10 @@ def parse_gpus(spec: str) -> tuple[int, float, str]:
         gb = known[kind.upper()]
     else:
         raise ConfigError(f"--gpus: unknown GPU {kind!r}; known: {', '.join(GPUS)} (or give its memory: 8x80GB)")
-    if n < 1:
-        raise ConfigError("--gpus: at least one GPU")
+    if not 1 <= n <= 4096:
+        raise ConfigError(f"--gpus {spec!r}: from 1 to 4096 GPUs")
+    if not 0 < gb <= 100_000:
+        raise ConfigError(f"--gpus {spec!r}: a GPU's memory must be more than 0 GB")
     return n, gb, kind
 
 
@@ -129,8 +131,8 @@ def training_activations(cfg: VLMConfig, tokens: int) -> int:
 def plan(cfg: VLMConfig, gpus: str, quantize: str | None, context: int, concurrency: int, train_tokens: int) -> dict:
     if quantize not in (None, "int8", "int4"):
         raise ConfigError(f"--quantize {quantize!r}: int8 or int4")
-    if context < 1 or concurrency < 1:
-        raise ConfigError("--context and --concurrency must be >= 1")
+    if context < 1 or concurrency < 1 or train_tokens < 1:
+        raise ConfigError("--context, --concurrency and --train-tokens must be >= 1")
     n, gb, kind = parse_gpus(gpus)
     w = count(cfg)
     parts = w.bytes(quantize, cfg)

@@ -25,8 +25,9 @@ from ..config import read_yaml
 from ..errors import ConfigError
 from ..files import new_directory
 from .distill import DistillConfig, distill
-from .prune import PruneConfig, calibration, importance, prune
+from .prune import PruneConfig, calibration, importance, prune, pruned_width
 from .quantize import QuantConfig, quantize_model
+from .quantize import targets as quant_targets
 from .report import ReportConfig, measure, write_report
 
 STAGES = {"prune": PruneConfig, "distill": DistillConfig, "quantize": QuantConfig}  # in the order they run
@@ -46,6 +47,8 @@ def read_stages(path: str | Path) -> list[tuple[str, object]]:
         if name not in STAGES:
             raise ConfigError(f"{path}: unknown stage {name!r} (stages: {', '.join(STAGES)})")
         options = options or {}
+        if not isinstance(options, dict):
+            raise ConfigError(f"{path}: stage {i} ({name}) takes a mapping of options, e.g. '- quantize: {{bits: 8}}'")
         known = {f.name for f in fields(STAGES[name])}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -78,11 +81,13 @@ def compress(
     if output.exists():
         raise ConfigError(f"{output} exists; compress writes a new directory")
     names = [name for name, _ in stages]
+    width = None  # a layer's inputs after the pruning (if any)
     for name, options in stages:  # what the model or the device cannot meet, before any work
         if name == "prune":
-            options.targets(vlm.cfg.text)
+            width = pruned_width(vlm.cfg.text, options.targets(vlm.cfg.text))
         if name == "quantize":
             options.check_device(vlm.model.device)
+            quant_targets(vlm.model, options, width)
         if name == "distill" and options.teacher is None and "prune" not in names:
             raise ConfigError("distill needs a teacher: a prune stage before it (the unpruned model), or teacher: DIR")
     work = output.with_name(output.name + ".distill")

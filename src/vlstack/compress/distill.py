@@ -11,6 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..config import check_fields
 from ..errors import ConfigError
 
 
@@ -28,6 +29,7 @@ class DistillConfig:
     teacher: str | None = None  # a checkpoint directory; default: the model as it was before this run's pruning
 
     def check(self) -> DistillConfig:
+        check_fields(self, "distill")
         if self.data is None or not Path(self.data).is_file():
             raise ConfigError(f"distill data must be a JSONL file in the training format (got {self.data!r})")
         if self.teacher is not None and not Path(self.teacher).is_dir():
@@ -37,6 +39,8 @@ class DistillConfig:
                 raise ConfigError(f"distill {name} must be an integer >= 1")
         if not self.lr > 0 or not self.temperature > 0 or self.hidden_weight < 0:
             raise ConfigError("distill lr and temperature must be > 0, hidden_weight >= 0")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"distill warmup_steps must be >= 0 (got {self.warmup_steps})")
         return self
 
 

@@ -15,6 +15,7 @@ of layers kept; 1.0 (and all layers) keeps the model exactly as it was.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import check_fields
 from ..engine.metadata import packed_step
 from ..errors import ConfigError
 from ..layers.norm import RMSNorm
@@ -37,6 +39,7 @@ class PruneConfig:
     samples: int = 32  # calibration examples used
 
     def check(self) -> PruneConfig:
+        check_fields(self, "prune")
         for name in ("mlp", "heads", "hidden"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value <= 1:
@@ -58,6 +61,23 @@ class PruneConfig:
         return (layers, kept(t.intermediate_size, self.mlp, "the MLP"),
                 kept(t.num_key_value_heads, self.heads, "the KV heads"),
                 kept(t.hidden_size, self.hidden, "the embedding channels"))  # fmt: skip
+
+
+def pruned_width(t, kept: tuple[int, int, int, int]) -> Callable[[str, int], int]:
+    """A linear layer's inputs once pruned to kept (targets()) -> a function of (its name, its inputs now)."""
+    _, mlp, groups, hidden = kept
+    heads = groups * (t.num_attention_heads // t.num_key_value_heads) * t.head_dim
+
+    def width(name: str, in_features: int) -> int:
+        if not name.startswith("language_model."):  # (the vision tower and projector are not pruned)
+            return in_features
+        if name.endswith("o_proj"):
+            return heads
+        if name.endswith("down_proj"):
+            return mlp
+        return hidden if in_features == t.hidden_size else in_features
+
+    return width
 
 
 def kept(n: int, fraction: float, what: str) -> int:

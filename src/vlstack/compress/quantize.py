@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import check_fields
 from ..errors import ConfigError
 
 METHOD = "vlstack"
@@ -43,6 +45,7 @@ class QuantConfig:
     samples: int = 16  # calibration examples used
 
     def check(self) -> QuantConfig:
+        check_fields(self, "quantize")
         if self.bits not in (4, 8):
             raise ConfigError(f"quantisation bits must be 4 or 8 (got {self.bits})")
         if self.bits == 4 and (self.group_size < 2 or self.group_size % 2):
@@ -54,6 +57,12 @@ class QuantConfig:
         self.full_precision = tuple(self.full_precision)
         if self.awq and (self.data is None or not Path(self.data).is_file()):
             raise ConfigError(f"awq needs calibration data: data: a JSONL file (got {self.data!r})")
+        if self.samples < 1:
+            raise ConfigError(f"quantize samples must be >= 1 (got {self.samples})")
+        try:
+            re.compile(self.modules)
+        except re.error as e:
+            raise ConfigError(f"quantize modules {self.modules!r} is not a valid regex: {e}") from None
         return self
 
     def check_device(self, device: torch.device) -> QuantConfig:
@@ -283,14 +292,19 @@ def quantized_layout(model: nn.Module, cfg: QuantConfig) -> None:
         _swap(model, name, QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, cfg, w.device, w.dtype))
 
 
-def targets(model: nn.Module, cfg: QuantConfig) -> list[str]:
+def targets(model: nn.Module, cfg: QuantConfig, width: Callable[[str, int], int] | None = None) -> list[str]:
+    """The Linear layers cfg quantises; int4: each one's inputs (width(name, in_features): what they will be,
+    after a pruning still to come) a multiple of the group size."""
     pattern = re.compile(cfg.modules)
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and pattern.fullmatch(n)]
     names = [n for n in names if not n.startswith(tuple(cfg.full_precision))]
     if not names:
         raise ConfigError(f"quantisation modules {cfg.modules!r} match no Linear layer of the model")
     if cfg.bits == 4:
-        bad = [n for n in names if model.get_submodule(n).in_features % cfg.group_size]
+        widths = {n: (width or (lambda _, k: k))(n, model.get_submodule(n).in_features) for n in names}
+        bad = [n for n in names if widths[n] % cfg.group_size]
         if bad:
-            raise ConfigError(f"int4 group_size {cfg.group_size} does not divide the inputs of {bad[0]}")
+            after = " after pruning" if width else ""
+            raise ConfigError(f"int4 group_size {cfg.group_size} does not divide the {widths[bad[0]]} inputs of "
+                              f"{bad[0]}{after}")  # fmt: skip
     return names

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import check_fields
 from ..errors import ConfigError
 
 
@@ -31,6 +32,9 @@ class ReportConfig:
     new_tokens: int = 16  # decode tokens timed per stage
 
     def check(self) -> ReportConfig:
+        check_fields(self, "report")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"report limit must be >= 1 (got {self.limit})")
         if self.data is not None and not Path(self.data).is_file():
             raise ConfigError(f"report data {self.data} is not a file")
         if self.new_tokens < 2:

@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -55,11 +57,18 @@ class ServeConfig:
     max_adapters: int | None = None  # with either: slots for this many adapters (8) of rank up to max_lora_rank
     max_lora_rank: int | None = None  # (64), reserved at start; without: the slots grow as adapters come
     fetch_timeout: float = 10.0  # seconds for an http(s) image, in all
+    access_log: bool = False  # a line on stderr per request (method, path, status, seconds, key id)
 
     def __post_init__(self) -> None:
+        for name in ("max_body_mb", "image_cache_mb", "fetch_timeout"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number (got {getattr(self, name)})")
         for name in ("max_batch", "max_queue", "prefill_tokens", "vision_tokens", "max_body_mb", "fetch_timeout"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive (got {getattr(self, name)})")
+        for name in ("image_dir", "adapter_dir"):
+            if getattr(self, name) is not None and not Path(getattr(self, name)).is_dir():
+                raise ConfigError(f"{name} {getattr(self, name)} is not a directory")
         for name in ("max_adapters", "max_lora_rank"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
@@ -139,11 +148,17 @@ def create_app(
                     status = message["status"]
                 await send(message)
 
+            start = time.perf_counter()
             try:
                 await (error.response() if error else self.app)(scope, receive, send_status)
             finally:
                 record = state.get("audit") or {}  # a chat request's model and token counts (and final status)
                 status = record.pop("status", status)
+                if cfg.access_log:
+                    who = f" key={state['tenant'].id}" if state["tenant"] else ""
+                    client = (scope.get("client") or ("-",))[0]
+                    print(f"{client} {scope['method']} {path} {status} {time.perf_counter() - start:.3f}s{who}",
+                          file=sys.stderr, flush=True)  # fmt: skip
                 metrics.count("vlstack_http_requests_total", path=_route(path), status=str(status))
                 if audit is not None and path.startswith("/v1/"):
                     tenant = state["tenant"]

@@ -54,7 +54,7 @@ from ..files import overlap
 from ..layers.lora import LLM_TARGETS, MAX_RANK, MODULES, PARTS, LoRASpec, check_name, part_of
 from .checkpoint import run_dir
 
-MAX_BATCH, MAX_LEN = 1024, 1 << 20
+MAX_BATCH, MAX_LEN, MAX_STEPS, MAX_EPOCHS = 1024, 1 << 20, 10**9, 10**4
 
 
 class JobError(VLStackError):
@@ -129,6 +129,8 @@ def _check(job: dict, where: str, root: Path) -> Job:
                 if not isinstance(value, str) or not value:
                     raise ValueError("must be a non-empty string (quote it: YAML reads off, yes, 12... otherwise)")
                 paths = ("data", "output", "teacher")
+                if key == "output" and Path(value).name in ("", ".", ".."):
+                    raise ValueError("must name a directory of its own to write (not . or ..)")
                 kw[key] = root / value if key in paths else check_name(value) if key == "name" else value
             elif key == "part_lr":
                 if not isinstance(value, dict) or not value or not all(map(is_part_key, value)):
@@ -169,8 +171,10 @@ def _check(job: dict, where: str, root: Path) -> Job:
         (j.max_len < 8, "max_len must be >= 8"),
         (j.schedule not in ("cosine", "linear", "constant"), "schedule must be cosine, linear or constant"),
         ((j.steps is None) == (j.epochs is None), "give exactly one of steps and epochs"),
-        (j.steps is not None and j.steps < 1, "steps must be >= 1"),
-        (j.epochs is not None and j.epochs <= 0, "epochs must be > 0"),
+        (j.steps is not None and not 1 <= j.steps <= MAX_STEPS, f"steps must be in [1, {MAX_STEPS}]"),
+        (j.epochs is not None and not 0 < j.epochs <= MAX_EPOCHS, f"epochs must be in (0, {MAX_EPOCHS}]"),
+        (j.warmup_steps < 0, "warmup_steps must be >= 0"),
+        (not 0 <= j.seed < 2**63, "seed must be in [0, 2**63)"),
         (j.save_every < 0, "save_every must be >= 0"),
         (j.temperature <= 0, "temperature must be > 0"),
         (j.hidden_weight < 0, "hidden_weight must be >= 0"),
@@ -216,7 +220,7 @@ def read_plan(path: str | Path) -> Plan:
     if len(set(names)) != len(names):
         raise JobError(f"{path}: job names must be unique (got {names})")
     max_rows = raw.get("max_rows", sum(j.batch_size for j in jobs))
-    if not isinstance(max_rows, int) or max_rows < max(j.batch_size for j in jobs):
+    if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < max(j.batch_size for j in jobs):
         raise JobError(f"{path}: max_rows must be an integer >= the largest batch_size")
     checkpointing = raw.get("gradient_checkpointing", False)
     if not isinstance(checkpointing, bool):
@@ -244,6 +248,11 @@ def check_outputs(jobs: list[Job], model_dir: Path | None, inputs: dict[str, lis
     a dataset (its JSONL or images; inputs: job name -> those files) or the base model's directory."""
     places = [(f"job {j.name!r}'s {what}", p.resolve()) for j in jobs
               for what, p in (("output", j.output), ("run directory", run_dir(j.output)))]  # fmt: skip
+    for j in jobs:
+        try:
+            j.output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise JobError(f"job {j.name!r}: cannot write its output under {j.output.parent}: {e.strerror}") from None
     for i, (what, p) in enumerate(places):
         for other, q in places[i + 1 :]:
             if overlap(p, q):

@@ -432,3 +432,138 @@ def test_plan_and_synth_refuse_what_they_cannot_do(tmp_path, capsys, args, messa
     assert main([a.replace("OUT", str(tmp_path / "s")) for a in args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and not (tmp_path / "s").exists()
+
+
+def test_dataset_lines_that_json_cannot_hold_are_named(tmp_path):
+    from vlstack.train.data import DatasetError, read_dataset
+
+    def line(question: str, extra: str = "") -> str:
+        turns = '[{"from": "human", "value": "' + question + '"}, {"from": "gpt", "value": "x"}]'
+        return '{"conversations": ' + turns + extra + "}"
+
+    cases = [
+        (line("hi", ', "n": ' + "9" * 5000), "a number too long to read"),
+        ('{"conversations": ' + "[" * 50_000 + "]" * 50_000 + "}", "nested too deeply"),
+        (line("\\ud800"), "not valid Unicode"),
+    ]
+    for line, message in cases:
+        (tmp_path / "d.jsonl").write_text(line + "\n")
+        with pytest.raises(DatasetError, match=f"d.jsonl:1: .*{message}"):
+            read_dataset(tmp_path / "d.jsonl")
+
+
+def _rows(n: int = 2) -> list[dict]:
+    from test_eval_data import b64, png
+
+    return [{"index": str(i), "image": b64(png(i)), "question": f"Q{i}?", "answer": "7"} for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"image": "[abc"}, r"b.tsv:2: column image: not valid JSON"),
+        ({"image": "[1]"}, r"b.tsv:2: column image must be one value or a JSON list of strings"),
+        ({"image_path": "[abc", "image": ""}, r"b.tsv:2: column image_path: not valid JSON"),
+    ],
+)
+def test_bad_tsv_cells_are_named(tmp_path, change, message):
+    from test_eval_data import write_tsv
+
+    from vlstack.errors import DataError
+    from vlstack.eval.benchmarks import read_items
+
+    rows = _rows()
+    rows[0] = {**rows[0], "image_path": "", **change}
+    rows[1]["image_path"] = ""
+    write_tsv(tmp_path / "b.tsv", rows)
+    with pytest.raises(DataError, match=message):
+        read_items(tmp_path / "b.tsv")
+
+
+def test_bad_benchmark_files_are_one_line_errors(tmp_path):
+    from test_eval_data import write_tsv
+
+    from vlstack.errors import DataError
+    from vlstack.eval.benchmarks import read_items
+
+    write_tsv(tmp_path / "b.tsv", _rows())
+    text = (tmp_path / "b.tsv").read_text().splitlines()
+    (tmp_path / "short.tsv").write_text("\n".join([text[0], text[1].rsplit("\t", 1)[0], text[2]]) + "\n")
+    (tmp_path / "bin.tsv").write_bytes(b"index\tquestion\n\xff\xfe\n")
+    (tmp_path / "bin.jsonl").write_bytes(b'{"a": "\xff"}\n')
+    line = {"image": "c.png", "answer": "7", "options": ["red", "blue"],
+            "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "7"}]}  # fmt: skip
+    (tmp_path / "c.png").write_bytes(__import__("test_eval_data").png(1))
+    (tmp_path / "opts.jsonl").write_text(json.dumps(line) + "\n")
+    (tmp_path / "one.jsonl").write_text(json.dumps({**line, "options": {}, "images": "c.png"}) + "\n")
+    cases = [("short.tsv", r"short.tsv:2: the row's cells do not match the header's 4 columns"),
+             ("bin.tsv", "not UTF-8 text"), ("bin.jsonl", "not UTF-8 text"),
+             ("opts.jsonl", r"opts.jsonl:1: options must be an object")]  # fmt: skip
+    for name, message in cases:
+        with pytest.raises(DataError, match=message):
+            read_items(tmp_path / name)
+    assert len(read_items(tmp_path / "one.jsonl")[0].images) == 1  # "images": "c.png" is one path
+
+
+def test_a_truncated_image_names_its_item_and_can_be_scored_as_failed(tmp_path, capsys):
+    import base64
+
+    from test_eval_data import write_tsv
+
+    from vlstack.cli import main
+
+    rows = _rows(3)
+    data = base64.b64decode(rows[1]["image"])
+    rows[1]["image"] = base64.b64encode(data[: len(data) // 2]).decode()  # its header reads; its pixels do not
+    write_tsv(tmp_path / "b.tsv", rows)
+    common = ["eval", "vqa", "--data", str(tmp_path / "b.tsv"), "--max-new-tokens", "2"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "item 1: image 1 does not decode (could not decode image" in err and err.count("\n") == 1
+    assert main([*common, "--out", str(tmp_path / "b"), "--skip-bad-images"]) == 0
+    lines = {x["index"]: x for x in map(json.loads, (tmp_path / "b" / "predictions.jsonl").read_text().splitlines())}
+    assert set(lines) == {"0", "1", "2"} and lines["1"]["score"] == 0.0 and "does not decode" in lines["1"]["error"]
+    assert "error" not in lines["0"] and lines["0"]["completion_tokens"] > 0
+
+
+def test_api_base_must_be_a_url():
+    from vlstack.errors import EndpointError
+    from vlstack.eval.remote import Endpoint
+
+    with pytest.raises(EndpointError, match="'notaurl' is not an http"):
+        Endpoint("notaurl", "m")
+
+
+def test_info_into_a_closed_pipe_and_help_lists_every_verb():
+    import subprocess
+    import sys
+
+    from vlstack.cli import parser
+
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before anything is written (`vlstack info | head -0`)
+    out = subprocess.run([sys.executable, "-m", "vlstack.cli", "info"], stdout=w, stderr=subprocess.PIPE, text=True,
+                         timeout=120)  # fmt: skip
+    os.close(w)
+    assert out.returncode == 0 and out.stderr == ""
+    text = parser().format_help()
+    verbs = parser()._subparsers._group_actions[0].choices
+    assert all(f"    {v} " in text and v in text.split("\n\n")[1] for v in verbs)
+
+
+def test_image_errors_speak_vlstack(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from vlstack.errors import ImageError
+    from vlstack.image import ImageLimits, load_image
+
+    with pytest.raises(ImageError) as e:
+        load_image(b"not an image at all")
+    assert "BytesIO" not in str(e.value) and "not in an image format vlstack reads" in str(e.value)
+    buf = io.BytesIO()
+    Image.new("L", (20000, 20000)).save(buf, format="PNG")  # 400 M pixels: over PIL's own bomb bound
+    with pytest.raises(ImageError) as e:
+        load_image(buf.getvalue(), ImageLimits(max_pixels=10**12))
+    assert "over the limit of" in str(e.value) and "DOS" not in str(e.value)

@@ -1,4 +1,4 @@
-"""The `vlstack` command: chat, serve, train, merge, eval, synth, info."""
+"""The `vlstack` command: chat, serve, train, merge, compress, plan, eval, synth, info."""
 
 from __future__ import annotations
 
@@ -99,7 +99,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     runs = [out] if len(adapters) == 1 else [f"{out}/{a or 'base'}" for a in adapters]
     for adapter, run in zip(adapters, runs):
         summary = evaluate(model, args.benchmark, args.data, run, adapter, args.metric, args.limit, args.batch,
-                           args.max_new_tokens, name=name, prices=prices)  # fmt: skip
+                           args.max_new_tokens, name=name, prices=prices,
+                           skip_bad_images=args.skip_bad_images)  # fmt: skip
         print(f"{summary['benchmark']} {summary['model']}: {summary['score']:.1f} ({summary['metric']}, "
               f"n={summary['n']}, {summary['pages_per_s']:.2f} pages/s); {run}/summary.json")  # fmt: skip
     if len(runs) > 1:
@@ -305,7 +306,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlstack", description="Self-hosted InternVL: chat, serve, train, evaluate.")
+    verbs = "chat, serve, train, merge, compress, plan, eval, synth, info"
+    p = argparse.ArgumentParser(prog="vlstack", description=f"Self-hosted InternVL: {verbs}.")
     p.add_argument("--version", action="version", version=f"vlstack {__version__}")  # (also from a source tree)
     sub = p.add_subparsers(dest="verb", required=True)
 
@@ -426,6 +428,9 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="the first N items only")
     ev.add_argument("--batch", type=int, default=16, help="items generated together")
     ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--skip-bad-images", action="store_true",
+                    help="an item whose image does not decode is scored as failed (its error in predictions.jsonl) "
+                    "instead of stopping the run")  # fmt: skip
     ev.add_argument("--out", default=None, help="directory for summary.json and predictions.jsonl (a rerun resumes)")
     ev.add_argument("--api-base", default=None, help="a remote OpenAI-compatible endpoint instead of a local model")
     ev.add_argument("--api-model", default=None, help="the endpoint's model name")
@@ -476,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # (`vlstack info | head`: the reader left; nothing more to say, and no traceback)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the interpreter's flush at exit, too)
+        return 0
     return 0
 
 

@@ -11,6 +11,7 @@ file): they are removed after the new files are in place.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, VLStackError
 
 
 def write_files(directory: str | Path, files: dict[str, Callable[[Path], None]], stale: Iterable[str] = ()) -> Path:
@@ -97,3 +98,20 @@ def sha256_file(path: str | Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def json_value(text: str, where: str, error: type[VLStackError]) -> object:
+    """A JSON text (a dataset's line, a request body...) -> its value, or `error` naming where and why: not JSON,
+    nested too deeply, a number too long to read, text that is not Unicode (a lone surrogate, from an escape)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise error(f"{where}: nested too deeply") from None
+    except ValueError as e:  # (a JSON error, or an integer of over 4,300 digits)
+        why = "a number too long to read" if "digits" in str(e) else f"not valid JSON ({getattr(e, 'msg', e)})"
+        raise error(f"{where}: {why}") from None
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise error(f"{where}: holds text that is not valid Unicode (a lone surrogate)") from None
+    return value

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageError
 
@@ -54,20 +54,16 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
         raise ImageError(f"image is {len(data)} bytes, over the limit of {limits.max_bytes} bytes")
     try:
         img = Image.open(io.BytesIO(data))  # reads the header only
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"image refused as a decompression bomb: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"could not decode image: {e}") from None
-    w, h = img.size
-    if w * h > limits.max_pixels:
-        raise ImageError(
-            f"image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels} "
-            "(possibly a decompression bomb); raise max_pixels to allow it"
-        )
-    try:
+        w, h = img.size
+        if w * h > limits.max_pixels:
+            raise ImageError(f"image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels} "
+                             "(possibly a decompression bomb); raise max_pixels to allow it")  # fmt: skip
         img.load()  # decode now, inside the limits, so a corrupt file fails here and not later
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"image refused as a decompression bomb: {e}") from None
+    except Image.DecompressionBombError:  # (PIL's own bound, met before ours could be checked)
+        bomb = f"image is over the limit of {limits.max_pixels} pixels (possibly a decompression bomb)"
+        raise ImageError(bomb) from None
+    except UnidentifiedImageError:
+        raise ImageError("could not decode image: not in an image format vlstack reads (PNG, JPEG, WebP...)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"could not decode image: {e}") from None
     return img

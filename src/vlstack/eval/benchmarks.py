@@ -16,7 +16,6 @@ import base64
 import binascii
 import csv
 import io
-import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import DataError
+from ..files import json_value
 
 LETTERS = "ABCDEFGHI"
 CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."
@@ -50,11 +50,12 @@ def read_items(path: str | Path) -> list[Item]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"benchmark data not found: {path}")
-    if path.suffix == ".tsv":
-        return read_tsv(path)
-    if path.suffix == ".jsonl":
-        return read_jsonl(path)
-    raise DataError(f"{path}: benchmark data must be a VLMEvalKit .tsv or a vlstack .jsonl file")
+    if path.suffix not in (".tsv", ".jsonl"):
+        raise DataError(f"{path}: benchmark data must be a VLMEvalKit .tsv or a vlstack .jsonl file")
+    try:
+        return read_tsv(path) if path.suffix == ".tsv" else read_jsonl(path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start + 1} of the file)") from None
 
 
 def read_tsv(path: Path) -> list[Item]:
@@ -70,6 +71,8 @@ def read_tsv(path: Path) -> list[Item]:
         items = []
         for line, row in enumerate(rows, start=2):
             where = f"{path}:{line}"
+            if None in row.values() or None in row:  # (csv's marks of a short or a long row)
+                raise DataError(f"{where}: the row's cells do not match the header's {len(columns)} columns")
             options = {k: row[k] for k in LETTERS if row.get(k) not in (None, "", "nan")}
             images = _tsv_images(row, path, where)
             items.append(Item(row["index"], row["question"], _answers(row["answer"]), images, options,
@@ -83,12 +86,12 @@ def read_jsonl(path: Path) -> list[Item]:
         if not raw.strip():
             continue
         where = f"{path}:{line}"
+        row = json_value(raw, where, DataError)
         try:
-            row = json.loads(raw)
             turns = row["conversations"]
             question = next(t["value"] for t in turns if t.get("from") == "human")
             answer = row["answer"]
-        except (json.JSONDecodeError, KeyError, StopIteration, TypeError) as e:
+        except (KeyError, StopIteration, TypeError, AttributeError) as e:
             what = "conversations with a human turn, and answer"
             raise DataError(f"{where}: not a benchmark line ({what}): {e}") from None
         names = row.get("images") or row.get("image") or []
@@ -98,6 +101,8 @@ def read_jsonl(path: Path) -> list[Item]:
         images = [_read(path.parent / n, where) for n in names]
         question = question.replace("<image>\n", "").replace("<image>", "") if images else question
         answers = [str(a) for a in answer] if isinstance(answer, list) else [str(answer)]
+        if not isinstance(row.get("options") or {}, dict):
+            raise DataError(f"{where}: options must be an object of letters and their texts, e.g. {{\"A\": \"red\"}}")
         items.append(Item(str(row.get("index", line)), question, answers, images, dict(row.get("options") or {}),
                           "", str(row.get("category", "")), str(row.get("split", "")),
                           str(row.get("template", ""))))  # fmt: skip
@@ -136,7 +141,7 @@ def content(item: Item) -> list[dict]:
 def _tsv_images(row: dict, path: Path, where: str) -> list[bytes]:
     if row.get("image") not in (None, ""):
         value = row["image"]
-        encoded = json.loads(value) if value.startswith("[") else [value]
+        encoded = _cell_list(value, where, "image") if value.startswith("[") else [value]
         images = []
         for k, data in enumerate(encoded):
             try:
@@ -146,8 +151,16 @@ def _tsv_images(row: dict, path: Path, where: str) -> list[bytes]:
             _check(images[-1], where)
         return images
     value = row.get("image_path") or ""
-    names = json.loads(value) if value.startswith("[") else [value] if value else []
+    names = _cell_list(value, where, "image_path") if value.startswith("[") else [value] if value else []
     return [_read(path.parent / n, where) for n in names]
+
+
+def _cell_list(value: str, where: str, column: str) -> list[str]:
+    """A TSV cell holding a JSON list of strings (several images)."""
+    cells = json_value(value, f"{where}: column {column}", DataError)
+    if not isinstance(cells, list) or not cells or not all(isinstance(c, str) for c in cells):
+        raise DataError(f"{where}: column {column} must be one value or a JSON list of strings")
+    return cells
 
 
 def _read(path: Path, where: str) -> bytes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -19,6 +20,9 @@ class Endpoint:
 
     def __init__(self, base: str, model: str, key: str | None = None, concurrency: int = 8, retries: int = 5,
                  timeout: float = 120.0, backoff: float = 1.0):  # fmt: skip
+        parts = urllib.parse.urlsplit(base)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise EndpointError(f"--api-base {base!r} is not an http(s) URL (e.g. https://api.openai.com/v1)")
         self.url = base.rstrip("/") + "/chat/completions"
         self.name, self.key, self.concurrency = model, key, concurrency
         self.retries, self.timeout, self.backoff = retries, timeout, backoff

@@ -18,8 +18,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from ..errors import DataError, ImageError
 from ..files import sha256_file, write_files
+from ..image import load_image
 from .benchmarks import Item, content, read_items
 from .metrics import anls, choice_correct, exact, open_correct, parse_choice, parse_open, relaxed
 from .plot import bar_chart
@@ -73,11 +74,13 @@ def evaluate(
     progress: bool = True,
     name: str | None = None,
     prices: tuple[float, float] | None = None,
+    skip_bad_images: bool = False,
 ) -> dict:
     """Score vlm (with adapter) on the benchmark file; writes and returns the summary (its model: name, else
     the checkpoint directory's, + the adapter's). prices: USD per million prompt and completion tokens (an API's
     list prices): the summary then holds cost_usd, for every item scored. vlm: a local model, or an Endpoint
-    (eval/remote.py): the summary says which (source) for `vlstack eval report`."""
+    (eval/remote.py): the summary says which (source) for `vlstack eval report`. An item whose image does not
+    decode stops the run, named; with skip_bad_images it is scored as failed (its error recorded) instead."""
     metric = metric_of(bench, metric)
     items = read_items(data)[:limit]
     out = Path(out)
@@ -92,10 +95,7 @@ def evaluate(
     start = time.perf_counter()
     for a in range(0, len(todo), batch):
         part = todo[a : a + batch]
-        usage: list[dict] = []
-        conversations = [[{"role": "user", "content": content(i)}] for i in part]
-        answers = vlm.generate(conversations, adapters=[adapter] * len(part), max_new_tokens=max_new_tokens,
-                               usage=usage)  # fmt: skip
+        part, answers, usage = _answer(vlm, part, adapter, max_new_tokens, skip_bad_images)
         with (out / "predictions.jsonl").open("a") as f:
             for item, answer, use in zip(part, answers, usage):
                 row = {
@@ -108,6 +108,7 @@ def evaluate(
                     **({"template": item.template} if item.template else {}),
                     "prompt_tokens": use["prompt_tokens"],
                     "completion_tokens": use["completion_tokens"],
+                    **({"error": use["error"], "score": 0.0} if "error" in use else {}),
                 }
                 f.write(json.dumps(row) + "\n")
                 done[item.index] = row
@@ -139,6 +140,47 @@ def evaluate(
     write_files(out, {"summary.json": lambda p: p.write_text(json.dumps(summary, indent=2)),
                       "summary.md": lambda p: p.write_text(table(summary))})  # fmt: skip
     return summary
+
+
+def _answer(
+    vlm: Any, part: list[Item], adapter: str | None, max_new_tokens: int, skip_bad_images: bool
+) -> tuple[list[Item], list[str], list[dict]]:
+    """The items (reordered: those whose images do not decode last), their answers and usage, generated together.
+    An image that does not decode: an error naming its item, or with skip_bad_images, an empty answer and the
+    error in its usage."""
+    try:
+        return (part, *_generate(vlm, part, adapter, max_new_tokens))
+    except ImageError:
+        broken = {i.index: why for i in part if (why := _undecodable(i))}
+        if not broken:
+            raise
+        if not skip_bad_images:
+            index, why = next(iter(broken.items()))
+            raise DataError(f"item {index}: {why} (--skip-bad-images scores such items as failed and goes on)"
+                            ) from None  # fmt: skip
+    good = [i for i in part if i.index not in broken]
+    answers, usage = _generate(vlm, good, adapter, max_new_tokens) if good else ([], [])
+    failed = [i for i in part if i.index in broken]
+    usage += [{"prompt_tokens": 0, "completion_tokens": 0, "error": broken[i.index]} for i in failed]
+    return good + failed, answers + [""] * len(failed), usage
+
+
+def _generate(vlm: Any, part: list[Item], adapter: str | None, max_new_tokens: int) -> tuple[list[str], list[dict]]:
+    """The items' answers and usage, generated together."""
+    usage: list[dict] = []
+    conversations = [[{"role": "user", "content": content(i)}] for i in part]
+    answers = vlm.generate(conversations, adapters=[adapter] * len(part), max_new_tokens=max_new_tokens, usage=usage)
+    return answers, usage
+
+
+def _undecodable(item: Item) -> str | None:
+    """Why one of the item's images does not decode, or None."""
+    for k, data in enumerate(item.images, 1):
+        try:
+            load_image(data)
+        except ImageError as e:
+            return f"image {k} does not decode ({e})"
+    return None
 
 
 def run_identity(vlm: Any, bench: str, metric: str, data: str | Path, adapter: str | None) -> dict:

@@ -12,7 +12,6 @@ first user message (InternVL's convention).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
@@ -24,6 +23,7 @@ import torch
 
 from ..chat import IMAGE, Processor
 from ..errors import ImageError, VLStackError
+from ..files import json_value
 from ..image import ImageLimits, load_image
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -43,10 +43,7 @@ class Example:
 
 
 def _parse(line: str, where: str, root: Path) -> Example:
-    try:
-        raw = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{where}: not valid JSON ({e.msg})") from None
+    raw = json_value(line, where, DatasetError)
     if not isinstance(raw, dict):
         raise DatasetError(f"{where}: each line must be a JSON object")
     turns = raw.get("conversations", raw.get("messages"))

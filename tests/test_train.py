@@ -150,6 +150,7 @@ def test_watched_jobs_file_hands_over_new_jobs(tmp_path, capsys):
     )
     new = watch()
     assert [(j.name, j.rank, j.output) for j in new] == [("b", 4, tmp_path / "o" / "b")]  # a keeps its settings
+    assert "job 'a' changed in the jobs file: it goes on with the settings it started with" in capsys.readouterr().err
     path.write_text(path.read_text() + "  - {name: c, data: c.jsonl, output: o/c, steps: 1}\n")
     assert [j.name for j in watch()] == ["c"] and watch() == []
 

@@ -195,6 +195,9 @@ def test_compress_keeps_work_directories_it_did_not_make(tmp_path, capsys):
     # a compress without a distill stage leaves them alone too
     config.write_text("stages:\n  - quantize: {bits: 8}\n")
     assert main(["compress", "--config", str(config), "--output", str(out)]) == 0
+    err = capsys.readouterr().err  # progress in every stage, and around each measurement
+    assert "compress: stage 1/1: quantize\n" in err and "compress: stage 1/1: quantize done in" in err
+    assert err.count("compress: measuring the") == 2
     assert all((d / "mine.txt").read_text() == "the user's" for d in theirs)
 
 
@@ -567,3 +570,43 @@ def test_image_errors_speak_vlstack(tmp_path):
     with pytest.raises(ImageError) as e:
         load_image(buf.getvalue(), ImageLimits(max_pixels=10**12))
     assert "over the limit of" in str(e.value) and "DOS" not in str(e.value)
+
+
+def _margins_blank(path, margin: int = 3) -> bool:
+    """Whether a picture's outer `margin` pixels are all white: nothing drawn ran off its edge."""
+    from PIL import Image
+
+    img = Image.open(path).convert("L")
+    w, h = img.size
+    for box in ((0, 0, margin, h), (w - margin, 0, w, h), (0, 0, w, margin), (0, h - margin, w, h)):
+        if img.crop(box).getextrema()[0] < 250:
+            return False
+    return True
+
+
+def test_plots_keep_their_labels_inside_the_picture(tmp_path):
+    from types import SimpleNamespace
+
+    from vlstack.eval.plot import bar_chart
+    from vlstack.train.progress import plot_loss
+
+    title = "chartqa (relaxed), /models/InternVL3-1B-hf-finance-and-legal-and-support+adapter: 91.5 over 1000 items"
+    rows = [("all", 91.5, "n=1000, USD 0.1234 per 1,000 pages, 12.3 pages/s"), ("a category", 80.0, "")]
+    assert _margins_blank(bar_chart(title, rows, tmp_path / "bars.png"))
+    name = "a-job-name-of-sixty-four-characters-a-job-name-of-sixty-four-ch"
+    run = SimpleNamespace(losses=[123456.789, 0.5, 0.25], job=SimpleNamespace(name=name, output=tmp_path / "out"))
+    plot_loss(run)
+    assert _margins_blank(tmp_path / "out.train" / "loss.png")
+
+
+def test_the_readmes_openai_example_runs_as_written(server):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    readme = (root / "README.md").read_text()
+    block = next(b.split("```", 1)[0] for b in readme.split("```python\n")[1:] if "from openai import OpenAI" in b)
+    code = block.replace("http://127.0.0.1:8000/v1", server[0] + "/v1")  # (this test's server)
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and not out.stderr, out.stderr  # (the answer printed: random weights, any text)

@@ -18,6 +18,8 @@ the destination and renamed into place at the end: a run that fails leaves no ha
 from __future__ import annotations
 
 import shutil
+import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -31,6 +33,23 @@ from .quantize import targets as quant_targets
 from .report import ReportConfig, measure, write_report
 
 STAGES = {"prune": PruneConfig, "distill": DistillConfig, "quantize": QuantConfig}  # in the order they run
+
+
+def say(line: str) -> None:
+    """A progress line on stderr (stdout gets the report)."""
+    print(f"compress: {line}", file=sys.stderr, flush=True)
+
+
+def measured(vlm, stage: str, report: ReportConfig | None) -> dict:
+    """measure(), said before and after (a score over an eval set takes a while)."""
+    started = time.perf_counter()
+    say(f"measuring the {'input' if stage == 'input' else 'model after ' + stage}"
+        + (f" (and its score on {report.data})" if report is not None and report.data else ""))  # fmt: skip
+    row = measure(vlm, stage, report)
+    score = f", score {row['score']:.1f}" if "score" in row else ""
+    seconds = time.perf_counter() - started
+    say(f"{row['parameters']:,} parameters, {row['bytes'] / 2**20:.1f} MiB{score} ({seconds:.1f} s)")
+    return row
 
 
 def read_stages(path: str | Path) -> list[tuple[str, object]]:
@@ -96,8 +115,10 @@ def compress(
         if w.exists():
             raise ConfigError(f"{w} exists and compress did not make it in this run: remove it, or pass --resume to "
                               "continue the distillation it holds")  # fmt: skip
-    teacher, rows = None, [measure(vlm, "input", report)]
-    for name, options in stages:
+    teacher, rows = None, [measured(vlm, "input", report)]
+    for k, (name, options) in enumerate(stages, 1):
+        started = time.perf_counter()
+        say(f"stage {k}/{len(stages)}: {name}" + ("" if name != "distill" else f" ({options.steps} steps)"))
         if name == "prune":
             teacher = vlm.model  # (pruning builds a new model: this one stays as it was)
             prune(vlm, options, importance(vlm, calibration(vlm, options)))
@@ -105,9 +126,11 @@ def compress(
             distill(vlm, options, options.teacher or teacher, work, resume)
         elif name == "quantize":
             examples = calibration(vlm, options) if options.awq else None
-            quantize_model(vlm.model, options, examples)
+            layers = quantize_model(vlm.model, options, examples)
             vlm.cfg.quantization = options.to_json()
-        rows.append(measure(vlm, name, report))
+            say(f"{len(layers)} linear layers to int{options.bits}")
+        say(f"stage {k}/{len(stages)}: {name} done in {time.perf_counter() - started:.1f} s")
+        rows.append(measured(vlm, name, report))
     with new_directory(output) as tmp:
         vlm.save(tmp)
         write_report(rows, tmp)

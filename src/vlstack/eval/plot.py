@@ -16,7 +16,9 @@ def bar_chart(title: str, rows: list[tuple[str, float, str]], path: str | Path, 
     (atomically)."""
     big, small = ImageFont.load_default(18), ImageFont.load_default(14)
     label_w = max([small.getlength(label) for label, _, _ in rows] + [40]) + 16
-    width, bar_w, row_h = int(label_w + 520), 360, 26
+    bar_w, row_h = 360, 26
+    notes = max([small.getlength(f"{value:.1f}  {note}") for _, value, note in rows] + [0])
+    width = int(max(label_w + bar_w + 8 + notes, 12 + big.getlength(title)) + 16)  # every text inside the picture
     img = Image.new("RGB", (width, 48 + row_h * len(rows) + 16), "white")
     draw = ImageDraw.Draw(img)
     draw.text((12, 12), title, fill=(20, 20, 20), font=big)

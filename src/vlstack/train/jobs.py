@@ -266,12 +266,14 @@ def check_outputs(jobs: list[Job], model_dir: Path | None, inputs: dict[str, lis
 
 
 class PlanWatcher:
-    """`vlstack train --watch`: the jobs file, read again whenever it changes while training runs. A call
-    returns the jobs with names not seen before (they join the run); jobs already known keep the settings
-    they started with, and a file that no longer reads is reported and changes nothing."""
+    """`vlstack train --watch`: the jobs file, read again whenever it changes while training runs (the run ends
+    with its last job: it does not wait for more). A call returns the jobs with names not seen before (they join
+    the run); jobs already known keep the settings they started with (a change to one is reported, and not
+    used), a job taken out of the file runs on, and a file that no longer reads is reported and changes
+    nothing."""
 
     def __init__(self, path: str | Path, plan: Plan):
-        self.path, self.names = Path(path), {j.name for j in plan.jobs}
+        self.path, self.known = Path(path), {j.name: j for j in plan.jobs}
         self.stamp = self._stamp()
 
     def _stamp(self) -> tuple[int, int] | None:
@@ -291,6 +293,11 @@ class PlanWatcher:
         except JobError as e:
             print(f"the changed jobs file is not used: {e}", file=sys.stderr, flush=True)
             return []
-        new = [j for j in plan.jobs if j.name not in self.names]
-        self.names |= {j.name for j in new}
+        new = [j for j in plan.jobs if j.name not in self.known]
+        for j in plan.jobs:
+            if j.name in self.known and j != self.known[j.name]:
+                print(f"job {j.name!r} changed in the jobs file: it goes on with the settings it started with",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                self.known[j.name] = j  # (said once per change)
+        self.known.update({j.name: j for j in new})
         return new

@@ -58,11 +58,15 @@ def truncate_metrics(r: Running) -> None:
 def plot_loss(r: Running, width: int = 640, height: int = 360) -> None:
     """The job's loss per micro-step as a PNG line chart."""
     losses = r.losses
+    lo, hi = min(losses), max(losses)
+    title = f"{r.job.name}: training loss per micro-step ({len(losses)})"
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength  # (every label inside the picture)
+    left = max(60, 12 + int(max(measure(f"{hi:.3f}"), measure(f"{lo:.3f}"))))
+    width = max(width, left + int(measure(title)) + 20)
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
-    left, right, top, bottom = 60, width - 20, 30, height - 40
+    right, top, bottom = width - 20, 30, height - 40
     draw.rectangle((left, top, right, bottom), outline="black")
-    lo, hi = min(losses), max(losses)
     span = hi - lo or 1.0
 
     def xy(i: int, v: float) -> tuple[float, float]:
@@ -71,9 +75,9 @@ def plot_loss(r: Running, width: int = 640, height: int = 360) -> None:
 
     if len(losses) > 1:
         draw.line([xy(i, v) for i, v in enumerate(losses)], fill="#1f77b4", width=2)
-    draw.text((left, 8), f"{r.job.name}: training loss per micro-step ({len(losses)})", fill="black")
+    draw.text((left, 8), title, fill="black")
     draw.text((4, top), f"{hi:.3f}", fill="black")
     draw.text((4, bottom - 10), f"{lo:.3f}", fill="black")
     draw.text((left, bottom + 12), "0", fill="black")
-    draw.text((right - 30, bottom + 12), str(len(losses)), fill="black")
+    draw.text((right - measure(str(len(losses))), bottom + 12), str(len(losses)), fill="black")
     write_files(run_dir(r.job.output), {"loss.png": lambda path: img.save(path, format="PNG")})

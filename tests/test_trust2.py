@@ -26,7 +26,7 @@ def test_a_diverging_job_stops_at_its_first_non_finite_loss_and_writes_nothing(t
     data = write_dataset(tmp_path / "data", "fin", 4, True)
     job = Job("fin", data, tmp_path / "out" / "fin", rank=4, batch_size=2, steps=6, lr=1e6, save_every=1)
     vlm = vlstack.load("tiny", device="cpu")
-    with pytest.raises(Diverged, match=r"job 'fin': (the loss is nan|its weights are not finite) at step") as e:
+    with pytest.raises(Diverged, match=r"job 'fin': (the (loss|gradient) is nan|its weights are not finite) at step") as e:
         train(vlm, [job], 4, verbose=False)
     step = int(str(e.value).split(" at step ")[1].split()[0].rstrip(":"))
     assert 1 < step <= 6
@@ -610,3 +610,27 @@ def test_the_readmes_openai_example_runs_as_written(server):
     code = block.replace("http://127.0.0.1:8000/v1", server[0] + "/v1")  # (this test's server)
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and not out.stderr, out.stderr  # (the answer printed: random weights, any text)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_non_finite_gradient_stops_the_job_at_its_step(tmp_path, monkeypatch, foreach):
+    import vlstack.train.multi as multi
+    from vlstack.train import optim
+
+    calls = []
+
+    def poisoned(*args, **kwargs):  # the adapter's first weight gets an infinite gradient at the second step
+        params = add_adapter(*args, **kwargs)
+        params[0].register_hook(lambda g: g * float("inf") if len(calls.append(1) or calls) == 2 else g)
+        return params
+
+    add_adapter = multi.add_adapter
+    monkeypatch.setattr(multi, "add_adapter", poisoned)
+    step_jobs = optim.step_jobs
+    monkeypatch.setattr(multi, "step_jobs", lambda *a, **k: step_jobs(*a, **k, foreach=foreach))
+    job = Job("fin", write_dataset(tmp_path / "data", "fin", 4, False), tmp_path / "out" / "fin", rank=2,
+              batch_size=2, steps=4, save_every=1)  # fmt: skip
+    with pytest.raises(Diverged, match=r"job 'fin': the gradient is (inf|nan) at step 2:"):
+        train(vlstack.load("tiny", device="cpu"), [job], 2, verbose=False)
+    assert not job.output.exists()
+    assert torch.load(job.output.with_name("fin.train") / "checkpoint" / "state.pt", weights_only=True)["step"] == 1

@@ -248,11 +248,6 @@ def check_outputs(jobs: list[Job], model_dir: Path | None, inputs: dict[str, lis
     a dataset (its JSONL or images; inputs: job name -> those files) or the base model's directory."""
     places = [(f"job {j.name!r}'s {what}", p.resolve()) for j in jobs
               for what, p in (("output", j.output), ("run directory", run_dir(j.output)))]  # fmt: skip
-    for j in jobs:
-        try:
-            j.output.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise JobError(f"job {j.name!r}: cannot write its output under {j.output.parent}: {e.strerror}") from None
     for i, (what, p) in enumerate(places):
         for other, q in places[i + 1 :]:
             if overlap(p, q):
@@ -263,6 +258,11 @@ def check_outputs(jobs: list[Job], model_dir: Path | None, inputs: dict[str, lis
             hit = next((f for f in files if f.resolve().is_relative_to(p)), None)
             if hit is not None:
                 raise JobError(f"{what} {p} holds job {name!r}'s dataset file {hit}: write outputs elsewhere")
+    for j in jobs:  # (the last check: it makes the outputs' parent directories)
+        try:
+            j.output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise JobError(f"job {j.name!r}: cannot write its output under {j.output.parent}: {e.strerror}") from None
 
 
 class PlanWatcher:

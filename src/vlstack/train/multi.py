@@ -68,6 +68,7 @@ class Running:
     losses: list[float] = field(default_factory=list)  # every micro-step's loss, read back
     recorded: int = 0  # how many of them the metrics have summarised
     pending: list[torch.Tensor] = field(default_factory=list)  # the losses of micro-steps since (on the device)
+    pending_norms: list[torch.Tensor] = field(default_factory=list)  # the gradient norms of its steps since
     first_step: int = 0  # where this process started (after a resume)
     first_tokens: int = 0
     teacher: torch.nn.Module | None = None  # distillation: the model whose logits the job learns
@@ -81,12 +82,16 @@ class Running:
         """The losses of the micro-steps since the last read, copied to the host (one wait on the device); a
         non-finite one stops the job (Diverged), naming the optimizer step it belongs to."""
         new = torch.stack(self.pending).tolist() if self.pending else []
+        norms = torch.stack(self.pending_norms).tolist() if self.pending_norms else []
         self.pending.clear()
-        for i, loss in enumerate(new):
-            if not math.isfinite(loss):
-                step = (len(self.losses) + i) // self.job.grad_accum + 1
-                raise Diverged(f"job {self.job.name!r}: the loss is {loss} at step {step}: training stopped and "
-                               "nothing written (a learning rate too high? a temperature out of range?)")
+        self.pending_norms.clear()
+        bad = [((len(self.losses) + i) // self.job.grad_accum + 1, "loss", v) for i, v in enumerate(new)]
+        bad += [(self.step - len(norms) + i + 1, "gradient", v) for i, v in enumerate(norms)]
+        bad = sorted(b for b in bad if not math.isfinite(b[2]))
+        if bad:
+            step, what, value = bad[0]
+            raise Diverged(f"job {self.job.name!r}: the {what} is {value} at step {step}: training stopped and "
+                           "nothing written (a learning rate too high? a temperature out of range?)")
         self.losses += new
         return new
 
@@ -441,10 +446,12 @@ def train_step(
                 sum_gradients(r.params)  # (sharded: FSDP summed them in backward)
             ready.append(r)
     reduce = pipe.norms if pipe is not None else None  # (pipelined: a job's norm over every stage)
-    step_jobs([r.optimizer for r in ready], [r.job.max_grad_norm for r in ready], reduce=reduce)  # all at once
-    for r in ready:
+    norms = step_jobs([r.optimizer for r in ready], [r.job.max_grad_norm for r in ready], reduce=reduce)  # all at once
+    for i, r in enumerate(ready):
         r.scheduler.step()
         r.step += 1
+        if norms is not None:
+            r.pending_norms.append(norms[i])
     return losses
 
 

@@ -25,11 +25,12 @@ def step_jobs(
     max_norms: list[float],
     foreach: bool | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> None:
+) -> torch.Tensor | None:
     """Clip each job's gradients to its max norm (clip_grad_norm_'s rule), then one AdamW step of every job's
     tensors that have a gradient (as torch, a tensor without one keeps its state and its step count); the
     gradients are set to None after. foreach: the one multi-tensor step (default: on a GPU). reduce: each job's
-    squared gradient norm here [jobs] -> over every process holding part of its gradients (pipeline stages)."""
+    squared gradient norm here [jobs] -> over every process holding part of its gradients (pipeline stages).
+    Returns each job's gradient norm before clipping [jobs] (on the device; None where no job had gradients)."""
     params, grads, groups, owners = [], [], [], []
     for j, opt in enumerate(optimizers):
         for group in opt.param_groups:
@@ -39,26 +40,33 @@ def step_jobs(
                     grads += [p.grad]
                     groups += [group]
                     owners += [j]
+    norms = None
     if reduce is not None:  # the norms over the processes first (every process takes part, gradients or not)
         with torch.no_grad():
             if grads:
                 owner = upload(owners, grads[0].device)
-                torch._foreach_mul_(grads, list(clip_scales(grads, owner, max_norms, reduce)[owner].unbind()))
+                scales, norms = clip_scales(grads, owner, max_norms, reduce)
+                torch._foreach_mul_(grads, list(scales[owner].unbind()))
             else:
-                clip_scales([], None, max_norms, reduce)
+                norms = clip_scales([], None, max_norms, reduce)[1]
         max_norms = [float("inf")] * len(optimizers)  # (clipped already)
     if not params:
-        return
+        return norms
     if not (foreach if foreach is not None else params[0].device.type == "cuda"):  # each job's own fused step
+        found = []
         for opt, norm in zip(optimizers, max_norms):
-            if math.isfinite(norm):  # (an infinite bound: no norm to compute)
-                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]
-                                                if p.grad is not None], norm)  # fmt: skip
+            mine = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            if math.isfinite(norm):  # (an infinite bound: nothing to clip, the norm alone)
+                total = torch.nn.utils.clip_grad_norm_(mine, norm)
+            else:
+                total = torch.nn.utils.get_total_norm([p.grad for p in mine]) if mine else torch.zeros(())
+            found.append(total.full_tensor() if hasattr(total, "full_tensor") else total)  # (FSDP's: a DTensor)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return
+        return norms if norms is not None else torch.stack(found)
     with torch.no_grad():
-        _foreach_step(optimizers, max_norms, params, grads, groups, owners)
+        found = _foreach_step(optimizers, max_norms, params, grads, groups, owners)
+    return norms if norms is not None else found
 
 
 def clip_scales(
@@ -66,22 +74,25 @@ def clip_scales(
     owner: torch.Tensor | None,
     max_norms: list[float],
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Each job's clipping factor [jobs] (clip_grad_norm_'s rule: max norm / (norm + 1e-6), at most 1) from its
-    gradients (owner [tensors]: each tensor's job); reduce: the squared norms summed over other processes too."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each job's clipping factor [jobs] (clip_grad_norm_'s rule: max norm / (norm + 1e-6), at most 1) and its
+    gradient norm [jobs] from its gradients (owner [tensors]: each tensor's job); reduce: the squared norms summed
+    over other processes too."""
     device = grads[0].device if grads else torch.device("cpu")
     squares = torch.zeros(len(max_norms), device=device)  # [jobs]
     if grads:
         squares.index_add_(0, owner, torch.stack(torch._foreach_norm(grads)).float() ** 2)
     if reduce is not None:
         squares = reduce(squares).to(device)
-    return (upload(max_norms, device, torch.float32) / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+    norms = squares.sqrt()
+    return (upload(max_norms, device, torch.float32) / (norms + 1e-6)).clamp(max=1.0), norms
 
 
-def _foreach_step(optimizers, max_norms, params, grads, groups, owners) -> None:
+def _foreach_step(optimizers, max_norms, params, grads, groups, owners) -> torch.Tensor:
+    owner = upload(owners, params[0].device)
+    scales, norms = clip_scales(grads, owner, max_norms)
     if any(math.isfinite(n) for n in max_norms):
-        owner = upload(owners, params[0].device)
-        torch._foreach_mul_(grads, list(clip_scales(grads, owner, max_norms)[owner].unbind()))
+        torch._foreach_mul_(grads, list(scales[owner].unbind()))
     states = [_state(optimizers[j], p) for j, p in zip(owners, params)]
     exp_avg, exp_avg_sq = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
     torch._foreach_add_([s["step"] for s in states], 1)
@@ -101,6 +112,7 @@ def _foreach_step(optimizers, max_norms, params, grads, groups, owners) -> None:
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
         opt._opt_called = True  # (stepped: what an LR scheduler checks before its own step)
+    return norms
 
 
 def _state(opt: torch.optim.AdamW, p: torch.Tensor) -> dict:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import image
 from conftest import run_cli as run
 
 
+@pytest.mark.slow
 def test_chat_answers_about_an_image_with_the_tiny_model(tmp_path):
     path = tmp_path / "page.png"
     image(640, 480).save(path)
@@ -20,6 +22,7 @@ def test_chat_answers_about_an_image_with_the_tiny_model(tmp_path):
     assert out.stdout == expected + "\n"
 
 
+@pytest.mark.slow
 def test_info_reports_architecture_and_counts():
     out = run("info")
     assert out.returncode == 0, out.stderr
@@ -27,6 +30,7 @@ def test_info_reports_architecture_and_counts():
     assert "parameters: total" in out.stdout and "Qwen2" in out.stdout
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_not_tracebacks(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
@@ -66,12 +70,14 @@ def _jobs(tmp_path, job: str = "", lines: int = 4) -> str:
     return str(tmp_path / "jobs.yaml")
 
 
+@pytest.mark.slow
 def test_version():
     out = run("--version")
     project = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert out.returncode == 0 and f'version = "{out.stdout.split()[1]}"' in project  # one version, two places
 
 
+@pytest.mark.slow
 def test_audit_log_that_cannot_be_written(tmp_path):
     out = run("serve", "--audit", "/proc/no/such/audit.jsonl", "--port", "1")
     assert out.returncode == 2 and "the audit log /proc/no/such/audit.jsonl cannot be written" in out.stderr

@@ -95,6 +95,7 @@ def test_an_adapter_saved_over_another_is_replaced_file_by_file(tmp_path, monkey
     assert names == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
+@pytest.mark.slow
 def test_merge_into_the_current_directory_keeps_its_files_and_refuses_the_base(tmp_path):
     write_dataset(tmp_path, "fin", 2, False)
     (tmp_path / "jobs.yaml").write_text("jobs:\n  - {name: fin, data: fin.jsonl, output: fin, rank: 2, steps: 1}\n")

@@ -41,6 +41,7 @@ def test_freed_big_blocks_are_reused_without_page_faults():
     assert faults < 200, faults
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_an_operators_malloc_settings_are_left_alone():
     kept, faults = probe(MALLOC_MMAP_THRESHOLD_="131072")

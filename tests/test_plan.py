@@ -84,6 +84,7 @@ def test_the_tp_that_serves_internvl3_78b():
     assert plan(cfg, "1xH100-80GB", "int4", 8192, 1, 4096)["smallest_tp"] == 1
 
 
+@pytest.mark.slow
 def test_gpus_and_the_command_line(tmp_path):
     assert parse_gpus("2xA100-80GB") == (2, 80, "A100-80GB") and parse_gpus("8x24GB") == (8, 24, "24GB")
     with pytest.raises(ConfigError, match="unknown GPU 'TPUv5'"):

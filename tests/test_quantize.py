@@ -164,6 +164,7 @@ def test_qlora_training_on_a_quantised_base(tmp_path):
     assert_same_adapter(trained, load_file(tmp_path / "d" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_cli_compress_then_chat(tmp_path):
     from conftest import run_cli
 

@@ -276,6 +276,7 @@ def test_errors_have_openai_shape_and_status(server, client):
     assert ok.usage.prompt_tokens > 0
 
 
+@pytest.mark.slow
 def test_vlstack_serve_command_answers(adapter_dir):
     """The README's main job: `vlstack serve` on the tiny model, with an adapter, answering over HTTP."""
     import subprocess

@@ -157,6 +157,7 @@ def test_conversations_put_an_images_questions_in_one_line(tmp_path):
     assert sum(any(q in json.dumps(g) for q in training) for g in grouped) >= 2  # (some were asked)
 
 
+@pytest.mark.slow
 def test_decorations_are_drawn_on_training_charts_only(tmp_path):
     """--decorate: strokes that carry no data on the training charts (so their answers stay), the held-out test
     charts drawn as without it, pixel for pixel."""
@@ -191,6 +192,7 @@ def test_a_decoration_leaves_the_data_strokes_alone():
                 assert not (after & ~before).any() and (before & ~after).sum() <= 0.2 * before.sum()
 
 
+@pytest.mark.slow
 def test_bad_requests_are_refused_and_nothing_is_left(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full/keep.txt").write_text("mine")

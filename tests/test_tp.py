@@ -58,6 +58,7 @@ def torchrun(*args: str, processes: int = 2, timeout: int = 300) -> subprocess.C
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_tp2_equals_one_process(checkpoints, tmp_path):
     from tp_worker import run
 
@@ -111,6 +112,7 @@ def run_two_nodes(*program: str, timeout: float = 150, attempts: int = 2) -> Non
         return
 
 
+@pytest.mark.slow
 def test_two_nodes_under_torchrun(checkpoints, tmp_path):
     """Multi-node as a user starts it (`torchrun --nnodes 2 --node-rank R --master-addr ...`), two local processes
     as the two nodes, one rank each: the same answers as one process."""
@@ -155,6 +157,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 def test_serve_tp2_answers_as_one_process_and_stops_when_a_rank_dies(checkpoints, tmp_path):
     """`vlstack serve --tp 2`: ready once warmed up; greedy answers with a mix of adapters (LLM and vision) and a
     hot-loaded one equal one process's; then a rank killed makes the other ranks and the server exit, naming
@@ -224,6 +227,7 @@ def test_serve_tp2_answers_as_one_process_and_stops_when_a_rank_dies(checkpoints
             proc.wait()
 
 
+@pytest.mark.slow
 def test_serve_under_torchrun_on_two_nodes(checkpoints):
     """`torchrun --nnodes 2 ... -m vlstack.cli serve --tp 2` (two local processes as the two machines): rank 0
     serves, ready, answering as one process; stopping it stops the other node."""

@@ -155,6 +155,7 @@ def test_watched_jobs_file_hands_over_new_jobs(tmp_path, capsys):
     assert [j.name for j in watch()] == ["c"] and watch() == []
 
 
+@pytest.mark.slow
 def test_queue_with_few_rows_gives_the_same_adapters(tmp_path):
     train(vlstack.load("tiny", device="cpu"), jobs(tmp_path, "wide"), max_rows=5, verbose=False)
     train(vlstack.load("tiny", device="cpu"), jobs(tmp_path, "narrow"), max_rows=2, verbose=False)
@@ -185,6 +186,7 @@ def test_fused_gradients_equal_gradients_alone(tmp_path):
         assert any(g.abs().max() > 0 for g in fused[j.name])
 
 
+@pytest.mark.slow
 def test_fused_training_step_compiles_without_a_graph_break(tmp_path, monkeypatch):
     """The proof on a CPU that the fused step's forward can be compiled (and captured): job_losses compiled with
     fullgraph=True (backend "eager": tracing without code generation) over two jobs' rows, images included,
@@ -285,6 +287,7 @@ def test_one_step_for_every_job_is_each_jobs_adamw(foreach, norms):
     torch.testing.assert_close(fresh.state[ref[0][0]]["exp_avg"], opts[0].state[ours[0][0]]["exp_avg"])
 
 
+@pytest.mark.slow
 def test_a_step_in_passes_gives_the_gradients_and_adapters_of_one_pass(tmp_path):
     """With max_tokens a step's rows go through the base in several passes, gradients adding up: the same
     gradients and losses as one pass (a job's rows split across passes included), and the same adapters."""
@@ -377,6 +380,7 @@ def test_metrics_every_log_every_steps_with_the_mean_loss(tmp_path):
     assert lines[0]["loss"] == pytest.approx(sum(losses[:2]) / 2) and lines[1]["loss"] == pytest.approx(losses[2])
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_recomputes_and_gives_the_same_adapters(tmp_path):
     """Recomputed layers see the routing and dropout masks of their forward: the same adapters (dropout,
     images and vision adapters included), while each decoder layer runs twice per step."""
@@ -451,6 +455,7 @@ def test_packed_step_equals_each_example_on_its_own(tmp_path):
         assert all(b.grad.abs().max() > 0 for b in r.params[1::2])  # every B, vision and projector included
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_the_adapter_works_in_peft(tmp_path):
     from peft import PeftModel
     from transformers import InternVLForConditionalGeneration
@@ -580,6 +585,7 @@ def test_bad_job_files_are_named(tmp_path):
             plan(f"max_tokens: {bad}\njobs:\n  - {{name: a, data: a.jsonl, output: o, steps: 1}}\n")
 
 
+@pytest.mark.slow
 def test_cli_train_and_merge(tmp_path):
     write_dataset(tmp_path, "fin", 4, True)
     write_dataset(tmp_path, "law", 4, False)
@@ -606,6 +612,7 @@ def test_cli_train_and_merge(tmp_path):
     assert bad.returncode == 2 and "does not go with --sequential" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_resume_after_kill_gives_the_same_adapters(tmp_path):
     """SIGKILL a fused run mid-way, resume it, and end with the adapters of an uninterrupted run."""
     import signal
@@ -674,6 +681,7 @@ def one_and_two(tmp_path, top: str, fin: str = "", law: str = "", *args: str):
     return two
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_adapters_of_one(tmp_path):
     """torchrun with 2 CPU processes (gloo), each taking half of every job's rows (in passes of at most 64
     tokens: about a row each) = 1 process in one pass, LoRA dropout (language and vision) included."""
@@ -686,6 +694,7 @@ def test_two_processes_give_the_adapters_of_one(tmp_path):
     assert run.returncode != 0 and "batch_size 3 is not a multiple of 2 processes" in run.stderr
 
 
+@pytest.mark.slow
 def test_sharded_training_gives_the_adapters_of_one_process(tmp_path):
     """sharding: fsdp under torchrun (2 gloo processes): the base and the adapters split by FSDP2, rows shared
     out as in data parallelism; the adapters written once, in PEFT's format, equal to one process's (LoRA dropout,
@@ -696,6 +705,7 @@ def test_sharded_training_gives_the_adapters_of_one_process(tmp_path):
     assert alone.returncode != 0 and "sharding: fsdp splits the base over processes" in alone.stderr
 
 
+@pytest.mark.slow
 def test_pipelined_training_gives_the_adapters_of_one_process(tmp_path):
     """parallel: pipeline under torchrun (2 gloo processes, 2 decoder layers each): each job's rows a pass through
     the stages, activations and their gradients sent between them; the adapters equal the fused one-process run's
@@ -744,6 +754,7 @@ def test_a_pipeline_stage_holds_only_its_part_of_the_base():
     assert max(parts) < 0.8 * whole and sum(parts) < 1.3 * whole  # (the tied embedding is on both ends)
 
 
+@pytest.mark.slow
 def test_a_full_job_trains_every_weight_into_a_checkpoint_transformers_loads(tmp_path):
     """full: true trains the model itself (no adapter): the loss falls far, every part of the model moves, the
     output is a whole checkpoint that transformers loads with our logits, and the built-in tiny model stays

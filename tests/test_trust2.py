@@ -26,7 +26,8 @@ def test_a_diverging_job_stops_at_its_first_non_finite_loss_and_writes_nothing(t
     data = write_dataset(tmp_path / "data", "fin", 4, True)
     job = Job("fin", data, tmp_path / "out" / "fin", rank=4, batch_size=2, steps=6, lr=1e6, save_every=1)
     vlm = vlstack.load("tiny", device="cpu")
-    with pytest.raises(Diverged, match=r"job 'fin': (the (loss|gradient) is nan|its weights are not finite) at step") as e:
+    stopped = r"job 'fin': (the (loss|gradient) is nan|its weights are not finite) at step"
+    with pytest.raises(Diverged, match=stopped) as e:
         train(vlm, [job], 4, verbose=False)
     step = int(str(e.value).split(" at step ")[1].split()[0].rstrip(":"))
     assert 1 < step <= 6
@@ -296,6 +297,7 @@ def test_a_host_trickling_headers_meets_the_deadline_and_hosts_are_bounded(web, 
     assert api_openai.fetch_image(f"http://{web}/page.png", 2, allow_private=True)[:4] == b"\x89PNG"  # freed
 
 
+@pytest.mark.slow
 def test_serve_says_serving_once_bound_and_logs_a_line_per_request(tmp_path):
     import socket
     import subprocess
@@ -537,6 +539,7 @@ def test_api_base_must_be_a_url():
         Endpoint("notaurl", "m")
 
 
+@pytest.mark.slow
 def test_info_into_a_closed_pipe_and_help_lists_every_verb():
     import subprocess
     import sys

@@ -114,10 +114,10 @@ def bench_llm(
 ) -> dict:
     from vlstack.api import VLM
     from vlstack.chat import Processor, read_tokenizer
-    from vlstack.engine.kv_cache import KVCache
-    from vlstack.engine.metadata import packed_step
     from vlstack.engine.scheduler import Engine
     from vlstack.generate import SamplingParams
+    from vlstack.layers.kv_cache import KVCache
+    from vlstack.layers.step import packed_step
     from vlstack.tiny import tiny_dir
 
     gen = torch.Generator().manual_seed(0)
@@ -129,7 +129,7 @@ def bench_llm(
 
     def our_prefill():
         with torch.inference_mode():
-            cache = KVCache(ours.cfg.text, 1, prompt_len, ours.dtype, torch.device(device))
+            cache = KVCache(ours.cfg.text.kv_shape(1, prompt_len), ours.dtype, torch.device(device))
             step = packed_step([prompt_len], torch.device(device), slots=[0], max_len=prompt_len, logits="last")
             ours(ids[0], step, cache=cache)
 

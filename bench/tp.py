@@ -34,12 +34,12 @@ def sync(device: torch.device) -> None:
 
 def decode_time(vlm, batch: int, steps: int, prompt: int = 32) -> float:
     """Median seconds of a decode step over `batch` rows after a `prompt`-token prefill each."""
-    from vlstack.engine.kv_cache import KVCache
     from vlstack.engine.runner import Decoder, prefill
+    from vlstack.layers.kv_cache import KVCache
     from vlstack.parallel.tp import cache_config
 
     model, device = vlm.model, vlm.model.device
-    cache = KVCache(cache_config(vlm.cfg.text, model.tp), batch, prompt + steps + 8, model.dtype, device)
+    cache = KVCache(cache_config(vlm.cfg.text, model.tp).kv_shape(batch, prompt + steps + 8), model.dtype, device)
     ids = [torch.randint(10, 1000, (prompt,), generator=torch.Generator().manual_seed(i)) for i in range(batch)]
     decoder = Decoder(model, cache)
     times = []

@@ -284,8 +284,8 @@ def greedy_ids(vlm, encoded: list[dict], n: int, adapters: list | None = None, e
 def rows_forward(model, ids: torch.Tensor, pixel_values=None, adapters=None) -> torch.Tensor:
     """ids [B, T] (+ their images' tiles in order) -> logits [B, T, V], row i with adapters[i]: the rows packed
     into one step as every caller does (with autograd when it is on)."""
-    from vlstack.engine.metadata import packed_step
     from vlstack.layers.lora import prepare_lora, route
+    from vlstack.layers.step import packed_step
 
     b, t = ids.shape
     with route(model, adapters or [None] * b, counts=[t] * b):

@@ -65,7 +65,7 @@ def test_a_student_that_is_its_teacher_has_nothing_to_learn(base, tmp_path):
 
 
 def kl_to(teacher, student, examples) -> float:
-    from vlstack.engine.metadata import packed_step
+    from vlstack.layers.step import packed_step
 
     total = 0.0
     with torch.no_grad():

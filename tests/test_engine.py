@@ -152,7 +152,7 @@ def test_cancel_frees_the_slot():
 def test_upload_does_not_wait_for_the_device():
     """Host values reach the device as given; on a GPU without waiting for the work queued before (the next
     decode step is launched while the one before runs: a copy from pageable memory would wait for it)."""
-    from vlstack.engine.metadata import upload
+    from vlstack.layers.step import upload
 
     t = upload([[1, 2], [3, 4]], DEVICE)
     assert t.dtype == torch.long and t.device.type == DEVICE and t.tolist() == [[1, 2], [3, 4]]
@@ -271,11 +271,11 @@ def test_step_sizes_default_by_device():
 def _generate(vlm, decoder_of, prompts, rows, steps=3) -> torch.Tensor:
     """Prefill these prompts into slots 0..B-1 (each row with its adapter), then `steps` greedy decode steps by
     the Decoder decoder_of(cache) makes -> every step's logits [steps + 1, B, V]."""
-    from vlstack.engine.kv_cache import KVCache
     from vlstack.engine.runner import prefill
+    from vlstack.layers.kv_cache import KVCache
 
     model = vlm.model
-    cache = KVCache(vlm.cfg.text, 4, 64, model.dtype, model.device)
+    cache = KVCache(vlm.cfg.text.kv_shape(4, 64), model.dtype, model.device)
     cache.k.normal_(generator=torch.Generator(model.device).manual_seed(5))  # garbage where nothing was written:
     cache.v.normal_(generator=torch.Generator(model.device).manual_seed(6))  # a row that read it would differ
     decoder, slots = decoder_of(cache), list(range(len(prompts)))
@@ -310,9 +310,9 @@ def test_static_decode_step_equals_each_row_alone():
 
 
 def _cache(vlm):
-    from vlstack.engine.kv_cache import KVCache
+    from vlstack.layers.kv_cache import KVCache
 
-    return KVCache(vlm.cfg.text, 4, 64, vlm.model.dtype, vlm.model.device)
+    return KVCache(vlm.cfg.text.kv_shape(4, 64), vlm.model.dtype, vlm.model.device)
 
 
 def test_static_decode_step_compiles_without_a_graph_break():

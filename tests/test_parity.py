@@ -84,14 +84,14 @@ def test_greedy_tokens_match_transformers(pair):
 def test_decode_step_logits_match_transformers(pair, rows):
     """Each decode step (one new token a row, each row at its own length) gives the logits transformers gives
     at that position of the whole sequence."""
-    from vlstack.engine.kv_cache import KVCache
     from vlstack.engine.runner import Decoder, prefill
+    from vlstack.layers.kv_cache import KVCache
 
     hf, vlm, _ = pair
     encoded = [encode(vlm, images, question)[0] for images, question in PROMPTS[: 1 if rows == "one" else None]]
     steps, b = 3, len(encoded)
     tiles = [e["pixel_values"] for e in encoded if "pixel_values" in e]
-    cache = KVCache(vlm.cfg.text, b, 1024, torch.float32, DEVICE)
+    cache = KVCache(vlm.cfg.text.kv_shape(b, 1024), torch.float32, DEVICE)
     decode = Decoder(vlm.model, cache)
     with torch.inference_mode():
         refs = [hf(**{k: v for k, v in e.items() if k != "labels"}).logits[0, -steps - 1 : -1] for e in encoded]

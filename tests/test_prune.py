@@ -16,8 +16,8 @@ import vlstack
 from vlstack.chat import question_messages
 from vlstack.compress import compress, read_stages
 from vlstack.compress.prune import PruneConfig, calibration, importance, prune
-from vlstack.engine.metadata import packed_step
 from vlstack.errors import ConfigError
+from vlstack.layers.step import packed_step
 
 SHAPE = dict(tile=56, width=64, layers=4, heads=4, kv_heads=2, tied=False)
 

@@ -10,8 +10,8 @@ from conftest import image
 
 import vlstack
 from vlstack.chat import question_messages
-from vlstack.engine.metadata import packed_step, v2pe
 from vlstack.errors import ConfigError
+from vlstack.layers.step import packed_step, v2pe
 
 IMG = 9  # the image token in the hand computations
 

@@ -19,9 +19,9 @@ def run(root: Path, tp: int) -> dict:
 
     import vlstack
     from vlstack.chat import question_messages
-    from vlstack.engine.metadata import packed_step
     from vlstack.engine.scheduler import Engine
     from vlstack.layers.lora import prepare_lora, route
+    from vlstack.layers.step import packed_step
 
     out = {}
     for d in sorted(p for p in root.iterdir() if (p / "base").is_dir()):

@@ -17,12 +17,12 @@ from .chat import TOKENIZER_FILES, Processor, question_messages, read_template, 
 from .checkpoint import load_state_dict, save_checkpoint
 from .compress.quantize import QuantConfig, quantized_layout
 from .config import VLMConfig, check_v2pe, read_config
-from .engine.metadata import packed_step, v2pe_rope
 from .errors import ConfigError, PromptError
 from .files import sha256_file
 from .generate import SamplingParams
 from .image import ImageInput
 from .layers.lora import LoRASpec, check_name, remove_adapter, route
+from .layers.step import packed_step, v2pe_rope
 from .models import family, native_state, our_name
 from .models.internvl import InternVL
 from .models.llama import rotary

@@ -77,6 +77,10 @@ class TextConfig:
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
 
+    def kv_shape(self, slots: int, max_len: int) -> tuple[int, int, int, int, int]:
+        """The KV cache's keys (and values) for `slots` sequences of `max_len` positions: [L, S, Tmax, Hkv, D]."""
+        return self.num_hidden_layers, slots, max_len, self.num_key_value_heads, self.head_dim
+
 
 @dataclass
 class VLMConfig:

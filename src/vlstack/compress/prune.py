@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import check_fields
-from ..engine.metadata import packed_step
 from ..errors import ConfigError
 from ..layers.norm import RMSNorm
+from ..layers.step import packed_step
 
 
 @dataclass

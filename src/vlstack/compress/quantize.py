@@ -264,7 +264,7 @@ def _swap(model: nn.Module, name: str, layer: nn.Module) -> None:
 @torch.no_grad()
 def layer_inputs(model: nn.Module, names: list[str], examples: list[dict], rows: int = 512) -> dict:
     """Each named layer's inputs [<= rows, in] on the examples (the float model's, an even sample of tokens)."""
-    from ..engine.metadata import packed_step
+    from ..layers.step import packed_step
 
     if not examples:
         raise ConfigError("awq needs calibration examples")

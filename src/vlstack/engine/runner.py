@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..layers.kv_cache import KVCache
 from ..layers.lora import prepare_lora, prepare_tiles, route, routing_of, slot_onehot
+from ..layers.step import decode_step, join, packed_step, upload
 from ..models.internvl import InternVL
-from .kv_cache import KVCache
-from .metadata import decode_step, join, packed_step, upload
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..generate import SamplingParams
-from .metadata import upload
+from ..layers.step import upload
 
 M32 = 0xFFFFFFFF
 

@@ -34,12 +34,12 @@ from ..api import VLM
 from ..chat import question_messages
 from ..errors import ConfigError, PromptError, UnknownModel
 from ..generate import Detokenizer, SamplingParams
+from ..layers.kv_cache import KVCache
 from ..layers.lora import adapter_names, lora_layers, route
+from ..layers.step import upload, v2pe
 from ..parallel.serving import OPS, Mirror
 from ..parallel.tp import cache_config
 from ..serve.cache import FeatureCache, image_hash, tiles_per_image
-from .kv_cache import KVCache
-from .metadata import upload, v2pe
 from .runner import Chunk, Decoder
 from .sampler import adjust, sample_rows, seed_words
 
@@ -109,10 +109,10 @@ class Engine:
         self.vision_tokens = vision_tokens or vision  # vision-encoder tokens per pass (bounds its activations)
         self.max_len = min(max_len or vlm.context_len, vlm.context_len)
         self.kv_budget = kv_budget or max_batch * self.max_len
-        t = cache_config(vlm.cfg.text, vlm.model.tp)  # (under TP: this rank's KV heads)
-        self.cache_bytes = KVCache.nbytes(t, max_batch, self.max_len, vlm.model.dtype)
+        shape = cache_config(vlm.cfg.text, vlm.model.tp).kv_shape(max_batch, self.max_len)  # (TP: this rank's heads)
+        self.cache_bytes = KVCache.nbytes(shape, vlm.model.dtype)
         try:
-            self.cache = KVCache(t, max_batch, self.max_len, vlm.model.dtype, vlm.model.device)
+            self.cache = KVCache(shape, vlm.model.dtype, vlm.model.device)
         except (RuntimeError, MemoryError):  # torch.OutOfMemoryError is a RuntimeError
             raise ConfigError(
                 f"the KV cache for {max_batch} requests of {self.max_len} tokens needs "

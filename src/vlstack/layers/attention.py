@@ -1,6 +1,6 @@
 """Attention over a step's tokens and the KV cache: one function for prefill, decode and training.
 
-A step holds B sequences back to back, T tokens in all (metadata.py). The new keys and values go to the
+A step holds B sequences back to back, T tokens in all (step.py). The new keys and values go to the
 cache by their slot mapping; each sequence then attends over its keys -- the cache's (a decode step, a prompt
 after a cached prefix) or the step's own (training, a fresh prompt) -- in one SDPA call over the sequences
 padded to the longest, with the step's mask. A step of one token per sequence (decode) needs no padding:
@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..engine.kv_cache import KVCache
-from ..engine.metadata import Step
+from .kv_cache import KVCache
+from .step import Step
 
 
 def attention(

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.metadata import upload
 from ..errors import ConfigError
+from .step import upload
 
 MAX_RANK = 1024  # the largest LoRA rank vlstack trains or loads
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-:]{0,63}")  # adapter names: a module key and a URL path segment

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from ..engine.metadata import Step
+from .step import Step
 
 KINDS = ("default", "dynamic", "linear", "llama3", "longrope")
 

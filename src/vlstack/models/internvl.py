@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from ..config import VLMConfig
-from ..engine.kv_cache import KVCache
-from ..engine.metadata import Step
 from ..errors import PromptError
 from ..layers.activations import ACTIVATIONS
+from ..layers.kv_cache import KVCache
 from ..layers.lora import tiles_of
+from ..layers.step import Step
 from . import family
 from .intern_vit import VisionTower
 

@@ -17,13 +17,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import TextConfig, first, rope
-from ..engine.kv_cache import KVCache
-from ..engine.metadata import Step
 from ..errors import ConfigError
 from ..layers.attention import attention
+from ..layers.kv_cache import KVCache
 from ..layers.mlp import GatedMLP
 from ..layers.norm import RMSNorm
 from ..layers.rotary import Rotary, rotate
+from ..layers.step import Step
 
 MODEL_TYPE = "llama"
 ARCHITECTURE = "LlamaForCausalLM"

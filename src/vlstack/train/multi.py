@@ -26,8 +26,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..adapters import save_adapter
 from ..api import VLM
-from ..engine.metadata import Step, packed_step, upload, v2pe_rope
 from ..layers.lora import PARTS, add_adapter, part_of, prepare_lora, prepare_tiles, remove_adapter, replay, route, under
+from ..layers.step import Step, packed_step, upload, v2pe_rope
 from .checkpoint import clear_run, load_state, restore_state, save_state
 from .data import IGNORE, DatasetError, Example, Stream, count_cut, encode_example, read_dataset
 from .fsdp import gathered, is_sharded, shard

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..engine.metadata import upload
+from ..layers.step import upload
 
 
 def step_jobs(

@@ -2,7 +2,7 @@
 
 Keys and values of every layer for `slots` sequences of up to `max_len` positions: k, v [L, S, Tmax, Hkv, D].
 A token's place is the row `slot * max_len + position` of the layer's cache viewed as [S * Tmax, Hkv, D] (its
-slot mapping, see metadata.py), and every write is one index_copy_ of a step's keys and values to their rows.
+slot mapping, see step.py), and every write is one index_copy_ of a step's keys and values to their rows.
 The cache keeps no lengths: what a sequence holds is the engine's to know (a request's tokens so far).
 """
 
@@ -12,24 +12,17 @@ import math
 
 import torch
 
-from ..config import TextConfig
-
 
 class KVCache:
-    def __init__(self, cfg: TextConfig, slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        shape = self.shape(cfg, slots, max_len)
+    def __init__(self, shape: tuple[int, int, int, int, int], dtype: torch.dtype, device: torch.device):
+        """shape: the keys' (and the values'), [L, S, Tmax, Hkv, D] (TextConfig.kv_shape)."""
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, S, Tmax, Hkv, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.slots, self.max_len = slots, max_len
+        self.slots, self.max_len = shape[1], shape[2]
 
     @staticmethod
-    def shape(cfg: TextConfig, slots: int, max_len: int) -> tuple[int, ...]:
-        """The shape of the keys (and of the values): [L, S, Tmax, Hkv, D]."""
-        return cfg.num_hidden_layers, slots, max_len, cfg.num_key_value_heads, cfg.head_dim
-
-    @staticmethod
-    def nbytes(cfg: TextConfig, slots: int, max_len: int, dtype: torch.dtype) -> int:
-        return 2 * math.prod(KVCache.shape(cfg, slots, max_len)) * dtype.itemsize
+    def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        return 2 * math.prod(shape) * dtype.itemsize
 
     def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [T, Hkv, D] to the rows [T] of the slot mapping."""

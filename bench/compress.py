@@ -43,7 +43,7 @@ def build_1b(device: str, dtype: torch.dtype):
 
     from vlstack.api import VLM, build_model
     from vlstack.chat import DEFAULT_TEMPLATE, Processor, read_tokenizer
-    from vlstack.config import parse_config
+    from vlstack.models.config_json import parse_config
     from vlstack.tiny import ASSETS, init_weights
 
     cfg = parse_config(InternVLConfig(**INTERNVL3_1B).to_dict())

@@ -82,7 +82,7 @@ def build(device: str, dtype: torch.dtype):
 
     from vlstack.api import build_model
     from vlstack.checkpoint import to_ours
-    from vlstack.config import parse_config
+    from vlstack.models.config_json import parse_config
 
     torch.manual_seed(0)
     hf = InternVLForConditionalGeneration(InternVLConfig(**INTERNVL3_1B)).to(device=device, dtype=dtype).eval()

@@ -12,8 +12,8 @@ from conftest import write_hf_checkpoint
 
 import vlstack
 from vlstack.checkpoint import INDEX, save_checkpoint
-from vlstack.config import parse_config
 from vlstack.errors import ConfigError
+from vlstack.models.config_json import parse_config, to_native
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_sharded_checkpoint_loads_like_single(ckpt, tmp_path):
     save_checkpoint(
         tmp_path / "sharded",
         state,
-        vlm.cfg.to_native(),
+        to_native(vlm.cfg),
         {"tokenizer.json": ckpt / "tokenizer.json"},
         max_shard_bytes=20_000,
     )
@@ -47,7 +47,7 @@ def test_sharded_checkpoint_loads_in_transformers(ckpt, tmp_path):
     vlm = vlstack.load(ckpt, device="cpu")
     state = vlm.model.state_dict()
     state.pop("lm_head.weight")
-    save_checkpoint(tmp_path / "s", state, vlm.cfg.to_native(), max_shard_bytes=50_000)
+    save_checkpoint(tmp_path / "s", state, to_native(vlm.cfg), max_shard_bytes=50_000)
     hf = InternVLForConditionalGeneration.from_pretrained(tmp_path / "s").eval()
     ids = torch.tensor([[1, 2, 3, 4, 7, 9]])
     with torch.no_grad():

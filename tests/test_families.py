@@ -89,7 +89,7 @@ def test_pack_and_unpack_are_inverse():
 
 
 def test_unsupported_llms_are_named():
-    from vlstack.config import parse_config
+    from vlstack.models.config_json import parse_config
 
     raw = json.loads((vlstack.tiny.ASSETS / "config.json").read_text())
     for kind in ("qwen3_moe", "gpt_oss"):

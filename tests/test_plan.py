@@ -8,8 +8,8 @@ import json
 import pytest
 from conftest import run_cli
 
-from vlstack.config import parse_config
 from vlstack.errors import ConfigError
+from vlstack.models.config_json import parse_config
 from vlstack.plan import parse_gpus, plan
 
 VIT_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,

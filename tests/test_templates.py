@@ -11,8 +11,8 @@ from conftest import to_original_layout, write_hf_checkpoint
 
 import vlstack
 from vlstack.chat import Processor, read_template, read_tokenizer
-from vlstack.config import read_config
 from vlstack.errors import ConfigError
+from vlstack.models.config_json import read_config
 from vlstack.tiny import ASSETS
 
 OLD = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"

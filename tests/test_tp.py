@@ -134,7 +134,7 @@ def test_tp_needs_its_processes_and_a_divisible_model(checkpoints):
         vlstack.load(checkpoints / "qwen2" / "base", tp=2)
     with pytest.raises(ConfigError, match="tp must be 1 or more"):
         vlstack.load(checkpoints / "qwen2" / "base", tp=0)
-    from vlstack.config import read_config
+    from vlstack.models.config_json import read_config
     from vlstack.parallel.tp import TP, heads
 
     t = read_config(checkpoints / "qwen2" / "base").text  # 4 heads, 2 KV heads

@@ -16,7 +16,7 @@ from .adapters import WEIGHTS, load_adapter
 from .chat import TOKENIZER_FILES, Processor, question_messages, read_template, read_tokenizer
 from .checkpoint import load_state_dict, save_checkpoint
 from .compress.quantize import QuantConfig, quantized_layout
-from .config import VLMConfig, check_v2pe, read_config
+from .config import VLMConfig, check_v2pe
 from .errors import ConfigError, PromptError
 from .files import sha256_file
 from .generate import SamplingParams
@@ -24,6 +24,7 @@ from .image import ImageInput
 from .layers.lora import LoRASpec, check_name, remove_adapter, route
 from .layers.step import packed_step, v2pe_rope
 from .models import family, native_state, our_name
+from .models.config_json import read_config, to_native
 from .models.internvl import InternVL
 from .models.llama import rotary
 from .parallel.tp import TP, init, local_device, plan, shard
@@ -254,7 +255,7 @@ class VLM:
             for name in TOKENIZER_FILES + ("chat_template.json", "generation_config.json"):
                 if (self.directory / name).is_file():
                     extra[name] = self.directory / name
-        return save_checkpoint(directory, native_state(self.cfg.text, state), self.cfg.to_native(), extra)
+        return save_checkpoint(directory, native_state(self.cfg.text, state), to_native(self.cfg), extra)
 
 
 def _device(name: str | torch.device | None) -> torch.device:

@@ -231,7 +231,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
 
-    from .config import read_config
+    from .models.config_json import read_config
     from .plan import describe, plan
     from .tiny import ASSETS
 

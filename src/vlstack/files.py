@@ -18,6 +18,9 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from .errors import ConfigError, VLStackError
 
@@ -115,3 +118,19 @@ def json_value(text: str, where: str, error: type[VLStackError]) -> object:
     except UnicodeEncodeError:
         raise error(f"{where}: holds text that is not valid Unicode (a lone surrogate)") from None
     return value
+
+
+def read_yaml(path: str | Path, what: str, error: type[VLStackError] = ConfigError) -> Any:
+    """The contents of an operator's YAML (or JSON) file, or `error` naming what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        why = " ".join(str(e).split()) or "nested too deeply"  # (on one line)
+        raise error(f"{path}: not valid YAML or JSON: {why}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from None

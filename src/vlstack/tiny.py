@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import save_checkpoint
-from .config import read_config
+from .models.config_json import read_config, to_native
 from .models.internvl import InternVL
 
 ASSETS = Path(__file__).parent / "assets" / "tiny"
@@ -85,7 +85,7 @@ def tiny_dir() -> Path:
     state = model.state_dict()
     state.pop("lm_head.weight")  # tied to the embeddings
     extra = {f.name: f for f in ASSETS.iterdir() if f.name != "config.json"}
-    raw = cfg.to_native()
+    raw = to_native(cfg)
     raw["dtype"] = "float32"
     try:
         save_checkpoint(target, state, raw, extra)

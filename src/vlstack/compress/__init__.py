@@ -23,9 +23,8 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from ..config import read_yaml
 from ..errors import ConfigError
-from ..files import new_directory
+from ..files import new_directory, read_yaml
 from .distill import DistillConfig, distill
 from .prune import PruneConfig, calibration, importance, prune, pruned_width
 from .quantize import QuantConfig, quantize_model

@@ -11,23 +11,59 @@ slot mapping, mask); the KV cache is the engine's, passed in.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import TextConfig, first, rope
+from ..config import TextConfig
 from ..errors import ConfigError
 from ..layers.attention import attention
 from ..layers.kv_cache import KVCache
 from ..layers.mlp import GatedMLP
 from ..layers.norm import RMSNorm
-from ..layers.rotary import Rotary, rotate
+from ..layers.rotary import KINDS, Rotary, rotate
 from ..layers.step import Step
 
 MODEL_TYPE = "llama"
 ARCHITECTURE = "LlamaForCausalLM"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def first(d: dict, *names: str, default: Any = None) -> Any:
+    """The first of these fields d has (not None): the names a field went by in different releases."""
+    for n in names:
+        if n in d and d[n] is not None:
+            return d[n]
+    return default
+
+
+def rope(t: dict) -> tuple[float, dict | None]:
+    """RoPE's base and scaling from a text config (`rope_parameters` in transformers 5, `rope_scaling` and
+    `rope_theta` before): (theta, None) for plain RoPE, else the scaling's parameters with `rope_type` set."""
+    rp = dict(t.get("rope_parameters") or t.get("rope_scaling") or {})
+    theta = float(first(rp, "rope_theta", default=None) or t.get("rope_theta", 10000.0))
+    kind = {"su": "longrope"}.get(k := rp.get("rope_type", rp.get("type", "default")) or "default", k)
+    if kind not in KINDS:
+        raise ConfigError(f"rope type {kind!r} is not supported; supported: {', '.join(KINDS)}")
+    if float(first(rp, "partial_rotary_factor", default=t.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise ConfigError("partial_rotary_factor other than 1.0 is not supported")
+    if kind in ("default", "dynamic"):  # (dynamic changes nothing up to max_position_embeddings)
+        return theta, None
+    rp = {k: v for k, v in rp.items() if k not in ("rope_theta", "type", "partial_rotary_factor")}
+    rp["rope_type"] = kind
+    if kind == "longrope":
+        rp.setdefault("original_max_position_embeddings", t.get("original_max_position_embeddings"))
+        for field_name in ("short_factor", "long_factor", "original_max_position_embeddings"):
+            if rp.get(field_name) is None:
+                raise ConfigError(f"longrope RoPE needs {field_name!r} in its config")
+    need = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+            "original_max_position_embeddings"), "longrope": ()}[kind]  # fmt: skip
+    missing = [n for n in need if rp.get(n) is None]
+    if missing:
+        raise ConfigError(f"{kind} RoPE needs {', '.join(map(repr, missing))} in its config")
+    return theta, rp
 
 
 def base_config(t: dict, model_type: str, **options) -> TextConfig:

@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import read_yaml
 from ..errors import ConfigError
+from ..files import read_yaml
 
 
 @dataclass(frozen=True)

@@ -48,9 +48,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..config import read_yaml
 from ..errors import ConfigError, VLStackError
-from ..files import overlap
+from ..files import overlap, read_yaml
 from ..layers.lora import LLM_TARGETS, MAX_RANK, MODULES, PARTS, LoRASpec, check_name, part_of
 from .checkpoint import run_dir
 

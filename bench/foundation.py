@@ -114,7 +114,6 @@ def bench_llm(
 ) -> dict:
     from vlstack.api import VLM
     from vlstack.chat import Processor, read_tokenizer
-    from vlstack.engine.scheduler import Engine
     from vlstack.generate import SamplingParams
     from vlstack.layers.kv_cache import KVCache
     from vlstack.layers.step import packed_step
@@ -160,7 +159,7 @@ def bench_llm(
 
     vlm = VLM(ours, Processor(read_tokenizer(tiny_dir()), ours.cfg), set(), None, "bench")  # no EOS: every token
 
-    engine = Engine(vlm, 1, max_len=short.shape[1] + new_tokens, image_cache_mb=0, background=False)
+    engine = vlm.engine(1, max_len=short.shape[1] + new_tokens, image_cache_mb=0, background=False)
 
     def our_decode() -> float:
         """The engine's steps, as VLM.chat runs them (one engine kept, its graphs captured in the warm-up): the

@@ -264,13 +264,12 @@ def hf_image_processor(tile: int, max_tiles: int = 12, min_tiles: int = 1):
 def greedy_ids(vlm, encoded: list[dict], n: int, adapters: list | None = None, engine=None) -> list[list[int]]:
     """Each encoded prompt's first n greedy tokens from the engine (a new one, or this one), batched, each with its
     adapter; EOS does not end a row (as with transformers' min_new_tokens)."""
-    from vlstack.engine.scheduler import Engine
     from vlstack.generate import SamplingParams
 
     eos, vlm.eos = vlm.eos, set()
     try:
         longest = max(e["input_ids"].shape[1] for e in encoded)
-        engine = engine or Engine(vlm, len(encoded), max_len=longest + n, image_cache_mb=0, background=False)
+        engine = engine or vlm.engine(len(encoded), max_len=longest + n, image_cache_mb=0, background=False)
         adapters = adapters or [None] * len(encoded)
         rows = [engine.submit(e, a, SamplingParams(max_new_tokens=n)) for e, a in zip(encoded, adapters)]
         while not all(r.finished_at for r in rows):

@@ -11,7 +11,6 @@ from conftest import DEVICE, image, rel_err
 
 import vlstack
 from vlstack.chat import question_messages
-from vlstack.engine.scheduler import Engine
 from vlstack.errors import ConfigError, PromptError
 from vlstack.generate import SamplingParams
 from vlstack.layers.lora import LoRASpec, add_adapter
@@ -44,7 +43,7 @@ def test_32_concurrent_mixed_requests_match_one_at_a_time(gpu_path):
     launched before the last one's tokens are read back; uncaptured here) under the engine's own traffic: rows
     finishing, compacted into low slots, joining mid-way."""
     vlm = tiny_with_adapters()
-    engine = Engine(vlm, max_batch=8, kv_budget=6000, static=gpu_path, overlap=gpu_path)
+    engine = vlm.engine(max_batch=8, kv_budget=6000, static=gpu_path, overlap=gpu_path)
     cases = []
     for i in range(32):
         imgs = [image(60 + 7 * i, 40 + 3 * i, seed=i)] if i % 3 == 0 else []
@@ -78,7 +77,7 @@ def test_long_prompts_are_prefilled_in_chunks_while_others_decode():
     assert len(long["input_ids"][0]) > 3 * 48
     params = dict(max_new_tokens=30)
     alone = [greedy(vlm, first, None, params), greedy(vlm, long, "finance", params)]
-    engine = Engine(vlm, max_batch=4, prefill_tokens=48, background=False)
+    engine = vlm.engine(max_batch=4, prefill_tokens=48, background=False)
     a = engine.submit(first, None, SamplingParams(**params))
     engine.step()
     assert a in engine.running and a.generated == 1
@@ -95,7 +94,7 @@ def test_long_prompts_are_prefilled_in_chunks_while_others_decode():
 
 def greedy(vlm, inputs, adapter, params) -> str:
     """The request alone in an engine of its own, prefilled whole."""
-    engine = Engine(vlm, max_batch=1, background=False)
+    engine = vlm.engine(max_batch=1, background=False)
     req = engine.submit(inputs, adapter, SamplingParams(**params))
     while req.finished_at is None:
         engine.step()
@@ -104,7 +103,7 @@ def greedy(vlm, inputs, adapter, params) -> str:
 
 def test_full_engine_queues_instead_of_refusing():
     vlm = tiny_with_adapters()
-    engine = Engine(vlm, max_batch=2, kv_budget=200)
+    engine = vlm.engine(max_batch=2, kv_budget=200)
     inputs = vlm.processor(question_messages("Hi", 0))
     reqs = [engine.submit(inputs, None, SamplingParams(max_new_tokens=30)) for _ in range(6)]
     answers = [collect(r) for r in reqs]
@@ -116,7 +115,7 @@ def test_sampled_tokens_get_their_logprobs():
     """A sampled token's log-probability is its own (not the likeliest's), the alternatives come likeliest
     first, only rows that ask get them, and the EOS that ends a row has none."""
     vlm = tiny_with_adapters()
-    engine = Engine(vlm, max_batch=4)
+    engine = vlm.engine(max_batch=4)
     inputs = vlm.processor(question_messages("Describe this picture.", 0))
     params = [SamplingParams(max_new_tokens=20, temperature=1.5, seed=s) for s in range(3)]
     reqs = [engine.submit(inputs, "legal", p, top_logprobs=k) for p, k in zip(params, (5, 0, None))]
@@ -130,7 +129,7 @@ def test_sampled_tokens_get_their_logprobs():
     sampled = [(lp, top) for t, lp, top in reqs[0].logprobs if t != top[0][0]]
     assert sampled and all(lp < top[0][1] for lp, top in sampled)  # temperature 1.5 picked less likely tokens
     assert all([v for _, v in top] == sorted((v for _, v in top), reverse=True) for _, _, top in reqs[0].logprobs)
-    engine = Engine(vlm, max_batch=1)
+    engine = vlm.engine(max_batch=1)
     with pytest.raises(PromptError, match=r"top_logprobs must be in \[0, 20\]"):
         engine.submit(inputs, None, params[0], top_logprobs=21)
     engine.close()
@@ -138,7 +137,7 @@ def test_sampled_tokens_get_their_logprobs():
 
 def test_cancel_frees_the_slot():
     vlm = tiny_with_adapters()
-    engine = Engine(vlm, max_batch=1)
+    engine = vlm.engine(max_batch=1)
     inputs = vlm.processor(question_messages("Tell a long story.", 0))
     long = engine.submit(inputs, None, SamplingParams(max_new_tokens=5000))
     assert long.out.get(timeout=60) is not None  # it is generating
@@ -168,7 +167,7 @@ def test_upload_does_not_wait_for_the_device():
 
 def test_image_hash_takes_any_dtype_and_device():
     """Tiles in bfloat16 (numpy has no such type) or on the GPU hash by their bytes; a changed pixel changes it."""
-    from vlstack.serve.cache import image_hash
+    from vlstack.engine.feature_cache import image_hash
 
     tiles = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
     digests = {image_hash(tiles.to(DEVICE)), image_hash(tiles.to(DEVICE, torch.bfloat16))}
@@ -187,7 +186,7 @@ def test_images_encoded_once_per_step_and_cached_by_content(vision_tokens):
         for p in add_adapter(vlm.model, "vision", spec, seed=7):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     vlm.adapters["vision"] = spec
-    engine = Engine(vlm, max_batch=8, vision_tokens=vision_tokens)
+    engine = vlm.engine(max_batch=8, vision_tokens=vision_tokens)
     engine.adapter_changed("vision")
     passes = []
     vlm.model.vision_tower.register_forward_hook(lambda m, args, out: passes.append(args[0].shape[0]))
@@ -218,7 +217,7 @@ def test_images_encoded_once_per_step_and_cached_by_content(vision_tokens):
 
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on():
     vlm = tiny_with_adapters()
-    engine = Engine(vlm, max_batch=4)
+    engine = vlm.engine(max_batch=4)
     assert engine.ready.wait(30)  # (its warm-up request done: the first step below is the test's)
     inputs = vlm.processor(question_messages("Hi", 0))
     forward, calls = vlm.model.forward, []
@@ -250,8 +249,8 @@ def test_a_generated_image_token_is_an_ordinary_token():
 def test_a_kv_cache_that_does_not_fit_is_a_clear_error():
     vlm = vlstack.load("tiny", device=DEVICE)
     with pytest.raises(ConfigError, match="lower --max-batch or --max-model-len"):
-        Engine(vlm, max_batch=10**8)  # petabytes: beyond any machine's address space
-    engine = Engine(vlm, max_batch=2, max_len=512)
+        vlm.engine(max_batch=10**8)  # petabytes: beyond any machine's address space
+    engine = vlm.engine(max_batch=2, max_len=512)
     assert engine.cache_bytes == engine.cache.k.numel() * 4 * 2  # float32 keys and values
     engine.close()
 
@@ -261,10 +260,10 @@ def test_step_sizes_default_by_device():
     from vlstack.engine.scheduler import STEP_TOKENS
 
     vlm = vlstack.load("tiny", device=DEVICE)
-    engine = Engine(vlm, max_batch=2, max_len=64, background=False)
+    engine = vlm.engine(max_batch=2, max_len=64, background=False)
     assert (engine.prefill_tokens, engine.vision_tokens) == STEP_TOKENS[vlm.model.device.type]
     assert STEP_TOKENS["cuda"][0] > STEP_TOKENS["cpu"][0] and STEP_TOKENS["cuda"][1] > STEP_TOKENS["cpu"][1]
-    engine = Engine(vlm, max_batch=2, max_len=64, prefill_tokens=100, vision_tokens=2000, background=False)
+    engine = vlm.engine(max_batch=2, max_len=64, prefill_tokens=100, vision_tokens=2000, background=False)
     assert (engine.prefill_tokens, engine.vision_tokens) == (100, 2000)
 
 
@@ -371,7 +370,7 @@ def test_steps_run_ahead_of_reading_their_tokens_back():
              ("Describe the page.", None, dict(max_new_tokens=30, temperature=0.8, top_k=20, seed=1))]  # fmt: skip
 
     def run(overlap):
-        engine = Engine(vlm, max_batch=4, background=False, static=overlap, overlap=overlap)
+        engine = vlm.engine(max_batch=4, background=False, static=overlap, overlap=overlap)
         calls = []
         if overlap:
             ahead = engine._look_ahead
@@ -401,7 +400,7 @@ def test_the_engine_thread_keeps_stepping_while_a_prompt_is_prefilled_in_chunks(
     inputs = vlm.processor(question_messages("What does the chart show, in detail?", 1), [image(120, 50, seed=3)])
     chunks = -(-len(inputs["input_ids"][0]) // 16)
     assert chunks >= 10
-    engine = Engine(vlm, max_batch=2, prefill_tokens=16)
+    engine = vlm.engine(max_batch=2, prefill_tokens=16)
     start = time.perf_counter()
     req = engine.submit(inputs, None, SamplingParams(max_new_tokens=2))
     collect(req)

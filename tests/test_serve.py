@@ -386,7 +386,7 @@ def test_http_images_fetched_and_encoded_once(limits_server, reference):
         return r.choices[0].message.content
 
     passes = []
-    hook = engine.vlm.model.vision_tower.register_forward_hook(lambda *a: passes.append(1))
+    hook = engine.model.vision_tower.register_forward_hook(lambda *a: passes.append(1))
     try:
         first, second = ask(web + "/page.png"), ask(web + "/page.png")
     finally:
@@ -504,7 +504,7 @@ def test_metrics_in_prometheus_format(tenant_server):
 
 
 def test_a_model_failure_is_a_500_in_openai_shape(server, client):
-    model = server[2].vlm.model
+    model = server[2].model
     forward = model.forward
 
     def broken(*args, **kwargs):

@@ -22,7 +22,6 @@ from test_serve import adapter_dir, data_url, running  # noqa: F401 (adapter_dir
 
 import vlstack
 from vlstack.chat import IMG_CONTEXT, question_messages
-from vlstack.engine.scheduler import Engine
 from vlstack.errors import ConfigError, PromptError
 from vlstack.generate import SamplingParams
 from vlstack.layers.lora import lora_layers, route
@@ -73,7 +72,7 @@ def test_a_failing_request_is_retried_out_of_its_step():
     """A step that raises is run again without the request that makes it fail: in a prefill (a poisoned
     prompt) and in a decode step (one adapter's rows); every other request answers as if alone."""
     vlm = tiny_with_adapters()
-    engine = Engine(vlm, max_batch=8)
+    engine = vlm.engine(max_batch=8)
     forward, poison = vlm.model.forward, 999
 
     def broken(ids, *args, **kwargs):
@@ -269,9 +268,9 @@ def test_unloading_an_adapter_under_traffic_lets_its_requests_finish(busy):
     for model, reasons, _, errors in done:
         assert reasons == ["length"] and not errors, (model, reasons, errors)
     deadline = time.time() + 10
-    while ("support" in engine.vlm.adapters or engine.retiring) and time.time() < deadline:
+    while ("support" in engine.adapters or engine.retiring) and time.time() < deadline:
         time.sleep(0.05)
-    assert "support" not in engine.vlm.adapters and not engine.retiring  # its slot freed once they finished
+    assert "support" not in engine.adapters and not engine.retiring  # its slot freed once they finished
     assert httpx.post(base + "/v1/adapters", json={"name": "support", "path": adapter.name}).status_code == 200
 
 
@@ -443,7 +442,7 @@ def test_a_tenant_sees_only_its_own_models_in_metrics(adapter_dir, tmp_path):  #
 
 def test_an_unload_that_fails_does_not_stop_the_engine(monkeypatch):
     vlm = tiny_with_adapters()
-    engine = Engine(vlm, max_batch=4)
+    engine = vlm.engine(max_batch=4)
 
     def broken(name):
         raise RuntimeError("simulated unload failure")

@@ -65,13 +65,12 @@ def test_delta_changes_the_logits_as_its_positions_say(tiny):
 def test_generation_follows_v2pe_through_chunks_and_decode(static):
     """Greedy tokens from the engine (prefill cut into chunks that end inside the image, decode rows, the static
     step) are the argmax of a whole-sequence forward at V2PE's positions, token after token."""
-    from vlstack.engine.scheduler import Engine
     from vlstack.generate import SamplingParams
 
     vlm = vlstack.load("tiny", device="cpu", v2pe_delta=0.5)
     encoded = [prompt(vlm, size=(100, 100)), prompt(vlm, "Describe it.", size=(100, 100))]
     vlm.eos = set()
-    engine = Engine(vlm, 2, max_len=1024, prefill_tokens=50, image_cache_mb=0, background=False, static=static)
+    engine = vlm.engine(2, max_len=1024, prefill_tokens=50, image_cache_mb=0, background=False, static=static)
     rows = [engine.submit(e, None, SamplingParams(max_new_tokens=6)) for e in encoded]
     while not all(r.finished_at for r in rows):
         engine.step()

@@ -19,7 +19,6 @@ def run(root: Path, tp: int) -> dict:
 
     import vlstack
     from vlstack.chat import question_messages
-    from vlstack.engine.scheduler import Engine
     from vlstack.layers.lora import prepare_lora, route
     from vlstack.layers.step import packed_step
 
@@ -42,7 +41,7 @@ def run(root: Path, tp: int) -> dict:
             alone = torch.stack([vlm(ids, encoded[0]["pixel_values"], adapter=a)[0] for a in mixed])  # per segment
         result = {"mixed": logits, "alone": alone}
         for static in (False, True):
-            engine = Engine(vlm, 4, max_len=256, image_cache_mb=0, background=False, static=static)
+            engine = vlm.engine(4, max_len=256, image_cache_mb=0, background=False, static=static)
             result[f"greedy_static{static}"] = greedy_ids(vlm, encoded, 6, mixed, engine)
             if static:  # a hot-load into the running engine, then a batch using it beside the others
                 vlm.load_adapter("late", d / "late")

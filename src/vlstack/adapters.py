@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import ConfigError
-from .files import write_files
-from .layers.lora import MAX_RANK, LoRASpec, ensure_lora, lora_layers, routing_of
+from .files import sha256_file, write_files
+from .layers.lora import MAX_RANK, LoRASpec, check_name, ensure_lora, lora_layers, remove_adapter, routing_of
 from .models import FAMILIES, original_name, our_name
 from .parallel.tp import shard_lora
 
@@ -216,3 +216,28 @@ def merge_adapter(model: nn.Module, name: str) -> None:
         for layer in layers:
             layer.weight += layer.delta(name).to(layer.weight.dtype)
             layer.remove(name)
+
+
+class Loaded(dict):
+    """The adapters attached to a model: name -> LoRASpec, with each one's weights file's sha256 (`hashes`). The
+    façade and the engine load and unload through it, so both see the same adapters."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.hashes: dict[str, str] = {}
+
+    def load(self, name: str, directory: str | Path) -> LoRASpec:
+        """Attach the PEFT LoRA adapter in directory under `name`."""
+        check_name(name)
+        if name in self:
+            raise ConfigError(f"an adapter named {name!r} is already loaded")
+        self[name] = load_adapter(self.model, name, directory)
+        self.hashes[name] = sha256_file(Path(directory) / WEIGHTS)
+        return self[name]
+
+    def unload(self, name: str) -> None:
+        if self.pop(name, None) is None:
+            raise ConfigError(f"no adapter named {name!r} is loaded")
+        self.hashes.pop(name, None)
+        remove_adapter(self.model, name)

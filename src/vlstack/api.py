@@ -12,16 +12,16 @@ from typing import Any
 
 import torch
 
-from .adapters import WEIGHTS, load_adapter
+from .adapters import Loaded
 from .chat import TOKENIZER_FILES, Processor, question_messages, read_template, read_tokenizer
 from .checkpoint import load_state_dict, save_checkpoint
 from .compress.quantize import QuantConfig, quantized_layout
 from .config import VLMConfig, check_v2pe
+from .engine.scheduler import Engine
 from .errors import ConfigError, PromptError
-from .files import sha256_file
 from .generate import SamplingParams
 from .image import ImageInput
-from .layers.lora import LoRASpec, check_name, remove_adapter, route
+from .layers.lora import LoRASpec, route
 from .layers.step import packed_step, v2pe_rope
 from .models import family, native_state, our_name
 from .models.config_json import read_config, to_native
@@ -109,25 +109,25 @@ class VLM:
     def __init__(self, model: InternVL, processor: Processor, eos: set[int], directory: Path | None, name: str):
         self.model, self.processor, self.eos = model, processor, eos
         self.directory, self.name, self.cfg = directory, name, model.cfg
-        self.adapters: dict[str, LoRASpec] = {}
-        self.adapter_hashes: dict[str, str] = {}  # each loaded adapter's weights file, sha256
+        self.adapters = Loaded(model)  # name -> LoRASpec, and each one's weights' sha256
         self._engine: Any = None  # the engine generation last ran on, kept (its KV cache, its captured graphs)
         self._engine_lock = threading.Lock()  # held by the generation using it
 
     def load_adapter(self, name: str, directory: str | Path) -> LoRASpec:
         """Attach a PEFT LoRA adapter under `name`; requests choose it with adapter=name."""
-        check_name(name)
-        if name in self.adapters:
-            raise ConfigError(f"an adapter named {name!r} is already loaded")
-        self.adapters[name] = load_adapter(self.model, name, directory)
-        self.adapter_hashes[name] = sha256_file(Path(directory) / WEIGHTS)
-        return self.adapters[name]
+        return self.adapters.load(name, directory)
 
     def unload_adapter(self, name: str) -> None:
-        if self.adapters.pop(name, None) is None:
-            raise ConfigError(f"no adapter named {name!r} is loaded")
-        self.adapter_hashes.pop(name, None)
-        remove_adapter(self.model, name)
+        self.adapters.unload(name)
+
+    @property
+    def adapter_hashes(self) -> dict[str, str]:
+        """Each loaded adapter's weights file, sha256."""
+        return self.adapters.hashes
+
+    def engine(self, max_batch: int = 8, **limits: Any) -> Engine:
+        """An engine over this model and its adapters (engine/scheduler.py's limits)."""
+        return Engine(self.model, self.processor, self.eos, self.adapters, max_batch, **limits)
 
     @property
     def context_len(self) -> int:
@@ -163,8 +163,6 @@ class VLM:
         """Generate for several conversations at once, each with its adapter (None: the base model);
         yields the new text of each (\"\" if none yet). A list given as usage receives, at the end, each
         row's prompt_tokens, completion_tokens and finish_reason ("stop" or "length")."""
-        from .engine.scheduler import Engine  # (the engine's module imports this one)
-
         params = SamplingParams(**generation)
         if not isinstance(conversations, list) or not conversations:
             raise PromptError("conversations must be a non-empty list (one list of messages per conversation)")
@@ -182,7 +180,7 @@ class VLM:
         try:
             engine = self._engine if own else None
             if engine is None or engine.max_batch < len(encoded) or engine.max_len < cache_len:
-                engine = Engine(self, len(encoded), max_len=cache_len, image_cache_mb=0, background=False)
+                engine = self.engine(len(encoded), max_len=cache_len, image_cache_mb=0, background=False)
                 self._engine = engine if own else self._engine
             adapters = adapters or [None] * len(encoded)
             rows = [engine.submit(e, a, dataclasses.replace(params)) for e, a in zip(encoded, adapters)]

@@ -244,8 +244,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from .api import load
+    from .engine.mirror import replay
     from .heap import keep_freed_memory
-    from .parallel.serving import launch, replay
+    from .parallel.serving import launch
     from .serve.api import ServeConfig, create_app, make_engine
     from .serve.auth import AuditLog, read_keys
 

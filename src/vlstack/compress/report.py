@@ -71,12 +71,11 @@ def parameters(model: nn.Module) -> int:
 
 def decode_tok_s(vlm, new_tokens: int, repeat: int = 3, prompt_len: int = 64) -> float:
     """Batch-1 greedy decode tokens/s after a random text prompt (the engine's steps, EOS ignored)."""
-    from ..engine.scheduler import Engine
     from ..generate import SamplingParams
 
     vocab = min(vlm.cfg.text.vocab_size, 150_000)
     ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    engine = Engine(vlm, 1, max_len=prompt_len + new_tokens, image_cache_mb=0, background=False)
+    engine = vlm.engine(1, max_len=prompt_len + new_tokens, image_cache_mb=0, background=False)
     eos, vlm.eos = vlm.eos, set()
 
     def run() -> float:

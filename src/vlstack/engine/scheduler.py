@@ -30,16 +30,17 @@ from typing import Any
 
 import torch
 
-from ..api import VLM
-from ..chat import question_messages
+from ..adapters import Loaded
+from ..chat import Processor, question_messages
 from ..errors import ConfigError, PromptError, UnknownModel
 from ..generate import Detokenizer, SamplingParams
 from ..layers.kv_cache import KVCache
 from ..layers.lora import adapter_names, lora_layers, route
 from ..layers.step import upload, v2pe
-from ..parallel.serving import OPS, Mirror
+from ..models.internvl import InternVL
 from ..parallel.tp import cache_config
-from ..serve.cache import FeatureCache, image_hash, tiles_per_image
+from .feature_cache import FeatureCache, image_hash, tiles_per_image
+from .mirror import OPS, Mirror
 from .runner import Chunk, Decoder
 from .sampler import adjust, sample_rows, seed_words
 
@@ -89,7 +90,10 @@ class Request:
 class Engine:
     def __init__(
         self,
-        vlm: VLM,
+        model: InternVL,
+        processor: Processor,
+        eos: set[int],
+        adapters: Loaded | None = None,
         max_batch: int = 16,
         kv_budget: int | None = None,
         max_len: int | None = None,
@@ -104,23 +108,26 @@ class Engine:
         the caller runs them with step() (VLM.chat and the other generators). static: the static decode step
         (runner.Decoder; default: on a GPU); overlap: the decode step launched before the step before's tokens
         are read back (default: on a GPU)."""
-        prefill, vision = STEP_TOKENS[vlm.model.device.type]  # a GPU takes much larger steps than a CPU
-        self.vlm, self.max_batch, self.prefill_tokens = vlm, max_batch, prefill_tokens or prefill
+        prefill, vision = STEP_TOKENS[model.device.type]  # a GPU takes much larger steps than a CPU
+        self.model, self.processor, self.eos, self.cfg = model, processor, eos, model.cfg
+        self.adapters = Loaded(model) if adapters is None else adapters
+        self.max_batch, self.prefill_tokens = max_batch, prefill_tokens or prefill
         self.vision_tokens = vision_tokens or vision  # vision-encoder tokens per pass (bounds its activations)
-        self.max_len = min(max_len or vlm.context_len, vlm.context_len)
+        context = model.cfg.text.max_position_embeddings
+        self.max_len = min(max_len or context, context)
         self.kv_budget = kv_budget or max_batch * self.max_len
-        shape = cache_config(vlm.cfg.text, vlm.model.tp).kv_shape(max_batch, self.max_len)  # (TP: this rank's heads)
-        self.cache_bytes = KVCache.nbytes(shape, vlm.model.dtype)
+        shape = cache_config(model.cfg.text, model.tp).kv_shape(max_batch, self.max_len)  # (TP: this rank's heads)
+        self.cache_bytes = KVCache.nbytes(shape, model.dtype)
         try:
-            self.cache = KVCache(shape, vlm.model.dtype, vlm.model.device)
+            self.cache = KVCache(shape, model.dtype, model.device)
         except (RuntimeError, MemoryError):  # torch.OutOfMemoryError is a RuntimeError
             raise ConfigError(
                 f"the KV cache for {max_batch} requests of {self.max_len} tokens needs "
                 f"{self.cache_bytes / 2**30:.1f} GiB, more than is free; lower --max-batch or --max-model-len"
             ) from None
-        self.decoder = Decoder(vlm.model, self.cache, static)
-        tp = vlm.model.tp  # under tensor parallelism, rank 0's serving engine broadcasts each model call
-        self.mirror = Mirror() if tp is not None and tp.rank == 0 and background else None  # (parallel/serving.py)
+        self.decoder = Decoder(model, self.cache, static)
+        tp = model.tp  # under tensor parallelism, rank 0's serving engine broadcasts each model call
+        self.mirror = Mirror() if tp is not None and tp.rank == 0 and background else None  # (mirror.py)
         self.images = FeatureCache(int(image_cache_mb * 2**20))
         self.vision_adapters: set[str] = set()  # (as of the last admission: adapters come and go between steps)
         self.waiting: queue.Queue[Request] = queue.Queue()
@@ -128,7 +135,7 @@ class Engine:
         self.prefilling: list[Request] = []  # holding a slot, their prompts going into the cache chunk by chunk
         # the decode step runs one step ahead of reading its tokens back (default: on a GPU, whose step then
         # runs while the host sends the step before's text): the rows whose last token is still on the device
-        self.overlap = vlm.model.device.type == "cuda" if overlap is None else overlap
+        self.overlap = model.device.type == "cuda" if overlap is None else overlap
         self.ahead: Ahead | None = None
         self.free = list(range(max_batch))
         self.retiring: set[str] = set()  # adapters being unloaded: no new requests, gone once theirs finish
@@ -160,18 +167,18 @@ class Engine:
         if len(prompt) >= self.max_len:
             raise PromptError(f"the prompt is {len(prompt)} tokens, over the model's context of {self.max_len} tokens")
         params.max_new_tokens = min(params.max_new_tokens, self.max_len - len(prompt))
-        params.check_vocab(self.vlm.cfg.text.vocab_size)
+        params.check_vocab(self.cfg.text.vocab_size)
         if top_logprobs is not None and not 0 <= top_logprobs <= 20:
             raise PromptError(f"top_logprobs must be in [0, 20] (got {top_logprobs})")
-        pixels, cfg = inputs.get("pixel_values"), self.vlm.cfg
+        pixels, cfg = inputs.get("pixel_values"), self.cfg
         image_tokens = int((prompt == cfg.image_token_id).sum())
         if image_tokens != (0 if pixels is None else len(pixels)) * cfg.tokens_per_tile:
             raise PromptError(f"the prompt has {image_tokens} image tokens, which its images do not fill")
-        if adapter is not None and (adapter not in adapter_names(self.vlm.model) or adapter in self.retiring):
+        if adapter is not None and (adapter not in adapter_names(self.model) or adapter in self.retiring):
             raise UnknownModel(f"no adapter named {adapter!r} is loaded")
         counts = tiles_per_image(prompt, cfg.image_token_id, cfg.tokens_per_tile) if pixels is not None else []
         images = [(image_hash(t), len(t)) for t in pixels.split(counts)] if counts else []
-        req = Request(prompt, pixels, images, adapter, params, Detokenizer(self.vlm.processor.decode, params.stop),
+        req = Request(prompt, pixels, images, adapter, params, Detokenizer(self.processor.decode, params.stop),
                       tenant=tenant)  # fmt: skip
         if out is not None:
             req.out = out
@@ -188,7 +195,7 @@ class Engine:
 
     def retire(self, name: str) -> None:
         """Unload adapter `name` once the requests it has accepted have finished; from now on submit refuses it."""
-        if name not in self.vlm.adapters:
+        if name not in self.adapters:
             raise UnknownModel(f"no adapter named {name!r} is loaded")
         self.retiring.add(name)
         self._wake.set()
@@ -204,7 +211,7 @@ class Engine:
             self.adapter_changed(name)
 
     def _run(self, op: str, *args):
-        """One of the model calls of parallel/serving.py's OPS, on this process (and broadcast to the other ranks
+        """One of the model calls of mirror.py's OPS, on this process (and broadcast to the other ranks
         first, under tensor parallelism)."""
         if self.mirror is not None:
             self.mirror.send(op, args)
@@ -212,7 +219,7 @@ class Engine:
 
     def _vision_adapters(self) -> set[str]:
         """Adapters that change the visual embeddings (LoRA on the vision tower or the projector)."""
-        layers = lora_layers(self.vlm.model).items()
+        layers = lora_layers(self.model).items()
         return {a for name, layer in layers if not name.startswith("language_model.") for a in layer.lora_A}
 
     def close(self) -> None:
@@ -250,7 +257,7 @@ class Engine:
     def _warm_up(self) -> None:
         """Before serving: one short request through a prefill and decode steps; then ready."""
         try:
-            req = self.submit(self.vlm.processor(question_messages("hi", 0)), None, SamplingParams(max_new_tokens=2))
+            req = self.submit(self.processor(question_messages("hi", 0)), None, SamplingParams(max_new_tokens=2))
             while req.finished_at is None:
                 self.step()
             if req.exception is not None:
@@ -404,7 +411,7 @@ class Engine:
         pending = None
         if ahead is not None:
             into = [i for i, is_late in enumerate(late) if is_late]  # rows of this step fed a pending token
-            where = upload([into, [waiting[id(rows[i])] for i in into]], self.vlm.model.device)  # [2, P]
+            where = upload([into, [waiting[id(rows[i])] for i in into]], self.model.device)  # [2, P]
             pending = where[0], ahead.tokens[where[1]]
         try:
             slots, adapters = [r.slot for r in rows], [r.adapter for r in rows]
@@ -434,11 +441,11 @@ class Engine:
 
     def _offsets(self, rows: list[Request]) -> list[float] | None:
         """Under V2PE, each decoding row's RoPE offset (None without V2PE)."""
-        return [r.offset for r in rows] if self.vlm.cfg.v2pe_delta != 1.0 else None
+        return [r.offset for r in rows] if self.cfg.v2pe_delta != 1.0 else None
 
     def _chunk_features(self, chunks: list[Request]) -> torch.Tensor | None:
         """The visual embeddings of the chunks' image tokens, in order: [1, image tokens, C] (None: none)."""
-        image_token, parts = self.vlm.cfg.image_token_id, []
+        image_token, parts = self.cfg.image_token_id, []
         for r in chunks:
             if r.features is not None:
                 a, b = r.chunk
@@ -452,7 +459,7 @@ class Engine:
     def _features(self, batch: list[Request]) -> dict:
         """The visual embeddings [tiles, P, C] of the batch's images by key: cached ones reused, the others
         through the vision encoder in one pass (each tile with its request's vision adapter)."""
-        model, device = self.vlm.model, self.vlm.model.device
+        model, device = self.model, self.model.device
         found: dict = {}  # for this batch (the cache may evict before the batch is done)
         new_keys, new_tiles, new_adapters = [], [], []
         for r in batch:
@@ -469,7 +476,7 @@ class Engine:
                     new_adapters += [key[1]] * n
         if new_tiles:
             tiles = torch.cat(new_tiles)  # [new tiles, 3, S, S]
-            step = max(1, self.vision_tokens // self.vlm.cfg.vision.patches)  # tiles per pass
+            step = max(1, self.vision_tokens // self.cfg.vision.patches)  # tiles per pass
             parts = []
             for a in range(0, len(tiles), step):  # passes of at most vision_tokens encoder tokens
                 with route(model, new_adapters[a : a + step]):
@@ -509,11 +516,11 @@ class Engine:
         that decides a request is finished (EOS, a stop string, its length)."""
         for i, (req, token) in enumerate(zip(rows, tokens)):
             req.generated += 1
-            if i in logprobs and token not in self.vlm.eos:
+            if i in logprobs and token not in self.eos:
                 req.logprobs.append((token, *logprobs[i]))
             if req.first_token_at is None:
                 req.first_token_at = time.perf_counter()
-            if token in self.vlm.eos:
+            if token in self.eos:
                 req.finish_reason = "stop"
             else:
                 piece = req.detok.push(token)

@@ -83,8 +83,15 @@ def make_engine(vlm: VLM, cfg: ServeConfig, background: bool = True) -> Engine:
     """The server's engine (and, under tensor parallelism, each other rank's: the same KV cache and steps)."""
     if cfg.max_adapters or cfg.max_lora_rank:  # hot loads write into free slots: the stacks never grow
         routing_of(vlm.model).reserve(cfg.max_adapters or 8, cfg.max_lora_rank or 64)
-    return Engine(vlm, cfg.max_batch, cfg.kv_budget, cfg.max_model_len, cfg.prefill_tokens, cfg.image_cache_mb,
-                  cfg.vision_tokens, background=background)  # fmt: skip
+    return vlm.engine(
+        cfg.max_batch,
+        kv_budget=cfg.kv_budget,
+        max_len=cfg.max_model_len,
+        prefill_tokens=cfg.prefill_tokens,
+        image_cache_mb=cfg.image_cache_mb,
+        vision_tokens=cfg.vision_tokens,
+        background=background,
+    )
 
 
 def create_app(

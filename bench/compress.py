@@ -24,8 +24,9 @@ import torch
 from foundation import INTERNVL3_1B
 
 from vlstack.compress.prune import PruneConfig, prune
-from vlstack.compress.quantize import QuantConfig, quantize_model
+from vlstack.compress.quantize import quantize_model
 from vlstack.compress.report import decode_tok_s, weight_bytes
+from vlstack.layers.quant import QuantConfig
 
 # name -> (prune targets or None, quantisation or None); the vision tower stays full precision unless named
 VARIANTS = {

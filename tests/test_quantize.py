@@ -15,9 +15,10 @@ from torch import nn
 import vlstack
 from vlstack.chat import question_messages
 from vlstack.compress import compress, read_stages
-from vlstack.compress.quantize import QuantConfig, QuantLinear, dequantize, quantize_model, quantize_weight
+from vlstack.compress.quantize import awq_scale, quantize_model
 from vlstack.errors import ConfigError
 from vlstack.layers.lora import LoRASpec, add_adapter
+from vlstack.layers.quant import QuantConfig, QuantLinear, dequantize, quantize_weight
 
 
 @pytest.mark.parametrize("bits,group", [(8, 0), (4, 16), (4, 64)])
@@ -118,7 +119,7 @@ def test_bad_compress_configs_are_named_before_any_work(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(ConfigError, match="exists"):
         compress(vlm, [("quantize", QuantConfig())], tmp_path / "out")
-    import vlstack.compress.quantize as quantize
+    import vlstack.layers.quant as quantize
 
     real = quantize.cpu_engines
     quantize.cpu_engines = lambda: ["qnnpack"]  # a CPU without fbgemm (an ARM machine)
@@ -209,21 +210,21 @@ def test_compress_reports_each_stage(tmp_path):
 def test_awq_scaling_lowers_the_error_where_activations_have_outliers():
     """A layer whose inputs carry a few large channels: activation-aware scaling quantises it nearer the float
     layer on those inputs than plain int4, and the layer is still x @ dequant(W).T (the scale folded in)."""
-    from vlstack.compress.quantize import awq_scale
-
     torch.manual_seed(0)
     lin = nn.Linear(128, 64, bias=False)
     x = torch.randn(256, 128)
     x[:, :4] *= 30  # outlier channels
     plain = QuantLinear.of(lin, QuantConfig(bits=4, group_size=32))
-    scaled = QuantLinear.of(lin, QuantConfig(bits=4, group_size=32, awq=True, data=__file__), x)
+    awq = QuantConfig(bits=4, group_size=32, awq=True, data=__file__)
+    scaled = QuantLinear.of(lin, awq, awq_scale(lin.weight, x, awq))
     want = lin(x)
     err = {name: (q(x) - want).pow(2).mean().item() for name, q in (("plain", plain), ("awq", scaled))}
     assert err["awq"] < 0.8 * err["plain"], err
     torch.testing.assert_close(scaled(x), x @ scaled.dequantized().T, rtol=1e-5, atol=1e-5)
     s = awq_scale(lin.weight, x, QuantConfig(bits=4, group_size=32))
     assert s[:4].min() > s[4:].max()  # the outlier channels are scaled up (finer steps for them)
-    fast = QuantLinear.of(lin, QuantConfig(bits=4, group_size=32, awq=True, data=__file__, kernel="fast"), x)
+    fast_awq = QuantConfig(bits=4, group_size=32, awq=True, data=__file__, kernel="fast")
+    fast = QuantLinear.of(lin, fast_awq, awq_scale(lin.weight, x, fast_awq))
     assert rel_err(fast(x), scaled(x)) < 1e-2
 
 

@@ -15,13 +15,13 @@ import torch
 from .adapters import Loaded
 from .chat import TOKENIZER_FILES, Processor, question_messages, read_template, read_tokenizer
 from .checkpoint import load_state_dict, save_checkpoint
-from .compress.quantize import QuantConfig, quantized_layout
 from .config import VLMConfig, check_v2pe
 from .engine.scheduler import Engine
 from .errors import ConfigError, PromptError
 from .generate import SamplingParams
 from .image import ImageInput
 from .layers.lora import LoRASpec, route
+from .layers.quant import QuantConfig, quantized_layout
 from .layers.step import packed_step, v2pe_rope
 from .models import family, native_state, our_name
 from .models.config_json import read_config, to_native
@@ -51,7 +51,7 @@ def build_model(
     tensor parallelism, this rank's part of it (each weight cut on the host, only the part moved to the device)."""
     with torch.device("meta"):
         model = InternVL(cfg)
-    if cfg.quantization:  # its quantised layers as stored (compress/quantize.py)
+    if cfg.quantization:  # its quantised layers as stored (layers/quant.py)
         quantized_layout(model, QuantConfig.from_json(cfg.quantization))
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     expected = set(shapes)
@@ -112,6 +112,10 @@ class VLM:
         self.adapters = Loaded(model)  # name -> LoRASpec, and each one's weights' sha256
         self._engine: Any = None  # the engine generation last ran on, kept (its KV cache, its captured graphs)
         self._engine_lock = threading.Lock()  # held by the generation using it
+
+    def swap_model(self, model: InternVL) -> None:
+        """Serve another model in this one's place (pruning's): its config; no adapters (they fit the old one)."""
+        self.model, self.cfg, self.adapters, self._engine = model, model.cfg, Loaded(model), None
 
     def load_adapter(self, name: str, directory: str | Path) -> LoRASpec:
         """Attach a PEFT LoRA adapter under `name`; requests choose it with adapter=name."""

@@ -87,7 +87,7 @@ class VLMConfig:
     layout: str = "internvl"  # the config.json it came from: "internvl" or "internvl_chat" (original)
     template: str | None = None  # the original layout's chat template, by name (templates.py)
     v2pe_delta: float = 1.0  # V2PE: the position step of an image's tokens (1: every token one position)
-    quantization: dict | None = None  # config.json's quantization_config (compress/quantize.py), as written
+    quantization: dict | None = None  # config.json's quantization_config (layers/quant.py), as written
 
     @property
     def tokens_per_tile(self) -> int:

@@ -25,10 +25,11 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..files import new_directory, read_yaml
+from ..layers.quant import QuantConfig
+from ..layers.quant import targets as quant_targets
 from .distill import DistillConfig, distill
 from .prune import PruneConfig, calibration, importance, prune, pruned_width
-from .quantize import QuantConfig, quantize_model
-from .quantize import targets as quant_targets
+from .quantize import quantize_model
 from .report import ReportConfig, measure, write_report
 
 STAGES = {"prune": PruneConfig, "distill": DistillConfig, "quantize": QuantConfig}  # in the order they run

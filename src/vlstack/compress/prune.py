@@ -182,8 +182,7 @@ def prune(vlm, cfg: PruneConfig, scores: dict[str, torch.Tensor]) -> None:
                            num_attention_heads=groups * q_per_kv, hidden_size=len(channels), head_dim=d)  # fmt: skip
     if t.tie_word_embeddings:
         out.pop("lm_head.weight", None)
-    vlm.model = build_model(vlm.cfg, out, vlm.model.device, vlm.model.dtype)
-    vlm._engine = None  # (one built for the old model)
+    vlm.swap_model(build_model(vlm.cfg, out, vlm.model.device, vlm.model.dtype))
 
 
 def calibration(vlm, cfg) -> list[dict]:

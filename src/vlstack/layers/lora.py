@@ -186,7 +186,7 @@ def slot_onehot(slots: torch.Tensor, capacity: int, rank: int) -> torch.Tensor:
 class LoRALinear(nn.Linear):
     """A Linear layer with any number of named LoRA adapters. It takes over the base layer's tensors under their
     own names (checkpoints are unaffected) and runs the base layer's own forward: an nn.Linear's, or a quantised
-    layer's (compress/quantize.py: its integer weights, scales and settings)."""
+    layer's (layers/quant.py: its integer weights, scales and settings)."""
 
     def __init__(self, base: nn.Linear, routing: Routing):
         nn.Module.__init__(self)

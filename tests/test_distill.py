@@ -16,7 +16,7 @@ import vlstack
 from vlstack.compress import compress, read_stages
 from vlstack.compress.distill import DistillConfig, distill
 from vlstack.train import multi
-from vlstack.train.multi import token_losses
+from vlstack.train.losses import token_losses
 
 SHAPE = dict(tile=56, width=64, layers=4, heads=4, kv_heads=2, tied=False)
 

@@ -401,7 +401,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_adapters(tmp_path)
 def test_chunked_loss_equals_the_whole_batch_loss():
     """With recompute, the loss is taken a chunk of tokens at a time (logits of a 70k vocabulary: 239 tokens a
     chunk, 3 chunks here): the same losses and gradients as from the whole batch's logits at once."""
-    from vlstack.train.multi import token_losses
+    from vlstack.train.losses import token_losses
 
     torch.manual_seed(0)
     head = torch.nn.Linear(32, 70_000, bias=False)

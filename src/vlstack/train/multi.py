@@ -15,23 +15,23 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ..adapters import save_adapter
 from ..api import VLM
-from ..layers.lora import PARTS, add_adapter, part_of, prepare_lora, prepare_tiles, remove_adapter, replay, route, under
-from ..layers.step import Step, packed_step, upload, v2pe_rope
+from ..layers.lora import PARTS, add_adapter, part_of, remove_adapter, replay, under
+from ..layers.step import upload
+from .batch import learned, passes, prepare_pass, routed, row_weights
 from .checkpoint import clear_run, load_state, restore_state, save_state
-from .data import IGNORE, DatasetError, Example, Stream, count_cut, encode_example, read_dataset
+from .data import DatasetError, Example, Stream, count_cut, encode_example, read_dataset
 from .fsdp import gathered, is_sharded, shard
 from .jobs import Job, JobError, check_outputs
+from .losses import job_losses, teacher_logits
 from .optim import step_jobs
 from .pipeline import Pipe, pipe_for
 from .progress import plot_loss, record, truncate_metrics
@@ -226,174 +226,6 @@ def job_rows(vlm: VLM, running: list[Running], split: bool = True) -> list[tuple
     return rows
 
 
-def passes(rows: list[tuple[int, dict]], max_tokens: int | None) -> list[list[tuple[int, dict]]]:
-    """Consecutive groups of rows of at most max_tokens tokens each (a longer row alone); one group without a
-    limit."""
-    groups: list[list[tuple[int, dict]]] = []
-    tokens = 0
-    for row in rows:
-        n = len(row[1]["input_ids"])
-        if not groups or (max_tokens is not None and tokens + n > max_tokens):
-            groups.append([])
-            tokens = 0
-        groups[-1].append(row)
-        tokens += n
-    return groups
-
-
-def pack(rows: list[tuple[int, dict]]) -> dict:
-    """Rows back to back, no padding: input_ids [T], labels [T], seqlens, each token's job [T], the rows'
-    [(dropout key, tokens)], and the rows' pixel_values."""
-    seqlens = [len(x["input_ids"]) for _, x in rows]
-    batch = {
-        "input_ids": torch.cat([x["input_ids"] for _, x in rows]),  # [T]
-        "labels": torch.cat([x["labels"] for _, x in rows]),
-        "seqlens": seqlens,
-        "job": torch.repeat_interleave(torch.tensor([i for i, _ in rows]), torch.tensor(seqlens)),  # [T]
-        "rows": [(x["key"], n) for (_, x), n in zip(rows, seqlens)],
-    }
-    tiles = [x["pixel_values"] for _, x in rows if "pixel_values" in x]
-    if tiles:
-        batch["pixel_values"] = torch.cat(tiles)
-    return batch
-
-
-def token_losses(
-    head: torch.nn.Linear,
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    recompute: bool,
-    teacher: tuple[torch.Tensor, ...] | None = None,
-) -> torch.Tensor:
-    """The loss [N] of each learned token from the final hidden states [N, C]: cross-entropy with its target, or
-    where teacher = (logits [N, V], distilled [N] bool, temperature [N][, hidden [N, C], hidden weight [N]]) says,
-    the distillation loss T² KL(teacher || student) of the two softmaxes at temperature T (forward KL, as Minitron
-    distils), plus the weight times the mean squared difference of the final hidden states. A chunk of tokens at
-    a time.
-
-    With recompute, each chunk's logits [chunk, vocab] are dropped once its loss is known and recomputed in
-    backward, so the batch's logits [N, vocab] (151k wide for Qwen2: 0.6 MB a token) never exist at once."""
-
-    def chunk_loss(h: torch.Tensor, t: torch.Tensor, *kd: torch.Tensor) -> torch.Tensor:
-        logits = head(h).float()
-        ce = F.cross_entropy(logits, t, reduction="none")
-        if not kd:
-            return ce
-        theirs, distilled, temp, *hidden_term = kd
-        p = F.log_softmax(theirs.float() / temp[:, None], dim=-1)
-        kl = (p.exp() * (p - F.log_softmax(logits / temp[:, None], dim=-1))).sum(-1) * temp**2
-        if hidden_term:
-            their_hidden, weight = hidden_term
-            kl = kl + weight * (h.float() - their_hidden.float()).pow(2).mean(-1)
-        return torch.where(distilled, kl, ce)
-
-    size = max(16, (16 << 20) // head.out_features) if recompute else len(targets)  # ~64 MB of float32 logits
-    parts = [hidden.split(size), targets.split(size), *(x.split(size) for x in teacher or ())]
-    if not recompute:
-        return chunk_loss(*(p[0] for p in parts))
-    return torch.cat([checkpoint(chunk_loss, *piece, use_reentrant=False) for piece in zip(*parts)])
-
-
-def job_losses(
-    model: torch.nn.Module,
-    ids: torch.Tensor,
-    step: Step,
-    pixel_values: torch.Tensor | None,
-    targets: torch.Tensor,
-    in_job: torch.Tensor,
-    teacher: tuple[torch.Tensor, ...] | None = None,
-    features: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The fused forward: rows back to back ids [T] (each job's LoRA on its own, by the routing) -> each job's
-    summed token losses [jobs] over the step's logit tokens, whose targets are [N] and jobs in_job [jobs, N]
-    (teacher: see token_losses; features: the images' features, computed already). Tensors only: it compiles
-    whole (a test's proof)."""
-    hidden = model(ids, step, None if features is not None else pixel_values, features, head=False)  # [N, C]
-    recompute = model.language_model.recompute is not None
-    per_token = token_losses(model.lm_head, hidden, targets, recompute, teacher)  # [N]
-    return in_job @ per_token  # [jobs]
-
-
-def teacher_logits(
-    running: list[Running],
-    job: torch.Tensor,
-    ids: torch.Tensor,
-    pixel_values: torch.Tensor | None,
-    step: Step,
-    features: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, ...] | None:
-    """For a pass whose rows include distilling jobs' (job [N]: each learned token's job, on the host): each
-    teacher's logits [N, V] at the learned tokens of its jobs, which tokens are distilled [N], at what temperature
-    [N], and where a job asks, the teacher's final hidden states [N, C] and their loss weight [N]; None when no job
-    distils. features: the images' features where teacher and student share them (shared_features), else each
-    teacher encodes the images itself."""
-    teachers = {id(r.teacher): r.teacher for r in running if r.teacher is not None}
-    if not teachers:
-        return None
-    logits = hidden = None
-    temp = torch.tensor([r.job.temperature for r in running])[job]  # [N] (each job's, at its tokens)
-    weight = torch.tensor([r.job.hidden_weight for r in running])[job]  # [N]
-    device = ids.device
-    with torch.no_grad():
-        for teacher in teachers.values():
-            mine = upload(torch.tensor([r.teacher is teacher for r in running])[job], device)  # [N] its jobs' tokens
-            h = teacher(ids, step, None if features is not None else pixel_values, features, head=False)  # [N, C]
-            out = teacher.lm_head(h)  # [N, V]
-            logits = out if logits is None else torch.where(mine[:, None], out, logits)
-            hidden = h if hidden is None else torch.where(mine[:, None], h, hidden)
-    distilled = torch.tensor([r.teacher is not None for r in running])[job]  # [N]
-    kd = logits, upload(distilled, device), upload(temp, device)
-    return (*kd, hidden, upload(weight, device, hidden.dtype)) if weight.any() else kd
-
-
-@dataclass
-class Pass:
-    """One pass's rows back to back, worked out on the host (nothing waits on the device): its tokens and
-    images, step metadata, learned tokens' targets [N] and jobs [N] (host) and in_job [jobs, N], and the
-    LoRA routing (each row's adapter, length and dropout key)."""
-
-    ids: torch.Tensor  # [T]
-    pixels: torch.Tensor | None  # [tiles, 3, S, S]
-    image_tokens: torch.Tensor  # [T] bool, on the host
-    step: Step
-    targets: torch.Tensor  # [N]
-    jobs: torch.Tensor  # [N] each learned token's job, on the host
-    in_job: torch.Tensor  # [jobs, N]
-    names: list[str | None]
-    seqlens: list[int]
-    keyed: list[tuple[int, int]]
-
-
-def prepare_pass(vlm: VLM, running: list[Running], group: list[tuple[int, dict]]) -> Pass:
-    device = vlm.model.device
-    batch = pack(group)
-    seqlens, keyed, labels = batch.pop("seqlens"), batch.pop("rows"), batch.pop("labels")
-    targets = torch.full_like(labels, IGNORE)  # [T]: the token each position predicts, within its sequence
-    targets[:-1] = labels[1:]
-    targets[torch.tensor(seqlens).cumsum(0) - 1] = IGNORE  # a sequence's last token predicts nothing
-    learn = targets != IGNORE  # [T]: positions with a label; logits are computed only there
-    rope = v2pe_rope([x["input_ids"] for _, x in group], vlm.cfg.image_token_id, vlm.cfg.v2pe_delta)
-    step = packed_step(seqlens, device, logits=learn.nonzero()[:, 0], rope=rope)
-    jobs_of = batch.pop("job")[learn]  # [N] each learned token's job, on the host
-    in_job = upload(F.one_hot(jobs_of, len(running)).T.float(), device)  # [jobs, N]
-    image_tokens = batch["input_ids"] == vlm.cfg.image_token_id  # [T], on the host
-    batch = {k: upload(v, device) for k, v in batch.items()}
-    names = [None if running[i].job.full else running[i].job.name for i, _ in group]  # (full: the base's own)
-    return Pass(batch["input_ids"], batch.get("pixel_values"), image_tokens, step, upload(targets[learn], device),
-                jobs_of, in_job, names, seqlens, keyed)  # fmt: skip
-
-
-@contextmanager
-def routed(vlm: VLM, p: Pass) -> Iterator[None]:
-    """The pass's LoRA routing, for its forward."""
-    model = vlm.model
-    with route(model, p.names, counts=p.seqlens, rows=p.keyed):
-        prepare_lora(model, len(p.ids), model.device)  # (on a GPU: every job's LoRA in one pair of matmuls)
-        if p.pixels is not None:
-            prepare_tiles(model, p.image_tokens, vlm.cfg.tokens_per_tile)
-        yield
-
-
 def train_step(
     vlm: VLM, running: list[Running], max_tokens: int | None = None, pipe: Pipe | None = None
 ) -> torch.Tensor:
@@ -408,16 +240,16 @@ def train_step(
     split = world()[1] > 1 and pipe is None  # data parallelism: each process a share of the rows (pipelined: all)
     rows = job_rows(vlm, running, split)
     jobs = len(running)
-    # each job's loss is the mean over its learned tokens in the whole (global) micro-batch: count them first
-    learned, seen = [0] * jobs, [0] * jobs
-    for i, x in rows:
-        learned[i] += int((x["labels"][1:] != IGNORE).sum())  # a token learns the label of the next one
+    # each job's loss is its weighted token losses over the whole (global) micro-batch's weight: sum it first
+    weight, seen = [0.0] * jobs, [0] * jobs
+    for (i, x), w in zip(rows, row_weights(running, rows)):
+        weight[i] += learned(x) * w
         seen[i] += len(x["input_ids"])
     if split:
-        stats = torch.tensor([learned, seen], dtype=torch.float64, device=device)  # [2, jobs]
+        stats = torch.tensor([weight, seen], dtype=torch.float64, device=device)  # [2, jobs]
         dist.all_reduce(stats)
-        learned, seen = stats.long().tolist()
-    counts = torch.tensor(learned, dtype=torch.float32).clamp(min=1)  # [jobs]
+        weight, seen = stats[0].tolist(), stats[1].long().tolist()
+    counts = torch.tensor(weight, dtype=torch.float32).clamp(min=1)  # [jobs]
     denominators = upload(counts * torch.tensor([r.job.grad_accum for r in running]), device)
     if pipe is not None:  # each job's rows a pass of their own, through the stages (pipeline.py)
         groups = [[row for row in rows if row[0] == i] for i in range(jobs)]

@@ -28,6 +28,8 @@ from torch import nn
 
 from ..layers.lora import lora_layers
 from ..models.internvl import InternVL
+from .batch import routed
+from .losses import pass_losses
 
 
 def split(layers: int, stages: int) -> list[range]:
@@ -71,8 +73,6 @@ class Pipe:
     def run(self, vlm, passes: list, denominators: torch.Tensor) -> torch.Tensor:
         """Every pass forward through this stage, then every pass backward (last first); returns each job's summed
         token losses [jobs], known on every stage."""
-        from .multi import routed, token_losses
-
         model: InternVL = vlm.model
         device, dtype, width = model.device, model.dtype, vlm.cfg.text.hidden_size
         start, busy = time.perf_counter(), 0.0
@@ -90,8 +90,7 @@ class Pipe:
                 h = model.language_model(h, p.step, span=self.layers)  # [T, C] (the last stage: normed)
                 if self.last:
                     recompute = model.language_model.recompute is not None
-                    per_token = token_losses(model.lm_head, h[p.step.logits], p.targets, recompute)  # [N]
-                    pass_sums = p.in_job @ per_token  # [jobs]
+                    pass_sums = pass_losses(model.lm_head, h[p.step.logits], p.targets, p.in_job, recompute)
                     sums += pass_sums.detach()
                     h = (pass_sums / denominators).sum()
             busy += time.perf_counter() - t

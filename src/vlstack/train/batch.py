@@ -1,0 +1,113 @@
+"""A fused step's rows as passes through the base: every running job's rows packed back to back (no padding),
+with what the forward and the losses need worked out on the host first (nothing waits on the device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from ..layers.lora import prepare_lora, prepare_tiles, route
+from ..layers.step import Step, packed_step, upload, v2pe_rope
+from .data import IGNORE
+from .losses import objective_of
+
+if TYPE_CHECKING:
+    from ..api import VLM
+    from .multi import Running
+
+
+def passes(rows: list[tuple[int, dict]], max_tokens: int | None) -> list[list[tuple[int, dict]]]:
+    """Consecutive groups of rows of at most max_tokens tokens each (a longer row alone); one group without a
+    limit."""
+    groups: list[list[tuple[int, dict]]] = []
+    tokens = 0
+    for row in rows:
+        n = len(row[1]["input_ids"])
+        if not groups or (max_tokens is not None and tokens + n > max_tokens):
+            groups.append([])
+            tokens = 0
+        groups[-1].append(row)
+        tokens += n
+    return groups
+
+
+def pack(rows: list[tuple[int, dict]]) -> dict:
+    """Rows back to back, no padding: input_ids [T], labels [T], seqlens, each token's job [T], the rows'
+    [(dropout key, tokens)], and the rows' pixel_values."""
+    seqlens = [len(x["input_ids"]) for _, x in rows]
+    batch = {
+        "input_ids": torch.cat([x["input_ids"] for _, x in rows]),  # [T]
+        "labels": torch.cat([x["labels"] for _, x in rows]),
+        "seqlens": seqlens,
+        "job": torch.repeat_interleave(torch.tensor([i for i, _ in rows]), torch.tensor(seqlens)),  # [T]
+        "rows": [(x["key"], n) for (_, x), n in zip(rows, seqlens)],
+    }
+    tiles = [x["pixel_values"] for _, x in rows if "pixel_values" in x]
+    if tiles:
+        batch["pixel_values"] = torch.cat(tiles)
+    return batch
+
+
+@dataclass
+class Pass:
+    """One pass's rows back to back, worked out on the host (nothing waits on the device): its tokens and
+    images, step metadata, learned tokens' targets [N] and jobs [N] (host) and in_job [jobs, N], and the
+    LoRA routing (each row's adapter, length and dropout key)."""
+
+    ids: torch.Tensor  # [T]
+    pixels: torch.Tensor | None  # [tiles, 3, S, S]
+    image_tokens: torch.Tensor  # [T] bool, on the host
+    step: Step
+    targets: torch.Tensor  # [N]
+    jobs: torch.Tensor  # [N] each learned token's job, on the host
+    in_job: torch.Tensor  # [jobs, N]
+    names: list[str | None]
+    seqlens: list[int]
+    keyed: list[tuple[int, int]]
+
+
+def prepare_pass(vlm: VLM, running: list[Running], group: list[tuple[int, dict]]) -> Pass:
+    device = vlm.model.device
+    batch = pack(group)
+    seqlens, keyed, labels = batch.pop("seqlens"), batch.pop("rows"), batch.pop("labels")
+    targets = torch.full_like(labels, IGNORE)  # [T]: the token each position predicts, within its sequence
+    targets[:-1] = labels[1:]
+    targets[torch.tensor(seqlens).cumsum(0) - 1] = IGNORE  # a sequence's last token predicts nothing
+    learn = targets != IGNORE  # [T]: positions with a label; logits are computed only there
+    rope = v2pe_rope([x["input_ids"] for _, x in group], vlm.cfg.image_token_id, vlm.cfg.v2pe_delta)
+    step = packed_step(seqlens, device, logits=learn.nonzero()[:, 0], rope=rope)
+    jobs_of = batch.pop("job")[learn]  # [N] each learned token's job, on the host
+    weights = torch.repeat_interleave(torch.tensor(row_weights(running, group)), torch.tensor(seqlens))[learn]  # [N]
+    in_job = upload(F.one_hot(jobs_of, len(running)).T.float() * weights, device)  # [jobs, N]
+    image_tokens = batch["input_ids"] == vlm.cfg.image_token_id  # [T], on the host
+    batch = {k: upload(v, device) for k, v in batch.items()}
+    names = [None if running[i].job.full else running[i].job.name for i, _ in group]  # (full: the base's own)
+    return Pass(batch["input_ids"], batch.get("pixel_values"), image_tokens, step, upload(targets[learn], device),
+                jobs_of, in_job, names, seqlens, keyed)  # fmt: skip
+
+
+def learned(row: dict) -> int:
+    """The tokens a row learns (each learns the label of the next one)."""
+    return int((row["labels"][1:] != IGNORE).sum())
+
+
+def row_weights(running: list[Running], rows: list[tuple[int, dict]]) -> list[float]:
+    """Each row's weight of a learned token in its job's loss (its objective's)."""
+    return [objective_of(running[i].job).token_weight(learned(x)) for i, x in rows]
+
+
+@contextmanager
+def routed(vlm: VLM, p: Pass) -> Iterator[None]:
+    """The pass's LoRA routing, for its forward."""
+    model = vlm.model
+    with route(model, p.names, counts=p.seqlens, rows=p.keyed):
+        prepare_lora(model, len(p.ids), model.device)  # (on a GPU: every job's LoRA in one pair of matmuls)
+        if p.pixels is not None:
+            prepare_tiles(model, p.image_tokens, vlm.cfg.tokens_per_tile)
+        yield

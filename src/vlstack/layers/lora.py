@@ -83,9 +83,7 @@ class LoRASpec:
         unknown = set(self.parts) - set(PARTS)
         if unknown:
             raise ConfigError(f"unknown LoRA parts {sorted(unknown)}; choose from {sorted(PARTS)}")
-        from ..models import family  # (a family's own names for its LLM's layers: Phi-3's fused qkv_proj, ...)
-
-        aliases = getattr(family(model.cfg.text.model_type), "LORA_ALIASES", {}) if hasattr(model, "cfg") else {}
+        aliases = getattr(model, "lora_aliases", {})  # a family's own names for its LLM's layers (Phi-3's qkv_proj)
         llm_targets = {aliases.get(t, t) for t in self.targets}
         names = [
             name

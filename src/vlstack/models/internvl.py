@@ -49,6 +49,7 @@ class InternVL(nn.Module):
         self.vision_tower = VisionTower(cfg.vision)
         self.multi_modal_projector = Projector(cfg)
         self.language_model = family(cfg.text.model_type).LanguageModel(cfg.text)
+        self.lora_aliases: dict[str, str] = getattr(family(cfg.text.model_type), "LORA_ALIASES", {})  # PEFT's -> ours
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.text.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight

@@ -16,7 +16,7 @@ import vlstack
 from vlstack.errors import EndpointError
 from vlstack.eval.remote import Endpoint
 from vlstack.eval.runner import evaluate
-from vlstack.serve.api import create_app
+from vlstack.serve.app import create_app
 
 
 def bench(tmp_path):

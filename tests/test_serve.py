@@ -20,7 +20,8 @@ from vlstack.adapters import save_adapter
 from vlstack.errors import ConfigError
 from vlstack.layers.lora import LoRASpec, add_adapter
 from vlstack.parallel.serving import free_port
-from vlstack.serve.api import ServeConfig, create_app
+from vlstack.serve.app import create_app
+from vlstack.serve.state import ServeConfig
 
 
 def data_url(img) -> str:

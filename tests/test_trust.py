@@ -26,7 +26,8 @@ from vlstack.errors import ConfigError, PromptError
 from vlstack.generate import SamplingParams
 from vlstack.layers.lora import lora_layers, route
 from vlstack.serve import openai as api_openai
-from vlstack.serve.api import ServeConfig, create_app
+from vlstack.serve.app import create_app
+from vlstack.serve.state import ServeConfig
 
 
 @pytest.fixture(scope="module")

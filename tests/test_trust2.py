@@ -66,7 +66,8 @@ def test_answers_cut_off_by_max_len_are_counted_before_training(tmp_path, capsys
 def server():
     from test_serve import running
 
-    from vlstack.serve.api import ServeConfig, create_app
+    from vlstack.serve.app import create_app
+    from vlstack.serve.state import ServeConfig
 
     vlm = vlstack.load("tiny", device="cpu")
     app = create_app(vlm, "tiny", ServeConfig(max_batch=4))
@@ -244,7 +245,7 @@ def test_tenants_share_no_cached_images_and_only_admins_see_shared_counters(tmp_
     from conftest import image
     from test_serve import data_url, running
 
-    from vlstack.serve.api import create_app
+    from vlstack.serve.app import create_app
     from vlstack.serve.auth import read_keys
 
     (tmp_path / "keys.yaml").write_text("keys:\n  - {id: a, key: sk-a, models: [tiny]}\n"

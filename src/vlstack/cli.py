@@ -247,8 +247,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .engine.mirror import replay
     from .heap import keep_freed_memory
     from .parallel.serving import launch
-    from .serve.api import ServeConfig, create_app, make_engine
+    from .serve.app import create_app
     from .serve.auth import AuditLog, read_keys
+    from .serve.state import ServeConfig, make_engine
 
     if args.tp > 1 and "RANK" not in os.environ:  # one process per device, started and watched from here
         raise SystemExit(launch(sys.argv[1:], args.tp))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import http.client
 import ipaddress
+import json
 import socket
 import threading
 import time
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from ..errors import ImageError
@@ -302,3 +304,23 @@ def fetch_images(messages: list[dict], timeout: float, allow_private: bool = Fal
             ]  # fmt: skip
         out.append({**m, "content": content})
     return out
+
+
+async def read_body(request: Request, max_body: int) -> dict:
+    """The request's JSON object, read as it arrives up to max_body bytes; OpenAI's 4xx for anything else."""
+    chunks, size = [], 0
+    async for chunk in request.stream():  # counted as it arrives: a body without a content-length stops at the limit
+        size += len(chunk)
+        if size > max_body:
+            raise APIError(413, f"the request body is over the limit of {max_body} bytes", code="too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # (a JSON error, or a number of over 4,300 digits, or nesting)
+        why = "is nested too deeply" if isinstance(e, RecursionError) else "is not valid JSON"
+        why = "holds a number too long to read" if "digits" in str(e) else why
+        raise APIError(400, f"the request body {why}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body

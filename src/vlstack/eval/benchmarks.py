@@ -102,7 +102,7 @@ def read_jsonl(path: Path) -> list[Item]:
         question = question.replace("<image>\n", "").replace("<image>", "") if images else question
         answers = [str(a) for a in answer] if isinstance(answer, list) else [str(answer)]
         if not isinstance(row.get("options") or {}, dict):
-            raise DataError(f"{where}: options must be an object of letters and their texts, e.g. {{\"A\": \"red\"}}")
+            raise DataError(f'{where}: options must be an object of letters and their texts, e.g. {{"A": "red"}}')
         items.append(Item(str(row.get("index", line)), question, answers, images, dict(row.get("options") or {}),
                           "", str(row.get("category", "")), str(row.get("split", "")),
                           str(row.get("template", ""))))  # fmt: skip

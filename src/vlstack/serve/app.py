@@ -66,6 +66,7 @@ def create_app(
 async def api_error(_: Request, e: APIError) -> JSONResponse:
     return e.response()
 
+
 async def http_error(request: Request, e: HTTPException) -> JSONResponse:  # 404, 405: in OpenAI's shape too
     what = {404: f"no such endpoint: {request.url.path}", 405: f"{request.method} is not allowed on "
             f"{request.url.path}"}.get(e.status_code, str(e.detail))  # fmt: skip

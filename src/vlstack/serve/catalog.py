@@ -23,8 +23,16 @@ def cards(request: Request) -> list[dict]:
     for a in sorted(server.vlm.adapters):
         if a not in server.engine.retiring:
             root = server.roots.get(a, a)
-            data.append({"id": a, "object": "model", "created": created, "owned_by": "vlstack",
-                         "parent": server.name, "root": root})
+            data.append(
+                {
+                    "id": a,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "vlstack",
+                    "parent": server.name,
+                    "root": root,
+                }
+            )
     return [m for m in data if server.visible(request, m["id"])]
 
 

@@ -89,8 +89,14 @@ class Completion:
             message = {"role": "assistant", "content": text}
             ending = {"logprobs": self.logprobs(r), "finish_reason": r.finish_reason}
             choices.append({"index": i, "message": message, **ending})
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": _usage(self.reqs)}
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": _usage(self.reqs),
+        }
 
     async def events(self) -> AsyncIterator[str]:
         """Server-sent events: the role, each completion's pieces as they come, its end, the usage, [DONE]."""
@@ -123,8 +129,14 @@ class Completion:
             self.request.state.audit = finished(self.server, self.model, self.reqs, self.messages)
 
     def chunk(self, choices: list[dict], **extra) -> str:
-        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": choices, **extra}
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
         return f"data: {json.dumps(body)}\n\n"
 
     def logprobs(self, r, start: int = 0, end: int | None = None) -> dict | None:

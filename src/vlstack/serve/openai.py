@@ -134,8 +134,9 @@ def read_sampling(body: dict, vocab: int) -> tuple[SamplingParams, int, int | No
         if not ok:
             raise APIError(400, f"'{name}' must be {what}", name)
     given = {
-        "max_new_tokens": next((body[f] for f in ("max_completion_tokens", "max_tokens") if body.get(f) is not None),
-                               None),  # (a null one is not given)
+        "max_new_tokens": next(
+            (body[f] for f in ("max_completion_tokens", "max_tokens") if body.get(f) is not None), None
+        ),  # (a null one is not given)
         "temperature": 1.0 if body.get("temperature") is None else body["temperature"],  # OpenAI's default
         **{f: body.get(f) for f in ("top_p", "top_k", "seed", "stop", "presence_penalty", "frequency_penalty")},
         "logit_bias": body.get("logit_bias"),

@@ -100,9 +100,7 @@ def read_dataset(path: str | Path) -> list[Example]:
     return examples
 
 
-def check_images(
-    examples: list[Example], name: str, limits: ImageLimits | None = None
-) -> dict[Path, tuple[int, int]]:
+def check_images(examples: list[Example], name: str, limits: ImageLimits | None = None) -> dict[Path, tuple[int, int]]:
     """Decode every image of the examples now, in parallel, with a progress line on stderr: a bad image is named
     by file and line before training starts, not when a step reaches it. Returns each image's (width, height)."""
     first = {p: ex.where for ex in reversed(examples) for p in ex.images}  # each image once, at its first line

@@ -90,8 +90,10 @@ class Running:
         bad = sorted(b for b in bad if not math.isfinite(b[2]))
         if bad:
             step, what, value = bad[0]
-            raise Diverged(f"job {self.job.name!r}: the {what} is {value} at step {step}: training stopped and "
-                           "nothing written (a learning rate too high? a temperature out of range?)")
+            raise Diverged(
+                f"job {self.job.name!r}: the {what} is {value} at step {step}: training stopped and "
+                "nothing written (a learning rate too high? a temperature out of range?)"
+            )
         self.losses += new
         return new
 
@@ -99,8 +101,10 @@ class Running:
         """Before anything is written: every trained weight finite (a non-finite gradient makes them NaN before
         any loss shows it)."""
         if not all(bool(torch.isfinite(p).all()) for p in self.params):
-            raise Diverged(f"job {self.job.name!r}: its weights are not finite at step {self.step} (a gradient "
-                           "overflowed): training stopped and nothing written")
+            raise Diverged(
+                f"job {self.job.name!r}: its weights are not finite at step {self.step} (a gradient "
+                "overflowed): training stopped and nothing written"
+            )
 
 
 class Diverged(JobError):

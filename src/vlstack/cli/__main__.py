@@ -1,0 +1,7 @@
+"""`python -m vlstack.cli` (torchrun and the TP launcher start processes this way)."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

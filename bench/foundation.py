@@ -114,9 +114,9 @@ def bench_llm(
 ) -> dict:
     from vlstack.api import VLM
     from vlstack.chat import Processor, read_tokenizer
-    from vlstack.generate import SamplingParams
     from vlstack.layers.kv_cache import KVCache
     from vlstack.layers.step import packed_step
+    from vlstack.sampling import SamplingParams
     from vlstack.tiny import tiny_dir
 
     gen = torch.Generator().manual_seed(0)

@@ -264,7 +264,7 @@ def hf_image_processor(tile: int, max_tiles: int = 12, min_tiles: int = 1):
 def greedy_ids(vlm, encoded: list[dict], n: int, adapters: list | None = None, engine=None) -> list[list[int]]:
     """Each encoded prompt's first n greedy tokens from the engine (a new one, or this one), batched, each with its
     adapter; EOS does not end a row (as with transformers' min_new_tokens)."""
-    from vlstack.generate import SamplingParams
+    from vlstack.sampling import SamplingParams
 
     eos, vlm.eos = vlm.eos, set()
     try:

@@ -266,7 +266,7 @@ def _bytes_decode(ids: list[int]) -> str:
 
 
 def test_detokenizer_holds_back_half_characters():
-    from vlstack.generate import Detokenizer
+    from vlstack.sampling import Detokenizer
 
     d = Detokenizer(_bytes_decode)
     sent = [d.push(b) for b in "né😀!".encode()]
@@ -276,7 +276,7 @@ def test_detokenizer_holds_back_half_characters():
 
 
 def test_detokenizer_stop_string_across_tokens():
-    from vlstack.generate import Detokenizer
+    from vlstack.sampling import Detokenizer
 
     d = Detokenizer(_bytes_decode, ("END",))
     sent = [d.push(b) for b in b"abcEN"]

@@ -12,8 +12,8 @@ from conftest import DEVICE, image, rel_err
 import vlstack
 from vlstack.chat import question_messages
 from vlstack.errors import ConfigError, PromptError
-from vlstack.generate import SamplingParams
 from vlstack.layers.lora import LoRASpec, add_adapter
+from vlstack.sampling import SamplingParams
 
 QUESTIONS = ["What is the total?", "Describe this picture.", "Which bar is the highest?", "Who signed the form?"]
 

@@ -13,10 +13,10 @@ from conftest import image, rel_err, rows_forward, run_cli
 from safetensors.torch import load_file
 
 import vlstack
-from vlstack.train.checkpoint import shape_of
 from vlstack.train.data import DatasetError, encode_example, read_dataset
 from vlstack.train.jobs import Job, JobError, read_plan
 from vlstack.train.multi import train
+from vlstack.train.state import shape_of
 
 ANSWERS = ["red", "a bar chart", "revenue grew", "the total is 42", "blue circle", "three items"]
 

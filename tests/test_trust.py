@@ -23,8 +23,8 @@ from test_serve import adapter_dir, data_url, running  # noqa: F401 (adapter_dir
 import vlstack
 from vlstack.chat import IMG_CONTEXT, question_messages
 from vlstack.errors import ConfigError, PromptError
-from vlstack.generate import SamplingParams
 from vlstack.layers.lora import lora_layers, route
+from vlstack.sampling import SamplingParams
 from vlstack.serve import openai as api_openai
 from vlstack.serve.app import create_app
 from vlstack.serve.state import ServeConfig

@@ -222,7 +222,7 @@ def test_outputs_follow_the_umask(tmp_path):
 
 def test_resume_loads_training_state_without_running_code(tmp_path):
     from vlstack.errors import ConfigError
-    from vlstack.train.checkpoint import load_state, run_dir
+    from vlstack.train.state import load_state, run_dir
 
     job = Job("fin", write_dataset(tmp_path / "data", "fin", 2, False), tmp_path / "out" / "fin", rank=2,
               batch_size=1, steps=2, save_every=1)  # fmt: skip

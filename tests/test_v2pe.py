@@ -65,7 +65,7 @@ def test_delta_changes_the_logits_as_its_positions_say(tiny):
 def test_generation_follows_v2pe_through_chunks_and_decode(static):
     """Greedy tokens from the engine (prefill cut into chunks that end inside the image, decode rows, the static
     step) are the argmax of a whole-sequence forward at V2PE's positions, token after token."""
-    from vlstack.generate import SamplingParams
+    from vlstack.sampling import SamplingParams
 
     vlm = vlstack.load("tiny", device="cpu", v2pe_delta=0.5)
     encoded = [prompt(vlm, size=(100, 100)), prompt(vlm, "Describe it.", size=(100, 100))]

@@ -18,7 +18,6 @@ from .checkpoint import load_state_dict, save_checkpoint
 from .config import VLMConfig, check_v2pe
 from .engine.scheduler import Engine
 from .errors import ConfigError, PromptError
-from .generate import SamplingParams
 from .image import ImageInput
 from .layers.lora import LoRASpec, route
 from .layers.quant import QuantConfig, quantized_layout
@@ -28,6 +27,7 @@ from .models.config_json import read_config, to_native
 from .models.internvl import InternVL
 from .models.llama import rotary
 from .parallel.tp import TP, init, local_device, plan, shard
+from .sampling import SamplingParams
 from .templates import TEMPLATES
 from .tiny import tiny_dir
 

@@ -71,7 +71,7 @@ def parameters(model: nn.Module) -> int:
 
 def decode_tok_s(vlm, new_tokens: int, repeat: int = 3, prompt_len: int = 64) -> float:
     """Batch-1 greedy decode tokens/s after a random text prompt (the engine's steps, EOS ignored)."""
-    from ..generate import SamplingParams
+    from ..sampling import SamplingParams
 
     vocab = min(vlm.cfg.text.vocab_size, 150_000)
     ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..generate import SamplingParams
 from ..layers.step import upload
+from ..sampling import SamplingParams
 
 M32 = 0xFFFFFFFF
 

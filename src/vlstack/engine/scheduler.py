@@ -33,12 +33,12 @@ import torch
 from ..adapters import Loaded
 from ..chat import Processor, question_messages
 from ..errors import ConfigError, PromptError, UnknownModel
-from ..generate import Detokenizer, SamplingParams
 from ..layers.kv_cache import KVCache
 from ..layers.lora import adapter_names, lora_layers, route
 from ..layers.step import upload, v2pe
 from ..models.internvl import InternVL
 from ..parallel.tp import cache_config
+from ..sampling import Detokenizer, SamplingParams
 from .feature_cache import FeatureCache, image_hash, tiles_per_image
 from .mirror import OPS, Mirror
 from .runner import Chunk, Decoder

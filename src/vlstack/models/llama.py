@@ -28,7 +28,6 @@ from ..layers.step import Step
 
 MODEL_TYPE = "llama"
 ARCHITECTURE = "LlamaForCausalLM"
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def first(d: dict, *names: str, default: Any = None) -> Any:

@@ -10,7 +10,6 @@ from .llama import LanguageModel, base_config, base_native
 
 MODEL_TYPE = "phi3"
 ARCHITECTURE = "Phi3ForCausalLM"
-LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 LORA_ALIASES = {
     "q_proj": "qkv_proj",
     "k_proj": "qkv_proj",

@@ -4,11 +4,11 @@ o_proj or the MLP)."""
 from __future__ import annotations
 
 from ..config import TextConfig
-from .llama import LORA_TARGETS, LanguageModel, base_config, base_native
+from .llama import LanguageModel, base_config, base_native
 
 MODEL_TYPE = "qwen2"
 ARCHITECTURE = "Qwen2ForCausalLM"
-__all__ = ["LORA_TARGETS", "LanguageModel", "native_config", "read_config"]
+__all__ = ["LanguageModel", "native_config", "read_config"]
 
 
 def read_config(t: dict) -> TextConfig:

@@ -4,11 +4,11 @@ head before RoPE (`q_norm`, `k_norm`), no q/k/v bias unless the config says so, 
 from __future__ import annotations
 
 from ..config import TextConfig
-from .llama import LORA_TARGETS, LanguageModel, base_config, base_native
+from .llama import LanguageModel, base_config, base_native
 
 MODEL_TYPE = "qwen3"
 ARCHITECTURE = "Qwen3ForCausalLM"
-__all__ = ["LORA_TARGETS", "LanguageModel", "native_config", "read_config"]
+__all__ = ["LanguageModel", "native_config", "read_config"]
 
 
 def read_config(t: dict) -> TextConfig:

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..api import VLM
 from ..engine.scheduler import Engine
 from ..errors import PromptError, UnknownModel, VLStackError
-from ..generate import SamplingParams
+from ..sampling import SamplingParams
 from .openai import APIError, fetch_images, logprobs_content, read_body, read_messages, read_sampling, remote_images
 from .state import Server, server_of
 

@@ -25,7 +25,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from ..errors import ImageError
-from ..generate import SamplingError, SamplingParams, is_int, is_unicode
+from ..sampling import SamplingError, SamplingParams, is_int, is_unicode
 
 
 class APIError(Exception):

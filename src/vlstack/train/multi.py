@@ -27,7 +27,6 @@ from ..api import VLM
 from ..layers.lora import PARTS, add_adapter, part_of, remove_adapter, replay, under
 from ..layers.step import upload
 from .batch import learned, passes, prepare_pass, routed, row_weights
-from .checkpoint import clear_run, load_state, restore_state, save_state
 from .data import DatasetError, Example, Stream, count_cut, encode_example, read_dataset
 from .fsdp import gathered, is_sharded, shard
 from .jobs import Job, JobError, check_outputs
@@ -35,6 +34,7 @@ from .losses import job_losses, teacher_logits
 from .optim import step_jobs
 from .pipeline import Pipe, pipe_for
 from .progress import plot_loss, record, truncate_metrics
+from .state import clear_run, load_state, restore_state, save_state
 
 
 def lr_lambda(job: Job, total: int) -> Callable[[int], float]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from PIL import Image, ImageDraw
 
 from ..files import write_files
-from .checkpoint import run_dir
+from .state import run_dir
 
 if TYPE_CHECKING:
     from .multi import Running

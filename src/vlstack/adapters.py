@@ -27,9 +27,15 @@ CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 LLM_BODY = "language_model.model."  # the original layout's LLM body (under its causal-LM wrapper)
 UNSUPPORTED = {  # PEFT options vlstack does not implement: refuse rather than compute something else
-    "use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "bias": "none", "modules_to_save": None,
-    "layer_replication": None, "use_qalora": False, "trainable_token_indices": None,
-}  # fmt: skip
+    "use_dora": False,
+    "fan_in_fan_out": False,
+    "lora_bias": False,
+    "bias": "none",
+    "modules_to_save": None,
+    "layer_replication": None,
+    "use_qalora": False,
+    "trainable_token_indices": None,
+}
 
 
 def hf_module_name(ours: str, model_type: str = "") -> str:
@@ -86,10 +92,13 @@ def save_adapter(model: nn.Module, name: str, directory: str | Path, spec: LoRAS
         "inference_mode": True,
         **UNSUPPORTED,
     }
-    return write_files(directory, {
-        WEIGHTS: lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
-        CONFIG: lambda path: path.write_text(json.dumps(config, indent=2)),
-    })  # fmt: skip
+    return write_files(
+        directory,
+        {
+            WEIGHTS: lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
+            CONFIG: lambda path: path.write_text(json.dumps(config, indent=2)),
+        },
+    )
 
 
 def _alpha_for(module: str, config: dict) -> float:
@@ -141,8 +150,9 @@ def read_adapter(
         raise ConfigError(f"{d / CONFIG}: 'lora_alpha' must be a positive number (got {alpha!r})")
     targets = config.get("target_modules")
     if not targets or not isinstance(targets, (str, list)) or not all(isinstance(t, str) for t in targets):
-        raise ConfigError(f"{d / CONFIG}: 'target_modules' must be a module name, a list of them or a regex "
-                          f"(got {targets!r})")  # fmt: skip
+        raise ConfigError(
+            f"{d / CONFIG}: 'target_modules' must be a module name, a list of them or a regex (got {targets!r})"
+        )
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     try:
         with safe_open(str(d / WEIGHTS), framework="pt") as f:
@@ -158,13 +168,16 @@ def read_adapter(
         if not torch.isfinite(tensor).all():
             raise ConfigError(f"{d / WEIGHTS}: {key} holds NaN or infinite values; the adapter is refused")
         if not targeted(m.group(1), targets):  # (peft would not put LoRA there: the weights would be dropped)
-            raise ConfigError(f"{d / CONFIG}: target_modules {targets!r} do not match {m.group(1)}, which the "
-                              "weights hold an adapter for")  # fmt: skip
+            raise ConfigError(
+                f"{d / CONFIG}: target_modules {targets!r} do not match {m.group(1)}, which the "
+                "weights hold an adapter for"
+            )
         pairs.setdefault(our_module_name(m.group(1), model_type), {})[m.group(2)] = tensor
         want = _pattern_value(m.group(1), config.get("rank_pattern"), r)
         if tensor.shape[0 if m.group(2) == "A" else 1] != want:
-            raise ConfigError(f"{d}: {key} is of rank {tensor.shape[0 if m.group(2) == 'A' else 1]}, the config "
-                              f"says r={want}")  # fmt: skip
+            raise ConfigError(
+                f"{d}: {key} is of rank {tensor.shape[0 if m.group(2) == 'A' else 1]}, the config says r={want}"
+            )
     incomplete = [k for k, v in pairs.items() if set(v) != {"A", "B"}]
     if incomplete or not pairs:
         raise ConfigError(f"{d / WEIGHTS}: lora_A/lora_B pairs are incomplete for {incomplete or 'every module'}")

@@ -200,8 +200,10 @@ class VLM:
                     self._engine = None
                 self._engine_lock.release()
         if usage is not None:
-            usage[:] = [{"prompt_tokens": len(r.prompt), "completion_tokens": r.generated,
-                         "finish_reason": r.finish_reason} for r in rows]  # fmt: skip
+            usage[:] = [
+                {"prompt_tokens": len(r.prompt), "completion_tokens": r.generated, "finish_reason": r.finish_reason}
+                for r in rows
+            ]
 
     def generate(
         self,

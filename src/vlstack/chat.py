@@ -31,8 +31,14 @@ from .templates import TEMPLATES
 IMAGE = "<image>"
 ROLES = ("system", "user", "assistant")  # what InternVL's templates render
 # a checkpoint's tokenizer files (copied beside a saved checkpoint)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "added_tokens.json",
-                   "special_tokens_map.json", "tokenization_internlm2.py")  # fmt: skip
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "tokenization_internlm2.py",
+)
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 
 # The chat template of InternVL2.5/3 (Qwen2 LLM): ChatML with no default system message.
@@ -49,8 +55,10 @@ def read_template(directory: Path, conversation: str | None = None) -> str:
     it; else chat_template.json, else tokenizer_config.json's chat_template, else InternVL's ChatML template."""
     if conversation is not None:
         if conversation not in TEMPLATES:
-            raise ConfigError(f"config.json names the template {conversation!r}, which vlstack does not know; it "
-                              f"knows {', '.join(TEMPLATES)}")  # fmt: skip
+            raise ConfigError(
+                f"config.json names the template {conversation!r}, which vlstack does not know; it "
+                f"knows {', '.join(TEMPLATES)}"
+            )
         return TEMPLATES[conversation].jinja()
     for name in ("chat_template.json", "tokenizer_config.json"):
         path = directory / name

@@ -1,18 +1,14 @@
 """The C heap on a CPU: keep freed memory for the next step instead of giving it back to the kernel.
 
-A model step on a CPU allocates the same large temporaries every time (a prefill's MLP activations are
-tens of MB). glibc serves blocks over its mmap threshold (128 KB, rising to at most 32 MB as big blocks
-are freed) with fresh pages from the kernel and unmaps them on free, and trims the heap's free top
-beyond twice that threshold: each step then faults in and zeroes its temporaries again. In a VM a page
-fault costs microseconds: three element-wise ops over 16 MB tensors took 22 ms with fresh pages (12,000
-faults) and 5 ms reusing the heap; the serving engine ran ~10% faster with the heap kept. `vlstack serve`
-owns its process, so on a CPU it raises both thresholds: big blocks come from the heap, and freed memory
-stays there for reuse (the process stays near its high-water mark, heap fragmentation included). A
-library call never changes this (it is process-wide), and an operator who sets glibc's own MALLOC_* or
-GLIBC_TUNABLES variables keeps their settings. `vlstack train` leaves glibc as it is: a training step's
-temporaries vary more in size, a kept heap fragmented more (a 1B fused step peaked at 5.5 GB against
-4.8 GB) and the step ran no faster.
-"""
+A model step on a CPU allocates the same large temporaries every time (a prefill's MLP activations are tens of MB).
+glibc serves blocks over its mmap threshold (128 KB, rising to at most 32 MB as big blocks are freed) with fresh
+pages from the kernel and unmaps them on free, and trims the heap's free top beyond twice that threshold: each step
+then faults in and zeroes its temporaries again, and in a VM a page fault costs microseconds (BENCHMARKS.md,
+"Measurements behind the code"). `vlstack serve` owns its process, so on a CPU it raises both thresholds: big blocks
+come from the heap, and freed memory stays there for reuse (the process stays near its high-water mark, heap
+fragmentation included). A library call never changes this (it is process-wide), and an operator who sets glibc's own
+MALLOC_* or GLIBC_TUNABLES variables keeps their settings. `vlstack train` leaves glibc as it is: a training step's
+temporaries vary more in size, and a kept heap fragmented more and ran no faster (the same section)."""
 
 from __future__ import annotations
 

@@ -56,8 +56,10 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
         img = Image.open(io.BytesIO(data))  # reads the header only
         w, h = img.size
         if w * h > limits.max_pixels:
-            raise ImageError(f"image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels} "
-                             "(possibly a decompression bomb); raise max_pixels to allow it")  # fmt: skip
+            raise ImageError(
+                f"image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels} "
+                "(possibly a decompression bomb); raise max_pixels to allow it"
+            )
         img.load()  # decode now, inside the limits, so a corrupt file fails here and not later
     except Image.DecompressionBombError:  # (PIL's own bound, met before ours could be checked)
         bomb = f"image is over the limit of {limits.max_pixels} pixels (possibly a decompression bomb)"

@@ -149,8 +149,12 @@ def plan(cfg: VLMConfig, gpus: str, quantize: str | None, context: int, concurre
         fits[tp] = per_gpu
     smallest = next((tp for tp, need in fits.items() if need <= usable), None)
     return {
-        "parameters": {"vision+projector": w.vision, "embeddings": w.embeddings, "decoder layers": w.layers,
-                       "total": w.vision + w.embeddings + w.layers},
+        "parameters": {
+            "vision+projector": w.vision,
+            "embeddings": w.embeddings,
+            "decoder layers": w.layers,
+            "total": w.vision + w.embeddings + w.layers,
+        },
         "weight_bytes": {**parts, "total": sum(parts.values())},
         "kv_bytes_per_token": per_token,
         "kv_bytes": kv,
@@ -159,7 +163,7 @@ def plan(cfg: VLMConfig, gpus: str, quantize: str | None, context: int, concurre
         "gpu": {"count": n, "gb": gb, "kind": kind, "usable_bytes": usable},
         "smallest_tp": smallest,
         "fits_on_these": smallest is not None and smallest <= n,
-    }  # fmt: skip
+    }
 
 
 def describe(p: dict, context: int, concurrency: int, train_tokens: int) -> str:

@@ -53,14 +53,23 @@ class SamplingParams:
             (_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]"),
             (is_int(self.top_k) and -1 <= self.top_k < 2**31, "top_k", "an integer >= -1 (-1 or 0: off)"),
             (self.seed is None or is_int(self.seed) and -(2**63) <= self.seed < 2**64, "seed", "a 64-bit integer"),
-            (isinstance(self.stop, (list, tuple)) and len(self.stop) <= 4
-             and all(isinstance(s, str) and s and is_unicode(s) for s in self.stop),
-             "stop", "a string or up to 4 strings"),
-            *((_number(getattr(self, p)) and -2 <= getattr(self, p) <= 2, p, "a number in [-2, 2]")
-              for p in ("presence_penalty", "frequency_penalty")),
-            (isinstance(bias, dict) and all(_token(t) and _number(b) and -100 <= b <= 100 for t, b in bias.items()),
-             "logit_bias", "an object mapping token ids >= 0 to numbers in [-100, 100]"),
-        ]  # fmt: skip
+            (
+                isinstance(self.stop, (list, tuple))
+                and len(self.stop) <= 4
+                and all(isinstance(s, str) and s and is_unicode(s) for s in self.stop),
+                "stop",
+                "a string or up to 4 strings",
+            ),
+            *(
+                (_number(getattr(self, p)) and -2 <= getattr(self, p) <= 2, p, "a number in [-2, 2]")
+                for p in ("presence_penalty", "frequency_penalty")
+            ),
+            (
+                isinstance(bias, dict) and all(_token(t) and _number(b) and -100 <= b <= 100 for t, b in bias.items()),
+                "logit_bias",
+                "an object mapping token ids >= 0 to numbers in [-100, 100]",
+            ),
+        ]
         for ok, name, what in checks:
             if not ok:
                 raise SamplingError(name, what)

@@ -117,8 +117,13 @@ def convert(directory: Path) -> Tokenizer:
     vocab = {text: i for i, (text, _, _) in enumerate(pieces)}
     unk = next((i for i, (_, _, kind) in enumerate(pieces) if kind == UNKNOWN), None)
     if spec["model_type"] == BPE:
-        model = models.BPE(vocab, _merges(pieces, vocab), unk_token=None if unk is None else pieces[unk][0],
-                           fuse_unk=True, byte_fallback=spec["byte_fallback"])  # fmt: skip
+        model = models.BPE(
+            vocab,
+            _merges(pieces, vocab),
+            unk_token=None if unk is None else pieces[unk][0],
+            fuse_unk=True,
+            byte_fallback=spec["byte_fallback"],
+        )
     else:
         model = models.Unigram([(text, score) for text, score, _ in pieces], unk, spec["byte_fallback"])
     tok = Tokenizer(model)
@@ -130,8 +135,10 @@ def convert(directory: Path) -> Tokenizer:
     if spec["escape_whitespaces"]:
         steps.append(normalizers.Replace(" ", "▁"))
     tok.normalizer = normalizers.Sequence(steps)
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-                                    + ([decoders.Strip(" ", 1, 0)] if spec["add_dummy_prefix"] else []))  # fmt: skip
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(" ", 1, 0)] if spec["add_dummy_prefix"] else [])
+    )
     config = _json(directory / "tokenizer_config.json")
     added = {text: i for i, (text, _, kind) in enumerate(pieces) if kind in (CONTROL, USER_DEFINED)}
     added |= {str(k): int(v) for k, v in _json(directory / "added_tokens.json").items()}
@@ -139,8 +146,9 @@ def convert(directory: Path) -> Tokenizer:
         added[entry["content"] if isinstance(entry, dict) else str(entry)] = int(i)
     beyond = sorted((i, t) for t, i in added.items() if i >= len(pieces))
     if [i for i, _ in beyond] != list(range(len(pieces), len(pieces) + len(beyond))):
-        raise ConfigError(f"{directory}: added tokens beyond the model's {len(pieces)} pieces must follow on: "
-                          f"{beyond[:5]}")  # fmt: skip
+        raise ConfigError(
+            f"{directory}: added tokens beyond the model's {len(pieces)} pieces must follow on: {beyond[:5]}"
+        )
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added if added[t] < len(pieces)])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for _, t in beyond])
     wrong = [t for t, i in added.items() if tok.token_to_id(t) != i]

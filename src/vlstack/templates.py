@@ -53,6 +53,7 @@ TEMPLATES = {
     "Hermes-2": Conversation(message=INTERNVL, sep="<|im_end|>", **CHATML),
     "internlm2-chat": Conversation(message=INTERNVL, sep="<|im_end|>", **CHATML),
     "internvl2_5": Conversation(message=INTERNVL_2_5, sep="<|im_end|>\n", **CHATML),
-    "phi3-chat": Conversation(system="<|system|>\n{}", message=INTERNVL, user="<|user|>\n",
-                              assistant="<|assistant|>\n", sep="<|end|>"),
-}  # fmt: skip
+    "phi3-chat": Conversation(
+        system="<|system|>\n{}", message=INTERNVL, user="<|user|>\n", assistant="<|assistant|>\n", sep="<|end|>"
+    ),
+}

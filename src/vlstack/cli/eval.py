@@ -12,23 +12,37 @@ from . import options
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="score a model (or an adapter) on a benchmark by its official rules")
-    p.add_argument("benchmark", choices=["mmmu", "docvqa", "chartqa", "vqa", "report"],
-                    help="a benchmark; or report DIR...: earlier runs (their --out) side by side")  # fmt: skip
+    p.add_argument(
+        "benchmark",
+        choices=["mmmu", "docvqa", "chartqa", "vqa", "report"],
+        help="a benchmark; or report DIR...: earlier runs (their --out) side by side",
+    )
     p.add_argument("runs", nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help="the benchmark: a VLMEvalKit .tsv or a vlstack .jsonl")
     p.add_argument("--gpu-price", type=float, default=None, help="report: USD per GPU hour, for local runs' cost")
     options.model(p)
-    p.add_argument("--adapter", action="append", default=None,
-                    help="NAME=DIR: score the model with this PEFT adapter; repeat for several (each a run of its "
-                   "own, under --out/NAME, with a report of them all); NAME base: the model without one")  # fmt: skip
-    p.add_argument("--metric", default=None, choices=["exact", "anls", "relaxed", "choice", "mmmu"],
-                    help="default: the benchmark's (mmmu, anls, relaxed; vqa: exact)")  # fmt: skip
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=None,
+        help="NAME=DIR: score the model with this PEFT adapter; repeat for several (each a run of its "
+        "own, under --out/NAME, with a report of them all); NAME base: the model without one",
+    )
+    p.add_argument(
+        "--metric",
+        default=None,
+        choices=["exact", "anls", "relaxed", "choice", "mmmu"],
+        help="default: the benchmark's (mmmu, anls, relaxed; vqa: exact)",
+    )
     p.add_argument("--limit", type=int, default=None, help="the first N items only")
     p.add_argument("--batch", type=int, default=16, help="items generated together")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--skip-bad-images", action="store_true",
-                    help="an item whose image does not decode is scored as failed (its error in predictions.jsonl) "
-                   "instead of stopping the run")  # fmt: skip
+    p.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="an item whose image does not decode is scored as failed (its error in predictions.jsonl) "
+        "instead of stopping the run",
+    )
     p.add_argument("--out", default=None, help="directory for summary.json and predictions.jsonl (a rerun resumes)")
     p.add_argument("--api-base", default=None, help="a remote OpenAI-compatible endpoint instead of a local model")
     p.add_argument("--api-model", default=None, help="the endpoint's model name")
@@ -93,11 +107,24 @@ def run(args: argparse.Namespace) -> None:
             raise ConfigError("--price-in / --price-out must be finite numbers >= 0 (USD per million tokens)")
     runs = [out] if len(adapters) == 1 else [f"{out}/{a or 'base'}" for a in adapters]
     for adapter, run in zip(adapters, runs):
-        summary = evaluate(model, args.benchmark, args.data, run, adapter, args.metric, args.limit, args.batch,
-                           args.max_new_tokens, name=name, prices=prices,
-                           skip_bad_images=args.skip_bad_images)  # fmt: skip
-        print(f"{summary['benchmark']} {summary['model']}: {summary['score']:.1f} ({summary['metric']}, "
-              f"n={summary['n']}, {summary['pages_per_s']:.2f} pages/s); {run}/summary.json")  # fmt: skip
+        summary = evaluate(
+            model,
+            args.benchmark,
+            args.data,
+            run,
+            adapter,
+            args.metric,
+            args.limit,
+            args.batch,
+            args.max_new_tokens,
+            name=name,
+            prices=prices,
+            skip_bad_images=args.skip_bad_images,
+        )
+        print(
+            f"{summary['benchmark']} {summary['model']}: {summary['score']:.1f} ({summary['metric']}, "
+            f"n={summary['n']}, {summary['pages_per_s']:.2f} pages/s); {run}/summary.json"
+        )
     if len(runs) > 1:
         from ..eval.report import report
 

@@ -17,9 +17,13 @@ def add(sub: argparse._SubParsersAction) -> None:
     options.model(p)
     p.add_argument("--adapter", action="append", help="NAME=DIR of a PEFT adapter; repeat for several")
     p.add_argument("--served-name", default=None, help="the base model's name in the API")
-    p.add_argument("--tp", type=int, default=1,
-                       help="tensor parallelism: split the model over this many processes, one per GPU (under "
-                        "torchrun: its processes)")  # fmt: skip
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor parallelism: split the model over this many processes, one per GPU (under "
+        "torchrun: its processes)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--allow-http-images", action="store_true", help="accept http(s) image URLs")
@@ -40,10 +44,18 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-access-log", action="store_true", help="no line on stderr per request")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     p.add_argument("--kv-budget", type=int, default=None, help="KV-cache tokens in use at most (queue beyond)")
-    p.add_argument("--max-model-len", type=int, default=None,
-                       help="tokens per request, prompt + answer (bounds the KV cache's memory)")  # fmt: skip
-    p.add_argument("--prefill-tokens", type=int, default=None,
-                       help="prompt tokens prefilled per step (default: 8192 on a CPU, 16384 on a GPU)")  # fmt: skip
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="tokens per request, prompt + answer (bounds the KV cache's memory)",
+    )
+    p.add_argument(
+        "--prefill-tokens",
+        type=int,
+        default=None,
+        help="prompt tokens prefilled per step (default: 8192 on a CPU, 16384 on a GPU)",
+    )
     p.add_argument(
         "--vision-tokens",
         type=int,
@@ -53,9 +65,13 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests at most (503 beyond)")
     p.add_argument("--max-body-mb", type=float, default=64, help="request body size limit (413 beyond)")
     p.add_argument("--image-cache-mb", type=float, default=512, help="memory for cached visual embeddings")
-    p.add_argument("--max-adapters", type=int, default=None,
-                       help="reserve slots for this many adapters at once (default 8 with --max-lora-rank; "
-                        "without either, the slots grow as adapters are loaded)")  # fmt: skip
+    p.add_argument(
+        "--max-adapters",
+        type=int,
+        default=None,
+        help="reserve slots for this many adapters at once (default 8 with --max-lora-rank; "
+        "without either, the slots grow as adapters are loaded)",
+    )
     p.add_argument("--max-lora-rank", type=int, default=None, help="the largest rank of a loaded adapter (64)")
     options.device(p)
     options.v2pe(p)
@@ -86,13 +102,22 @@ def run(args: argparse.Namespace) -> None:
         raise ConfigError(f"--port {args.port}: a port is a number from 1 to 65535")
     tenants = read_keys(args.keys) if args.keys else None
     config = ServeConfig(
-        allow_http_images=args.allow_http_images, allow_private_image_hosts=args.allow_private_image_hosts,
-        adapter_dir=args.adapter_dir, image_dir=args.image_dir, max_batch=args.max_batch,
-        kv_budget=args.kv_budget, max_queue=args.max_queue, max_body_mb=args.max_body_mb,
-        image_cache_mb=args.image_cache_mb, max_model_len=args.max_model_len, prefill_tokens=args.prefill_tokens,
-        vision_tokens=args.vision_tokens, max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank,
+        allow_http_images=args.allow_http_images,
+        allow_private_image_hosts=args.allow_private_image_hosts,
+        adapter_dir=args.adapter_dir,
+        image_dir=args.image_dir,
+        max_batch=args.max_batch,
+        kv_budget=args.kv_budget,
+        max_queue=args.max_queue,
+        max_body_mb=args.max_body_mb,
+        image_cache_mb=args.image_cache_mb,
+        max_model_len=args.max_model_len,
+        prefill_tokens=args.prefill_tokens,
+        vision_tokens=args.vision_tokens,
+        max_adapters=args.max_adapters,
+        max_lora_rank=args.max_lora_rank,
         access_log=not args.no_access_log,
-    )  # fmt: skip
+    )
     audit = AuditLog(args.audit, content=args.audit_content) if args.audit else None
     lead = int(os.environ.get("RANK", "0")) == 0  # (under TP, rank 0 serves; the others replay its calls)
     sock = bind(args.host, args.port) if lead else None  # a port in use: one line, before the model loads
@@ -107,8 +132,11 @@ def run(args: argparse.Namespace) -> None:
     engine = app.state.engine
     cache = f"{engine.max_batch} x {engine.max_len} tokens, {engine.cache_bytes / 2**30:.2f} GiB"
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    print(f"serving {name!r} and adapters {sorted(vlm.adapters)} on http://{args.host}:{args.port}/v1 "
-          f"(KV cache: {cache})", flush=True)  # fmt: skip
+    print(
+        f"serving {name!r} and adapters {sorted(vlm.adapters)} on http://{args.host}:{args.port}/v1 "
+        f"(KV cache: {cache})",
+        flush=True,
+    )
     server.run(sockets=[sock])
 
 

@@ -40,8 +40,9 @@ def run(args: argparse.Namespace) -> None:
     if plan.sharding and args.sequential:
         raise ConfigError("sharding: fsdp trains the jobs together; it does not go with --sequential")
     if plan.sharding and processes < 2:
-        raise ConfigError("sharding: fsdp splits the base over processes: run `torchrun --nproc-per-node N -m "
-                          "vlstack.cli train ...`")  # fmt: skip
+        raise ConfigError(
+            "sharding: fsdp splits the base over processes: run `torchrun --nproc-per-node N -m vlstack.cli train ...`"
+        )
     where = "cpu" if plan.sharding else device  # (split on the host, each part then moved to its device)
     vlm = load(args.model or plan.model, device=where, dtype=args.dtype, v2pe_delta=args.v2pe_delta)  # (adapters:
     # float32 whatever the base is)

@@ -43,8 +43,10 @@ def say(line: str) -> None:
 def measured(vlm, stage: str, report: ReportConfig | None) -> dict:
     """measure(), said before and after (a score over an eval set takes a while)."""
     started = time.perf_counter()
-    say(f"measuring the {'input' if stage == 'input' else 'model after ' + stage}"
-        + (f" (and its score on {report.data})" if report is not None and report.data else ""))  # fmt: skip
+    say(
+        f"measuring the {'input' if stage == 'input' else 'model after ' + stage}"
+        + (f" (and its score on {report.data})" if report is not None and report.data else "")
+    )
     row = measure(vlm, stage, report)
     score = f", score {row['score']:.1f}" if "score" in row else ""
     seconds = time.perf_counter() - started
@@ -113,8 +115,10 @@ def compress(
     works = (work, work.with_name(work.name + ".train")) if "distill" in names else ()  # (removed at the end)
     for w in works if not resume else ():
         if w.exists():
-            raise ConfigError(f"{w} exists and compress did not make it in this run: remove it, or pass --resume to "
-                              "continue the distillation it holds")  # fmt: skip
+            raise ConfigError(
+                f"{w} exists and compress did not make it in this run: remove it, or pass --resume to "
+                "continue the distillation it holds"
+            )
     teacher, rows = None, [measured(vlm, "input", report)]
     for k, (name, options) in enumerate(stages, 1):
         started = time.perf_counter()

@@ -51,10 +51,22 @@ def distill(vlm, cfg: DistillConfig, teacher: nn.Module | str, work: Path, resum
     from ..train.jobs import Job
     from ..train.multi import train
 
-    job = Job("distill", Path(cfg.data), work, full=cfg.full, rank=cfg.rank, alpha=2.0 * cfg.rank, lr=cfg.lr,
-              batch_size=cfg.batch_size, steps=cfg.steps, warmup_steps=cfg.warmup_steps, teacher=teacher,
-              temperature=cfg.temperature, hidden_weight=cfg.hidden_weight,
-              save_every=max(1, cfg.steps // 10))  # fmt: skip
+    job = Job(
+        "distill",
+        Path(cfg.data),
+        work,
+        full=cfg.full,
+        rank=cfg.rank,
+        alpha=2.0 * cfg.rank,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        steps=cfg.steps,
+        warmup_steps=cfg.warmup_steps,
+        teacher=teacher,
+        temperature=cfg.temperature,
+        hidden_weight=cfg.hidden_weight,
+        save_every=max(1, cfg.steps // 10),
+    )
     train(vlm, [job], cfg.batch_size, resume=resume, log_every=max(1, cfg.steps // 20))
     if not cfg.full:  # the adapter, merged into the student
         vlm.load_adapter("distill", work)

@@ -58,9 +58,12 @@ class PruneConfig:
         layers = self.layers if self.layers is not None else t.num_hidden_layers
         if layers > t.num_hidden_layers:
             raise ConfigError(f"prune layers {layers}: the model has {t.num_hidden_layers}")
-        return (layers, kept(t.intermediate_size, self.mlp, "the MLP"),
-                kept(t.num_key_value_heads, self.heads, "the KV heads"),
-                kept(t.hidden_size, self.hidden, "the embedding channels"))  # fmt: skip
+        return (
+            layers,
+            kept(t.intermediate_size, self.mlp, "the MLP"),
+            kept(t.num_key_value_heads, self.heads, "the KV heads"),
+            kept(t.hidden_size, self.hidden, "the embedding channels"),
+        )
 
 
 def pruned_width(t, kept: tuple[int, int, int, int]) -> Callable[[str, int], int]:
@@ -94,8 +97,12 @@ def importance(vlm, examples: list[dict]) -> dict[str, torch.Tensor]:
     model, t = vlm.model, vlm.cfg.text
     lm = model.language_model
     n_layers, q_per_kv = t.num_hidden_layers, t.num_attention_heads // t.num_key_value_heads
-    sums = {"mlp": torch.zeros(n_layers, t.intermediate_size), "groups": torch.zeros(n_layers, t.num_key_value_heads),
-            "hidden": torch.zeros(t.hidden_size), "layers": torch.zeros(n_layers)}  # fmt: skip
+    sums = {
+        "mlp": torch.zeros(n_layers, t.intermediate_size),
+        "groups": torch.zeros(n_layers, t.num_key_value_heads),
+        "hidden": torch.zeros(t.hidden_size),
+        "layers": torch.zeros(n_layers),
+    }
     hooks = []
 
     def on(module: nn.Module, fn, pre: bool = False) -> None:
@@ -178,8 +185,15 @@ def prune(vlm, cfg: PruneConfig, scores: dict[str, torch.Tensor]) -> None:
         out[f"language_model.layers.{layers.index(i)}.{rest}"] = w
     for name, w in out.items():  # the embedding channels, wherever the hidden size is an axis
         out[name] = _channels(name, w, channels)
-    vlm.cfg.text = replace(t, num_hidden_layers=n_layers, intermediate_size=neurons, num_key_value_heads=groups,
-                           num_attention_heads=groups * q_per_kv, hidden_size=len(channels), head_dim=d)  # fmt: skip
+    vlm.cfg.text = replace(
+        t,
+        num_hidden_layers=n_layers,
+        intermediate_size=neurons,
+        num_key_value_heads=groups,
+        num_attention_heads=groups * q_per_kv,
+        hidden_size=len(channels),
+        head_dim=d,
+    )
     if t.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     vlm.swap_model(build_model(vlm.cfg, out, vlm.model.device, vlm.model.dtype))

@@ -49,8 +49,10 @@ def layer_inputs(model: nn.Module, names: list[str], examples: list[dict], rows:
     if not examples:
         raise ConfigError("awq needs calibration examples")
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].detach().cpu()))
-             for n in names]  # fmt: skip
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].detach().cpu()))
+        for n in names
+    ]
     try:
         for x in examples:
             ids, pixels = x["input_ids"].to(model.device), x.get("pixel_values")

@@ -105,8 +105,16 @@ def measure(vlm, stage: str, cfg: ReportConfig | None) -> dict:
             from ..eval.runner import evaluate
 
             with tempfile.TemporaryDirectory() as tmp:
-                summary = evaluate(vlm, cfg.benchmark, cfg.data, tmp, metric=cfg.metric, limit=cfg.limit,
-                                   max_new_tokens=32, progress=False)  # fmt: skip
+                summary = evaluate(
+                    vlm,
+                    cfg.benchmark,
+                    cfg.data,
+                    tmp,
+                    metric=cfg.metric,
+                    limit=cfg.limit,
+                    max_new_tokens=32,
+                    progress=False,
+                )
             row["score"] = summary["score"]
     return row
 
@@ -128,8 +136,10 @@ def write_report(rows: list[dict], directory: Path) -> None:
     for r in rows:
         speed = f"{r['decode_tok_s']:.1f} ({r['decode_vs_input']:.2f}x)" if "decode_tok_s" in r else "-"
         score = f"{r['score']:.1f}" if "score" in r else "-"
-        lines.append(f"| {r['stage']} | {r['bytes'] / 2**20:,.1f} MB | {100 * r['bytes_of_input']:.1f}% | "
-                     f"{r['parameters']:,} | {speed} | {score} |")  # fmt: skip
+        lines.append(
+            f"| {r['stage']} | {r['bytes'] / 2**20:,.1f} MB | {100 * r['bytes_of_input']:.1f}% | "
+            f"{r['parameters']:,} | {speed} | {score} |"
+        )
     (directory / "compress.md").write_text("\n".join(lines) + "\n")
     bars = [(r["stage"], 100 * r["bytes_of_input"], _note(r)) for r in rows]
     bar_chart("weight bytes, % of the input's", bars, directory / "compress.png")

@@ -1,17 +1,16 @@
 """The engine (its scheduler): continuous batching over one model and its adapters.
 
-Requests join and leave the running batch at every decode step. Each running request owns a slot of a KV
-cache preallocated for `max_batch` sequences of up to `max_len` tokens; a request waits in the queue (it is
-never refused for lack of room) until a slot is free and the tokens it may still need fit in `kv_budget`.
-The requests admitted at one step (up to `prefill_tokens` prompt tokens) are prefilled together: their new
-images through the vision encoder in passes of up to `vision_tokens` encoder tokens (images seen before come
-from the cache of visual embeddings; on a CPU one pass over a hundred tiles runs ~40% slower per tile than
-passes of thirty, its temporaries too big for the allocator to reuse), their prompts packed back to back in
-one forward. Then every step decodes one token for all running requests at once, each row with its own
-adapter (the base matmul once, each adapter on its rows), its own sampling parameters and seed, the running
-requests kept in cache slots 0..B-1 so that the step (engine/runner.py: static, a CUDA graph per batch
-bucket on a GPU) reads the cache in place. Prompts, images included, are decoded, tiled, hashed and checked
-by the caller's thread before submission, so that work runs in parallel with the engine.
+Requests join and leave the running batch at every decode step. Each running request owns a slot of a KV cache
+preallocated for `max_batch` sequences of up to `max_len` tokens; a request waits in the queue (it is never refused
+for lack of room) until a slot is free and the tokens it may still need fit in `kv_budget`. The requests admitted at
+one step (up to `prefill_tokens` prompt tokens) are prefilled together: their new images through the vision encoder
+in passes of up to `vision_tokens` encoder tokens (images seen before come from the cache of visual embeddings;
+passes bound the encoder's temporaries: BENCHMARKS.md, "Measurements behind the code"), their prompts packed back to
+back in one forward. Then every step decodes one token for all running requests at once, each row with its own
+adapter (the base matmul once, each adapter on its rows), its own sampling parameters and seed, the running requests
+kept in cache slots 0..B-1 so that the step (engine/runner.py: static, a CUDA graph per batch bucket on a GPU) reads
+the cache in place. Prompts, images included, are decoded, tiled, hashed and checked by the caller's thread before
+submission, so that work runs in parallel with the engine.
 
 A request's problem is that request's alone: a step that raises is run again over each half of its requests,
 down to the one that makes it fail, which alone ends with the error. An adapter being unloaded takes no new
@@ -178,8 +177,9 @@ class Engine:
             raise UnknownModel(f"no adapter named {adapter!r} is loaded")
         counts = tiles_per_image(prompt, cfg.image_token_id, cfg.tokens_per_tile) if pixels is not None else []
         images = [(image_hash(t), len(t)) for t in pixels.split(counts)] if counts else []
-        req = Request(prompt, pixels, images, adapter, params, Detokenizer(self.processor.decode, params.stop),
-                      tenant=tenant)  # fmt: skip
+        req = Request(
+            prompt, pixels, images, adapter, params, Detokenizer(self.processor.decode, params.stop), tenant=tenant
+        )
         if out is not None:
             req.out = out
         req.top_logprobs = top_logprobs
@@ -394,8 +394,10 @@ class Engine:
         (penalties and logit_bias read the tokens so far; log-probabilities are worked out with the step)."""
         if not self.overlap:
             return False
-        return not any(r.params.presence_penalty or r.params.frequency_penalty or r.params.logit_bias
-                       or r.top_logprobs is not None for r in self.running)  # fmt: skip
+        return not any(
+            r.params.presence_penalty or r.params.frequency_penalty or r.params.logit_bias or r.top_logprobs is not None
+            for r in self.running
+        )
 
     def _look_ahead(self) -> None:
         """One decode step launched before the step before's tokens are read: rows whose last token is still on

@@ -75,8 +75,18 @@ def read_tsv(path: Path) -> list[Item]:
                 raise DataError(f"{where}: the row's cells do not match the header's {len(columns)} columns")
             options = {k: row[k] for k in LETTERS if row.get(k) not in (None, "", "nan")}
             images = _tsv_images(row, path, where)
-            items.append(Item(row["index"], row["question"], _answers(row["answer"]), images, options,
-                              _text(row.get("hint")), _text(row.get("category")), _text(row.get("split"))))  # fmt: skip
+            items.append(
+                Item(
+                    row["index"],
+                    row["question"],
+                    _answers(row["answer"]),
+                    images,
+                    options,
+                    _text(row.get("hint")),
+                    _text(row.get("category")),
+                    _text(row.get("split")),
+                )
+            )
     return items
 
 
@@ -103,9 +113,19 @@ def read_jsonl(path: Path) -> list[Item]:
         answers = [str(a) for a in answer] if isinstance(answer, list) else [str(answer)]
         if not isinstance(row.get("options") or {}, dict):
             raise DataError(f'{where}: options must be an object of letters and their texts, e.g. {{"A": "red"}}')
-        items.append(Item(str(row.get("index", line)), question, answers, images, dict(row.get("options") or {}),
-                          "", str(row.get("category", "")), str(row.get("split", "")),
-                          str(row.get("template", ""))))  # fmt: skip
+        items.append(
+            Item(
+                str(row.get("index", line)),
+                question,
+                answers,
+                images,
+                dict(row.get("options") or {}),
+                "",
+                str(row.get("category", "")),
+                str(row.get("split", "")),
+                str(row.get("template", "")),
+            )
+        )
     return items
 
 

@@ -18,8 +18,16 @@ from ..errors import EndpointError
 class Endpoint:
     """`generate` like VLM.generate, over an endpoint's /chat/completions."""
 
-    def __init__(self, base: str, model: str, key: str | None = None, concurrency: int = 8, retries: int = 5,
-                 timeout: float = 120.0, backoff: float = 1.0):  # fmt: skip
+    def __init__(
+        self,
+        base: str,
+        model: str,
+        key: str | None = None,
+        concurrency: int = 8,
+        retries: int = 5,
+        timeout: float = 120.0,
+        backoff: float = 1.0,
+    ):
         parts = urllib.parse.urlsplit(base)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise EndpointError(f"--api-base {base!r} is not an http(s) URL (e.g. https://api.openai.com/v1)")
@@ -39,8 +47,14 @@ class Endpoint:
         with ThreadPoolExecutor(self.concurrency) as pool:
             replies = list(pool.map(lambda m: self._ask(m, max_new_tokens), conversations))
         if usage is not None:
-            usage[:] = [{"prompt_tokens": u.get("prompt_tokens", 0), "completion_tokens": u.get("completion_tokens", 0),
-                         "finish_reason": r} for _, u, r in replies]  # fmt: skip
+            usage[:] = [
+                {
+                    "prompt_tokens": u.get("prompt_tokens", 0),
+                    "completion_tokens": u.get("completion_tokens", 0),
+                    "finish_reason": r,
+                }
+                for _, u, r in replies
+            ]
         return [text for text, _, _ in replies]
 
     def _ask(self, messages: list[dict], max_tokens: int) -> tuple[str, dict, str]:

@@ -50,14 +50,25 @@ def report(runs: list[str | Path], out: str | Path, gpu_price: float | None = No
     for run, s in zip(runs, summaries):
         cost = cost_per_1000(s, gpu_price)
         where = "API" if s.get("source", "local") != "local" else f"local ({s.get('device') or '?'})"
-        rows.append([Path(run).name, s["benchmark"], s["model"], where, str(s["n"]), f"{s['score']:.1f}",
-                     f"{s['pages_per_s']:.2f}", "-" if cost is None else f"{cost:.3f}"])  # fmt: skip
+        rows.append(
+            [
+                Path(run).name,
+                s["benchmark"],
+                s["model"],
+                where,
+                str(s["n"]),
+                f"{s['score']:.1f}",
+                f"{s['pages_per_s']:.2f}",
+                "-" if cost is None else f"{cost:.3f}",
+            ]
+        )
     text = markdown([head, ["---"] * 4 + ["---:"] * 4, *rows])
     if gpu_price is not None:
         text += f"\nLocal runs' cost: the GPU time they took at {gpu_price:g} USD per hour.\n"
     out = Path(out)
-    bars = [(f"{Path(r).name}", s["score"], f"{row[6]} pages/s, ${row[7]}/1k")
-            for r, s, row in zip(runs, summaries, rows)]  # fmt: skip
+    bars = [
+        (f"{Path(r).name}", s["score"], f"{row[6]} pages/s, ${row[7]}/1k") for r, s, row in zip(runs, summaries, rows)
+    ]
     bar_chart("score by run", bars, out / "report.png")
     write_files(out, {"report.md": lambda p: p.write_text(text)})
     return text

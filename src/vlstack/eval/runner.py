@@ -33,12 +33,24 @@ DISCIPLINES = {
     "Art and Design": ["Art", "Art_Theory", "Design", "Music"],
     "Business": ["Accounting", "Economics", "Finance", "Manage", "Marketing"],
     "Science": ["Biology", "Chemistry", "Geography", "Math", "Physics"],
-    "Health and Medicine": ["Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine",
-                            "Pharmacy", "Public_Health"],
+    "Health and Medicine": [
+        "Basic_Medical_Science",
+        "Clinical_Medicine",
+        "Diagnostics_and_Laboratory_Medicine",
+        "Pharmacy",
+        "Public_Health",
+    ],
     "Humanities and Social Science": ["History", "Literature", "Sociology", "Psychology"],
-    "Tech and Engineering": ["Agriculture", "Architecture_and_Engineering", "Computer_Science", "Electronics",
-                             "Energy_and_Power", "Materials", "Mechanical_Engineering"],
-}  # fmt: skip
+    "Tech and Engineering": [
+        "Agriculture",
+        "Architecture_and_Engineering",
+        "Computer_Science",
+        "Electronics",
+        "Energy_and_Power",
+        "Materials",
+        "Mechanical_Engineering",
+    ],
+}
 _DISCIPLINE_OF = {s.lower(): d for d, subjects in DISCIPLINES.items() for s in subjects}
 
 
@@ -113,8 +125,14 @@ def evaluate(
                 f.write(json.dumps(row) + "\n")
                 done[item.index] = row
         if progress:
-            _progress(bench, len(done), len(items), [r["score"] for r in done.values()], time.perf_counter() - start,
-                      a + len(part))  # fmt: skip
+            _progress(
+                bench,
+                len(done),
+                len(items),
+                [r["score"] for r in done.values()],
+                time.perf_counter() - start,
+                a + len(part),
+            )
     seconds = time.perf_counter() - start
     rows = [done[i.index] for i in items if i.index in done]
     summary = {
@@ -137,8 +155,13 @@ def evaluate(
     bars = [(c, v, "") for c, v in {**summary.get("disciplines", {}), **summary["categories"]}.items()]
     title = f"{bench} ({metric}), {summary['model']}: {summary['score']:.1f} over {len(rows)} items"
     bar_chart(title, [("all", summary["score"], f"n={len(rows)}"), *bars], out / "summary.png")
-    write_files(out, {"summary.json": lambda p: p.write_text(json.dumps(summary, indent=2)),
-                      "summary.md": lambda p: p.write_text(table(summary))})  # fmt: skip
+    write_files(
+        out,
+        {
+            "summary.json": lambda p: p.write_text(json.dumps(summary, indent=2)),
+            "summary.md": lambda p: p.write_text(table(summary)),
+        },
+    )
     return summary
 
 
@@ -156,8 +179,9 @@ def _answer(
             raise
         if not skip_bad_images:
             index, why = next(iter(broken.items()))
-            raise DataError(f"item {index}: {why} (--skip-bad-images scores such items as failed and goes on)"
-                            ) from None  # fmt: skip
+            raise DataError(
+                f"item {index}: {why} (--skip-bad-images scores such items as failed and goes on)"
+            ) from None
     good = [i for i in part if i.index not in broken]
     answers, usage = _generate(vlm, good, adapter, max_new_tokens) if good else ([], [])
     failed = [i for i in part if i.index in broken]
@@ -190,9 +214,13 @@ def run_identity(vlm: Any, bench: str, metric: str, data: str | Path, adapter: s
     local = hasattr(vlm, "model")
     model = str(Path(vlm.directory).resolve()) if local and vlm.directory else f"{getattr(vlm, 'url', '')} {vlm.name}"
     hashes = getattr(vlm, "adapter_hashes", {})
-    return {"benchmark": bench, "metric": metric, "model": model,
-            "adapter": None if adapter is None else {"name": adapter, "sha256": hashes.get(adapter)},
-            "data": {"path": str(Path(data).resolve()), "sha256": sha256_file(data)}}  # fmt: skip
+    return {
+        "benchmark": bench,
+        "metric": metric,
+        "model": model,
+        "adapter": None if adapter is None else {"name": adapter, "sha256": hashes.get(adapter)},
+        "data": {"path": str(Path(data).resolve()), "sha256": sha256_file(data)},
+    }
 
 
 def check_resume(out: Path, identity: dict) -> None:
@@ -240,8 +268,11 @@ def _progress(bench: str, done: int, total: int, scores: list[float], seconds: f
     rate = timed / seconds if seconds > 0 else 0.0
     score = 100 * sum(scores) / max(len(scores), 1)
     end = "\n" if done == total else ""
-    print(f"\r{bench} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} score {score:.1f} {rate:.2f} pages/s",
-          end=end, flush=True)  # fmt: skip
+    print(
+        f"\r{bench} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} score {score:.1f} {rate:.2f} pages/s",
+        end=end,
+        flush=True,
+    )
 
 
 def table(summary: dict) -> str:

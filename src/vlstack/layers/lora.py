@@ -125,8 +125,10 @@ class Routing:
         """Fix the stacks at `slots` adapters of rank up to `rank` (the server's --max-adapters and
         --max-lora-rank): they never grow, so a hot-loaded adapter only writes into a free slot."""
         if len(self.slots) > slots or self.rank > rank:
-            raise ConfigError(f"{len(self.slots)} adapters of rank up to {self.rank} are loaded already: over "
-                              f"{slots} adapters of rank {rank}")  # fmt: skip
+            raise ConfigError(
+                f"{len(self.slots)} adapters of rank up to {self.rank} are loaded already: over "
+                f"{slots} adapters of rank {rank}"
+            )
         self.capacity, self.rank, self.fixed = slots, rank, True
 
     def check(self, name: str, rank: int) -> None:
@@ -136,8 +138,9 @@ class Routing:
         if len(self.slots) >= self.capacity:
             raise ConfigError(f"all {self.capacity} adapter slots are taken (--max-adapters); unload one first")
         if rank > self.rank:
-            raise ConfigError(f"the adapter's rank {rank} is over the largest this server holds, {self.rank} "
-                              f"(--max-lora-rank)")  # fmt: skip
+            raise ConfigError(
+                f"the adapter's rank {rank} is over the largest this server holds, {self.rank} (--max-lora-rank)"
+            )
 
     def assign(self, name: str, rank: int) -> None:
         """Give a new adapter a free slot; the stacks grow (doubling their slots) when there is none, or when
@@ -344,8 +347,12 @@ class LoRALinear(nn.Linear):
             stack = self.stack = Stack(routing.capacity, routing.rank, self.in_features, self.out_features, like)
         a_mods, b_mods = self.lora_A._modules, self.lora_B._modules  # (plain dicts: this runs at every step)
         for name in a_mods:
-            stack.hold(routing.slots[name], a_mods[name]._parameters["weight"], b_mods[name]._parameters["weight"],
-                       self.scaling[name])  # fmt: skip
+            stack.hold(
+                routing.slots[name],
+                a_mods[name]._parameters["weight"],
+                b_mods[name]._parameters["weight"],
+                self.scaling[name],
+            )
         return stack
 
 

@@ -71,8 +71,9 @@ class QuantConfig:
         """A clear error, before any work, for a kernel this device cannot run."""
         if self.kernel == "fast" and device.type == "cpu":
             if self.bits == 8 and "fbgemm" not in cpu_engines():
-                raise ConfigError("the fast int8 kernel on a CPU needs PyTorch's fbgemm engine (x86); use "
-                                  "kernel: reference")  # fmt: skip
+                raise ConfigError(
+                    "the fast int8 kernel on a CPU needs PyTorch's fbgemm engine (x86); use kernel: reference"
+                )
             if self.bits == 4 and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
                 raise ConfigError("this PyTorch has no CPU int4 kernel; use kernel: reference")
         return self
@@ -83,8 +84,10 @@ class QuantConfig:
     @staticmethod
     def from_json(raw: dict) -> QuantConfig:
         if raw.get("quant_method") != METHOD:
-            raise ConfigError(f"quantization_config quant_method {raw.get('quant_method')!r} is not supported "
-                              f"(vlstack reads its own, {METHOD!r})")  # fmt: skip
+            raise ConfigError(
+                f"quantization_config quant_method {raw.get('quant_method')!r} is not supported "
+                f"(vlstack reads its own, {METHOD!r})"
+            )
         fields = {k: raw[k] for k in ("bits", "group_size", "kernel", "modules", "awq") if k in raw}
         return QuantConfig(**fields, full_precision=tuple(raw.get("full_precision", SKIP)), data=None).check_stored()
 
@@ -210,8 +213,9 @@ def _w8a8(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         zero = torch.zeros(layer.out_features, dtype=torch.long)
         with warnings.catch_warnings():  # (PyTorch marks its quantized tensors deprecated; the kernel stays)
             warnings.simplefilter("ignore")
-            w = torch.quantize_per_channel(dequantized(layer, raw=True).float(), layer.scales.float(), zero, 0,
-                                           torch.qint8)  # fmt: skip
+            w = torch.quantize_per_channel(
+                dequantized(layer, raw=True).float(), layer.scales.float(), zero, 0, torch.qint8
+            )
         layer.packed = torch.ops.quantized.linear_prepack(w, None)
     # reduce_range: activations in 7 bits, as torch's own dynamic quantisation takes them for fbgemm: on a CPU
     # without VNNI, pairs of 8-bit products overflow the int16 sums of its AVX2 kernel
@@ -253,8 +257,9 @@ def targets(model: nn.Module, cfg: QuantConfig, width: Callable[[str, int], int]
         bad = [n for n in names if widths[n] % cfg.group_size]
         if bad:
             after = " after pruning" if width else ""
-            raise ConfigError(f"int4 group_size {cfg.group_size} does not divide the {widths[bad[0]]} inputs of "
-                              f"{bad[0]}{after}")  # fmt: skip
+            raise ConfigError(
+                f"int4 group_size {cfg.group_size} does not divide the {widths[bad[0]]} inputs of {bad[0]}{after}"
+            )
     return names
 
 

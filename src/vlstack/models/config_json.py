@@ -83,8 +83,11 @@ def parse_config(raw: dict) -> VLMConfig:
         raise ConfigError(f"ps_version {cfg.pixel_shuffle_version!r} is not supported (v1 or v2)")
     if cfg.vision.norm_type not in ("layer_norm", "rms_norm"):
         raise ConfigError(f"vision norm_type {cfg.vision.norm_type!r} is not supported (layer_norm or rms_norm)")
-    acts = {"text_config.hidden_act": cfg.text.hidden_act, "vision_config.hidden_act": cfg.vision.hidden_act,
-            "projector_hidden_act": cfg.projector_hidden_act}  # fmt: skip
+    acts = {
+        "text_config.hidden_act": cfg.text.hidden_act,
+        "vision_config.hidden_act": cfg.vision.hidden_act,
+        "projector_hidden_act": cfg.projector_hidden_act,
+    }
     for where, act in acts.items():
         if act not in ACTIVATIONS:
             raise ConfigError(f"{where} {act!r} is not supported; choose one of {sorted(ACTIVATIONS)}")
@@ -166,6 +169,8 @@ def _v2pe(raw: dict) -> float:
     if raw.get("rope_pos_id_version", "default") in ("default", None):
         return 1.0
     if raw["rope_pos_id_version"] != "v2pe_fix" or not raw.get("rope_pos_id_stride"):
-        raise ConfigError(f"rope_pos_id_version {raw['rope_pos_id_version']!r} is not supported for inference "
-                          "(default, or v2pe_fix with rope_pos_id_stride)")  # fmt: skip
+        raise ConfigError(
+            f"rope_pos_id_version {raw['rope_pos_id_version']!r} is not supported for inference "
+            "(default, or v2pe_fix with rope_pos_id_stride)"
+        )
     return check_v2pe(float(raw["rope_pos_id_stride"]) / 256)

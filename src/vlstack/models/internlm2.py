@@ -31,8 +31,16 @@ RENAMES = (
     ("ffn_norm", "post_attention_layernorm"),
 )
 # PEFT's target names for this family (and the generic q/k/v ones) -> our language-model module names
-LORA_ALIASES = {"wqkv": "qkv_proj", "wo": "o_proj", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj",
-                "q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj"}  # fmt: skip
+LORA_ALIASES = {
+    "wqkv": "qkv_proj",
+    "wo": "o_proj",
+    "w1": "gate_proj",
+    "w3": "up_proj",
+    "w2": "down_proj",
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+}
 __all__ = ["LanguageModel", "native_config", "native_state", "read_config"]
 
 

@@ -57,8 +57,11 @@ def rope(t: dict) -> tuple[float, dict | None]:
         for field_name in ("short_factor", "long_factor", "original_max_position_embeddings"):
             if rp.get(field_name) is None:
                 raise ConfigError(f"longrope RoPE needs {field_name!r} in its config")
-    need = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-            "original_max_position_embeddings"), "longrope": ()}[kind]  # fmt: skip
+    need = {
+        "linear": ("factor",),
+        "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+        "longrope": (),
+    }[kind]
     missing = [n for n in need if rp.get(n) is None]
     if missing:
         raise ConfigError(f"{kind} RoPE needs {', '.join(map(repr, missing))} in its config")

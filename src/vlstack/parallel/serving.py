@@ -25,8 +25,13 @@ def free_port() -> int:
 def launch(argv: list[str], tp: int) -> int:
     """Start `vlstack ARGV` as ranks 0..tp-1 of one machine and watch them: when one exits, stop the others
     (SIGTERM, then SIGKILL after 10 s) and return the first exit code, naming the rank."""
-    env = {**os.environ, "WORLD_SIZE": str(tp), "LOCAL_WORLD_SIZE": str(tp), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}  # fmt: skip
+    env = {
+        **os.environ,
+        "WORLD_SIZE": str(tp),
+        "LOCAL_WORLD_SIZE": str(tp),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
     command = [sys.executable, "-m", "vlstack.cli", *argv]
     procs = [subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(tp)]
 

@@ -61,8 +61,10 @@ def init(size: int, device: torch.device) -> TP | None:
         return None
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise ConfigError(f"tp={size} runs one process per device: start them with `torchrun --nproc-per-node "
-                              f"{size} ...` (or `vlstack serve --tp {size}`)")  # fmt: skip
+            raise ConfigError(
+                f"tp={size} runs one process per device: start them with `torchrun --nproc-per-node "
+                f"{size} ...` (or `vlstack serve --tp {size}`)"
+            )
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=TIMEOUT))
     if dist.get_world_size() != size:

@@ -68,8 +68,10 @@ async def api_error(_: Request, e: APIError) -> JSONResponse:
 
 
 async def http_error(request: Request, e: HTTPException) -> JSONResponse:  # 404, 405: in OpenAI's shape too
-    what = {404: f"no such endpoint: {request.url.path}", 405: f"{request.method} is not allowed on "
-            f"{request.url.path}"}.get(e.status_code, str(e.detail))  # fmt: skip
+    what = {
+        404: f"no such endpoint: {request.url.path}",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }.get(e.status_code, str(e.detail))
     response = APIError(e.status_code, what, code="not_found" if e.status_code == 404 else None).response()
     response.headers.update(e.headers or {})
     return response

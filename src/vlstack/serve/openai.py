@@ -183,8 +183,10 @@ class _Checked:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         for *_, sockaddr in infos:
             if not self.allow_private and not public(ipaddress.ip_address(sockaddr[0].split("%")[0])):
-                raise ImageError(f"the image host {host} is a private, loopback or link-local address; refused "
-                                 f"(the operator may allow it with --allow-private-image-hosts)")  # fmt: skip
+                raise ImageError(
+                    f"the image host {host} is a private, loopback or link-local address; refused "
+                    f"(the operator may allow it with --allow-private-image-hosts)"
+                )
         family, kind, proto, _, sockaddr = infos[0]
         sock = socket.socket(family, kind, proto)
         sock.settimeout(timeout)
@@ -298,11 +300,14 @@ def fetch_images(messages: list[dict], timeout: float, allow_private: bool = Fal
         content = m["content"]
         if isinstance(content, list):
             content = [
-                {"type": "image_url", "image_url": {"url": fetch_image(p["image_url"]["url"], timeout,
-                                                                      allow_private=allow_private)}}
-                if _remote(p) else p
+                {
+                    "type": "image_url",
+                    "image_url": {"url": fetch_image(p["image_url"]["url"], timeout, allow_private=allow_private)},
+                }
+                if _remote(p)
+                else p
                 for p in content
-            ]  # fmt: skip
+            ]
         out.append({**m, "content": content})
     return out
 

@@ -78,8 +78,10 @@ def synthesize(
         raise DataError(f"--n must be >= 1, --test-fraction in [0, 1), --size in [{MIN_SIZE}, {MAX_SIZE}]")
     need, free = memory_needed(n, size), available_memory()
     if free is not None and need > free:
-        raise DataError(f"--n {n} --size {size} would take ~{need / 2**30:.1f} GiB of memory, more than the "
-                        f"{free / 2**30:.1f} GiB available: make fewer or smaller images")  # fmt: skip
+        raise DataError(
+            f"--n {n} --size {size} would take ~{need / 2**30:.1f} GiB of memory, more than the "
+            f"{free / 2**30:.1f} GiB available: make fewer or smaller images"
+        )
     module = KINDS[kind]
     unknown = set(only or []) - set(subjects(kind))
     if unknown:
@@ -119,11 +121,17 @@ def synthesize(
                     continue
                 counts[split, what] += 1
                 prompt = f"<image>\n{question}"
-                lines[split].append({
-                    "index": f"{i}-{k}", "image": name, "answer": answer, "category": what, "split": split,
-                    "template": sample.template,
-                    "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}],
-                })  # fmt: skip
+                lines[split].append(
+                    {
+                        "index": f"{i}-{k}",
+                        "image": name,
+                        "answer": answer,
+                        "category": what,
+                        "split": split,
+                        "template": sample.template,
+                        "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}],
+                    }
+                )
             if progress:
                 progress(i + 1, n)
         with open(tmp / "train.jsonl", "w", encoding="utf-8") as f:
@@ -144,12 +152,21 @@ def synthesize(
                 question = line["conversations"][0]["value"].removeprefix("<image>\n")
                 w.writerow([line["index"], line["image"], question, line["answer"], line["category"], "test"])
         provenance = {
-            "generator": f"vlstack.synth.{kind}", "version": VERSION, "vlstack": __version__, "seed": seed, "n": n,
-            "size": size, "test_fraction": test_fraction, "questions": questions, "only": only or [],
-            "conversations": conversations, "line_width": line_width, "decorate": decorate,
-            "templates": splits, "examples": {s: dict(sorted((w, c) for (t, w), c in counts.items() if t == s))
-                                              for s in ("train", "test")},
-        }  # fmt: skip
+            "generator": f"vlstack.synth.{kind}",
+            "version": VERSION,
+            "vlstack": __version__,
+            "seed": seed,
+            "n": n,
+            "size": size,
+            "test_fraction": test_fraction,
+            "questions": questions,
+            "only": only or [],
+            "conversations": conversations,
+            "line_width": line_width,
+            "decorate": decorate,
+            "templates": splits,
+            "examples": {s: dict(sorted((w, c) for (t, w), c in counts.items() if t == s)) for s in ("train", "test")},
+        }
         (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     return provenance
 

@@ -106,31 +106,52 @@ def questions(kind: str, t: dict, rng: random.Random) -> list[tuple[str, str, st
         levels = " ".join(str(min(9, 10 * v // ymax)) for v in values)
         out.append(("heights", f"How high is each {thing[:-1]} from left to right, from 0 to 9?", levels))
     if kind == "bar":
-        out += [("colour", "What colour is the tallest bar?", colours[top]),
-                ("position", "Counting from the left, which bar is the tallest?", str(top + 1))]  # fmt: skip
+        out += [
+            ("colour", "What colour is the tallest bar?", colours[top]),
+            ("position", "Counting from the left, which bar is the tallest?", str(top + 1)),
+        ]
     elif kind == "line":
-        out += [("colour", "What colour is the line?", colours[0]),
-                ("position", "Counting from the left, which point is the highest?", str(top + 1)),
-                ("trend", "Does the line end higher or lower than it starts?",
-                 "higher" if values[-1] > values[0] else "lower")]  # fmt: skip
+        out += [
+            ("colour", "What colour is the line?", colours[0]),
+            ("position", "Counting from the left, which point is the highest?", str(top + 1)),
+            (
+                "trend",
+                "Does the line end higher or lower than it starts?",
+                "higher" if values[-1] > values[0] else "lower",
+            ),
+        ]
     else:
-        out += [("colour", "What colour is the largest slice?", colours[top]),
-                ("order", "What colours are the slices, from the largest to the smallest?",
-                 " ".join(colours[i] for i in sorted(range(n), key=lambda i: -values[i])))]  # fmt: skip
+        out += [
+            ("colour", "What colour is the largest slice?", colours[top]),
+            (
+                "order",
+                "What colours are the slices, from the largest to the smallest?",
+                " ".join(colours[i] for i in sorted(range(n), key=lambda i: -values[i])),
+            ),
+        ]
     a, b = rng.sample(range(n), 2)
     unit = "%" if kind == "pie" else ""
     out += [
         ("retrieval", f"What is the value of {labels[a]}?", f"{values[a]}{unit}"),
         ("extremum", "Which category has the highest value?", labels[top]),
         ("extremum", "Which category has the lowest value?", labels[low]),
-        ("comparison", f"Is the value of {labels[a]} greater than that of {labels[b]}?",
-         "Yes" if values[a] > values[b] else "No"),
-        ("arithmetic", "What is the difference between the highest and the lowest value?",
-         str(max(values) - min(values))),
+        (
+            "comparison",
+            f"Is the value of {labels[a]} greater than that of {labels[b]}?",
+            "Yes" if values[a] > values[b] else "No",
+        ),
+        (
+            "arithmetic",
+            "What is the difference between the highest and the lowest value?",
+            str(max(values) - min(values)),
+        ),
         ("arithmetic", f"What is the sum of {labels[a]} and {labels[b]}?", str(values[a] + values[b])),
-        ("to_table", "Convert the chart to a table.",
-         "\n".join(["label | value"] + [f"{x} | {v}{unit}" for x, v in zip(labels, values)])),
-    ]  # fmt: skip
+        (
+            "to_table",
+            "Convert the chart to a table.",
+            "\n".join(["label | value"] + [f"{x} | {v}{unit}" for x, v in zip(labels, values)]),
+        ),
+    ]
     return out
 
 

@@ -74,9 +74,11 @@ def _stamp(draw, rng, s, x, y) -> bool:
 
 def _item_questions(rng, items, total) -> list[tuple[str, str, str]]:
     name, qty, price = rng.choice(items)
-    return [("count", "How many items are listed?", str(len(items))),
-            ("total", "What is the total amount?", f"{total:.2f}"),
-            ("lookup", f"What is the amount for {name}?", f"{qty * price:.2f}")]  # fmt: skip
+    return [
+        ("count", "How many items are listed?", str(len(items))),
+        ("total", "What is the total amount?", f"{total:.2f}"),
+        ("lookup", f"What is the amount for {name}?", f"{qty * price:.2f}"),
+    ]
 
 
 def _invoice(draw, rng, style, s, size) -> dict:
@@ -109,12 +111,14 @@ def _invoice(draw, rng, style, s, size) -> dict:
     draw.line((120 * s, y - 3 * s, size - 8 * s, y - 3 * s), fill=INK)
     draw.text((130 * s, y), f"Total {total:.2f}", fill=INK, font=f8)
     stamped = _stamp(draw, rng, s, 50 * s, min(y + 22 * s, size - 24 * s))
-    questions = [("type", "What kind of document is this?", "invoice"),
-                 ("colour", "What colour is the header?", colour),
-                 ("stamp", "Is there a stamp on the document?", "Yes" if stamped else "No"),
-                 *_item_questions(rng, items, total),
-                 ("name", "Who is the invoice addressed to?", person),
-                 ("date", "What is the date of the invoice?", date)]  # fmt: skip
+    questions = [
+        ("type", "What kind of document is this?", "invoice"),
+        ("colour", "What colour is the header?", colour),
+        ("stamp", "Is there a stamp on the document?", "Yes" if stamped else "No"),
+        *_item_questions(rng, items, total),
+        ("name", "Who is the invoice addressed to?", person),
+        ("date", "What is the date of the invoice?", date),
+    ]
     return dict(company=company, person=person, date=date, items=items, colour=colour, questions=questions)
 
 
@@ -137,11 +141,13 @@ def _receipt(draw, rng, style, s, size) -> dict:
     draw.text((left + 5 * s, y + 4 * s), "TOTAL", fill=INK, font=f8)
     draw.text((left + width - 5 * s, y + 4 * s), f"{total:.2f}", fill=INK, font=f8, anchor="ra")
     stamped = _stamp(draw, rng, s, size / 2, min(y + 40 * s, size - 26 * s))
-    questions = [("type", "What kind of document is this?", "receipt"),
-                 ("stamp", "Is there a stamp on the document?", "Yes" if stamped else "No"),
-                 *_item_questions(rng, items, total),
-                 ("name", "What is the name of the store?", store),
-                 ("date", "What is the date of the receipt?", date)]  # fmt: skip
+    questions = [
+        ("type", "What kind of document is this?", "receipt"),
+        ("stamp", "Is there a stamp on the document?", "Yes" if stamped else "No"),
+        *_item_questions(rng, items, total),
+        ("name", "What is the name of the store?", store),
+        ("date", "What is the date of the receipt?", date),
+    ]
     return dict(store=store, date=date, items=items, questions=questions)
 
 
@@ -173,12 +179,14 @@ def _form(draw, rng, style, s, size) -> dict:
         for k in range(rng.randint(6, 10)):
             points.append((x0 + k * 9 * s, y + rng.uniform(6, 28) * s))
         draw.line(points, fill=(20, 40, 120), width=max(2, round(2 * s)), joint="curve")
-    questions = [("type", "What kind of document is this?", "form"),
-                 ("signed", "Is the form signed?", "Yes" if signed else "No"),
-                 ("checkbox", "Is the checkbox ticked?", "Yes" if ticked else "No"),
-                 ("name", "What is the name on the form?", person),
-                 ("lookup", "What city is written on the form?", city),
-                 ("date", "What date is written on the form?", date)]  # fmt: skip
+    questions = [
+        ("type", "What kind of document is this?", "form"),
+        ("signed", "Is the form signed?", "Yes" if signed else "No"),
+        ("checkbox", "Is the checkbox ticked?", "Yes" if ticked else "No"),
+        ("name", "What is the name on the form?", person),
+        ("lookup", "What city is written on the form?", city),
+        ("date", "What date is written on the form?", date),
+    ]
     return dict(person=person, city=city, date=date, ticked=ticked, signed=signed, questions=questions)
 
 
@@ -205,9 +213,10 @@ def _table(draw, rng, style, s, size) -> dict:
             draw.text((left + col * (j + 0.5), y + height / 2), text, fill=INK, font=f8, anchor="mm")
     draw.rectangle((left, top, left + width, top + height * (rows + 1)), outline=INK)
     i, j = rng.randrange(rows), rng.randrange(1, len(columns))
-    questions = [("type", "What kind of document is this?", "table"),
-                 ("count", "How many rows does the table have, not counting the header?", str(rows)),
-                 ("colour", "What colour is the header?", colour),
-                 ("lookup", f"What is the value for {names[i]} in the column {columns[j]}?",
-                  str(cells[i][j - 1]))]  # fmt: skip
+    questions = [
+        ("type", "What kind of document is this?", "table"),
+        ("count", "How many rows does the table have, not counting the header?", str(rows)),
+        ("colour", "What colour is the header?", colour),
+        ("lookup", f"What is the value for {names[i]} in the column {columns[j]}?", str(cells[i][j - 1])),
+    ]
     return dict(columns=columns, names=names, cells=cells, colour=colour, questions=questions)

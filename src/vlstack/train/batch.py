@@ -88,8 +88,18 @@ def prepare_pass(vlm: VLM, running: list[Running], group: list[tuple[int, dict]]
     image_tokens = batch["input_ids"] == vlm.cfg.image_token_id  # [T], on the host
     batch = {k: upload(v, device) for k, v in batch.items()}
     names = [None if running[i].job.full else running[i].job.name for i, _ in group]  # (full: the base's own)
-    return Pass(batch["input_ids"], batch.get("pixel_values"), image_tokens, step, upload(targets[learn], device),
-                jobs_of, in_job, names, seqlens, keyed)  # fmt: skip
+    return Pass(
+        batch["input_ids"],
+        batch.get("pixel_values"),
+        image_tokens,
+        step,
+        upload(targets[learn], device),
+        jobs_of,
+        in_job,
+        names,
+        seqlens,
+        keyed,
+    )
 
 
 def learned(row: dict) -> int:

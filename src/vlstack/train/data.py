@@ -121,8 +121,12 @@ def check_images(examples: list[Example], name: str, limits: ImageLimits | None 
                 raise DatasetError(f"{where}: image {p}: {e}") from None
             done += 1
             if tty or done == len(todo):
-                print(f"\r{name}: {done}/{len(todo)} images checked", end="\n" if done == len(todo) else "",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"\r{name}: {done}/{len(todo)} images checked",
+                    end="\n" if done == len(todo) else "",
+                    file=sys.stderr,
+                    flush=True,
+                )
     return sizes
 
 

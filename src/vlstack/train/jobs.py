@@ -238,15 +238,17 @@ def read_plan(path: str | Path) -> Plan:
         raise JobError(f"{path}: parallel must be pipeline (the layers in stages over the processes) or left out")
     if parallel and sharding:
         raise JobError(f"{path}: sharding and parallel: pipeline do not go together (yet)")
-    return Plan(str(raw.get("model", "tiny")), max_rows, jobs, checkpointing, max_tokens, log_every, sharding,
-                parallel)  # fmt: skip
+    return Plan(str(raw.get("model", "tiny")), max_rows, jobs, checkpointing, max_tokens, log_every, sharding, parallel)
 
 
 def check_outputs(jobs: list[Job], model_dir: Path | None, inputs: dict[str, list[Path]]) -> None:
     """Refuse, before any work, jobs whose outputs (adapter directory and run directory) overlap each other,
     a dataset (its JSONL or images; inputs: job name -> those files) or the base model's directory."""
-    places = [(f"job {j.name!r}'s {what}", p.resolve()) for j in jobs
-              for what, p in (("output", j.output), ("run directory", run_dir(j.output)))]  # fmt: skip
+    places = [
+        (f"job {j.name!r}'s {what}", p.resolve())
+        for j in jobs
+        for what, p in (("output", j.output), ("run directory", run_dir(j.output)))
+    ]
     for i, (what, p) in enumerate(places):
         for other, q in places[i + 1 :]:
             if overlap(p, q):
@@ -295,8 +297,11 @@ class PlanWatcher:
         new = [j for j in plan.jobs if j.name not in self.known]
         for j in plan.jobs:
             if j.name in self.known and j != self.known[j.name]:
-                print(f"job {j.name!r} changed in the jobs file: it goes on with the settings it started with",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"job {j.name!r} changed in the jobs file: it goes on with the settings it started with",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 self.known[j.name] = j  # (said once per change)
         self.known.update({j.name: j for j in new})
         return new

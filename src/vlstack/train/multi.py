@@ -145,7 +145,7 @@ def start(
     elif params is None:
         params = add_adapter(vlm.model, job.name, job.spec, seed=job.seed)
     # its state and schedule; stepped with every ready job's at once (optim.step_jobs: one foreach step on a GPU,
-    # this fused kernel on a CPU, where the per-tensor loop was 10% of a tiny model's step)
+    # this fused kernel on a CPU: BENCHMARKS.md, "Measurements behind the code")
     sharded = is_sharded(vlm.model)  # (torch's fused AdamW takes no split tensors)
     optimizer = torch.optim.AdamW(groups or params, fused=not sharded, lr=job.lr, weight_decay=job.weight_decay)
     steps = total_steps(job, len(examples))
@@ -175,8 +175,10 @@ def teacher_of(vlm: VLM, job: Job) -> torch.nn.Module | None:
         widths = f"({teacher.cfg.text.hidden_size}) to be the student's ({vlm.cfg.text.hidden_size})"
         raise JobError(f"job {job.name!r}: hidden-state distillation needs the teacher's width {widths}")
     if teacher.cfg.text.vocab_size != vlm.cfg.text.vocab_size:
-        raise JobError(f"job {job.name!r}: the teacher's vocabulary ({teacher.cfg.text.vocab_size}) is not the "
-                       f"student's ({vlm.cfg.text.vocab_size})")  # fmt: skip
+        raise JobError(
+            f"job {job.name!r}: the teacher's vocabulary ({teacher.cfg.text.vocab_size}) is not the "
+            f"student's ({vlm.cfg.text.vocab_size})"
+        )
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.eval()
@@ -186,10 +188,10 @@ def same_vision(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     """Whether two models' vision towers and projectors hold the same weights (their image features agree)."""
     parts = [(dict(x.vision_tower.state_dict()), dict(x.multi_modal_projector.state_dict())) for x in (a, b)]
     return all(
-        mine.keys() == theirs.keys() and all(mine[k].shape == theirs[k].shape and torch.equal(mine[k], theirs[k])
-                                             for k in mine)
+        mine.keys() == theirs.keys()
+        and all(mine[k].shape == theirs[k].shape and torch.equal(mine[k], theirs[k]) for k in mine)
         for mine, theirs in zip(*parts)
-    )  # fmt: skip
+    )
 
 
 def shared_features(vlm: VLM, running: list[Running], pixel_values: torch.Tensor | None) -> torch.Tensor | None:
@@ -324,11 +326,17 @@ def check_lengths(vlm: VLM, job: Job, examples: list[Example], verbose: bool = T
     count."""
     cut = count_cut(vlm.processor, examples, job.max_len)
     if cut == len(examples):
-        raise JobError(f"job {job.name!r}: max_len {job.max_len} cuts off the answer of every example of "
-                       f"{job.data}: nothing to learn (raise max_len)")  # fmt: skip
+        raise JobError(
+            f"job {job.name!r}: max_len {job.max_len} cuts off the answer of every example of "
+            f"{job.data}: nothing to learn (raise max_len)"
+        )
     if cut and verbose:
-        print(f"warning: job {job.name!r}: max_len {job.max_len} cuts off the answer of {cut} of {len(examples)} "
-              "examples: they teach nothing", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"warning: job {job.name!r}: max_len {job.max_len} cuts off the answer of {cut} of {len(examples)} "
+            "examples: they teach nothing",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def check_batch(job: Job, processes: int) -> None:
@@ -410,8 +418,9 @@ def train(
         shard(model, torch.device(device or "cpu"))
         named = dict(model.named_parameters())
         for job in queue:
-            added_params[job.name] = [p for n, p in named.items() if f".lora_A.{job.name}." in n
-                                      or f".lora_B.{job.name}." in n]  # fmt: skip
+            added_params[job.name] = [
+                p for n, p in named.items() if f".lora_A.{job.name}." in n or f".lora_B.{job.name}." in n
+            ]
     running: list[Running] = []
     finished: dict[str, Running] = {}
     try:

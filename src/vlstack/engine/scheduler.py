@@ -24,7 +24,6 @@ import random
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,50 +39,11 @@ from ..parallel.tp import cache_config
 from ..sampling import Detokenizer, SamplingParams
 from .feature_cache import FeatureCache, image_hash, tiles_per_image
 from .mirror import OPS, Mirror
+from .request import Request
 from .runner import Chunk, Decoder
 from .sampler import adjust, sample_rows, seed_words
 
 STEP_TOKENS = {"cpu": (8192, 8192), "cuda": (16384, 32768)}  # device -> default (prefill, vision) tokens a step
-
-
-@dataclass(eq=False)
-class Request:
-    prompt: torch.Tensor  # [T] token ids
-    pixel_values: torch.Tensor | None  # [N, 3, S, S]: the tiles of all its images
-    images: list[tuple[str, int]]  # each image's hash and number of tiles
-    adapter: str | None
-    params: SamplingParams
-    detok: Detokenizer
-    tenant: str | None = None  # who sent it: its images are cached apart from other tenants'
-    out: Any = field(default_factory=queue.Queue)  # text pieces, then None at the end
-    slot: int = -1
-    prefilled: int = 0  # prompt tokens in the cache
-    chunk: tuple[int, int] | None = None  # the prompt tokens a..b the current step prefills
-    features: torch.Tensor | None = None  # [image tokens, C]: its images' visual embeddings, until prefilled
-    generated: int = 0
-    finish_reason: str | None = None
-    cancelled: bool = False
-    seed: tuple[int, int] = (0, 0)  # its sampling seed, two 32-bit words (a random one unless it asked)
-    next_token: int | None = None
-    submitted: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    error: str | None = None  # why the engine failed it (finish_reason "error")
-    exception: Exception | None = None  # the same, as raised
-    top_logprobs: int | None = None  # None: no log-probabilities; else how many alternatives a token
-    logprobs: list = field(default_factory=list)  # a generated token's (id, logprob, [(id, logprob) top]), in order
-    rope: torch.Tensor | None = None  # [T] V2PE's RoPE positions of the prompt (None: its positions)
-    offset: float = 0.0  # V2PE: the RoPE position of each generated token minus its position
-
-    @property
-    def position(self) -> int:
-        """The position of next_token, the one the next decode step feeds (what the cache holds before it)."""
-        return len(self.prompt) + self.generated - 1
-
-    @property
-    def budget(self) -> int:
-        """KV positions the request may occupy."""
-        return len(self.prompt) + self.params.max_new_tokens
 
 
 class Engine:

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from ..layers.lora import prepare_lora, prepare_tiles, route
 from ..layers.step import Step, packed_step, upload, v2pe_rope
 from .data import IGNORE
-from .losses import objective_of
 
 if TYPE_CHECKING:
     from ..api import VLM
@@ -38,14 +37,15 @@ def passes(rows: list[tuple[int, dict]], max_tokens: int | None) -> list[list[tu
 
 
 def pack(rows: list[tuple[int, dict]]) -> dict:
-    """Rows back to back, no padding: input_ids [T], labels [T], seqlens, each token's job [T], the rows'
-    [(dropout key, tokens)], and the rows' pixel_values."""
+    """Rows back to back, no padding: input_ids [T], labels [T], seqlens, each token's job [T] and weight in its
+    job's loss [T], the rows' [(dropout key, tokens)], and the rows' pixel_values."""
     seqlens = [len(x["input_ids"]) for _, x in rows]
     batch = {
         "input_ids": torch.cat([x["input_ids"] for _, x in rows]),  # [T]
         "labels": torch.cat([x["labels"] for _, x in rows]),
         "seqlens": seqlens,
         "job": torch.repeat_interleave(torch.tensor([i for i, _ in rows]), torch.tensor(seqlens)),  # [T]
+        "weight": torch.repeat_interleave(torch.tensor([x["weight"] for _, x in rows]), torch.tensor(seqlens)),  # [T]
         "rows": [(x["key"], n) for (_, x), n in zip(rows, seqlens)],
     }
     tiles = [x["pixel_values"] for _, x in rows if "pixel_values" in x]
@@ -83,7 +83,7 @@ def prepare_pass(vlm: VLM, running: list[Running], group: list[tuple[int, dict]]
     rope = v2pe_rope([x["input_ids"] for _, x in group], vlm.cfg.image_token_id, vlm.cfg.v2pe_delta)
     step = packed_step(seqlens, device, logits=learn.nonzero()[:, 0], rope=rope)
     jobs_of = batch.pop("job")[learn]  # [N] each learned token's job, on the host
-    weights = torch.repeat_interleave(torch.tensor(row_weights(running, group)), torch.tensor(seqlens))[learn]  # [N]
+    weights = batch.pop("weight")[learn]  # [N] each learned token's weight in its job's loss
     in_job = upload(F.one_hot(jobs_of, len(running)).T.float() * weights, device)  # [jobs, N]
     image_tokens = batch["input_ids"] == vlm.cfg.image_token_id  # [T], on the host
     batch = {k: upload(v, device) for k, v in batch.items()}
@@ -105,11 +105,6 @@ def prepare_pass(vlm: VLM, running: list[Running], group: list[tuple[int, dict]]
 def learned(row: dict) -> int:
     """The tokens a row learns (each learns the label of the next one)."""
     return int((row["labels"][1:] != IGNORE).sum())
-
-
-def row_weights(running: list[Running], rows: list[tuple[int, dict]]) -> list[float]:
-    """Each row's weight of a learned token in its job's loss (its objective's)."""
-    return [objective_of(running[i].job).token_weight(learned(x)) for i, x in rows]
 
 
 @contextmanager

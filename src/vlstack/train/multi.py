@@ -26,11 +26,11 @@ from ..adapters import save_adapter
 from ..api import VLM
 from ..layers.lora import PARTS, add_adapter, part_of, remove_adapter, replay, under
 from ..layers.step import upload
-from .batch import learned, passes, prepare_pass, routed, row_weights
+from .batch import learned, passes, prepare_pass, routed
 from .data import DatasetError, Example, Stream, count_cut, encode_example, read_dataset
 from .fsdp import gathered, is_sharded, shard
 from .jobs import Job, JobError, check_outputs
-from .losses import job_losses, teacher_logits
+from .losses import job_losses, objective_of, teacher_logits
 from .optim import step_jobs
 from .pipeline import Pipe, pipe_for
 from .progress import plot_loss, record, truncate_metrics
@@ -221,13 +221,16 @@ def world() -> tuple[int, int]:
 def job_rows(vlm: VLM, running: list[Running], split: bool = True) -> list[tuple[int, dict]]:
     """The next micro-batch of every running job, encoded: [(job index, row)], in job order. Under data
     parallelism (split) each process takes every world-th row of each job's micro-batch. A row's `key` names it
-    within its job's run (micro-step and place in the micro-batch): its tokens' dropout masks follow from it."""
+    within its job's run (micro-step and place in the micro-batch): its tokens' dropout masks follow from it. Its
+    `learned` counts the tokens it learns, `weight` is each one's weight in its job's loss (the job's objective's)."""
     rank, size = world() if split else (0, 1)
     rows = []
     for i, r in enumerate(running):
         for j, ex in list(enumerate(r.stream.next()))[rank::size]:
             row = encode_example(vlm.processor, ex, r.job.max_len)
             row["key"] = r.micro * r.job.batch_size + j
+            row["learned"] = learned(row)
+            row["weight"] = objective_of(r.job).token_weight(row["learned"])
             rows.append((i, row))
     return rows
 
@@ -248,8 +251,8 @@ def train_step(
     jobs = len(running)
     # each job's loss is its weighted token losses over the whole (global) micro-batch's weight: sum it first
     weight, seen = [0.0] * jobs, [0] * jobs
-    for (i, x), w in zip(rows, row_weights(running, rows)):
-        weight[i] += learned(x) * w
+    for i, x in rows:
+        weight[i] += x["learned"] * x["weight"]
         seen[i] += len(x["input_ids"])
     if split:
         stats = torch.tensor([weight, seen], dtype=torch.float64, device=device)  # [2, jobs]

@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> None:
     engine = app.state.engine
     cache = f"{engine.max_batch} x {engine.max_len} tokens, {engine.cache_bytes / 2**30:.2f} GiB"
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    sock.listen(2048)  # from here a connection queues until the server takes it: "serving" is then true
     print(
         f"serving {name!r} and adapters {sorted(vlm.adapters)} on http://{args.host}:{args.port}/v1 "
         f"(KV cache: {cache})",
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port (not yet listening: a connection before the server starts is refused, not
+    """A socket bound to host:port (not yet listening: a connection while the model loads is refused, not
     left hanging), or a one-line error (a port in use, an address not of this machine)."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]

@@ -283,13 +283,13 @@ def greedy_ids(vlm, encoded: list[dict], n: int, adapters: list | None = None, e
 def rows_forward(model, ids: torch.Tensor, pixel_values=None, adapters=None) -> torch.Tensor:
     """ids [B, T] (+ their images' tiles in order) -> logits [B, T, V], row i with adapters[i]: the rows packed
     into one step as every caller does (with autograd when it is on)."""
-    from vlstack.layers.lora import prepare_lora, route
+    from vlstack.layers.lora import route
     from vlstack.layers.step import packed_step
 
     b, t = ids.shape
-    with route(model, adapters or [None] * b, counts=[t] * b):
-        prepare_lora(model, b * t, ids.device)  # (inference: several adapters through the stacks, as the engine)
-        return model(ids.flatten(), packed_step([t] * b, ids.device), pixel_values).view(b, t, -1)
+    step = packed_step([t] * b, ids.device)
+    step.lora = route(model, adapters or [None] * b, counts=[t] * b)  # (several adapters: by slot, as the engine)
+    return model(ids.flatten(), step, pixel_values).view(b, t, -1)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -12,6 +12,7 @@ from vlstack.adapters import load_adapter, merge_adapter, save_adapter
 from vlstack.chat import question_messages
 from vlstack.errors import ConfigError
 from vlstack.layers.lora import LoRASpec, add_adapter, lora_layers, remove_adapter, route
+from vlstack.layers.lora_routing import using
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def test_decode_step_stacks_its_adapters(ckpt):
             assert rel_err(fused[r : r + 1], vlm(ids[r : r + 1], adapter=name)) <= 1e-5
 
     check()
-    layers, slots = lora_layers(vlm.model), vlm.model.lora_routing.slots
+    layers, slots = lora_layers(vlm.model), vlm.model.lora_slots.slots
     assert all(m.stack is not None for m in layers.values())  # every layer took the stacked path
     holding_c = [n for n, m in layers.items() if slots["c"] in m.stack.held]
     assert holding_c == [n for n, m in layers.items() if "c" in m.lora_A]
@@ -162,10 +163,10 @@ def test_decode_step_stacks_its_adapters(ckpt):
         randomise_adapter(add_adapter(vlm.model, name, LoRASpec(rank=9 + i, alpha=9), seed=7 + i), seed=50 + i)
     rows[:] = ["e", "a", "g", None, "d", "f", "b"]
     check()
-    assert vlm.model.lora_routing.capacity == 8 and vlm.model.lora_routing.rank == 11
+    assert vlm.model.lora_slots.capacity == 8 and vlm.model.lora_slots.rank == 11
     for i, name in enumerate(("h", "i", "j")):  # 9 adapters: 16 slots
         randomise_adapter(add_adapter(vlm.model, name, LoRASpec(rank=4, alpha=9), seed=11 + i), seed=60 + i)
-    assert slots["j"] == 8 and vlm.model.lora_routing.capacity == 16
+    assert slots["j"] == 8 and vlm.model.lora_slots.capacity == 16
     rows[:] = ["j", None, "j"]  # one adapter: each layer's per-adapter path; the stacks stay as they were
     check()
     remove_adapter(vlm.model, "j")  # from stacks made before it came
@@ -207,7 +208,7 @@ def test_lora_gradients_match_peft(dtype):
     target = torch.randn(3, 5, 24, dtype=dtype)
     out = ref(x1)
     ((out - target) ** 2).sum().backward()
-    with route(ours, ["x"] * 3):
+    with using(route(ours, ["x"] * 3)):
         mine = ours(x2)
         ((mine - target) ** 2).sum().backward()
     assert mine.dtype == out.dtype == dtype

@@ -217,10 +217,11 @@ def test_fused_training_step_compiles_without_a_graph_break(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_every_job_in_one_matmul_gives_the_gradients_of_one_per_job(tmp_path, checkpointing):
-    """Routing.fused (a GPU's default): each LoRA layer runs every job in one pair of matmuls over slots built
+    """Slots.fused (a GPU's default): each LoRA layer runs every job in one pair of matmuls over slots built
     from the adapters' parameters; the losses and gradients are those of a pair per job, with dropout,
     different ranks and images, and with layers recomputed in backward."""
-    from vlstack.layers.lora import routing_of
+    from vlstack.layers.lora import slots_of
+    from vlstack.layers.lora_routing import active
     from vlstack.train import multi
 
     selected = jobs(tmp_path, "f")  # finance (images), legal (rank 2 on q, v; dropout), support (rsLoRA, vision)
@@ -232,13 +233,13 @@ def test_every_job_in_one_matmul_gives_the_gradients_of_one_per_job(tmp_path, ch
         for p in vlm.model.parameters():
             p.requires_grad_(False)
         vlm.model.train()
-        vlm.model.language_model.recompute = multi.replay(vlm.model) if checkpointing else None
-        routing_of(vlm.model).fused = fused
+        vlm.model.language_model.checkpointing = checkpointing
+        slots_of(vlm.model).fused = fused
         calls = []
         hook = torch.nn.Module.register_forward_hook  # (which path ran: the one-hot's or the per-job one)
         running = [multi.start(vlm, j, read_dataset(j.data)) for j in selected]
-        layer = next(iter(routing_of(vlm.model).members))
-        hook(layer, lambda m, i, o: calls.append(m.routing.onehot is not None))
+        layer = next(m for m in slots_of(vlm.model).members if m.name.startswith("language_model."))  # (tokens)
+        hook(layer, lambda m, i, o: calls.append(active().onehot is not None))
         losses = multi.train_step(vlm, running)
         return losses, [p.grad for r in running for p in r.params], calls
 
@@ -348,11 +349,10 @@ def test_dropout_masks_do_not_depend_on_how_a_step_is_split(tmp_path):
 
 
 def test_a_rows_dropout_mask_depends_on_its_key_alone():
-    from vlstack.layers.lora import Routing
+    from vlstack.layers.lora_routing import Route
 
     def masks(rows, salt=11, tiles=False):
-        routing = Routing()
-        routing.rows = rows
+        routing = Route(keys=rows)
         total = sum(n for _, n in rows)
         xs = torch.ones(total, 16, 32) if tiles else torch.ones(total, 512)  # tiles [N, P, C] or tokens [T, C]
         mask = routing.dropout_mask(xs, 0, total, 0.25, salt)
@@ -390,7 +390,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_adapters(tmp_path)
         hook = vlm.model.language_model.layers[0].register_forward_pre_hook(lambda *_, out=out: calls.append(out))
         train(vlm, jobs(tmp_path, out), max_rows=5, verbose=False, gradient_checkpointing=checkpointing)
         hook.remove()
-        assert vlm.model.language_model.recompute is None  # off again after training
+        assert not vlm.model.language_model.checkpointing  # off again after training
     assert calls.count("recomputed") == 2 * calls.count("kept") > 0
     for name in ("finance", "legal", "support"):
         kept, recomputed = adapter(tmp_path / "kept" / name), adapter(tmp_path / "recomputed" / name)

@@ -76,11 +76,11 @@ def test_a_failing_request_is_retried_out_of_its_step():
     engine = vlm.engine(max_batch=8)
     forward, poison = vlm.model.forward, 999
 
-    def broken(ids, *args, **kwargs):
+    def broken(ids, step, *args, **kwargs):
         decoding = ids.shape[-1] == 1 or ids.shape[0] > 1
-        if (ids == poison).any() or (decoding and any(s[0] == "legal" for s in vlm.model.lora_routing.segments)):
+        if (ids == poison).any() or (decoding and any(s[0] == "legal" for s in step.lora.segments)):
             raise RuntimeError("simulated fault of one request")
-        return forward(ids, *args, **kwargs)
+        return forward(ids, step, *args, **kwargs)
 
     questions = ["What is the total?", "Describe this picture.", "Who signed?", "Which bar?"]
     inputs = [vlm.processor(question_messages(q, 0)) for q in questions]
@@ -490,7 +490,7 @@ def test_reserved_adapter_slots_bound_hot_loading(adapter_dir, tmp_path):  # noq
         deadline = time.time() + 10
         while load("three", "small").status_code != 200 and time.time() < deadline:
             time.sleep(0.05)  # (the slot frees when the engine has unloaded it)
-        assert vlm.model.lora_routing.slots["three"] < 2 and vlm.model.lora_routing.capacity == 2
+        assert vlm.model.lora_slots.slots["three"] < 2 and vlm.model.lora_slots.capacity == 2
         content = [{"role": "user", "content": "hi"}]
         for model in ("two", "three", "tiny"):
             body = {"model": model, "messages": content, "max_tokens": 3}

@@ -19,7 +19,7 @@ def run(root: Path, tp: int) -> dict:
 
     import vlstack
     from vlstack.chat import question_messages
-    from vlstack.layers.lora import prepare_lora, route
+    from vlstack.layers.lora import route
     from vlstack.layers.step import packed_step
 
     out = {}
@@ -35,9 +35,9 @@ def run(root: Path, tp: int) -> dict:
             t = ids.shape[1]
             batch = ids.repeat(3, 1).flatten()
             pixels = torch.cat([encoded[0]["pixel_values"]] * 3)
-            with route(vlm.model, mixed, counts=[t] * 3):
-                prepare_lora(vlm.model, 3 * t, vlm.model.device)  # every adapter at once (the stacks)
-                logits = vlm.model(batch, packed_step([t] * 3, vlm.model.device), pixels).view(3, t, -1)
+            step = packed_step([t] * 3, vlm.model.device)
+            step.lora = route(vlm.model, mixed, counts=[t] * 3)  # every adapter at once (the stacks)
+            logits = vlm.model(batch, step, pixels).view(3, t, -1)
             alone = torch.stack([vlm(ids, encoded[0]["pixel_values"], adapter=a)[0] for a in mixed])  # per segment
         result = {"mixed": logits, "alone": alone}
         for static in (False, True):

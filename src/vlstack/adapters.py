@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .files import sha256_file, write_files
-from .layers.lora import MAX_RANK, LoRASpec, check_name, ensure_lora, lora_layers, remove_adapter, routing_of
+from .layers.lora import MAX_RANK, LoRALinear, LoRASpec, check_name, ensure_lora, lora_layers, remove_adapter, slots_of
 from .models import FAMILIES, original_name, our_name
 from .parallel.tp import shard_lora
 
@@ -188,11 +188,11 @@ def load_adapter(model: nn.Module, name: str, directory: str | Path) -> LoRASpec
     """Attach the PEFT adapter in directory to model under `name`; returns its spec."""
     kind = _model_type(model)
     config, weights = read_adapter(directory, kind)
-    available = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    available = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))}
     missing = sorted(set(weights) - available)
     if missing:
         raise ConfigError(f"adapter {name!r} targets modules this model does not have: {', '.join(missing[:5])}")
-    routing_of(model).check(name, max(a.shape[0] for a, _ in weights.values()))  # before any layer takes it
+    slots_of(model).check(name, max(a.shape[0] for a, _ in weights.values()))  # before any layer takes it
     layers = ensure_lora(model, sorted(weights))
     rslora = bool(config.get("use_rslora", False))
     spec = LoRASpec(
@@ -214,7 +214,7 @@ def load_adapter(model: nn.Module, name: str, directory: str | Path) -> LoRASpec
         with torch.no_grad():
             layer.lora_A[name].weight.copy_(a)
             layer.lora_B[name].weight.copy_(b)
-    routing_of(model).version += 1  # (its weights are in now: a static step's stacks take them)
+    slots_of(model).version += 1  # (its weights are in now: a static step's stacks take them)
     return spec
 
 

@@ -147,13 +147,15 @@ class VLM:
         if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab:
             raise PromptError(f"input_ids hold ids outside the vocabulary [0, {vocab})")
         b, t = input_ids.shape
-        with torch.inference_mode(), route(self.model, [adapter] * b, counts=[t] * b):
+        with torch.inference_mode():
+            lora = route(self.model, [adapter] * b, counts=[t] * b)
             n_slots = int((input_ids == self.cfg.image_token_id).sum())
             if n_slots and pixel_values is None:
                 raise PromptError(f"the prompt has {n_slots} image tokens but no images were given")
             pv = pixel_values.to(self.model.device) if pixel_values is not None else None
             rope = v2pe_rope(list(input_ids), self.cfg.image_token_id, self.cfg.v2pe_delta)
             step = packed_step([t] * b, self.model.device, rope=rope)
+            step.lora = lora
             return self.model(input_ids.flatten().to(self.model.device), step, pv).view(b, t, -1)
 
     def stream_batch(

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from ..layers.kv_cache import KVCache
-from ..layers.lora import prepare_lora, prepare_tiles, route, routing_of, slot_onehot
+from ..layers.lora import route, slots_of
+from ..layers.lora_routing import Route, slot_onehot
 from ..layers.step import decode_step, join, packed_step, upload
 from ..models.internvl import InternVL
 
@@ -67,14 +68,13 @@ def forward(
         step = decode if step is None else join(step, decode)
         ids.append(where[0])
         adapters, counts = adapters + list(row_adapters), counts + [1] * len(tokens)
-    with route(model, adapters, counts=counts):
-        prepare_lora(model, sum(counts), device)
-        if pixel_values is not None:
-            host = [c.ids.cpu() for c in chunks] + ([torch.tensor(rows[0])] if rows is not None else [])
-            image_tokens = torch.cat(host) == model.cfg.image_token_id  # [T], on the host
-            prepare_tiles(model, image_tokens, model.cfg.tokens_per_tile)
-        pv = pixel_values.to(device) if pixel_values is not None else None
-        return model(torch.cat([i.to(device) for i in ids]), step, pv, features, cache)
+    tiles = None
+    if pixel_values is not None:  # the route over the images' tiles, worked out on the host
+        host = [c.ids.cpu() for c in chunks] + ([torch.tensor(rows[0])] if rows is not None else [])
+        tiles = torch.cat(host) == model.cfg.image_token_id, model.cfg.tokens_per_tile  # [T] image tokens
+    step.lora = route(model, adapters, counts=counts, tiles=tiles, device=device)
+    pv = pixel_values.to(device) if pixel_values is not None else None
+    return model(torch.cat([i.to(device) for i in ids]), step, pv, features, cache)
 
 
 def prefill(
@@ -110,7 +110,7 @@ class Decoder:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None  # the graphs' memory pool, shared
         self.layout: tuple[int, int] | None = None  # the LoRA stacks' (slots, rank) the graphs were captured with
-        self.held = -1  # the routing's version the stacks hold (adapters added, loaded or removed since: re-read)
+        self.held = -1  # the slots' version the stacks hold (adapters added, loaded or removed since: re-read)
 
     def __call__(
         self,
@@ -131,8 +131,8 @@ class Decoder:
             assert pending is None, "pending tokens need the rows in slots 0..B-1"
             return forward(self.model, self.cache, [], (tokens, positions, slots, adapters, offsets))
         n = next(x for x in self.buckets if x >= b) if self.static else b
-        routing = routing_of(model)
-        lora = [routing.slots[a] if a is not None else -1 for a in adapters]
+        slots = slots_of(model).slots
+        lora = [slots[a] if a is not None else -1 for a in adapters]
         pad = n - b
         self.inputs[:, :n].copy_(upload([tokens + [0] * pad, positions + [0] * pad, lora + [-1] * pad], model.device))
         if pending is not None:
@@ -141,45 +141,42 @@ class Decoder:
             self.offsets[:n].copy_(upload(list(offsets or [0.0] * b) + [0.0] * pad, model.device, torch.float32))
         keys = max(positions) + 1
         if not self.static:
-            with route(model, adapters):
-                prepare_lora(model, n, model.device)
-                return self._forward(n, keys, onehot=False)
+            return self._forward(n, keys, route(model, adapters))
         keys = min(max(128, 1 << (keys - 1).bit_length()), self.cache.max_len)  # a power of two: few graphs
         self._hold_adapters()
         if not self.capture:
-            return self._forward(n, keys, onehot=True)[:b]
+            return self._forward(n, keys)[:b]
         if (n, keys) not in self.graphs:
             self._capture(n, keys)
         graph, logits = self.graphs[n, keys]
         graph.replay()
         return logits[:b]
 
-    def _forward(self, n: int, keys: int, onehot: bool) -> torch.Tensor:
-        tokens, positions, lora = self.inputs[:, :n]  # [n] each
+    def _forward(self, n: int, keys: int, lora: Route | None = None) -> torch.Tensor:
+        """The step over the first n rows of the inputs; lora: the rows' route (None: the static step's, by each
+        row's slot in the inputs, inside the step)."""
+        tokens, positions, slot = self.inputs[:, :n]  # [n] each
         offsets = None if self.offsets is None else self.offsets[:n]
         step = decode_step(positions, None, self.cache.max_len, keys, offsets)
-        routing = routing_of(self.model)
-        if onehot and routing.capacity:
-            routing.onehot = slot_onehot(lora, routing.capacity, routing.rank)  # [n, S*R]
-        try:
-            return self.model(tokens, step, cache=self.cache)  # [n, V]
-        finally:
-            if onehot:
-                routing.onehot = None
+        slots = slots_of(self.model)
+        if lora is None and slots.capacity:
+            lora = Route(onehot=slot_onehot(slot, slots.capacity, slots.rank))  # [n, S*R]
+        step.lora = lora
+        return self.model(tokens, step, cache=self.cache)  # [n, V]
 
     def _hold_adapters(self) -> None:
         """Before a static step: every LoRA layer's stack holds the loaded adapters, re-read when adapters were
         added, loaded or removed (weights changed in place later are not seen here: load them anew); stacks of
         another shape (more adapters than there were slots) invalidate the graphs."""
-        routing = routing_of(self.model)
-        if (routing.capacity, routing.rank) != self.layout:
+        slots = slots_of(self.model)
+        if (slots.capacity, slots.rank) != self.layout:
             self.graphs.clear()
-            self.layout, self.held = (routing.capacity, routing.rank), -1
-        if self.held != routing.version:
+            self.layout, self.held = (slots.capacity, slots.rank), -1
+        if self.held != slots.version:
             like = torch.empty(0, device=self.model.device, dtype=self.model.dtype)
-            for layer in routing.members:
+            for layer in slots.members:
                 layer.prepare(like)
-            self.held = routing.version
+            self.held = slots.version
 
     def _capture(self, n: int, keys: int) -> None:
         """Capture the step over n rows reading `keys` positions (run twice first, as capture requires)."""
@@ -187,10 +184,10 @@ class Decoder:
         stream.wait_stream(torch.cuda.current_stream(self.model.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._forward(n, keys, onehot=True)
+                self._forward(n, keys)
         torch.cuda.current_stream(self.model.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(n, keys, onehot=True)
+            logits = self._forward(n, keys)
         self.pool = graph.pool()
         self.graphs[n, keys] = graph, logits

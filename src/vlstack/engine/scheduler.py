@@ -441,8 +441,8 @@ class Engine:
             step = max(1, self.vision_tokens // self.cfg.vision.patches)  # tiles per pass
             parts = []
             for a in range(0, len(tiles), step):  # passes of at most vision_tokens encoder tokens
-                with route(model, new_adapters[a : a + step]):
-                    parts.append(model.image_features(tiles[a : a + step].to(device)))  # [tiles, P, C]
+                lora = route(model, new_adapters[a : a + step], device=device)  # (a tile: a row)
+                parts.append(model.image_features(tiles[a : a + step].to(device), lora))  # [tiles, P, C]
             feats = torch.cat(parts)  # [new tiles, P, C]
             for key, f in zip(new_keys, feats.split([len(t) for t in new_tiles])):
                 found[key] = f

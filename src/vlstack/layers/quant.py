@@ -32,7 +32,6 @@ from ..errors import ConfigError
 
 METHOD = "vlstack"
 SKIP = ("vision_tower", "multi_modal_projector", "lm_head")  # kept in full precision by default
-LLM_LINEAR = re.compile(r"language_model\.layers\.\d+\.(self_attn|mlp)\.\w+")
 
 
 @dataclass
@@ -40,7 +39,8 @@ class QuantConfig:
     bits: int = 8  # 8: per output channel; 4: per group
     group_size: int = 128  # (int4) inputs sharing a scale and zero point
     kernel: str = "reference"  # "reference": x @ dequant(W).T; "fast": the device's quantised kernel
-    modules: str = LLM_LINEAR.pattern  # which Linear layers, by name (regex, whole name)
+    modules: str = "language"  # which Linear layers: a part of the model's (language, vision, projector), or a regex
+    # over their names (whole name)
     full_precision: tuple[str, ...] = SKIP  # name prefixes never quantised (set [] and modules: .* for all)
     awq: bool = False  # activation-aware scaling (AWQ-style) from the calibration examples of `data`
     data: str | None = None  # calibration JSONL (the training format), for awq
@@ -136,8 +136,6 @@ def dequantize(t: dict[str, torch.Tensor], bits: int, group_size: int) -> torch.
 class QuantLinear(nn.Linear):
     """A Linear whose weight is stored quantised (no float weight is kept)."""
 
-    settings = ("quant", "packed")  # what a LoRA layer wrapping it takes over besides its tensors
-
     def __init__(self, in_features: int, out_features: int, bias: bool, cfg: QuantConfig, device=None, dtype=None):
         nn.Module.__init__(self)
         self.in_features, self.out_features, self.quant = in_features, out_features, cfg
@@ -178,9 +176,7 @@ class QuantLinear(nn.Linear):
         return quantized_linear(self, x)
 
 
-# (functions of the layer's tensors and settings, not methods: a LoRA layer wrapping a QuantLinear runs them on
-# the tensors it took over)
-def dequantized(layer: nn.Module, raw: bool = False) -> torch.Tensor:
+def dequantized(layer: QuantLinear, raw: bool = False) -> torch.Tensor:
     """The float weight [out, in] a quantised layer's integers stand for, in its scales' dtype (with AWQ's input
     scale folded in, unless raw)."""
     tensors = {n: b for n, b in layer.named_buffers(recurse=False)}
@@ -190,8 +186,8 @@ def dequantized(layer: nn.Module, raw: bool = False) -> torch.Tensor:
     return w.to(layer.scales.dtype)
 
 
-def quantized_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x [..., in] -> [..., out] through a quantised layer (QuantLinear, or a LoRA layer over one)."""
+def quantized_linear(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] -> [..., out] through a quantised layer."""
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     fast = (layer.quant.bits == 8 and x.is_cuda) or (layer.quant.kernel == "fast" and x.device.type == "cpu")
     if not fast:
@@ -207,7 +203,7 @@ def quantized_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y if bias is None else y + bias
 
 
-def _w8a8(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _w8a8(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """x [N, in] -> [N, out]: fbgemm's int8 x int8 kernel, the activations quantised per token on the fly."""
     if layer.packed is None:
         zero = torch.zeros(layer.out_features, dtype=torch.long)
@@ -222,7 +218,7 @@ def _w8a8(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.quantized.linear_dynamic(x.float(), layer.packed, reduce_range=True)
 
 
-def _int4(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _int4(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """x [N, in] -> [N, out]: PyTorch's CPU int4 matmul, bfloat16 activations. Its weight: w = (q - 8) s + m per
     group, so m = (8 - zero) s."""
     if layer.packed is None:
@@ -247,7 +243,8 @@ def quantized_layout(model: nn.Module, cfg: QuantConfig) -> None:
 def targets(model: nn.Module, cfg: QuantConfig, width: Callable[[str, int], int] | None = None) -> list[str]:
     """The Linear layers cfg quantises; int4: each one's inputs (width(name, in_features): what they will be,
     after a pruning still to come) a multiple of the group size."""
-    pattern = re.compile(cfg.modules)
+    parts = getattr(model, "parts", {})  # the model's table of parts (models/internvl.py)
+    pattern = parts[cfg.modules] if cfg.modules in parts else re.compile(cfg.modules)
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and pattern.fullmatch(n)]
     names = [n for n in names if not n.startswith(tuple(cfg.full_precision))]
     if not names:

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .lora_routing import Route
+
 
 @dataclass
 class Step:
@@ -31,6 +33,7 @@ class Step:
     parts: tuple[tuple[int, int, Step], ...] | None = None  # a joined step: its steps over tokens [a, b)
     extent: torch.Tensor | None = None  # [T] its sequence's length after this step (None: position + 1)
     rope: torch.Tensor | None = None  # [T] float: the positions RoPE rotates by, where V2PE makes them differ
+    lora: Route | None = None  # which adapter each token runs (None: the base alone)
 
 
 def decode_step(

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -11,10 +13,38 @@ from ..config import VLMConfig
 from ..errors import PromptError
 from ..layers.activations import ACTIVATIONS
 from ..layers.kv_cache import KVCache
-from ..layers.lora import tiles_of
+from ..layers.lora_routing import Route, using
 from ..layers.step import Step
 from . import family
 from .intern_vit import VisionTower
+
+# The model's parts, the one table of them (read by LoRA's targets, quantisation, the pipeline's stages and
+# pruning): where each part's Linear layers are, by module name; the decoder layer a weight is in.
+PARTS = {
+    "language": re.compile(r"language_model\.layers\.\d+\.(self_attn|mlp)\.\w+"),
+    "vision": re.compile(r"vision_tower\.encoder\.layer\.\d+\.(attention|mlp)\.\w+"),
+    "projector": re.compile(r"multi_modal_projector\.linear_[12]"),
+}
+MODULES = ("vision_tower", "multi_modal_projector", "language_model", "lm_head")  # the model's top level
+DECODER_LAYER = re.compile(r"language_model\.layers\.(\d+)\.")
+
+
+def part_of(name: str) -> str:
+    """The part a parameter of the model belongs to, by its name: vision, projector or language (the rest)."""
+    if name.startswith("vision_tower."):
+        return "vision"
+    return "projector" if name.startswith("multi_modal_projector.") else "language"
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer a weight (or module) of the model is in, by its name; None: in none."""
+    m = DECODER_LAYER.match(name)
+    return None if m is None else int(m.group(1))
+
+
+def under(name: str, prefix: str) -> bool:
+    """Whether the weight `name` is `prefix` or inside the module `prefix` (dotted names)."""
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def pixel_shuffle(x: torch.Tensor, ratio: float, version: str = "v2") -> torch.Tensor:
@@ -43,6 +73,8 @@ class Projector(nn.Module):
 
 
 class InternVL(nn.Module):
+    parts = PARTS
+
     def __init__(self, cfg: VLMConfig):
         super().__init__()
         self.cfg = cfg
@@ -65,19 +97,26 @@ class InternVL(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [N tiles, 3, S, S] -> visual embeddings [N, tokens per tile, LLM width]."""
-        x = self.vision_tower(pixel_values.to(self.dtype), self.cfg.vision_feature_layer)  # [N, P, C]
-        n, p, c = x.shape
-        side = int(p**0.5)
-        x = pixel_shuffle(x.reshape(n, side, side, c), self.cfg.downsample_ratio, self.cfg.pixel_shuffle_version)
-        return self.multi_modal_projector(x.flatten(1, 2))  # [N, p*r², LLM width]
+    def image_features(self, pixel_values: torch.Tensor, lora: Route | None = None) -> torch.Tensor:
+        """pixel_values [N tiles, 3, S, S] -> visual embeddings [N, tokens per tile, LLM width]. lora: the route
+        over the tiles (adapters of the vision tower and projector)."""
+        with using(lora):
+            x = self.vision_tower(pixel_values.to(self.dtype), self.cfg.vision_feature_layer)  # [N, P, C]
+            n, p, c = x.shape
+            side = int(p**0.5)
+            x = pixel_shuffle(x.reshape(n, side, side, c), self.cfg.downsample_ratio, self.cfg.pixel_shuffle_version)
+            return self.multi_modal_projector(x.flatten(1, 2))  # [N, p*r², LLM width]
 
     def embed(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+        lora: Route | None = None,
     ) -> torch.Tensor:
         """Token embeddings [T, C] with the visual embeddings at <IMG_CONTEXT> positions, in order: those of
-        pixel_values, or `features` [N, P, C] already computed (the server's cache of visual embeddings)."""
+        pixel_values, or `features` [N, P, C] already computed (the server's cache of visual embeddings). lora:
+        the step's route (its adapters act on the tiles of their own sequences' images)."""
         embeds = self.language_model.embed_tokens(input_ids)
         if features is None and (pixel_values is None or not pixel_values.numel()) and not self.vision_always:
             return embeds  # (no images: an <IMG_CONTEXT> the model generated is an ordinary token, as in
@@ -87,17 +126,8 @@ class InternVL(nn.Module):
             side = self.cfg.vision.image_size
             pixel_values = embeds.new_zeros(0, 3, side, side)
         if features is None:
-            routing = getattr(self, "lora_routing", None)  # adapters of the vision tower act on each row's tiles
-            if routing is not None and routing.segments:
-                old = routing.segments, routing.rows
-                tiles = routing.tiles or tiles_of(routing, is_image, self.cfg.tokens_per_tile)  # (prepared, or now)
-                routing.segments, routing.rows = tiles
-                try:
-                    features = self.image_features(pixel_values)
-                finally:
-                    routing.segments, routing.rows = old
-            else:
-                features = self.image_features(pixel_values)  # [N, P, C]
+            tiles = lora.over_tiles(is_image, self.cfg.tokens_per_tile) if lora is not None and lora.segments else None
+            features = self.image_features(pixel_values, tiles)  # [N, P, C]
         if not torch.compiler.is_compiling():  # (a count waits on the device; a compiled step's callers check it)
             n_slots, n_features = int(is_image.sum()), features.shape[0] * features.shape[1]
             if n_slots != n_features:
@@ -120,7 +150,7 @@ class InternVL(nn.Module):
         visual embeddings `features` [N, P, C]) -> logits [N, vocab] of the step's logit tokens (all T unless
         step.logits names some). head=False: the final hidden states [N, C] instead (training applies the head
         in chunks)."""
-        hidden = self.language_model(self.embed(input_ids, pixel_values, features), step, cache)  # [T, C]
+        hidden = self.language_model(self.embed(input_ids, pixel_values, features, step.lora), step, cache)  # [T, C]
         if step.logits is not None:
             hidden = hidden[step.logits]  # [N, C]
         if not head:

@@ -10,7 +10,6 @@ slot mapping, mask); the KV cache is the engine's, passed in.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from ..config import TextConfig
 from ..errors import ConfigError
 from ..layers.attention import attention
 from ..layers.kv_cache import KVCache
+from ..layers.lora_routing import using
 from ..layers.mlp import GatedMLP
 from ..layers.norm import RMSNorm
 from ..layers.rotary import KINDS, Rotary, rotate
@@ -180,8 +180,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, step: Step, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        with using(step.lora):  # (a layer recomputed in backward is called with its step: the same route)
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, step, cache)
+            return x + self.mlp(self.post_attention_layernorm(x))
 
 
 def rotary(cfg: TextConfig) -> Rotary:
@@ -195,9 +196,7 @@ class LanguageModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = rotary(cfg)
-        # gradient checkpointing: a context_fn (lora.replay) makes training keep only each layer's input and
-        # recompute the layer in backward; None keeps every activation
-        self.recompute: Callable | None = None
+        self.checkpointing = False  # training keeps only each layer's input and recomputes the layer in backward
 
     def forward(
         self, embeds: torch.Tensor, step: Step, cache: KVCache | None = None, span: range | None = None
@@ -208,8 +207,8 @@ class LanguageModel(nn.Module):
         x = embeds
         span = span or range(len(self.layers))
         for layer in (self.layers[i] for i in span):
-            if self.recompute is not None and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, step, cache, use_reentrant=False, context_fn=self.recompute)
+            if self.checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, step, cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, step, cache)
         return self.norm(x) if span.stop == len(self.layers) else x

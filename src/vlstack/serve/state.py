@@ -12,7 +12,7 @@ from fastapi import Request
 from ..api import VLM
 from ..engine.scheduler import Engine
 from ..errors import ConfigError
-from ..layers.lora import routing_of
+from ..layers.lora import slots_of
 from .auth import AuditLog, Tenant
 from .metrics import Metrics
 
@@ -62,7 +62,7 @@ class ServeConfig:
 def make_engine(vlm: VLM, cfg: ServeConfig, background: bool = True) -> Engine:
     """The server's engine (and, under tensor parallelism, each other rank's: the same KV cache and steps)."""
     if cfg.max_adapters or cfg.max_lora_rank:  # hot loads write into free slots: the stacks never grow
-        routing_of(vlm.model).reserve(cfg.max_adapters or 8, cfg.max_lora_rank or 64)
+        slots_of(vlm.model).reserve(cfg.max_adapters or 8, cfg.max_lora_rank or 64)
     return vlm.engine(
         cfg.max_batch,
         kv_budget=cfg.kv_budget,

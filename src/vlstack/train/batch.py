@@ -4,15 +4,13 @@ with what the forward and the losses need worked out on the host first (nothing 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from ..layers.lora import prepare_lora, prepare_tiles, route
+from ..layers.lora import route
 from ..layers.step import Step, packed_step, upload, v2pe_rope
 from .data import IGNORE
 
@@ -57,19 +55,15 @@ def pack(rows: list[tuple[int, dict]]) -> dict:
 @dataclass
 class Pass:
     """One pass's rows back to back, worked out on the host (nothing waits on the device): its tokens and
-    images, step metadata, learned tokens' targets [N] and jobs [N] (host) and in_job [jobs, N], and the
-    LoRA routing (each row's adapter, length and dropout key)."""
+    images, step metadata (with the LoRA route: each row's adapter, length and dropout key), learned tokens'
+    targets [N] and jobs [N] (host) and in_job [jobs, N]."""
 
     ids: torch.Tensor  # [T]
     pixels: torch.Tensor | None  # [tiles, 3, S, S]
-    image_tokens: torch.Tensor  # [T] bool, on the host
     step: Step
     targets: torch.Tensor  # [N]
     jobs: torch.Tensor  # [N] each learned token's job, on the host
     in_job: torch.Tensor  # [jobs, N]
-    names: list[str | None]
-    seqlens: list[int]
-    keyed: list[tuple[int, int]]
 
 
 def prepare_pass(vlm: VLM, running: list[Running], group: list[tuple[int, dict]]) -> Pass:
@@ -88,31 +82,11 @@ def prepare_pass(vlm: VLM, running: list[Running], group: list[tuple[int, dict]]
     image_tokens = batch["input_ids"] == vlm.cfg.image_token_id  # [T], on the host
     batch = {k: upload(v, device) for k, v in batch.items()}
     names = [None if running[i].job.full else running[i].job.name for i, _ in group]  # (full: the base's own)
-    return Pass(
-        batch["input_ids"],
-        batch.get("pixel_values"),
-        image_tokens,
-        step,
-        upload(targets[learn], device),
-        jobs_of,
-        in_job,
-        names,
-        seqlens,
-        keyed,
-    )
+    tiles = (image_tokens, vlm.cfg.tokens_per_tile) if "pixel_values" in batch else None
+    step.lora = route(vlm.model, names, counts=seqlens, keys=keyed, tiles=tiles)  # (on a GPU: one pair of matmuls)
+    return Pass(batch["input_ids"], batch.get("pixel_values"), step, upload(targets[learn], device), jobs_of, in_job)
 
 
 def learned(row: dict) -> int:
     """The tokens a row learns (each learns the label of the next one)."""
     return int((row["labels"][1:] != IGNORE).sum())
-
-
-@contextmanager
-def routed(vlm: VLM, p: Pass) -> Iterator[None]:
-    """The pass's LoRA routing, for its forward."""
-    model = vlm.model
-    with route(model, p.names, counts=p.seqlens, rows=p.keyed):
-        prepare_lora(model, len(p.ids), model.device)  # (on a GPU: every job's LoRA in one pair of matmuls)
-        if p.pixels is not None:
-            prepare_tiles(model, p.image_tokens, vlm.cfg.tokens_per_tile)
-        yield

@@ -50,7 +50,8 @@ from typing import Any
 
 from ..errors import ConfigError, VLStackError
 from ..files import overlap, read_yaml
-from ..layers.lora import LLM_TARGETS, MAX_RANK, MODULES, PARTS, LoRASpec, check_name, part_of
+from ..layers.lora import LLM_TARGETS, MAX_RANK, LoRASpec, check_name
+from ..models.internvl import MODULES, PARTS, part_of
 from .state import run_dir
 
 MAX_BATCH, MAX_LEN, MAX_STEPS, MAX_EPOCHS = 1024, 1 << 20, 10**9, 10**4

@@ -12,6 +12,7 @@ reduction of the terms).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -109,7 +110,7 @@ def job_losses(
     (teacher: see token_losses; features: the images' features, computed already). Tensors only: it compiles
     whole (a test's proof)."""
     hidden = model(ids, step, None if features is not None else pixel_values, features, head=False)  # [N, C]
-    recompute = model.language_model.recompute is not None
+    recompute = model.language_model.checkpointing
     return pass_losses(model.lm_head, hidden, targets, in_job, recompute, teacher)  # [jobs]
 
 
@@ -133,6 +134,7 @@ def teacher_logits(
     temp = torch.tensor([r.job.temperature for r in running])[job]  # [N] (each job's, at its tokens)
     weight = torch.tensor([r.job.hidden_weight for r in running])[job]  # [N]
     device = ids.device
+    step = dataclasses.replace(step, lora=None)  # (the students' adapters are not the teachers')
     with torch.no_grad():
         for teacher in teachers.values():
             mine = upload(torch.tensor([r.teacher is teacher for r in running])[job], device)  # [N] its jobs' tokens

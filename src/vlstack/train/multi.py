@@ -24,9 +24,10 @@ import torch.distributed as dist
 
 from ..adapters import save_adapter
 from ..api import VLM
-from ..layers.lora import PARTS, add_adapter, part_of, remove_adapter, replay, under
+from ..layers.lora import add_adapter, remove_adapter
 from ..layers.step import upload
-from .batch import learned, passes, prepare_pass, routed
+from ..models.internvl import PARTS, part_of, under
+from .batch import learned, passes, prepare_pass
 from .data import DatasetError, Example, Stream, count_cut, encode_example, read_dataset
 from .fsdp import gathered, is_sharded, shard
 from .jobs import Job, JobError, check_outputs
@@ -268,10 +269,9 @@ def train_step(
         scale = world()[1] if is_sharded(model) else 1  # (FSDP averages what it reduces: fsdp.py)
         for group in passes(rows, max_tokens):
             p = prepare_pass(vlm, running, group)
-            with routed(vlm, p):  # a job's rows: one run
-                feats = shared_features(vlm, running, p.pixels)  # (once for the student and its teachers)
-                kd = teacher_logits(running, p.jobs, p.ids, p.pixels, p.step, feats)
-                pass_sums = job_losses(model, p.ids, p.step, p.pixels, p.targets, p.in_job, kd, feats)
+            feats = shared_features(vlm, running, p.pixels)  # (once for the student and its teachers)
+            kd = teacher_logits(running, p.jobs, p.ids, p.pixels, p.step, feats)
+            pass_sums = job_losses(model, p.ids, p.step, p.pixels, p.targets, p.in_job, kd, feats)
             ((pass_sums / denominators).sum() * scale).backward()
             sums += pass_sums.detach()
     if split:
@@ -391,7 +391,7 @@ def train(
     """
     model = vlm.model
     model.train()
-    model.language_model.recompute = replay(model) if gradient_checkpointing else None
+    model.language_model.checkpointing = gradient_checkpointing
     for p in model.parameters():
         p.requires_grad_(False)
     lead, size = world()[0] == 0, world()[1]
@@ -483,7 +483,7 @@ def train(
                     finished[r.job.name] = r
     finally:
         model.eval()
-        model.language_model.recompute = None
+        model.language_model.checkpointing = False
     if pipe is not None and (line := pipe.report()) and verbose:
         print(line, file=sys.stderr, flush=True)
     return finished

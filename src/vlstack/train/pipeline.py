@@ -28,7 +28,6 @@ from torch import nn
 
 from ..layers.lora import lora_layers
 from ..models.internvl import InternVL
-from .batch import routed
 from .losses import pass_losses
 
 
@@ -85,14 +84,13 @@ class Pipe:
                 dist.recv(x, self.rank - 1)
                 x.requires_grad_(True)
             t = time.perf_counter()
-            with routed(vlm, p):
-                h = model.embed(p.ids, p.pixels) if self.first else x
-                h = model.language_model(h, p.step, span=self.layers)  # [T, C] (the last stage: normed)
-                if self.last:
-                    recompute = model.language_model.recompute is not None
-                    pass_sums = pass_losses(model.lm_head, h[p.step.logits], p.targets, p.in_job, recompute)
-                    sums += pass_sums.detach()
-                    h = (pass_sums / denominators).sum()
+            h = model.embed(p.ids, p.pixels, lora=p.step.lora) if self.first else x
+            h = model.language_model(h, p.step, span=self.layers)  # [T, C] (the last stage: normed)
+            if self.last:
+                recompute = model.language_model.checkpointing
+                pass_sums = pass_losses(model.lm_head, h[p.step.logits], p.targets, p.in_job, recompute)
+                sums += pass_sums.detach()
+                h = (pass_sums / denominators).sum()
             busy += time.perf_counter() - t
             if not self.last:
                 dist.send(h.detach().contiguous(), self.rank + 1)

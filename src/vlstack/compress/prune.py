@@ -27,6 +27,7 @@ from ..config import check_fields
 from ..errors import ConfigError
 from ..layers.norm import RMSNorm
 from ..layers.step import packed_step
+from ..models.internvl import layer_of
 
 
 @dataclass
@@ -152,11 +153,11 @@ def prune(vlm, cfg: PruneConfig, scores: dict[str, torch.Tensor]) -> None:
     state = {k: v for k, v in vlm.model.state_dict().items() if ".lora_" not in k}
     out = {}
     for name, w in state.items():
-        if not name.startswith("language_model.layers."):
+        i = layer_of(name)
+        if i is None:  # (not in a decoder layer)
             out[name] = w
             continue
-        _, _, index, rest = name.split(".", 3)
-        i = int(index)
+        rest = name.split(".", 3)[3]
         if i not in layers:
             continue
         keep_n, keep_g = top(scores["mlp"][i], neurons), top(scores["groups"][i], groups)

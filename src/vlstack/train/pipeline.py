@@ -18,7 +18,6 @@ one-process run's.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -27,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..layers.lora import lora_layers
-from ..models.internvl import InternVL
+from ..models.internvl import InternVL, layer_of
 from .losses import pass_losses
 
 
@@ -64,10 +63,10 @@ class Pipe:
     def owner(self, name: str) -> int:
         """The stage that trains a parameter, by its name: its decoder layer's, else the first stage (vision tower,
         projector)."""
-        m = re.match(r"language_model\.layers\.(\d+)\.", name)
-        if m is None:
+        layer = layer_of(name)
+        if layer is None:
             return 0
-        return next(s for s, span in enumerate(self.spans) if int(m.group(1)) in span)
+        return next(s for s, span in enumerate(self.spans) if layer in span)
 
     def run(self, vlm, passes: list, denominators: torch.Tensor) -> torch.Tensor:
         """Every pass forward through this stage, then every pass backward (last first); returns each job's summed

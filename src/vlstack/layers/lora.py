@@ -202,28 +202,36 @@ class LoRALinear(nn.Module):
             a, b = self.by_slot()  # [S*R, in], [S*R, out] (scaling folded into b)
             h = (self.dropped(x, route).to(a.dtype) @ a.t()) * route.onehot  # [T, S*R]: each its own slot's ranks
             return y.addmm_(h, b) if h.dtype == y.dtype else y.add_(h @ b)  # (float32 over half: rounded once)
-        for name, start, end in route.segments:  # by segments: each adapter on its own rows, added in place
+        pieces, done = [], 0  # by segments: each adapter's update on its own rows, zeros where none applies
+        for name, start, end in route.segments:
             if name in self.lora_A:
                 a, b = self.lora_A[name].weight, self.lora_B[name].weight  # [r, in], [out, r]
                 xs = self.dropped(x.narrow(0, start, end - start), route, name, start)
-                h = xs.reshape(-1, self.in_features).to(a.dtype) @ a.t()  # [n, r]
-                ys = y.narrow(0, start, end - start).view(-1, self.out_features)  # [n, out], a view of y
-                ys.add_(h @ b.t() * self.scaling[name])  # (as PEFT: over a half-precision base, rounded once)
-        return y
+                h = xs.to(a.dtype) @ a.t()  # [n, ..., r]
+                if start > done:
+                    pieces.append(y.new_zeros(start - done, *y.shape[1:], dtype=h.dtype))
+                pieces.append(h @ b.t() * self.scaling[name])  # (as PEFT: over a half-precision base, rounded once)
+                done = end
+        if not pieces:
+            return y
+        if done < y.shape[0]:
+            pieces.append(y.new_zeros(y.shape[0] - done, *y.shape[1:], dtype=pieces[0].dtype))
+        return y.add_(pieces[0] if len(pieces) == 1 else torch.cat(pieces))  # one add, in place (no view: no copy)
 
     def dropped(self, x: torch.Tensor, route: Route, name: str | None = None, start: int = 0) -> torch.Tensor:
         """x (the step's rows from `start` on, all of adapter `name`'s; or, name None, every row) with each row's
         LoRA dropout mask (its adapter's) in training; x itself otherwise."""
         if not self.training:
             return x
-        runs = route.segments if name is None else [(name, start, start + x.shape[0])]
+        if name is not None:
+            p, salt = self.dropout[name]
+            return x * route.dropout_mask(x, start, start + x.shape[0], p, salt) if p else x
         mask = None
-        for adapter, first, end in runs:
+        for adapter, first, end in route.segments:
             p, salt = self.dropout.get(adapter, (0.0, 0))
             if p:
                 mask = torch.ones_like(x) if mask is None else mask
-                rows = x.narrow(0, first - start, end - first)
-                mask[first - start : end - start] = route.dropout_mask(rows, first, end, p, salt)
+                mask[first:end] = route.dropout_mask(x.narrow(0, first, end - first), first, end, p, salt)
         return x if mask is None else x * mask
 
     def by_slot(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -141,7 +141,7 @@ class Decoder:
             self.offsets[:n].copy_(upload(list(offsets or [0.0] * b) + [0.0] * pad, model.device, torch.float32))
         keys = max(positions) + 1
         if not self.static:
-            return self._forward(n, keys, route(model, adapters))
+            return self._forward(n, keys, route(model, adapters, device=model.device))
         keys = min(max(128, 1 << (keys - 1).bit_length()), self.cache.max_len)  # a power of two: few graphs
         self._hold_adapters()
         if not self.capture:
@@ -173,9 +173,7 @@ class Decoder:
             self.graphs.clear()
             self.layout, self.held = (slots.capacity, slots.rank), -1
         if self.held != slots.version:
-            like = torch.empty(0, device=self.model.device, dtype=self.model.dtype)
-            for layer in slots.members:
-                layer.prepare(like)
+            slots.prepare(torch.empty(0, device=self.model.device, dtype=self.model.dtype))
             self.held = slots.version
 
     def _capture(self, n: int, keys: int) -> None:

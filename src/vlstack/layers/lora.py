@@ -124,6 +124,12 @@ class Slots:
             self.capacity *= 2
         self.rank = max(self.rank, rank)
 
+    def prepare(self, like: torch.Tensor) -> None:
+        """Before inference steps by slot: every LoRA layer's stack holds the adapters' current weights (like: the
+        base's dtype and device)."""
+        for layer in self.members:
+            layer.prepare(like)
+
     def onehot(self, segs: list[tuple[str, int, int]], rows: int, device: torch.device) -> torch.Tensor:
         """[rows, capacity * rank] on device: each token's slot, by the segments (tokens of no adapter: zeros)."""
         return slot_onehot(upload(token_slots(segs, self.slots, rows), device), self.capacity, self.rank)
@@ -388,9 +394,7 @@ def route(
     if len({n for n, _, _ in r.segments}) >= 2:
         rows = sum(counts) if counts else len(adapters or [])
         if not torch.is_grad_enabled():
-            like = torch.empty(0, device=device, dtype=next(model.parameters()).dtype)
-            for layer in slots.members:
-                layer.prepare(like)
+            slots.prepare(torch.empty(0, device=device, dtype=next(model.parameters()).dtype))
             r.onehot = slots.onehot(r.segments, rows, device)
         elif slots.fused if slots.fused is not None else device.type == "cuda":
             r.onehot = slots.onehot(r.segments, rows, device)

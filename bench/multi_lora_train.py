@@ -80,7 +80,7 @@ def jobs(data: list[Path], out: Path, steps: int, batch: int):
     from vlstack.train.jobs import Job
 
     return [
-        Job(
+        Job.of(
             f"job{j}",
             p,
             out / f"job{j}",
@@ -147,7 +147,9 @@ def run_peft(
     tokens, t = 0, time.perf_counter()
     for job in jobs(data, out, steps, batch):
         config = LoraConfig(
-            r=job.rank, lora_alpha=job.alpha, target_modules=r".*language_model.*\.(" + "|".join(TARGETS) + ")"
+            r=job.lora.rank,
+            lora_alpha=job.lora.alpha,
+            target_modules=r".*language_model.*\.(" + "|".join(TARGETS) + ")",
         )
         peft_model = get_peft_model(base, config)
         peft_model.train()

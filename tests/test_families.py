@@ -195,9 +195,9 @@ def test_fused_training_on_fused_projections(kind, tmp_path, internlm2):
     targets = ["wqkv", "w2"] if kind == "internlm2" else ["qkv_proj"]  # (PEFT's names for the family's layers)
 
     def jobs(out: str) -> list[Job]:
-        return [Job("a", write_dataset(data, "a", 4, True), tmp_path / out / "a", rank=4, alpha=8, batch_size=2,
+        return [Job.of("a", write_dataset(data, "a", 4, True), tmp_path / out / "a", rank=4, alpha=8, batch_size=2,
                     steps=6, lr=2e-2, seed=1),
-                Job("b", write_dataset(data, "b", 4, False, 1), tmp_path / out / "b", rank=2, alpha=4, batch_size=2,
+                Job.of("b", write_dataset(data, "b", 4, False, 1), tmp_path / out / "b", rank=2, alpha=4, batch_size=2,
                     steps=6, lr=2e-2, seed=2, targets=targets)]  # fmt: skip
 
     done = train(vlstack.load(base, device="cpu"), jobs("fused"), max_rows=4, verbose=False)

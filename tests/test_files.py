@@ -116,26 +116,26 @@ def _run(tmp_path, jobs_list, model="tiny"):
 def test_training_refuses_outputs_that_clash(tmp_path):
     js = jobs(tmp_path, "out")[:2]
     data = js[0].data.parent
-    same = [js[0], Job("legal", js[1].data, js[0].output, steps=1)]
+    same = [js[0], Job.of("legal", js[1].data, js[0].output, steps=1)]
     with pytest.raises(JobError, match=r"job 'finance'.s output .* overlaps job 'legal'.s output"):
         _run(tmp_path, same)
-    inside = [js[0], Job("legal", js[1].data, js[0].output / "sub", steps=1)]
+    inside = [js[0], Job.of("legal", js[1].data, js[0].output / "sub", steps=1)]
     with pytest.raises(JobError, match="overlaps"):
         _run(tmp_path, inside)
     with pytest.raises(JobError, match=r"holds job 'finance'.s dataset file .*finance\.jsonl"):
-        _run(tmp_path, [Job("finance", js[0].data, data, steps=1)])
-    image_dir = [Job("legal", js[1].data, tmp_path / "out" / "legal", steps=1),
-                 Job("finance", js[0].data, data, steps=1)]  # fmt: skip
+        _run(tmp_path, [Job.of("finance", js[0].data, data, steps=1)])
+    image_dir = [Job.of("legal", js[1].data, tmp_path / "out" / "legal", steps=1),
+                 Job.of("finance", js[0].data, data, steps=1)]  # fmt: skip
     with pytest.raises(JobError, match="dataset file"):
         _run(tmp_path, image_dir)
     vlstack.load("tiny", device="cpu").save(tmp_path / "base")
     with pytest.raises(JobError, match="overlaps the base model's directory"):
-        _run(tmp_path, [Job("finance", js[0].data, tmp_path / "base", steps=1)], model=tmp_path / "base")
+        _run(tmp_path, [Job.of("finance", js[0].data, tmp_path / "base", steps=1)], model=tmp_path / "base")
     assert not (tmp_path / "out").exists()  # refused before any work
 
 
 def test_a_fresh_run_removes_only_the_files_an_earlier_run_wrote(tmp_path):
-    job = Job("fin", write_dataset(tmp_path, "fin", 2, False), tmp_path / "out" / "fin", rank=2, steps=1,
+    job = Job.of("fin", write_dataset(tmp_path, "fin", 2, False), tmp_path / "out" / "fin", rank=2, steps=1,
               batch_size=1, save_every=1)  # fmt: skip
     _run(tmp_path, [job])
     run_dir = tmp_path / "out" / "fin.train"

@@ -156,7 +156,7 @@ def test_qlora_training_on_a_quantised_base(tmp_path):
             dense.model.get_submodule(name).weight.copy_(quantised.model.get_submodule(name).dequantized())
     data = write_dataset(tmp_path / "data", "a", 4, False)
     for label, vlm in (("q", quantised), ("d", dense)):
-        job = Job("a", data, tmp_path / label, rank=4, alpha=8, batch_size=2, steps=3, lr=2e-2)
+        job = Job.of("a", data, tmp_path / label, rank=4, alpha=8, batch_size=2, steps=3, lr=2e-2)
         train(vlm, [job], max_rows=2, verbose=False)
     from safetensors.torch import load_file
 

@@ -43,7 +43,7 @@ def write_dataset(directory, name: str, n: int, with_images: bool, seed: int = 0
 def jobs(tmp_path, out: str) -> list[Job]:
     data = tmp_path / "data"
     return [
-        Job(
+        Job.of(
             "finance",
             write_dataset(data, "finance", 5, True),
             tmp_path / out / "finance",
@@ -54,7 +54,7 @@ def jobs(tmp_path, out: str) -> list[Job]:
             lr=1e-2,
             seed=1,
         ),
-        Job(
+        Job.of(
             "legal",
             write_dataset(data, "legal", 4, False, 1),
             tmp_path / out / "legal",
@@ -70,7 +70,7 @@ def jobs(tmp_path, out: str) -> list[Job]:
             dropout=0.1,
             seed=2,
         ),
-        Job(
+        Job.of(
             "support",
             write_dataset(data, "support", 6, True, 2),
             tmp_path / out / "support",
@@ -117,12 +117,12 @@ def test_a_job_added_while_others_run_ends_as_if_alone(tmp_path, capsys):
     """Jobs that more() hands over mid-run join the queue and end with the adapter they get alone; a bad
     one (missing dataset, a name in use) is reported and left out while the others go on."""
     finance, legal, support = jobs(tmp_path, "late")
-    missing = Job("broken", tmp_path / "nope.jsonl", tmp_path / "late" / "broken", steps=1)
+    missing = Job.of("broken", tmp_path / "nope.jsonl", tmp_path / "late" / "broken", steps=1)
     calls = []
 
     def more():
         calls.append(1)
-        return [support, missing, Job("legal", legal.data, tmp_path / "x", steps=1)] if len(calls) == 2 else []
+        return [support, missing, Job.of("legal", legal.data, tmp_path / "x", steps=1)] if len(calls) == 2 else []
 
     done = train(vlstack.load("tiny", device="cpu"), [finance, legal], max_rows=5, verbose=False, more=more)
     assert sorted(done) == ["finance", "legal", "support"] and len(calls) > 2
@@ -149,7 +149,7 @@ def test_watched_jobs_file_hands_over_new_jobs(tmp_path, capsys):
         "  - {name: b, data: b.jsonl, output: o/b, steps: 2, rank: 4}\n"
     )
     new = watch()
-    assert [(j.name, j.rank, j.output) for j in new] == [("b", 4, tmp_path / "o" / "b")]  # a keeps its settings
+    assert [(j.name, j.lora.rank, j.output) for j in new] == [("b", 4, tmp_path / "o" / "b")]  # a keeps its settings
     assert "job 'a' changed in the jobs file: it goes on with the settings it started with" in capsys.readouterr().err
     path.write_text(path.read_text() + "  - {name: c, data: c.jsonl, output: o/c, steps: 1}\n")
     assert [j.name for j in watch()] == ["c"] and watch() == []
@@ -328,7 +328,7 @@ def test_dropout_masks_do_not_depend_on_how_a_step_is_split(tmp_path):
     from vlstack.train.multi import start, train_step
 
     def grads(dropout, max_tokens):
-        job = Job("drop", write_dataset(tmp_path / "d", "drop", 6, True), tmp_path / "o" / "drop", rank=4,
+        job = Job.of("drop", write_dataset(tmp_path / "d", "drop", 6, True), tmp_path / "o" / "drop", rank=4,
                   dropout=dropout, batch_size=4, grad_accum=2, steps=1, targets=["q_proj", "fc1", "linear_1"],
                   parts=["language", "vision", "projector"], seed=5)  # fmt: skip
         vlm = vlstack.load("tiny", device="cpu")
@@ -462,7 +462,7 @@ def test_training_lowers_the_loss_and_the_adapter_works_in_peft(tmp_path):
 
     from vlstack.tiny import tiny_dir
 
-    job = Job(
+    job = Job.of(
         "one",
         write_dataset(tmp_path, "one", 3, True),
         tmp_path / "out",
@@ -537,9 +537,9 @@ def test_bad_dataset_lines_are_named_before_training(tmp_path):
     )
     with pytest.raises(DatasetError, match=r"d\.jsonl:1: 2 <image> placeholders but 1 images"):
         read_dataset(path)
-    job = Job("late", tmp_path / "ok.jsonl", tmp_path / "o", steps=1)
+    job = Job.of("late", tmp_path / "ok.jsonl", tmp_path / "o", steps=1)
     (tmp_path / "ok.jsonl").write_text(json.dumps(good) + "\n")
-    broken = Job("broken", path, tmp_path / "o2", steps=1)
+    broken = Job.of("broken", path, tmp_path / "o2", steps=1)
     vlm = vlstack.load("tiny", device="cpu")
     with pytest.raises(DatasetError, match="placeholders"):
         train(vlm, [job, broken], max_rows=8, verbose=False)
@@ -710,10 +710,18 @@ def test_pipelined_training_gives_the_adapters_of_one_process(tmp_path):
     """parallel: pipeline under torchrun (2 gloo processes, 2 decoder layers each): each job's rows a pass through
     the stages, activations and their gradients sent between them; the adapters equal the fused one-process run's
     (a vision adapter trained on the first stage, LoRA dropout, gradient accumulation, clipping by each job's norm
-    over both stages, gradient checkpointing)."""
+    over both stages, gradient checkpointing), fin distilling a teacher (run whole on the last stage, encoding
+    fin's images itself)."""
     from vlstack.train.pipeline import bubble, split
 
-    one_and_two(tmp_path, "parallel: pipeline\ngradient_checkpointing: true\n", ", batch_size: 3, max_grad_norm: 0.05",
+    teacher = vlstack.load("tiny", device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in teacher.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    teacher.save(tmp_path / "teacher")
+    one_and_two(tmp_path, "parallel: pipeline\ngradient_checkpointing: true\n",
+                ", batch_size: 3, max_grad_norm: 0.05, teacher: teacher, temperature: 2.0",
                 ", batch_size: 2, targets: [q_proj, fc1, down_proj]")  # fmt: skip
     assert split(4, 2) == [range(0, 2), range(2, 4)] and split(5, 2) == [range(0, 3), range(3, 5)]
     assert bubble(2, 2) == 1 / 3 and bubble(4, 12) == 3 / 15
@@ -723,7 +731,7 @@ def test_a_split_run_refuses_what_it_cannot_do():
     """parallel: pipeline and sharding: fsdp need 2+ processes, and name each option they do not go with."""
     from vlstack.train.multi import check_split
 
-    job = Job(name="a", data="unused.jsonl", output="o", steps=1)
+    job = Job.of(name="a", data="unused.jsonl", output="o", steps=1)
     for mode in ("pipeline", "fsdp"):
         with pytest.raises(JobError, match="launch it with torchrun"):
             options = {"parallel": "pipeline"} if mode == "pipeline" else {"sharding": "fsdp"}
@@ -761,7 +769,7 @@ def test_a_full_job_trains_every_weight_into_a_checkpoint_transformers_loads(tmp
     the random one."""
     from transformers import InternVLForConditionalGeneration
 
-    job = Job("base", write_dataset(tmp_path, "d", 4, True), tmp_path / "trained", batch_size=4, steps=30, lr=3e-3,
+    job = Job.of("base", write_dataset(tmp_path, "d", 4, True), tmp_path / "trained", batch_size=4, steps=30, lr=3e-3,
               schedule="constant", full=True)  # fmt: skip
     vlm = vlstack.load("tiny", device="cpu")
     before = {k: v.clone() for k, v in vlm.model.state_dict().items()}
@@ -790,7 +798,7 @@ def test_a_full_job_trains_the_parts_it_names_and_only_those(tmp_path):
         " parts: [language, projector]}\n"
     )
     (tmp_path / "all.yaml").write_text(f"jobs:\n  - {{name: b, data: {data}, output: b, full: true, steps: 1}}\n")
-    assert read_plan(tmp_path / "all.yaml").jobs[0].parts == ["language", "projector", "vision"]
+    assert read_plan(tmp_path / "all.yaml").jobs[0].lora.parts == ("language", "projector", "vision")
     job = read_plan(tmp_path / "jobs.yaml").jobs[0]
     assert shape_of(job) != shape_of(read_plan(tmp_path / "all.yaml").jobs[0])
     vlm = vlstack.load("tiny", device="cpu")
@@ -806,7 +814,7 @@ def test_a_full_job_gives_a_part_its_own_learning_rate(tmp_path):
     """part_lr: the vision tower stepped at 1e-6 while the rest is at 1e-2 (AdamW moves a weight by about its
     learning rate a step); only a full job has it, and only for parts it trains."""
     data = write_dataset(tmp_path, "d", 4, True)
-    job = Job("base", data, tmp_path / "out", batch_size=4, steps=2, lr=1e-2, full=True, part_lr={"vision": 1e-6})
+    job = Job.of("base", data, tmp_path / "out", batch_size=4, steps=2, lr=1e-2, full=True, part_lr={"vision": 1e-6})
     vlm = vlstack.load("tiny", device="cpu")
     before = {k: v.clone() for k, v in vlm.model.state_dict().items()}
     train(vlm, [job], max_rows=4, verbose=False)
@@ -830,7 +838,7 @@ def test_part_lr_keys_may_be_prefixes_of_weights_names(tmp_path):
     patch embedding at 1e-2 inside a vision tower at 1e-6), and a prefix that names no weight is refused."""
     data = write_dataset(tmp_path, "d", 4, True)
     rates = {"vision": 1e-6, "vision_tower.embeddings": 1e-2}
-    job = Job("base", data, tmp_path / "out", batch_size=4, steps=2, lr=1e-3, full=True, part_lr=rates)
+    job = Job.of("base", data, tmp_path / "out", batch_size=4, steps=2, lr=1e-3, full=True, part_lr=rates)
     vlm = vlstack.load("tiny", device="cpu")
     before = {k: v.clone() for k, v in vlm.model.state_dict().items()}
     train(vlm, [job], max_rows=4, verbose=False)
@@ -838,7 +846,7 @@ def test_part_lr_keys_may_be_prefixes_of_weights_names(tmp_path):
     patch = moved["vision_tower.embeddings.patch_embeddings.projection.weight"]
     encoder = max(d for k, d in moved.items() if k.startswith("vision_tower.encoder."))
     assert patch >= 1e-2 and 0 < encoder <= 3e-6
-    job = Job("base", data, tmp_path / "out2", batch_size=4, steps=1, full=True, part_lr={"vision_tower.eyes": 1e-4})
+    job = Job.of("base", data, tmp_path / "out2", batch_size=4, steps=1, full=True, part_lr={"vision_tower.eyes": 1e-4})
     with pytest.raises(JobError, match="no weight's name starts with 'vision_tower.eyes'"):
         train(vlstack.load("tiny", device="cpu"), [job], max_rows=4, verbose=False)
 

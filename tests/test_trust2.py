@@ -24,7 +24,7 @@ def tiny():
 
 def test_a_diverging_job_stops_at_its_first_non_finite_loss_and_writes_nothing(tmp_path):
     data = write_dataset(tmp_path / "data", "fin", 4, True)
-    job = Job("fin", data, tmp_path / "out" / "fin", rank=4, batch_size=2, steps=6, lr=1e6, save_every=1)
+    job = Job.of("fin", data, tmp_path / "out" / "fin", rank=4, batch_size=2, steps=6, lr=1e6, save_every=1)
     vlm = vlstack.load("tiny", device="cpu")
     stopped = r"job 'fin': (the (loss|gradient) is nan|its weights are not finite) at step"
     with pytest.raises(Diverged, match=stopped) as e:
@@ -55,10 +55,10 @@ def test_answers_cut_off_by_max_len_are_counted_before_training(tmp_path, capsys
     data.write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = tmp_path / "out" / "fin"
     with pytest.raises(JobError, match=r"job 'fin': max_len 8 cuts off the answer of every example"):
-        train(tiny, [Job("fin", data, out, rank=2, batch_size=2, steps=1, max_len=8)], 4, verbose=False)
+        train(tiny, [Job.of("fin", data, out, rank=2, batch_size=2, steps=1, max_len=8)], 4, verbose=False)
     assert not out.exists() and not out.with_name("fin.train").exists()
     # some cut: a warning with the count, and training goes on
-    train(tiny, [Job("fin", data, out, rank=2, batch_size=2, steps=1, max_len=40)], 4)
+    train(tiny, [Job.of("fin", data, out, rank=2, batch_size=2, steps=1, max_len=40)], 4)
     assert "cuts off the answer of 2 of 5 examples" in capsys.readouterr().err and out.is_dir()
 
 
@@ -225,7 +225,7 @@ def test_resume_loads_training_state_without_running_code(tmp_path):
     from vlstack.errors import ConfigError
     from vlstack.train.state import load_state, run_dir
 
-    job = Job("fin", write_dataset(tmp_path / "data", "fin", 2, False), tmp_path / "out" / "fin", rank=2,
+    job = Job.of("fin", write_dataset(tmp_path / "data", "fin", 2, False), tmp_path / "out" / "fin", rank=2,
               batch_size=1, steps=2, save_every=1)  # fmt: skip
     train(vlstack.load("tiny", device="cpu"), [job], 2, verbose=False)
     assert load_state(job)["step"] == 2  # a checkpoint vlstack wrote loads
@@ -634,7 +634,7 @@ def test_a_non_finite_gradient_stops_the_job_at_its_step(tmp_path, monkeypatch, 
     monkeypatch.setattr(multi, "add_adapter", poisoned)
     step_jobs = optim.step_jobs
     monkeypatch.setattr(multi, "step_jobs", lambda *a, **k: step_jobs(*a, **k, foreach=foreach))
-    job = Job("fin", write_dataset(tmp_path / "data", "fin", 4, False), tmp_path / "out" / "fin", rank=2,
+    job = Job.of("fin", write_dataset(tmp_path / "data", "fin", 4, False), tmp_path / "out" / "fin", rank=2,
               batch_size=2, steps=4, save_every=1)  # fmt: skip
     with pytest.raises(Diverged, match=r"job 'fin': the gradient is (inf|nan) at step 2:"):
         train(vlstack.load("tiny", device="cpu"), [job], 2, verbose=False)

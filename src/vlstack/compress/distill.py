@@ -51,7 +51,7 @@ def distill(vlm, cfg: DistillConfig, teacher: nn.Module | str, work: Path, resum
     from ..train.jobs import Job
     from ..train.multi import train
 
-    job = Job(
+    job = Job.of(
         "distill",
         Path(cfg.data),
         work,

@@ -50,8 +50,9 @@ from typing import Any
 
 from ..errors import ConfigError, VLStackError
 from ..files import overlap, read_yaml
-from ..layers.lora import LLM_TARGETS, MAX_RANK, LoRASpec, check_name
+from ..layers.lora import MAX_RANK, LoRASpec, check_name
 from ..models.internvl import MODULES, PARTS, part_of
+from .losses import SFT, Distill, Objective
 from .state import run_dir
 
 MAX_BATCH, MAX_LEN, MAX_STEPS, MAX_EPOCHS = 1024, 1 << 20, 10**9, 10**4
@@ -63,15 +64,14 @@ class JobError(VLStackError):
 
 @dataclass
 class Job:
+    """One job: its data and output, its adapter's shape (for a full job, only its parts: what it trains), its
+    objective, and its optimisation. Job.of makes one from the jobs file's flat fields."""
+
     name: str
     data: Path
     output: Path
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    rslora: bool = False
-    targets: list[str] = field(default_factory=lambda: list(LLM_TARGETS))
-    parts: list[str] | None = None  # an adapter's: [language]; a full job's: all three (those left out: frozen)
+    lora: LoRASpec = field(default_factory=LoRASpec)
+    objective: Objective = SFT
     lr: float = 2e-4
     weight_decay: float = 0.0
     schedule: str = "cosine"
@@ -84,19 +84,26 @@ class Job:
     max_grad_norm: float = 1.0
     seed: int = 0
     save_every: int = 0  # checkpoint every K optimizer steps (0: only at the end)
-    full: bool = False  # every weight trained (no adapter); output: a whole checkpoint
+    full: bool = False  # every weight of the parts trained (no adapter); output: a whole checkpoint
     part_lr: dict[str, float] | None = None  # a full job's learning rate for some parts ({vision: 1.0e-4}); others: lr
-    teacher: Any = None  # distillation: a teacher checkpoint directory (or a loaded model) whose logits are learned
-    temperature: float = 1.0  # distillation: the softmax temperature of teacher and student (loss scaled by T²)
-    hidden_weight: float = 0.0  # distillation: weight of the final hidden states' mean squared difference
 
-    def __post_init__(self) -> None:
-        if self.parts is None:
-            self.parts = sorted(PARTS) if self.full else ["language"]
+    @classmethod
+    def of(cls, name: str, data: str | Path, output: str | Path, **flat: Any) -> Job:
+        """A job from flat fields, as the jobs file gives them: rank, alpha, dropout, rslora, targets and parts
+        make its LoRASpec (parts: [language] for an adapter, all three for a full job, unless given); teacher,
+        temperature and hidden_weight its Distill objective; the rest are the Job's own."""
+        lora = {k: flat.pop(k) for k in LORA_FIELDS if k in flat}
+        lora = {k: tuple(v) if k in ("targets", "parts") else v for k, v in lora.items()}
+        lora.setdefault("parts", tuple(sorted(PARTS)) if flat.get("full") else ("language",))
+        distill = {k: flat.pop(k) for k in DISTILL_FIELDS if k in flat}
+        if distill.get("teacher") is None and len(distill) > ("teacher" in distill):
+            raise JobError(f"job {name!r}: temperature and hidden_weight are for distillation: give a teacher")
+        objective = Distill(**distill) if distill.get("teacher") is not None else SFT
+        return cls(name, Path(data), Path(output), LoRASpec(**lora), objective, **flat)
 
-    @property
-    def spec(self) -> LoRASpec:
-        return LoRASpec(self.rank, self.alpha, self.dropout, self.rslora, tuple(self.targets), tuple(self.parts))
+
+LORA_FIELDS = ("rank", "alpha", "dropout", "rslora", "targets", "parts")
+DISTILL_FIELDS = ("teacher", "temperature", "hidden_weight")
 
 
 @dataclass
@@ -111,7 +118,11 @@ class Plan:
     parallel: str | None = None  # "pipeline": the decoder layers in stages over the processes (pipeline.py)
 
 
-_TYPES = {f.name: f.type for f in fields(Job)}
+_TYPES = {  # the jobs file's flat fields and their types
+    **{f.name: f.type for f in fields(LoRASpec) if f.name in LORA_FIELDS},
+    **{f.name: f.type for f in fields(Distill) if f.name in DISTILL_FIELDS},
+    **{f.name: f.type for f in fields(Job) if f.name not in ("lora", "objective")},
+}
 
 
 def _check(job: dict, where: str, root: Path) -> Job:
@@ -156,15 +167,16 @@ def _check(job: dict, where: str, root: Path) -> Job:
                 kw[key] = value
         except (TypeError, ValueError, OverflowError, ConfigError) as e:
             raise JobError(f"{where}: field {key!r} = {value!r} {e}") from None
-    j = Job(**kw)
+    j = Job.of(**kw)
+    spec = j.lora
     problems = [
-        (not 1 <= j.rank <= MAX_RANK, f"rank must be in [1, {MAX_RANK}]"),
-        (j.alpha <= 0, "alpha must be > 0"),
+        (not 1 <= spec.rank <= MAX_RANK, f"rank must be in [1, {MAX_RANK}]"),
+        (spec.alpha <= 0, "alpha must be > 0"),
         (j.weight_decay < 0, "weight_decay must be >= 0"),
         (j.max_grad_norm <= 0, "max_grad_norm must be > 0"),
         (j.batch_size > MAX_BATCH or j.grad_accum > MAX_BATCH, f"batch_size and grad_accum must be <= {MAX_BATCH}"),
         (j.max_len > MAX_LEN, f"max_len must be <= {MAX_LEN}"),
-        (not 0 <= j.dropout < 1, "dropout must be in [0, 1)"),
+        (not 0 <= spec.dropout < 1, "dropout must be in [0, 1)"),
         (j.lr <= 0, "lr must be > 0"),
         (j.batch_size < 1, "batch_size must be >= 1"),
         (j.grad_accum < 1, "grad_accum must be >= 1"),
@@ -176,11 +188,11 @@ def _check(job: dict, where: str, root: Path) -> Job:
         (j.warmup_steps < 0, "warmup_steps must be >= 0"),
         (not 0 <= j.seed < 2**63, "seed must be in [0, 2**63)"),
         (j.save_every < 0, "save_every must be >= 0"),
-        (j.temperature <= 0, "temperature must be > 0"),
-        (j.hidden_weight < 0, "hidden_weight must be >= 0"),
-        (bool(set(j.parts) - set(PARTS)), f"parts must be among {sorted(PARTS)}"),
+        (kw.get("temperature", 1.0) <= 0, "temperature must be > 0"),
+        (kw.get("hidden_weight", 0.0) < 0, "hidden_weight must be >= 0"),
+        (bool(set(spec.parts) - set(PARTS)), f"parts must be among {sorted(PARTS)}"),
         (j.part_lr is not None and not j.full, "part_lr is for a job with full: true"),
-        (any(key_part(k) not in j.parts for k in j.part_lr or ()), "part_lr names a part the job does not train"),
+        (any(key_part(k) not in spec.parts for k in j.part_lr or ()), "part_lr names a part the job does not train"),
     ]
     for bad, message in problems:
         if bad:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +23,15 @@ from torch.utils.checkpoint import checkpoint
 from ..layers.step import Step, upload
 
 if TYPE_CHECKING:
-    from .jobs import Job
     from .multi import Running
 
 
 @dataclass(frozen=True)
 class Objective:
-    name: str
-    distils: bool = False  # its terms are the distillation loss against a teacher (else cross-entropy)
+    """A job's objective: supervised fine-tuning, the cross-entropy of the answers' tokens. Its subclasses say
+    otherwise (Distill; preference losses next), each with its own settings."""
+
+    distils: ClassVar[bool] = False  # its terms are the distillation loss against a teacher (else cross-entropy)
 
     def token_weight(self, learned: int) -> float:
         """The weight of each of a row's `learned` tokens in its job's loss: 1, token averaging (the job's loss is
@@ -38,12 +39,18 @@ class Objective:
         return 1.0
 
 
-SFT = Objective("sft")
-DISTIL = Objective("distil", distils=True)
+@dataclass(frozen=True)
+class Distill(Objective):
+    """Learn a teacher's logits (and, with hidden_weight, its final hidden states): see token_losses."""
+
+    teacher: Any = None  # a checkpoint directory, or a loaded model
+    temperature: float = 1.0  # the softmax temperature of teacher and student (the loss scaled by T²)
+    hidden_weight: float = 0.0  # the weight of the final hidden states' mean squared difference
+
+    distils: ClassVar[bool] = True
 
 
-def objective_of(job: Job) -> Objective:
-    return DISTIL if job.teacher is not None else SFT
+SFT = Objective()
 
 
 def token_losses(
@@ -131,8 +138,11 @@ def teacher_logits(
     if not teachers:
         return None
     logits = hidden = None
-    temp = torch.tensor([r.job.temperature for r in running])[job]  # [N] (each job's, at its tokens)
-    weight = torch.tensor([r.job.hidden_weight for r in running])[job]  # [N]
+    settings = [
+        (r.job.objective.temperature, r.job.objective.hidden_weight) if r.teacher is not None else (1.0, 0.0)
+        for r in running
+    ]
+    temp, weight = torch.tensor(settings).T[:, job]  # [N] each, each job's at its tokens
     device = ids.device
     step = dataclasses.replace(step, lora=None)  # (the students' adapters are not the teachers')
     with torch.no_grad():

@@ -31,7 +31,7 @@ from .batch import learned, passes, prepare_pass
 from .data import DatasetError, Example, Stream, count_cut, encode_example, read_dataset
 from .fsdp import gathered, is_sharded, shard
 from .jobs import Job, JobError, check_outputs
-from .losses import job_losses, objective_of, teacher_logits
+from .losses import job_losses, teacher_logits
 from .optim import step_jobs
 from .pipeline import Pipe, pipe_for
 from .progress import plot_loss, record, truncate_metrics
@@ -139,12 +139,12 @@ def start(
                 raise JobError(f"{job.name}: part_lr: no weight's name starts with {key!r}")
         by_lr: dict[float, list[torch.nn.Parameter]] = {}
         for name, p in named:
-            if (part := part_of(name)) in job.parts:
+            if (part := part_of(name)) in job.lora.parts:
                 by_lr.setdefault(rate_of(job, name, part), []).append(p.requires_grad_(True))
         groups = [{"params": group, "lr": lr} for lr, group in by_lr.items()]
         params = [p for group in by_lr.values() for p in group]
     elif params is None:
-        params = add_adapter(vlm.model, job.name, job.spec, seed=job.seed)
+        params = add_adapter(vlm.model, job.name, job.lora, seed=job.seed)
     # its state and schedule; stepped with every ready job's at once (optim.step_jobs: one foreach step on a GPU,
     # this fused kernel on a CPU: BENCHMARKS.md, "Measurements behind the code")
     sharded = is_sharded(vlm.model)  # (torch's fused AdamW takes no split tensors)
@@ -164,15 +164,16 @@ def start(
 
 def teacher_of(vlm: VLM, job: Job) -> torch.nn.Module | None:
     """The job's teacher as a frozen model on the student's device: a checkpoint directory is loaded."""
-    if job.teacher is None:
+    objective = job.objective
+    if not objective.distils:
         return None
-    if isinstance(job.teacher, torch.nn.Module):
-        teacher = job.teacher
+    if isinstance(objective.teacher, torch.nn.Module):
+        teacher = objective.teacher
     else:
         from ..api import load
 
-        teacher = load(job.teacher, device=vlm.model.device, dtype=vlm.model.dtype).model
-    if job.hidden_weight and teacher.cfg.text.hidden_size != vlm.cfg.text.hidden_size:
+        teacher = load(objective.teacher, device=vlm.model.device, dtype=vlm.model.dtype).model
+    if objective.hidden_weight and teacher.cfg.text.hidden_size != vlm.cfg.text.hidden_size:
         widths = f"({teacher.cfg.text.hidden_size}) to be the student's ({vlm.cfg.text.hidden_size})"
         raise JobError(f"job {job.name!r}: hidden-state distillation needs the teacher's width {widths}")
     if teacher.cfg.text.vocab_size != vlm.cfg.text.vocab_size:
@@ -201,7 +202,7 @@ def shared_features(vlm: VLM, running: list[Running], pixel_values: torch.Tensor
     adapter on them) and each teacher's the same weights (checked once per job). None: each computes its own."""
     if pixel_values is None or not any(r.teacher is not None for r in running):
         return None
-    if any(r.job.full or set(r.job.parts) & {"vision", "projector"} for r in running):
+    if any(r.job.full or set(r.job.lora.parts) & {"vision", "projector"} for r in running):
         return None
     for r in running:
         if r.teacher is not None and r.shares_vision is None:
@@ -231,7 +232,7 @@ def job_rows(vlm: VLM, running: list[Running], split: bool = True) -> list[tuple
             row = encode_example(vlm.processor, ex, r.job.max_len)
             row["key"] = r.micro * r.job.batch_size + j
             row["learned"] = learned(row)
-            row["weight"] = objective_of(r.job).token_weight(row["learned"])
+            row["weight"] = r.job.objective.token_weight(row["learned"])
             rows.append((i, row))
     return rows
 
@@ -263,7 +264,7 @@ def train_step(
     denominators = upload(counts * torch.tensor([r.job.grad_accum for r in running]), device)
     if pipe is not None:  # each job's rows a pass of their own, through the stages (pipeline.py)
         groups = [[row for row in rows if row[0] == i] for i in range(jobs)]
-        sums = pipe.run(vlm, [prepare_pass(vlm, running, g) for g in groups if g], denominators)
+        sums = pipe.run(vlm, running, [prepare_pass(vlm, running, g) for g in groups if g], denominators)
     else:
         sums = torch.zeros(jobs, device=device)  # [jobs]: each job's summed token losses
         scale = world()[1] if is_sharded(model) else 1  # (FSDP averages what it reduces: fsdp.py)
@@ -396,13 +397,13 @@ def train(
         p.requires_grad_(False)
     lead, size = world()[0] == 0, world()[1]
     pipe = None
-    whole = any(j.full or j.teacher for j in jobs)  # (a model trained or read whole: not split)
-    others = {"--resume": resume, "max_tokens": max_tokens, "full: true or a teacher": whole}
+    others = {"--resume": resume, "max_tokens": max_tokens, "full: true": any(j.full for j in jobs)}
     if parallel == "pipeline":
         check_split("parallel: pipeline", size, {**others, "sharding": sharding})
         pipe = pipe_for(model)
-    if sharding == "fsdp":
-        check_split("sharding: fsdp", size, {**others, "--watch": more is not None})
+    if sharding == "fsdp":  # (a teacher, read whole, beside a split student: not yet)
+        teacher = any(j.objective.distils for j in jobs)
+        check_split("sharding: fsdp", size, {**others, "a teacher": teacher, "--watch": more is not None})
         if sum(j.batch_size for j in jobs) > max_rows:
             raise JobError("sharding: fsdp starts every job at once: max_rows must hold all their batch sizes")
     for job in jobs:
@@ -417,7 +418,7 @@ def train(
     added_params = {}
     if sharding == "fsdp":  # every adapter added, then the model split (fsdp.py)
         for job in queue:
-            add_adapter(model, job.name, job.spec, seed=job.seed)
+            add_adapter(model, job.name, job.lora, seed=job.seed)
         shard(model, torch.device(device or "cpu"))
         named = dict(model.named_parameters())
         for job in queue:
@@ -468,7 +469,7 @@ def train(
                         if done and r.job.full:  # the model first: a checkpoint saying "done" implies it is complete
                             vlm.save(r.job.output)
                         elif done:  # likewise the adapter
-                            save_adapter(model, r.job.name, r.job.output, r.job.spec, base=str(vlm.directory))
+                            save_adapter(model, r.job.name, r.job.output, r.job.lora, base=str(vlm.directory))
                         if checkpoint_now:
                             save_state(r)  # (no checkpoints of split weights yet)
                         if done:

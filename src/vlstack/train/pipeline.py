@@ -27,7 +27,7 @@ from torch import nn
 
 from ..layers.lora import lora_layers
 from ..models.internvl import InternVL, layer_of
-from .losses import pass_losses
+from .losses import pass_losses, teacher_logits
 
 
 def split(layers: int, stages: int) -> list[range]:
@@ -68,9 +68,10 @@ class Pipe:
             return 0
         return next(s for s, span in enumerate(self.spans) if layer in span)
 
-    def run(self, vlm, passes: list, denominators: torch.Tensor) -> torch.Tensor:
+    def run(self, vlm, running: list, passes: list, denominators: torch.Tensor) -> torch.Tensor:
         """Every pass forward through this stage, then every pass backward (last first); returns each job's summed
-        token losses [jobs], known on every stage."""
+        token losses [jobs], known on every stage. A distilling job's teacher runs whole on the last stage, its
+        images encoded by itself (the student's vision tower is the first stage's)."""
         model: InternVL = vlm.model
         device, dtype, width = model.device, model.dtype, vlm.cfg.text.hidden_size
         start, busy = time.perf_counter(), 0.0
@@ -87,7 +88,8 @@ class Pipe:
             h = model.language_model(h, p.step, span=self.layers)  # [T, C] (the last stage: normed)
             if self.last:
                 recompute = model.language_model.checkpointing
-                pass_sums = pass_losses(model.lm_head, h[p.step.logits], p.targets, p.in_job, recompute)
+                kd = teacher_logits(running, p.jobs, p.ids, p.pixels, p.step)
+                pass_sums = pass_losses(model.lm_head, h[p.step.logits], p.targets, p.in_job, recompute, kd)
                 sums += pass_sums.detach()
                 h = (pass_sums / denominators).sum()
             busy += time.perf_counter() - t

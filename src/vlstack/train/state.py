@@ -48,8 +48,8 @@ def save_state(r: Running) -> None:
 def shape_of(job: Job) -> dict:
     """What fixes the shape of a job's adapter: a checkpoint resumes only a job of the same shape."""
     if job.full:
-        return {"full": True, "parts": sorted(job.parts), "part_lr": job.part_lr or {}}
-    return {"rank": job.rank, "targets": sorted(job.targets), "parts": sorted(job.parts)}
+        return {"full": True, "parts": sorted(job.lora.parts), "part_lr": job.part_lr or {}}
+    return {"rank": job.lora.rank, "targets": sorted(job.lora.targets), "parts": sorted(job.lora.parts)}
 
 
 def load_state(job: Job) -> dict | None:

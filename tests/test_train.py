@@ -165,7 +165,8 @@ def test_queue_with_few_rows_gives_the_same_adapters(tmp_path):
 
 def test_fused_gradients_equal_gradients_alone(tmp_path):
     """Before any optimizer step, each job's gradient in the fused batch is its gradient alone."""
-    from vlstack.train.multi import start, train_step
+    from vlstack.train.multi import train_step
+    from vlstack.train.running import start
 
     def grads(selected):
         vlm = vlstack.load("tiny", device="cpu")
@@ -292,7 +293,8 @@ def test_one_step_for_every_job_is_each_jobs_adamw(foreach, norms):
 def test_a_step_in_passes_gives_the_gradients_and_adapters_of_one_pass(tmp_path):
     """With max_tokens a step's rows go through the base in several passes, gradients adding up: the same
     gradients and losses as one pass (a job's rows split across passes included), and the same adapters."""
-    from vlstack.train.multi import start, train_step
+    from vlstack.train.multi import train_step
+    from vlstack.train.running import start
 
     def step(max_tokens):
         vlm = vlstack.load("tiny", device="cpu")
@@ -325,7 +327,8 @@ def test_a_step_in_passes_gives_the_gradients_and_adapters_of_one_pass(tmp_path)
 def test_dropout_masks_do_not_depend_on_how_a_step_is_split(tmp_path):
     """A row's LoRA dropout mask follows from its example, the layer and the adapter: each row in a pass of its
     own gives the gradients of one pass (language, vision and projector adapters, with images)."""
-    from vlstack.train.multi import start, train_step
+    from vlstack.train.multi import train_step
+    from vlstack.train.running import start
 
     def grads(dropout, max_tokens):
         job = Job.of("drop", write_dataset(tmp_path / "d", "drop", 6, True), tmp_path / "o" / "drop", rank=4,
@@ -423,7 +426,8 @@ def test_packed_step_equals_each_example_on_its_own(tmp_path):
     import torch.nn.functional as F
 
     from vlstack.train.data import Stream
-    from vlstack.train.multi import start, train_step
+    from vlstack.train.multi import train_step
+    from vlstack.train.running import start
 
     def fresh(selected):
         vlm = vlstack.load("tiny", device="cpu")

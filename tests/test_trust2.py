@@ -14,7 +14,8 @@ from test_trust import web  # noqa: F401 (a fixture)
 
 import vlstack
 from vlstack.train.jobs import Job
-from vlstack.train.multi import Diverged, train
+from vlstack.train.multi import train
+from vlstack.train.running import Diverged
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +286,7 @@ def test_a_host_trickling_headers_meets_the_deadline_and_hosts_are_bounded(web, 
     start = time.perf_counter()
     with pytest.raises(ImageError, match="took over 1 s"):
         api_openai.fetch_image(f"http://{web}/slow-headers", 1, allow_private=True)
-    assert time.perf_counter() - start < 3  # its headers would take 50 s
+    assert time.perf_counter() - start < 10  # its headers would take 50 s (a bound with room for a busy machine)
     monkeypatch.setattr(api_openai, "PER_HOST", 2)
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         slow = [pool.submit(api_openai.fetch_image, f"http://{web}/slow-headers", 2, allow_private=True)

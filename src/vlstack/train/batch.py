@@ -16,7 +16,7 @@ from .data import IGNORE
 
 if TYPE_CHECKING:
     from ..api import VLM
-    from .multi import Running
+    from .running import Running
 
 
 def passes(rows: list[tuple[int, dict]], max_tokens: int | None) -> list[list[tuple[int, dict]]]:

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from ..layers.step import Step, upload
 
 if TYPE_CHECKING:
-    from .multi import Running
+    from .running import Running
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,9 @@ whether it was trained alone or fused with others. Jobs wait in a queue until th
 
 from __future__ import annotations
 
-import math
 import sys
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -26,198 +23,17 @@ from ..adapters import save_adapter
 from ..api import VLM
 from ..layers.lora import add_adapter, remove_adapter
 from ..layers.step import upload
-from ..models.internvl import PARTS, part_of, under
 from .batch import learned, passes, prepare_pass
-from .data import DatasetError, Example, Stream, count_cut, encode_example, read_dataset
+from .data import DatasetError, Example, count_cut, encode_example, read_dataset
 from .fsdp import gathered, is_sharded, shard
 from .jobs import Job, JobError, check_outputs
 from .losses import job_losses, teacher_logits
 from .optim import step_jobs
 from .pipeline import Pipe, pipe_for
-from .progress import plot_loss, record, truncate_metrics
-from .state import clear_run, load_state, restore_state, save_state
-
-
-def lr_lambda(job: Job, total: int) -> Callable[[int], float]:
-    """Linear warm-up, then cosine or linear decay to 0 (or constant) over the remaining steps."""
-
-    def f(step: int) -> float:
-        if step < job.warmup_steps:
-            return (step + 1) / job.warmup_steps
-        if job.schedule == "constant":
-            return 1.0
-        progress = (step - job.warmup_steps) / max(1, total - job.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * progress)) if job.schedule == "cosine" else 1 - progress
-
-    return f
-
-
-@dataclass
-class Running:
-    """A job in training: its data stream, optimizer and counters."""
-
-    job: Job
-    stream: Stream
-    params: list[torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    total_steps: int
-    step: int = 0
-    micro: int = 0
-    tokens: int = 0
-    started: float = field(default_factory=time.perf_counter)
-    losses: list[float] = field(default_factory=list)  # every micro-step's loss, read back
-    recorded: int = 0  # how many of them the metrics have summarised
-    pending: list[torch.Tensor] = field(default_factory=list)  # the losses of micro-steps since (on the device)
-    pending_norms: list[torch.Tensor] = field(default_factory=list)  # the gradient norms of its steps since
-    first_step: int = 0  # where this process started (after a resume)
-    first_tokens: int = 0
-    teacher: torch.nn.Module | None = None  # distillation: the model whose logits the job learns
-    shares_vision: bool | None = None  # its teacher's vision tower and projector are the student's (None: unknown)
-
-    @property
-    def tokens_since_start(self) -> int:
-        return self.tokens - self.first_tokens
-
-    def read_losses(self) -> list[float]:
-        """The losses of the micro-steps since the last read, copied to the host (one wait on the device); a
-        non-finite one stops the job (Diverged), naming the optimizer step it belongs to."""
-        new = torch.stack(self.pending).tolist() if self.pending else []
-        norms = torch.stack(self.pending_norms).tolist() if self.pending_norms else []
-        self.pending.clear()
-        self.pending_norms.clear()
-        bad = [((len(self.losses) + i) // self.job.grad_accum + 1, "loss", v) for i, v in enumerate(new)]
-        bad += [(self.step - len(norms) + i + 1, "gradient", v) for i, v in enumerate(norms)]
-        bad = sorted(b for b in bad if not math.isfinite(b[2]))
-        if bad:
-            step, what, value = bad[0]
-            raise Diverged(
-                f"job {self.job.name!r}: the {what} is {value} at step {step}: training stopped and "
-                "nothing written (a learning rate too high? a temperature out of range?)"
-            )
-        self.losses += new
-        return new
-
-    def check_weights(self) -> None:
-        """Before anything is written: every trained weight finite (a non-finite gradient makes them NaN before
-        any loss shows it)."""
-        if not all(bool(torch.isfinite(p).all()) for p in self.params):
-            raise Diverged(
-                f"job {self.job.name!r}: its weights are not finite at step {self.step} (a gradient "
-                "overflowed): training stopped and nothing written"
-            )
-
-
-class Diverged(JobError):
-    """A job whose loss or weights stopped being finite: it stops before writing anything."""
-
-
-def total_steps(job: Job, n_examples: int) -> int:
-    if job.steps is not None:
-        return job.steps
-    per_epoch = math.ceil(n_examples / (job.batch_size * job.grad_accum))
-    return max(1, math.ceil(job.epochs * per_epoch))
-
-
-def rate_of(job: Job, name: str, part: str) -> float:
-    """A full job's learning rate for the weight `name`: its longest part_lr key (the part's name or a prefix of
-    the weight's name), else the job's lr."""
-    keys = [k for k in job.part_lr or () if k == part or under(name, k)]
-    return job.part_lr[max(keys, key=lambda k: (k != part, len(k)))] if keys else job.lr
-
-
-def start(
-    vlm: VLM, job: Job, examples: list[Example], state: dict | None = None, params: list | None = None
-) -> Running:
-    """Add the job's adapter (or, for a full job, make every weight trainable) and optimizer; from a checkpoint's
-    state when resuming. params: its adapter's, added already (sharded training)."""
-    groups = None
-    if params is None and job.full:  # its parts' weights, a param group per learning rate (the schedule scales each)
-        named = list(vlm.model.named_parameters())
-        for key in set(job.part_lr or ()) - set(PARTS):  # (checked before any weight is made trainable)
-            if not any(under(name, key) for name, _ in named):
-                raise JobError(f"{job.name}: part_lr: no weight's name starts with {key!r}")
-        by_lr: dict[float, list[torch.nn.Parameter]] = {}
-        for name, p in named:
-            if (part := part_of(name)) in job.lora.parts:
-                by_lr.setdefault(rate_of(job, name, part), []).append(p.requires_grad_(True))
-        groups = [{"params": group, "lr": lr} for lr, group in by_lr.items()]
-        params = [p for group in by_lr.values() for p in group]
-    elif params is None:
-        params = add_adapter(vlm.model, job.name, job.lora, seed=job.seed)
-    # its state and schedule; stepped with every ready job's at once (optim.step_jobs: one foreach step on a GPU,
-    # this fused kernel on a CPU: BENCHMARKS.md, "Measurements behind the code")
-    sharded = is_sharded(vlm.model)  # (torch's fused AdamW takes no split tensors)
-    optimizer = torch.optim.AdamW(groups or params, fused=not sharded, lr=job.lr, weight_decay=job.weight_decay)
-    steps = total_steps(job, len(examples))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job, steps))
-    r = Running(job, Stream(examples, job.batch_size, job.seed), params, optimizer, scheduler, steps)
-    r.teacher = teacher_of(vlm, job)
-    if state is not None:
-        restore_state(r, state)
-        truncate_metrics(r)
-    elif world()[0] == 0:  # a fresh start: no metrics or checkpoint of an earlier run may linger
-        clear_run(job.output)
-    r.first_step, r.first_tokens = r.step, r.tokens
-    return r
-
-
-def teacher_of(vlm: VLM, job: Job) -> torch.nn.Module | None:
-    """The job's teacher as a frozen model on the student's device: a checkpoint directory is loaded."""
-    objective = job.objective
-    if not objective.distils:
-        return None
-    if isinstance(objective.teacher, torch.nn.Module):
-        teacher = objective.teacher
-    else:
-        from ..api import load
-
-        teacher = load(objective.teacher, device=vlm.model.device, dtype=vlm.model.dtype).model
-    if objective.hidden_weight and teacher.cfg.text.hidden_size != vlm.cfg.text.hidden_size:
-        widths = f"({teacher.cfg.text.hidden_size}) to be the student's ({vlm.cfg.text.hidden_size})"
-        raise JobError(f"job {job.name!r}: hidden-state distillation needs the teacher's width {widths}")
-    if teacher.cfg.text.vocab_size != vlm.cfg.text.vocab_size:
-        raise JobError(
-            f"job {job.name!r}: the teacher's vocabulary ({teacher.cfg.text.vocab_size}) is not the "
-            f"student's ({vlm.cfg.text.vocab_size})"
-        )
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher.eval()
-
-
-def same_vision(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    """Whether two models' vision towers and projectors hold the same weights (their image features agree)."""
-    parts = [(dict(x.vision_tower.state_dict()), dict(x.multi_modal_projector.state_dict())) for x in (a, b)]
-    return all(
-        mine.keys() == theirs.keys()
-        and all(mine[k].shape == theirs[k].shape and torch.equal(mine[k], theirs[k]) for k in mine)
-        for mine, theirs in zip(*parts)
-    )
-
-
-def shared_features(vlm: VLM, running: list[Running], pixel_values: torch.Tensor | None) -> torch.Tensor | None:
-    """The image features [N, P, C] computed once for the student and every teacher, where that gives what each
-    would compute: the student's vision tower and projector untouched by every running job (no full job, no
-    adapter on them) and each teacher's the same weights (checked once per job). None: each computes its own."""
-    if pixel_values is None or not any(r.teacher is not None for r in running):
-        return None
-    if any(r.job.full or set(r.job.lora.parts) & {"vision", "projector"} for r in running):
-        return None
-    for r in running:
-        if r.teacher is not None and r.shares_vision is None:
-            r.shares_vision = same_vision(vlm.model, r.teacher)
-    if not all(r.shares_vision for r in running if r.teacher is not None):
-        return None
-    with torch.no_grad():
-        return vlm.model.image_features(pixel_values)
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) under torch.distributed (torchrun), else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from .progress import plot_loss, record
+from .running import Running, start, total_steps, world
+from .state import load_state, save_state
+from .teacher import shared_features
 
 
 def job_rows(vlm: VLM, running: list[Running], split: bool = True) -> list[tuple[int, dict]]:
@@ -395,96 +211,133 @@ def train(
     model.language_model.checkpointing = gradient_checkpointing
     for p in model.parameters():
         p.requires_grad_(False)
-    lead, size = world()[0] == 0, world()[1]
-    pipe = None
-    others = {"--resume": resume, "max_tokens": max_tokens, "full: true": any(j.full for j in jobs)}
-    if parallel == "pipeline":
-        check_split("parallel: pipeline", size, {**others, "sharding": sharding})
-        pipe = pipe_for(model)
-    if sharding == "fsdp":  # (a teacher, read whole, beside a split student: not yet)
-        teacher = any(j.objective.distils for j in jobs)
-        check_split("sharding: fsdp", size, {**others, "a teacher": teacher, "--watch": more is not None})
-        if sum(j.batch_size for j in jobs) > max_rows:
-            raise JobError("sharding: fsdp starts every job at once: max_rows must hold all their batch sizes")
-    for job in jobs:
-        check_batch(job, 1 if pipe else size)
-    datasets = {job.name: read_dataset(job.data) for job in jobs}  # all checked before any training
-    for job in jobs:
-        check_lengths(vlm, job, datasets[job.name], verbose)
-    known, files = list(jobs), {j.name: inputs(j, datasets[j.name]) for j in jobs}
-    check_outputs(known, vlm.directory, files)
-    states = {job.name: load_state(job) if resume else None for job in jobs}
-    queue = [j for j in jobs if not finished_before(j, states[j.name], len(datasets[j.name]))]
-    added_params = {}
-    if sharding == "fsdp":  # every adapter added, then the model split (fsdp.py)
-        for job in queue:
-            add_adapter(model, job.name, job.lora, seed=job.seed)
-        shard(model, torch.device(device or "cpu"))
-        named = dict(model.named_parameters())
-        for job in queue:
-            added_params[job.name] = [
-                p for n, p in named.items() if f".lora_A.{job.name}." in n or f".lora_B.{job.name}." in n
-            ]
-    running: list[Running] = []
-    finished: dict[str, Running] = {}
+    split = {"--resume": resume, "max_tokens": max_tokens, "--watch": more is not None}
+    pipe = check_parallel(model, jobs, max_rows, split, sharding, parallel)
+    run = Run(vlm, jobs, resume, verbose, pipe)
+    params = shard_adapters(model, run.queue, torch.device(device or "cpu")) if sharding == "fsdp" else {}
     try:
-        while queue or running:
-            for job in added(more, lead) if more is not None else []:
-                try:
-                    if job.name in datasets:
-                        raise JobError("a job of that name is already in this run")
-                    if job.full or any(j.full for j in known):
-                        raise JobError("a job with full: true trains the base itself: it runs alone")
-                    check_batch(job, 1 if pipe else size)
-                    examples = read_dataset(job.data)
-                    check_lengths(vlm, job, examples, verbose)
-                    check_outputs(known + [job], vlm.directory, {**files, job.name: inputs(job, examples)})
-                    datasets[job.name], states[job.name] = examples, None
-                    known.append(job)
-                    files[job.name] = inputs(job, examples)
-                except (JobError, DatasetError) as e:
-                    print(f"job {job.name!r} not added: {e}", file=sys.stderr, flush=True)
-                    continue
-                queue.append(job)
-            while queue and sum(r.job.batch_size for r in running) + queue[0].batch_size <= max_rows:
-                job = queue.pop(0)
-                running.append(start(vlm, job, datasets[job.name], states[job.name], added_params.get(job.name)))
-            train_step(vlm, running, max_tokens, pipe)
-            for r in list(running):
-                if r.micro % r.job.grad_accum:
-                    continue  # mid-accumulation: nothing to record or save yet
-                done = r.step >= r.total_steps
-                if done and pipe is not None:  # the adapter's weights from the stages that trained them
-                    pipe.gather(model, r.job.name)
-                sharded = is_sharded(model)
-                checkpoint_now = not sharded and (done or (r.job.save_every and r.step % r.job.save_every == 0))
-                if done or checkpoint_now or r.step % log_every == 0:  # (every process: each stops alike)
-                    r.read_losses()
-                    if (done or checkpoint_now) and not sharded:
-                        r.check_weights()
-                with gathered(model) if done and sharded else nullcontext():  # (split weights: every process)
-                    if lead:  # one process writes: metrics, adapter, checkpoint, curve
-                        if done or r.step % log_every == 0:
-                            record(r, verbose)
-                        if done and r.job.full:  # the model first: a checkpoint saying "done" implies it is complete
-                            vlm.save(r.job.output)
-                        elif done:  # likewise the adapter
-                            save_adapter(model, r.job.name, r.job.output, r.job.lora, base=str(vlm.directory))
-                        if checkpoint_now:
-                            save_state(r)  # (no checkpoints of split weights yet)
-                        if done:
-                            plot_loss(r)
-                if done:
-                    if r.job.full:
-                        for p in r.params:
-                            p.requires_grad_(False)
-                    elif not sharded:  # (sharded: the units are fixed; the adapter stays to the end)
-                        remove_adapter(model, r.job.name)
-                    running.remove(r)
-                    finished[r.job.name] = r
+        while run.queue or run.running:
+            for job in added(more, world()[0] == 0) if more is not None else []:
+                run.add(job)
+            run.fill(max_rows, params)
+            train_step(vlm, run.running, max_tokens, pipe)
+            for r in list(run.running):
+                if r.micro % r.job.grad_accum == 0:  # (mid-accumulation: nothing to record or save yet)
+                    run.stepped(r, log_every)
     finally:
         model.eval()
         model.language_model.checkpointing = False
     if pipe is not None and (line := pipe.report()) and verbose:
         print(line, file=sys.stderr, flush=True)
-    return finished
+    return run.finished
+
+
+def check_parallel(
+    model: torch.nn.Module, jobs: list[Job], max_rows: int, options: dict, sharding: str | None, parallel: str | None
+) -> Pipe | None:
+    """A run split over processes checked (options: --resume, max_tokens, --watch as given); the pipeline's stage
+    of this process, when pipelined. Every job's batch size is checked against the processes sharing its rows."""
+    size = world()[1]
+    full = any(j.full for j in jobs)
+    pipe = None
+    if parallel == "pipeline":
+        given = {k: v for k, v in options.items() if k != "--watch"}
+        check_split("parallel: pipeline", size, {**given, "full: true": full, "sharding": sharding})
+        pipe = pipe_for(model)
+    if sharding == "fsdp":  # (a teacher, read whole, beside a split student: not yet)
+        teacher = any(j.objective.distils for j in jobs)
+        check_split("sharding: fsdp", size, {**options, "full: true": full, "a teacher": teacher})
+        if sum(j.batch_size for j in jobs) > max_rows:
+            raise JobError("sharding: fsdp starts every job at once: max_rows must hold all their batch sizes")
+    for job in jobs:
+        check_batch(job, 1 if pipe else size)
+    return pipe
+
+
+def shard_adapters(model: torch.nn.Module, jobs: list[Job], device: torch.device) -> dict[str, list]:
+    """sharding: fsdp: every job's adapter added, then the model split (fsdp.py); each job's adapter weights."""
+    for job in jobs:
+        add_adapter(model, job.name, job.lora, seed=job.seed)
+    shard(model, device)
+    named = dict(model.named_parameters())
+    return {
+        job.name: [p for n, p in named.items() if f".lora_A.{job.name}." in n or f".lora_B.{job.name}." in n]
+        for job in jobs
+    }
+
+
+class Run:
+    """The jobs of one train() call: their datasets and files (checked against every job's outputs before any
+    training), the queue waiting for room, the jobs running and those finished."""
+
+    def __init__(self, vlm: VLM, jobs: list[Job], resume: bool, verbose: bool, pipe: Pipe | None):
+        self.vlm, self.verbose, self.pipe = vlm, verbose, pipe
+        self.datasets = {job.name: read_dataset(job.data) for job in jobs}
+        for job in jobs:
+            check_lengths(vlm, job, self.datasets[job.name], verbose)
+        self.known, self.files = list(jobs), {j.name: inputs(j, self.datasets[j.name]) for j in jobs}
+        check_outputs(self.known, vlm.directory, self.files)
+        self.states = {job.name: load_state(job) if resume else None for job in jobs}
+        self.queue = [j for j in jobs if not finished_before(j, self.states[j.name], len(self.datasets[j.name]))]
+        self.running: list[Running] = []
+        self.finished: dict[str, Running] = {}
+
+    def add(self, job: Job) -> None:
+        """A job added while the others run (--watch) joins the queue; one that cannot is reported, left out."""
+        try:
+            if job.name in self.datasets:
+                raise JobError("a job of that name is already in this run")
+            if job.full or any(j.full for j in self.known):
+                raise JobError("a job with full: true trains the base itself: it runs alone")
+            check_batch(job, 1 if self.pipe else world()[1])
+            examples = read_dataset(job.data)
+            check_lengths(self.vlm, job, examples, self.verbose)
+            files = {**self.files, job.name: inputs(job, examples)}
+            check_outputs(self.known + [job], self.vlm.directory, files)
+        except (JobError, DatasetError) as e:
+            print(f"job {job.name!r} not added: {e}", file=sys.stderr, flush=True)
+            return
+        self.datasets[job.name], self.states[job.name], self.files = examples, None, files
+        self.known.append(job)
+        self.queue.append(job)
+
+    def fill(self, max_rows: int, params: dict[str, list]) -> None:
+        """Start the queued jobs, in order, while their rows fit in max_rows (params: sharded adapters' weights)."""
+        while self.queue and sum(r.job.batch_size for r in self.running) + self.queue[0].batch_size <= max_rows:
+            job = self.queue.pop(0)
+            examples, state = self.datasets[job.name], self.states[job.name]
+            self.running.append(start(self.vlm, job, examples, state, params.get(job.name)))
+
+    def stepped(self, r: Running, log_every: int) -> None:
+        """After job r's optimizer step: its losses read back and checked, its metrics line, checkpoint and, when
+        it is done, its adapter (or model) written by one process, and the job taken out of the run."""
+        model, pipe = self.vlm.model, self.pipe
+        done = r.step >= r.total_steps
+        if done and pipe is not None:  # the adapter's weights from the stages that trained them
+            pipe.gather(model, r.job.name)
+        sharded = is_sharded(model)
+        checkpoint_now = not sharded and (done or (r.job.save_every and r.step % r.job.save_every == 0))
+        if done or checkpoint_now or r.step % log_every == 0:  # (every process: each stops alike)
+            r.read_losses()
+            if (done or checkpoint_now) and not sharded:
+                r.check_weights()
+        with gathered(model) if done and sharded else nullcontext():  # (split weights: every process)
+            if world()[0] == 0:  # one process writes: metrics, adapter, checkpoint, curve
+                if done or r.step % log_every == 0:
+                    record(r, self.verbose)
+                if done and r.job.full:  # the model first: a checkpoint saying "done" implies it is complete
+                    self.vlm.save(r.job.output)
+                elif done:  # likewise the adapter
+                    save_adapter(model, r.job.name, r.job.output, r.job.lora, base=str(self.vlm.directory))
+                if checkpoint_now:
+                    save_state(r)  # (no checkpoints of split weights yet)
+                if done:
+                    plot_loss(r)
+        if done:
+            if r.job.full:
+                for p in r.params:
+                    p.requires_grad_(False)
+            elif not sharded:  # (sharded: the units are fixed; the adapter stays to the end)
+                remove_adapter(model, r.job.name)
+            self.running.remove(r)
+            self.finished[r.job.name] = r

@@ -14,7 +14,7 @@ from ..files import write_files
 from .state import run_dir
 
 if TYPE_CHECKING:
-    from .multi import Running
+    from .running import Running
 
 
 def record(r: Running, verbose: bool) -> None:

@@ -16,7 +16,7 @@ from ..files import write_files
 
 if TYPE_CHECKING:
     from .jobs import Job
-    from .multi import Running
+    from .running import Running
 
 
 STATE_KEYS = {"adapter", "optimizer", "scheduler", "position", "step", "micro", "tokens", "losses"}

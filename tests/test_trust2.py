@@ -622,6 +622,7 @@ def test_the_readmes_openai_example_runs_as_written(server):
 @pytest.mark.parametrize("foreach", [False, True])
 def test_a_non_finite_gradient_stops_the_job_at_its_step(tmp_path, monkeypatch, foreach):
     import vlstack.train.multi as multi
+    import vlstack.train.running as running
     from vlstack.train import optim
 
     calls = []
@@ -631,8 +632,8 @@ def test_a_non_finite_gradient_stops_the_job_at_its_step(tmp_path, monkeypatch, 
         params[0].register_hook(lambda g: g * float("inf") if len(calls.append(1) or calls) == 2 else g)
         return params
 
-    add_adapter = multi.add_adapter
-    monkeypatch.setattr(multi, "add_adapter", poisoned)
+    add_adapter = running.add_adapter
+    monkeypatch.setattr(running, "add_adapter", poisoned)
     step_jobs = optim.step_jobs
     monkeypatch.setattr(multi, "step_jobs", lambda *a, **k: step_jobs(*a, **k, foreach=foreach))
     job = Job.of("fin", write_dataset(tmp_path / "data", "fin", 4, False), tmp_path / "out" / "fin", rank=2,

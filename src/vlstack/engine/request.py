@@ -4,13 +4,21 @@ what is prefilled, what it generated) and its output channel."""
 from __future__ import annotations
 
 import queue
+import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..config import VLMConfig
+from ..errors import PromptError
+from ..layers.step import v2pe
 from ..sampling import Detokenizer, SamplingParams
+from .feature_cache import image_hash, tiles_per_image
+from .runner import Chunk
+from .sampler import seed_words
 
 
 @dataclass(eq=False)
@@ -42,6 +50,39 @@ class Request:
     rope: torch.Tensor | None = None  # [T] V2PE's RoPE positions of the prompt (None: its positions)
     offset: float = 0.0  # V2PE: the RoPE position of each generated token minus its position
 
+    @classmethod
+    def of(
+        cls,
+        inputs: dict[str, torch.Tensor],
+        adapter: str | None,
+        params: SamplingParams,
+        cfg: VLMConfig,
+        decode: Callable[[list[int]], str],
+        max_len: int,
+        top_logprobs: int | None = None,
+        tenant: str | None = None,
+    ) -> Request:
+        """A request for an encoded prompt, checked (its length under max_len, its sampling against the
+        vocabulary, its image tokens filled by its images); max_new_tokens capped by what the context leaves."""
+        prompt, pixels = inputs["input_ids"][0], inputs.get("pixel_values")
+        if len(prompt) >= max_len:
+            raise PromptError(f"the prompt is {len(prompt)} tokens, over the model's context of {max_len} tokens")
+        params.max_new_tokens = min(params.max_new_tokens, max_len - len(prompt))
+        params.check_vocab(cfg.text.vocab_size)
+        if top_logprobs is not None and not 0 <= top_logprobs <= 20:
+            raise PromptError(f"top_logprobs must be in [0, 20] (got {top_logprobs})")
+        image_tokens = int((prompt == cfg.image_token_id).sum())
+        if image_tokens != (0 if pixels is None else len(pixels)) * cfg.tokens_per_tile:
+            raise PromptError(f"the prompt has {image_tokens} image tokens, which its images do not fill")
+        counts = tiles_per_image(prompt, cfg.image_token_id, cfg.tokens_per_tile) if pixels is not None else []
+        images = [(image_hash(t), len(t)) for t in pixels.split(counts)] if counts else []
+        req = cls(prompt, pixels, images, adapter, params, Detokenizer(decode, params.stop), tenant=tenant)
+        req.top_logprobs = top_logprobs
+        if cfg.v2pe_delta != 1.0:
+            req.rope, req.offset = v2pe(prompt, cfg.image_token_id, cfg.v2pe_delta)
+        req.seed = seed_words(random.getrandbits(64) if params.seed is None else params.seed)
+        return req
+
     @property
     def position(self) -> int:
         """The position of next_token, the one the next decode step feeds (what the cache holds before it)."""
@@ -51,3 +92,36 @@ class Request:
     def budget(self) -> int:
         """KV positions the request may occupy."""
         return len(self.prompt) + self.params.max_new_tokens
+
+    def next_chunk(self) -> Chunk:
+        """The prompt tokens this step prefills (self.chunk), as the model runner takes them."""
+        a, b = self.chunk
+        rope = None if self.rope is None else self.rope[a:b]
+        return Chunk(self.prompt[a:b], a, self.slot, self.adapter, b == len(self.prompt), rope)
+
+    def take(self, token: int, logprob: tuple | None, eos: set[int]) -> bool:
+        """A new token: its text sent, its log-probabilities (logprob: the token's and its alternatives') kept;
+        whether the request is over: EOS, a stop string, its length, or cancelled. The one place that decides
+        a request is finished."""
+        self.generated += 1
+        if logprob is not None and token not in eos:
+            self.logprobs.append((token, *logprob))
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if token in eos:
+            self.finish_reason = "stop"
+        else:
+            piece = self.detok.push(token)
+            if piece:
+                self.out.put(piece)
+            if self.detok.stopped:
+                self.finish_reason = "stop"
+            elif self.generated >= self.params.max_new_tokens:
+                self.finish_reason = "length"
+        self.next_token = token
+        if self.finish_reason or self.cancelled:
+            tail = self.detok.flush() if self.finish_reason else ""
+            if tail:
+                self.out.put(tail)
+            return True
+        return False

@@ -101,3 +101,14 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seeds: list[
     ints = upload([[p.top_k for p in params], steps, *zip(*seeds)], device)  # [4, B]
     filtered = any(p.top_k or p.top_p < 1 for p in params if p.temperature > 0)
     return sample(logits, floats[0], floats[1], ints[0], ints[2:].T, ints[1], filtered)
+
+
+def logprobs(logits: torch.Tensor, tokens: torch.Tensor, want: dict[int, int]) -> dict[int, tuple]:
+    """logits [B, V] and the chosen tokens [B] -> {row: (the token's logprob, [(id, logprob)] of the row's
+    likeliest tokens)} for the rows in want (row -> how many likeliest tokens)."""
+    rows = upload(list(want), logits.device)  # [W]
+    lp = logits[rows].float().log_softmax(-1)  # [W, V]
+    chosen = lp.gather(1, tokens[rows, None])[:, 0].tolist()  # [W]
+    top = lp.topk(max(want.values()), -1)  # [W, k]
+    ids, values = top.indices.tolist(), top.values.tolist()
+    return {i: (chosen[j], list(zip(ids[j][:k], values[j][:k]))) for j, (i, k) in enumerate(want.items())}

@@ -20,7 +20,6 @@ requests (retire) and leaves the model once the requests it has accepted have fi
 from __future__ import annotations
 
 import queue
-import random
 import threading
 import time
 import traceback
@@ -30,18 +29,20 @@ import torch
 
 from ..adapters import Loaded
 from ..chat import Processor, question_messages
-from ..errors import ConfigError, PromptError, UnknownModel
+from ..errors import ConfigError, UnknownModel
 from ..layers.kv_cache import KVCache
-from ..layers.lora import adapter_names, lora_layers, route
-from ..layers.step import upload, v2pe
+from ..layers.lora import adapter_names
+from ..layers.step import upload
 from ..models.internvl import InternVL
 from ..parallel.tp import cache_config
-from ..sampling import Detokenizer, SamplingParams
-from .feature_cache import FeatureCache, image_hash, tiles_per_image
+from ..sampling import SamplingParams
+from .ahead import Ahead
+from .feature_cache import FeatureCache
 from .mirror import OPS, Mirror
 from .request import Request
-from .runner import Chunk, Decoder
-from .sampler import adjust, sample_rows, seed_words
+from .runner import Decoder
+from .sampler import adjust, logprobs, sample_rows
+from .vision import chunk_features, encode, vision_adapters
 
 STEP_TOKENS = {"cpu": (8192, 8192), "cuda": (16384, 32768)}  # device -> default (prefill, vision) tokens a step
 
@@ -122,30 +123,11 @@ class Engine:
         model (its raw distribution, before logit_bias, penalties, temperature or top_p) and those of the
         top_logprobs likeliest tokens are added to request.logprobs before the text they make is put. tenant:
         the key's id that sent it (its images' cached features are its own)."""
-        prompt = inputs["input_ids"][0]
-        if len(prompt) >= self.max_len:
-            raise PromptError(f"the prompt is {len(prompt)} tokens, over the model's context of {self.max_len} tokens")
-        params.max_new_tokens = min(params.max_new_tokens, self.max_len - len(prompt))
-        params.check_vocab(self.cfg.text.vocab_size)
-        if top_logprobs is not None and not 0 <= top_logprobs <= 20:
-            raise PromptError(f"top_logprobs must be in [0, 20] (got {top_logprobs})")
-        pixels, cfg = inputs.get("pixel_values"), self.cfg
-        image_tokens = int((prompt == cfg.image_token_id).sum())
-        if image_tokens != (0 if pixels is None else len(pixels)) * cfg.tokens_per_tile:
-            raise PromptError(f"the prompt has {image_tokens} image tokens, which its images do not fill")
+        req = Request.of(inputs, adapter, params, self.cfg, self.processor.decode, self.max_len, top_logprobs, tenant)
         if adapter is not None and (adapter not in adapter_names(self.model) or adapter in self.retiring):
             raise UnknownModel(f"no adapter named {adapter!r} is loaded")
-        counts = tiles_per_image(prompt, cfg.image_token_id, cfg.tokens_per_tile) if pixels is not None else []
-        images = [(image_hash(t), len(t)) for t in pixels.split(counts)] if counts else []
-        req = Request(
-            prompt, pixels, images, adapter, params, Detokenizer(self.processor.decode, params.stop), tenant=tenant
-        )
         if out is not None:
             req.out = out
-        req.top_logprobs = top_logprobs
-        if cfg.v2pe_delta != 1.0:
-            req.rope, req.offset = v2pe(prompt, cfg.image_token_id, cfg.v2pe_delta)
-        req.seed = seed_words(random.getrandbits(64) if params.seed is None else params.seed)
         self.waiting.put(req)
         self._wake.set()
         return req
@@ -176,11 +158,6 @@ class Engine:
         if self.mirror is not None:
             self.mirror.send(op, args)
         return OPS[op](self, *args)
-
-    def _vision_adapters(self) -> set[str]:
-        """Adapters that change the visual embeddings (LoRA on the vision tower or the projector)."""
-        layers = lora_layers(self.model).items()
-        return {a for name, layer in layers if not name.startswith("language_model.") for a in layer.lora_A}
 
     def close(self) -> None:
         self._stop.set()
@@ -305,12 +282,8 @@ class Engine:
 
     def _encode(self, batch: list[Request]) -> None:
         """The new requests' visual embeddings: every new image in passes through the vision encoder."""
-        self.vision_adapters = self._vision_adapters()
-        features = self._features(batch)
-        for r in batch:
-            if r.images:
-                parts = [features[self._image_key(r, digest)] for digest, _ in r.images]  # prompt order
-                r.features = torch.cat(parts).flatten(0, 1)  # [image tokens, C]
+        self.vision_adapters = vision_adapters(self.model)
+        encode(self.model, self.images, batch, self.vision_tokens, self.vision_adapters)
 
     def _chunks(self) -> list[Request]:
         """The prefilling requests this step serves, each with its next chunk, up to prefill_tokens in all (a
@@ -337,7 +310,8 @@ class Engine:
             logits = self._run("decode", *row_inputs, adapters, None, offsets)
         else:
             decoding = (*row_inputs, adapters, offsets) if rows else None
-            logits = self._run("forward", [self._chunk(r) for r in chunks], decoding, self._chunk_features(chunks))
+            features = chunk_features(chunks, self.cfg.image_token_id)
+            logits = self._run("forward", [r.next_chunk() for r in chunks], decoding, features)
         done = [r for r in chunks if r.chunk[1] == len(r.prompt)]
         sampled = self._sample(done + rows, logits)  # [len(done) + len(rows), V]: (what can raise comes first:
         for r in chunks:  # a step retried after an error repeats nothing)
@@ -397,57 +371,9 @@ class Engine:
             self._emit(ahead.rows, ahead.read(), {})
             self.running = [r for r in self.running if r.finished_at is None]
 
-    def _chunk(self, r: Request) -> Chunk:
-        a, b = r.chunk
-        return Chunk(r.prompt[a:b], a, r.slot, r.adapter, b == len(r.prompt), None if r.rope is None else r.rope[a:b])
-
     def _offsets(self, rows: list[Request]) -> list[float] | None:
         """Under V2PE, each decoding row's RoPE offset (None without V2PE)."""
         return [r.offset for r in rows] if self.cfg.v2pe_delta != 1.0 else None
-
-    def _chunk_features(self, chunks: list[Request]) -> torch.Tensor | None:
-        """The visual embeddings of the chunks' image tokens, in order: [1, image tokens, C] (None: none)."""
-        image_token, parts = self.cfg.image_token_id, []
-        for r in chunks:
-            if r.features is not None:
-                a, b = r.chunk
-                before = int((r.prompt[:a] == image_token).sum())
-                parts.append(r.features[before : before + int((r.prompt[a:b] == image_token).sum())])
-        return torch.cat(parts)[None] if parts else None
-
-    def _image_key(self, req: Request, digest: str) -> tuple[str, str | None, str | None]:
-        return digest, req.adapter if req.adapter in self.vision_adapters else None, req.tenant
-
-    def _features(self, batch: list[Request]) -> dict:
-        """The visual embeddings [tiles, P, C] of the batch's images by key: cached ones reused, the others
-        through the vision encoder in one pass (each tile with its request's vision adapter)."""
-        model, device = self.model, self.model.device
-        found: dict = {}  # for this batch (the cache may evict before the batch is done)
-        new_keys, new_tiles, new_adapters = [], [], []
-        for r in batch:
-            if not r.images:
-                continue
-            for (digest, n), tiles in zip(r.images, r.pixel_values.split([n for _, n in r.images])):
-                key = self._image_key(r, digest)
-                if key in found:
-                    continue
-                found[key] = self.images.get(key)
-                if found[key] is None:
-                    new_keys.append(key)
-                    new_tiles.append(tiles)
-                    new_adapters += [key[1]] * n
-        if new_tiles:
-            tiles = torch.cat(new_tiles)  # [new tiles, 3, S, S]
-            step = max(1, self.vision_tokens // self.cfg.vision.patches)  # tiles per pass
-            parts = []
-            for a in range(0, len(tiles), step):  # passes of at most vision_tokens encoder tokens
-                lora = route(model, new_adapters[a : a + step], device=device)  # (a tile: a row)
-                parts.append(model.image_features(tiles[a : a + step].to(device), lora))  # [tiles, P, C]
-            feats = torch.cat(parts)  # [new tiles, P, C]
-            for key, f in zip(new_keys, feats.split([len(t) for t in new_tiles])):
-                found[key] = f
-                self.images.put(key, f)
-        return found
 
     def _compact(self) -> None:
         """Move the running requests into cache slots 0..B-1 (those in a higher slot into the holes left by
@@ -471,32 +397,12 @@ class Engine:
         scores = adjust(logits, [r.detok.ids for r in rows], [r.params for r in rows])  # [B, V]
         tokens = sample_rows(scores, [r.params for r in rows], [r.seed for r in rows], [r.generated for r in rows])
         want = {i: r.top_logprobs for i, r in enumerate(rows) if r.top_logprobs is not None}
-        return tokens.tolist(), _logprobs(logits, tokens, want) if want else {}
+        return tokens.tolist(), logprobs(logits, tokens, want) if want else {}
 
     def _emit(self, rows: list[Request], tokens: list[int], logprobs: dict) -> None:
-        """Send each row's new token's text and end the rows it finishes, or that were cancelled: the one place
-        that decides a request is finished (EOS, a stop string, its length)."""
+        """Each row's new token taken (its text sent); the rows it finishes, or that were cancelled, ended."""
         for i, (req, token) in enumerate(zip(rows, tokens)):
-            req.generated += 1
-            if i in logprobs and token not in self.eos:
-                req.logprobs.append((token, *logprobs[i]))
-            if req.first_token_at is None:
-                req.first_token_at = time.perf_counter()
-            if token in self.eos:
-                req.finish_reason = "stop"
-            else:
-                piece = req.detok.push(token)
-                if piece:
-                    req.out.put(piece)
-                if req.detok.stopped:
-                    req.finish_reason = "stop"
-                elif req.generated >= req.params.max_new_tokens:
-                    req.finish_reason = "length"
-            req.next_token = token
-            if req.finish_reason or req.cancelled:
-                tail = req.detok.flush() if req.finish_reason else ""
-                if tail:
-                    req.out.put(tail)
+            if req.take(token, logprobs.get(i), self.eos):
                 self._end(req)
 
     def _end(self, req: Request) -> None:
@@ -504,46 +410,3 @@ class Engine:
         req.finished_at = time.perf_counter()
         req.out.put(None)
         self.free.append(req.slot)
-
-
-class Ahead:
-    """Rows whose newest tokens [B] are on the device, sampled and not yet read back; their copy to the host
-    starts at once (after the step that made them), so that reading them later waits for nothing else."""
-
-    def __init__(self, rows: list[Request], tokens: torch.Tensor):
-        self.rows, self.tokens = rows, tokens  # tokens [B] on the device
-        self.host = tokens.to("cpu", non_blocking=True)  # [B] once copied
-        self.picks = list(range(len(rows)))  # the rows' places in host
-        self.copied = None
-        if tokens.is_cuda:
-            self.copied = torch.cuda.Event()
-            self.copied.record()
-
-    def keep(self, rows: list[Request]) -> Ahead | None:
-        """The same, for these of its rows only (None: none)."""
-        if not rows:
-            return None
-        index = {id(r): i for i, r in enumerate(self.rows)}
-        places = [index[id(r)] for r in rows]
-        kept = Ahead.__new__(Ahead)
-        kept.rows, kept.tokens = rows, self.tokens[upload(places, self.tokens.device)]
-        kept.host, kept.picks, kept.copied = self.host, [self.picks[i] for i in places], self.copied
-        return kept
-
-    def read(self) -> list[int]:
-        """The tokens on the host (waiting for their copy only)."""
-        if self.copied is not None:
-            self.copied.synchronize()
-        tokens = self.host.tolist()
-        return [tokens[i] for i in self.picks]
-
-
-def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, want: dict[int, int]) -> dict[int, tuple]:
-    """logits [B, V] and the chosen tokens [B] -> {row: (the token's logprob, [(id, logprob)] of the row's
-    likeliest tokens)} for the rows in want (row -> how many likeliest tokens)."""
-    rows = upload(list(want), logits.device)  # [W]
-    lp = logits[rows].float().log_softmax(-1)  # [W, V]
-    chosen = lp.gather(1, tokens[rows, None])[:, 0].tolist()  # [W]
-    top = lp.topk(max(want.values()), -1)  # [W, k]
-    ids, values = top.indices.tolist(), top.values.tolist()
-    return {i: (chosen[j], list(zip(ids[j][:k], values[j][:k]))) for j, (i, k) in enumerate(want.items())}

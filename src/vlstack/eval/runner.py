@@ -108,22 +108,7 @@ def evaluate(
     for a in range(0, len(todo), batch):
         part = todo[a : a + batch]
         part, answers, usage = _answer(vlm, part, adapter, max_new_tokens, skip_bad_images)
-        with (out / "predictions.jsonl").open("a") as f:
-            for item, answer, use in zip(part, answers, usage):
-                row = {
-                    "index": item.index,
-                    "question": item.question,
-                    "answers": item.answers,
-                    "prediction": answer,
-                    "score": score(metric, item, answer, rng),
-                    "category": item.category,
-                    **({"template": item.template} if item.template else {}),
-                    "prompt_tokens": use["prompt_tokens"],
-                    "completion_tokens": use["completion_tokens"],
-                    **({"error": use["error"], "score": 0.0} if "error" in use else {}),
-                }
-                f.write(json.dumps(row) + "\n")
-                done[item.index] = row
+        _record(out / "predictions.jsonl", done, metric, part, answers, usage, rng)
         if progress:
             _progress(
                 bench,
@@ -135,21 +120,7 @@ def evaluate(
             )
     seconds = time.perf_counter() - start
     rows = [done[i.index] for i in items if i.index in done]
-    summary = {
-        "benchmark": bench,
-        "metric": metric,
-        "model": (name or vlm.name) + (f"+{adapter}" if adapter else ""),
-        "n": len(rows),
-        "score": 100 * sum(r["score"] for r in rows) / max(len(rows), 1),
-        **breakdown(rows, bench),
-        "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
-        "completion_tokens": sum(r["completion_tokens"] for r in rows),
-        "seconds": seconds,
-        "pages_per_s": len(todo) / seconds if seconds > 0 else 0.0,
-        "timed": len(todo),  # the items of this run's seconds (a resumed run times only what it scored)
-        "source": "local" if hasattr(vlm, "model") else vlm.url,
-        "device": str(vlm.model.device) if hasattr(vlm, "model") else None,
-    }
+    summary = _summary(vlm, bench, metric, rows, name, adapter, seconds, len(todo))
     if prices is not None:
         summary["cost_usd"] = (summary["prompt_tokens"] * prices[0] + summary["completion_tokens"] * prices[1]) / 1e6
     bars = [(c, v, "") for c, v in {**summary.get("disciplines", {}), **summary["categories"]}.items()]
@@ -162,6 +133,55 @@ def evaluate(
             "summary.md": lambda p: p.write_text(table(summary)),
         },
     )
+    return summary
+
+
+def _record(path: Path, done: dict, metric: str, items: list, answers: list, usage: list, rng: random.Random) -> None:
+    """A batch's items scored, appended to predictions.jsonl and to done (index -> row)."""
+    with path.open("a") as f:
+        for item, answer, use in zip(items, answers, usage):
+            row = {
+                "index": item.index,
+                "question": item.question,
+                "answers": item.answers,
+                "prediction": answer,
+                "score": score(metric, item, answer, rng),
+                "category": item.category,
+                **({"template": item.template} if item.template else {}),
+                "prompt_tokens": use["prompt_tokens"],
+                "completion_tokens": use["completion_tokens"],
+                **({"error": use["error"], "score": 0.0} if "error" in use else {}),
+            }
+            f.write(json.dumps(row) + "\n")
+            done[item.index] = row
+
+
+def _summary(
+    vlm: Any,
+    bench: str,
+    metric: str,
+    rows: list[dict],
+    name: str | None,
+    adapter: str | None,
+    seconds: float,
+    timed: int,
+) -> dict:
+    """The run's summary over its scored rows: the score, its breakdown, tokens, speed and where it ran."""
+    summary = {
+        "benchmark": bench,
+        "metric": metric,
+        "model": (name or vlm.name) + (f"+{adapter}" if adapter else ""),
+        "n": len(rows),
+        "score": 100 * sum(r["score"] for r in rows) / max(len(rows), 1),
+        **breakdown(rows, bench),
+        "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
+        "completion_tokens": sum(r["completion_tokens"] for r in rows),
+        "seconds": seconds,
+        "pages_per_s": timed / seconds if seconds > 0 else 0.0,
+        "timed": timed,  # the items of this run's seconds (a resumed run times only what it scored)
+        "source": "local" if hasattr(vlm, "model") else vlm.url,
+        "device": str(vlm.model.device) if hasattr(vlm, "model") else None,
+    }
     return summary
 
 

@@ -72,26 +72,8 @@ def synthesize(
     image encoded once for all its answers: several times the supervision per step); line_width: a line chart's
     line in pixels at 224 px (charts); decorate: the training charts get strokes that carry no data at random
     (a page border, reference lines), the test charts none. Returns the provenance record."""
-    if kind not in KINDS:
-        raise DataError(f"unknown kind {kind!r}: choose one of {', '.join(KINDS)}")
-    if n < 1 or not 0 <= test_fraction < 1 or not MIN_SIZE <= size <= MAX_SIZE:
-        raise DataError(f"--n must be >= 1, --test-fraction in [0, 1), --size in [{MIN_SIZE}, {MAX_SIZE}]")
-    need, free = memory_needed(n, size), available_memory()
-    if free is not None and need > free:
-        raise DataError(
-            f"--n {n} --size {size} would take ~{need / 2**30:.1f} GiB of memory, more than the "
-            f"{free / 2**30:.1f} GiB available: make fewer or smaller images"
-        )
+    check_options(kind, n, size, test_fraction, questions, only, line_width, decorate)
     module = KINDS[kind]
-    unknown = set(only or []) - set(subjects(kind))
-    if unknown:
-        raise DataError(f"--only {', '.join(sorted(unknown))}: {kind} are of the types {', '.join(subjects(kind))}")
-    if decorate and kind != "charts":
-        raise DataError("--decorate: only charts are decorated")
-    if not 2 <= line_width <= 20 or line_width != 2 and kind != "charts":
-        raise DataError(f"--line-width {line_width}: charts' lines are 2 to 20 pixels wide (at 224 px; charts only)")
-    if questions not in ("all", "visual"):
-        raise DataError(f"--questions {questions!r}: choose all or visual")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out} already exists: synth writes a new directory (choose another --out)")
@@ -134,23 +116,7 @@ def synthesize(
                 )
             if progress:
                 progress(i + 1, n)
-        with open(tmp / "train.jsonl", "w", encoding="utf-8") as f:
-            turns_rng = random.Random(f"{seed}:turns")
-            for image, group in _training(lines["train"], conversations, turns_rng, module.TRAINING):
-                turns = []
-                for i, line in enumerate(group):  # the first asked as the evaluation asks (VQA_PROMPT), answered;
-                    human, gpt = line["conversations"]  # the instruction stated once: the others just asked
-                    text = f"{human['value']}\n{VQA_PROMPT}" if i == 0 else human["value"].removeprefix("<image>\n")
-                    turns += [dict(human, value=text), gpt]
-                f.write(json.dumps({"image": image, "conversations": turns}) + "\n")
-        with open(tmp / "test.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(line) + "\n" for line in lines["test"])
-        with open(tmp / "test.tsv", "w", encoding="utf-8", newline="") as f:
-            w = csv.writer(f, delimiter="\t")
-            w.writerow(["index", "image_path", "question", "answer", "category", "split"])
-            for line in lines["test"]:
-                question = line["conversations"][0]["value"].removeprefix("<image>\n")
-                w.writerow([line["index"], line["image"], question, line["answer"], line["category"], "test"])
+        write_splits(tmp, lines, conversations, random.Random(f"{seed}:turns"), module.TRAINING)
         provenance = {
             "generator": f"vlstack.synth.{kind}",
             "version": VERSION,
@@ -169,6 +135,59 @@ def synthesize(
         }
         (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     return provenance
+
+
+def check_options(
+    kind: str,
+    n: int,
+    size: int,
+    test_fraction: float,
+    questions: str,
+    only: list[str] | None,
+    line_width: float,
+    decorate: bool,
+) -> None:
+    """synthesize's options, each bad one named with its bounds (DataError)."""
+    if kind not in KINDS:
+        raise DataError(f"unknown kind {kind!r}: choose one of {', '.join(KINDS)}")
+    if n < 1 or not 0 <= test_fraction < 1 or not MIN_SIZE <= size <= MAX_SIZE:
+        raise DataError(f"--n must be >= 1, --test-fraction in [0, 1), --size in [{MIN_SIZE}, {MAX_SIZE}]")
+    need, free = memory_needed(n, size), available_memory()
+    if free is not None and need > free:
+        raise DataError(
+            f"--n {n} --size {size} would take ~{need / 2**30:.1f} GiB of memory, more than the "
+            f"{free / 2**30:.1f} GiB available: make fewer or smaller images"
+        )
+    unknown = set(only or []) - set(subjects(kind))
+    if unknown:
+        raise DataError(f"--only {', '.join(sorted(unknown))}: {kind} are of the types {', '.join(subjects(kind))}")
+    if decorate and kind != "charts":
+        raise DataError("--decorate: only charts are decorated")
+    if not 2 <= line_width <= 20 or line_width != 2 and kind != "charts":
+        raise DataError(f"--line-width {line_width}: charts' lines are 2 to 20 pixels wide (at 224 px; charts only)")
+    if questions not in ("all", "visual"):
+        raise DataError(f"--questions {questions!r}: choose all or visual")
+
+
+def write_splits(tmp: Path, lines: dict[str, list[dict]], conversations: bool, rng: random.Random, last: tuple) -> None:
+    """train.jsonl (the training lines, grouped into conversations when asked: _training), test.jsonl and
+    test.tsv (the evaluation's table) into the directory tmp."""
+    with open(tmp / "train.jsonl", "w", encoding="utf-8") as f:
+        for image, group in _training(lines["train"], conversations, rng, last):
+            turns = []
+            for i, line in enumerate(group):  # the first asked as the evaluation asks (VQA_PROMPT), answered;
+                human, gpt = line["conversations"]  # the instruction stated once: the others just asked
+                text = f"{human['value']}\n{VQA_PROMPT}" if i == 0 else human["value"].removeprefix("<image>\n")
+                turns += [dict(human, value=text), gpt]
+            f.write(json.dumps({"image": image, "conversations": turns}) + "\n")
+    with open(tmp / "test.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines["test"])
+    with open(tmp / "test.tsv", "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["index", "image_path", "question", "answer", "category", "split"])
+        for line in lines["test"]:
+            question = line["conversations"][0]["value"].removeprefix("<image>\n")
+            w.writerow([line["index"], line["image"], question, line["answer"], line["category"], "test"])
 
 
 def _training(

@@ -124,8 +124,12 @@ def write_hf_checkpoint(directory: Path, seed: int = 0, **shape) -> torch.nn.Mod
     return model
 
 
-ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
-                 "phi3": "Phi3ForCausalLM"}  # fmt: skip
+ARCHITECTURES = {
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
 
 
 def llm_config(t: dict) -> dict:
@@ -139,9 +143,15 @@ def llm_config(t: dict) -> dict:
     return {"architectures": [ARCHITECTURES[t["model_type"]]], **out}
 
 
-INTERNLM2_NAMES = {"embed_tokens": "tok_embeddings", "self_attn.o_proj": "attention.wo", "mlp.gate_proj":
-                   "feed_forward.w1", "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2",
-                   "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+INTERNLM2_NAMES = {
+    "embed_tokens": "tok_embeddings",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.up_proj": "feed_forward.w3",
+    "mlp.down_proj": "feed_forward.w2",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
 
 
 def internlm2_llm(t: dict, state: dict, out: dict) -> dict:

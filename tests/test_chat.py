@@ -140,8 +140,12 @@ def test_sampler_draws_from_the_filtered_distribution():
         tokens = sample(logits, t, ones * top_p, torch.full((n,), top_k), seeds, steps, filtered)
         return torch.bincount(tokens, minlength=4) / n
 
-    expected = {(1.0, 0): [0.5, 0.3, 0.15, 0.05], (0.7, 0): [0.625, 0.375, 0, 0], (1.0, 2): [0.625, 0.375, 0, 0],
-                (1.0, 3): [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0]}  # fmt: skip
+    expected = {
+        (1.0, 0): [0.5, 0.3, 0.15, 0.05],
+        (0.7, 0): [0.625, 0.375, 0, 0],
+        (1.0, 2): [0.625, 0.375, 0, 0],
+        (1.0, 3): [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0],
+    }
     for (top_p, top_k), want in expected.items():
         assert (freq(top_p, top_k) - torch.tensor(want)).abs().max() < 0.03
     assert (freq(filtered=False) - torch.tensor(expected[1.0, 0])).abs().max() < 0.03
@@ -232,8 +236,15 @@ def test_bad_generation_options_are_named(tiny):
         tiny.chat("Hi", top_p=0)
     with pytest.raises(PromptError, match=r"temperature must be a number in \[0, 2\]"):
         tiny.chat("Hi", temperature=-1)
-    for bad in (dict(seed=2**70), dict(seed="7"), dict(stop=5), dict(stop=["a"] * 5), dict(top_k=1.5),
-                dict(max_new_tokens=True), dict(temperature=3)):  # fmt: skip
+    for bad in (
+        dict(seed=2**70),
+        dict(seed="7"),
+        dict(stop=5),
+        dict(stop=["a"] * 5),
+        dict(top_k=1.5),
+        dict(max_new_tokens=True),
+        dict(temperature=3),
+    ):
         with pytest.raises(PromptError, match=f"{next(iter(bad))} must be"):
             tiny.chat("Hi", **bad)
 

@@ -144,8 +144,12 @@ def test_a_corrupt_image_is_named_before_training(tmp_path, capsys):
     rows = []
     for i in range(40):
         image(30 + i, 20, seed=i).save(tmp_path / f"{i}.png")
-        rows.append({"image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\nq"},
-                                                            {"from": "gpt", "value": "a"}]})  # fmt: skip
+        rows.append(
+            {
+                "image": f"{i}.png",
+                "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}],
+            }
+        )
     (tmp_path / "30.png").write_bytes((tmp_path / "30.png").read_bytes()[:60])  # line 31's image
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     _fails(capsys, ["train", jobs], f"{tmp_path / 'd.jsonl'}:31: image {tmp_path / '30.png'}: could not decode")

@@ -81,14 +81,20 @@ def test_a_pruned_student_moves_toward_its_teacher(base, tmp_path):
     from vlstack.compress.prune import calibration
 
     directory, data = base
-    stages = {"stages": [{"prune": {"mlp": 0.5, "hidden": 0.75, "data": str(data), "samples": 4}},
-                         {"distill": {"data": str(data), "steps": 8, "batch_size": 3, "lr": 3e-3}}]}  # fmt: skip
+    stages = {
+        "stages": [
+            {"prune": {"mlp": 0.5, "hidden": 0.75, "data": str(data), "samples": 4}},
+            {"distill": {"data": str(data), "steps": 8, "batch_size": 3, "lr": 3e-3}},
+        ]
+    }
     (tmp_path / "c.yaml").write_text(json.dumps(stages))
     teacher = vlstack.load(directory, device="cpu")
     examples = calibration(teacher, read_stages(tmp_path / "c.yaml")[0][1])
     (tmp_path / "p.yaml").write_text(json.dumps({"stages": stages["stages"][:1]}))
-    pruned = vlstack.load(compress(vlstack.load(directory, device="cpu"), read_stages(tmp_path / "p.yaml"),
-                                   tmp_path / "pruned"), device="cpu")  # fmt: skip
+    pruned = vlstack.load(
+        compress(vlstack.load(directory, device="cpu"), read_stages(tmp_path / "p.yaml"), tmp_path / "pruned"),
+        device="cpu",
+    )
     out = compress(vlstack.load(directory, device="cpu"), read_stages(tmp_path / "c.yaml"), tmp_path / "out")
     distilled = vlstack.load(out, device="cpu")
     before, after = kl_to(teacher.model, pruned.model, examples), kl_to(teacher.model, distilled.model, examples)
@@ -98,8 +104,10 @@ def test_a_pruned_student_moves_toward_its_teacher(base, tmp_path):
 
 def test_an_interrupted_distillation_resumes(base, tmp_path, monkeypatch):
     directory, data = base
-    stages = [{"prune": {"mlp": 0.5, "data": str(data), "samples": 2}},
-              {"distill": {"data": str(data), "steps": 4, "batch_size": 2, "lr": 3e-3}}]  # fmt: skip
+    stages = [
+        {"prune": {"mlp": 0.5, "data": str(data), "samples": 2}},
+        {"distill": {"data": str(data), "steps": 4, "batch_size": 2, "lr": 3e-3}},
+    ]
     (tmp_path / "c.yaml").write_text(json.dumps({"stages": stages}))
     whole = compress(vlstack.load(directory, device="cpu"), read_stages(tmp_path / "c.yaml"), tmp_path / "whole")
     real, calls = multi.train_step, []
@@ -115,8 +123,9 @@ def test_an_interrupted_distillation_resumes(base, tmp_path, monkeypatch):
         compress(vlstack.load(directory, device="cpu"), read_stages(tmp_path / "c.yaml"), tmp_path / "out")
     assert not (tmp_path / "out").exists() and (tmp_path / "out.distill.train" / "checkpoint" / "state.pt").is_file()
     monkeypatch.setattr(multi, "train_step", real)
-    out = compress(vlstack.load(directory, device="cpu"), read_stages(tmp_path / "c.yaml"), tmp_path / "out",
-                   resume=True)  # fmt: skip
+    out = compress(
+        vlstack.load(directory, device="cpu"), read_stages(tmp_path / "c.yaml"), tmp_path / "out", resume=True
+    )
     from safetensors.torch import load_file
 
     a, b = load_file(whole / "model.safetensors"), load_file(out / "model.safetensors")
@@ -143,8 +152,12 @@ def test_teacher_and_student_share_the_image_features_when_their_vision_is_the_s
         hook = teacher.model.vision_tower.register_forward_hook(lambda *a, calls=calls: calls.append(1))
         if not share:
             monkeypatch.setattr(multi, "shared_features", lambda *a: None)
-        distill(student, DistillConfig(data=str(data), steps=3, batch_size=2, lr=1e-2, full=False, rank=4).check(),
-                teacher.model, tmp_path / f"work{share}")  # fmt: skip
+        distill(
+            student,
+            DistillConfig(data=str(data), steps=3, batch_size=2, lr=1e-2, full=False, rank=4).check(),
+            teacher.model,
+            tmp_path / f"work{share}",
+        )
         hook.remove()
         monkeypatch.undo()
         assert (len(calls) == 0) == share  # shared: the teacher never encoded an image
@@ -163,5 +176,6 @@ def test_hidden_state_distillation_needs_the_same_width(base, tmp_path):
     cfg = PruneConfig(hidden=0.75, data=str(data), samples=2)
     prune(student, cfg, importance(student, calibration(student, cfg)))
     with pytest.raises(JobError, match=r"hidden-state distillation needs the teacher's width \(64\)"):
-        distill(student, DistillConfig(data=str(data), steps=1, hidden_weight=1.0).check(), teacher.model,
-                tmp_path / "work")  # fmt: skip
+        distill(
+            student, DistillConfig(data=str(data), steps=1, hidden_weight=1.0).check(), teacher.model, tmp_path / "work"
+        )

@@ -364,10 +364,12 @@ def test_steps_run_ahead_of_reading_their_tokens_back():
     vlm = tiny_with_adapters()
     base = vlm.chat("What is the total?", adapter="legal", max_new_tokens=24)
     stop = base[len(base) // 2 : len(base) // 2 + 3]  # met halfway through
-    cases = [("What is the total?", "legal", dict(max_new_tokens=24, stop=(stop,))),
-             ("What is the total?", "finance", dict(max_new_tokens=20, temperature=1.0, top_p=0.9, seed=5)),
-             ("Hi there.", "legal", dict(max_new_tokens=7)),
-             ("Describe the page.", None, dict(max_new_tokens=30, temperature=0.8, top_k=20, seed=1))]  # fmt: skip
+    cases = [
+        ("What is the total?", "legal", dict(max_new_tokens=24, stop=(stop,))),
+        ("What is the total?", "finance", dict(max_new_tokens=20, temperature=1.0, top_p=0.9, seed=5)),
+        ("Hi there.", "legal", dict(max_new_tokens=7)),
+        ("Describe the page.", None, dict(max_new_tokens=30, temperature=0.8, top_k=20, seed=1)),
+    ]
 
     def run(overlap):
         engine = vlm.engine(max_batch=4, background=False, static=overlap, overlap=overlap)
@@ -376,8 +378,9 @@ def test_steps_run_ahead_of_reading_their_tokens_back():
             ahead = engine._look_ahead
             engine._look_ahead = lambda: (calls.append(1), ahead())[1]
         reqs = [engine.submit(vlm.processor(question_messages(q, 0)), a, SamplingParams(**p)) for q, a, p in cases]
-        cancelled = engine.submit(vlm.processor(question_messages("Hi there.", 0)), None,
-                                  SamplingParams(max_new_tokens=50))  # fmt: skip
+        cancelled = engine.submit(
+            vlm.processor(question_messages("Hi there.", 0)), None, SamplingParams(max_new_tokens=50)
+        )
         for i in range(200):
             if i == 5:
                 engine.cancel(cancelled)

@@ -37,13 +37,43 @@ def test_a_vlmevalkit_tsv_reads_into_items_and_prompts(tmp_path):
     one, two = png(1), png(2)
     (tmp_path / "page.png").write_bytes(two)
     rows = [
-        {"index": "0", "image": b64(one), "question": "Which colour is the bar?", "answer": "B", "A": "red",
-         "B": "blue", "C": "", "hint": "A bar chart.", "category": "Art", "split": "dev"},
-        {"index": "1", "image": json.dumps([b64(one), b64(two)]), "question": "Compare <image 2> with <image 1>.",
-         "answer": "B", "A": "same", "B": "different", "C": "nan", "hint": "nan", "category": "Art", "split": "dev"},
-        {"index": "2", "image": b64(two), "question": "What is the total?", "answer": "['12', '12.0']", "A": "",
-         "B": "", "C": "", "hint": "", "category": "", "split": "test"},
-    ]  # fmt: skip
+        {
+            "index": "0",
+            "image": b64(one),
+            "question": "Which colour is the bar?",
+            "answer": "B",
+            "A": "red",
+            "B": "blue",
+            "C": "",
+            "hint": "A bar chart.",
+            "category": "Art",
+            "split": "dev",
+        },
+        {
+            "index": "1",
+            "image": json.dumps([b64(one), b64(two)]),
+            "question": "Compare <image 2> with <image 1>.",
+            "answer": "B",
+            "A": "same",
+            "B": "different",
+            "C": "nan",
+            "hint": "nan",
+            "category": "Art",
+            "split": "dev",
+        },
+        {
+            "index": "2",
+            "image": b64(two),
+            "question": "What is the total?",
+            "answer": "['12', '12.0']",
+            "A": "",
+            "B": "",
+            "C": "",
+            "hint": "",
+            "category": "",
+            "split": "test",
+        },
+    ]
     write_tsv(tmp_path / "bench.tsv", rows)
     items = read_items(tmp_path / "bench.tsv")
     assert [i.index for i in items] == ["0", "1", "2"] and items[0].images == [one] and items[1].images == [one, two]
@@ -108,9 +138,18 @@ def test_vlstack_eval_scores_the_tiny_model_end_to_end_and_resumes(tmp_path, cap
     from vlstack.eval.benchmarks import read_items
     from vlstack.eval.runner import score
 
-    rows = [{"index": str(i), "image": b64(png(i)), "question": f"Question {i}?", "answer": "B" if i % 2 else "7",
-             "A": "red" if i % 2 else "", "B": "blue" if i % 2 else "", "category": "odd" if i % 2 else "even"}
-            for i in range(5)]  # fmt: skip
+    rows = [
+        {
+            "index": str(i),
+            "image": b64(png(i)),
+            "question": f"Question {i}?",
+            "answer": "B" if i % 2 else "7",
+            "A": "red" if i % 2 else "",
+            "B": "blue" if i % 2 else "",
+            "category": "odd" if i % 2 else "even",
+        }
+        for i in range(5)
+    ]
     write_tsv(tmp_path / "b.tsv", rows)
     out = tmp_path / "run"
     common = ["eval", "mmmu", "--data", str(tmp_path / "b.tsv"), "--out", str(out), "--max-new-tokens", "4"]
@@ -139,8 +178,18 @@ def test_mmmu_disciplines_are_instance_weighted():
     (83.3); subjects named with spaces or underscores alike; an unknown subject under Other."""
     from vlstack.eval.runner import breakdown
 
-    rows = [{"category": c, "score": x} for c, x in [("Accounting", 1), ("Accounting", 1), ("Accounting", 0),
-            ("Economics", 1), ("Art Theory", 0), ("Art_Theory", 1), ("Astrology", 1)]]  # fmt: skip
+    rows = [
+        {"category": c, "score": x}
+        for c, x in [
+            ("Accounting", 1),
+            ("Accounting", 1),
+            ("Accounting", 0),
+            ("Economics", 1),
+            ("Art Theory", 0),
+            ("Art_Theory", 1),
+            ("Astrology", 1),
+        ]
+    ]
     out = breakdown(rows, "mmmu")
     assert out["disciplines"] == {"Art and Design": 50.0, "Business": 75.0, "Other": 100.0}
     assert out["categories"]["Accounting"] == pytest.approx(200 / 3) and out["categories"]["Economics"] == 100.0
@@ -154,19 +203,36 @@ def test_synthetic_items_are_scored_by_template_too(tmp_path):
     from vlstack.eval.runner import breakdown, table
 
     (tmp_path / "a.png").write_bytes(png(0))
-    lines = [{"index": str(i), "image": "a.png", "answer": "1", "category": c, "template": t,
-              "conversations": [{"from": "human", "value": "<image>\nHow many?"}]}
-             for i, (t, c) in enumerate([("bar-x", "count"), ("bar-x", "count"), ("line-y", "trend")])]  # fmt: skip
+    lines = [
+        {
+            "index": str(i),
+            "image": "a.png",
+            "answer": "1",
+            "category": c,
+            "template": t,
+            "conversations": [{"from": "human", "value": "<image>\nHow many?"}],
+        }
+        for i, (t, c) in enumerate([("bar-x", "count"), ("bar-x", "count"), ("line-y", "trend")])
+    ]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert [i.template for i in read_items(tmp_path / "t.jsonl")] == ["bar-x", "bar-x", "line-y"]
-    rows = [{"category": c, "template": t, "score": x} for t, c, x in
-            [("bar-x", "count", 1), ("bar-x", "count", 0), ("line-y", "trend", 1), ("line-y", "count", 1)]]  # fmt: skip
+    rows = [
+        {"category": c, "template": t, "score": x}
+        for t, c, x in [("bar-x", "count", 1), ("bar-x", "count", 0), ("line-y", "trend", 1), ("line-y", "count", 1)]
+    ]
     out = breakdown(rows, "chartqa")
     assert out["categories"] == {"count": pytest.approx(200 / 3), "trend": 100.0}
     assert out["templates"] == {"bar-x": {"count": 50.0}, "line-y": {"count": 100.0, "trend": 100.0}}
     assert "templates" not in breakdown([{"category": "count", "score": 1}], "chartqa")
-    summary = {"benchmark": "chartqa", "metric": "relaxed", "model": "m", "n": 4, "score": 75.0, "pages_per_s": 1.0,
-               **out}  # fmt: skip
+    summary = {
+        "benchmark": "chartqa",
+        "metric": "relaxed",
+        "model": "m",
+        "n": 4,
+        "score": 75.0,
+        "pages_per_s": 1.0,
+        **out,
+    }
     md = table(summary)
     assert "| category | bar-x | line-y |" in md and "| count | 50.0 | 100.0 |" in md and "| trend |  | 100.0 |" in md
 
@@ -176,17 +242,53 @@ def test_eval_report_compares_runs_with_their_costs(tmp_path, capsys):
     its token cost; a directory that is not a run is a clear error."""
     from vlstack.cli import main
 
-    write_tsv(tmp_path / "b.tsv", [{"index": str(i), "image": b64(png(i)), "question": "How many?", "answer": "3"}
-                                   for i in range(3)])  # fmt: skip
-    assert main(["eval", "chartqa", "--data", str(tmp_path / "b.tsv"), "--out", str(tmp_path / "local"),
-                 "--max-new-tokens", "3"]) == 0  # fmt: skip
-    api = {"benchmark": "chartqa", "model": "gpt-x", "n": 200, "score": 81.5, "seconds": 50.0, "pages_per_s": 4.0,
-           "cost_usd": 0.9, "source": "https://api.example.com/v1/chat/completions"}  # fmt: skip
+    write_tsv(
+        tmp_path / "b.tsv",
+        [{"index": str(i), "image": b64(png(i)), "question": "How many?", "answer": "3"} for i in range(3)],
+    )
+    assert (
+        main(
+            [
+                "eval",
+                "chartqa",
+                "--data",
+                str(tmp_path / "b.tsv"),
+                "--out",
+                str(tmp_path / "local"),
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
+    api = {
+        "benchmark": "chartqa",
+        "model": "gpt-x",
+        "n": 200,
+        "score": 81.5,
+        "seconds": 50.0,
+        "pages_per_s": 4.0,
+        "cost_usd": 0.9,
+        "source": "https://api.example.com/v1/chat/completions",
+    }
     (tmp_path / "api").mkdir()
     (tmp_path / "api/summary.json").write_text(json.dumps(api))
     capsys.readouterr()
-    assert main(["eval", "report", str(tmp_path / "local"), str(tmp_path / "api"), "--gpu-price", "3.6",
-                 "--out", str(tmp_path / "cmp")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "report",
+                str(tmp_path / "local"),
+                str(tmp_path / "api"),
+                "--gpu-price",
+                "3.6",
+                "--out",
+                str(tmp_path / "cmp"),
+            ]
+        )
+        == 0
+    )
     local = json.loads((tmp_path / "local/summary.json").read_text())
     text = (tmp_path / "cmp/report.md").read_text()
     assert text in capsys.readouterr().out
@@ -215,11 +317,27 @@ def test_several_adapters_are_scored_in_one_command_with_a_report(tmp_path, caps
             for p in add_adapter(vlm.model, name, spec, seed=seed):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
         save_adapter(vlm.model, name, tmp_path / name, spec)
-    write_tsv(tmp_path / "b.tsv", [{"index": str(i), "image": b64(png(i)), "question": "How many?", "answer": "3"}
-                                   for i in range(3)])  # fmt: skip
+    write_tsv(
+        tmp_path / "b.tsv",
+        [{"index": str(i), "image": b64(png(i)), "question": "How many?", "answer": "3"} for i in range(3)],
+    )
     common = ["eval", "chartqa", "--data", str(tmp_path / "b.tsv"), "--max-new-tokens", "4"]
-    assert main([*common, "--out", str(tmp_path / "all"), "--adapter", f"a={tmp_path / 'a'}",
-                 "--adapter", f"b={tmp_path / 'b'}", "--adapter", "base"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                *common,
+                "--out",
+                str(tmp_path / "all"),
+                "--adapter",
+                f"a={tmp_path / 'a'}",
+                "--adapter",
+                f"b={tmp_path / 'b'}",
+                "--adapter",
+                "base",
+            ]
+        )
+        == 0
+    )
     assert main([*common, "--out", str(tmp_path / "alone"), "--adapter", f"b={tmp_path / 'b'}"]) == 0
 
     def predictions(run):

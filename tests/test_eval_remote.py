@@ -20,21 +20,33 @@ from vlstack.serve.app import create_app
 
 
 def bench(tmp_path):
-    rows = [{"index": str(i), "image": b64(png(i)), "question": f"Question {i}?", "answer": "7", "category": "c"}
-            for i in range(3)]  # fmt: skip
+    rows = [
+        {"index": str(i), "image": b64(png(i)), "question": f"Question {i}?", "answer": "7", "category": "c"}
+        for i in range(3)
+    ]
     write_tsv(tmp_path / "b.tsv", rows)
     return tmp_path / "b.tsv"
 
 
 def test_a_remote_endpoint_gives_the_local_runs_answers(tmp_path):
     data = bench(tmp_path)
-    local = evaluate(vlstack.load("tiny", device="cpu"), "chartqa", data, tmp_path / "local", max_new_tokens=6,
-                     progress=False)  # fmt: skip
+    local = evaluate(
+        vlstack.load("tiny", device="cpu"), "chartqa", data, tmp_path / "local", max_new_tokens=6, progress=False
+    )
     with running(create_app(vlstack.load("tiny", device="cpu"), "tiny")) as base:
-        remote = evaluate(Endpoint(base + "/v1", "tiny", concurrency=2), "chartqa", data, tmp_path / "remote",
-                          batch=2, max_new_tokens=6, progress=False)  # fmt: skip
-    lines = {name: [json.loads(x) for x in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
-             for name in ("local", "remote")}  # fmt: skip
+        remote = evaluate(
+            Endpoint(base + "/v1", "tiny", concurrency=2),
+            "chartqa",
+            data,
+            tmp_path / "remote",
+            batch=2,
+            max_new_tokens=6,
+            progress=False,
+        )
+    lines = {
+        name: [json.loads(x) for x in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
+        for name in ("local", "remote")
+    }
     assert [x["prediction"] for x in lines["remote"]] == [x["prediction"] for x in lines["local"]]
     assert [x["prompt_tokens"] for x in lines["remote"]] == [x["prompt_tokens"] for x in lines["local"]]
     assert remote["score"] == local["score"] and remote["model"] == "tiny" and remote["n"] == 3
@@ -51,8 +63,13 @@ class Flaky(http.server.BaseHTTPRequestHandler):
         if body["model"] == "busy" and Flaky.calls.count("busy") <= 2:
             return self.reply(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
         if body["model"] == "busy":
-            return self.reply(200, {"choices": [{"message": {"content": "7"}, "finish_reason": "stop"}],
-                                    "usage": {"prompt_tokens": 5, "completion_tokens": 1}})  # fmt: skip
+            return self.reply(
+                200,
+                {
+                    "choices": [{"message": {"content": "7"}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 1},
+                },
+            )
         if body["model"] == "locked":
             return self.reply(401, {"error": {"message": "Incorrect API key provided"}})
         return self.reply(404, {"error": {"message": "The model does not exist"}})
@@ -101,8 +118,14 @@ def test_a_flaky_endpoint_is_retried_and_bad_ones_are_clear_errors(flaky, tmp_pa
 def test_api_prices_give_the_runs_cost(flaky, tmp_path):
     """--price-in / --price-out (USD per million tokens): cost_usd from the endpoint's token counts; the
     summary also as a Markdown table."""
-    summary = evaluate(Endpoint(flaky, "busy", backoff=0), "chartqa", bench(tmp_path), tmp_path / "o",
-                       progress=False, prices=(2.5, 10.0))  # fmt: skip
+    summary = evaluate(
+        Endpoint(flaky, "busy", backoff=0),
+        "chartqa",
+        bench(tmp_path),
+        tmp_path / "o",
+        progress=False,
+        prices=(2.5, 10.0),
+    )
     assert summary["score"] == 100.0 and summary["prompt_tokens"] == 15 and summary["completion_tokens"] == 3
     assert summary["cost_usd"] == pytest.approx((15 * 2.5 + 3 * 10.0) / 1e6)
     md = (tmp_path / "o" / "summary.md").read_text()

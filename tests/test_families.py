@@ -100,10 +100,12 @@ def test_unsupported_llms_are_named():
 
 FAMILY_SHAPES = {  # family -> (shape, PEFT's LLM target names for it)
     "llama": (LLAMA, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-    "phi3": (dict(tile=56, text=dict(model_type="phi3", pad_token_id=0)), ["qkv_proj", "o_proj", "gate_up_proj",
-                                                                            "down_proj"]),
+    "phi3": (
+        dict(tile=56, text=dict(model_type="phi3", pad_token_id=0)),
+        ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    ),
     "qwen3": (dict(tile=56, text=dict(model_type="qwen3", head_dim=24)), ["q_proj", "v_proj", "o_proj", "up_proj"]),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("kind", list(FAMILY_SHAPES))
@@ -159,8 +161,9 @@ def test_internlm2_adapters_use_its_own_names(internlm2, tmp_path):
     try:
         save_adapter(vlm.model, "a", tmp_path / "a", spec)
         names = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"]
-        assert sorted(names) == [f"language_model.model.layers.{i}.{m}" for i in range(2)
-                                 for m in ("attention.wqkv", "feed_forward.w2")]  # fmt: skip
+        assert sorted(names) == [
+            f"language_model.model.layers.{i}.{m}" for i in range(2) for m in ("attention.wqkv", "feed_forward.w2")
+        ]
         x = inputs(vlm)
         want = vlm(x["input_ids"], x["pixel_values"], adapter="a")
         vlm.load_adapter("b", tmp_path / "a")
@@ -168,10 +171,17 @@ def test_internlm2_adapters_use_its_own_names(internlm2, tmp_path):
         assert rel_err(vlm(x["input_ids"], x["pixel_values"]), want) > 1e-2
         vlm.unload_adapter("b")
         generic = LoRASpec(rank=4, alpha=8)
-        assert sorted(m.rsplit(".", 1)[-1] for m in generic.modules(vlm.model))[:4] == ["down_proj"] * 2 + [
-            "gate_proj"] * 2  # fmt: skip
+        assert (
+            sorted(m.rsplit(".", 1)[-1] for m in generic.modules(vlm.model))[:4]
+            == ["down_proj"] * 2 + ["gate_proj"] * 2
+        )
         assert {m.rsplit(".", 1)[-1] for m in generic.modules(vlm.model)} == {
-            "qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # fmt: skip
+            "qkv_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        }
     finally:
         remove_adapter(vlm.model, "a")
 
@@ -195,10 +205,31 @@ def test_fused_training_on_fused_projections(kind, tmp_path, internlm2):
     targets = ["wqkv", "w2"] if kind == "internlm2" else ["qkv_proj"]  # (PEFT's names for the family's layers)
 
     def jobs(out: str) -> list[Job]:
-        return [Job.of("a", write_dataset(data, "a", 4, True), tmp_path / out / "a", rank=4, alpha=8, batch_size=2,
-                    steps=6, lr=2e-2, seed=1),
-                Job.of("b", write_dataset(data, "b", 4, False, 1), tmp_path / out / "b", rank=2, alpha=4, batch_size=2,
-                    steps=6, lr=2e-2, seed=2, targets=targets)]  # fmt: skip
+        return [
+            Job.of(
+                "a",
+                write_dataset(data, "a", 4, True),
+                tmp_path / out / "a",
+                rank=4,
+                alpha=8,
+                batch_size=2,
+                steps=6,
+                lr=2e-2,
+                seed=1,
+            ),
+            Job.of(
+                "b",
+                write_dataset(data, "b", 4, False, 1),
+                tmp_path / out / "b",
+                rank=2,
+                alpha=4,
+                batch_size=2,
+                steps=6,
+                lr=2e-2,
+                seed=2,
+                targets=targets,
+            ),
+        ]
 
     done = train(vlstack.load(base, device="cpu"), jobs("fused"), max_rows=4, verbose=False)
     assert all(r.losses[-1] < r.losses[0] for r in done.values())

@@ -124,8 +124,10 @@ def test_training_refuses_outputs_that_clash(tmp_path):
         _run(tmp_path, inside)
     with pytest.raises(JobError, match=r"holds job 'finance'.s dataset file .*finance\.jsonl"):
         _run(tmp_path, [Job.of("finance", js[0].data, data, steps=1)])
-    image_dir = [Job.of("legal", js[1].data, tmp_path / "out" / "legal", steps=1),
-                 Job.of("finance", js[0].data, data, steps=1)]  # fmt: skip
+    image_dir = [
+        Job.of("legal", js[1].data, tmp_path / "out" / "legal", steps=1),
+        Job.of("finance", js[0].data, data, steps=1),
+    ]
     with pytest.raises(JobError, match="dataset file"):
         _run(tmp_path, image_dir)
     vlstack.load("tiny", device="cpu").save(tmp_path / "base")
@@ -135,8 +137,15 @@ def test_training_refuses_outputs_that_clash(tmp_path):
 
 
 def test_a_fresh_run_removes_only_the_files_an_earlier_run_wrote(tmp_path):
-    job = Job.of("fin", write_dataset(tmp_path, "fin", 2, False), tmp_path / "out" / "fin", rank=2, steps=1,
-              batch_size=1, save_every=1)  # fmt: skip
+    job = Job.of(
+        "fin",
+        write_dataset(tmp_path, "fin", 2, False),
+        tmp_path / "out" / "fin",
+        rank=2,
+        steps=1,
+        batch_size=1,
+        save_every=1,
+    )
     _run(tmp_path, [job])
     run_dir = tmp_path / "out" / "fin.train"
     assert (run_dir / "checkpoint" / "state.pt").is_file() and (run_dir / "metrics.jsonl").is_file()

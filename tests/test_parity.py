@@ -19,18 +19,41 @@ SHAPES = {
     "mqa-rope-1e6-56": dict(tile=56, heads=4, kv_heads=1, rope_theta=1e6, layers=3),
     "other-activations-56": dict(tile=56, text_act="gelu_pytorch_tanh", vision_act="quick_gelu"),
     # the other LLM families (InternVL2-40B/76B, InternVL2-4B, InternVL3.5), each with what sets it apart
-    "llama-bias-llama3rope-56": dict(tile=56, tied=False, text=dict(
-        model_type="llama", attention_bias=True, mlp_bias=True, rope_parameters=dict(
-            rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-            original_max_position_embeddings=64))),
+    "llama-bias-llama3rope-56": dict(
+        tile=56,
+        tied=False,
+        text=dict(
+            model_type="llama",
+            attention_bias=True,
+            mlp_bias=True,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=5e5,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        ),
+    ),
     # LongRoPE switching to its long factors past 30 tokens: the text-only prompt (23 tokens) crosses 30 while
     # decoding, the others (78-88) start past it
-    "phi3-longrope-56": dict(tile=56, text=dict(
-        model_type="phi3", pad_token_id=0, original_max_position_embeddings=30, rope_parameters=dict(
-            rope_type="longrope", rope_theta=1e4, short_factor=[1.0 + 0.1 * i for i in range(8)],
-            long_factor=[2.0 + i for i in range(8)]))),
+    "phi3-longrope-56": dict(
+        tile=56,
+        text=dict(
+            model_type="phi3",
+            pad_token_id=0,
+            original_max_position_embeddings=30,
+            rope_parameters=dict(
+                rope_type="longrope",
+                rope_theta=1e4,
+                short_factor=[1.0 + 0.1 * i for i in range(8)],
+                long_factor=[2.0 + i for i in range(8)],
+            ),
+        ),
+    ),
     "qwen3-headdim-56": dict(tile=56, kv_heads=1, text=dict(model_type="qwen3", head_dim=24)),
-}  # fmt: skip
+}
 
 # (images as (width, height), question); several prompts per shape cover text-only, 1, many and 2 images
 PROMPTS = [
@@ -95,8 +118,14 @@ def test_decode_step_logits_match_transformers(pair, rows):
     decode = Decoder(vlm.model, cache)
     with torch.inference_mode():
         refs = [hf(**{k: v for k, v in e.items() if k != "labels"}).logits[0, -steps - 1 : -1] for e in encoded]
-        logits = prefill(vlm.model, cache, [e["input_ids"][0, :-steps] for e in encoded], list(range(b)), [None] * b,
-                         torch.cat(tiles) if tiles else None)  # fmt: skip
+        logits = prefill(
+            vlm.model,
+            cache,
+            [e["input_ids"][0, :-steps] for e in encoded],
+            list(range(b)),
+            [None] * b,
+            torch.cat(tiles) if tiles else None,
+        )
         for s in range(steps):
             for i in range(b):
                 assert rel_err(logits[i], refs[i][s]) <= 1e-4

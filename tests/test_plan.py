@@ -12,10 +12,24 @@ from vlstack.errors import ConfigError
 from vlstack.models.config_json import parse_config
 from vlstack.plan import parse_gpus, plan
 
-VIT_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                norm_type="layer_norm", use_qk_norm=False, attention_bias=True)  # fmt: skip
-VIT_6B = dict(hidden_size=3200, num_hidden_layers=45, num_attention_heads=25, intermediate_size=12800,
-              norm_type="rms_norm", use_qk_norm=True, attention_bias=False)  # fmt: skip
+VIT_300M = dict(
+    hidden_size=1024,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    intermediate_size=4096,
+    norm_type="layer_norm",
+    use_qk_norm=False,
+    attention_bias=True,
+)
+VIT_6B = dict(
+    hidden_size=3200,
+    num_hidden_layers=45,
+    num_attention_heads=25,
+    intermediate_size=12800,
+    norm_type="rms_norm",
+    use_qk_norm=True,
+    attention_bias=False,
+)
 MODELS = {  # (vision, Qwen2.5 LLM: hidden, layers, heads, KV heads, intermediate, tied)
     "InternVL3-1B": (VIT_300M, (896, 24, 14, 2, 4864, True)),
     "InternVL3-8B": (VIT_300M, (3584, 28, 28, 4, 18944, False)),
@@ -29,27 +43,50 @@ def config(name: str) -> dict:
     return {
         "model_type": "internvl",
         "vision_config": {**vision, "image_size": [448, 448], "patch_size": [14, 14], "use_mean_pooling": True},
-        "text_config": {"model_type": "qwen2", "hidden_size": hidden, "num_hidden_layers": layers,
-                        "num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": inter,
-                        "vocab_size": VOCAB, "tie_word_embeddings": tied, "rope_theta": 1e6},
+        "text_config": {
+            "model_type": "qwen2",
+            "hidden_size": hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv,
+            "intermediate_size": inter,
+            "vocab_size": VOCAB,
+            "tie_word_embeddings": tied,
+            "rope_theta": 1e6,
+        },
         "downsample_ratio": 0.5,
-    }  # fmt: skip
+    }
 
 
 def by_hand(name: str) -> dict:
     v, (c, layers, heads, kv, inter, tied) = MODELS[name]
     cv, iv, lv = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"]
     norm = cv if v["norm_type"] == "rms_norm" else 2 * cv
-    vit_layer = (4 * cv * cv + cv + (3 * cv if v["attention_bias"] else 0) + (2 * cv if v["use_qk_norm"] else 0)
-                 + 2 * norm + 2 * cv + cv * iv + iv + iv * cv + cv)  # fmt: skip
+    vit_layer = (
+        4 * cv * cv
+        + cv
+        + (3 * cv if v["attention_bias"] else 0)
+        + (2 * cv if v["use_qk_norm"] else 0)
+        + 2 * norm
+        + 2 * cv
+        + cv * iv
+        + iv
+        + iv * cv
+        + cv
+    )
     vision = 3 * 14 * 14 * cv + cv + cv + (32 * 32 + 1) * cv + lv * vit_layer
     projector = 2 * 4 * cv + 4 * cv * c + c + c * c + c
     d = c // heads
     q, k = heads * d, kv * d
     layer = c * (q + 2 * k) + (q + 2 * k) + q * c + 3 * c * inter + 2 * c  # Qwen2: q/k/v bias, two RMSNorms
     embeddings = VOCAB * c * (1 if tied else 2) + c  # (+ the final norm)
-    return {"vision": vision + projector, "layers": layers * layer, "embeddings": embeddings,
-            "kv": 2 * layers * kv * d * 2, "linear": layers * (c * (q + 2 * k) + q * c + 3 * c * inter)}  # fmt: skip
+    return {
+        "vision": vision + projector,
+        "layers": layers * layer,
+        "embeddings": embeddings,
+        "kv": 2 * layers * kv * d * 2,
+        "linear": layers * (c * (q + 2 * k) + q * c + 3 * c * inter),
+    }
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -57,8 +94,11 @@ def test_figures_equal_a_hand_computation(name):
     cfg, want = parse_config(config(name)), by_hand(name)
     p = plan(cfg, "1xH100-80GB", None, 8192, 1, 4096)
     n = p["parameters"]
-    assert (n["vision+projector"], n["decoder layers"], n["embeddings"]) == (want["vision"], want["layers"],
-                                                                             want["embeddings"])  # fmt: skip
+    assert (n["vision+projector"], n["decoder layers"], n["embeddings"]) == (
+        want["vision"],
+        want["layers"],
+        want["embeddings"],
+    )
     assert p["kv_bytes_per_token"] == want["kv"] and p["kv_bytes"] == want["kv"] * 8192
     assert p["weight_bytes"]["total"] == 2 * (want["vision"] + want["layers"] + want["embeddings"])
     q = plan(cfg, "1xH100-80GB", "int4", 8192, 1, 4096)["weight_bytes"]["layers"]
@@ -90,7 +130,6 @@ def test_gpus_and_the_command_line(tmp_path):
     with pytest.raises(ConfigError, match="unknown GPU 'TPUv5'"):
         parse_gpus("4xTPUv5")
     (tmp_path / "config.json").write_text(json.dumps(config("InternVL3-78B")))
-    out = run_cli("plan", "--model", str(tmp_path), "--gpus", "2xA100-80GB", "--context", "8192",
-                  "--concurrency", "1")  # fmt: skip
+    out = run_cli("plan", "--model", str(tmp_path), "--gpus", "2xA100-80GB", "--context", "8192", "--concurrency", "1")
     assert out.returncode == 0, out.stderr
     assert "needs TP 4 (more than the 2 x A100-80GB)" in out.stdout and "320 KiB a token" in out.stdout

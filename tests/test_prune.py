@@ -93,13 +93,25 @@ def test_a_pruned_checkpoint_loads_in_transformers(setup, tmp_path):
     from transformers import InternVLForConditionalGeneration
 
     _, base, data = setup
-    (tmp_path / "p.yaml").write_text(json.dumps({"stages": [{"prune": {
-        "mlp": 0.5, "heads": 0.5, "hidden": 0.75, "layers": 3, "data": str(data), "samples": 4}}]}))  # fmt: skip
+    (tmp_path / "p.yaml").write_text(
+        json.dumps(
+            {
+                "stages": [
+                    {"prune": {"mlp": 0.5, "heads": 0.5, "hidden": 0.75, "layers": 3, "data": str(data), "samples": 4}}
+                ]
+            }
+        )
+    )
     vlm = vlstack.load(base, device="cpu")
     out = compress(vlm, read_stages(tmp_path / "p.yaml"), tmp_path / "out")
     text = json.loads((out / "config.json").read_text())["text_config"]
-    assert (text["num_hidden_layers"], text["intermediate_size"], text["num_key_value_heads"],
-            text["num_attention_heads"], text["hidden_size"]) == (3, 64, 1, 2, 48)  # fmt: skip
+    assert (
+        text["num_hidden_layers"],
+        text["intermediate_size"],
+        text["num_key_value_heads"],
+        text["num_attention_heads"],
+        text["hidden_size"],
+    ) == (3, 64, 1, 2, 48)
     x = inputs(vlm)
     ours = vlstack.load(out, device="cpu")(x["input_ids"], x["pixel_values"])
     assert torch.equal(ours, vlm(x["input_ids"], x["pixel_values"]))
@@ -108,15 +120,18 @@ def test_a_pruned_checkpoint_loads_in_transformers(setup, tmp_path):
         ref = hf(input_ids=x["input_ids"], pixel_values=x["pixel_values"]).logits
     assert rel_err(ours, ref) <= 1e-4
     assert sum(p.numel() for p in hf.parameters()) < sum(
-        p.numel() for p in InternVLForConditionalGeneration.from_pretrained(base).parameters())  # fmt: skip
+        p.numel() for p in InternVLForConditionalGeneration.from_pretrained(base).parameters()
+    )
 
 
 def test_targets_the_model_cannot_meet_are_named_before_any_work(setup, tmp_path):
     _, base, data = setup
     vlm = vlstack.load(base, device="cpu")
-    cases = [({"mlp": 0.001}, "pruning the MLP to 0.001 of 128 leaves nothing"),
-             ({"layers": 9}, "prune layers 9: the model has 4"),
-             ({"heads": 0.1}, "the KV heads to 0.1 of 2 leaves nothing")]  # fmt: skip
+    cases = [
+        ({"mlp": 0.001}, "pruning the MLP to 0.001 of 128 leaves nothing"),
+        ({"layers": 9}, "prune layers 9: the model has 4"),
+        ({"heads": 0.1}, "the KV heads to 0.1 of 2 leaves nothing"),
+    ]
     for options, message in cases:
         (tmp_path / "p.yaml").write_text(json.dumps({"stages": [{"prune": {**options, "data": str(data)}}]}))
         with pytest.raises(ConfigError, match=message):

@@ -193,8 +193,14 @@ def test_compress_reports_each_stage(tmp_path):
 
     synthesize("charts", 10, tmp_path / "charts", size=224, questions="visual")
     data = tmp_path / "charts" / "test.jsonl"
-    (tmp_path / "q.yaml").write_text(json.dumps({"stages": [{"quantize": {"bits": 4, "group_size": 64}}],
-        "report": {"benchmark": "chartqa", "data": str(data), "limit": 6, "new_tokens": 4}}))  # fmt: skip
+    (tmp_path / "q.yaml").write_text(
+        json.dumps(
+            {
+                "stages": [{"quantize": {"bits": 4, "group_size": 64}}],
+                "report": {"benchmark": "chartqa", "data": str(data), "limit": 6, "new_tokens": 4},
+            }
+        )
+    )
     vlm = vlstack.load("tiny", device="cpu")
     out = compress(vlm, read_stages(tmp_path / "q.yaml"), tmp_path / "out", report=read_report(tmp_path / "q.yaml"))
     rows = json.loads((out / "compress.json").read_text())

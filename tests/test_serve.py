@@ -111,8 +111,16 @@ def test_32_concurrent_mixed_requests_answered_as_vlm_chat(client, reference):
     from concurrent.futures import ThreadPoolExecutor
 
     questions = ["What is the total?", "Describe.", "Which bar is highest?", "Who signed?"]
-    cases = [(questions[i % 4], image(50 + 9 * i, 40 + 5 * i, seed=i) if i % 3 == 0 else None,
-              ["tiny", "finance"][i % 2], 3 + i % 6, i % 4 == 1) for i in range(32)]  # fmt: skip
+    cases = [
+        (
+            questions[i % 4],
+            image(50 + 9 * i, 40 + 5 * i, seed=i) if i % 3 == 0 else None,
+            ["tiny", "finance"][i % 2],
+            3 + i % 6,
+            i % 4 == 1,
+        )
+        for i in range(32)
+    ]
 
     def ask(case):
         q, img, model, n, stream = case
@@ -139,10 +147,14 @@ def test_streaming_matches_and_reports_usage(client):
     whole = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=10)
     chunks = list(
         client.chat.completions.create(
-            model="tiny", messages=messages, temperature=0, max_tokens=10, stream=True,
+            model="tiny",
+            messages=messages,
+            temperature=0,
+            max_tokens=10,
+            stream=True,
             stream_options={"include_usage": True},
         )
-    )  # fmt: skip
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
@@ -284,8 +296,18 @@ def test_vlstack_serve_command_answers(adapter_dir):
     import sys
 
     port = free_port()
-    cmd = [sys.executable, "-m", "vlstack.cli", "serve", "--port", str(port), "--adapter", f"finance={adapter_dir}",
-           "--vision-tokens", "512"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlstack.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--adapter",
+        f"finance={adapter_dir}",
+        "--vision-tokens",
+        "512",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline, up = time.time() + 60, False
@@ -304,11 +326,16 @@ def test_vlstack_serve_command_answers(adapter_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    bad = subprocess.run([sys.executable, "-m", "vlstack.cli", "serve", "--adapter", "oops"], capture_output=True,
-                         text=True, timeout=60)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "vlstack.cli", "serve", "--adapter", "oops"], capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode == 2 and "--adapter takes NAME=DIR" in bad.stderr
-    bad = subprocess.run([sys.executable, "-m", "vlstack.cli", "serve", "--vision-tokens", "0"], capture_output=True,
-                         text=True, timeout=60)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "vlstack.cli", "serve", "--vision-tokens", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "vision_tokens must be positive" in bad.stderr
 
 
@@ -330,8 +357,13 @@ def test_readiness_is_reported_apart_from_liveness(adapter_dir):
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_going_away_frees_its_slot(server, stream):
     base, _, engine = server
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell a long story."}], "stream": stream,
-            "max_tokens": 4000, "temperature": 0}  # fmt: skip
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Tell a long story."}],
+        "stream": stream,
+        "max_tokens": 4000,
+        "temperature": 0,
+    }
     with httpx.Client(timeout=httpx.Timeout(30, read=1.0)) as http:
         if stream:
             with http.stream("POST", base + "/v1/chat/completions", json=body) as r:
@@ -368,8 +400,14 @@ def limits_server(tmp_path_factory):
     web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=web.serve_forever, daemon=True).start()
     vlm = vlstack.load("tiny", device="cpu")
-    config = ServeConfig(allow_http_images=True, allow_private_image_hosts=True, max_queue=1, max_batch=2,
-                         max_body_mb=0.05, max_model_len=1000)  # fmt: skip
+    config = ServeConfig(
+        allow_http_images=True,
+        allow_private_image_hosts=True,
+        max_queue=1,
+        max_batch=2,
+        max_body_mb=0.05,
+        max_model_len=1000,
+    )
     app = create_app(vlm, "tiny", config)
     with running(app) as base:
         yield base, f"http://127.0.0.1:{web.server_address[1]}", files, app.state.engine
@@ -382,8 +420,9 @@ def test_http_images_fetched_and_encoded_once(limits_server, reference):
 
     def ask(url):
         content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]
-        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
-                                           max_tokens=6, temperature=0)  # fmt: skip
+        r = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": content}], max_tokens=6, temperature=0
+        )
         return r.choices[0].message.content
 
     passes = []
@@ -405,8 +444,9 @@ def test_overload_gets_503_and_big_bodies_413(limits_server):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
     results = []
     with engine.lock:  # the engine is busy: a request waits in the queue
-        waiting = threading.Thread(target=lambda: results.append(httpx.post(base + "/v1/chat/completions",
-                                                                           json=body, timeout=60)))  # fmt: skip
+        waiting = threading.Thread(
+            target=lambda: results.append(httpx.post(base + "/v1/chat/completions", json=body, timeout=60))
+        )
         waiting.start()
         deadline = time.time() + 10
         while engine.waiting.qsize() < 1 and time.time() < deadline:
@@ -492,8 +532,11 @@ def test_metrics_in_prometheus_format(tenant_server):
     ops = openai.OpenAI(base_url=base + "/v1", api_key="sk-ops", max_retries=0)
     for model in ("tiny", "legal"):
         ops.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
-    list(ops.chat.completions.create(model="legal", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
-                                     stream=True))  # fmt: skip
+    list(
+        ops.chat.completions.create(
+            model="legal", messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True
+        )
+    )
     assert httpx.get(base + "/wp-admin/x", headers={"Authorization": "Bearer sk-ops"}).status_code == 404
     text = httpx.get(base + "/metrics", headers={"Authorization": "Bearer sk-ops"}).text
     assert 'vlstack_http_requests_total{path="other",status="404"} 1' in text and "wp-admin" not in text
@@ -516,8 +559,11 @@ def test_a_model_failure_is_a_500_in_openai_shape(server, client):
         with pytest.raises(openai.InternalServerError, match="the model failed on this request"):
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         with pytest.raises(openai.APIError, match="simulated failure"):
-            list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                                max_tokens=3, stream=True))  # fmt: skip
+            list(
+                client.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True
+                )
+            )
     finally:
         model.forward = forward
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)

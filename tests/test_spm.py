@@ -17,11 +17,21 @@ from vlstack.chat import question_messages
 from vlstack.errors import ConfigError
 from vlstack.spm import convert
 
-WORDS = ("the chart shows sales by region revenue quarter invoice total amount date name north south east west 2024 "
-         "12.5% café naïve 图表 数据 Ｆｕｌｌ ①").split()  # fmt: skip
-TEXTS = ["Hello  world\n the chart 😀 x", "the invoice total amount", "  leading and trailing  ", "", "a",
-         "café naïve 图表数据", "Ｆｕｌｌ width ① 12.5%", "tab\there\n\nnew",
-         "sales-by-region:north/south"]  # fmt: skip
+WORDS = (
+    "the chart shows sales by region revenue quarter invoice total amount date name north south east west 2024 "
+    "12.5% café naïve 图表 数据 Ｆｕｌｌ ①"
+).split()
+TEXTS = [
+    "Hello  world\n the chart 😀 x",
+    "the invoice total amount",
+    "  leading and trailing  ",
+    "",
+    "a",
+    "café naïve 图表数据",
+    "Ｆｕｌｌ width ① 12.5%",
+    "tab\there\n\nnew",
+    "sales-by-region:north/south",
+]
 ADDED = ["<img>", "</img>", "<IMG_CONTEXT>"]
 
 
@@ -65,8 +75,15 @@ def test_ids_equal_sentencepieces(tmp_path, kind):
     assert [tok.token_to_id(t) for t in ADDED] == [n, n + 1, n + 2]
     # added tokens split out first, each run between them encoded on its own; BOS in front
     text = "<img><IMG_CONTEXT></img>the chart<|im_end|> total"
-    want = [proc.bos_id(), n, n + 2, n + 1, *proc.encode("the chart"), proc.piece_to_id("<|im_end|>"),
-            *proc.encode(" total")]  # fmt: skip
+    want = [
+        proc.bos_id(),
+        n,
+        n + 2,
+        n + 1,
+        *proc.encode("the chart"),
+        proc.piece_to_id("<|im_end|>"),
+        *proc.encode(" total"),
+    ]
     assert tok.encode(text).ids == want
     ids = proc.encode("the chart café 😀 图表")
     assert tok.decode(ids) == proc.decode(ids)

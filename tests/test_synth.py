@@ -127,8 +127,9 @@ def test_conversations_put_an_images_questions_in_one_line(tmp_path):
     """--conversations: a training line per image holding all its questions (the image placeholder once, each
     question with the evaluation's instruction); the same questions and answers as one line each."""
     one = synthesize("charts", 6, tmp_path / "one", seed=1, size=224, test_fraction=0, questions="visual")
-    many = synthesize("charts", 6, tmp_path / "many", seed=1, size=224, test_fraction=0, questions="visual",
-                      conversations=True)  # fmt: skip
+    many = synthesize(
+        "charts", 6, tmp_path / "many", seed=1, size=224, test_fraction=0, questions="visual", conversations=True
+    )
     assert one["examples"] == many["examples"] and many["conversations"]
     singles = [json.loads(x) for x in (tmp_path / "one/train.jsonl").read_text().splitlines()]
     grouped = [json.loads(x) for x in (tmp_path / "many/train.jsonl").read_text().splitlines()]
@@ -138,8 +139,10 @@ def test_conversations_put_an_images_questions_in_one_line(tmp_path):
         turns = [
             (x["image"], x["conversations"][k : k + 2]) for x in lines for k in range(0, len(x["conversations"]), 2)
         ]
-        return sorted((image, q["value"].removeprefix("<image>\n").removesuffix(f"\n{VQA_PROMPT}"), a["value"])
-                      for image, (q, a) in turns)  # fmt: skip
+        return sorted(
+            (image, q["value"].removeprefix("<image>\n").removesuffix(f"\n{VQA_PROMPT}"), a["value"])
+            for image, (q, a) in turns
+        )
 
     assert pairs(singles) == pairs(grouped)
     for g in grouped:  # the instruction stated once, on the first turn, as the evaluation asks
@@ -151,8 +154,10 @@ def test_conversations_put_an_images_questions_in_one_line(tmp_path):
     samples = [charts.chart(random.Random(0), 96, t) for t in charts.TEMPLATES]
     training = {q for s in samples for kind, q, _ in s.questions if kind in charts.TRAINING}  # (their questions)
     for g in grouped:  # the training-only turns (a chart's heights, a pie's order) after every evaluated one
-        asked = [q["value"].removeprefix("<image>\n").removesuffix(f"\n{VQA_PROMPT}") in training
-                 for q in g["conversations"][::2]]  # fmt: skip
+        asked = [
+            q["value"].removeprefix("<image>\n").removesuffix(f"\n{VQA_PROMPT}") in training
+            for q in g["conversations"][::2]
+        ]
         assert asked == sorted(asked)
     assert sum(any(q in json.dumps(g) for q in training) for g in grouped) >= 2  # (some were asked)
 
@@ -173,8 +178,10 @@ def test_decorations_are_drawn_on_training_charts_only(tmp_path):
     for name in ("p", "q"):  # the same decorations drawn by another process (no per-process hash in the seed)
         out = run_cli("synth", "charts", "--n", "4", "--size", "96", "--decorate", "--out", str(tmp_path / name))
         assert out.returncode == 0, out.stderr
-    assert all((tmp_path / "p/images" / f).read_bytes() == (tmp_path / "q/images" / f).read_bytes()
-               for f in ("00000.png", "00001.png", "00002.png"))  # fmt: skip
+    assert all(
+        (tmp_path / "p/images" / f).read_bytes() == (tmp_path / "q/images" / f).read_bytes()
+        for f in ("00000.png", "00001.png", "00002.png")
+    )
     with pytest.raises(DataError, match="--decorate: only charts"):
         synthesize("documents", 4, tmp_path / "x", decorate=True)
 

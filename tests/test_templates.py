@@ -62,7 +62,8 @@ def test_original_checkpoint_chats_with_its_template(tmp_path):
     vlm = vlstack.load(tmp_path / "orig")
     text, _ = vlm.processor.render([{"role": "user", "content": "Hi"}])
     assert vlm.processor.unmark(text) == f"<|im_start|>system\n{OLD}<|im_end|><|im_start|>user\nHi<|im_end|>" + (
-        "<|im_start|>assistant\n")  # fmt: skip
+        "<|im_start|>assistant\n"
+    )
     assert vlm.processor.token_id("<|im_end|>") in vlm.eos
     native = vlstack.load(tmp_path / "hf")  # the -hf layout keeps its own jinja template: no default system message
     text, _ = native.processor.render([{"role": "user", "content": "Hi"}])

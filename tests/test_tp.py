@@ -27,8 +27,12 @@ SHAPES = {  # name -> shape: one per q/k/v layout, and KV heads fewer than the r
     "phi3": dict(tile=56, text=dict(model_type="phi3", pad_token_id=0)),
     "internlm2": dict(tile=56, heads=4, kv_heads=1, tied=False, layers=2, text=dict(model_type="llama")),
 }
-VISION = LoRASpec(rank=4, alpha=8, targets=("q_proj", "v_proj", "fc1", "linear_1", "linear_2", "down_proj"),
-                  parts=("language", "vision", "projector"))  # fmt: skip
+VISION = LoRASpec(
+    rank=4,
+    alpha=8,
+    targets=("q_proj", "v_proj", "fc1", "linear_1", "linear_2", "down_proj"),
+    parts=("language", "vision", "projector"),
+)
 
 
 def write_adapter(base: Path, out: Path, spec: LoRASpec, seed: int) -> None:
@@ -85,8 +89,19 @@ def two_nodes(*program: str) -> list[subprocess.Popen]:
     machines, one rank each."""
     from vlstack.parallel.serving import free_port
 
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                "--master-addr", "127.0.0.1", "--master-port", str(free_port())]  # fmt: skip
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+    ]
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     return [subprocess.Popen([*launcher, "--node-rank", str(r), *program], **pipes) for r in range(2)]
 
@@ -173,9 +188,24 @@ def test_serve_tp2_answers_as_one_process_and_stops_when_a_rank_dies(checkpoints
 
     d = checkpoints / "qwen2"
     port = free_port()
-    cmd = [sys.executable, "-m", "vlstack.cli", "serve", "--tp", "2", "--model", str(d / "base"), "--port",
-           str(port), "--adapter", f"text={d / 'text'}", "--adapter", f"vision={d / 'vision'}", "--adapter-dir",
-           str(d)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlstack.cli",
+        "serve",
+        "--tp",
+        "2",
+        "--model",
+        str(d / "base"),
+        "--port",
+        str(port),
+        "--adapter",
+        f"text={d / 'text'}",
+        "--adapter",
+        f"vision={d / 'vision'}",
+        "--adapter-dir",
+        str(d),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -197,8 +227,12 @@ def test_serve_tp2_answers_as_one_process_and_stops_when_a_rank_dies(checkpoints
         models = ["text", "base", "vision", "late"]
 
         def ask(model: str) -> str:
-            body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 6,
-                    "temperature": 0}  # fmt: skip
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": content}],
+                "max_tokens": 6,
+                "temperature": 0,
+            }
             r = httpx.post(base + "/v1/chat/completions", json=body, timeout=120)
             assert r.status_code == 200, r.text
             return r.json()["choices"][0]["message"]["content"]
@@ -239,8 +273,19 @@ def test_serve_under_torchrun_on_two_nodes(checkpoints):
 
     d = checkpoints / "phi3"
     port = free_port()
-    nodes = two_nodes("-m", "vlstack.cli", "serve", "--tp", "2", "--model", str(d / "base"), "--port", str(port),
-                      "--adapter", f"text={d / 'text'}")  # fmt: skip
+    nodes = two_nodes(
+        "-m",
+        "vlstack.cli",
+        "serve",
+        "--tp",
+        "2",
+        "--model",
+        str(d / "base"),
+        "--port",
+        str(port),
+        "--adapter",
+        f"text={d / 'text'}",
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline, status = time.time() + 120, None
@@ -250,8 +295,12 @@ def test_serve_under_torchrun_on_two_nodes(checkpoints):
             except httpx.HTTPError:
                 time.sleep(0.3)
         assert status == 200, [n.stderr.read()[-2000:] for n in nodes if n.poll() is not None]
-        body = {"model": "text", "messages": [{"role": "user", "content": "Describe the chart."}], "max_tokens": 6,
-                "temperature": 0}  # fmt: skip
+        body = {
+            "model": "text",
+            "messages": [{"role": "user", "content": "Describe the chart."}],
+            "max_tokens": 6,
+            "temperature": 0,
+        }
         got = httpx.post(base + "/v1/chat/completions", json=body, timeout=120).json()["choices"][0]["message"]
         vlm = vlstack.load(d / "base")
         vlm.load_adapter("text", d / "text")

@@ -331,9 +331,19 @@ def test_dropout_masks_do_not_depend_on_how_a_step_is_split(tmp_path):
     from vlstack.train.running import start
 
     def grads(dropout, max_tokens):
-        job = Job.of("drop", write_dataset(tmp_path / "d", "drop", 6, True), tmp_path / "o" / "drop", rank=4,
-                  dropout=dropout, batch_size=4, grad_accum=2, steps=1, targets=["q_proj", "fc1", "linear_1"],
-                  parts=["language", "vision", "projector"], seed=5)  # fmt: skip
+        job = Job.of(
+            "drop",
+            write_dataset(tmp_path / "d", "drop", 6, True),
+            tmp_path / "o" / "drop",
+            rank=4,
+            dropout=dropout,
+            batch_size=4,
+            grad_accum=2,
+            steps=1,
+            targets=["q_proj", "fc1", "linear_1"],
+            parts=["language", "vision", "projector"],
+            seed=5,
+        )
         vlm = vlstack.load("tiny", device="cpu")
         for p in vlm.model.parameters():
             p.requires_grad_(False)
@@ -689,8 +699,9 @@ def one_and_two(tmp_path, top: str, fin: str = "", law: str = "", *args: str):
 def test_two_processes_give_the_adapters_of_one(tmp_path):
     """torchrun with 2 CPU processes (gloo), each taking half of every job's rows (in passes of at most 64
     tokens: about a row each) = 1 process in one pass, LoRA dropout (language and vision) included."""
-    two = one_and_two(tmp_path, "max_tokens: 64\n", ", batch_size: 2", ", batch_size: 4, targets: [q_proj, fc1]",
-                      "--watch")  # (every step asks rank 0)  # fmt: skip
+    two = one_and_two(
+        tmp_path, "max_tokens: 64\n", ", batch_size: 2", ", batch_size: 4, targets: [q_proj, fc1]", "--watch"
+    )  # (every step asks rank 0)
     assert two.stdout.count("fin: adapter written") == 2  # both processes ran the jobs
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: tiny\njobs:\n  - {name: x, data: law.jsonl, output: o/x, batch_size: 3, steps: 1}\n")
@@ -703,8 +714,12 @@ def test_sharded_training_gives_the_adapters_of_one_process(tmp_path):
     """sharding: fsdp under torchrun (2 gloo processes): the base and the adapters split by FSDP2, rows shared
     out as in data parallelism; the adapters written once, in PEFT's format, equal to one process's (LoRA dropout,
     gradient accumulation, a vision adapter, gradient checkpointing included)."""
-    one_and_two(tmp_path, "sharding: fsdp\ngradient_checkpointing: true\n", ", batch_size: 2",
-                ", batch_size: 4, targets: [q_proj, fc1, down_proj]")  # fmt: skip
+    one_and_two(
+        tmp_path,
+        "sharding: fsdp\ngradient_checkpointing: true\n",
+        ", batch_size: 2",
+        ", batch_size: 4, targets: [q_proj, fc1, down_proj]",
+    )
     alone = run_cli("train", str(tmp_path / "two.yaml"))
     assert alone.returncode != 0 and "sharding: fsdp splits the base over processes" in alone.stderr
 
@@ -724,9 +739,12 @@ def test_pipelined_training_gives_the_adapters_of_one_process(tmp_path):
         for p in teacher.model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     teacher.save(tmp_path / "teacher")
-    one_and_two(tmp_path, "parallel: pipeline\ngradient_checkpointing: true\n",
-                ", batch_size: 3, max_grad_norm: 0.05, teacher: teacher, temperature: 2.0",
-                ", batch_size: 2, targets: [q_proj, fc1, down_proj]")  # fmt: skip
+    one_and_two(
+        tmp_path,
+        "parallel: pipeline\ngradient_checkpointing: true\n",
+        ", batch_size: 3, max_grad_norm: 0.05, teacher: teacher, temperature: 2.0",
+        ", batch_size: 2, targets: [q_proj, fc1, down_proj]",
+    )
     assert split(4, 2) == [range(0, 2), range(2, 4)] and split(5, 2) == [range(0, 3), range(3, 5)]
     assert bubble(2, 2) == 1 / 3 and bubble(4, 12) == 3 / 15
 
@@ -773,8 +791,16 @@ def test_a_full_job_trains_every_weight_into_a_checkpoint_transformers_loads(tmp
     the random one."""
     from transformers import InternVLForConditionalGeneration
 
-    job = Job.of("base", write_dataset(tmp_path, "d", 4, True), tmp_path / "trained", batch_size=4, steps=30, lr=3e-3,
-              schedule="constant", full=True)  # fmt: skip
+    job = Job.of(
+        "base",
+        write_dataset(tmp_path, "d", 4, True),
+        tmp_path / "trained",
+        batch_size=4,
+        steps=30,
+        lr=3e-3,
+        schedule="constant",
+        full=True,
+    )
     vlm = vlstack.load("tiny", device="cpu")
     before = {k: v.clone() for k, v in vlm.model.state_dict().items()}
     losses = train(vlm, [job], max_rows=4, verbose=False)["base"].losses
@@ -826,12 +852,13 @@ def test_a_full_job_gives_a_part_its_own_learning_rate(tmp_path):
     vision = max(d for k, d in moved.items() if k.startswith("vision_tower."))
     language = max(d for k, d in moved.items() if k.startswith("language_model."))
     assert 0 < vision <= 3e-6 and language >= 1e-2
-    for extra, message in [("part_lr: {vision: 1.0e-4}", "part_lr is for a job with full: true"),
-                           ("full: true, parts: [language], part_lr: {vision: 1.0e-4}", "part_lr names a part"),
-                           ("full: true, parts: [language], part_lr: {vision_tower.encoder: 1.0e-4}",
-                            "part_lr names a part"),
-                           ("full: true, part_lr: {eyes: 1.0e-4}", "must map some of"),
-                           ("full: true, part_lr: {'vision tower': 1.0e-4}", "must map some of")]:  # fmt: skip
+    for extra, message in [
+        ("part_lr: {vision: 1.0e-4}", "part_lr is for a job with full: true"),
+        ("full: true, parts: [language], part_lr: {vision: 1.0e-4}", "part_lr names a part"),
+        ("full: true, parts: [language], part_lr: {vision_tower.encoder: 1.0e-4}", "part_lr names a part"),
+        ("full: true, part_lr: {eyes: 1.0e-4}", "must map some of"),
+        ("full: true, part_lr: {'vision tower': 1.0e-4}", "must map some of"),
+    ]:
         (tmp_path / "jobs.yaml").write_text(f"jobs:\n  - {{name: b, data: {data}, output: b, steps: 1, {extra}}}\n")
         with pytest.raises(JobError, match=message):
             read_plan(tmp_path / "jobs.yaml")

@@ -50,8 +50,10 @@ def test_answers_cut_off_by_max_len_are_counted_before_training(tmp_path, capsys
     # the ids without pixels count the images' tokens as tiling them does
     assert lengths == [len(encode_example(tiny.processor, ex, 10**6, ids_only=True)["input_ids"]) for ex in examples]
     long, short = "Tell me, in all the detail you can, what " * 8, "What?"
-    lines = [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": "Red."}]}
-             for q in (long, short, long, short, short)]  # fmt: skip
+    lines = [
+        {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": "Red."}]}
+        for q in (long, short, long, short, short)
+    ]
     data = tmp_path / "cut.jsonl"
     data.write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = tmp_path / "out" / "fin"
@@ -102,12 +104,16 @@ def test_a_null_max_completion_tokens_leaves_max_tokens_and_n_0_is_refused(serve
     "raw, message",
     [
         (b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
-        (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}",
-         "a number too long"),
-        (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5000 + b"}",
-         "a number too long"),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}",
+            "a number too long",
+        ),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5000 + b"}",
+            "a number too long",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bodies_too_deep_or_with_huge_numbers_are_a_400(server, raw, message):
     r = _post(server[0], raw=raw)
     assert r.status_code == 400 and message in r.json()["error"]["message"]
@@ -116,8 +122,11 @@ def test_bodies_too_deep_or_with_huge_numbers_are_a_400(server, raw, message):
 
 def test_unknown_paths_and_methods_answer_in_openai_shape(server):
     base, _ = server
-    for path, method, status in (("/v1/nope", "POST", 404), ("/v1/chat/completions", "GET", 405),
-                                 ("/v1/models", "DELETE", 405)):  # fmt: skip
+    for path, method, status in (
+        ("/v1/nope", "POST", 404),
+        ("/v1/chat/completions", "GET", 405),
+        ("/v1/models", "DELETE", 405),
+    ):
         r = _post(base, raw=b"", path=path, method=method)
         error = r.json()["error"]
         assert r.status_code == status and path in error["message"] and error["type"] == "invalid_request_error"
@@ -165,8 +174,11 @@ def test_eval_resumes_only_the_run_that_wrote_its_out(tmp_path, capsys, adapter_
     assert main([*common, "--data", str(tmp_path / "b.tsv"), "--limit", "2"]) == 0
     before = (out / "predictions.jsonl").read_text()
     capsys.readouterr()
-    for other in (["--data", str(tmp_path / "c.tsv")], ["--data", str(tmp_path / "b.tsv"), "--adapter",
-                  f"finance={adapter_dir}"], ["--data", str(tmp_path / "b.tsv"), "--metric", "anls"]):  # fmt: skip
+    for other in (
+        ["--data", str(tmp_path / "c.tsv")],
+        ["--data", str(tmp_path / "b.tsv"), "--adapter", f"finance={adapter_dir}"],
+        ["--data", str(tmp_path / "b.tsv"), "--metric", "anls"],
+    ):
         assert main([*common, *other]) == 2
         assert "holds the predictions of another run" in capsys.readouterr().err
     eval_ = ["eval", "mmmu", "--out", str(out), "--data", str(tmp_path / "b.tsv")]
@@ -186,8 +198,10 @@ def test_compress_keeps_work_directories_it_did_not_make(tmp_path, capsys):
 
     data = write_dataset(tmp_path / "data", "d", 2, False)
     config = tmp_path / "c.yaml"
-    config.write_text(f"stages:\n  - prune: {{mlp: 0.5, data: {data}, samples: 2}}\n"
-                      f"  - distill: {{data: {data}, steps: 1, batch_size: 1}}\n")  # fmt: skip
+    config.write_text(
+        f"stages:\n  - prune: {{mlp: 0.5, data: {data}, samples: 2}}\n"
+        f"  - distill: {{data: {data}, steps: 1, batch_size: 1}}\n"
+    )
     out = tmp_path / "small"
     theirs = [tmp_path / "small.distill", tmp_path / "small.distill.train"]
     for d in theirs:
@@ -226,8 +240,15 @@ def test_resume_loads_training_state_without_running_code(tmp_path):
     from vlstack.errors import ConfigError
     from vlstack.train.state import load_state, run_dir
 
-    job = Job.of("fin", write_dataset(tmp_path / "data", "fin", 2, False), tmp_path / "out" / "fin", rank=2,
-              batch_size=1, steps=2, save_every=1)  # fmt: skip
+    job = Job.of(
+        "fin",
+        write_dataset(tmp_path / "data", "fin", 2, False),
+        tmp_path / "out" / "fin",
+        rank=2,
+        batch_size=1,
+        steps=2,
+        save_every=1,
+    )
     train(vlstack.load("tiny", device="cpu"), [job], 2, verbose=False)
     assert load_state(job)["step"] == 2  # a checkpoint vlstack wrote loads
 
@@ -250,9 +271,11 @@ def test_tenants_share_no_cached_images_and_only_admins_see_shared_counters(tmp_
     from vlstack.serve.app import create_app
     from vlstack.serve.auth import read_keys
 
-    (tmp_path / "keys.yaml").write_text("keys:\n  - {id: a, key: sk-a, models: [tiny]}\n"
-                                        "  - {id: b, key: sk-b, models: [tiny]}\n"
-                                        "  - {id: ops, key: sk-ops, models: ['*'], admin: true}\n")  # fmt: skip
+    (tmp_path / "keys.yaml").write_text(
+        "keys:\n  - {id: a, key: sk-a, models: [tiny]}\n"
+        "  - {id: b, key: sk-b, models: [tiny]}\n"
+        "  - {id: ops, key: sk-ops, models: ['*'], admin: true}\n"
+    )
     app = create_app(vlstack.load("tiny", device="cpu"), "tiny", tenants=read_keys(tmp_path / "keys.yaml"))
     engine = app.state.engine
     page = [{"type": "image_url", "image_url": {"url": data_url(image(60, 40))}}, {"type": "text", "text": "?"}]
@@ -289,8 +312,9 @@ def test_a_host_trickling_headers_meets_the_deadline_and_hosts_are_bounded(web, 
     assert time.perf_counter() - start < 10  # its headers would take 50 s (a bound with room for a busy machine)
     monkeypatch.setattr(api_openai, "PER_HOST", 2)
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        slow = [pool.submit(api_openai.fetch_image, f"http://{web}/slow-headers", 2, allow_private=True)
-                for _ in range(2)]  # fmt: skip
+        slow = [
+            pool.submit(api_openai.fetch_image, f"http://{web}/slow-headers", 2, allow_private=True) for _ in range(2)
+        ]
         while api_openai._in_flight["127.0.0.1"] < 2:  # (both under way, however busy the machine)
             time.sleep(0.01)
         with pytest.raises(ImageError, match="2 images are being fetched from 127.0.0.1 already"):
@@ -313,13 +337,21 @@ def test_serve_says_serving_once_bound_and_logs_a_line_per_request(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
         s.listen()  # the port in use: one line, before the model loads
-        out = subprocess.run([sys.executable, "-m", "vlstack.cli", "serve", "--port", str(port)], capture_output=True,
-                             text=True, timeout=120)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-m", "vlstack.cli", "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     in_use = f"vlstack: error: cannot serve on 127.0.0.1:{port}: Address already in use\n"
     assert out.returncode == 2 and out.stderr == in_use
     assert "serving on" not in out.stdout
-    proc = subprocess.Popen([sys.executable, "-m", "vlstack.cli", "serve", "--port", str(port)], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlstack.cli", "serve", "--port", str(port)],
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         line = proc.stdout.readline()  # printed once bound: the server answers (or queues) from now on
         assert line.startswith("serving 'tiny'") and f":{port}/v1" in line
@@ -332,8 +364,11 @@ def test_serve_says_serving_once_bound_and_logs_a_line_per_request(tmp_path):
         proc.terminate()
         err = proc.communicate(timeout=60)[1]
     lines = [x for x in err.splitlines() if x.startswith("127.0.0.1 ")]
-    assert [x.split()[1:4] for x in lines] == [["GET", "/health", "200"], ["POST", "/v1/chat/completions", "200"],
-                                                ["GET", "/v1/nope", "404"]]  # fmt: skip
+    assert [x.split()[1:4] for x in lines] == [
+        ["GET", "/health", "200"],
+        ["POST", "/v1/chat/completions", "200"],
+        ["GET", "/v1/nope", "404"],
+    ]
 
 
 @pytest.mark.parametrize(
@@ -370,10 +405,12 @@ COMPRESS_OPTIONS = [
     ("- distill: {data: DATA, steps: '5', teacher: TEACHER}", "distill steps must be an integer (got '5')"),
     ("- quantize: {bits: 8}\nreport: {limit: -1}", "report limit must be >= 1 (got -1)"),
     # the README's example settings on the tiny model: int4 groups of 128 over 192 channels left by the pruning
-    ("- prune: {mlp: 0.5, heads: 0.5, hidden: 0.75, data: DATA}\n  - distill: {data: DATA, steps: 500}\n"
-     "  - quantize: {bits: 4, group_size: 128}",
-     "int4 group_size 128 does not divide the 192 inputs of language_model.layers.0.self_attn.q_proj after pruning"),
-]  # fmt: skip
+    (
+        "- prune: {mlp: 0.5, heads: 0.5, hidden: 0.75, data: DATA}\n  - distill: {data: DATA, steps: 500}\n"
+        "  - quantize: {bits: 4, group_size: 128}",
+        "int4 group_size 128 does not divide the 192 inputs of language_model.layers.0.self_attn.q_proj after pruning",
+    ),
+]
 
 
 @pytest.mark.parametrize("stages, message", COMPRESS_OPTIONS)
@@ -500,14 +537,21 @@ def test_bad_benchmark_files_are_one_line_errors(tmp_path):
     (tmp_path / "short.tsv").write_text("\n".join([text[0], text[1].rsplit("\t", 1)[0], text[2]]) + "\n")
     (tmp_path / "bin.tsv").write_bytes(b"index\tquestion\n\xff\xfe\n")
     (tmp_path / "bin.jsonl").write_bytes(b'{"a": "\xff"}\n')
-    line = {"image": "c.png", "answer": "7", "options": ["red", "blue"],
-            "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "7"}]}  # fmt: skip
+    line = {
+        "image": "c.png",
+        "answer": "7",
+        "options": ["red", "blue"],
+        "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "7"}],
+    }
     (tmp_path / "c.png").write_bytes(__import__("test_eval_data").png(1))
     (tmp_path / "opts.jsonl").write_text(json.dumps(line) + "\n")
     (tmp_path / "one.jsonl").write_text(json.dumps({**line, "options": {}, "images": "c.png"}) + "\n")
-    cases = [("short.tsv", r"short.tsv:2: the row's cells do not match the header's 4 columns"),
-             ("bin.tsv", "not UTF-8 text"), ("bin.jsonl", "not UTF-8 text"),
-             ("opts.jsonl", r"opts.jsonl:1: options must be an object")]  # fmt: skip
+    cases = [
+        ("short.tsv", r"short.tsv:2: the row's cells do not match the header's 4 columns"),
+        ("bin.tsv", "not UTF-8 text"),
+        ("bin.jsonl", "not UTF-8 text"),
+        ("opts.jsonl", r"opts.jsonl:1: options must be an object"),
+    ]
     for name, message in cases:
         with pytest.raises(DataError, match=message):
             read_items(tmp_path / name)
@@ -552,8 +596,9 @@ def test_info_into_a_closed_pipe_and_help_lists_every_verb():
 
     r, w = os.pipe()
     os.close(r)  # the reader is gone before anything is written (`vlstack info | head -0`)
-    out = subprocess.run([sys.executable, "-m", "vlstack.cli", "info"], stdout=w, stderr=subprocess.PIPE, text=True,
-                         timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "vlstack.cli", "info"], stdout=w, stderr=subprocess.PIPE, text=True, timeout=120
+    )
     os.close(w)
     assert out.returncode == 0 and out.stderr == ""
     text = parser().format_help()
@@ -636,8 +681,15 @@ def test_a_non_finite_gradient_stops_the_job_at_its_step(tmp_path, monkeypatch, 
     monkeypatch.setattr(running, "add_adapter", poisoned)
     step_jobs = optim.step_jobs
     monkeypatch.setattr(multi, "step_jobs", lambda *a, **k: step_jobs(*a, **k, foreach=foreach))
-    job = Job.of("fin", write_dataset(tmp_path / "data", "fin", 4, False), tmp_path / "out" / "fin", rank=2,
-              batch_size=2, steps=4, save_every=1)  # fmt: skip
+    job = Job.of(
+        "fin",
+        write_dataset(tmp_path / "data", "fin", 4, False),
+        tmp_path / "out" / "fin",
+        rank=2,
+        batch_size=2,
+        steps=4,
+        save_every=1,
+    )
     with pytest.raises(Diverged, match=r"job 'fin': the gradient is (inf|nan) at step 2:"):
         train(vlstack.load("tiny", device="cpu"), [job], 2, verbose=False)
     assert not job.output.exists()

@@ -90,11 +90,14 @@ def test_training_sees_v2pe_positions(tmp_path):
     from vlstack.train.multi import train
 
     image(300, 120).save(tmp_path / "chart.png")
-    row = {"image": "chart.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
-                                                   {"from": "gpt", "value": "A chart."}]}  # fmt: skip
+    row = {
+        "image": "chart.png",
+        "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A chart."}],
+    }
     (tmp_path / "data.jsonl").write_text(json.dumps(row) + "\n")
-    job = dict(name="a", data=str(tmp_path / "data.jsonl"), output=str(tmp_path / "out"), steps=1, batch_size=1,
-               lr=1e-4)  # fmt: skip
+    job = dict(
+        name="a", data=str(tmp_path / "data.jsonl"), output=str(tmp_path / "out"), steps=1, batch_size=1, lr=1e-4
+    )
     (tmp_path / "jobs.yaml").write_text(json.dumps({"model": "tiny", "jobs": [job]}))
     vlm = vlstack.load("tiny", device="cpu", v2pe_delta=0.25)
     plan = read_plan(tmp_path / "jobs.yaml")

@@ -167,7 +167,10 @@ def test_vlstack_eval_scores_the_tiny_model_end_to_end_and_resumes(tmp_path, cap
     items = {i.index: i for i in read_items(tmp_path / "b.tsv")}
     for x in lines:  # open questions by the open parser; the others' letters may come from the seeded fallback
         if not items[x["index"]].options:
-            assert x["score"] == score("mmmu", items[x["index"]], x["prediction"], random.Random(0))
+            want, parsed = score("mmmu", items[x["index"]], x["prediction"], random.Random(0))
+            assert x["score"] == want and x["parsed"] == parsed
+        else:  # the letter read, or the fallback's draw, recorded beside its score
+            assert x["parsed"] in ("A", "B") and x["score"] == float(x["parsed"] == "B")
     assert Image.open(out / "summary.png").size[1] > 48 + 26 * 3  # a bar for all, odd and even
     assert main(["eval", "mmmu", "--data", str(tmp_path / "nope.tsv")]) == 2
     assert main(["eval", "mmmu", "--data", str(tmp_path / "b.tsv"), "--batch", "0"]) == 2

@@ -68,6 +68,10 @@ def test_open_answers_are_parsed_as_mmmu_does():
     # "2" and "3" of 2.5e3)
     assert numbers("from -3 to 1,000 or 2.5e3 and .5") == ["1,000", "2.5e3", "-3", "000", "2", "3", ".5"]
     assert normalise("1,000") == [1000.0] and normalise("3.14159") == [3.14] and normalise("Paris") == ["paris"]
+    # a plain integer ends a word (official: \d+\b): glued to letters it is not a number; a decimal still is
+    assert numbers("5kg") == [] and numbers("5.5kg") == ["5.5"] and numbers("x=5; y=12kg") == ["5"]
+    assert 5.0 not in parse_open("so the mass is 5kg") and 5.5 in parse_open("so the mass is 5.5kg")
+    assert not open_correct("5", parse_open("so the mass is 5kg")) and open_correct("5", parse_open("so it is 5 kg"))
 
 
 def test_open_answers_are_scored_as_mmmu_does():

@@ -69,10 +69,10 @@ def parse_open(response: str) -> list[str | float]:
 
 def numbers(text: str) -> list[str]:
     """Numbers written in text: with thousands commas, in scientific notation, and plain (MMMU's
-    extract_numbers, in that order)."""
+    extract_numbers, in that order). As there, a plain integer must end a word: "5kg" gives none, "5.5kg" 5.5."""
     commas = re.findall(r"-?\b\d{1,3}(?:,\d{3})+\b", text)
     scientific = re.findall(r"-?\d+(?:\.\d+)?[eE][+-]?\d+", text)
-    plain = re.findall(r"-?(?:\d+\.\d+|\.\d+|\d+)(?![eE][+-]?\d+)(?![,\d])", text)
+    plain = re.findall(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])", text)  # (an integer ends a word)
     return commas + scientific + plain
 
 

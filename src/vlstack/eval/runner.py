@@ -63,14 +63,18 @@ def metric_of(bench: str, metric: str | None) -> str:
     return chosen
 
 
-def score(metric: str, item: Item, prediction: str, rng: random.Random) -> float:
-    """One item's score in [0, 1]: multiple choice by MMMU's parser (under "mmmu" and "choice"), MMMU's open
-    questions by its open parser, the rest by ANLS, relaxed accuracy or exact match."""
+def score(metric: str, item: Item, prediction: str, rng: random.Random) -> tuple[float, Any]:
+    """One item's score in [0, 1] and what the rule read from the prediction (recorded beside the score, so that
+    every item can be audited): multiple choice by MMMU's parser (under "mmmu" and "choice"; read: the option
+    letter, or the fallback's draw), MMMU's open questions by its open parser (read: the normalised answers, sorted
+    as text), the rest by ANLS, relaxed accuracy or exact match (read: None, the prediction itself)."""
     if item.options and metric in ("mmmu", "choice"):
-        return float(choice_correct(item.answers, parse_choice(prediction, item.options, rng)))
+        letter = parse_choice(prediction, item.options, rng)
+        return float(choice_correct(item.answers, letter)), letter
     if metric == "mmmu":
-        return float(open_correct(item.answers, parse_open(prediction)))
-    return {"anls": anls, "relaxed": relaxed}.get(metric, exact)(item.answers, prediction)
+        parsed = parse_open(prediction)
+        return float(open_correct(item.answers, parsed)), sorted(parsed, key=str)
+    return {"anls": anls, "relaxed": relaxed}.get(metric, exact)(item.answers, prediction), None
 
 
 def evaluate(
@@ -140,12 +144,14 @@ def _record(path: Path, done: dict, metric: str, items: list, answers: list, usa
     """A batch's items scored, appended to predictions.jsonl and to done (index -> row)."""
     with path.open("a") as f:
         for item, answer, use in zip(items, answers, usage):
+            value, parsed = score(metric, item, answer, rng)
             row = {
                 "index": item.index,
                 "question": item.question,
                 "answers": item.answers,
                 "prediction": answer,
-                "score": score(metric, item, answer, rng),
+                "score": value,
+                **({"parsed": parsed} if parsed is not None else {}),
                 "category": item.category,
                 **({"template": item.template} if item.template else {}),
                 "prompt_tokens": use["prompt_tokens"],

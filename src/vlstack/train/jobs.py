@@ -27,6 +27,8 @@ jobs:
     steps: 100              # optimizer steps; or epochs: 2
     max_len: 2048
     max_grad_norm: 1.0
+    loss_weighting: token   # each row's tokens in the job's loss: token (every token alike), sample (every row
+                            #   alike: 1/l a token) or square (1/sqrt(l), InternVL's default); l: the row's tokens
     seed: 0
     save_every: 50          # checkpoint every K optimizer steps, for --resume (0: only at the end)
   # - name: base            # full: true trains every weight of the model instead of an adapter (a small model
@@ -52,7 +54,7 @@ from ..errors import ConfigError, VLStackError
 from ..files import overlap, read_yaml
 from ..layers.lora import MAX_RANK, LoRASpec, check_name
 from ..models.internvl import MODULES, PARTS, part_of
-from .losses import SFT, Distill, Objective
+from .losses import SFT, WEIGHTINGS, Distill, Objective
 from .state import run_dir
 
 MAX_BATCH, MAX_LEN, MAX_STEPS, MAX_EPOCHS = 1024, 1 << 20, 10**9, 10**4
@@ -91,14 +93,17 @@ class Job:
     def of(cls, name: str, data: str | Path, output: str | Path, **flat: Any) -> Job:
         """A job from flat fields, as the jobs file gives them: rank, alpha, dropout, rslora, targets and parts
         make its LoRASpec (parts: [language] for an adapter, all three for a full job, unless given); teacher,
-        temperature and hidden_weight its Distill objective; the rest are the Job's own."""
+        temperature and hidden_weight its Distill objective, loss_weighting its objective's weighting; the rest
+        are the Job's own."""
         lora = {k: flat.pop(k) for k in LORA_FIELDS if k in flat}
         lora = {k: tuple(v) if k in ("targets", "parts") else v for k, v in lora.items()}
         lora.setdefault("parts", tuple(sorted(PARTS)) if flat.get("full") else ("language",))
         distill = {k: flat.pop(k) for k in DISTILL_FIELDS if k in flat}
         if distill.get("teacher") is None and len(distill) > ("teacher" in distill):
             raise JobError(f"job {name!r}: temperature and hidden_weight are for distillation: give a teacher")
-        objective = Distill(**distill) if distill.get("teacher") is not None else SFT
+        weighting = {"weighting": flat.pop("loss_weighting")} if "loss_weighting" in flat else {}
+        distilled = distill.get("teacher") is not None
+        objective = Distill(**distill, **weighting) if distilled else Objective(**weighting) if weighting else SFT
         return cls(name, Path(data), Path(output), LoRASpec(**lora), objective, **flat)
 
 
@@ -122,6 +127,7 @@ _TYPES = {  # the jobs file's flat fields and their types
     **{f.name: f.type for f in fields(LoRASpec) if f.name in LORA_FIELDS},
     **{f.name: f.type for f in fields(Distill) if f.name in DISTILL_FIELDS},
     **{f.name: f.type for f in fields(Job) if f.name not in ("lora", "objective")},
+    "loss_weighting": "str",
 }
 
 
@@ -136,7 +142,7 @@ def _check(job: dict, where: str, root: Path) -> Job:
     for key, value in job.items():
         kind = _TYPES[key]
         try:
-            if key in ("name", "data", "output", "schedule", "teacher"):
+            if key in ("name", "data", "output", "schedule", "teacher", "loss_weighting"):
                 if not isinstance(value, str) or not value:
                     raise ValueError("must be a non-empty string (quote it: YAML reads off, yes, 12... otherwise)")
                 paths = ("data", "output", "teacher")
@@ -182,6 +188,7 @@ def _check(job: dict, where: str, root: Path) -> Job:
         (j.grad_accum < 1, "grad_accum must be >= 1"),
         (j.max_len < 8, "max_len must be >= 8"),
         (j.schedule not in ("cosine", "linear", "constant"), "schedule must be cosine, linear or constant"),
+        (j.objective.weighting not in WEIGHTINGS, f"loss_weighting must be one of {', '.join(WEIGHTINGS)}"),
         ((j.steps is None) == (j.epochs is None), "give exactly one of steps and epochs"),
         (j.steps is not None and not 1 <= j.steps <= MAX_STEPS, f"steps must be in [1, {MAX_STEPS}]"),
         (j.epochs is not None and not 0 < j.epochs <= MAX_EPOCHS, f"epochs must be in (0, {MAX_EPOCHS}]"),

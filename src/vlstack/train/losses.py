@@ -13,6 +13,7 @@ reduction of the terms).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -31,12 +32,18 @@ class Objective:
     """A job's objective: supervised fine-tuning, the cross-entropy of the answers' tokens. Its subclasses say
     otherwise (Distill; preference losses next), each with its own settings."""
 
+    weighting: str = "token"  # a row's tokens' weight in its job's loss: token, sample or square (WEIGHTINGS)
+
     distils: ClassVar[bool] = False  # its terms are the distillation loss against a teacher (else cross-entropy)
 
     def token_weight(self, learned: int) -> float:
-        """The weight of each of a row's `learned` tokens in its job's loss: 1, token averaging (the job's loss is
-        the mean over the learned tokens of its micro-batch)."""
-        return 1.0
+        """The weight of each of a row's `learned` tokens in its job's loss, which is the weighted mean of its
+        micro-batch's token losses (sum of weight x loss / sum of weights): 1 (token averaging: every token
+        alike), 1/l (sample averaging: every row alike) or 1/sqrt(l) (square averaging, InternVL's default: in
+        between), l = the row's learned tokens."""
+        if not learned:
+            return 0.0
+        return WEIGHTINGS[self.weighting](learned)
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class Distill(Objective):
 
 
 SFT = Objective()
+WEIGHTINGS = {"token": lambda n: 1.0, "sample": lambda n: 1.0 / n, "square": lambda n: 1.0 / math.sqrt(n)}
 
 
 def token_losses(

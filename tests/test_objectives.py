@@ -73,3 +73,49 @@ def test_an_unknown_loss_weighting_is_refused_by_name(tmp_path):
         read_plan(path)
     path.write_text("jobs:\n  - {name: a, data: a.jsonl, output: o, steps: 1, loss_weighting: square}\n")
     assert read_plan(path).jobs[0].objective.weighting == "square"
+
+
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_dpo_bco_and_mpo_follow_their_formulas_and_the_reward_shift_runs_over_micro_batches():
+    """Written out by hand: DPO -log s(b((pc - rc) - (pr - rr))); BCO with delta the running mean of the
+    micro-batches' mean rewards b(p - r), this one's included; MPO 0.8 DPO + 0.2 BCO + 1 x the chosen answers'
+    token-mean cross-entropy."""
+    from vlstack.train.preference import Preference, RewardShift, pair_losses, preference_loss
+
+    beta = 0.1
+    batches = [
+        ([[-12.0, -15.0], [-30.0, -28.0]], [[-13.0, -14.0], [-29.0, -29.5]]),
+        ([[-5.0, -9.0]], [[-6.0, -6.0]]),
+    ]
+    shift, means = RewardShift(), []
+    for policy, reference in batches:
+        p, r = torch.tensor(policy, dtype=torch.float64), torch.tensor(reference, dtype=torch.float64)
+        dpo, bco = pair_losses(p, r, beta, shift)
+        rewards = [beta * (pp - rr) for pairs, refs in zip(policy, reference) for pp, rr in zip(pairs, refs)]
+        means.append(sum(rewards) / len(rewards))
+        delta = sum(means) / len(means)  # every micro-batch so far counts once
+        assert shift.mean == pytest.approx(delta)
+        for i, ((pc, pr), (rc, rr)) in enumerate(zip(policy, reference)):
+            assert float(dpo[i]) == pytest.approx(-math.log(sig(beta * ((pc - rc) - (pr - rr)))))
+            want = -math.log(sig(beta * (pc - rc) - delta)) - math.log(sig(-(beta * (pr - rr) - delta)))
+            assert float(bco[i]) == pytest.approx(want)
+    state = shift.state_dict()
+    again = RewardShift()
+    again.load_state_dict(state)  # (a resumed run goes on from the same delta)
+    assert again.update(1.0) == shift.update(1.0)
+
+    policy = torch.tensor([[-12.0, -15.0], [-30.0, -28.0]], dtype=torch.float64, requires_grad=True)
+    reference = torch.tensor([[-13.0, -14.0], [-29.0, -29.5]], dtype=torch.float64)
+    mpo, fresh = Preference(), RewardShift()
+    loss = preference_loss(mpo, policy, reference, torch.tensor(7.0, dtype=torch.float64), 5, fresh)
+    dpo, bco = pair_losses(policy, reference, 0.1, RewardShift())
+    assert float(loss) == pytest.approx(0.8 * float(dpo.mean()) + 0.2 * float(bco.mean()) + 7.0 / 5)
+    loss.backward()
+    assert policy.grad is not None and float(policy.grad[:, 0].sum()) < 0  # raising a chosen answer lowers it
+    plain = Preference(dpo=1.0, bco=0.0, sft=0.0)  # plain DPO: no shift used
+    assert float(preference_loss(plain, policy, reference, torch.tensor(7.0), 5, None)) == pytest.approx(
+        float(dpo.mean())
+    )

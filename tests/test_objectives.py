@@ -93,11 +93,11 @@ def test_dpo_bco_and_mpo_follow_their_formulas_and_the_reward_shift_runs_over_mi
     shift, means = RewardShift(), []
     for policy, reference in batches:
         p, r = torch.tensor(policy, dtype=torch.float64), torch.tensor(reference, dtype=torch.float64)
-        dpo, bco = pair_losses(p, r, beta, shift)
         rewards = [beta * (pp - rr) for pairs, refs in zip(policy, reference) for pp, rr in zip(pairs, refs)]
         means.append(sum(rewards) / len(rewards))
         delta = sum(means) / len(means)  # every micro-batch so far counts once
-        assert shift.mean == pytest.approx(delta)
+        assert shift.update(float(beta * (p - r).mean())) == pytest.approx(delta)
+        dpo, bco = pair_losses(p, r, beta, shift.mean)
         for i, ((pc, pr), (rc, rr)) in enumerate(zip(policy, reference)):
             assert float(dpo[i]) == pytest.approx(-math.log(sig(beta * ((pc - rc) - (pr - rr)))))
             want = -math.log(sig(beta * (pc - rc) - delta)) - math.log(sig(-(beta * (pr - rr) - delta)))
@@ -109,13 +109,168 @@ def test_dpo_bco_and_mpo_follow_their_formulas_and_the_reward_shift_runs_over_mi
 
     policy = torch.tensor([[-12.0, -15.0], [-30.0, -28.0]], dtype=torch.float64, requires_grad=True)
     reference = torch.tensor([[-13.0, -14.0], [-29.0, -29.5]], dtype=torch.float64)
-    mpo, fresh = Preference(), RewardShift()
-    loss = preference_loss(mpo, policy, reference, torch.tensor(7.0, dtype=torch.float64), 5, fresh)
-    dpo, bco = pair_losses(policy, reference, 0.1, RewardShift())
-    assert float(loss) == pytest.approx(0.8 * float(dpo.mean()) + 0.2 * float(bco.mean()) + 7.0 / 5)
+    mpo, delta = Preference(), 0.03
+    loss = preference_loss(mpo, policy, reference, torch.tensor(7.0, dtype=torch.float64), 2, 5, delta)
+    dpo, bco = pair_losses(policy, reference, 0.1, delta)
+    assert loss.item() == pytest.approx(0.8 * float(dpo.mean()) + 0.2 * float(bco.mean()) + 7.0 / 5)
     loss.backward()
     assert policy.grad is not None and float(policy.grad[:, 0].sum()) < 0  # raising a chosen answer lowers it
     plain = Preference(dpo=1.0, bco=0.0, sft=0.0)  # plain DPO: no shift used
-    assert float(preference_loss(plain, policy, reference, torch.tensor(7.0), 5, None)) == pytest.approx(
+    assert float(preference_loss(plain, policy, reference, torch.tensor(7.0), 2, 5, None)) == pytest.approx(
         float(dpo.mean())
     )
+
+
+QUESTIONS = [
+    ("What is the total?", "42", "17"),
+    ("Is it rising?", "Yes, every quarter.", "No."),
+    ("Colour?", "Blue.", "It is red"),
+]
+
+
+def pairs_dataset(path, n: int = 4, with_image: bool = False):
+    """MMPR-style lines: image (optional), question, chosen, rejected."""
+    from conftest import image
+
+    lines = []
+    for i in range(n):
+        q, good, bad = QUESTIONS[i % len(QUESTIONS)]
+        line = {"question": f"{q} ({i})", "chosen": good, "rejected": bad}
+        if with_image and i % 2 == 0:
+            image(40 + 8 * i, 30, seed=i).save(path.parent / f"p{i}.png")
+            line["image"] = f"p{i}.png"
+        lines.append(json.dumps(line))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def fresh(vlm_jobs):
+    vlm = vlstack.load("tiny", device="cpu")
+    for p in vlm.model.parameters():
+        p.requires_grad_(False)
+    vlm.model.train()
+    return vlm, [start(vlm, j, read_dataset(j.data)) for j in vlm_jobs]
+
+
+@pytest.mark.parametrize("moved", [False, True])
+def test_mpo_is_its_formula_with_the_reference_the_base_with_the_adapter_off(tmp_path, moved):
+    """The loss of a micro-batch by hand, from plain per-row forwards: each answer's summed log-probability
+    with the job's adapter (the policy) and without it (the reference); DPO, BCO with the shift (the first
+    micro-batch's mean reward) and 0.8 DPO + 0.2 BCO + the chosen answers' token-mean cross-entropy. A fresh
+    adapter (zero: the policy is the reference) gives 0.8 log 2 + 0.2 x 2 log 2 + that cross-entropy."""
+    data = pairs_dataset(tmp_path / "p.jsonl", 3, with_image=True)
+    job = Job.of("m", data, tmp_path / "o", objective="mpo", batch_size=3, grad_accum=2, steps=1, beta=0.3)
+    vlm, (r,) = fresh([job])
+    if moved:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in r.params:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    batch = r.stream.next()
+    r.stream = type(r.stream)(read_dataset(data), job.batch_size, job.seed)
+    got = train_step(vlm, [r])[0]
+    vlm.model.eval()
+    logps, ces = [], []
+    with torch.no_grad():
+        for ex in batch:
+            for side in ex.sides():
+                row = encode_example(vlm.processor, side, job.max_len)
+                labels = row["labels"][1:]
+                keep = labels != IGNORE
+                both = []
+                for adapters in (["m"], None):  # the policy, then the reference
+                    logits = rows_forward(vlm.model, row["input_ids"][None], row.get("pixel_values"), adapters)[0]
+                    both.append(F.cross_entropy(logits[:-1][keep].double(), labels[keep], reduction="none"))
+                logps.append((-both[0].sum().item(), -both[1].sum().item()))
+                if side is ex:
+                    ces.append(both[0])
+    beta = 0.3
+    pairs = [(logps[2 * i], logps[2 * i + 1]) for i in range(len(batch))]  # ((policy, ref) chosen, rejected)
+    rewards = [beta * (pol - ref) for pair in pairs for pol, ref in pair]
+    delta = sum(rewards) / len(rewards)
+    dpo = [-math.log(sig(beta * ((c[0] - c[1]) - (j[0] - j[1])))) for c, j in pairs]
+    bco = [
+        -math.log(sig(beta * (c[0] - c[1]) - delta)) - math.log(sig(-(beta * (j[0] - j[1]) - delta))) for c, j in pairs
+    ]
+    sft = torch.cat(ces).mean().item()
+    want = 0.8 * sum(dpo) / len(dpo) + 0.2 * sum(bco) / len(bco) + sft
+    if not moved:
+        assert want == pytest.approx(0.8 * math.log(2) + 0.2 * 2 * math.log(2) + sft, abs=1e-6)
+    assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-5)
+    assert r.shift.count == 1 and r.shift.mean == pytest.approx(delta, abs=1e-6)
+
+
+def test_an_mpo_job_fused_with_an_sft_job_gets_the_gradients_it_gets_alone(tmp_path):
+    """BatchLoRA over objectives: one base pass over both jobs' rows, the MPO job's pairs reduced on their own
+    (its reference forward with every adapter off); each job's gradients are its gradients alone."""
+    from test_train import write_dataset
+
+    pairs = pairs_dataset(tmp_path / "p.jsonl", 4, with_image=True)
+    sft = write_dataset(tmp_path / "d", "s", 4, True)
+    mpo_job = Job.of("m", pairs, tmp_path / "om", objective="mpo", rank=4, batch_size=2, grad_accum=2, steps=1,
+                     dropout=0.1, beta=0.2)  # fmt: skip
+    sft_job = Job.of("s", sft, tmp_path / "os", rank=2, batch_size=2, grad_accum=2, steps=1, loss_weighting="square")
+
+    def grads(selected):
+        vlm, running = fresh(selected)
+        with torch.no_grad():  # (adapters away from zero, the same in both runs: the policy is not the reference)
+            for r in running:
+                g = torch.Generator().manual_seed(len(r.job.name) + r.job.lora.rank)
+                for p in r.params:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        losses = train_step(vlm, running)  # (grad_accum 2: no optimizer step, the gradients stay)
+        return {r.job.name: [p.grad.clone() for p in r.params] for r in running}, losses
+
+    fused, fused_losses = grads([mpo_job, sft_job])
+    for i, job in enumerate([mpo_job, sft_job]):
+        alone, losses = grads([job])
+        torch.testing.assert_close(fused_losses[i], losses[0], rtol=1e-5, atol=1e-6)
+        for a, b in zip(fused[job.name], alone[job.name]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        assert any(g.abs().max() > 0 for g in fused[job.name])
+
+
+def test_dpo_learns_to_prefer_the_chosen_answers(tmp_path):
+    """Plain DPO (objective: dpo) starts at log 2 a pair and goes below it as the chosen answers' log-ratio
+    overtakes the rejected ones'."""
+    from vlstack.train.multi import train
+
+    data = pairs_dataset(tmp_path / "p.jsonl", 4)
+    job = Job.of("d", data, tmp_path / "o", objective="dpo", rank=8, batch_size=4, steps=12, lr=2e-2, beta=0.5)
+    assert job.objective.dpo == 1.0 and job.objective.bco == 0.0 and job.objective.sft == 0.0
+    done = train(vlstack.load("tiny", device="cpu"), [job], 4, verbose=False)
+    losses = done["d"].losses
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-5)
+    assert losses[-1] < 0.5 * math.log(2)
+    assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
+
+
+def test_preference_jobs_refuse_what_they_cannot_use(tmp_path):
+    from test_train import write_dataset
+
+    from vlstack.train.data import DatasetError
+    from vlstack.train.multi import train
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "Q?", "rejected": "no"}) + "\n")
+    with pytest.raises(DatasetError, match=r"bad.jsonl:1: a preference pair needs 'question', 'chosen' and"):
+        read_dataset(bad)
+    path = tmp_path / "jobs.yaml"
+    for fields, message in [
+        ("objective: ppo", r"objective 'ppo' is not one of sft, distil, mpo, dpo"),
+        ("objective: mpo, beta: 0", r"beta must be > 0"),
+        ("beta: 0.1", r"beta and the \*_weight fields are for the objectives mpo and dpo"),
+        ("objective: dpo, full: true", r"a preference objective trains an adapter"),
+    ]:
+        path.write_text(f"jobs:\n  - {{name: a, data: a.jsonl, output: o, steps: 1, {fields}}}\n")
+        with pytest.raises(JobError, match=message):
+            read_plan(path)
+    vlm = vlstack.load("tiny", device="cpu")
+    pairs, sft = pairs_dataset(tmp_path / "p.jsonl", 2), write_dataset(tmp_path / "d", "s", 2, False)
+    with pytest.raises(JobError, match=r"s.jsonl:1: job 'x' \(mpo or dpo\) needs a preference pair"):
+        train(vlm, [Job.of("x", sft, tmp_path / "o1", objective="mpo", batch_size=2, steps=1)], 2, verbose=False)
+    with pytest.raises(JobError, match=r"p.jsonl:1: job 'y' \(not a preference objective\) needs a conversation"):
+        train(vlm, [Job.of("y", pairs, tmp_path / "o2", batch_size=2, steps=1)], 2, verbose=False)
+    with pytest.raises(JobError, match=r"job 'z': a preference objective does not go with max_tokens \(yet\)"):
+        train(vlm, [Job.of("z", pairs, tmp_path / "o3", objective="dpo", batch_size=2, steps=1)], 2, max_tokens=64)
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))

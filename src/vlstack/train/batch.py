@@ -64,6 +64,9 @@ class Pass:
     targets: torch.Tensor  # [N]
     jobs: torch.Tensor  # [N] each learned token's job, on the host
     in_job: torch.Tensor  # [jobs, N]
+    rows: torch.Tensor  # [N] each learned token's row in the pass, on the host
+    row_jobs: list[int]  # each row's job
+    sides: list[int | None]  # each row's side of a preference pair (0 chosen, 1 rejected; None: no pair)
 
 
 def prepare_pass(vlm: VLM, running: list[Running], group: list[tuple[int, dict]]) -> Pass:
@@ -84,7 +87,10 @@ def prepare_pass(vlm: VLM, running: list[Running], group: list[tuple[int, dict]]
     names = [None if running[i].job.full else running[i].job.name for i, _ in group]  # (full: the base's own)
     tiles = (image_tokens, vlm.cfg.tokens_per_tile) if "pixel_values" in batch else None
     step.lora = route(vlm.model, names, counts=seqlens, keys=keyed, tiles=tiles)  # (on a GPU: one pair of matmuls)
-    return Pass(batch["input_ids"], batch.get("pixel_values"), step, upload(targets[learn], device), jobs_of, in_job)
+    rows = torch.repeat_interleave(torch.arange(len(group)), torch.tensor(seqlens))[learn]  # [N]
+    row_jobs, sides = [i for i, _ in group], [x.get("side") for _, x in group]
+    ids, pixels = batch["input_ids"], batch.get("pixel_values")
+    return Pass(ids, pixels, step, upload(targets[learn], device), jobs_of, in_job, rows, row_jobs, sides)
 
 
 def learned(row: dict) -> int:

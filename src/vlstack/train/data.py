@@ -6,6 +6,8 @@ One example per line, either InternVL/LLaVA style
                                                                   {"from": "gpt", "value": "..."}]}
 or OpenAI style
     {"images": [...], "messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
+or a preference pair, as MMPR (for the preference objectives: train/preference.py)
+    {"image": "img/1.png", "question": "...", "chosen": "the better answer", "rejected": "the worse one"}
 Image paths are relative to the JSONL file. Without any <image> placeholder, images go before the
 first user message (InternVL's convention).
 """
@@ -40,12 +42,25 @@ class Example:
     images: list[Path]
     where: str  # "file.jsonl:12"
     sizes: list[tuple[int, int]] | None = None  # the images' (width, height), once they are checked
+    rejected: list[dict] | None = None  # a preference pair's: the messages with the rejected answer (messages:
+    #   with the chosen one)
+
+    def sides(self) -> list[Example]:
+        """The rows it trains: itself, or a pair's chosen and rejected conversations."""
+        if self.rejected is None:
+            return [self]
+        return [self, Example(self.rejected, self.images, self.where, self.sizes)]
 
 
 def _parse(line: str, where: str, root: Path) -> Example:
     raw = json_value(line, where, DatasetError)
     if not isinstance(raw, dict):
         raise DatasetError(f"{where}: each line must be a JSON object")
+    pair = [k for k in ("question", "chosen", "rejected") if k in raw]
+    if pair:
+        if len(pair) < 3 or not all(isinstance(raw[k], str) and raw[k] for k in pair):
+            raise DatasetError(f"{where}: a preference pair needs 'question', 'chosen' and 'rejected' (strings)")
+        raw = {**raw, "conversations": [{"from": "human", "value": raw["question"]}, {"from": "gpt", "value": ""}]}
     turns = raw.get("conversations", raw.get("messages"))
     if not isinstance(turns, list) or not turns:
         raise DatasetError(f"{where}: needs a non-empty 'conversations' (or 'messages') list")
@@ -58,6 +73,8 @@ def _parse(line: str, where: str, root: Path) -> Example:
         if not isinstance(text, str):
             raise DatasetError(f"{where}: turn {i} has no text ('value' or 'content' must be a string)")
         messages.append({"role": ROLES[role], "content": text})
+    if pair:  # (the question's image placeholder settled below, once: both sides share it)
+        messages[-1]["content"] = raw["chosen"]
     if not any(m["role"] == "assistant" for m in messages):
         raise DatasetError(f"{where}: has no assistant turn to learn from")
     images = raw.get("image", raw.get("images")) or []
@@ -75,7 +92,8 @@ def _parse(line: str, where: str, root: Path) -> Example:
         messages[first] = {"role": "user", "content": prefix + messages[first]["content"]}
     elif n_placeholders != len(paths):
         raise DatasetError(f"{where}: {n_placeholders} <image> placeholders but {len(paths)} images")
-    return Example(messages, paths, where)
+    rejected = [*messages[:-1], {"role": "assistant", "content": raw["rejected"]}] if pair else None
+    return Example(messages, paths, where, rejected=rejected)
 
 
 def read_dataset(path: str | Path) -> list[Example]:

@@ -27,6 +27,13 @@ jobs:
     steps: 100              # optimizer steps; or epochs: 2
     max_len: 2048
     max_grad_norm: 1.0
+    objective: sft          # sft | mpo | dpo | distil (distil: with a teacher, below); mpo and dpo learn from
+                            #   preference pairs (data: {image, question, chosen, rejected} lines), the reference
+                            #   being the base with the job's adapter off: train/preference.py
+    # beta: 0.1             # mpo/dpo: the pull back to the reference
+    # dpo_weight: 0.8       # mpo's mix (InternVL3's): 0.8 DPO + 0.2 BCO + 1.0 SFT on the chosen answer; dpo
+    # bco_weight: 0.2       #   is 1, 0, 0
+    # sft_weight: 1.0
     loss_weighting: token   # each row's tokens in the job's loss: token (every token alike), sample (every row
                             #   alike: 1/l a token) or square (1/sqrt(l), InternVL's default); l: the row's tokens
     seed: 0
@@ -55,6 +62,7 @@ from ..files import overlap, read_yaml
 from ..layers.lora import MAX_RANK, LoRASpec, check_name
 from ..models.internvl import MODULES, PARTS, part_of
 from .losses import SFT, WEIGHTINGS, Distill, Objective
+from .preference import Preference
 from .state import run_dir
 
 MAX_BATCH, MAX_LEN, MAX_STEPS, MAX_EPOCHS = 1024, 1 << 20, 10**9, 10**4
@@ -92,23 +100,45 @@ class Job:
     @classmethod
     def of(cls, name: str, data: str | Path, output: str | Path, **flat: Any) -> Job:
         """A job from flat fields, as the jobs file gives them: rank, alpha, dropout, rslora, targets and parts
-        make its LoRASpec (parts: [language] for an adapter, all three for a full job, unless given); teacher,
-        temperature and hidden_weight its Distill objective, loss_weighting its objective's weighting; the rest
-        are the Job's own."""
+        make its LoRASpec (parts: [language] for an adapter, all three for a full job, unless given); objective
+        and its settings its objective (objective_of); the rest are the Job's own."""
         lora = {k: flat.pop(k) for k in LORA_FIELDS if k in flat}
         lora = {k: tuple(v) if k in ("targets", "parts") else v for k, v in lora.items()}
         lora.setdefault("parts", tuple(sorted(PARTS)) if flat.get("full") else ("language",))
-        distill = {k: flat.pop(k) for k in DISTILL_FIELDS if k in flat}
-        if distill.get("teacher") is None and len(distill) > ("teacher" in distill):
-            raise JobError(f"job {name!r}: temperature and hidden_weight are for distillation: give a teacher")
-        weighting = {"weighting": flat.pop("loss_weighting")} if "loss_weighting" in flat else {}
-        distilled = distill.get("teacher") is not None
-        objective = Distill(**distill, **weighting) if distilled else Objective(**weighting) if weighting else SFT
+        objective = objective_of(name, flat)
         return cls(name, Path(data), Path(output), LoRASpec(**lora), objective, **flat)
 
 
 LORA_FIELDS = ("rank", "alpha", "dropout", "rslora", "targets", "parts")
 DISTILL_FIELDS = ("teacher", "temperature", "hidden_weight")
+PREFERENCE_FIELDS = {"beta": "beta", "dpo_weight": "dpo", "bco_weight": "bco", "sft_weight": "sft"}
+OBJECTIVES = ("sft", "distil", "mpo", "dpo")
+
+
+def objective_of(name: str, flat: dict[str, Any]) -> Objective:
+    """A job's objective from its flat fields (taken out of flat): `objective` (sft, distil, mpo or dpo; unless
+    given: distil with a teacher, else sft), a teacher's temperature and hidden_weight, the preference objectives'
+    beta and dpo_weight, bco_weight, sft_weight (dpo: 1, 0, 0 unless given), and loss_weighting."""
+    kind = flat.pop("objective", None)
+    distill = {k: flat.pop(k) for k in DISTILL_FIELDS if k in flat}
+    preference = {field: flat.pop(k) for k, field in PREFERENCE_FIELDS.items() if k in flat}
+    weighting = {"weighting": flat.pop("loss_weighting")} if "loss_weighting" in flat else {}
+    teacher = distill.get("teacher") is not None
+    kind = kind or ("distil" if teacher else "sft")
+    if kind not in OBJECTIVES:
+        raise JobError(f"job {name!r}: objective {kind!r} is not one of {', '.join(OBJECTIVES)}")
+    if kind != "distil" and distill:
+        raise JobError(f"job {name!r}: teacher, temperature and hidden_weight are for distillation (objective distil)")
+    if kind == "distil" and not teacher:
+        raise JobError(f"job {name!r}: temperature and hidden_weight are for distillation: give a teacher")
+    if kind not in ("mpo", "dpo") and preference:
+        raise JobError(f"job {name!r}: beta and the *_weight fields are for the objectives mpo and dpo")
+    if kind == "distil":
+        return Distill(**distill, **weighting)
+    if kind in ("mpo", "dpo"):
+        plain = {"dpo": 1.0, "bco": 0.0, "sft": 0.0} if kind == "dpo" else {}
+        return Preference(**{**plain, **preference}, **weighting)
+    return Objective(**weighting) if weighting else SFT
 
 
 @dataclass
@@ -128,6 +158,8 @@ _TYPES = {  # the jobs file's flat fields and their types
     **{f.name: f.type for f in fields(Distill) if f.name in DISTILL_FIELDS},
     **{f.name: f.type for f in fields(Job) if f.name not in ("lora", "objective")},
     "loss_weighting": "str",
+    "objective": "str",
+    **{k: "float" for k in PREFERENCE_FIELDS},
 }
 
 
@@ -142,7 +174,7 @@ def _check(job: dict, where: str, root: Path) -> Job:
     for key, value in job.items():
         kind = _TYPES[key]
         try:
-            if key in ("name", "data", "output", "schedule", "teacher", "loss_weighting"):
+            if key in ("name", "data", "output", "schedule", "teacher", "loss_weighting", "objective"):
                 if not isinstance(value, str) or not value:
                     raise ValueError("must be a non-empty string (quote it: YAML reads off, yes, 12... otherwise)")
                 paths = ("data", "output", "teacher")
@@ -173,7 +205,10 @@ def _check(job: dict, where: str, root: Path) -> Job:
                 kw[key] = value
         except (TypeError, ValueError, OverflowError, ConfigError) as e:
             raise JobError(f"{where}: field {key!r} = {value!r} {e}") from None
-    j = Job.of(**kw)
+    try:
+        j = Job.of(**kw)
+    except JobError as e:
+        raise JobError(f"{where}: {e}") from None
     spec = j.lora
     problems = [
         (not 1 <= spec.rank <= MAX_RANK, f"rank must be in [1, {MAX_RANK}]"),
@@ -197,6 +232,9 @@ def _check(job: dict, where: str, root: Path) -> Job:
         (j.save_every < 0, "save_every must be >= 0"),
         (kw.get("temperature", 1.0) <= 0, "temperature must be > 0"),
         (kw.get("hidden_weight", 0.0) < 0, "hidden_weight must be >= 0"),
+        (kw.get("beta", 1.0) <= 0, "beta must be > 0"),
+        (any(kw.get(k, 0.0) < 0 for k in PREFERENCE_FIELDS if k != "beta"), "the *_weight fields must be >= 0"),
+        (isinstance(j.objective, Preference) and j.full, "a preference objective trains an adapter (full: false)"),
         (bool(set(spec.parts) - set(PARTS)), f"parts must be among {sorted(PARTS)}"),
         (j.part_lr is not None and not j.full, "part_lr is for a job with full: true"),
         (any(key_part(k) not in spec.parts for k in j.part_lr or ()), "part_lr names a part the job does not train"),

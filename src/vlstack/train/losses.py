@@ -119,14 +119,15 @@ def job_losses(
     in_job: torch.Tensor,
     teacher: tuple[torch.Tensor, ...] | None = None,
     features: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused forward: rows back to back ids [T] (each job's LoRA on its own, by the routing) -> each job's
-    summed token losses [jobs] over the step's logit tokens, whose targets are [N] and jobs in_job [jobs, N]
-    (teacher: see token_losses; features: the images' features, computed already). Tensors only: it compiles
-    whole (a test's proof)."""
+    weighted sum of token losses [jobs] over the step's logit tokens, whose targets are [N] and jobs in_job
+    [jobs, N], and the token losses [N] themselves (for the reductions over pairs: preference.py). teacher: see
+    token_losses; features: the images' features, computed already. Tensors only: it compiles whole (a test's
+    proof)."""
     hidden = model(ids, step, None if features is not None else pixel_values, features, head=False)  # [N, C]
-    recompute = model.language_model.checkpointing
-    return pass_losses(model.lm_head, hidden, targets, in_job, recompute, teacher)  # [jobs]
+    terms = token_losses(model.lm_head, hidden, targets, model.language_model.checkpointing, teacher)  # [N]
+    return in_job @ terms, terms  # [jobs], [N]
 
 
 def teacher_logits(

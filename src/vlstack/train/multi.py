@@ -30,6 +30,7 @@ from .jobs import Job, JobError, check_outputs
 from .losses import job_losses, teacher_logits
 from .optim import step_jobs
 from .pipeline import Pipe, pipe_for
+from .preference import Preference, preference_sums
 from .progress import plot_loss, record
 from .running import Running, start, total_steps, world
 from .state import load_state, save_state
@@ -44,12 +45,16 @@ def job_rows(vlm: VLM, running: list[Running], split: bool = True) -> list[tuple
     rank, size = world() if split else (0, 1)
     rows = []
     for i, r in enumerate(running):
+        paired = isinstance(r.job.objective, Preference)
         for j, ex in list(enumerate(r.stream.next()))[rank::size]:
-            row = encode_example(vlm.processor, ex, r.job.max_len)
-            row["key"] = r.micro * r.job.batch_size + j
-            row["learned"] = learned(row)
-            row["weight"] = r.job.objective.token_weight(row["learned"])
-            rows.append((i, row))
+            for side, part in enumerate(ex.sides()):  # (a pair: its chosen row, then its rejected row)
+                row = encode_example(vlm.processor, part, r.job.max_len)
+                row["key"] = (r.micro * r.job.batch_size + j) * (2 if paired else 1) + side
+                row["learned"] = learned(row)
+                # (a pair's rows are reduced by preference.py, not weighted into the job's token sum)
+                row["weight"] = 0.0 if paired else r.job.objective.token_weight(row["learned"])
+                row["side"] = side if paired else None
+                rows.append((i, row))
     return rows
 
 
@@ -68,15 +73,19 @@ def train_step(
     rows = job_rows(vlm, running, split)
     jobs = len(running)
     # each job's loss is its weighted token losses over the whole (global) micro-batch's weight: sum it first
-    weight, seen = [0.0] * jobs, [0] * jobs
+    # (a preference job's: its pairs and its chosen answers' tokens; its loss comes normalised: preference.py)
+    weight, seen, pairs, chosen = [0.0] * jobs, [0] * jobs, [0] * jobs, [0] * jobs
     for i, x in rows:
         weight[i] += x["learned"] * x["weight"]
         seen[i] += len(x["input_ids"])
+        pairs[i] += x["side"] == 0
+        chosen[i] += x["learned"] if x["side"] == 0 else 0
     if split:
-        stats = torch.tensor([weight, seen], dtype=torch.float64, device=device)  # [2, jobs]
+        stats = torch.tensor([weight, seen, pairs, chosen], dtype=torch.float64, device=device)  # [4, jobs]
         dist.all_reduce(stats)
-        weight, seen = stats[0].tolist(), stats[1].long().tolist()
-    counts = torch.tensor(weight, dtype=torch.float32).clamp(min=1)  # [jobs]
+        weight, (seen, pairs, chosen) = stats[0].tolist(), stats[1:].long().tolist()
+    counts = torch.tensor(weight, dtype=torch.float32).clamp(min=1)  # [jobs] (a preference job's: 1)
+    paired = any(isinstance(r.job.objective, Preference) for r in running)
     denominators = upload(counts * torch.tensor([r.job.grad_accum for r in running]), device)
     if pipe is not None:  # each job's rows a pass of their own, through the stages (pipeline.py)
         groups = [[row for row in rows if row[0] == i] for i in range(jobs)]
@@ -88,7 +97,10 @@ def train_step(
             p = prepare_pass(vlm, running, group)
             feats = shared_features(vlm, running, p.pixels)  # (once for the student and its teachers)
             kd = teacher_logits(running, p.jobs, p.ids, p.pixels, p.step, feats)
-            pass_sums = job_losses(model, p.ids, p.step, p.pixels, p.targets, p.in_job, kd, feats)
+            pass_sums, terms = job_losses(model, p.ids, p.step, p.pixels, p.targets, p.in_job, kd, feats)
+            if paired:
+                totals = list(zip(pairs, chosen))
+                pass_sums = pass_sums + preference_sums(model, p, terms, running, totals, split, feats)
             ((pass_sums / denominators).sum() * scale).backward()
             sums += pass_sums.detach()
     if split:
@@ -159,6 +171,16 @@ def check_lengths(vlm: VLM, job: Job, examples: list[Example], verbose: bool = T
         )
 
 
+def check_pairs(job: Job, examples: list[Example]) -> None:
+    """A preference job's every line a pair (question, chosen, rejected); any other job's none."""
+    paired = isinstance(job.objective, Preference)
+    bad = next((ex for ex in examples if paired != (ex.rejected is not None)), None)
+    if bad is not None:
+        want = "a preference pair (question, chosen, rejected)" if paired else "a conversation, not a preference pair"
+        objective = "mpo or dpo" if paired else "not a preference objective"
+        raise JobError(f"{bad.where}: job {job.name!r} ({objective}) needs {want}")
+
+
 def check_batch(job: Job, processes: int) -> None:
     if job.batch_size % processes:
         raise JobError(f"job {job.name!r}: batch_size {job.batch_size} is not a multiple of {processes} processes")
@@ -213,7 +235,7 @@ def train(
         p.requires_grad_(False)
     split = {"--resume": resume, "max_tokens": max_tokens, "--watch": more is not None}
     pipe = check_parallel(model, jobs, max_rows, split, sharding, parallel)
-    run = Run(vlm, jobs, resume, verbose, pipe)
+    run = Run(vlm, jobs, resume, verbose, pipe, max_tokens, sharding or parallel)
     params = shard_adapters(model, run.queue, torch.device(device or "cpu")) if sharding == "fsdp" else {}
     try:
         while run.queue or run.running:
@@ -239,6 +261,8 @@ def check_parallel(
     of this process, when pipelined. Every job's batch size is checked against the processes sharing its rows."""
     size = world()[1]
     full = any(j.full for j in jobs)
+    for job in jobs:
+        check_objective(job, options.get("max_tokens"), sharding or parallel)
     pipe = None
     if parallel == "pipeline":
         given = {k: v for k, v in options.items() if k != "--watch"}
@@ -252,6 +276,14 @@ def check_parallel(
     for job in jobs:
         check_batch(job, 1 if pipe else size)
     return pipe
+
+
+def check_objective(job: Job, max_tokens: int | None, split: str | None) -> None:
+    """A preference job's pairs go through the base whole, in one pass a step: not (yet) with max_tokens, FSDP
+    or the pipeline."""
+    if isinstance(job.objective, Preference) and (max_tokens or split):
+        given = "max_tokens" if max_tokens else f"sharding: {split}" if split == "fsdp" else f"parallel: {split}"
+        raise JobError(f"job {job.name!r}: a preference objective does not go with {given} (yet)")
 
 
 def shard_adapters(model: torch.nn.Module, jobs: list[Job], device: torch.device) -> dict[str, list]:
@@ -270,10 +302,20 @@ class Run:
     """The jobs of one train() call: their datasets and files (checked against every job's outputs before any
     training), the queue waiting for room, the jobs running and those finished."""
 
-    def __init__(self, vlm: VLM, jobs: list[Job], resume: bool, verbose: bool, pipe: Pipe | None):
-        self.vlm, self.verbose, self.pipe = vlm, verbose, pipe
+    def __init__(
+        self,
+        vlm: VLM,
+        jobs: list[Job],
+        resume: bool,
+        verbose: bool,
+        pipe: Pipe | None,
+        max_tokens: int | None = None,
+        split: str | None = None,
+    ):
+        self.vlm, self.verbose, self.pipe, self.max_tokens, self.split = vlm, verbose, pipe, max_tokens, split
         self.datasets = {job.name: read_dataset(job.data) for job in jobs}
         for job in jobs:
+            check_pairs(job, self.datasets[job.name])
             check_lengths(vlm, job, self.datasets[job.name], verbose)
         self.known, self.files = list(jobs), {j.name: inputs(j, self.datasets[j.name]) for j in jobs}
         check_outputs(self.known, vlm.directory, self.files)
@@ -290,7 +332,9 @@ class Run:
             if job.full or any(j.full for j in self.known):
                 raise JobError("a job with full: true trains the base itself: it runs alone")
             check_batch(job, 1 if self.pipe else world()[1])
+            check_objective(job, self.max_tokens, self.split)
             examples = read_dataset(job.data)
+            check_pairs(job, examples)
             check_lengths(self.vlm, job, examples, self.verbose)
             files = {**self.files, job.name: inputs(job, examples)}
             check_outputs(self.known + [job], self.vlm.directory, files)

@@ -13,12 +13,20 @@ r = policy - reference:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from .losses import Objective
+from ..layers.step import upload
+from .losses import Objective, token_losses
+
+if TYPE_CHECKING:
+    from .batch import Pass
+    from .running import Running
 
 
 @dataclass(frozen=True)
@@ -54,18 +62,16 @@ class RewardShift:
 
 
 def pair_losses(
-    policy: torch.Tensor, reference: torch.Tensor, beta: float, shift: RewardShift | None = None
+    policy: torch.Tensor, reference: torch.Tensor, beta: float, delta: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Each pair's DPO loss [P], and with a reward shift (updated here by this micro-batch's rewards) its BCO
-    loss [P], from the summed log-probabilities [P, 2] (chosen, rejected) of the policy and the reference."""
+    """Each pair's DPO loss [P], and given the reward shift delta its BCO loss [P], from the summed
+    log-probabilities [P, 2] (chosen, rejected) of the policy and the reference."""
     ratios = policy - reference.detach()  # [P, 2]
     dpo = -F.logsigmoid(beta * (ratios[:, 0] - ratios[:, 1]))  # [P]
-    if shift is None:
+    if delta is None:
         return dpo, None
     rewards = beta * ratios  # [P, 2]
-    delta = shift.update(float(rewards.detach().mean()))
-    bco = -F.logsigmoid(rewards[:, 0] - delta) - F.logsigmoid(-(rewards[:, 1] - delta))  # [P]
-    return dpo, bco
+    return dpo, -F.logsigmoid(rewards[:, 0] - delta) - F.logsigmoid(-(rewards[:, 1] - delta))  # [P]
 
 
 def preference_loss(
@@ -73,15 +79,63 @@ def preference_loss(
     policy: torch.Tensor,
     reference: torch.Tensor,
     chosen_nll: torch.Tensor,
+    pairs: int,
     chosen_tokens: int,
-    shift: RewardShift | None,
+    delta: float | None,
 ) -> torch.Tensor:
-    """A micro-batch's loss (a scalar): the weighted mean over its pairs of DPO and BCO, plus sft x the chosen
-    answers' summed cross-entropy chosen_nll over their chosen_tokens."""
-    dpo, bco = pair_losses(policy, reference, objective.beta, shift if objective.bco else None)
-    loss = objective.dpo * dpo.mean()
+    """The loss (a scalar) of a micro-batch of `pairs` pairs and `chosen_tokens` chosen tokens, or of a share of
+    one (data parallelism: each process's pairs, the shares adding up to the whole): the weighted DPO and BCO
+    summed over these pairs [P, 2] / pairs, plus sft x their chosen answers' summed cross-entropy chosen_nll /
+    chosen_tokens. delta: BCO's reward shift (RewardShift), None when bco is 0."""
+    dpo, bco = pair_losses(policy, reference, objective.beta, delta if objective.bco else None)
+    loss = objective.dpo * dpo.sum() / pairs
     if bco is not None:
-        loss = loss + objective.bco * bco.mean()
+        loss = loss + objective.bco * bco.sum() / pairs
     if objective.sft:
         loss = loss + objective.sft * chosen_nll / max(1, chosen_tokens)
     return loss
+
+
+def preference_sums(
+    model: torch.nn.Module,
+    p: Pass,
+    terms: torch.Tensor,
+    running: list[Running],
+    totals: list[tuple[int, int]],
+    split: bool,
+    features: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each job's preference loss [jobs] over the pass p (0 for the jobs of other objectives), from its learned
+    tokens' cross-entropies terms [N] under the policy: the reference's are the same pass with every adapter off,
+    without gradients (one model, no copy of it). totals: each job's (pairs, chosen tokens) over the whole
+    micro-batch (every process's); split: under data parallelism, the rewards for BCO's shift summed over the
+    processes (each calls this at the same point). The pass holds each pair's two rows whole."""
+    jobs, device = len(running), terms.device
+    with torch.no_grad():
+        step = dataclasses.replace(p.step, lora=None)
+        hidden = model(p.ids, step, None if features is not None else p.pixels, features, head=False)  # [N, C]
+        reference = token_losses(model.lm_head, hidden, p.targets, False)  # [N]
+    in_row = upload(F.one_hot(p.rows, len(p.row_jobs)).T.float(), device)  # [rows, N]
+    policy_lp, reference_lp = -(in_row @ terms), -(in_row @ reference)  # [rows] each row's summed log-probability
+    pairs = {}
+    reward = torch.zeros(2, jobs, device=device, dtype=torch.float64)  # [2, jobs]: rewards' sum and count
+    for i, r in enumerate(running):
+        objective = r.job.objective
+        if not isinstance(objective, Preference):
+            continue
+        chosen = [k for k, (j, side) in enumerate(zip(p.row_jobs, p.sides)) if j == i and side == 0]
+        rejected = [k for k, (j, side) in enumerate(zip(p.row_jobs, p.sides)) if j == i and side == 1]
+        where = upload([chosen, rejected], device).T  # [P, 2]
+        pairs[i] = where
+        reward[0, i] = objective.beta * (policy_lp[where] - reference_lp[where]).detach().sum()
+        reward[1, i] = where.numel()
+    if split:
+        dist.all_reduce(reward)
+    sums = torch.zeros(jobs, device=device)
+    for i, where in pairs.items():
+        r, objective = running[i], running[i].job.objective
+        delta = r.shift.update(float(reward[0, i] / reward[1, i])) if objective.bco else None
+        nll = (in_row[where[:, 0]] @ terms).sum()  # the chosen answers' summed cross-entropy
+        loss = preference_loss(objective, policy_lp[where], reference_lp[where], nll, *totals[i], delta)
+        sums = sums + F.one_hot(torch.tensor(i), jobs).to(device) * loss
+    return sums

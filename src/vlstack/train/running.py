@@ -17,6 +17,7 @@ from ..models.internvl import PARTS, part_of, under
 from .data import Example, Stream
 from .fsdp import is_sharded
 from .jobs import Job, JobError
+from .preference import RewardShift
 from .progress import truncate_metrics
 from .state import clear_run, restore_state
 from .teacher import teacher_of
@@ -58,6 +59,7 @@ class Running:
     first_tokens: int = 0
     teacher: torch.nn.Module | None = None  # distillation: the model whose logits the job learns
     shares_vision: bool | None = None  # its teacher's vision tower and projector are the student's (None: unknown)
+    shift: RewardShift = field(default_factory=RewardShift)  # a preference job's BCO reward shift (preference.py)
 
     @property
     def tokens_since_start(self) -> int:

@@ -41,6 +41,7 @@ def save_state(r: Running) -> None:
         "micro": r.micro,
         "tokens": r.tokens,
         "losses": r.losses,
+        "shift": r.shift.state_dict(),
     }
     write_files(target, {"state.pt": lambda path: torch.save(state, path)})
 
@@ -93,3 +94,5 @@ def restore_state(r: Running, state: dict) -> None:
     r.stream.position = state["position"]
     r.step, r.micro, r.tokens, r.losses = state["step"], state["micro"], state["tokens"], list(state["losses"])
     r.recorded = len(r.losses)
+    if "shift" in state:  # (checkpoints from before preference objectives have none)
+        r.shift.load_state_dict(state["shift"])

@@ -274,3 +274,37 @@ def test_preference_jobs_refuse_what_they_cannot_use(tmp_path):
     with pytest.raises(JobError, match=r"job 'z': a preference objective does not go with max_tokens \(yet\)"):
         train(vlm, [Job.of("z", pairs, tmp_path / "o3", objective="dpo", batch_size=2, steps=1)], 2, max_tokens=64)
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+
+
+@pytest.mark.slow
+def test_two_processes_train_an_mpo_job_as_one_does(tmp_path):
+    """Data parallelism (torchrun, 2 gloo processes) over an MPO job fused with an SFT job: each process a half
+    of every job's pairs, the pairs' and chosen tokens' totals and BCO's rewards summed over both; the
+    adapters equal one process's."""
+    from conftest import run_cli
+    from test_train import adapter, assert_same_adapter, write_dataset
+
+    pairs_dataset(tmp_path / "p.jsonl", 8, with_image=True)
+    write_dataset(tmp_path, "s", 4, True)
+    for out in ("one", "two"):
+        (tmp_path / f"{out}.yaml").write_text(
+            f"model: tiny\njobs:\n"
+            f"  - {{name: m, data: p.jsonl, output: {out}/m, objective: mpo, rank: 4, batch_size: 4, steps: 3, "
+            "lr: 3e-3, dropout: 0.1}\n"
+            f"  - {{name: s, data: s.jsonl, output: {out}/s, rank: 2, batch_size: 2, steps: 3, lr: 3e-3}}\n"
+        )
+    one = run_cli("train", str(tmp_path / "one.yaml"))
+    assert one.returncode == 0, one.stderr
+    two = run_cli("train", str(tmp_path / "two.yaml"), processes=2)
+    assert two.returncode == 0, two.stderr
+    for name in ("m", "s"):
+        assert_same_adapter(adapter(tmp_path / "one" / name), adapter(tmp_path / "two" / name))
+        curves = [
+            [
+                json.loads(x)["loss"]
+                for x in (tmp_path / out / f"{name}.train" / "metrics.jsonl").read_text().splitlines()
+            ]
+            for out in ("one", "two")
+        ]
+        assert curves[0][0] == pytest.approx(curves[1][0], rel=1e-5)  # the first step's loss: the same parameters
+        assert curves[0] == pytest.approx(curves[1], rel=1e-3)

@@ -325,6 +325,18 @@ def test_a_host_trickling_headers_meets_the_deadline_and_hosts_are_bounded(web, 
     assert api_openai.fetch_image(f"http://{web}/page.png", 2, allow_private=True)[:4] == b"\x89PNG"  # freed
 
 
+def test_a_reply_cut_off_by_the_deadline_is_never_an_image(web, monkeypatch):  # noqa: F811
+    """The deadline shuts the connection mid-headers, after which http.client may read a 200 with an empty body:
+    the deadline's own flag decides (before: a clock read just after the timer started, so a fetch shut at the
+    deadline could look faster than it and return b"" as the image). A clock frozen here makes that certain."""
+    from vlstack.errors import ImageError
+    from vlstack.serve import openai as api_openai
+
+    monkeypatch.setattr(api_openai.time, "monotonic", lambda: 0.0)  # (threading's timer keeps its own clock)
+    with pytest.raises(ImageError, match="took over 1 s"):
+        api_openai.fetch_image(f"http://{web}/slow-headers", 1, allow_private=True)
+
+
 @pytest.mark.slow
 def test_serve_says_serving_once_bound_and_logs_a_line_per_request(tmp_path):
     import socket

@@ -232,14 +232,20 @@ def fetch_image(url: str, timeout: float, max_bytes: int = 64 * 2**20, allow_pri
             raise ImageError(f"{PER_HOST} images are being fetched from {host} already; retry later")
         _in_flight[host] += 1
     _FETCH.sockets = []
-    timer = threading.Timer(timeout, lambda sockets: [_shut(s) for s in list(sockets)], (_FETCH.sockets,))
+    expired = threading.Event()  # set by the timer, before it shuts the connection
+
+    def deadline(sockets: list[socket.socket]) -> None:
+        expired.set()
+        for s in list(sockets):
+            _shut(s)
+
+    timer = threading.Timer(timeout, deadline, (_FETCH.sockets,))
     timer.daemon = True
     timer.start()
-    start = time.monotonic()
     try:
         data = _fetch(url, timeout, max_bytes, allow_private)
     except ImageError:
-        if time.monotonic() - start < timeout:
+        if not expired.is_set():
             raise
         data = None  # (what the connection shut at the deadline raised: the deadline is the reason)
     finally:
@@ -248,7 +254,9 @@ def fetch_image(url: str, timeout: float, max_bytes: int = 64 * 2**20, allow_pri
             _in_flight[host] -= 1
             if not _in_flight[host]:
                 del _in_flight[host]
-    if data is None or time.monotonic() - start >= timeout:  # (a body cut short by the shut connection too)
+    # a connection shut at the deadline can also end as a "complete" reply (headers cut off, an empty body): the
+    # timer's flag, not the clock read here, says whether the deadline came first
+    if data is None or expired.is_set():
         raise ImageError(f"fetching {url} took over {timeout:g} s; refused")
     return data
 

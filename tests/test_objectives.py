@@ -308,3 +308,48 @@ def test_two_processes_train_an_mpo_job_as_one_does(tmp_path):
         ]
         assert curves[0][0] == pytest.approx(curves[1][0], rel=1e-5)  # the first step's loss: the same parameters
         assert curves[0] == pytest.approx(curves[1], rel=1e-3)
+
+
+def test_synth_preferences_pairs_the_models_right_and_wrong_answers_and_trains_on_them(tmp_path):
+    """`vlstack synth preferences`: K samples per question through the engine (sample k seeded seed x K + k),
+    each scored by the benchmark's rule; pairs of (right, wrong), questions all right or none right dropped and
+    counted; the pairs a dataset that a dpo job trains on. The gold answers here are samples the tiny model gave
+    (drawn first with the same seeds), so some questions have both kinds."""
+    from conftest import image
+
+    from vlstack.cli import main
+    from vlstack.eval.benchmarks import content, read_items
+    from vlstack.train.multi import train
+
+    lines = []
+    for i in range(4):
+        image(40, 30, seed=i).save(tmp_path / f"q{i}.png")
+        turns = [{"from": "human", "value": f"<image>\nWhat is shown ({i})?"}]
+        lines.append({"image": f"q{i}.png", "conversations": turns, "answer": "x", "category": f"c{i % 2}"})
+    bench = tmp_path / "b.jsonl"
+    bench.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    vlm, k = vlstack.load("tiny", device="cpu"), 3
+    items = read_items(bench)
+    asked = [[{"role": "user", "content": content(i)}] for i in items]
+    drawn = [vlm.generate(asked, max_new_tokens=6, temperature=1.0, seed=s) for s in range(k)]  # [k][items]
+    for line, j in zip(lines, range(len(items))):
+        line["answer"] = drawn[0][j].strip() if j < 3 else "no sample says this"  # (item 3: none right)
+    bench.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "pairs"
+    args = ["synth", "preferences", "--data", str(bench), "--out", str(out), "--samples", str(k)]
+    assert main([*args, "--max-new-tokens", "6", "--batch", "3"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    pairs = [json.loads(x) for x in (out / "preferences.jsonl").read_text().splitlines()]
+    gold = {line["conversations"][0]["value"].split("(")[1][0]: line["answer"] for line in lines}
+    mixed = [j for j in range(3) if len({drawn[s][j].strip() for s in range(k)}) > 1]
+    assert {p["question"].split("(")[1][0] for p in pairs} == {str(j) for j in mixed}
+    for p in pairs:
+        assert p["chosen"] == gold[p["question"].split("(")[1][0]] != p["rejected"]
+        assert (out / p["image"][0]).is_file() and p["question"].endswith(content(items[0])[-1]["text"][-40:])
+    assert summary["pairs"] == len(pairs) and sum(c["questions"] for c in summary["categories"].values()) == 4
+    assert sum(c["none right"] for c in summary["categories"].values()) >= 1  # item 3
+    assert pairs  # (the tiny model's samples differ at temperature 1)
+    job = Job.of("d", out / "preferences.jsonl", tmp_path / "dpo", objective="dpo", batch_size=1, steps=1)
+    assert "d" in train(vlm, [job], 1, verbose=False)
+    assert main([*args]) == 2  # the directory exists: refused, nothing overwritten
+    assert main(["synth", "preferences", "--data", str(bench), "--out", str(tmp_path / "p2"), "--samples", "1"]) == 2

@@ -353,3 +353,22 @@ def test_synth_preferences_pairs_the_models_right_and_wrong_answers_and_trains_o
     assert "d" in train(vlm, [job], 1, verbose=False)
     assert main([*args]) == 2  # the directory exists: refused, nothing overwritten
     assert main(["synth", "preferences", "--data", str(bench), "--out", str(tmp_path / "p2"), "--samples", "1"]) == 2
+
+
+def test_a_resumed_mpo_job_goes_on_from_its_reward_shift(tmp_path):
+    """BCO's shift is a running mean over the job's micro-batches: the checkpoint keeps it, --resume restores it."""
+    from vlstack.train.state import load_state, restore_state, save_state
+
+    data = pairs_dataset(tmp_path / "p.jsonl", 2)
+    job = Job.of("m", data, tmp_path / "o", objective="mpo", batch_size=2, steps=3)
+    vlm, (r,) = fresh([job])
+    train_step(vlm, [r])
+    train_step(vlm, [r])
+    assert r.shift.count == 2
+    save_state(r)
+    state = load_state(job)
+    other, (again,) = fresh([job])  # (another process resuming)
+    restore_state(again, state)
+    assert (again.shift.mean, again.shift.count) == (r.shift.mean, r.shift.count)
+    restore_state(r, {**state, "shift": {"mean": 0.5, "count": 7}})
+    assert (r.shift.mean, r.shift.count) == (0.5, 7)

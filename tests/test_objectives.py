@@ -269,7 +269,7 @@ def test_preference_jobs_refuse_what_they_cannot_use(tmp_path):
     pairs, sft = pairs_dataset(tmp_path / "p.jsonl", 2), write_dataset(tmp_path / "d", "s", 2, False)
     with pytest.raises(JobError, match=r"s.jsonl:1: job 'x' \(mpo or dpo\) needs a preference pair"):
         train(vlm, [Job.of("x", sft, tmp_path / "o1", objective="mpo", batch_size=2, steps=1)], 2, verbose=False)
-    with pytest.raises(JobError, match=r"p.jsonl:1: job 'y' \(not a preference objective\) needs a conversation"):
+    with pytest.raises(JobError, match=r"p.jsonl:1: job 'y' \(sft or distil\) needs a conversation"):
         train(vlm, [Job.of("y", pairs, tmp_path / "o2", batch_size=2, steps=1)], 2, verbose=False)
     with pytest.raises(JobError, match=r"job 'z': a preference objective does not go with max_tokens \(yet\)"):
         train(vlm, [Job.of("z", pairs, tmp_path / "o3", objective="dpo", batch_size=2, steps=1)], 2, max_tokens=64)
@@ -349,6 +349,10 @@ def test_synth_preferences_pairs_the_models_right_and_wrong_answers_and_trains_o
     assert summary["pairs"] == len(pairs) and sum(c["questions"] for c in summary["categories"].values()) == 4
     assert sum(c["none right"] for c in summary["categories"].values()) >= 1  # item 3
     assert pairs  # (the tiny model's samples differ at temperature 1)
+    judged = [json.loads(x) for x in (out / "critic.jsonl").read_text().splitlines()]  # outcome labels
+    assert {x["labels"][0] for x in judged} == {"+", "-"} and all(ex.steps for ex in read_dataset(out / "critic.jsonl"))
+    for x in judged:
+        assert (x["steps"][0] == gold[x["question"].split("(")[1][0]]) == (x["labels"] == ["+"])
     job = Job.of("d", out / "preferences.jsonl", tmp_path / "dpo", objective="dpo", batch_size=1, steps=1)
     assert "d" in train(vlm, [job], 1, verbose=False)
     assert main([*args]) == 2  # the directory exists: refused, nothing overwritten
@@ -372,3 +376,98 @@ def test_a_resumed_mpo_job_goes_on_from_its_reward_shift(tmp_path):
     assert (again.shift.mean, again.shift.count) == (r.shift.mean, r.shift.count)
     restore_state(r, {**state, "shift": {"mean": 0.5, "count": 7}})
     assert (r.shift.mean, r.shift.count) == (0.5, 7)
+
+
+def critic_data(path, n: int):
+    """Answers that start with "Yes" are right (+), with "No" wrong (-): a rule a critic can learn."""
+    lines = []
+    for i in range(n):
+        good = i % 2 == 0
+        answer = ("Yes, it rises." if good else "No, it falls.") + f" ({i})"
+        lines.append({"question": f"Does line {i} rise?", "steps": [answer], "labels": ["+" if good else "-"]})
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def test_step_labelled_lines_read_as_the_critics_chat_and_bad_ones_are_named(tmp_path):
+    from vlstack.train.data import DatasetError
+
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"question": "Q?", "steps": ["one", "two"], "labels": ["+", "\u2212"]}) + "\n")
+    (ex,) = read_dataset(path)
+    assert ex.steps and [m["content"] for m in ex.messages] == ["Q?\none", "+", "two", "-"]
+    assert [m["role"] for m in ex.messages] == ["user", "assistant", "user", "assistant"]
+    for line, message in [
+        ({"question": "Q?", "steps": ["one"], "labels": ["+", "-"]}, "give each of the 1 steps"),
+        ({"question": "Q?", "steps": ["one"], "labels": ["ok"]}, "give each of the 1 steps"),
+        ({"question": "Q?", "labels": ["+"]}, "needs 'question', 'steps'"),
+    ]:
+        path.write_text(json.dumps(line) + "\n")
+        with pytest.raises(DatasetError, match=message):
+            read_dataset(path)
+
+
+def test_a_critic_trained_with_prm_scores_right_answers_above_wrong_ones(tmp_path):
+    """objective: prm on outcome labels: afterwards the critic's P('+') is higher for held-out right answers than
+    for wrong ones; a step's score is P('+') normalised over '+' and '-', an answer's the mean of its steps'."""
+    from vlstack.train.critic import critic_scores
+    from vlstack.train.multi import train
+
+    data = critic_data(tmp_path / "c.jsonl", 8)
+    job = Job.of("critic", data, tmp_path / "critic", objective="prm", rank=8, batch_size=4, steps=40, lr=1e-2)
+    train(vlstack.load("tiny", device="cpu"), [job], 4, verbose=False)
+    vlm = vlstack.load("tiny", device="cpu")
+    vlm.load_adapter("critic", tmp_path / "critic")
+    right, wrong = "Yes, it rises. (40)", "No, it falls. (41)"
+    scores = critic_scores(vlm, "critic", "Does line 40 rise?", [], [right, wrong, f"{right}\n{wrong}"])
+    assert all(0 < s < 1 for s in scores)
+    assert scores[0] > 0.7 and scores[1] < 0.3  # learned
+    steps = [critic_scores(vlm, "critic", "Does line 40 rise?", [], [a])[0] for a in (right, wrong)]
+    assert scores[:2] == pytest.approx(steps, abs=1e-5)  # (each answer scored alone: the same)
+    assert 0.2 < scores[2] < 0.8  # two steps, one right and one wrong: in between (the second judged in context)
+
+
+def test_eval_best_of_n_keeps_the_critics_pick_and_counts_every_sample(tmp_path, capsys):
+    """`vlstack eval --best-of 3 --critic DIR`: each item's 3 samples (the k-th seeded k), scored by the critic;
+    the prediction is the best-scored sample, predictions.jsonl records the scores, usage counts every sample
+    and the summary records N, the critic and the extra tokens."""
+    from conftest import image
+
+    from vlstack.cli import main
+    from vlstack.eval.benchmarks import content, prompt_text, read_items
+    from vlstack.train.critic import critic_scores
+    from vlstack.train.multi import train
+
+    critic = tmp_path / "critic"
+    job = Job.of("c", critic_data(tmp_path / "c.jsonl", 4), critic, objective="prm", batch_size=4, steps=2)
+    train(vlstack.load("tiny", device="cpu"), [job], 4, verbose=False)
+    lines = []
+    for i in range(3):
+        image(40, 30, seed=i).save(tmp_path / f"q{i}.png")
+        turns = [{"from": "human", "value": f"<image>\nWhat is shown ({i})?"}]
+        lines.append({"image": f"q{i}.png", "conversations": turns, "answer": "x", "category": "c"})
+    bench = tmp_path / "b.jsonl"
+    bench.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "run"
+    args = ["eval", "vqa", "--data", str(bench), "--out", str(out), "--max-new-tokens", "5"]
+    assert main([*args, "--best-of", "3", "--critic", str(critic)]) == 0
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    vlm = vlstack.load("tiny", device="cpu")
+    vlm.load_adapter("critic", critic)
+    items = read_items(bench)
+    asked = [[{"role": "user", "content": content(i)}] for i in items]
+    usage = [[] for _ in range(3)]
+    drawn = [vlm.generate(asked, max_new_tokens=5, temperature=1.0, seed=k, usage=usage[k]) for k in range(3)]
+    for j, (row, item) in enumerate(zip(rows, items)):
+        samples = [drawn[k][j] for k in range(3)]
+        scores = critic_scores(vlm, "critic", prompt_text(item), item.images, samples)
+        assert row["best_of_scores"] == pytest.approx(scores, abs=1e-5)
+        assert row["prediction"] == samples[max(range(3), key=lambda k: scores[k])]
+        assert row["completion_tokens"] == sum(usage[k][j]["completion_tokens"] for k in range(3))
+    assert summary["best_of"]["n"] == 3 and summary["best_of"]["critic"] == str(critic)
+    assert summary["best_of"]["extra_completion_tokens"] == sum(r["extra_tokens"] for r in rows) > 0
+    assert main([*args, "--best-of", "65", "--critic", str(critic), "--out", str(tmp_path / "r2")]) == 2
+    assert main([*args, "--critic", str(critic), "--out", str(tmp_path / "r3")]) == 2
+    assert main([*args, "--best-of", "2", "--critic", str(tmp_path), "--out", str(tmp_path / "r4")]) == 2
+    assert "error" in capsys.readouterr().err

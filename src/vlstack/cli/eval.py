@@ -43,6 +43,9 @@ def add(sub: argparse._SubParsersAction) -> None:
         help="an item whose image does not decode is scored as failed (its error in predictions.jsonl) "
         "instead of stopping the run",
     )
+    p.add_argument("--best-of", type=int, default=None, help="N: sample N answers per item, keep the critic's best")
+    p.add_argument("--critic", default=None, help="with --best-of: a critic adapter of this base (objective: prm)")
+    p.add_argument("--temperature", type=float, default=1.0, help="with --best-of: the samples' temperature")
     p.add_argument("--out", default=None, help="directory for summary.json and predictions.jsonl (a rerun resumes)")
     p.add_argument("--api-base", default=None, help="a remote OpenAI-compatible endpoint instead of a local model")
     p.add_argument("--api-model", default=None, help="the endpoint's model name")
@@ -98,6 +101,7 @@ def run(args: argparse.Namespace) -> None:
                 model.load_adapter(adapter, path)
         adapters = [None if spec == "base" else adapter for spec, adapter, _, _ in specs] or [None]
         name = "tiny" if args.model == "tiny" else model.name
+    best_of = _best_of(args, model)
     one = adapters[0]
     out = args.out or f"eval/{args.benchmark}-{name}{'-' + one if one and len(adapters) == 1 else ''}"
     prices = None
@@ -120,6 +124,7 @@ def run(args: argparse.Namespace) -> None:
             name=name,
             prices=prices,
             skip_bad_images=args.skip_bad_images,
+            best_of=best_of,
         )
         print(
             f"{summary['benchmark']} {summary['model']}: {summary['score']:.1f} ({summary['metric']}, "
@@ -129,3 +134,25 @@ def run(args: argparse.Namespace) -> None:
         from ..eval.report import report
 
         print(report(runs, out))
+
+
+def _best_of(args: argparse.Namespace, model) -> object:
+    """--best-of N --critic DIR: the critic loaded as the adapter "critic" of this base, and how it picks."""
+    from ..eval.benchmarks import prompt_text
+    from ..eval.runner import BestOf
+    from ..train.critic import MAX_BEST_OF, critic_scores
+
+    if args.best_of is None:
+        if args.critic:
+            raise ConfigError("--critic goes with --best-of N (the answers it chooses between)")
+        return None
+    if not 2 <= args.best_of <= MAX_BEST_OF or not args.critic or args.api_base:
+        raise ConfigError(f"--best-of takes N in [2, {MAX_BEST_OF}] with --critic DIR, on a local model")
+    if not 0 < args.temperature <= 2:
+        raise ConfigError("--temperature must be in (0, 2] (the samples differ only when it is above 0)")
+    model.load_adapter("critic", args.critic)
+
+    def score(item, answers: list[str]) -> list[float]:
+        return critic_scores(model, "critic", prompt_text(item), item.images, answers)
+
+    return BestOf(args.best_of, score, args.critic, args.temperature)

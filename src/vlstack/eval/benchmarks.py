@@ -129,6 +129,15 @@ def read_jsonl(path: Path) -> list[Item]:
     return items
 
 
+def prompt_text(item: Item) -> str:
+    """The item's prompt (content) as text: each image where it stands as <image>, none where they all come
+    first (a training reader puts them there, as InternVL does)."""
+    parts = content(item)
+    if all(p["type"] != "text" for p in parts[: len(item.images)]):
+        return "".join(p["text"] for p in parts if p["type"] == "text")
+    return "".join("<image>\n" if p["type"] != "text" else p["text"] for p in parts)
+
+
 def content(item: Item) -> list[dict]:
     """The item's prompt as OpenAI content parts: its images where MMMU's `<image k>` placeholders stand (else
     all before the text, as InternVL puts them), then the text; multiple choice with its options and the

@@ -15,6 +15,8 @@ import json
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,17 @@ def score(metric: str, item: Item, prediction: str, rng: random.Random) -> tuple
     return {"anls": anls, "relaxed": relaxed}.get(metric, exact)(item.answers, prediction), None
 
 
+@dataclass
+class BestOf:
+    """Best-of-N: n answers sampled per item at temperature (the k-th with seed k: the same answers again), the one
+    score(item, answers) rates highest kept; critic names what scores (recorded in the summary)."""
+
+    n: int
+    score: Callable[[Item, list[str]], list[float]]
+    critic: str
+    temperature: float = 1.0
+
+
 def evaluate(
     vlm: Any,
     bench: str,
@@ -91,18 +104,22 @@ def evaluate(
     name: str | None = None,
     prices: tuple[float, float] | None = None,
     skip_bad_images: bool = False,
+    best_of: BestOf | None = None,
 ) -> dict:
     """Score vlm (with adapter) on the benchmark file; writes and returns the summary (its model: name, else
     the checkpoint directory's, + the adapter's). prices: USD per million prompt and completion tokens (an API's
     list prices): the summary then holds cost_usd, for every item scored. vlm: a local model, or an Endpoint
     (eval/remote.py): the summary says which (source) for `vlstack eval report`. An item whose image does not
-    decode stops the run, named; with skip_bad_images it is scored as failed (its error recorded) instead."""
+    decode stops the run, named; with skip_bad_images it is scored as failed (its error recorded) instead.
+    best_of: each item's answer the best of N samples by a critic; usage counts every sample."""
     metric = metric_of(bench, metric)
     items = read_items(data)[:limit]
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file: give a directory for the run's predictions and summary")
     identity = run_identity(vlm, bench, metric, data, adapter)
+    if best_of is not None:
+        identity["best_of"] = {"n": best_of.n, "critic": best_of.critic, "temperature": best_of.temperature}
     check_resume(out, identity)
     write_files(out, {"run.json": lambda p: p.write_text(json.dumps(identity, indent=2))})
     done = _done(out / "predictions.jsonl")
@@ -111,7 +128,7 @@ def evaluate(
     start = time.perf_counter()
     for a in range(0, len(todo), batch):
         part = todo[a : a + batch]
-        part, answers, usage = _answer(vlm, part, adapter, max_new_tokens, skip_bad_images)
+        part, answers, usage = _answer(vlm, part, adapter, max_new_tokens, skip_bad_images, best_of)
         _record(out / "predictions.jsonl", done, metric, part, answers, usage, rng)
         if progress:
             _progress(
@@ -125,6 +142,9 @@ def evaluate(
     seconds = time.perf_counter() - start
     rows = [done[i.index] for i in items if i.index in done]
     summary = _summary(vlm, bench, metric, rows, name, adapter, seconds, len(todo))
+    if best_of is not None:
+        extra = sum(r.get("extra_tokens", 0) for r in rows)
+        summary["best_of"] = {**identity["best_of"], "extra_completion_tokens": extra}
     if prices is not None:
         summary["cost_usd"] = (summary["prompt_tokens"] * prices[0] + summary["completion_tokens"] * prices[1]) / 1e6
     bars = [(c, v, "") for c, v in {**summary.get("disciplines", {}), **summary["categories"]}.items()]
@@ -156,6 +176,11 @@ def _record(path: Path, done: dict, metric: str, items: list, answers: list, usa
                 **({"template": item.template} if item.template else {}),
                 "prompt_tokens": use["prompt_tokens"],
                 "completion_tokens": use["completion_tokens"],
+                **(
+                    {"best_of_scores": use["best_of_scores"], "extra_tokens": use["extra_tokens"]}
+                    if "best_of_scores" in use
+                    else {}
+                ),
                 **({"error": use["error"], "score": 0.0} if "error" in use else {}),
             }
             f.write(json.dumps(row) + "\n")
@@ -192,13 +217,18 @@ def _summary(
 
 
 def _answer(
-    vlm: Any, part: list[Item], adapter: str | None, max_new_tokens: int, skip_bad_images: bool
+    vlm: Any,
+    part: list[Item],
+    adapter: str | None,
+    max_new_tokens: int,
+    skip_bad_images: bool,
+    best_of: BestOf | None = None,
 ) -> tuple[list[Item], list[str], list[dict]]:
     """The items (reordered: those whose images do not decode last), their answers and usage, generated together.
     An image that does not decode: an error naming its item, or with skip_bad_images, an empty answer and the
     error in its usage."""
     try:
-        return (part, *_generate(vlm, part, adapter, max_new_tokens))
+        return (part, *_generate(vlm, part, adapter, max_new_tokens, best_of))
     except ImageError:
         broken = {i.index: why for i in part if (why := _undecodable(i))}
         if not broken:
@@ -209,17 +239,42 @@ def _answer(
                 f"item {index}: {why} (--skip-bad-images scores such items as failed and goes on)"
             ) from None
     good = [i for i in part if i.index not in broken]
-    answers, usage = _generate(vlm, good, adapter, max_new_tokens) if good else ([], [])
+    answers, usage = _generate(vlm, good, adapter, max_new_tokens, best_of) if good else ([], [])
     failed = [i for i in part if i.index in broken]
     usage += [{"prompt_tokens": 0, "completion_tokens": 0, "error": broken[i.index]} for i in failed]
     return good + failed, answers + [""] * len(failed), usage
 
 
-def _generate(vlm: Any, part: list[Item], adapter: str | None, max_new_tokens: int) -> tuple[list[str], list[dict]]:
-    """The items' answers and usage, generated together."""
-    usage: list[dict] = []
+def _generate(
+    vlm: Any, part: list[Item], adapter: str | None, max_new_tokens: int, best_of: BestOf | None = None
+) -> tuple[list[str], list[dict]]:
+    """The items' answers and usage, generated together (best_of: N samples each, the critic's best kept)."""
     conversations = [[{"role": "user", "content": content(i)}] for i in part]
-    answers = vlm.generate(conversations, adapters=[adapter] * len(part), max_new_tokens=max_new_tokens, usage=usage)
+    adapters = [adapter] * len(part)
+    if best_of is None:
+        usage: list[dict] = []
+        answers = vlm.generate(conversations, adapters=adapters, max_new_tokens=max_new_tokens, usage=usage)
+        return answers, usage
+    samples, uses = [], []  # [N][items]
+    for k in range(best_of.n):
+        uses.append([])
+        kw = {"temperature": best_of.temperature, "seed": k, "usage": uses[-1]}
+        samples.append(vlm.generate(conversations, adapters=adapters, max_new_tokens=max_new_tokens, **kw))
+    answers, usage = [], []
+    for j, item in enumerate(part):
+        drawn = [samples[k][j] for k in range(best_of.n)]
+        scores = best_of.score(item, drawn)
+        pick = max(range(best_of.n), key=lambda k: scores[k])  # (ties: the first)
+        completion = [uses[k][j]["completion_tokens"] for k in range(best_of.n)]
+        answers.append(drawn[pick])
+        usage.append(
+            {
+                "prompt_tokens": sum(uses[k][j]["prompt_tokens"] for k in range(best_of.n)),
+                "completion_tokens": sum(completion),
+                "best_of_scores": scores,
+                "extra_tokens": sum(completion) - completion[pick],
+            }
+        )
     return answers, usage
 
 

@@ -3,7 +3,9 @@ samples per question, each scored by the benchmark's rule (eval/metrics.py); a c
 one rejected. Questions where every sample is right, or none, teach no preference and are dropped.
 
 Written as a new directory: preferences.jsonl (one {"image", "question", "chosen", "rejected"} line a pair, the
-question as the model was asked it), images/ (each question's images) and summary.json (pairs per category)."""
+question as the model was asked it), critic.jsonl (every answer judged right or wrong as a one-step answer
+labelled + or -: a critic's outcome labels, for objective: prm), images/ (each question's images) and
+summary.json (pairs per category)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Any
 from PIL import Image
 
 from ..errors import VLStackError
-from ..eval.benchmarks import Item, content, read_items
+from ..eval.benchmarks import Item, content, prompt_text, read_items
 from ..eval.runner import metric_of, score
 from ..files import new_directory
 
@@ -54,6 +56,7 @@ def make_preferences(
     items = read_items(data)
     rng = random.Random(42)  # (MMMU's fallback draw, as the evaluation seeds it)
     lines: list[dict] = []
+    critic: list[dict] = []  # every judged answer as an outcome label, for a critic (objective: prm)
     counts: Counter = Counter()
     with new_directory(out) as tmp:
         (tmp / "images").mkdir()
@@ -75,12 +78,15 @@ def make_preferences(
                 right = [t for t, s in judged if s >= 1.0]
                 wrong = [t for t, s in judged if s <= 0.0]
                 counts[item.category or "all", "questions"] += 1
+                images = _write_images(tmp / "images", item) if right or wrong else []
+                for text, label in [(t, "+") for t in right] + [(t, "-") for t in wrong]:  # (outcome labels)
+                    line = {"question": prompt_text(item), "steps": [text or "(no answer)"], "labels": [label]}
+                    critic.append({**({"image": images} if images else {}), **line})
                 if not right or not wrong:
                     counts[item.category or "all", "all right" if right else "none right"] += 1
                     continue
-                images = _write_images(tmp / "images", item)
                 for chosen, rejected in zip(right, wrong):
-                    line = {"question": _question(item), "chosen": chosen, "rejected": rejected}
+                    line = {"question": prompt_text(item), "chosen": chosen, "rejected": rejected}
                     lines.append({**({"image": images} if images else {}), **line, "category": item.category})
                     counts[item.category or "all", "pairs"] += 1
             if progress:
@@ -91,6 +97,7 @@ def make_preferences(
                 "(more samples or a higher temperature give more mixed questions)"
             )
         (tmp / "preferences.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        (tmp / "critic.jsonl").write_text("".join(json.dumps(x) + "\n" for x in critic))
         kinds = ("questions", "pairs", "all right", "none right")
         per = {c: {k: counts[c, k] for k in kinds} for c in sorted({c for c, _ in counts})}
         summary = {
@@ -105,15 +112,6 @@ def make_preferences(
         }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _question(item: Item) -> str:
-    """The prompt's text as the model saw it: each image where it stood (<image>), none where they all came
-    first (the training reader puts them there, as InternVL does)."""
-    parts = content(item)
-    if all(p["type"] != "text" for p in parts[: len(item.images)]):
-        return "".join(p["text"] for p in parts if p["type"] == "text")
-    return "".join("<image>\n" if p["type"] != "text" else p["text"] for p in parts)
 
 
 def _write_images(directory: Path, item: Item) -> list[str]:

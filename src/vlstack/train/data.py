@@ -8,6 +8,10 @@ or OpenAI style
     {"images": [...], "messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
 or a preference pair, as MMPR (for the preference objectives: train/preference.py)
     {"image": "img/1.png", "question": "...", "chosen": "the better answer", "rejected": "the worse one"}
+or an answer's steps labelled right (+) or wrong (-), for a critic (objective: prm), as VisualPRM poses it: a
+multi-turn chat, the question and the first step the first user turn, each further step a turn, each label the
+critic's reply (its only learned tokens)
+    {"image": "img/1.png", "question": "...", "steps": ["first step", "second step"], "labels": ["+", "-"]}
 Image paths are relative to the JSONL file. Without any <image> placeholder, images go before the
 first user message (InternVL's convention).
 """
@@ -44,6 +48,7 @@ class Example:
     sizes: list[tuple[int, int]] | None = None  # the images' (width, height), once they are checked
     rejected: list[dict] | None = None  # a preference pair's: the messages with the rejected answer (messages:
     #   with the chosen one)
+    steps: bool = False  # a critic's chat: an answer's steps, each labelled + or -
 
     def sides(self) -> list[Example]:
         """The rows it trains: itself, or a pair's chosen and rejected conversations."""
@@ -56,6 +61,8 @@ def _parse(line: str, where: str, root: Path) -> Example:
     raw = json_value(line, where, DatasetError)
     if not isinstance(raw, dict):
         raise DatasetError(f"{where}: each line must be a JSON object")
+    if "steps" in raw or "labels" in raw:
+        raw = _steps(raw, where)
     pair = [k for k in ("question", "chosen", "rejected") if k in raw]
     if pair:
         if len(pair) < 3 or not all(isinstance(raw[k], str) and raw[k] for k in pair):
@@ -93,7 +100,34 @@ def _parse(line: str, where: str, root: Path) -> Example:
     elif n_placeholders != len(paths):
         raise DatasetError(f"{where}: {n_placeholders} <image> placeholders but {len(paths)} images")
     rejected = [*messages[:-1], {"role": "assistant", "content": raw["rejected"]}] if pair else None
-    return Example(messages, paths, where, rejected=rejected)
+    return Example(messages, paths, where, rejected=rejected, steps="steps" in raw)
+
+
+LABELS = {"+": "+", "-": "-", "\u2212": "-"}  # a step's label: right or wrong (the minus sign read as "-")
+
+
+def steps_conversation(question: str, steps: list[str], labels: list[str]) -> list[dict]:
+    """An answer's steps as the critic's chat: the question and the first step, then each step a user turn,
+    each followed by its label as the critic's reply."""
+    turns = []
+    for k, (step, label) in enumerate(zip(steps, labels)):
+        turns += [
+            {"from": "human", "value": f"{question}\n{step}" if k == 0 else step},
+            {"from": "gpt", "value": LABELS[label]},
+        ]
+    return turns
+
+
+def _steps(raw: dict, where: str) -> dict:
+    """A step-labelled line -> the same line with its critic's conversations."""
+    question, steps, labels = raw.get("question"), raw.get("steps"), raw.get("labels")
+    texts = isinstance(steps, list) and steps and all(isinstance(x, str) and x.strip() for x in steps)
+    if not isinstance(question, str) or not question or not texts or not isinstance(labels, list):
+        raise DatasetError(f"{where}: a step-labelled line needs 'question', 'steps' (non-empty strings), 'labels'")
+    if len(labels) != len(steps) or not all(x in LABELS for x in labels):
+        raise DatasetError(f"{where}: 'labels' must give each of the {len(steps)} steps '+' (right) or '-' (wrong)")
+    rest = {k: v for k, v in raw.items() if k not in ("question", "steps", "labels")}
+    return {**rest, "steps": True, "conversations": steps_conversation(question, steps, labels)}
 
 
 def read_dataset(path: str | Path) -> list[Example]:
@@ -176,7 +210,8 @@ def encode_example(processor: Processor, ex: Example, max_len: int, ids_only: bo
             segments.append((full[len(done) :], False))
         done = full
     sizes = ex.sizes if ids_only and ex.sizes is not None else None
-    enc = processor.encode_segments(segments, [str(p) for p in ex.images], sizes)
+    images = [p if isinstance(p, bytes) else str(p) for p in ex.images]  # (files, or an evaluation's image bytes)
+    enc = processor.encode_segments(segments, images, sizes)
     ids, labels = enc["input_ids"][0], enc["labels"][0]
     if len(ids) > max_len:
         img_positions = (ids == processor.img_context).nonzero()

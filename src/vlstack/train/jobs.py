@@ -27,7 +27,8 @@ jobs:
     steps: 100              # optimizer steps; or epochs: 2
     max_len: 2048
     max_grad_norm: 1.0
-    objective: sft          # sft | mpo | dpo | distil (distil: with a teacher, below); mpo and dpo learn from
+    objective: sft          # sft | mpo | dpo | prm | distil (distil: with a teacher, below); prm trains a critic
+                            #   on step-labelled answers (train/data.py); mpo and dpo learn from
                             #   preference pairs (data: {image, question, chosen, rejected} lines), the reference
                             #   being the base with the job's adapter off: train/preference.py
     # beta: 0.1             # mpo/dpo: the pull back to the reference
@@ -61,7 +62,7 @@ from ..errors import ConfigError, VLStackError
 from ..files import overlap, read_yaml
 from ..layers.lora import MAX_RANK, LoRASpec, check_name
 from ..models.internvl import MODULES, PARTS, part_of
-from .losses import SFT, WEIGHTINGS, Distill, Objective
+from .losses import SFT, WEIGHTINGS, Critic, Distill, Objective
 from .preference import Preference
 from .state import run_dir
 
@@ -112,7 +113,7 @@ class Job:
 LORA_FIELDS = ("rank", "alpha", "dropout", "rslora", "targets", "parts")
 DISTILL_FIELDS = ("teacher", "temperature", "hidden_weight")
 PREFERENCE_FIELDS = {"beta": "beta", "dpo_weight": "dpo", "bco_weight": "bco", "sft_weight": "sft"}
-OBJECTIVES = ("sft", "distil", "mpo", "dpo")
+OBJECTIVES = ("sft", "distil", "mpo", "dpo", "prm")
 
 
 def objective_of(name: str, flat: dict[str, Any]) -> Objective:
@@ -138,6 +139,8 @@ def objective_of(name: str, flat: dict[str, Any]) -> Objective:
     if kind in ("mpo", "dpo"):
         plain = {"dpo": 1.0, "bco": 0.0, "sft": 0.0} if kind == "dpo" else {}
         return Preference(**{**plain, **preference}, **weighting)
+    if kind == "prm":
+        return Critic(**weighting)
     return Objective(**weighting) if weighting else SFT
 
 

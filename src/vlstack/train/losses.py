@@ -57,6 +57,12 @@ class Distill(Objective):
     distils: ClassVar[bool] = True
 
 
+@dataclass(frozen=True)
+class Critic(Objective):
+    """A critic, a process reward model as VisualPRM trains one: the cross-entropy of its '+' / '-' replies to
+    an answer's steps (train/data.py's step-labelled lines); eval/critic.py reads P('+') back as a step's score."""
+
+
 SFT = Objective()
 WEIGHTINGS = {"token": lambda n: 1.0, "sample": lambda n: 1.0 / n, "square": lambda n: 1.0 / math.sqrt(n)}
 

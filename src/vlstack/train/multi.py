@@ -27,7 +27,7 @@ from .batch import learned, passes, prepare_pass
 from .data import DatasetError, Example, count_cut, encode_example, read_dataset
 from .fsdp import gathered, is_sharded, shard
 from .jobs import Job, JobError, check_outputs
-from .losses import job_losses, teacher_logits
+from .losses import Critic, job_losses, teacher_logits
 from .optim import step_jobs
 from .pipeline import Pipe, pipe_for
 from .preference import Preference, preference_sums
@@ -171,14 +171,19 @@ def check_lengths(vlm: VLM, job: Job, examples: list[Example], verbose: bool = T
         )
 
 
-def check_pairs(job: Job, examples: list[Example]) -> None:
-    """A preference job's every line a pair (question, chosen, rejected); any other job's none."""
-    paired = isinstance(job.objective, Preference)
-    bad = next((ex for ex in examples if paired != (ex.rejected is not None)), None)
-    if bad is not None:
-        want = "a preference pair (question, chosen, rejected)" if paired else "a conversation, not a preference pair"
-        objective = "mpo or dpo" if paired else "not a preference objective"
-        raise JobError(f"{bad.where}: job {job.name!r} ({objective}) needs {want}")
+def check_data(job: Job, examples: list[Example]) -> None:
+    """A preference job's every line a pair (question, chosen, rejected), a critic's (prm) every line an answer's
+    labelled steps; any other job's a conversation."""
+    names = {"pairs": "mpo or dpo", "steps": "prm", None: "sft or distil"}
+    needs = {
+        "pairs": "a preference pair (question, chosen, rejected)",
+        "steps": "an answer's labelled steps (question, steps, labels)",
+        None: "a conversation",
+    }
+    want = "pairs" if isinstance(job.objective, Preference) else "steps" if isinstance(job.objective, Critic) else None
+    for ex in examples:
+        if ("pairs" if ex.rejected is not None else "steps" if ex.steps else None) != want:
+            raise JobError(f"{ex.where}: job {job.name!r} ({names[want]}) needs {needs[want]}")
 
 
 def check_batch(job: Job, processes: int) -> None:
@@ -315,7 +320,7 @@ class Run:
         self.vlm, self.verbose, self.pipe, self.max_tokens, self.split = vlm, verbose, pipe, max_tokens, split
         self.datasets = {job.name: read_dataset(job.data) for job in jobs}
         for job in jobs:
-            check_pairs(job, self.datasets[job.name])
+            check_data(job, self.datasets[job.name])
             check_lengths(vlm, job, self.datasets[job.name], verbose)
         self.known, self.files = list(jobs), {j.name: inputs(j, self.datasets[j.name]) for j in jobs}
         check_outputs(self.known, vlm.directory, self.files)
@@ -334,7 +339,7 @@ class Run:
             check_batch(job, 1 if self.pipe else world()[1])
             check_objective(job, self.max_tokens, self.split)
             examples = read_dataset(job.data)
-            check_pairs(job, examples)
+            check_data(job, examples)
             check_lengths(self.vlm, job, examples, self.verbose)
             files = {**self.files, job.name: inputs(job, examples)}
             check_outputs(self.known + [job], self.vlm.directory, files)

@@ -313,3 +313,16 @@ def run_cli(*args: str, processes: int = 1, timeout: int = 300, cwd=None) -> sub
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     command = [*launcher, "-m", "vlstack.cli", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def started(jobs: list) -> tuple:
+    """The tiny model ready to train (frozen, in training mode) and each job started on it: (vlm, running)."""
+    import vlstack
+    from vlstack.train.data import read_dataset
+    from vlstack.train.running import start
+
+    vlm = vlstack.load("tiny", device="cpu")
+    for p in vlm.model.parameters():
+        p.requires_grad_(False)
+    vlm.model.train()
+    return vlm, [start(vlm, j, read_dataset(j.data)) for j in jobs]

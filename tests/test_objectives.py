@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rows_forward
+from conftest import rows_forward, started
 
 import vlstack
 from vlstack.train.data import IGNORE, encode_example, read_dataset
@@ -144,14 +144,6 @@ def pairs_dataset(path, n: int = 4, with_image: bool = False):
     return path
 
 
-def fresh(vlm_jobs):
-    vlm = vlstack.load("tiny", device="cpu")
-    for p in vlm.model.parameters():
-        p.requires_grad_(False)
-    vlm.model.train()
-    return vlm, [start(vlm, j, read_dataset(j.data)) for j in vlm_jobs]
-
-
 @pytest.mark.parametrize("moved", [False, True])
 def test_mpo_is_its_formula_with_the_reference_the_base_with_the_adapter_off(tmp_path, moved):
     """The loss of a micro-batch by hand, from plain per-row forwards: each answer's summed log-probability
@@ -160,7 +152,7 @@ def test_mpo_is_its_formula_with_the_reference_the_base_with_the_adapter_off(tmp
     adapter (zero: the policy is the reference) gives 0.8 log 2 + 0.2 x 2 log 2 + that cross-entropy."""
     data = pairs_dataset(tmp_path / "p.jsonl", 3, with_image=True)
     job = Job.of("m", data, tmp_path / "o", objective="mpo", batch_size=3, grad_accum=2, steps=1, beta=0.3)
-    vlm, (r,) = fresh([job])
+    vlm, (r,) = started([job])
     if moved:
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
@@ -212,7 +204,7 @@ def test_an_mpo_job_fused_with_an_sft_job_gets_the_gradients_it_gets_alone(tmp_p
     sft_job = Job.of("s", sft, tmp_path / "os", rank=2, batch_size=2, grad_accum=2, steps=1, loss_weighting="square")
 
     def grads(selected):
-        vlm, running = fresh(selected)
+        vlm, running = started(selected)
         with torch.no_grad():  # (adapters away from zero, the same in both runs: the policy is not the reference)
             for r in running:
                 g = torch.Generator().manual_seed(len(r.job.name) + r.job.lora.rank)
@@ -365,13 +357,13 @@ def test_a_resumed_mpo_job_goes_on_from_its_reward_shift(tmp_path):
 
     data = pairs_dataset(tmp_path / "p.jsonl", 2)
     job = Job.of("m", data, tmp_path / "o", objective="mpo", batch_size=2, steps=3)
-    vlm, (r,) = fresh([job])
+    vlm, (r,) = started([job])
     train_step(vlm, [r])
     train_step(vlm, [r])
     assert r.shift.count == 2
     save_state(r)
     state = load_state(job)
-    other, (again,) = fresh([job])  # (another process resuming)
+    other, (again,) = started([job])  # (another process resuming)
     restore_state(again, state)
     assert (again.shift.mean, again.shift.count) == (r.shift.mean, r.shift.count)
     restore_state(r, {**state, "shift": {"mean": 0.5, "count": 7}})

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import image, rel_err, rows_forward, run_cli
+from conftest import image, rel_err, rows_forward, run_cli, started
 from safetensors.torch import load_file
 
 import vlstack
@@ -437,21 +437,13 @@ def test_packed_step_equals_each_example_on_its_own(tmp_path):
 
     from vlstack.train.data import Stream
     from vlstack.train.multi import train_step
-    from vlstack.train.running import start
-
-    def fresh(selected):
-        vlm = vlstack.load("tiny", device="cpu")
-        for p in vlm.model.parameters():
-            p.requires_grad_(False)
-        vlm.model.train()
-        return vlm, [start(vlm, j, read_dataset(j.data)) for j in selected]
 
     selected = [j for j in jobs(tmp_path, "p") if j.name in ("finance", "support")]  # no dropout
     for j in selected:
         j.grad_accum = 2  # no optimizer step: the gradients stay
-    vlm, running = fresh(selected)
+    vlm, running = started(selected)
     losses = train_step(vlm, running)
-    ref_vlm, ref_running = fresh(selected)
+    ref_vlm, ref_running = started(selected)
     for r, loss in zip(ref_running, losses):
         total, count = 0.0, 0
         for ex in Stream(read_dataset(r.job.data), r.job.batch_size, r.job.seed).next():

@@ -584,3 +584,34 @@ def test_audit_log_keeps_content_only_when_asked(tmp_path):
     (tmp_path / "keys.yaml").write_text("keys:\n  - {id: a, key: k1, models: [x]}\n  - {id: b, key: k1, models: [y]}\n")
     with pytest.raises(ConfigError, match="the same key appears twice"):
         read_keys(tmp_path / "keys.yaml")
+
+
+def test_best_of_with_a_critic_answers_with_its_pick_and_counts_every_sample(server, reference):
+    """The extension fields best_of (N) and critic (a loaded adapter): N completions sampled, one choice back,
+    the critic's best (its scores and pick in `best_of`), the usage counting all N; bad uses refused by name."""
+    import httpx
+
+    from vlstack.train.critic import critic_scores
+
+    url = data_url(image(50, 40, seed=5))
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is shown?"}]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 4}
+    r = httpx.post(server[0] + "/v1/chat/completions", json={**body, "best_of": 3, "critic": "finance"}, timeout=120)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    (choice,) = out["choices"]
+    best = out["best_of"]
+    assert best["n"] == 3 and best["critic"] == "finance" and len(best["scores"]) == 3
+    assert best["scores"][best["chosen"]] == max(best["scores"])
+    text = choice["message"]["content"]
+    mine = critic_scores(reference, "finance", "What is shown?", [url], [text])[0]
+    assert mine == pytest.approx(best["scores"][best["chosen"]], abs=1e-4)  # the pick is the text returned
+    assert out["usage"]["completion_tokens"] > len(reference.processor.tokenizer.encode(text, add_special_tokens=False))
+    for extra, field in [
+        ({"best_of": 3, "critic": "nope"}, "critic"),
+        ({"best_of": 100, "critic": "finance"}, "best_of"),
+        ({"best_of": 3, "critic": "finance", "stream": True}, "best_of"),
+        ({"critic": "finance"}, "best_of"),
+    ]:
+        bad = httpx.post(server[0] + "/v1/chat/completions", json={**body, **extra}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == field, bad.text

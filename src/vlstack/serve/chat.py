@@ -9,7 +9,7 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
@@ -19,7 +19,17 @@ from ..api import VLM
 from ..engine.scheduler import Engine
 from ..errors import PromptError, UnknownModel, VLStackError
 from ..sampling import SamplingParams
-from .openai import APIError, fetch_images, logprobs_content, read_body, read_messages, read_sampling, remote_images
+from ..train.critic import MAX_BEST_OF
+from .openai import (
+    APIError,
+    fetch_images,
+    is_int,
+    logprobs_content,
+    read_body,
+    read_messages,
+    read_sampling,
+    remote_images,
+)
 from .state import Server, server_of
 
 router = APIRouter()
@@ -38,6 +48,8 @@ async def chat_completions(request: Request):
         raise APIError(404, f"The model {model!r} does not exist", "model", "model_not_found")
     messages = read_messages(body, cfg.allow_http_images, server.image_root)
     gen, n, top_logprobs = read_sampling(body, vlm.cfg.text.vocab_size)
+    best = read_best_of(body, n, lambda name: name in vlm.adapters and server.visible(request, name))
+    n = best[0] if best else n
     if engine.waiting.qsize() >= cfg.max_queue:
         why = f"the server is overloaded ({engine.waiting.qsize()} requests waiting); retry later"
         raise APIError(503, why, code="server_overloaded")
@@ -50,7 +62,7 @@ async def chat_completions(request: Request):
     args = (engine, vlm, messages, adapter, n, gen, top_logprobs, loop, tenant.id if tenant else None)
     reqs = await loop.run_in_executor(server.encoder, _client_errors(_submit, *args))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    completion = Completion(server, request, model, messages, reqs, top_logprobs, include_usage)
+    completion = Completion(server, request, model, messages, reqs, top_logprobs, include_usage, best)
     if body.get("stream"):
         return StreamingResponse(completion.events(), media_type="text/event-stream")
     return await completion.answer()
@@ -67,6 +79,7 @@ class Completion:
     reqs: list
     top_logprobs: int | None  # None: no log-probabilities
     include_usage: bool  # (a stream's last event carries the usage)
+    best_of: tuple[int, str] | None = None  # (N, critic): the critic's best of the N completions is the answer
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -84,8 +97,15 @@ class Completion:
             raise APIError(500, f"the model failed on this request ({failed})")
         if not all(r.finish_reason for r in self.reqs):  # the client went away: nobody reads the answer
             return JSONResponse({}, status_code=499)
+        picked = list(enumerate(zip(texts, self.reqs)))
+        extra = {}
+        if self.best_of is not None:  # one choice: the critic's pick (the usage still counts every sample)
+            scores = await asyncio.get_running_loop().run_in_executor(self.server.encoder, self.judge, texts)
+            k = max(range(len(texts)), key=lambda i: scores[i])
+            picked = [(0, (texts[k], self.reqs[k]))]
+            extra = {"best_of": {"n": len(texts), "critic": self.best_of[1], "scores": scores, "chosen": k}}
         choices = []
-        for i, (text, r) in enumerate(zip(texts, self.reqs)):
+        for i, (text, r) in picked:
             message = {"role": "assistant", "content": text}
             ending = {"logprobs": self.logprobs(r), "finish_reason": r.finish_reason}
             choices.append({"index": i, "message": message, **ending})
@@ -96,7 +116,17 @@ class Completion:
             "model": self.model,
             "choices": choices,
             "usage": _usage(self.reqs),
+            **extra,
         }
+
+    def judge(self, texts: list[str]) -> list[float]:
+        """The critic's scores of the completions (train/critic.py), between the engine's steps: the question the
+        last user message asks, with its images."""
+        from ..train.critic import critic_scores
+
+        question, images = last_question(self.messages)
+        with self.server.engine.lock:  # (the engine's thread runs the model only while holding it)
+            return critic_scores(self.server.vlm, self.best_of[1], question, images, texts)
 
     async def events(self) -> AsyncIterator[str]:
         """Server-sent events: the role, each completion's pieces as they come, its end, the usage, [DONE]."""
@@ -234,3 +264,30 @@ def _submit(
     seeds = [None if gen.seed is None else (gen.seed + i) % 2**64 for i in range(n)]  # n different samples
     params = [dataclasses.replace(gen, seed=seed) for seed in seeds]
     return [engine.submit(inputs, adapter, p, AsyncOut(loop), top_logprobs, tenant) for p in params]
+
+
+def read_best_of(body: dict, n: int, known: Callable[[str], bool]) -> tuple[int, str] | None:
+    """The extension fields `best_of` (N samples) and `critic` (a loaded critic adapter's name; known(name)
+    says whether this client may use it): (N, critic), or None when not asked for."""
+    best, critic = body.get("best_of"), body.get("critic")
+    if best is None and critic is None:
+        return None
+    if not is_int(best) or not 2 <= best <= MAX_BEST_OF:
+        raise APIError(400, f"'best_of' must be an integer in [2, {MAX_BEST_OF}], given with 'critic'", "best_of")
+    if not isinstance(critic, str) or not known(critic):
+        raise APIError(
+            400, "'critic' must name a loaded critic adapter (objective: prm), given with 'best_of'", "critic"
+        )
+    if n != 1 or body.get("stream"):
+        raise APIError(400, "'best_of' answers with one choice, whole: not with 'n' > 1 or 'stream'", "best_of")
+    return best, critic
+
+
+def last_question(messages: list[dict]) -> tuple[str, list]:
+    """The last user message's text and images (as given: data URLs, paths or bytes)."""
+    content = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+    if isinstance(content, str):
+        return content, []
+    text = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+    images = [p["image_url"]["url"] for p in content if p.get("type") == "image_url"]
+    return text, images

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..chat import text_of
 from ..errors import DataError
 from ..files import json_value
 
@@ -130,12 +131,8 @@ def read_jsonl(path: Path) -> list[Item]:
 
 
 def prompt_text(item: Item) -> str:
-    """The item's prompt (content) as text: each image where it stands as <image>, none where they all come
-    first (a training reader puts them there, as InternVL does)."""
-    parts = content(item)
-    if all(p["type"] != "text" for p in parts[: len(item.images)]):
-        return "".join(p["text"] for p in parts if p["type"] == "text")
-    return "".join("<image>\n" if p["type"] != "text" else p["text"] for p in parts)
+    """The item's prompt (content) as text, <image> where each image stands (chat.text_of)."""
+    return text_of(content(item))[0]
 
 
 def content(item: Item) -> list[dict]:

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..api import VLM
+from ..chat import text_of
 from ..engine.scheduler import Engine
 from ..errors import PromptError, UnknownModel, VLStackError
 from ..sampling import SamplingParams
@@ -120,11 +121,11 @@ class Completion:
         }
 
     def judge(self, texts: list[str]) -> list[float]:
-        """The critic's scores of the completions (train/critic.py), between the engine's steps: the question the
-        last user message asks, with its images."""
+        """The critic's scores of the completions (train/critic.py), between the engine's steps: of the question
+        the last user message asks, with its images (<image> where each stands)."""
         from ..train.critic import critic_scores
 
-        question, images = last_question(self.messages)
+        question, images = text_of(next(m["content"] for m in reversed(self.messages) if m["role"] == "user"))
         with self.server.engine.lock:  # (the engine's thread runs the model only while holding it)
             return critic_scores(self.server.vlm, self.best_of[1], question, images, texts)
 
@@ -281,13 +282,3 @@ def read_best_of(body: dict, n: int, known: Callable[[str], bool]) -> tuple[int,
     if n != 1 or body.get("stream"):
         raise APIError(400, "'best_of' answers with one choice, whole: not with 'n' > 1 or 'stream'", "best_of")
     return best, critic
-
-
-def last_question(messages: list[dict]) -> tuple[str, list]:
-    """The last user message's text and images (as given: data URLs, paths or bytes)."""
-    content = next(m["content"] for m in reversed(messages) if m["role"] == "user")
-    if isinstance(content, str):
-        return content, []
-    text = "".join(p.get("text", "") for p in content if p.get("type") == "text")
-    images = [p["image_url"]["url"] for p in content if p.get("type") == "image_url"]
-    return text, images

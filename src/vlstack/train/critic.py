@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..layers.lora import route
-from ..layers.step import packed_step
+from ..layers.step import packed_step, v2pe_rope
 from .data import IGNORE, Example, encode_example, steps_conversation
 
 MAX_BEST_OF = 64
@@ -26,28 +26,28 @@ def steps_of(answer: str) -> list[str]:
 def critic_scores(vlm: Any, critic: str, question: str, images: list[bytes], answers: list[str]) -> list[float]:
     """Each answer to the question (its images: encoded files; <image> where each stands, else all first) scored
     in [0, 1] by the critic (a loaded adapter's name): its steps' mean P('+')."""
-    rows, spans = [], []
-    for answer in answers:
-        steps = steps_of(answer)
-        rows.append(_encode(vlm, question, images, steps, ["+"] * len(steps)))
-        spans.append(_replies(rows[-1]["labels"]))
-    minus = _encode(vlm, question, images, steps_of(answers[0]), ["-"] * len(steps_of(answers[0])))
-    plus_id, minus_id = int(rows[0]["labels"][spans[0][0]]), int(minus["labels"][spans[0][0]])
+    rows = [_encode(vlm, question, images, steps, ["+"] * len(steps)) for steps in map(steps_of, answers)]
+    spans = [_replies(r["labels"]) for r in rows]  # each row's replies' first positions
+    plus_id, minus_id = reply_ids(vlm)
     seqlens = [len(r["input_ids"]) for r in rows]
-    model, device = vlm.model, vlm.model.device
-    step = packed_step(seqlens, device)
+    offsets = torch.tensor([0, *seqlens]).cumsum(0)
+    at = torch.cat([torch.tensor(s) - 1 + o for s, o in zip(spans, offsets)])  # [steps]: the positions predicting
+    model, device = vlm.model, vlm.model.device  # each reply (the logits computed there only)
+    rope = v2pe_rope([r["input_ids"] for r in rows], vlm.cfg.image_token_id, vlm.cfg.v2pe_delta)
+    step = packed_step(seqlens, device, logits=at.to(device), rope=rope)
     step.lora = route(model, [critic] * len(rows), counts=seqlens)
     pixels = [r["pixel_values"] for r in rows if "pixel_values" in r]
     with torch.no_grad():
         ids = torch.cat([r["input_ids"] for r in rows]).to(device)  # [T]
-        logits = model(ids, step, torch.cat(pixels).to(device, model.dtype) if pixels else None)  # [T, V]
-    scores, start = [], 0
-    for r, replies in zip(rows, spans):
-        at = torch.tensor([start + p - 1 for p in replies], device=device)  # the positions predicting each reply
-        pair = logits[at][:, [plus_id, minus_id]].float().softmax(-1)[:, 0]  # [steps] P('+')
-        scores.append(float(pair.mean()))
-        start += len(r["input_ids"])
-    return scores
+        logits = model(ids, step, torch.cat(pixels).to(device, model.dtype) if pixels else None)  # [steps, V]
+    plus = logits[:, [plus_id, minus_id]].float().softmax(-1)[:, 0].split([len(s) for s in spans])  # P('+')
+    return [float(p.mean()) for p in plus]
+
+
+def reply_ids(vlm: Any) -> tuple[int, int]:
+    """The token ids of the critic's two replies, '+' and '-' (a reply is encoded apart from its context)."""
+    probe = [_encode(vlm, "?", [], ["x"], [label]) for label in "+-"]
+    return tuple(int(r["labels"][_replies(r["labels"])[0]]) for r in probe)
 
 
 def _encode(vlm: Any, question: str, images: list[bytes], steps: list[str], labels: list[str]) -> dict:

@@ -108,6 +108,11 @@ def test_dataset_is_reproducible_and_holds_out_templates(tmp_path):
     train = (tmp_path / "a/train.jsonl").read_text()  # the heights asked in training only
     assert "how high is each" in train.lower() and "heights" not in {x["category"] for x in test}
     assert provenance["examples"]["train"]["heights"] > 0 and "heights" not in provenance["examples"]["test"]
+    answered = read_items(tmp_path / "a/train-answers.jsonl")  # training charts' questions, to sample a model on
+    assert answered and not {i.template for i in answered} & charts.HELD_OUT
+    assert not {i.category for i in answered} & set(charts.TRAINING)
+    assert len(answered) == sum(c for k, c in provenance["examples"]["train"].items() if k not in charts.TRAINING)
+    assert all(i.answers and i.question and "<image>" not in i.question for i in answered)
 
 
 def test_the_trainer_and_the_evaluator_read_the_dataset(tmp_path):

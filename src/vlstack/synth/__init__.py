@@ -2,7 +2,9 @@
 
 A dataset directory holds `images/`, `train.jsonl` (the training format, the question asked as the evaluation
 asks it), `test.jsonl` (vlstack's benchmark JSONL: the same plus `answer`, `category` = the question's kind,
-`split`), `test.tsv` (VLMEvalKit's columns, images by path) and `provenance.json` (generator, version, seed,
+`split`), `train-answers.jsonl` (the training split's questions as test.jsonl holds them: questions with
+answers on training charts, to sample a model on for preference pairs, `vlstack synth preferences`), `test.tsv`
+(VLMEvalKit's columns, images by path) and `provenance.json` (generator, version, seed,
 parameters, the templates of each split). Test images are drawn only from held-out templates. A seed gives the
 same dataset on any machine. The directory appears whole or not at all.
 """
@@ -170,7 +172,8 @@ def check_options(
 
 
 def write_splits(tmp: Path, lines: dict[str, list[dict]], conversations: bool, rng: random.Random, last: tuple) -> None:
-    """train.jsonl (the training lines, grouped into conversations when asked: _training), test.jsonl and
+    """train.jsonl (the training lines, grouped into conversations when asked: _training), train-answers.jsonl
+    (the training lines in test.jsonl's format, the kinds asked in training only left out), test.jsonl and
     test.tsv (the evaluation's table) into the directory tmp."""
     with open(tmp / "train.jsonl", "w", encoding="utf-8") as f:
         for image, group in _training(lines["train"], conversations, rng, last):
@@ -180,6 +183,8 @@ def write_splits(tmp: Path, lines: dict[str, list[dict]], conversations: bool, r
                 text = f"{human['value']}\n{VQA_PROMPT}" if i == 0 else human["value"].removeprefix("<image>\n")
                 turns += [dict(human, value=text), gpt]
             f.write(json.dumps({"image": image, "conversations": turns}) + "\n")
+    with open(tmp / "train-answers.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines["train"] if line["category"] not in last)
     with open(tmp / "test.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(line) + "\n" for line in lines["test"])
     with open(tmp / "test.tsv", "w", encoding="utf-8", newline="") as f:

@@ -112,7 +112,7 @@ def test_dpo_bco_and_mpo_follow_their_formulas_and_the_reward_shift_runs_over_mi
     mpo, delta = Preference(), 0.03
     loss = preference_loss(mpo, policy, reference, torch.tensor(7.0, dtype=torch.float64), 2, 5, delta)
     dpo, bco = pair_losses(policy, reference, 0.1, delta)
-    assert loss.item() == pytest.approx(0.8 * float(dpo.mean()) + 0.2 * float(bco.mean()) + 7.0 / 5)
+    assert loss.detach().item() == pytest.approx(0.8 * float(dpo.mean()) + 0.2 * float(bco.mean()) + 7.0 / 5)
     loss.backward()
     assert policy.grad is not None and float(policy.grad[:, 0].sum()) < 0  # raising a chosen answer lowers it
     plain = Preference(dpo=1.0, bco=0.0, sft=0.0)  # plain DPO: no shift used
@@ -144,15 +144,18 @@ def pairs_dataset(path, n: int = 4, with_image: bool = False):
     return path
 
 
-@pytest.mark.parametrize("moved", [False, True])
-def test_mpo_is_its_formula_with_the_reference_the_base_with_the_adapter_off(tmp_path, moved):
+@pytest.mark.parametrize("moved,full", [(False, False), (True, False), (True, True)])
+def test_mpo_is_its_formula_with_the_reference_the_base_with_the_adapter_off(tmp_path, moved, full):
     """The loss of a micro-batch by hand, from plain per-row forwards: each answer's summed log-probability
     with the job's adapter (the policy) and without it (the reference); DPO, BCO with the shift (the first
     micro-batch's mean reward) and 0.8 DPO + 0.2 BCO + the chosen answers' token-mean cross-entropy. A fresh
-    adapter (zero: the policy is the reference) gives 0.8 log 2 + 0.2 x 2 log 2 + that cross-entropy."""
+    adapter (zero: the policy is the reference) gives 0.8 log 2 + 0.2 x 2 log 2 + that cross-entropy. A full
+    job's reference: the weights it started from (moved since), in a frozen copy."""
     data = pairs_dataset(tmp_path / "p.jsonl", 3, with_image=True)
-    job = Job.of("m", data, tmp_path / "o", objective="mpo", batch_size=3, grad_accum=2, steps=1, beta=0.3)
+    job = Job.of("m", data, tmp_path / "o", objective="mpo", batch_size=3, grad_accum=2, steps=1, beta=0.3,
+                 full=full)  # fmt: skip
     vlm, (r,) = started([job])
+    start_weights = {k: v.clone() for k, v in vlm.model.state_dict().items()}
     if moved:
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
@@ -170,8 +173,11 @@ def test_mpo_is_its_formula_with_the_reference_the_base_with_the_adapter_off(tmp
                 labels = row["labels"][1:]
                 keep = labels != IGNORE
                 both = []
-                for adapters in (["m"], None):  # the policy, then the reference
-                    logits = rows_forward(vlm.model, row["input_ids"][None], row.get("pixel_values"), adapters)[0]
+                both_models = (
+                    [(vlm.model, None), (r.reference, None)] if full else [(vlm.model, ["m"]), (vlm.model, None)]
+                )
+                for model, adapters in both_models:  # the policy, then the reference
+                    logits = rows_forward(model, row["input_ids"][None], row.get("pixel_values"), adapters)[0]
                     both.append(F.cross_entropy(logits[:-1][keep].double(), labels[keep], reduction="none"))
                 logps.append((-both[0].sum().item(), -both[1].sum().item()))
                 if side is ex:
@@ -190,6 +196,23 @@ def test_mpo_is_its_formula_with_the_reference_the_base_with_the_adapter_off(tmp
         assert want == pytest.approx(0.8 * math.log(2) + 0.2 * 2 * math.log(2) + sft, abs=1e-6)
     assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-5)
     assert r.shift.count == 1 and r.shift.mean == pytest.approx(delta, abs=1e-6)
+    if full:  # (the frozen copy: the starting weights, not the moved ones)
+        assert all(torch.equal(v, start_weights[k]) for k, v in r.reference.state_dict().items())
+        assert not all(torch.equal(v, start_weights[k]) for k, v in vlm.model.state_dict().items())
+
+
+def moved_grads(jobs: list[Job], max_tokens: int | None = None) -> tuple[dict, torch.Tensor, list[float]]:
+    """One micro-step (grad_accum 2: no optimizer step, the gradients stay) of the jobs started with their
+    adapters moved away from zero (the same in every call: the policy is not the reference): each job's
+    gradients, the losses [jobs] and each job's reward shift after it."""
+    vlm, running = started(jobs)
+    with torch.no_grad():
+        for r in running:
+            g = torch.Generator().manual_seed(len(r.job.name) + r.job.lora.rank)
+            for p in r.params:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    losses = train_step(vlm, running, max_tokens)
+    return {r.job.name: [p.grad.clone() for p in r.params] for r in running}, losses, [r.shift.mean for r in running]
 
 
 def test_an_mpo_job_fused_with_an_sft_job_gets_the_gradients_it_gets_alone(tmp_path):
@@ -203,23 +226,41 @@ def test_an_mpo_job_fused_with_an_sft_job_gets_the_gradients_it_gets_alone(tmp_p
                      dropout=0.1, beta=0.2)  # fmt: skip
     sft_job = Job.of("s", sft, tmp_path / "os", rank=2, batch_size=2, grad_accum=2, steps=1, loss_weighting="square")
 
-    def grads(selected):
-        vlm, running = started(selected)
-        with torch.no_grad():  # (adapters away from zero, the same in both runs: the policy is not the reference)
-            for r in running:
-                g = torch.Generator().manual_seed(len(r.job.name) + r.job.lora.rank)
-                for p in r.params:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        losses = train_step(vlm, running)  # (grad_accum 2: no optimizer step, the gradients stay)
-        return {r.job.name: [p.grad.clone() for p in r.params] for r in running}, losses
-
-    fused, fused_losses = grads([mpo_job, sft_job])
+    fused, fused_losses, _ = moved_grads([mpo_job, sft_job])
     for i, job in enumerate([mpo_job, sft_job]):
-        alone, losses = grads([job])
+        alone, losses, _ = moved_grads([job])
         torch.testing.assert_close(fused_losses[i], losses[0], rtol=1e-5, atol=1e-6)
         for a, b in zip(fused[job.name], alone[job.name]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
         assert any(g.abs().max() > 0 for g in fused[job.name])
+
+
+def test_passes_of_max_tokens_give_a_preference_job_the_step_of_one_pass(tmp_path):
+    """max_tokens over an MPO job fused with an SFT job: each pair's two rows kept in one pass, BCO's reward shift
+    from every pass's rewards before any pass's loss; the losses, gradients and shift of one pass."""
+    from test_train import write_dataset
+
+    from vlstack.train.batch import passes
+    from vlstack.train.multi import job_rows
+
+    pairs = pairs_dataset(tmp_path / "p.jsonl", 4, with_image=True)
+    sft = write_dataset(tmp_path / "d", "s", 4, True)
+    mpo_job = Job.of("m", pairs, tmp_path / "om", objective="mpo", rank=4, batch_size=4, grad_accum=2, steps=1,
+                     dropout=0.1, beta=0.2)  # fmt: skip
+    sft_job = Job.of("s", sft, tmp_path / "os", rank=2, batch_size=2, grad_accum=2, steps=1)
+    vlm, running = started([mpo_job, sft_job])
+    rows = job_rows(vlm, running, split=False)
+    pair_tokens = len(rows[0][1]["input_ids"]) + len(rows[1][1]["input_ids"])
+    groups = passes(rows, pair_tokens)  # (a pair's tokens a pass: no room for a third row)
+    sides = [[x["side"] for _, x in g if x["side"] is not None] for g in groups]
+    assert len(groups) >= 4 and all(x == [0, 1] * (len(x) // 2) for x in sides)  # every pair whole in its pass
+    one, one_losses, one_shift = moved_grads([mpo_job, sft_job])
+    many, many_losses, many_shift = moved_grads([mpo_job, sft_job], max_tokens=pair_tokens)
+    torch.testing.assert_close(many_losses, one_losses, rtol=1e-5, atol=1e-6)
+    assert many_shift == pytest.approx(one_shift, rel=1e-5) and one_shift[0] != 0
+    for name in ("m", "s"):
+        for a, b in zip(many[name], one[name]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # (sums in another order)
 
 
 def test_dpo_learns_to_prefer_the_chosen_answers(tmp_path):
@@ -252,7 +293,6 @@ def test_preference_jobs_refuse_what_they_cannot_use(tmp_path):
         ("objective: ppo", r"objective 'ppo' is not one of sft, distil, mpo, dpo"),
         ("objective: mpo, beta: 0", r"beta must be > 0"),
         ("beta: 0.1", r"beta and the \*_weight fields are for the objectives mpo and dpo"),
-        ("objective: dpo, full: true", r"a preference objective trains an adapter"),
     ]:
         path.write_text(f"jobs:\n  - {{name: a, data: a.jsonl, output: o, steps: 1, {fields}}}\n")
         with pytest.raises(JobError, match=message):
@@ -263,16 +303,20 @@ def test_preference_jobs_refuse_what_they_cannot_use(tmp_path):
         train(vlm, [Job.of("x", sft, tmp_path / "o1", objective="mpo", batch_size=2, steps=1)], 2, verbose=False)
     with pytest.raises(JobError, match=r"p.jsonl:1: job 'y' \(sft or distil\) needs a conversation"):
         train(vlm, [Job.of("y", pairs, tmp_path / "o2", batch_size=2, steps=1)], 2, verbose=False)
-    with pytest.raises(JobError, match=r"job 'z': a preference objective does not go with max_tokens \(yet\)"):
-        train(vlm, [Job.of("z", pairs, tmp_path / "o3", objective="dpo", batch_size=2, steps=1)], 2, max_tokens=64)
+    with pytest.raises(JobError, match=r"job 'z': a preference objective does not go with parallel: pipeline"):
+        train(
+            vlm, [Job.of("z", pairs, tmp_path / "o3", objective="dpo", batch_size=2, steps=1)], 2, parallel="pipeline"
+        )
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
 
 
 @pytest.mark.slow
-def test_two_processes_train_an_mpo_job_as_one_does(tmp_path):
+@pytest.mark.parametrize("split", ["", "max_tokens: 160\n", "sharding: fsdp\n"])
+def test_two_processes_train_an_mpo_job_as_one_does(tmp_path, split):
     """Data parallelism (torchrun, 2 gloo processes) over an MPO job fused with an SFT job: each process a half
     of every job's pairs, the pairs' and chosen tokens' totals and BCO's rewards summed over both; the
-    adapters equal one process's."""
+    adapters equal one process's in one pass. The same in passes of max_tokens (a process's rewards from all
+    its passes first), and with the base and the adapters sharded (FSDP)."""
     from conftest import run_cli
     from test_train import adapter, assert_same_adapter, write_dataset
 
@@ -280,7 +324,7 @@ def test_two_processes_train_an_mpo_job_as_one_does(tmp_path):
     write_dataset(tmp_path, "s", 4, True)
     for out in ("one", "two"):
         (tmp_path / f"{out}.yaml").write_text(
-            f"model: tiny\njobs:\n"
+            f"model: tiny\n{split if out == 'two' else ''}jobs:\n"
             f"  - {{name: m, data: p.jsonl, output: {out}/m, objective: mpo, rank: 4, batch_size: 4, steps: 3, "
             "lr: 3e-3, dropout: 0.1}\n"
             f"  - {{name: s, data: s.jsonl, output: {out}/s, rank: 2, batch_size: 2, steps: 3, lr: 3e-3}}\n"
@@ -368,6 +412,25 @@ def test_a_resumed_mpo_job_goes_on_from_its_reward_shift(tmp_path):
     assert (again.shift.mean, again.shift.count) == (r.shift.mean, r.shift.count)
     restore_state(r, {**state, "shift": {"mean": 0.5, "count": 7}})
     assert (r.shift.mean, r.shift.count) == (0.5, 7)
+
+
+def test_a_resumed_full_preference_job_keeps_its_starting_weights_as_the_reference(tmp_path):
+    """A full job's reference is the model it started from: after --resume, the weights of the run's start
+    (the loaded base), not those of the checkpoint it goes on from."""
+    from vlstack.train.state import load_state, save_state
+
+    data = pairs_dataset(tmp_path / "p.jsonl", 2)
+    job = Job.of("m", data, tmp_path / "o", objective="dpo", full=True, batch_size=2, steps=3, lr=1e-2)
+    vlm, (r,) = started([job])
+    base = {k: v.clone() for k, v in vlm.model.state_dict().items()}
+    train_step(vlm, [r])  # (an optimizer step: the weights move)
+    save_state(r)
+    other = vlstack.load("tiny", device="cpu")
+    again = start(other, job, read_dataset(data), load_state(job))
+    assert again.step == 1 and all(torch.equal(v, base[k]) for k, v in again.reference.state_dict().items())
+    moved = vlm.model.state_dict()
+    assert all(torch.equal(v, moved[k]) for k, v in other.model.state_dict().items())
+    assert not all(torch.equal(v, base[k]) for k, v in moved.items())
 
 
 def critic_data(path, n: int):

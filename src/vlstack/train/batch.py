@@ -20,16 +20,22 @@ if TYPE_CHECKING:
 
 
 def passes(rows: list[tuple[int, dict]], max_tokens: int | None) -> list[list[tuple[int, dict]]]:
-    """Consecutive groups of rows of at most max_tokens tokens each (a longer row alone); one group without a
-    limit."""
+    """Consecutive groups of rows of at most max_tokens tokens each (a longer row alone, a preference pair's two
+    rows always together: its loss compares them); one group without a limit."""
+    units: list[list[tuple[int, dict]]] = []  # rows, a pair's rejected row joined to its chosen one
+    for row in rows:
+        if row[1].get("side") == 1:
+            units[-1].append(row)
+        else:
+            units.append([row])
     groups: list[list[tuple[int, dict]]] = []
     tokens = 0
-    for row in rows:
-        n = len(row[1]["input_ids"])
+    for unit in units:
+        n = sum(len(x["input_ids"]) for _, x in unit)
         if not groups or (max_tokens is not None and tokens + n > max_tokens):
             groups.append([])
             tokens = 0
-        groups[-1].append(row)
+        groups[-1].extend(unit)
         tokens += n
     return groups
 

@@ -237,7 +237,6 @@ def _check(job: dict, where: str, root: Path) -> Job:
         (kw.get("hidden_weight", 0.0) < 0, "hidden_weight must be >= 0"),
         (kw.get("beta", 1.0) <= 0, "beta must be > 0"),
         (any(kw.get(k, 0.0) < 0 for k in PREFERENCE_FIELDS if k != "beta"), "the *_weight fields must be >= 0"),
-        (isinstance(j.objective, Preference) and j.full, "a preference objective trains an adapter (full: false)"),
         (bool(set(spec.parts) - set(PARTS)), f"parts must be among {sorted(PARTS)}"),
         (j.part_lr is not None and not j.full, "part_lr is for a job with full: true"),
         (any(key_part(k) not in spec.parts for k in j.part_lr or ()), "part_lr names a part the job does not train"),

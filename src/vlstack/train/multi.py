@@ -30,7 +30,7 @@ from .jobs import Job, JobError, check_outputs
 from .losses import Critic, job_losses, teacher_logits
 from .optim import step_jobs
 from .pipeline import Pipe, pipe_for
-from .preference import Preference, preference_sums
+from .preference import PairStep, Preference
 from .progress import plot_loss, record
 from .running import Running, start, total_steps, world
 from .state import load_state, save_state
@@ -93,16 +93,27 @@ def train_step(
     else:
         sums = torch.zeros(jobs, device=device)  # [jobs]: each job's summed token losses
         scale = world()[1] if is_sharded(model) else 1  # (FSDP averages what it reduces: fsdp.py)
-        for group in passes(rows, max_tokens):
+        groups = passes(rows, max_tokens)
+        pair_step = PairStep(model, running, list(zip(pairs, chosen)), split) if paired else None
+        if pair_step is not None and pair_step.early(len(groups)):  # (BCO's shift first: preference.py)
+            for k, group in enumerate(groups):
+                p = prepare_pass(vlm, running, group)
+                feats = shared_features(vlm, running, p.pixels)
+                with torch.no_grad():
+                    _, terms = job_losses(model, p.ids, p.step, p.pixels, p.targets, p.in_job, None, feats)
+                pair_step.observe(k, p, terms, feats)
+            pair_step.close()
+        for k, group in enumerate(groups):
             p = prepare_pass(vlm, running, group)
             feats = shared_features(vlm, running, p.pixels)  # (once for the student and its teachers)
             kd = teacher_logits(running, p.jobs, p.ids, p.pixels, p.step, feats)
             pass_sums, terms = job_losses(model, p.ids, p.step, p.pixels, p.targets, p.in_job, kd, feats)
-            if paired:
-                totals = list(zip(pairs, chosen))
-                pass_sums = pass_sums + preference_sums(model, p, terms, running, totals, split, feats)
+            if pair_step is not None:
+                pass_sums = pass_sums + pair_step.sums(k, p, terms, feats)
             ((pass_sums / denominators).sum() * scale).backward()
             sums += pass_sums.detach()
+        if pair_step is not None and pair_step.deltas is None:  # (no rows here: the others' reduction joined)
+            pair_step.close()
     if split:
         dist.all_reduce(sums)
     losses = sums / upload(counts, device)  # [jobs]
@@ -267,7 +278,7 @@ def check_parallel(
     size = world()[1]
     full = any(j.full for j in jobs)
     for job in jobs:
-        check_objective(job, options.get("max_tokens"), sharding or parallel)
+        check_objective(job, parallel)
     pipe = None
     if parallel == "pipeline":
         given = {k: v for k, v in options.items() if k != "--watch"}
@@ -283,12 +294,11 @@ def check_parallel(
     return pipe
 
 
-def check_objective(job: Job, max_tokens: int | None, split: str | None) -> None:
-    """A preference job's pairs go through the base whole, in one pass a step: not (yet) with max_tokens, FSDP
-    or the pipeline."""
-    if isinstance(job.objective, Preference) and (max_tokens or split):
-        given = "max_tokens" if max_tokens else f"sharding: {split}" if split == "fsdp" else f"parallel: {split}"
-        raise JobError(f"job {job.name!r}: a preference objective does not go with {given} (yet)")
+def check_objective(job: Job, split: str | None) -> None:
+    """A preference job's pairs are compared within one pass of the base: not (yet) over the pipeline's stages,
+    where each job's rows are a pass of their own through stages that hold no lm_head but the last."""
+    if isinstance(job.objective, Preference) and split == "pipeline":
+        raise JobError(f"job {job.name!r}: a preference objective does not go with parallel: pipeline (yet)")
 
 
 def shard_adapters(model: torch.nn.Module, jobs: list[Job], device: torch.device) -> dict[str, list]:
@@ -337,7 +347,7 @@ class Run:
             if job.full or any(j.full for j in self.known):
                 raise JobError("a job with full: true trains the base itself: it runs alone")
             check_batch(job, 1 if self.pipe else world()[1])
-            check_objective(job, self.max_tokens, self.split)
+            check_objective(job, self.split)
             examples = read_dataset(job.data)
             check_data(job, examples)
             check_lengths(self.vlm, job, examples, self.verbose)

@@ -2,7 +2,8 @@
 SFT on the chosen answer, MPO (InternVL3's post-training: 0.8 DPO + 0.2 BCO + 1 SFT, beta 0.1).
 
 A pair's terms come from four summed log-probabilities [P, 2] (chosen, rejected): the policy's, and the
-reference's (the starting weights: for a LoRA job, the same base with its adapter off). With the log-ratios
+reference's (the starting weights: for a LoRA job, the same base with its adapter off; for a full job, a frozen
+copy of the weights it started from). With the log-ratios
 r = policy - reference:
 - DPO (sigmoid): -log sigmoid(beta (r_chosen - r_rejected));
 - BCO (TRL's bco_pair): -log sigmoid(beta r_chosen - delta) - log sigmoid(-(beta r_rejected - delta)), delta the
@@ -96,46 +97,87 @@ def preference_loss(
     return loss
 
 
-def preference_sums(
-    model: torch.nn.Module,
-    p: Pass,
-    terms: torch.Tensor,
-    running: list[Running],
-    totals: list[tuple[int, int]],
-    split: bool,
-    features: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Each job's preference loss [jobs] over the pass p (0 for the jobs of other objectives), from its learned
-    tokens' cross-entropies terms [N] under the policy: the reference's are the same pass with every adapter off,
-    without gradients (one model, no copy of it). totals: each job's (pairs, chosen tokens) over the whole
-    micro-batch (every process's); split: under data parallelism, the rewards for BCO's shift summed over the
-    processes (each calls this at the same point). The pass holds each pair's two rows whole."""
-    jobs, device = len(running), terms.device
-    with torch.no_grad():
-        step = dataclasses.replace(p.step, lora=None)
-        hidden = model(p.ids, step, None if features is not None else p.pixels, features, head=False)  # [N, C]
-        reference = token_losses(model.lm_head, hidden, p.targets, False)  # [N]
-    in_row = upload(F.one_hot(p.rows, len(p.row_jobs)).T.float(), device)  # [rows, N]
-    policy_lp, reference_lp = -(in_row @ terms), -(in_row @ reference)  # [rows] each row's summed log-probability
-    pairs = {}
-    reward = torch.zeros(2, jobs, device=device, dtype=torch.float64)  # [2, jobs]: rewards' sum and count
+class PairStep:
+    """One micro-step's preference reductions over its passes. The reference's log-probabilities are each pass's
+    preference rows again with every adapter off, without gradients (one model, no copy of it); BCO's reward
+    shift needs the whole micro-batch's rewards (every process's) before any pass's loss: with one pass they come
+    from its own forward, with several (max_tokens) from a forward of each pass without gradients first
+    (`early`, `observe`, `close`), so the passes give the loss of one. Every process calls close once a
+    micro-step (data parallelism: the rewards summed over the processes)."""
+
+    def __init__(self, model: torch.nn.Module, running: list[Running], totals: list[tuple[int, int]], split: bool):
+        self.model, self.running, self.totals, self.split = model, running, totals, split
+        self.references: dict[int, torch.Tensor] = {}  # pass -> each preference row's summed log-probability
+        self.reward = torch.zeros(2, len(running), dtype=torch.float64, device=model.device)  # [2, jobs]: sum, count
+        self.deltas: list[float | None] | None = None
+
+    def early(self, passes: int) -> bool:
+        """Whether the rewards must be gathered before the passes (several of them, and a job's loss needs the
+        shift)."""
+        return passes > 1 and any(isinstance(r.job.objective, Preference) and r.job.objective.bco for r in self.running)
+
+    def observe(self, k: int, p: Pass, terms: torch.Tensor, features: torch.Tensor | None = None) -> None:
+        """Pass k's rewards from its learned tokens' cross-entropies terms [N] under the policy."""
+        policy = row_sums(p, terms.detach())  # [rows]
+        reference = self.reference(k, p, features)
+        for i, where in pair_rows(p, self.running).items():
+            objective = self.running[i].job.objective
+            self.reward[0, i] += objective.beta * (policy[where] - reference[where]).sum()
+            self.reward[1, i] += where.numel()
+
+    def close(self) -> None:
+        """The micro-batch's rewards complete (summed over the processes): each BCO job's shift moved on."""
+        if self.split:
+            dist.all_reduce(self.reward)
+        (total, count) = self.reward.tolist()  # (the step's one read of the device: the shift is a number)
+        self.deltas = [
+            r.shift.update(total[i] / count[i])
+            if isinstance(r.job.objective, Preference) and r.job.objective.bco and count[i] > 0
+            else None
+            for i, r in enumerate(self.running)
+        ]
+
+    def reference(self, k: int, p: Pass, features: torch.Tensor | None) -> torch.Tensor:
+        """Pass k's rows' summed log-probabilities under the reference [rows] (each pass's forward once)."""
+        if k not in self.references:  # (a full job runs alone: its frozen starting weights, else the base)
+            model = next((r.reference for r in self.running if r.reference is not None), self.model)
+            with torch.no_grad():
+                step = dataclasses.replace(p.step, lora=None)
+                hidden = model(p.ids, step, None if features is not None else p.pixels, features, head=False)
+                self.references[k] = row_sums(p, token_losses(model.lm_head, hidden, p.targets, False))
+        return self.references[k]
+
+    def sums(self, k: int, p: Pass, terms: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Each job's preference loss [jobs] over pass k (0 for the jobs of other objectives), from its learned
+        tokens' cross-entropies terms [N] under the policy."""
+        if self.deltas is None:  # (one pass: its own forward gives the rewards)
+            self.observe(k, p, terms, features)
+            self.close()
+        policy, reference = row_sums(p, terms), self.reference(k, p, features)  # [rows] each
+        jobs, device = len(self.running), terms.device
+        sums = torch.zeros(jobs, device=device)
+        for i, where in pair_rows(p, self.running).items():
+            objective = self.running[i].job.objective
+            nll = -policy[where[:, 0]].sum()  # the chosen answers' summed cross-entropy
+            loss = preference_loss(objective, policy[where], reference[where], nll, *self.totals[i], self.deltas[i])
+            sums = sums + F.one_hot(torch.tensor(i), jobs).to(device) * loss
+        return sums
+
+
+def row_sums(p: Pass, terms: torch.Tensor) -> torch.Tensor:
+    """Each row's summed log-probability [rows] from its learned tokens' cross-entropies terms [N]."""
+    in_row = upload(F.one_hot(p.rows, len(p.row_jobs)).T.float(), terms.device)  # [rows, N]
+    return -(in_row @ terms)
+
+
+def pair_rows(p: Pass, running: list[Running]) -> dict[int, torch.Tensor]:
+    """Each preference job's pairs in the pass: job -> its rows' places [P, 2] (chosen, rejected)."""
+    out = {}
     for i, r in enumerate(running):
-        objective = r.job.objective
-        if not isinstance(objective, Preference):
-            continue
-        chosen = [k for k, (j, side) in enumerate(zip(p.row_jobs, p.sides)) if j == i and side == 0]
-        rejected = [k for k, (j, side) in enumerate(zip(p.row_jobs, p.sides)) if j == i and side == 1]
-        where = upload([chosen, rejected], device).T  # [P, 2]
-        pairs[i] = where
-        reward[0, i] = objective.beta * (policy_lp[where] - reference_lp[where]).detach().sum()
-        reward[1, i] = where.numel()
-    if split:
-        dist.all_reduce(reward)
-    sums = torch.zeros(jobs, device=device)
-    for i, where in pairs.items():
-        r, objective = running[i], running[i].job.objective
-        delta = r.shift.update(float(reward[0, i] / reward[1, i])) if objective.bco else None
-        nll = (in_row[where[:, 0]] @ terms).sum()  # the chosen answers' summed cross-entropy
-        loss = preference_loss(objective, policy_lp[where], reference_lp[where], nll, *totals[i], delta)
-        sums = sums + F.one_hot(torch.tensor(i), jobs).to(device) * loss
-    return sums
+        if isinstance(r.job.objective, Preference):
+            sides = [
+                [k for k, (j, side) in enumerate(zip(p.row_jobs, p.sides)) if j == i and side == s] for s in (0, 1)
+            ]
+            if sides[0]:
+                out[i] = upload(sides, p.ids.device).T  # [P, 2]
+    return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from copy import deepcopy
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,7 @@ from ..models.internvl import PARTS, part_of, under
 from .data import Example, Stream
 from .fsdp import is_sharded
 from .jobs import Job, JobError
-from .preference import RewardShift
+from .preference import Preference, RewardShift
 from .progress import truncate_metrics
 from .state import clear_run, restore_state
 from .teacher import teacher_of
@@ -60,6 +61,7 @@ class Running:
     teacher: torch.nn.Module | None = None  # distillation: the model whose logits the job learns
     shares_vision: bool | None = None  # its teacher's vision tower and projector are the student's (None: unknown)
     shift: RewardShift = field(default_factory=RewardShift)  # a preference job's BCO reward shift (preference.py)
+    reference: torch.nn.Module | None = None  # a full preference job's: its starting weights, frozen
 
     @property
     def tokens_since_start(self) -> int:
@@ -139,6 +141,8 @@ def start(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job, steps))
     r = Running(job, Stream(examples, job.batch_size, job.seed), params, optimizer, scheduler, steps)
     r.teacher = teacher_of(vlm, job)
+    if job.full and isinstance(job.objective, Preference):  # (before a resume's weights: the starting policy)
+        r.reference = frozen_copy(vlm.model)
     if state is not None:
         restore_state(r, state)
         truncate_metrics(r)
@@ -146,6 +150,15 @@ def start(
         clear_run(job.output)
     r.first_step, r.first_tokens = r.step, r.tokens
     return r
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's weights as they are now, in a copy without gradients (a full job's reference: the one place
+    a second copy of the model cannot be avoided, its own weights being what trains)."""
+    copy = deepcopy(model)
+    for p in copy.parameters():
+        p.requires_grad_(False)
+    return copy
 
 
 def world() -> tuple[int, int]:

@@ -13,7 +13,7 @@ import random
 import re
 from pathlib import Path
 
-from vlstack.eval.metrics import choice_correct, open_correct, parse_choice, parse_open
+from vlstack.eval.metrics import choice_correct, numbers, open_correct, parse_choice, parse_open
 
 PEER = "lmms-eval==0.7.3"
 
@@ -158,6 +158,4 @@ def test_open_questions_agree_with_the_peer_on_hundreds_of_pairs():
         right += score
     assert 0 < right < len(pairs)
     for text in ("5kg", "5.5kg", "-3 and 2e5", "1,234.5", ".5", "x2 = 7"):  # the numbers' patterns themselves
-        from vlstack.eval.metrics import numbers
-
         assert numbers(text) == peer["extract_numbers"](text), text

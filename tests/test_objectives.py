@@ -517,7 +517,7 @@ def test_eval_best_of_n_keeps_the_critics_pick_and_counts_every_sample(tmp_path,
     for j, (row, item) in enumerate(zip(rows, items)):
         samples = [drawn[k][j] for k in range(3)]
         scores = critic_scores(vlm, "critic", prompt_text(item), item.images, samples)
-        assert row["best_of_scores"] == pytest.approx(scores, abs=1e-5)
+        assert row["best_of_scores"] == pytest.approx(scores, abs=1e-5) and row["best_of_samples"] == samples
         assert row["prediction"] == samples[max(range(3), key=lambda k: scores[k])]
         assert row["completion_tokens"] == sum(usage[k][j]["completion_tokens"] for k in range(3))
     assert summary["best_of"]["n"] == 3 and summary["best_of"]["critic"] == str(critic)

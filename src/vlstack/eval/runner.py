@@ -177,7 +177,7 @@ def _record(path: Path, done: dict, metric: str, items: list, answers: list, usa
                 "prompt_tokens": use["prompt_tokens"],
                 "completion_tokens": use["completion_tokens"],
                 **(
-                    {"best_of_scores": use["best_of_scores"], "extra_tokens": use["extra_tokens"]}
+                    {k: use[k] for k in ("best_of_samples", "best_of_scores", "extra_tokens")}
                     if "best_of_scores" in use
                     else {}
                 ),
@@ -271,6 +271,7 @@ def _generate(
             {
                 "prompt_tokens": sum(uses[k][j]["prompt_tokens"] for k in range(best_of.n)),
                 "completion_tokens": sum(completion),
+                "best_of_samples": drawn,
                 "best_of_scores": scores,
                 "extra_tokens": sum(completion) - completion[pick],
             }

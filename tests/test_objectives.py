@@ -3,6 +3,7 @@ over plain per-row forwards (no packing, no routing)."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -480,6 +481,41 @@ def test_a_critic_trained_with_prm_scores_right_answers_above_wrong_ones(tmp_pat
     steps = [critic_scores(vlm, "critic", "Does line 40 rise?", [], [a])[0] for a in (right, wrong)]
     assert scores[:2] == pytest.approx(steps, abs=1e-5)  # (each answer scored alone: the same)
     assert 0.2 < scores[2] < 0.8  # two steps, one right and one wrong: in between (the second judged in context)
+
+
+def test_critic_scores_are_its_reply_probabilities_with_the_images_encoded_once():
+    """critic_scores against each answer's own forward (the critic's adapter on its vision tower and LLM): a
+    step's P('+') over '+' and '-' at its reply, an answer's the mean; the answers' shared image through the
+    vision tower once for all of them."""
+    from conftest import image, rows_forward
+
+    from vlstack.layers.lora import LoRASpec, add_adapter
+    from vlstack.train.critic import _encode, _replies, critic_scores, reply_ids, steps_of
+
+    vlm = vlstack.load("tiny", device="cpu")
+    spec, gen = LoRASpec(rank=4, alpha=16, parts=("language", "vision")), torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in add_adapter(vlm.model, "critic", spec, seed=3):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    vlm.adapters["critic"] = spec
+    buf = io.BytesIO()
+    image(90, 60, seed=4).save(buf, format="PNG")
+    answers = ["Four.", "There are\nthree bars", "7"]
+    calls = []
+    hook = vlm.model.vision_tower.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    scores = critic_scores(vlm, "critic", "<image>\nHow many bars?", [buf.getvalue()], answers)
+    hook.remove()
+    plus, minus = reply_ids(vlm)
+    for answer, score in zip(answers, scores):
+        steps = steps_of(answer)
+        row = _encode(vlm, "<image>\nHow many bars?", [buf.getvalue()], steps, ["+"] * len(steps))
+        with torch.no_grad():
+            logits = rows_forward(vlm.model, row["input_ids"][None], row["pixel_values"], ["critic"])[0]
+        at = torch.tensor(_replies(row["labels"])) - 1  # the positions predicting each reply
+        p = logits[at][:, [plus, minus]].double().softmax(-1)[:, 0]
+        assert len(at) == len(steps) and score == pytest.approx(float(p.mean()), abs=1e-5)
+    assert calls == [row["pixel_values"].shape[0]]  # the image's tiles through the tower once, not once an answer
+    assert len(set(round(s, 4) for s in scores)) == 3
 
 
 def test_eval_best_of_n_keeps_the_critics_pick_and_counts_every_sample(tmp_path, capsys):

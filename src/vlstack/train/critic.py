@@ -36,10 +36,15 @@ def critic_scores(vlm: Any, critic: str, question: str, images: list[bytes], ans
     rope = v2pe_rope([r["input_ids"] for r in rows], vlm.cfg.image_token_id, vlm.cfg.v2pe_delta)
     step = packed_step(seqlens, device, logits=at.to(device), rope=rope)
     step.lora = route(model, [critic] * len(rows), counts=seqlens)
-    pixels = [r["pixel_values"] for r in rows if "pixel_values" in r]
+    features = None
     with torch.no_grad():
+        if "pixel_values" in rows[0]:  # (every row the same images: encoded once, by the critic, for all)
+            first = rows[0]["input_ids"] == vlm.cfg.image_token_id  # [T0]
+            tiles = route(model, [critic], counts=[seqlens[0]]).over_tiles(first, vlm.cfg.tokens_per_tile)
+            once = model.image_features(rows[0]["pixel_values"].to(device, model.dtype), tiles)  # [n, P, C]
+            features = once.repeat(len(rows), 1, 1)  # [rows x n, P, C]
         ids = torch.cat([r["input_ids"] for r in rows]).to(device)  # [T]
-        logits = model(ids, step, torch.cat(pixels).to(device, model.dtype) if pixels else None)  # [steps, V]
+        logits = model(ids, step, None, features)  # [steps, V]
     plus = logits[:, [plus_id, minus_id]].float().softmax(-1)[:, 0].split([len(s) for s in spans])  # P('+')
     return [float(p.mean()) for p in plus]
 

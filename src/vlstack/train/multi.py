@@ -251,7 +251,7 @@ def train(
         p.requires_grad_(False)
     split = {"--resume": resume, "max_tokens": max_tokens, "--watch": more is not None}
     pipe = check_parallel(model, jobs, max_rows, split, sharding, parallel)
-    run = Run(vlm, jobs, resume, verbose, pipe, max_tokens, sharding or parallel)
+    run = Run(vlm, jobs, resume, verbose, pipe)
     params = shard_adapters(model, run.queue, torch.device(device or "cpu")) if sharding == "fsdp" else {}
     try:
         while run.queue or run.running:
@@ -278,7 +278,7 @@ def check_parallel(
     size = world()[1]
     full = any(j.full for j in jobs)
     for job in jobs:
-        check_objective(job, parallel)
+        check_objective(job, parallel == "pipeline")
     pipe = None
     if parallel == "pipeline":
         given = {k: v for k, v in options.items() if k != "--watch"}
@@ -294,10 +294,10 @@ def check_parallel(
     return pipe
 
 
-def check_objective(job: Job, split: str | None) -> None:
+def check_objective(job: Job, pipelined: bool) -> None:
     """A preference job's pairs are compared within one pass of the base: not (yet) over the pipeline's stages,
     where each job's rows are a pass of their own through stages that hold no lm_head but the last."""
-    if isinstance(job.objective, Preference) and split == "pipeline":
+    if isinstance(job.objective, Preference) and pipelined:
         raise JobError(f"job {job.name!r}: a preference objective does not go with parallel: pipeline (yet)")
 
 
@@ -324,10 +324,8 @@ class Run:
         resume: bool,
         verbose: bool,
         pipe: Pipe | None,
-        max_tokens: int | None = None,
-        split: str | None = None,
     ):
-        self.vlm, self.verbose, self.pipe, self.max_tokens, self.split = vlm, verbose, pipe, max_tokens, split
+        self.vlm, self.verbose, self.pipe = vlm, verbose, pipe
         self.datasets = {job.name: read_dataset(job.data) for job in jobs}
         for job in jobs:
             check_data(job, self.datasets[job.name])
@@ -347,7 +345,7 @@ class Run:
             if job.full or any(j.full for j in self.known):
                 raise JobError("a job with full: true trains the base itself: it runs alone")
             check_batch(job, 1 if self.pipe else world()[1])
-            check_objective(job, self.split)
+            check_objective(job, self.pipe is not None)
             examples = read_dataset(job.data)
             check_data(job, examples)
             check_lengths(self.vlm, job, examples, self.verbose)

@@ -118,7 +118,10 @@ class PairStep:
 
     def observe(self, k: int, p: Pass, terms: torch.Tensor, features: torch.Tensor | None = None) -> None:
         """Pass k's rewards from its learned tokens' cross-entropies terms [N] under the policy."""
-        policy = row_sums(p, terms.detach())  # [rows]
+        self._rewards(k, p, row_sums(p, terms.detach()), features)
+
+    def _rewards(self, k: int, p: Pass, policy: torch.Tensor, features: torch.Tensor | None) -> None:
+        """Pass k's rewards added, from its rows' summed log-probabilities under the policy [rows]."""
         reference = self.reference(k, p, features)
         for i, where in pair_rows(p, self.running).items():
             objective = self.running[i].job.objective
@@ -150,10 +153,10 @@ class PairStep:
     def sums(self, k: int, p: Pass, terms: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """Each job's preference loss [jobs] over pass k (0 for the jobs of other objectives), from its learned
         tokens' cross-entropies terms [N] under the policy."""
-        if self.deltas is None:  # (one pass: its own forward gives the rewards)
-            self.observe(k, p, terms, features)
-            self.close()
         policy, reference = row_sums(p, terms), self.reference(k, p, features)  # [rows] each
+        if self.deltas is None:  # (one pass: its own forward gives the rewards)
+            self._rewards(k, p, policy.detach(), features)
+            self.close()
         jobs, device = len(self.running), terms.device
         sums = torch.zeros(jobs, device=device)
         for i, where in pair_rows(p, self.running).items():
